@@ -1,0 +1,1 @@
+"""The HTTP API: a Flask app factory with one blueprint per dialect."""

@@ -1,0 +1,1 @@
+"""One sub-package per API dialect, each a thin layer over the same services."""

@@ -1,0 +1,197 @@
+"""Marshmallow schemas of the Messaging Plus dialect (seeds 000, 001, 002).
+
+Where the seeds spell a field two ways (``id``/``uuid``, ``send_at``/``at``,
+``isDryrun``/``dryRun``) both are accepted; giving both with different values is an error.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    pre_load,
+    validate,
+    validates_schema,
+)
+
+from api.fields import ClientId, Phone, Timestamp, check_callback, check_channel
+from dispatcher.config import Settings
+from dispatcher.db import utcnow
+
+SENDER = validate.Length(min=1, max=64)
+
+
+class SettingsSchema(Schema):
+    """A schema that validates against the settings in force."""
+
+    class Meta:
+        unknown = RAISE
+
+    def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+
+    def check_send_at(self, data: dict[str, Any], name: str = "send_at") -> None:
+        """send_at must be at least the configured lead time into the future."""
+        send_at = data.get("send_at")
+        if send_at is None:
+            return
+        earliest = utcnow() + timedelta(seconds=self.settings.min_send_at_lead)
+        if send_at < earliest - timedelta(seconds=1):
+            raise ValidationError(
+                f"must be at least {int(self.settings.min_send_at_lead)} seconds in the future",
+                name,
+            )
+
+
+def merge_aliases(data: Any, pairs: dict[str, str]) -> Any:
+    """Fold alias spellings into their canonical key (``uuid`` -> ``id``...)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for alias, canonical in pairs.items():
+        if alias in data:
+            value = data.pop(alias)
+            if canonical in data and data[canonical] != value:
+                raise ValidationError(f"{alias} and {canonical} differ; send one of them", alias)
+            data[canonical] = value
+    return data
+
+
+class BatchQuery(Schema):
+    """Query string of POST /batch and POST /message."""
+
+    class Meta:
+        unknown = RAISE
+
+    key = fields.String()
+    dry_run = fields.Boolean(load_default=False, data_key="dryRun")
+    allow_multi = fields.Boolean(load_default=False, data_key="allowMulti")
+
+    @pre_load
+    def _aliases(self, data: Any, **_: Any) -> Any:
+        return merge_aliases(dict(data), {"isDryrun": "dryRun", "isDryRun": "dryRun"})
+
+
+class BatchSchema(SettingsSchema):
+    """Body of POST /batch (seed 001)."""
+
+    sender = fields.String(required=True, data_key="from", validate=SENDER)
+    message = fields.String(required=True)
+    destinations = fields.List(Phone(), required=True)
+    callback = fields.String(load_default=None)
+    id = ClientId(load_default=None)
+    send_at = Timestamp(load_default=None)
+    channel = fields.String(load_default=None)
+    fallback_channels = fields.List(fields.String(), load_default=list)
+
+    @pre_load
+    def _aliases(self, data: Any, **_: Any) -> Any:
+        return merge_aliases(data, {"uuid": "id", "at": "send_at"})
+
+    @validates_schema
+    def _rules(self, data: dict[str, Any], **_: Any) -> None:
+        s = self.settings
+        if not data.get("message", "x").strip():
+            raise ValidationError("must not be empty", "message")
+        if len(data.get("message", "")) > s.max_body_length:
+            raise ValidationError(f"must be at most {s.max_body_length} characters", "message")
+        count = len(data.get("destinations", []))
+        if not 1 <= count <= s.max_destinations:
+            raise ValidationError(f"must hold 1 to {s.max_destinations} numbers", "destinations")
+        if data.get("callback") is not None:
+            check_callback(s, data["callback"])
+        for name in ("channel",):
+            if data.get(name) is not None:
+                check_channel(s, data[name])
+        for value in data.get("fallback_channels", []):
+            check_channel(s, value)
+        self.check_send_at(data)
+
+    @post_load
+    def _channels(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        first = data.pop("channel") or self.settings.default_channel
+        chain = [first] + [c for c in data.pop("fallback_channels") if c != first]
+        data["channels"] = list(dict.fromkeys(chain))
+        data["destinations"] = list(dict.fromkeys(data["destinations"]))
+        return data
+
+
+class SenderSchema(Schema):
+    """``from`` of a /message entry: a custom ID, or a shared one from the pool."""
+
+    class Meta:
+        unknown = RAISE
+
+    type = fields.String(required=True, validate=validate.OneOf(["custom", "shared"]))
+    value = fields.String(load_default=None, validate=SENDER)
+
+    @validates_schema
+    def _value(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("type") == "custom" and not data.get("value"):
+            raise ValidationError("is required when type is custom", "value")
+
+
+class MessageSchema(SettingsSchema):
+    """One entry of POST /message, after ``defaults`` were merged under it (seed 002)."""
+
+    to = Phone(required=True)
+    sender = fields.Nested(SenderSchema, required=True, data_key="from")
+    body = fields.String(required=True)
+    callback = fields.String(load_default=None)
+    channels = fields.List(fields.String(), load_default=None)
+    id = ClientId(load_default=None)
+    send_at = Timestamp(load_default=None)
+
+    @validates_schema
+    def _rules(self, data: dict[str, Any], **_: Any) -> None:
+        s = self.settings
+        body = data.get("body", "x")
+        if not body.strip():
+            raise ValidationError("must not be empty", "body")
+        if len(body) > s.max_body_length:
+            raise ValidationError(f"must be at most {s.max_body_length} characters", "body")
+        if data.get("callback") is not None:
+            check_callback(s, data["callback"])
+        channels = data.get("channels")
+        if channels is not None:
+            if not channels:
+                raise ValidationError("must name at least one channel", "channels")
+            for value in channels:
+                check_channel(s, value)
+        self.check_send_at(data)
+
+    @post_load
+    def _channels(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        data["channels"] = list(dict.fromkeys(data["channels"] or [self.settings.default_channel]))
+        return data
+
+
+class MessagesEnvelope(Schema):
+    """The envelope of POST /message: messages, and defaults merged under each."""
+
+    class Meta:
+        unknown = RAISE
+
+    messages = fields.List(fields.Dict(), required=True)
+    defaults = fields.Dict(load_default=dict)
+
+
+class PageQuery(Schema):
+    """?page=&pageSize=&status= of listings (pages count from 0)."""
+
+    class Meta:
+        unknown = RAISE
+
+    key = fields.String()
+    page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
+    page_size = fields.Integer(
+        load_default=100, data_key="pageSize", validate=validate.Range(min=1, max=1000)
+    )
+    status = fields.String(load_default=None)

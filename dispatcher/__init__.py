@@ -1,0 +1,1 @@
+"""Dispatcher: a self-hosted message dispatch engine (domain package: no Flask, no Celery)."""

@@ -1,0 +1,114 @@
+"""Recording recipient status changes: one event row each, plus its callback row.
+
+The callback is written in the same transaction as the change it reports, and
+published after commit, so a change is never reported without having happened
+nor happens without being reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert
+from sqlalchemy.orm import Session
+
+from dispatcher import outbox
+from dispatcher.batches.models import Batch, Recipient, StatusEvent
+from dispatcher.db import new_id
+from dispatcher.states import RecipientStatus
+from dispatcher.webhooks import payloads
+from dispatcher.webhooks.models import Callback
+
+# What a bulk UPDATE ... RETURNING must return for Change.from_row.
+CHANGE_COLUMNS = (
+    Recipient.id,
+    Recipient.to,
+    Recipient.channel,
+    Recipient.client_id,
+    Recipient.error_code,
+    Recipient.error_text,
+)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One recipient's move into a new status, with what the client is told of it."""
+
+    recipient_id: str
+    to: str
+    channel: str | None
+    client_id: str | None = None
+    error_code: str | None = None
+    error_text: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Change:
+        """From a row of CHANGE_COLUMNS."""
+        return cls(*row)
+
+    @classmethod
+    def of(cls, recipient: Recipient) -> Change:
+        """From a loaded recipient."""
+        return cls(
+            recipient.id,
+            recipient.to,
+            recipient.channel,
+            recipient.client_id,
+            recipient.error_code,
+            recipient.error_text,
+        )
+
+
+def record(
+    *,
+    session: Session,
+    batch: Batch,
+    status: RecipientStatus,
+    changes: Sequence[Change],
+    at: datetime,
+) -> list[str]:
+    """Write the status events and callback rows for ``changes``; returns callback ids."""
+    if not changes:
+        return []
+    session.execute(
+        insert(StatusEvent),
+        [
+            {
+                "recipient_id": c.recipient_id,
+                "batch_id": batch.id,
+                "status": status.value,
+                "channel": c.channel,
+                "error_code": c.error_code,
+                "error_text": c.error_text,
+                "at": at,
+            }
+            for c in changes
+        ],
+    )
+    callbacks = payloads.callbacks_for(batch=batch, status=status, changes=changes, at=at)
+    if not callbacks:
+        return []
+    rows = [
+        {
+            "id": new_id(),
+            "account_id": batch.account_id,
+            "batch_id": batch.id,
+            "recipient_id": cb.recipient_id,
+            "event_type": cb.event_type,
+            "url": cb.url,
+            "payload": cb.payload,
+            "state": "pending",
+            "attempts": 0,
+            "next_attempt_at": at,
+            "enqueued_at": at,
+            "created_at": at,
+        }
+        for cb in callbacks
+    ]
+    session.execute(insert(Callback), rows)
+    ids = [row["id"] for row in rows]
+    outbox.defer(session, outbox.Message("deliver_callbacks", {"callback_ids": ids}))
+    return ids

@@ -1,0 +1,388 @@
+"""Intake, reads and cancel of batches: plain functions over a session the caller owns."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from dispatcher import outbox
+from dispatcher.accounts.models import Account
+from dispatcher.batches import events
+from dispatcher.batches.models import Batch, Recipient, SharedSender
+from dispatcher.config import Settings
+from dispatcher.db import utcnow
+from dispatcher.errors import Conflict, NotFound, ValidationError
+from dispatcher.sms import parts
+from dispatcher.states import (
+    CANCELLABLE_RECIPIENT,
+    OPEN_BATCH,
+    BatchStatus,
+    RecipientStatus,
+    batch_sources,
+)
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    """A validated, normalised batch request, whatever dialect it came in."""
+
+    sender: str
+    body: str
+    destinations: Sequence[str]
+    channels: Sequence[str]
+    callback_url: str | None = None
+    send_at: datetime | None = None
+    expire_at: datetime | None = None
+    client_id: str | None = None
+    dialect: str = "mplus"
+    options: dict[str, Any] = field(default_factory=dict)
+    # Per-destination bodies (Sinch parameters); None means every recipient gets ``body``.
+    bodies: Sequence[str] | None = None
+    client_message_id: str | None = None
+    # SMS part limit (Messaging Plus allowMulti=false is 1; Sinch max_number_of_message_parts).
+    max_parts: int | None = None
+    # Cut bodies to max_parts instead of refusing them (Sinch truncate_concat).
+    truncate: bool = False
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """One entry of a Messaging Plus /message request: a batch of one recipient."""
+
+    to: str
+    body: str
+    sender: str | None
+    shared_sender: bool
+    channels: Sequence[str]
+    callback_url: str | None = None
+    send_at: datetime | None = None
+    client_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Intake:
+    """The outcome of an intake: the batch, and whether this call created it."""
+
+    batch: Batch
+    created: bool
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a batch would be, without writing it."""
+
+    recipients: int
+    parts: int
+    encoding: str
+    per_recipient: list[tuple[str, str, parts.PartInfo]]
+
+
+def fit_parts(new: NewBatch) -> NewBatch:
+    """Apply the SMS part limit: truncate, or refuse with a clear error."""
+    if new.max_parts is None or "sms" not in new.channels:
+        return new
+    bodies = list(new.bodies) if new.bodies is not None else None
+    infos = [parts.analyse(b) for b in (bodies or [new.body])]
+    if all(info.parts <= new.max_parts for info in infos):
+        return new
+    if not new.truncate:
+        worst = max(info.parts for info in infos)
+        raise ValidationError(
+            f"needs {worst} SMS parts; at most {new.max_parts} allowed", field="message"
+        )
+    cut = parts.truncate(new.body, max_parts=new.max_parts)
+    if bodies is not None:
+        bodies = [parts.truncate(b, max_parts=new.max_parts) for b in bodies]
+    return replace(new, body=cut, bodies=bodies)
+
+
+def fingerprint(new: NewBatch) -> str:
+    """A stable digest of the request, to tell an idempotent retry from a conflicting reuse."""
+    data = asdict(new)
+    data["destinations"] = list(new.destinations)
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def analyse(new: NewBatch) -> DryRun:
+    """Part counts and encodings per recipient (dry runs and the part limits)."""
+    bodies = new.bodies or [new.body] * len(new.destinations)
+    per = [
+        (to, body, parts.analyse(body)) for to, body in zip(new.destinations, bodies, strict=True)
+    ]
+    encodings = {info.encoding for _, _, info in per}
+    return DryRun(
+        recipients=len(per),
+        parts=sum(info.parts for _, _, info in per),
+        encoding=str(
+            parts.Encoding.UCS2 if parts.Encoding.UCS2 in encodings else parts.Encoding.GSM7
+        ),
+        per_recipient=per,
+    )
+
+
+def _existing(session: Session, account: Account, client_id: str) -> Batch | None:
+    return session.scalar(
+        select(Batch).where(Batch.account_id == account.id, Batch.client_id == client_id)
+    )
+
+
+def _batch_id_for(session: Session, client_id: str | None) -> str:
+    # A client's UUID becomes the batch id when free, so its own id works in URLs;
+    # if another tenant holds it, a fresh id is used (lookups accept client ids too).
+    if client_id:
+        try:
+            candidate = str(uuid.UUID(client_id))
+        except ValueError:
+            candidate = None
+        if candidate and session.get(Batch, candidate) is None:
+            return candidate
+    return str(uuid.uuid4())
+
+
+def create_batch(
+    *, session: Session, settings: Settings, account: Account, new: NewBatch
+) -> Intake:
+    """Write a batch and one row per recipient; publish its dispatch after commit if due soon."""
+    digest = fingerprint(new)
+    new = fit_parts(new)
+    if new.client_id:
+        existing = _existing(session, account, new.client_id)
+        if existing is not None:
+            if existing.fingerprint != digest:
+                raise Conflict(
+                    f"id {new.client_id!r} was already used for a different batch", field="id"
+                )
+            return Intake(batch=existing, created=False)
+    now = utcnow()
+    send_at = max(new.send_at or now, now)
+    expire_at = new.expire_at or send_at + timedelta(seconds=settings.default_expiry)
+    if expire_at <= send_at:
+        raise ValidationError("expire_at must be after send_at", field="expire_at")
+    batch = Batch(
+        id=_batch_id_for(session, new.client_id),
+        account_id=account.id,
+        client_id=new.client_id,
+        fingerprint=digest,
+        dialect=new.dialect,
+        sender=new.sender,
+        body=new.body,
+        channels=list(new.channels),
+        callback_url=new.callback_url,
+        status=BatchStatus.SCHEDULED,
+        send_at=send_at,
+        expire_at=expire_at,
+        recipient_count=len(new.destinations),
+        options=dict(new.options),
+        created_at=now,
+        modified_at=now,
+    )
+    session.add(batch)
+    session.flush()
+    bodies = new.bodies
+    body_parts = parts.analyse(new.body).parts
+    rows = [
+        {
+            "id": str(uuid.uuid4()),
+            "batch_id": batch.id,
+            "account_id": account.id,
+            "seq": seq,
+            "to": to,
+            "body": bodies[seq] if bodies is not None and bodies[seq] != new.body else None,
+            "client_id": new.client_message_id,
+            "status": RecipientStatus.SCHEDULED,
+            "channel_index": 0,
+            "channel": new.channels[0],
+            "parts": parts.analyse(bodies[seq]).parts if bodies is not None else body_parts,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for seq, to in enumerate(new.destinations)
+    ]
+    if rows:
+        session.execute(insert(Recipient), rows)
+    promote_if_due(session=session, settings=settings, batch=batch, now=now)
+    return Intake(batch=batch, created=True)
+
+
+def promote_if_due(*, session: Session, settings: Settings, batch: Batch, now: datetime) -> bool:
+    """Hand a batch due within the horizon to the broker (as an ETA task) after commit."""
+    if batch.status != BatchStatus.SCHEDULED:
+        return False
+    if batch.send_at > now + timedelta(seconds=settings.schedule_horizon):
+        return False
+    batch.status = BatchStatus.QUEUED
+    batch.enqueued_at = now
+    session.flush()
+    outbox.defer(
+        session,
+        outbox.Message("dispatch_batch", {"batch_id": batch.id}, eta=batch.send_at),
+    )
+    return True
+
+
+def assign_shared_sender(
+    *, session: Session, settings: Settings, account: Account, destination: str
+) -> str:
+    """The shared sender ID for this destination: the one used before, else a random one."""
+    sticky = session.get(SharedSender, (account.id, destination))
+    if sticky is not None and sticky.sender in settings.shared_senders:
+        return sticky.sender
+    if not settings.shared_senders:
+        raise ValidationError("no shared sender IDs are configured", field="from.type")
+    sender = random.choice(settings.shared_senders)
+    if sticky is None:
+        session.add(SharedSender(account_id=account.id, destination=destination, sender=sender))
+    else:
+        sticky.sender = sender
+    session.flush()
+    return sender
+
+
+def create_messages(
+    *,
+    session: Session,
+    settings: Settings,
+    account: Account,
+    messages: Sequence[NewMessage],
+    dry_run: bool = False,
+) -> list[tuple[NewMessage, str, Batch | None]]:
+    """Each message becomes its own one-recipient batch (as seed 002 answers); returns
+    each message with the sender used and its batch (None in a dry run)."""
+    out: list[tuple[NewMessage, str, Batch | None]] = []
+    for m in messages:
+        if m.shared_sender:
+            sender = (
+                settings.shared_senders[0]
+                if dry_run and settings.shared_senders
+                else assign_shared_sender(
+                    session=session, settings=settings, account=account, destination=m.to
+                )
+            )
+        else:
+            assert m.sender is not None
+            sender = m.sender
+        new = NewBatch(
+            sender=sender,
+            body=m.body,
+            destinations=[m.to],
+            channels=m.channels,
+            callback_url=m.callback_url,
+            send_at=m.send_at,
+            client_id=m.client_id,
+            dialect="message",
+            client_message_id=m.client_id,
+            options={"from_type": "shared" if m.shared_sender else "custom"},
+        )
+        if dry_run:
+            fit_parts(new)
+            out.append((m, sender, None))
+            continue
+        out.append(
+            (
+                m,
+                sender,
+                create_batch(session=session, settings=settings, account=account, new=new).batch,
+            )
+        )
+    return out
+
+
+def get_batch(*, session: Session, account: Account, batch_id: str) -> Batch:
+    """The account's batch by our id or the client's; another tenant's is NotFound."""
+    batch = session.scalar(
+        select(Batch).where(
+            Batch.account_id == account.id,
+            or_(Batch.id == batch_id, Batch.client_id == batch_id),
+        )
+    )
+    if batch is None:
+        raise NotFound(f"batch {batch_id} not found")
+    return batch
+
+
+def status_counts(*, session: Session, batch: Batch) -> dict[str, int]:
+    """How many recipients of the batch are in each state (all states, zeros included)."""
+    counts: Counter[str] = Counter({s.value: 0 for s in RecipientStatus})
+    rows = session.execute(
+        select(Recipient.status, func.count())
+        .where(Recipient.batch_id == batch.id)
+        .group_by(Recipient.status)
+    )
+    for status, count in rows:
+        counts[RecipientStatus(status).value] = count
+    return dict(counts)
+
+
+def list_recipients(
+    *,
+    session: Session,
+    batch: Batch,
+    page: int,
+    page_size: int,
+    status: str | None = None,
+) -> tuple[list[Recipient], int]:
+    """One page of the batch's recipients in batch order, and the total."""
+    query = select(Recipient).where(Recipient.batch_id == batch.id)
+    if status:
+        query = query.where(Recipient.status == RecipientStatus(status))
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Recipient.seq).offset(page * page_size).limit(page_size))
+    return list(rows), total
+
+
+def cancel_batch(*, session: Session, account: Account, batch_id: str) -> tuple[Batch, int]:
+    """Cancel every recipient not yet claimed; returns the batch and how many were cancelled.
+
+    One conditional UPDATE decides it: a worker can only claim ``queued`` rows, so
+    once this commits no counted recipient can be sent, whatever tasks are in flight.
+    """
+    batch = get_batch(session=session, account=account, batch_id=batch_id)
+    if batch.status not in OPEN_BATCH:
+        raise Conflict(f"batch {batch.id} is {batch.status.value} and cannot be cancelled")
+    now = utcnow()
+    cancelled = session.execute(
+        update(Recipient)
+        .where(
+            Recipient.batch_id == batch.id,
+            Recipient.status.in_(CANCELLABLE_RECIPIENT),
+        )
+        .values(status=RecipientStatus.CANCELLED, updated_at=now)
+        .returning(*events.CHANGE_COLUMNS)
+    ).all()
+    moved = session.execute(
+        update(Batch)
+        .where(Batch.id == batch.id, Batch.status.in_(batch_sources(BatchStatus.CANCELLED)))
+        .values(status=BatchStatus.CANCELLED, modified_at=now, completed_at=now)
+    ).rowcount
+    if not moved:
+        raise Conflict(f"batch {batch.id} changed state while cancelling; try again")
+    events.record(
+        session=session,
+        batch=batch,
+        status=RecipientStatus.CANCELLED,
+        changes=[events.Change.from_row(row) for row in cancelled],
+        at=now,
+    )
+    session.flush()
+    session.refresh(batch)
+    return batch, len(cancelled)
+
+
+def first_recipient_id(*, session: Session, batch: Batch) -> str:
+    """The id of a one-recipient batch's message (``messageUuid``)."""
+    rid = session.scalar(
+        select(Recipient.id).where(Recipient.batch_id == batch.id, Recipient.seq == 0)
+    )
+    assert rid is not None
+    return rid

@@ -1,0 +1,1 @@
+"""Channels (sms, rcs, whatsapp) and the providers that deliver them."""

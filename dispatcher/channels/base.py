@@ -1,0 +1,69 @@
+"""The one small interface every provider implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    # Retry later on the same channel.
+    TRANSIENT = "transient"
+    # This channel cannot reach the recipient: fall back to the next one now.
+    CHANNEL = "channel"
+    # No channel will: the recipient fails.
+    RECIPIENT = "recipient"
+
+
+class Lookup(StrEnum):
+    """What a provider knows of a hand-off whose outcome a lost worker never recorded."""
+
+    ACCEPTED = "accepted"
+    NOT_FOUND = "not_found"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    recipient_id: str
+    channel: str
+    to: str
+    sender: str
+    body: str
+    # 1 for the first attempt on this channel.
+    attempt: int = 1
+
+    @property
+    def idempotency_key(self) -> str:
+        """The same for every hand-off of this recipient on this channel."""
+        return f"{self.recipient_id}:{self.channel}"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    outcome: Outcome
+    provider_message_id: str | None = None
+    error_code: str | None = None
+    error_text: str | None = None
+    retry_after: float | None = None
+
+
+class Provider(ABC):
+    """Delivers messages on one or more channels."""
+
+    name: str = "provider"
+
+    @abstractmethod
+    def send(self, message: OutboundMessage) -> SendResult:
+        """Hand one message over; never raises for a failure of the far side."""
+
+    def send_many(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
+        """Hand several over, in order (providers with a bulk API override this)."""
+        return [self.send(m) for m in messages]
+
+    def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
+        """Whether a hand-off of ``message`` was accepted, with the provider's id if so."""
+        return Lookup.UNKNOWN, None

@@ -1,0 +1,150 @@
+"""A deterministic carrier simulator: the embedded default, the demo, tests and benchmarks.
+
+Rules come from configuration (``DISPATCHER_SIMULATOR``, JSON)::
+
+    {"latency_ms": 0,                      # per message
+     "receipt_delay": 2.0,                 # seconds until the delivery receipt
+     "unreachable": {"rcs": ["^\\\\+4477"]}, # regexes: permanent failure on that channel
+     "invalid": ["^\\\\+999"],               # permanent failure for the recipient
+     "transient": {"sms": {"pattern": "^\\\\+4478", "times": 1}},  # fail the first N tries
+     "fail_rate": {"sms": 0.0},            # share of tries failing transiently (hashed, repeatable)
+     "undeliverable": ["^\\\\+4479"]}        # accepted, then a "failed" receipt
+
+Like a real carrier it keeps its own ledger (in Redis): every hand-off is counted
+per idempotency key, so tests can prove nothing was handed over twice, and a
+lost worker's claims can be looked up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
+
+LEDGER = "dispatcher:sim:accepted"
+HANDOFFS = "dispatcher:sim:handoffs"
+RECEIPTS = "dispatcher:sim:receipts"
+
+
+def _compile(patterns: Sequence[str]) -> list[re.Pattern[str]]:
+    return [re.compile(p) for p in patterns]
+
+
+@dataclass(frozen=True)
+class Receipt:
+    provider_message_id: str
+    status: str
+    error_code: str | None = None
+    error_text: str | None = None
+
+
+class Simulator(Provider):
+    name = "simulator"
+
+    def __init__(
+        self,
+        *,
+        redis_client: redis.Redis,
+        rules: dict[str, Any],
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis_client
+        self.latency = float(rules.get("latency_ms", 0)) / 1000
+        self.receipt_delay = float(rules.get("receipt_delay", 2.0))
+        self.unreachable = {ch: _compile(p) for ch, p in rules.get("unreachable", {}).items()}
+        self.invalid = _compile(rules.get("invalid", []))
+        self.undeliverable = _compile(rules.get("undeliverable", []))
+        self.transient = {
+            ch: (re.compile(r["pattern"]), int(r.get("times", 1)))
+            for ch, r in rules.get("transient", {}).items()
+        }
+        self.fail_rate = {ch: float(v) for ch, v in rules.get("fail_rate", {}).items()}
+        self.sleep = sleep
+        self.clock = clock
+
+    def _decide(self, m: OutboundMessage) -> SendResult:
+        if any(p.search(m.to) for p in self.invalid):
+            return SendResult(Outcome.RECIPIENT, error_code="invalid", error_text="number invalid")
+        if any(p.search(m.to) for p in self.unreachable.get(m.channel, ())):
+            return SendResult(
+                Outcome.CHANNEL,
+                error_code="unreachable",
+                error_text=f"recipient not reachable on {m.channel}",
+            )
+        rule = self.transient.get(m.channel)
+        if rule and rule[0].search(m.to) and m.attempt <= rule[1]:
+            return SendResult(Outcome.TRANSIENT, error_code="busy", error_text="carrier busy")
+        rate = self.fail_rate.get(m.channel, 0.0)
+        if rate:
+            digest = hashlib.sha256(f"{m.idempotency_key}:{m.attempt}".encode()).digest()
+            if int.from_bytes(digest[:4], "big") / 2**32 < rate:
+                return SendResult(Outcome.TRANSIENT, error_code="busy", error_text="carrier busy")
+        return SendResult(Outcome.ACCEPTED, provider_message_id=f"sim-{m.idempotency_key}")
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        return self.send_many([message])[0]
+
+    def send_many(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
+        results = []
+        pipe = self.redis.pipeline(transaction=False)
+        due = self.clock() + self.receipt_delay
+        for m in messages:
+            if self.latency:
+                self.sleep(self.latency)
+            result = self._decide(m)
+            results.append(result)
+            pipe.hincrby(HANDOFFS, m.idempotency_key, 1)
+            if result.outcome is Outcome.ACCEPTED:
+                pipe.hset(LEDGER, m.idempotency_key, result.provider_message_id or "")
+                failed = any(p.search(m.to) for p in self.undeliverable)
+                receipt = Receipt(
+                    provider_message_id=result.provider_message_id or "",
+                    status="failed" if failed else "delivered",
+                    error_code="undeliverable" if failed else None,
+                    error_text="handset unreachable" if failed else None,
+                )
+                pipe.zadd(RECEIPTS, {json.dumps(receipt.__dict__): due})
+        pipe.execute()
+        return results
+
+    def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
+        found = self.redis.hget(LEDGER, message.idempotency_key)
+        if found is None:
+            return Lookup.NOT_FOUND, None
+        return Lookup.ACCEPTED, found.decode() if isinstance(found, bytes) else str(found)
+
+    def due_receipts(self, *, limit: int = 1000) -> list[Receipt]:
+        """Pop receipts whose delay has passed (at most ``limit``)."""
+        now = self.clock()
+        # ZRANGEBYSCORE + ZREM in a transaction: two pollers never take the same receipt.
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(RECEIPTS)
+                    members = pipe.zrangebyscore(RECEIPTS, "-inf", now, start=0, num=limit)
+                    if not members:
+                        pipe.unwatch()
+                        return []
+                    pipe.multi()
+                    pipe.zrem(RECEIPTS, *members)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        return [Receipt(**json.loads(m)) for m in members]
+
+    def handoffs(self) -> dict[str, int]:
+        """Every idempotency key handed over, with how many times (for tests)."""
+        return {
+            (k.decode() if isinstance(k, bytes) else k): int(v)
+            for k, v in self.redis.hgetall(HANDOFFS).items()
+        }

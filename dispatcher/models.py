@@ -1,0 +1,19 @@
+"""Every table, imported in one place for Alembic and for create_all in tests."""
+
+from dispatcher.accounts.models import Account, ApiKey
+from dispatcher.batches.models import Attempt, Batch, Recipient, SharedSender, StatusEvent
+from dispatcher.db import Base
+from dispatcher.webhooks.models import Callback, Endpoint
+
+__all__ = [
+    "Account",
+    "ApiKey",
+    "Attempt",
+    "Base",
+    "Batch",
+    "Callback",
+    "Endpoint",
+    "Recipient",
+    "SharedSender",
+    "StatusEvent",
+]

@@ -1,0 +1,1 @@
+"""Delivery receipts from carriers: applying them to recipients, in order, once."""

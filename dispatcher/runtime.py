@@ -1,0 +1,88 @@
+"""The wiring one process needs: engine, sessions, Redis, limiter, providers.
+
+Built lazily and per process (after a worker forks), from Settings and a
+publisher; no Flask or Celery here, so the API and the workers share it.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import redis
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dispatcher import outbox
+from dispatcher.channels.base import Provider
+from dispatcher.config import Settings
+from dispatcher.db import make_engine, make_session_factory
+from dispatcher.ratelimit import RateLimiter
+from dispatcher.webhooks.deliver import WebhookSender
+
+
+class Runtime:
+    def __init__(self, settings: Settings, publisher: outbox.Publisher) -> None:
+        self.settings = settings
+        self.publisher = publisher
+
+    @cached_property
+    def engine(self) -> Engine:
+        """The database engine."""
+        return make_engine(self.settings.database_url)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        """Session factory whose commits publish their deferred tasks."""
+        factory = make_session_factory(self.engine)
+        outbox.install(factory, self.publisher)
+        return factory
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        """Redis for the rate limiter and the simulator's ledger (not the broker)."""
+        return redis.Redis.from_url(
+            self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5
+        )
+
+    @cached_property
+    def limiter(self) -> RateLimiter:
+        """The global rate limiter shared by every worker."""
+        return RateLimiter(self.redis)
+
+    @cached_property
+    def providers(self) -> dict[str, Provider]:
+        """The provider delivering each configured channel."""
+        provider: Provider
+        if self.settings.provider == "simulator":
+            from dispatcher.channels.simulator import Simulator
+
+            provider = Simulator(redis_client=self.redis, rules=self.settings.simulator)
+        elif self.settings.provider == "http":
+            from dispatcher.channels.http import HttpProvider
+
+            provider = HttpProvider(
+                url=self.settings.http_provider_url,
+                token=self.settings.http_provider_token,
+                connect_timeout=self.settings.http_connect_timeout,
+                read_timeout=self.settings.http_read_timeout,
+            )
+        else:
+            raise ValueError(f"unknown provider {self.settings.provider!r}")
+        return {channel: provider for channel in self.settings.channels}
+
+    @cached_property
+    def webhook_sender(self) -> WebhookSender:
+        """The one HTTP client webhooks go out through (timeouts, caps, SSRF checks)."""
+        return WebhookSender(
+            connect_timeout=self.settings.callback_connect_timeout,
+            read_timeout=self.settings.callback_read_timeout,
+            max_response_bytes=self.settings.callback_max_response_bytes,
+            allow=self.settings.callback_allowlist,
+        )
+
+    def dispose(self) -> None:
+        """Close pools (after fork, or at shutdown)."""
+        if "engine" in self.__dict__:
+            self.engine.dispose()
+        if "redis" in self.__dict__:
+            self.redis.close()

@@ -1,0 +1,92 @@
+"""The state machines of batches and recipients: the only place a status may change.
+
+Every status write in the code goes through :func:`check` (single rows) or uses
+:func:`sources` to build its conditional ``WHERE status IN (...)`` (bulk updates),
+so an illegal transition cannot be written from anywhere.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class BatchStatus(StrEnum):
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+    SENDING = "sending"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class RecipientStatus(StrEnum):
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+
+B, R = BatchStatus, RecipientStatus
+
+BATCH_TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
+    B.SCHEDULED: frozenset({B.QUEUED, B.SENDING, B.CANCELLED, B.EXPIRED}),
+    # queued -> scheduled: send_at moved beyond the horizon after promotion.
+    B.QUEUED: frozenset({B.SCHEDULED, B.SENDING, B.CANCELLED, B.EXPIRED}),
+    B.SENDING: frozenset({B.COMPLETED, B.CANCELLED, B.EXPIRED}),
+    B.COMPLETED: frozenset(),
+    B.CANCELLED: frozenset(),
+    B.EXPIRED: frozenset(),
+}
+
+RECIPIENT_TRANSITIONS: dict[RecipientStatus, frozenset[RecipientStatus]] = {
+    R.SCHEDULED: frozenset({R.QUEUED, R.CANCELLED, R.EXPIRED}),
+    # queued -> failed: every channel was refused before a send (e.g. no channel left).
+    R.QUEUED: frozenset({R.SENDING, R.CANCELLED, R.EXPIRED, R.FAILED}),
+    # sending -> queued: a transient failure or a fallback to the next channel.
+    R.SENDING: frozenset({R.SENT, R.QUEUED, R.FAILED, R.EXPIRED}),
+    # A receipt may still fail or expire a message the carrier accepted.
+    R.SENT: frozenset({R.DELIVERED, R.FAILED, R.EXPIRED}),
+    R.DELIVERED: frozenset(),
+    R.FAILED: frozenset(),
+    R.EXPIRED: frozenset(),
+    R.CANCELLED: frozenset(),
+    R.REJECTED: frozenset(),
+}
+
+FINAL_RECIPIENT = frozenset(s for s, nxt in RECIPIENT_TRANSITIONS.items() if not nxt)
+# Not yet claimed by a worker: what a cancel may still stop.
+CANCELLABLE_RECIPIENT = frozenset({R.SCHEDULED, R.QUEUED})
+OPEN_BATCH = frozenset({B.SCHEDULED, B.QUEUED, B.SENDING})
+
+
+class IllegalTransition(RuntimeError):
+    """A status change that the state machine does not allow."""
+
+
+def check_batch(current: BatchStatus, new: BatchStatus) -> BatchStatus:
+    """Return ``new`` if a batch may move there from ``current``, else raise."""
+    if new not in BATCH_TRANSITIONS[current]:
+        raise IllegalTransition(f"batch {current} -> {new}")
+    return new
+
+
+def check_recipient(current: RecipientStatus, new: RecipientStatus) -> RecipientStatus:
+    """Return ``new`` if a recipient may move there from ``current``, else raise."""
+    if new not in RECIPIENT_TRANSITIONS[current]:
+        raise IllegalTransition(f"recipient {current} -> {new}")
+    return new
+
+
+def recipient_sources(new: RecipientStatus) -> tuple[RecipientStatus, ...]:
+    """The statuses a recipient may move to ``new`` from (for bulk conditional updates)."""
+    return tuple(s for s, nxt in RECIPIENT_TRANSITIONS.items() if new in nxt)
+
+
+def batch_sources(new: BatchStatus) -> tuple[BatchStatus, ...]:
+    """The statuses a batch may move to ``new`` from (for conditional updates)."""
+    return tuple(s for s, nxt in BATCH_TRANSITIONS.items() if new in nxt)

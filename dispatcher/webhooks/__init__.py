@@ -1,0 +1,1 @@
+"""Outbound webhooks: Standard Webhooks signing and single-attempt HTTP delivery."""

@@ -1,0 +1,48 @@
+"""Callback rows: each is one webhook to deliver, with its durable retry state."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Index, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from dispatcher.db import Base, new_id, utcnow
+
+
+class Callback(Base):
+    __tablename__ = "callbacks"
+    __table_args__ = (
+        Index("ix_callbacks_state_next", "state", "next_attempt_at"),
+        Index("ix_callbacks_account_state", "account_id", "state"),
+    )
+
+    # Also the webhook-id header: retries of one event reuse it.
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    account_id: Mapped[str] = mapped_column(String(36))
+    batch_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    recipient_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    event_type: Mapped[str] = mapped_column(String(48))
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # pending -> delivering -> delivered | pending (retry) | dead; held while disabled.
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class Endpoint(Base):
+    """Health of one callback URL of an account: failing long enough disables it."""
+
+    __tablename__ = "callback_endpoints"
+
+    account_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    url: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    failing_since: Mapped[datetime | None] = mapped_column(nullable=True)
+    disabled_at: Mapped[datetime | None] = mapped_column(nullable=True)

@@ -1,0 +1,1 @@
+"""Developer and CI helper scripts for Dispatcher."""

@@ -1,0 +1,228 @@
+"""Tests for the callback-URL SSRF guard (no real DNS: resolvers are injected)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+
+from dispatcher.netsafety import UnsafeURL, check_url, default_resolve, parse_allowlist
+
+
+def no_dns(host: str) -> list[str]:
+    """Resolver that fails the test if called: IP literals must not be resolved."""
+    raise AssertionError(f"unexpected DNS lookup for {host!r}")
+
+
+def fake_dns(table: dict[str, list[str]]) -> Callable[[str], list[str]]:
+    """Return a resolver answering from ``table`` and failing like getaddrinfo otherwise."""
+
+    def resolve(host: str) -> list[str]:
+        if host not in table:
+            raise OSError(f"[Errno -2] Name or service not known: {host}")
+        return table[host]
+
+    return resolve
+
+
+REFUSED = {
+    "loopback": ["127.0.0.1", "127.9.9.9", "[::1]"],
+    "private": [
+        "10.0.0.1",
+        "172.16.0.1",
+        "172.31.255.254",
+        "192.168.1.1",
+        "[fd00::1]",
+        "[fc00::1]",
+    ],
+    "link-local": ["169.254.169.254", "169.254.0.1", "[fe80::1]", "[fe80::1%25eth0]"],
+    "multicast": ["224.0.0.1", "239.255.255.250", "[ff02::1]"],
+    "reserved": ["240.0.0.1", "255.255.255.255"],
+    "unspecified": ["0.0.0.0", "[::]"],
+    "carrier-grade NAT": ["100.64.0.1", "100.127.255.254"],
+    "IPv4-mapped loopback": ["[::ffff:127.0.0.1]", "[::ffff:7f00:1]"],
+    "IPv4-mapped private": ["[::ffff:10.0.0.1]", "[::ffff:192.168.0.1]"],
+    "IPv4-mapped link-local": ["[::ffff:169.254.169.254]"],
+    "IPv4-mapped carrier-grade NAT": ["[::ffff:100.64.0.1]"],
+    "6to4 loopback": ["[2002:7f00:1::]"],
+    "NAT64 link-local": ["[64:ff9b::a9fe:a9fe]"],
+    "not globally routable": ["192.0.2.1", "198.18.0.1", "0.1.2.3", "[2001:db8::1]"],
+}
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"), [(h, r) for r, hosts in REFUSED.items() for h in hosts]
+)
+def test_ip_literals_refused(host: str, reason: str) -> None:
+    with pytest.raises(UnsafeURL, match=reason):
+        check_url(f"https://{host}/hook", resolve=no_dns)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "93.184.216.34",
+        "8.8.8.8",
+        "100.63.255.255",
+        "100.128.0.1",
+        "172.32.0.1",
+        "[2606:4700:4700::1111]",
+        "[::ffff:8.8.8.8]",
+    ],
+)
+def test_public_ip_literals_allowed(host: str) -> None:
+    check_url(f"http://{host}:8080/hook?x=1", resolve=no_dns)
+
+
+@pytest.mark.parametrize(
+    "host", ["2130706433", "0x7f000001", "127.1", "0177.0.0.1", "0x7f.0.0.1", "127.0.0.1."]
+)
+def test_legacy_ipv4_forms_refused_without_dns(host: str) -> None:
+    with pytest.raises(UnsafeURL, match="loopback"):
+        check_url(f"http://{host}/", resolve=no_dns)
+
+
+def test_dns_name_resolving_public_allowed() -> None:
+    check_url(
+        "https://hooks.example.com/x",
+        resolve=fake_dns({"hooks.example.com": ["93.184.216.34", "2606:2800:220:1::1"]}),
+    )
+
+
+@pytest.mark.parametrize(
+    "bad", ["127.0.0.1", "10.1.2.3", "169.254.169.254", "::1", "::ffff:10.0.0.1", "fe80::1%2"]
+)
+def test_dns_name_refused_if_any_address_unsafe(bad: str) -> None:
+    resolve = fake_dns({"rebind.example.com": ["93.184.216.34", bad]})
+    with pytest.raises(UnsafeURL, match=re.escape("resolved from 'rebind.example.com'")):
+        check_url("https://rebind.example.com/", resolve=resolve)
+
+
+def test_unresolvable_host() -> None:
+    with pytest.raises(UnsafeURL, match="cannot resolve"):
+        check_url("https://nowhere.invalid/", resolve=fake_dns({}))
+    with pytest.raises(UnsafeURL, match="cannot resolve"):
+        check_url("https://empty.example/", resolve=fake_dns({"empty.example": []}))
+    with pytest.raises(UnsafeURL, match="cannot resolve"):
+        check_url("https://junk.example/", resolve=fake_dns({"junk.example": ["not-an-ip"]}))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://example.com/",
+        "file:///etc/passwd",
+        "gopher://example.com/",
+        "javascript:alert(1)",
+        "//example.com/",
+        "example.com/path",
+        "",
+    ],
+)
+def test_bad_schemes_refused(url: str) -> None:
+    with pytest.raises(UnsafeURL, match="scheme"):
+        check_url(url, resolve=no_dns)
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("http://user:pw@example.com/", "credentials"),
+        ("http://user@example.com/", "credentials"),
+        ("http://@example.com/", "credentials"),
+        ("http://example.com@127.0.0.1/", "credentials"),
+        ("http:///path", "no host"),
+        ("http://:80/", "no host"),
+        ("http://example.com:99999/", "invalid URL"),
+        ("http://example.com:abc/", "invalid URL"),
+        ("http://[::1/", "invalid URL"),
+        ("http://example.com\\@127.0.0.1/", "backslash"),
+        ("http://exa mple.com/", "whitespace"),
+        ("http://example.com/\r\nX-Injected: 1", "control"),
+    ],
+)
+def test_malformed_urls_refused(url: str, match: str) -> None:
+    with pytest.raises(UnsafeURL, match=match):
+        check_url(url, resolve=no_dns)
+
+
+def test_unsafe_url_is_value_error() -> None:
+    assert issubclass(UnsafeURL, ValueError)
+
+
+def test_allow_single_ip() -> None:
+    check_url("http://127.0.0.1:8000/", allow=["127.0.0.1"], resolve=no_dns)
+    with pytest.raises(UnsafeURL):
+        check_url("http://127.0.0.2:8000/", allow=["127.0.0.1"], resolve=no_dns)
+
+
+def test_allow_cidr() -> None:
+    check_url("http://10.20.30.40/", allow=("10.0.0.0/8",), resolve=no_dns)
+    check_url("http://[::ffff:10.20.30.40]/", allow=("10.0.0.0/8",), resolve=no_dns)
+    with pytest.raises(UnsafeURL, match="private"):
+        check_url("http://192.168.0.1/", allow=("10.0.0.0/8",), resolve=no_dns)
+
+
+def test_allow_ipv6_cidr() -> None:
+    check_url("http://[fd12:3456::1]/", allow=("fd12:3456::/32",), resolve=no_dns)
+    with pytest.raises(UnsafeURL):
+        check_url("http://[fd99::1]/", allow=("fd12:3456::/32",), resolve=no_dns)
+
+
+def test_allow_covers_resolved_addresses() -> None:
+    resolve = fake_dns({"svc.internal": ["10.0.0.5", "10.0.0.6"]})
+    check_url("http://svc.internal/", allow=("10.0.0.0/24",), resolve=resolve)
+    resolve = fake_dns({"svc.internal": ["10.0.0.5", "192.168.0.6"]})
+    with pytest.raises(UnsafeURL, match=re.escape("192.168.0.6")):
+        check_url("http://svc.internal/", allow=("10.0.0.0/24",), resolve=resolve)
+
+
+def test_allow_hostname_literal_skips_resolution() -> None:
+    check_url("http://Hooks.Internal./cb", allow=("hooks.internal",), resolve=no_dns)
+    with pytest.raises(UnsafeURL, match="cannot resolve"):
+        check_url("http://other.internal/cb", allow=("hooks.internal",), resolve=fake_dns({}))
+
+
+def test_default_resolve_numeric_host() -> None:
+    # A numeric host never touches DNS, so this is safe offline.
+    assert default_resolve("127.0.0.1") == ["127.0.0.1"]
+
+
+def test_parse_allowlist() -> None:
+    assert parse_allowlist(
+        " 127.0.0.1 , 10.0.0.0/8,,Hooks.Internal., ::1, fd00::/8, 10.0.0.0/8 "
+    ) == (
+        "127.0.0.1/32",
+        "10.0.0.0/8",
+        "hooks.internal",
+        "::1/128",
+        "fd00::/8",
+    )
+    assert parse_allowlist("") == ()
+    assert parse_allowlist(" , ") == ()
+
+
+def test_parse_allowlist_result_feeds_check_url() -> None:
+    allow = parse_allowlist("127.0.0.1,10.0.0.0/8")
+    check_url("http://127.0.0.1/", allow=allow, resolve=no_dns)
+    check_url("http://10.9.8.7/", allow=allow, resolve=no_dns)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10.0.0.0/33",
+        "300.1.1.1",
+        "127.1",
+        "http://example.com",
+        "exa mple.com",
+        "host/24",
+        "*.example.com",
+        "-bad.example",
+        "a..b",
+    ],
+)
+def test_parse_allowlist_rejects_garbage(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_allowlist(f"127.0.0.1,{text}")

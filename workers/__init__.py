@@ -1,0 +1,1 @@
+"""Celery adapters: the app factory, thin tasks, the beat schedule."""
