@@ -1,0 +1,586 @@
+"""Callback delivery service against SQLite and a real HTTP receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from dispatcher import outbox
+from dispatcher.accounts import service as accounts
+from dispatcher.config import Settings
+from dispatcher.db import make_engine, make_session_factory, new_id, transaction, utcnow
+from dispatcher.errors import Conflict, NotFound, ValidationError
+from dispatcher.models import Base
+from dispatcher.webhooks import service, sign
+from dispatcher.webhooks.deliver import WebhookSender
+from dispatcher.webhooks.models import Callback, Endpoint
+
+SCHEDULE = (1.0, 2.0, 3.0)
+JITTER = 0.1  # next_delay's default jitter fraction
+WAIT = 5.0  # deadline for conditions awaited across threads
+
+
+# --- a real receiver -------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass
+class Seen:
+    """One request as the receiver saw it, with the secrets its signature verified under."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    verified_with: list[str]
+    status: int
+
+
+class Receiver(ThreadingHTTPServer):
+    """Answers scripted replies per path (then 200) and verifies every signature."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.lock = threading.Lock()
+        self.scripts: dict[str, list[Reply]] = {}
+        self.seen: list[Seen] = []
+        self.secrets: list[str] = []
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+    def script(self, path: str, *replies: Reply) -> None:
+        with self.lock:
+            self.scripts[path] = list(replies)
+
+    def requests(self, path: str | None = None) -> list[Seen]:
+        with self.lock:
+            return [s for s in self.seen if path is None or s.path == path]
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Receiver
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep test output quiet."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        srv = self.server
+        verified = []
+        for secret in srv.secrets:
+            try:
+                sign.verify(secret=secret, headers=headers, body=body)
+            except sign.InvalidSignature:
+                continue
+            verified.append(secret)
+        if self.path == "/slow":
+            srv.arrived.set()
+            srv.release.wait(timeout=WAIT)
+        with srv.lock:
+            script = srv.scripts.get(self.path) or []
+            reply = script.pop(0) if script else Reply(200, body=b"ok")
+            srv.seen.append(Seen(self.path, headers, body, verified, reply.status))
+        self.send_response(reply.status)
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    srv = Receiver()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.release.set()
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=WAIT)
+
+
+# --- database, clock, publisher --------------------------------------------------------
+
+
+class Clock:
+    """A settable naive-UTC clock."""
+
+    def __init__(self) -> None:
+        self.now = utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class Recorder:
+    """A publisher that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.messages: list[outbox.Message] = []
+
+    def publish(self, messages: list[outbox.Message]) -> None:
+        self.messages.extend(messages)
+
+    def callback_ids(self) -> list[list[str]]:
+        return [m.kwargs["callback_ids"] for m in self.messages]
+
+
+@dataclass
+class Env:
+    factory: sessionmaker[Session]
+    settings: Settings
+    clock: Clock
+    published: Recorder
+    account_id: str
+    secret: str
+
+    def deliver(self, sender: WebhookSender, *ids: str) -> dict[str, int]:
+        counts = service.deliver(
+            factory=self.factory,
+            settings=self.settings,
+            sender=sender,
+            callback_ids=list(ids),
+            clock=self.clock,
+        )
+        return {k: v for k, v in counts.items() if v}
+
+    def get(self, callback_id: str) -> Callback:
+        with self.factory() as session:
+            row = session.get(Callback, callback_id)
+            assert row is not None
+            return row
+
+    def endpoint(self, url: str, account_id: str | None = None) -> Endpoint | None:
+        with self.factory() as session:
+            return session.get(Endpoint, (account_id or self.account_id, url))
+
+
+def _database(kind: str, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """A database URL and engine options: SQLite in tmp_path, or a fresh PostgreSQL schema."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'dispatcher.db'}", {}
+    url = os.environ.get("DISPATCHER_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but DISPATCHER_TEST_POSTGRES_URL is not set")
+        pytest.skip("no PostgreSQL for this run (make test starts one when binaries exist)")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    return url, {"connect_args": {"options": f"-csearch_path={schema}"}, "_schema": schema}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
+    url, options = _database(request.param, tmp_path)
+    schema = options.pop("_schema", None)
+    settings = Settings(
+        var_dir=str(tmp_path),
+        database_url=url,
+        callback_retry_schedule=SCHEDULE,
+        callback_disable_after=3600.0,
+        callback_batch_size=2,
+        schedule_horizon=300.0,
+        requeue_after=600.0,
+    )
+    engine = make_engine(settings.database_url, **options)
+    if schema is not None:
+        with engine.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+    Base.metadata.create_all(engine)
+    factory = make_session_factory(engine)
+    published = Recorder()
+    outbox.install(factory, published)
+    with transaction(factory) as session:
+        account = accounts.create_account(session=session, name="acme")
+    try:
+        yield Env(factory, settings, Clock(), published, account.id, account.webhook_secret)
+    finally:
+        if schema is not None:
+            with engine.begin() as conn:
+                conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
+
+
+@pytest.fixture
+def sender() -> Iterator[WebhookSender]:
+    with WebhookSender(allow=("127.0.0.1",), connect_timeout=2.0, read_timeout=WAIT) as s:
+        yield s
+
+
+def add_account(env: Env, name: str) -> str:
+    with transaction(env.factory) as session:
+        return accounts.create_account(session=session, name=name).id
+
+
+def add_callback(env: Env, url: str, *, account_id: str | None = None, **values: Any) -> str:
+    """Insert a due, pending callback row (as events.record writes them)."""
+    now = env.clock.now
+    row: dict[str, Any] = {
+        "id": new_id(),
+        "account_id": account_id or env.account_id,
+        "event_type": "message.delivered",
+        "url": url,
+        "payload": {"type": "message.delivered", "to": "+447700900123", "text": "héllo"},
+        "state": "pending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "enqueued_at": now,
+        "created_at": now,
+    }
+    row.update(values)
+    with transaction(env.factory) as session:
+        session.add(Callback(**row))
+    return str(row["id"])
+
+
+def assert_delay(row: Callback, start: datetime, expected: float) -> None:
+    """next_attempt_at is ``expected`` seconds after ``start``, within the jitter."""
+    assert row.state == "pending" and row.enqueued_at is None
+    waited = (row.next_attempt_at - start).total_seconds()
+    assert expected * (1 - JITTER) <= waited <= expected * (1 + JITTER)
+
+
+# --- delivery --------------------------------------------------------------------------
+
+
+def test_success_is_delivered_signed_with_every_active_secret(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    with transaction(env.factory) as session:
+        rotated = accounts.rotate_webhook_secret(session=session, account_id=env.account_id)
+        receiver.secrets = [rotated.webhook_secret, env.secret]
+    cid = add_callback(env, receiver.url("/hook"))
+
+    assert env.deliver(sender, cid) == {"delivered": 1}
+
+    [seen] = receiver.requests()
+    assert seen.headers["webhook-id"] == cid
+    assert seen.verified_with == receiver.secrets  # both signatures during the rotation
+    assert seen.body == service.body_of(env.get(cid).payload)
+    assert seen.body == '{"text":"héllo","to":"+447700900123","type":"message.delivered"}'.encode()
+    row = env.get(cid)
+    assert (row.state, row.attempts, row.last_status, row.last_error) == ("delivered", 1, 200, None)
+    assert row.delivered_at == env.clock.now
+
+
+def test_retries_reuse_webhook_id_follow_schedule_and_deliver_once(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    receiver.secrets = [env.secret]
+    receiver.script("/flaky", Reply(500, body=b"boom"), Reply(502), Reply(500))
+    url = receiver.url("/flaky")
+    cid = add_callback(env, url)
+
+    for attempt, expected in enumerate(SCHEDULE, start=1):
+        assert env.deliver(sender, cid) == {"retry": 1}
+        row = env.get(cid)
+        assert row.attempts == attempt
+        assert_delay(row, env.clock.now, expected)
+        endpoint = env.endpoint(url)
+        assert endpoint is not None and endpoint.failing_since is not None
+        # Not due yet: an early task neither posts nor loses the callback.
+        assert env.deliver(sender, cid) == {"not_due": 1}
+        assert len(receiver.requests()) == attempt
+        env.clock.now = row.next_attempt_at
+
+    assert env.get(cid).last_error == "HTTP 500"
+    assert env.deliver(sender, cid) == {"delivered": 1}
+    assert env.deliver(sender, cid) == {"skipped": 1}
+
+    seen = receiver.requests()
+    assert [s.status for s in seen] == [500, 502, 500, 200]
+    assert {s.headers["webhook-id"] for s in seen} == {cid}
+    assert len({s.body for s in seen}) == 1
+    assert all(s.verified_with == [env.secret] for s in seen)
+    assert env.get(cid).state == "delivered"
+    endpoint = env.endpoint(url)
+    assert endpoint is not None and endpoint.failing_since is None
+
+
+def test_endpoint_that_never_recovers_goes_dead_then_replays(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    receiver.script("/down", *[Reply(500, body=b"still down")] * (len(SCHEDULE) + 1))
+    cid = add_callback(env, receiver.url("/down"))
+
+    outcomes = []
+    for _ in range(len(SCHEDULE) + 1):
+        outcomes.append(env.deliver(sender, cid))
+        env.clock.now = max(env.clock.now, env.get(cid).next_attempt_at)
+    assert outcomes == [{"retry": 1}] * len(SCHEDULE) + [{"dead": 1}]
+    row = env.get(cid)
+    assert (row.state, row.attempts, row.last_status) == ("dead", 4, 500)
+    assert row.last_error == "HTTP 500: still down"
+    env.clock.advance(3600)
+    assert env.deliver(sender, cid) == {"skipped": 1}
+    assert len(receiver.requests()) == 4
+
+    with transaction(env.factory) as session:
+        replayed = service.retry_callback(
+            session=session, account_id=env.account_id, callback_id=cid, now=env.clock.now
+        )
+        assert replayed.state == "pending"
+    assert env.published.callback_ids() == [[cid]]
+    assert env.deliver(sender, cid) == {"delivered": 1}
+    assert [s.headers["webhook-id"] for s in receiver.requests()] == [cid] * 5
+    assert env.get(cid).state == "delivered"
+
+
+def test_claim_lets_only_one_worker_post(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    cid = add_callback(env, receiver.url("/slow"))
+    results: list[dict[str, int]] = []
+    first = threading.Thread(target=lambda: results.append(env.deliver(sender, cid)))
+    first.start()
+    try:
+        assert receiver.arrived.wait(timeout=WAIT), "first worker never posted"
+        # A redelivered task while the first POST is in flight finds it claimed.
+        assert env.deliver(sender, cid, cid) == {"skipped": 1}
+        assert env.get(cid).state == "delivering"
+    finally:
+        receiver.release.set()
+        first.join(timeout=WAIT)
+    assert results == [{"delivered": 1}]
+    assert env.deliver(sender, cid) == {"skipped": 1}
+    assert len(receiver.requests()) == 1
+
+
+def test_racing_workers_post_each_callback_once(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    ids = [add_callback(env, receiver.url("/hook")) for _ in range(5)]
+    start = threading.Barrier(6)
+    results: list[dict[str, int]] = []
+
+    def worker() -> None:
+        start.wait(timeout=WAIT)
+        results.append(env.deliver(sender, *ids))
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=4 * WAIT)
+    assert len(results) == 6
+    assert sum(r.get("delivered", 0) for r in results) == 5
+    assert sorted(s.headers["webhook-id"] for s in receiver.requests()) == sorted(ids)
+
+
+def test_retry_after_on_429_is_honoured(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    receiver.script("/throttle", Reply(429, {"Retry-After": "3"}, b"slow down"))
+    cid = add_callback(env, receiver.url("/throttle"))
+
+    assert env.deliver(sender, cid) == {"retry": 1}
+    row = env.get(cid)
+    # The schedule alone says ~1 s; the receiver asked for 3 (capped to the schedule's max).
+    assert row.next_attempt_at == env.clock.now + timedelta(seconds=3)
+    assert (row.last_status, row.last_error) == (429, "HTTP 429: slow down")
+    env.clock.advance(2.9)
+    assert env.deliver(sender, cid) == {"not_due": 1}
+    env.clock.advance(0.1)
+    assert env.deliver(sender, cid) == {"delivered": 1}
+    assert [s.status for s in receiver.requests()] == [429, 200]
+
+
+def test_disabled_endpoint_holds_callbacks_until_enabled(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    env.settings = env.settings.replace(callback_disable_after=10.0)
+    other = add_account(env, "other")
+    url = receiver.url("/flaky")
+    receiver.script("/flaky", Reply(500), Reply(500))
+    first = add_callback(env, url)
+    waiting = add_callback(env, url, next_attempt_at=env.clock.now + timedelta(seconds=60))
+    theirs = add_callback(env, url, account_id=other)
+
+    assert env.deliver(sender, first) == {"retry": 1}
+    endpoint = env.endpoint(url)
+    assert endpoint is not None
+    assert (endpoint.failing_since, endpoint.disabled_at) == (env.clock.now, None)
+
+    env.clock.advance(11)  # failing continuously for longer than callback_disable_after
+    assert env.deliver(sender, first) == {"held": 1}
+    endpoint = env.endpoint(url)
+    assert endpoint is not None and endpoint.disabled_at == env.clock.now
+    assert env.get(first).state == "held"
+    assert env.get(waiting).state == "held"
+    assert env.get(theirs).state == "pending"  # another account's endpoint is its own
+
+    # New events for a disabled endpoint are held, not posted.
+    fresh = add_callback(env, url)
+    assert env.deliver(sender, fresh) == {"held": 1}
+    assert len(receiver.requests()) == 2
+    with env.factory() as session:
+        [listed] = service.list_endpoints(session=session, account_id=env.account_id)
+        assert listed.url == url and listed.disabled_at is not None
+
+    with transaction(env.factory) as session:
+        released = service.enable_endpoint(
+            session=session, account_id=env.account_id, url=url, now=env.clock.now
+        )
+    assert released == 3
+    released_ids = [cid for ids in env.published.callback_ids() for cid in ids]
+    assert sorted(released_ids) == sorted([first, waiting, fresh])
+    assert env.deliver(sender, first, waiting, fresh) == {"delivered": 3}
+    endpoint = env.endpoint(url)
+    assert endpoint is not None
+    assert (endpoint.failing_since, endpoint.disabled_at) == (None, None)
+
+
+def test_private_address_is_refused_without_a_request(env: Env, receiver: Receiver) -> None:
+    cid = add_callback(env, receiver.url("/hook"))
+    with WebhookSender() as strict:  # no allow-list: loopback is refused
+        outcomes = []
+        for _ in range(len(SCHEDULE) + 1):
+            outcomes.append(env.deliver(strict, cid))
+            env.clock.now = max(env.clock.now, env.get(cid).next_attempt_at)
+    assert outcomes == [{"retry": 1}] * len(SCHEDULE) + [{"dead": 1}]
+    row = env.get(cid)
+    assert row.state == "dead" and row.last_status is None
+    assert row.last_error is not None and row.last_error.startswith("unsafe URL")
+    assert receiver.requests() == []
+
+
+# --- dead letters and tenants ----------------------------------------------------------
+
+
+def test_list_and_retry_are_tenant_isolated(env: Env) -> None:
+    other = add_account(env, "other")
+    url = "https://example.com/hook"
+    mine_dead = add_callback(env, url, state="dead")
+    mine_done = add_callback(env, url, state="delivered")
+    mine_pending = add_callback(env, url)
+    theirs_dead = add_callback(env, url, account_id=other, state="dead")
+
+    with transaction(env.factory) as session:
+        rows, total = service.list_callbacks(
+            session=session, account_id=env.account_id, page=1, page_size=2
+        )
+        assert total == 3 and len(rows) == 2
+        rest, _ = service.list_callbacks(
+            session=session, account_id=env.account_id, page=2, page_size=2
+        )
+        assert {r.id for r in rows + rest} == {mine_dead, mine_done, mine_pending}
+        dead, total = service.list_callbacks(
+            session=session, account_id=env.account_id, state="dead", page=1, page_size=10
+        )
+        assert [r.id for r in dead] == [mine_dead] and total == 1
+        with pytest.raises(ValidationError):
+            service.list_callbacks(
+                session=session, account_id=env.account_id, state="lost", page=1, page_size=10
+            )
+
+        def retry(callback_id: str) -> Callback:
+            return service.retry_callback(
+                session=session,
+                account_id=env.account_id,
+                callback_id=callback_id,
+                now=env.clock.now,
+            )
+
+        with pytest.raises(NotFound):
+            retry(theirs_dead)
+        with pytest.raises(NotFound):
+            retry(new_id())
+        with pytest.raises(Conflict):
+            retry(mine_done)
+        with pytest.raises(Conflict):
+            retry(mine_pending)
+        assert retry(mine_dead).state == "pending"
+    assert env.get(theirs_dead).state == "dead"
+    assert env.published.callback_ids() == [[mine_dead]]
+
+
+# --- the scheduler's sweep -------------------------------------------------------------
+
+
+def test_promote_due_publishes_due_and_lost_not_far_future(env: Env) -> None:
+    now = env.clock.now = env.clock.now.replace(microsecond=250_000)
+    url = "https://example.com/hook"
+    due = [
+        add_callback(env, url, enqueued_at=None, next_attempt_at=now - timedelta(seconds=s))
+        for s in (3, 2, 1)
+    ]
+    soon = add_callback(env, url, enqueued_at=None, next_attempt_at=now + timedelta(seconds=100))
+    far = add_callback(env, url, enqueued_at=None, next_attempt_at=now + timedelta(seconds=400))
+    in_flight = add_callback(env, url, enqueued_at=now - timedelta(seconds=10))
+    lost = add_callback(env, url, enqueued_at=now - timedelta(seconds=700))
+    add_callback(env, url, enqueued_at=None, state="held")
+    add_callback(env, url, enqueued_at=None, state="dead")
+
+    with transaction(env.factory) as session:
+        count = service.promote_due(session=session, settings=env.settings, now=now)
+    assert count == 5
+
+    immediate = [m for m in env.published.messages if m.eta is None]
+    # Due ones (and the lost one) in groups of callback_batch_size, oldest first.
+    assert [m.kwargs["callback_ids"] for m in immediate] == [due[:2], [due[2], lost]]
+    [timed] = [m for m in env.published.messages if m.eta is not None]
+    assert timed.kwargs["callback_ids"] == [soon]
+    assert timed.eta == (now + timedelta(seconds=101)).replace(microsecond=0)
+    for cid in [*due, soon, lost]:
+        assert env.get(cid).enqueued_at == now
+    assert env.get(far).enqueued_at is None
+    assert env.get(in_flight).enqueued_at == now - timedelta(seconds=10)
+
+    with transaction(env.factory) as session:
+        assert service.promote_due(session=session, settings=env.settings, now=now) == 0
+    assert len(env.published.messages) == 3
+
+
+def test_promote_due_reclaims_claims_past_the_lease(env: Env) -> None:
+    now = env.clock.now
+    lease = service.delivery_lease(env.settings)
+    url = "https://example.com/hook"
+    orphan = add_callback(
+        env, url, state="delivering", attempts=1, next_attempt_at=now - lease - timedelta(seconds=1)
+    )
+    busy = add_callback(
+        env, url, state="delivering", attempts=1, next_attempt_at=now - timedelta(seconds=10)
+    )
+    spent = add_callback(
+        env,
+        url,
+        state="delivering",
+        attempts=len(SCHEDULE) + 1,
+        next_attempt_at=now - lease - timedelta(seconds=1),
+    )
+
+    with transaction(env.factory) as session:
+        assert service.promote_due(session=session, settings=env.settings, now=now) == 1
+    assert env.published.callback_ids() == [[orphan]]
+    row = env.get(orphan)
+    assert (row.state, row.attempts, row.enqueued_at) == ("pending", 1, now)
+    assert row.last_error is not None and "worker lost" in row.last_error
+    assert env.get(busy).state == "delivering"
+    assert env.get(spent).state == "dead"
