@@ -269,23 +269,23 @@ def test_killed_worker_loses_nothing_and_sends_nothing_twice(
     """kill -9 of a worker (main process and pool) mid-chunk, then a restart."""
     slow = sys_settings.replace(simulator={**sys_settings.simulator, "latency_ms": 15})
     account = Account(live_sessions)
-    # Only the slow worker may take this batch's chunks: pause the shared one.
-    send_worker.kill_group(signal.SIGSTOP)
-    try:
-        with system.worker(slow, logs, name="doomed", concurrency=1) as doomed:
-            batch_id = send(api, account, numbers("+44770056", 300))
-            wait_for(
-                lambda: sum(r.status == R.SENT for r in recipients(live_sessions, batch_id)) > 20,
-                timeout=30,
-            )
-            doomed.kill_group(signal.SIGKILL)
-            doomed.proc.wait(timeout=10)
-        left = recipients(live_sessions, batch_id)
-        assert any(r.status in {R.QUEUED, R.SENDING} for r in left)
-    finally:
-        send_worker.kill_group(signal.SIGCONT)
-    # The restarted worker finishes the chunk; the scheduler settles expired claims.
-    wait_for(lambda: all_in(live_sessions, batch_id, {R.SENT, R.DELIVERED}), timeout=60)
+    # Only the doomed worker may take this batch: stop the shared one for good
+    # (a stopped-but-alive worker would still pull a task off the broker).
+    send_worker.stop()
+    with system.worker(slow, logs, name="doomed", concurrency=1) as doomed:
+        batch_id = send(api, account, numbers("+44770056", 300))
+        wait_for(
+            lambda: sum(r.status == R.SENT for r in recipients(live_sessions, batch_id)) > 20,
+            timeout=30,
+        )
+        doomed.kill_group(signal.SIGKILL)
+        doomed.proc.wait(timeout=10)
+    left = recipients(live_sessions, batch_id)
+    assert any(r.status in {R.QUEUED, R.SENDING} for r in left)
+    # The restart: a new worker; the scheduler settles the dead worker's claims
+    # after the lease and re-publishes what its chunk had not reached.
+    with system.worker(sys_settings, logs, name="restarted", concurrency=2):
+        wait_for(lambda: all_in(live_sessions, batch_id, {R.SENT, R.DELIVERED}), timeout=60)
     rows = recipients(live_sessions, batch_id)
     assert len(rows) == 300
     assert set(handoffs(ledger, rows).values()) == {1}
