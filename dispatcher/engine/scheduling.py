@@ -47,7 +47,13 @@ def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: 
         return 0
     moved = session.execute(
         update(Batch)
-        .where(Batch.id == batch.id, Batch.status.in_(batch_sources(BatchStatus.SENDING)))
+        .where(
+            Batch.id == batch.id,
+            Batch.status.in_(batch_sources(BatchStatus.SENDING)),
+            # Re-checked in the same statement: an update that moved send_at later
+            # and committed after the read above must not let the batch go early.
+            Batch.send_at <= now + timedelta(seconds=1),
+        )
         .values(status=BatchStatus.SENDING, modified_at=now, enqueued_at=now)
     ).rowcount
     if not moved:

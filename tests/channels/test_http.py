@@ -1,0 +1,108 @@
+"""The http provider against a real carrier stand-in on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from dispatcher.channels.base import Outcome, OutboundMessage
+from dispatcher.channels.http import HttpProvider
+
+
+class Carrier(BaseHTTPRequestHandler):
+    """Answers by the recipient number, so each test picks the reply it needs."""
+
+    replies: dict[str, tuple[int, dict[str, Any] | None, dict[str, str]]] = {}
+    seen: list[tuple[dict[str, Any], dict[str, str]]] = []
+    release = threading.Event()
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append((body, dict(self.headers)))
+        if body["to"] == "+15550000000":
+            self.release.wait(5)
+        status, reply, headers = self.replies.get(body["to"], (200, {"id": "c-1"}, {}))
+        data = json.dumps(reply).encode() if reply is not None else b"not json"
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture()
+def carrier() -> Iterator[str]:
+    Carrier.seen.clear()
+    Carrier.release.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Carrier)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/send"
+    Carrier.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def message(to: str) -> OutboundMessage:
+    return OutboundMessage(recipient_id="r1", channel="sms", to=to, sender="Acme", body="hi")
+
+
+@pytest.mark.parametrize(
+    ("status", "reply", "outcome"),
+    [
+        (200, {"id": "carrier-42"}, Outcome.ACCEPTED),
+        (202, {"message_id": "carrier-43"}, Outcome.ACCEPTED),
+        (429, {"error": {"message": "slow down"}}, Outcome.TRANSIENT),
+        (503, None, Outcome.TRANSIENT),
+        (404, {"error": {"message": "not on this channel"}}, Outcome.CHANNEL),
+        (410, None, Outcome.CHANNEL),
+        (400, {"error": {"message": "bad number"}}, Outcome.RECIPIENT),
+        (400, {"error": {"class": "transient"}}, Outcome.TRANSIENT),
+    ],
+)
+def test_replies_map_to_the_three_failure_classes(
+    carrier: str, status: int, reply: dict[str, Any] | None, outcome: Outcome
+) -> None:
+    Carrier.replies = {"+447700900001": (status, reply, {"Retry-After": "7"})}
+    result = HttpProvider(url=carrier, token="t0k").send(message("+447700900001"))
+    assert result.outcome is outcome
+    if outcome is Outcome.ACCEPTED:
+        assert result.provider_message_id in {"carrier-42", "carrier-43"}
+    else:
+        assert result.error_code == f"http_{status}"
+        assert result.retry_after == 7.0
+
+
+def test_request_carries_the_message_the_idempotency_key_and_the_token(carrier: str) -> None:
+    Carrier.replies = {}
+    HttpProvider(url=carrier, token="t0k").send(message("+447700900002"))
+    body, headers = Carrier.seen[0]
+    assert body == {
+        "id": "r1:sms",
+        "to": "+447700900002",
+        "from": "Acme",
+        "body": "hi",
+        "channel": "sms",
+    }
+    assert headers["Authorization"] == "Bearer t0k"
+
+
+def test_timeouts_and_refused_connections_are_transient(carrier: str) -> None:
+    slow = HttpProvider(url=carrier, read_timeout=0.2).send(message("+15550000000"))
+    assert slow.outcome is Outcome.TRANSIENT and slow.error_code == "network"
+    closed = HttpProvider(url="http://127.0.0.1:9/", connect_timeout=0.5).send(message("+1555"))
+    assert closed.outcome is Outcome.TRANSIENT
+
+
+def test_an_http_provider_needs_a_url() -> None:
+    with pytest.raises(ValueError, match="URL"):
+        HttpProvider(url="")

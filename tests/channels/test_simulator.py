@@ -1,0 +1,71 @@
+"""The simulator's rules and ledger, on real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from dispatcher.channels.base import Lookup, Outcome, OutboundMessage
+from dispatcher.channels.simulator import HANDOFFS, LEDGER, RECEIPTS, Simulator
+
+RULES = {
+    "unreachable": {"rcs": [r"^\+4477009"]},
+    "invalid": [r"^\+4477008"],
+    "transient": {"sms": {"pattern": r"^\+4477007", "times": 2}},
+    "undeliverable": [r"^\+4477006"],
+    "receipt_delay": 10,
+}
+
+
+@pytest.fixture()
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(redis_url)
+    r.delete(HANDOFFS, LEDGER, RECEIPTS)
+    yield r
+    r.delete(HANDOFFS, LEDGER, RECEIPTS)
+    r.close()
+
+
+def msg(to: str, channel: str = "sms", attempt: int = 1, rid: str = "r") -> OutboundMessage:
+    return OutboundMessage(
+        recipient_id=rid, channel=channel, to=to, sender="S", body="b", attempt=attempt
+    )
+
+
+def test_rules_decide_the_outcome(client: redis.Redis) -> None:
+    sim = Simulator(redis_client=client, rules=RULES)
+    assert sim.send(msg("+447700900001", "rcs")).outcome is Outcome.CHANNEL
+    assert sim.send(msg("+447700900001", "sms")).outcome is Outcome.ACCEPTED
+    assert sim.send(msg("+447700800001")).outcome is Outcome.RECIPIENT
+    assert sim.send(msg("+447700700001", attempt=2)).outcome is Outcome.TRANSIENT
+    assert sim.send(msg("+447700700001", attempt=3)).outcome is Outcome.ACCEPTED
+
+
+def test_fail_rate_is_repeatable(client: redis.Redis) -> None:
+    sim = Simulator(redis_client=client, rules={"fail_rate": {"sms": 0.5}})
+    first = [sim.send(msg("+447700500001", rid=f"r{i}")).outcome for i in range(200)]
+    again = [sim.send(msg("+447700500001", rid=f"r{i}")).outcome for i in range(200)]
+    assert first == again
+    assert 60 < first.count(Outcome.TRANSIENT) < 140
+
+
+def test_ledger_counts_handoffs_and_answers_lookups(client: redis.Redis) -> None:
+    sim = Simulator(redis_client=client, rules=RULES)
+    sim.send_many([msg("+447700100001", rid="a"), msg("+447700100002", rid="b")])
+    sim.send(msg("+447700100001", rid="a"))
+    assert sim.handoffs() == {"a:sms": 2, "b:sms": 1}
+    assert sim.lookup(msg("+447700100001", rid="a")) == (Lookup.ACCEPTED, "sim-a:sms")
+    assert sim.lookup(msg("+447700100001", rid="zzz")) == (Lookup.NOT_FOUND, None)
+
+
+def test_receipts_come_due_after_the_delay_once(client: redis.Redis) -> None:
+    now = [1000.0]
+    sim = Simulator(redis_client=client, rules=RULES, clock=lambda: now[0])
+    sim.send_many([msg("+447700100001", rid="ok"), msg("+447700600001", rid="bad")])
+    assert sim.due_receipts() == []
+    now[0] += 10
+    due = {r.provider_message_id: r.status for r in sim.due_receipts()}
+    assert due == {"sim-ok:sms": "delivered", "sim-bad:sms": "failed"}
+    assert sim.due_receipts() == []
