@@ -79,7 +79,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         },
     )
     runtime = Runtime(settings, CeleryPublisher(app))
-    app.runtime = runtime  # type: ignore[attr-defined]
+    app.runtime = runtime
 
     @worker_process_init.connect(weak=False)
     def _after_fork(**_: Any) -> None:

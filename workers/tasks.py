@@ -22,7 +22,7 @@ from dispatcher.webhooks import service as webhooks
 RETRYABLE = (OperationalError, redis.ConnectionError, redis.TimeoutError)
 
 
-class DispatcherTask(Task):  # type: ignore[misc]
+class DispatcherTask(Task):
     """Base task: gives access to the runtime and retries transient infrastructure errors."""
 
     autoretry_for = RETRYABLE
@@ -33,7 +33,7 @@ class DispatcherTask(Task):  # type: ignore[misc]
 
     @property
     def runtime(self) -> Runtime:
-        return self.app.runtime  # type: ignore[no-any-return]
+        return self.app.runtime
 
 
 def task(**options: Any) -> Any:

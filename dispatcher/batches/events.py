@@ -109,6 +109,6 @@ def record(
         for cb in callbacks
     ]
     session.execute(insert(Callback), rows)
-    ids = [row["id"] for row in rows]
+    ids = [str(row["id"]) for row in rows]
     outbox.defer(session, outbox.Message("deliver_callbacks", {"callback_ids": ids}))
     return ids

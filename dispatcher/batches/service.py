@@ -10,9 +10,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import CursorResult, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher import outbox
@@ -23,6 +23,7 @@ from dispatcher.config import Settings
 from dispatcher.db import utcnow
 from dispatcher.errors import Conflict, NotFound, ValidationError
 from dispatcher.sms import parts
+from dispatcher.sms.parts import PartInfo
 from dispatcher.states import (
     CANCELLABLE_RECIPIENT,
     OPEN_BATCH,
@@ -84,7 +85,7 @@ class DryRun:
     recipients: int
     parts: int
     encoding: str
-    per_recipient: list[tuple[str, str, parts.PartInfo]]
+    per_recipient: list[tuple[str, str, PartInfo]]
 
 
 def fit_parts(new: NewBatch) -> NewBatch:
@@ -360,10 +361,13 @@ def cancel_batch(*, session: Session, account: Account, batch_id: str) -> tuple[
         .values(status=RecipientStatus.CANCELLED, updated_at=now)
         .returning(*events.CHANGE_COLUMNS)
     ).all()
-    moved = session.execute(
-        update(Batch)
-        .where(Batch.id == batch.id, Batch.status.in_(batch_sources(BatchStatus.CANCELLED)))
-        .values(status=BatchStatus.CANCELLED, modified_at=now, completed_at=now)
+    moved = cast(
+        CursorResult[Any],
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch.id, Batch.status.in_(batch_sources(BatchStatus.CANCELLED)))
+            .values(status=BatchStatus.CANCELLED, modified_at=now, completed_at=now)
+        ),
     ).rowcount
     if not moved:
         raise Conflict(f"batch {batch.id} changed state while cancelling; try again")

@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -140,7 +140,7 @@ class Simulator(Provider):
                     break
                 except redis.WatchError:
                     continue
-        return [Receipt(**json.loads(m)) for m in members]
+        return [Receipt(**json.loads(cast(bytes, m))) for m in members]
 
     def handoffs(self) -> dict[str, int]:
         """Every idempotency key handed over, with how many times (for tests)."""

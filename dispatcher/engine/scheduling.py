@@ -9,8 +9,9 @@ is idempotent: running it twice, or with tasks already in flight, is harmless.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import CursorResult, and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher import outbox
@@ -45,16 +46,19 @@ def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: 
             )
         session.flush()
         return 0
-    moved = session.execute(
-        update(Batch)
-        .where(
-            Batch.id == batch.id,
-            Batch.status.in_(batch_sources(BatchStatus.SENDING)),
-            # Re-checked in the same statement: an update that moved send_at later
-            # and committed after the read above must not let the batch go early.
-            Batch.send_at <= now + timedelta(seconds=1),
-        )
-        .values(status=BatchStatus.SENDING, modified_at=now, enqueued_at=now)
+    moved = cast(
+        CursorResult[Any],
+        session.execute(
+            update(Batch)
+            .where(
+                Batch.id == batch.id,
+                Batch.status.in_(batch_sources(BatchStatus.SENDING)),
+                # Re-checked in the same statement: an update that moved send_at later
+                # and committed after the read above must not let the batch go early.
+                Batch.send_at <= now + timedelta(seconds=1),
+            )
+            .values(status=BatchStatus.SENDING, modified_at=now, enqueued_at=now)
+        ),
     ).rowcount
     if not moved:
         return 0
@@ -148,10 +152,13 @@ def complete_if_done(*, session: Session, batch_id: str, now: datetime) -> bool:
     if pending:
         return False
     return bool(
-        session.execute(
-            update(Batch)
-            .where(Batch.id == batch_id, Batch.status == BatchStatus.SENDING)
-            .values(status=BatchStatus.COMPLETED, completed_at=now, modified_at=now)
+        cast(
+            CursorResult[Any],
+            session.execute(
+                update(Batch)
+                .where(Batch.id == batch_id, Batch.status == BatchStatus.SENDING)
+                .values(status=BatchStatus.COMPLETED, completed_at=now, modified_at=now)
+            ),
         ).rowcount
     )
 

@@ -14,9 +14,9 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Row, bindparam, insert, or_, select, update
+from sqlalchemy import Table, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.accounts.models import Account
@@ -30,7 +30,7 @@ from dispatcher.ratelimit import Limit, RateLimiter
 from dispatcher.states import BatchStatus, RecipientStatus
 
 R = RecipientStatus
-recipients = Recipient.__table__
+recipients = cast(Table, Recipient.__table__)
 
 CLAIM_COLUMNS = (
     Recipient.id,
@@ -91,7 +91,10 @@ def send_recipients(
             now = clock()
             if now >= batch.expire_at:
                 expire_recipients(
-                    session=session, batch=batch, now=now, ids=recipient_ids and list(recipient_ids)
+                    session=session,
+                    batch=batch,
+                    now=now,
+                    ids=list(recipient_ids) if recipient_ids is not None else None,
                 )
                 complete_if_done(session=session, batch_id=batch.id, now=now)
                 return report
@@ -237,7 +240,7 @@ def record_results(
     settings: Settings,
     batch: Batch,
     channels: Sequence[str],
-    claimed: Sequence[Row[Any]],
+    claimed: Sequence[Any],
     results: Sequence[SendResult | None],
     now: datetime,
 ) -> None:
