@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dispatcher import outbox
@@ -188,8 +189,24 @@ def create_batch(
         created_at=now,
         modified_at=now,
     )
-    session.add(batch)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(batch)
+            session.flush()
+    except IntegrityError:
+        # A concurrent request won the race for this client id (or, rarely, for
+        # the batch id chosen from another tenant's UUID): settle it like a retry.
+        existing = _existing(session, account, new.client_id) if new.client_id else None
+        if existing is None:
+            batch.id = str(uuid.uuid4())
+            session.add(batch)
+            session.flush()
+        elif existing.fingerprint == digest:
+            return Intake(batch=existing, created=False)
+        else:
+            raise Conflict(
+                f"id {new.client_id!r} was already used for a different batch", field="id"
+            ) from None
     bodies = new.bodies
     body_parts = parts.analyse(new.body).parts
     rows = [
