@@ -30,12 +30,49 @@ class Message:
     eta: datetime | None = None
 
 
+@dataclass(frozen=True)
+class Revoke:
+    """Ask workers to drop these tasks: an optimisation only, never relied on."""
+
+    task_ids: tuple[str, ...]
+
+
+def dispatch_task_id(batch_id: str) -> str:
+    """The broker task id of a batch's dispatch, stable so that cancel can name it."""
+    return f"dispatch_batch:{batch_id}"
+
+
+def chunk_task_id(batch_id: str, start: int) -> str:
+    """The broker task id of the chunk starting at ``start``."""
+    return f"send_chunk:{batch_id}:{start}"
+
+
+def task_id_for(message: Message) -> str | None:
+    """The stable task id of a dispatch or chunk message (others get a random one)."""
+    if message.task == "dispatch_batch":
+        return dispatch_task_id(message.kwargs["batch_id"])
+    if message.task == "send_chunk":
+        return chunk_task_id(message.kwargs["batch_id"], message.kwargs["start"])
+    return None
+
+
+def chunk_ranges(*, count: int, size: int) -> list[tuple[int, int]]:
+    """Half-open seq ranges covering ``count`` recipients in batch order."""
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def batch_task_ids(*, batch_id: str, count: int, chunk_size: int | None) -> tuple[str, ...]:
+    """The ids of a batch's dispatch task and (given the chunk size) its chunk tasks."""
+    ranges = chunk_ranges(count=count, size=chunk_size) if chunk_size else []
+    return (dispatch_task_id(batch_id), *(chunk_task_id(batch_id, start) for start, _ in ranges))
+
+
 class Publisher(Protocol):
-    def publish(self, messages: list[Message]) -> None:
+    def publish(self, messages: list[Message | Revoke]) -> None:
         """Send messages to the broker, in order."""
 
 
-def defer(session: Session, message: Message) -> None:
+def defer(session: Session, message: Message | Revoke) -> None:
     """Queue ``message`` for publication after this session's transaction commits."""
     session.info.setdefault(KEY, []).append(message)
 

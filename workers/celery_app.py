@@ -31,14 +31,18 @@ class CeleryPublisher:
     def __init__(self, app: Celery) -> None:
         self.app = app
 
-    def publish(self, messages: list[outbox.Message]) -> None:
+    def publish(self, messages: list[outbox.Message | outbox.Revoke]) -> None:
         with self.app.producer_or_acquire() as producer:
             for m in messages:
+                if isinstance(m, outbox.Revoke):
+                    self.app.control.revoke(list(m.task_ids))
+                    continue
                 self.app.send_task(
                     m.task,
                     kwargs=m.kwargs,
                     eta=m.eta.replace(tzinfo=UTC) if m.eta else None,
                     queue=QUEUES.get(m.task, "dispatch"),
+                    task_id=outbox.task_id_for(m),
                     producer=producer,
                 )
 

@@ -359,7 +359,9 @@ def list_recipients(
     return list(rows), total
 
 
-def cancel_batch(*, session: Session, account: Account, batch_id: str) -> tuple[Batch, int]:
+def cancel_batch(
+    *, session: Session, account: Account, batch_id: str, chunk_size: int | None = None
+) -> tuple[Batch, int]:
     """Cancel every recipient not yet claimed; returns the batch and how many were cancelled.
 
     One conditional UPDATE decides it: a worker can only claim ``queued`` rows, so
@@ -394,6 +396,15 @@ def cancel_batch(*, session: Session, account: Account, batch_id: str) -> tuple[
         status=RecipientStatus.CANCELLED,
         changes=[events.Change.from_row(row) for row in cancelled],
         at=now,
+    )
+    # Dropping the batch's queued tasks only saves work: the UPDATE above decided.
+    outbox.defer(
+        session,
+        outbox.Revoke(
+            outbox.batch_task_ids(
+                batch_id=batch.id, count=batch.recipient_count, chunk_size=chunk_size
+            )
+        ),
     )
     session.flush()
     session.refresh(batch)

@@ -19,14 +19,10 @@ from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient
 from dispatcher.batches.service import promote_if_due
 from dispatcher.config import Settings
+from dispatcher.outbox import chunk_ranges
 from dispatcher.states import BatchStatus, RecipientStatus, batch_sources, check_batch
 
 IN_FLIGHT = (RecipientStatus.SCHEDULED, RecipientStatus.QUEUED, RecipientStatus.SENDING)
-
-
-def chunk_ranges(*, count: int, size: int) -> list[tuple[int, int]]:
-    """Half-open seq ranges covering ``count`` recipients in batch order."""
-    return [(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: datetime) -> int:
