@@ -1,0 +1,253 @@
+"""The scheduler's sweeps, one at a time, on SQLite and PostgreSQL.
+
+These are the safety nets of DESIGN.md's invariants: a publish lost after
+commit, retry timers, the horizon, expiry and the reclaim of dead workers' claims.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dispatcher import outbox
+from dispatcher.accounts.models import Account
+from dispatcher.batches import service
+from dispatcher.batches.models import Batch, Recipient, StatusEvent
+from dispatcher.channels.base import Lookup, OutboundMessage, Provider, SendResult
+from dispatcher.config import Settings
+from dispatcher.db import transaction, utcnow
+from dispatcher.engine import scheduling, sending
+from dispatcher.states import BatchStatus, RecipientStatus
+from tests.conftest import RecordingPublisher, Tenant
+
+R = RecipientStatus
+
+
+def create(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    *,
+    count: int = 3,
+    send_at: datetime | None = None,
+) -> str:
+    with transaction(sessions) as session:
+        account = session.get(Account, tenant.id)
+        assert account is not None
+        new = service.NewBatch(
+            sender="Acme",
+            body="hi",
+            channels=["sms"],
+            send_at=send_at,
+            destinations=[f"+4477009001{i:02d}" for i in range(count)],
+        )
+        return service.create_batch(
+            session=session, settings=settings, account=account, new=new
+        ).batch.id
+
+
+def published(publisher: RecordingPublisher, task: str) -> list[outbox.Message]:
+    return [m for m in publisher.messages if isinstance(m, outbox.Message) and m.task == task]
+
+
+def test_a_dispatch_lost_after_commit_is_published_again_after_the_grace(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    publisher: RecordingPublisher,
+) -> None:
+    batch_id = create(sessions, settings, tenant)
+    publisher.messages.clear()  # the broker never got it
+    now = utcnow()
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=now)
+    assert not [
+        m for m in published(publisher, "dispatch_batch") if m.kwargs["batch_id"] == batch_id
+    ]
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=now + timedelta(seconds=61))
+    assert [m for m in published(publisher, "dispatch_batch") if m.kwargs["batch_id"] == batch_id]
+
+
+def test_only_batches_within_the_horizon_are_promoted(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    publisher: RecordingPublisher,
+) -> None:
+    far = utcnow() + timedelta(seconds=settings.schedule_horizon * 3)
+    batch_id = create(sessions, settings, tenant, send_at=far)
+
+    def mine() -> list[outbox.Message]:
+        return [
+            m for m in published(publisher, "dispatch_batch") if m.kwargs["batch_id"] == batch_id
+        ]
+
+    assert not mine()
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=utcnow())
+    assert not mine()
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=far - timedelta(seconds=10))
+        assert session.get(Batch, batch_id).status == BatchStatus.QUEUED  # type: ignore[union-attr]
+    (message,) = mine()
+    assert message.kwargs == {"batch_id": batch_id} and message.eta == far
+
+
+def test_dispatch_fans_out_in_chunks_in_batch_order(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    publisher: RecordingPublisher,
+) -> None:
+    batch_id = create(sessions, settings, tenant, count=250)
+    with transaction(sessions) as session:
+        queued = scheduling.dispatch_batch(
+            session=session, settings=settings, batch_id=batch_id, now=utcnow()
+        )
+    assert queued == 250
+    chunks = [m.kwargs for m in published(publisher, "send_chunk")]
+    assert chunks == [
+        {"batch_id": batch_id, "start": 0, "end": 100},
+        {"batch_id": batch_id, "start": 100, "end": 200},
+        {"batch_id": batch_id, "start": 200, "end": 250},
+    ]
+    # A second delivery of the same dispatch changes nothing and publishes nothing.
+    publisher.messages.clear()
+    with transaction(sessions) as session:
+        assert (
+            scheduling.dispatch_batch(
+                session=session, settings=settings, batch_id=batch_id, now=utcnow()
+            )
+            == 0
+        )
+    assert publisher.messages == []
+
+
+def test_retry_timers_are_promoted_when_due_and_stale_work_is_republished(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    publisher: RecordingPublisher,
+) -> None:
+    batch_id = create(sessions, settings, tenant, count=3)
+    now = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        ids = session.scalars(
+            select(Recipient.id).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
+        ).all()
+        soon, late = now + timedelta(seconds=30), now + timedelta(days=1)
+        session.execute(
+            update(Recipient)
+            .where(Recipient.id == ids[0])
+            .values(enqueued_at=None, next_attempt_at=soon)
+        )
+        session.execute(
+            update(Recipient)
+            .where(Recipient.id == ids[1])
+            .values(enqueued_at=None, next_attempt_at=late)
+        )
+        stale = now - timedelta(seconds=settings.requeue_after + 1)
+        session.execute(update(Recipient).where(Recipient.id == ids[2]).values(enqueued_at=stale))
+    publisher.messages.clear()
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=now)
+    sent = {
+        rid: m.eta
+        for m in published(publisher, "send_recipients")
+        for rid in m.kwargs["recipient_ids"]
+    }
+    assert sent[ids[0]] == soon
+    assert ids[1] not in sent  # beyond the horizon: stays in the database
+    assert ids[2] in sent
+    # Published once: the next sweep does not publish them again.
+    publisher.messages.clear()
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=now)
+    assert not published(publisher, "send_recipients")
+
+
+def test_expiry_moves_waiting_recipients_to_expired_with_events(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+) -> None:
+    batch_id = create(sessions, settings, tenant, count=2)
+    with transaction(sessions) as session:
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id)
+            .values(expire_at=utcnow() - timedelta(seconds=1))
+        )
+    with transaction(sessions) as session:
+        scheduling.expire_due(session=session, now=utcnow())
+    with sessions() as session:
+        assert session.get(Batch, batch_id).status == BatchStatus.EXPIRED  # type: ignore[union-attr]
+        states = session.scalars(
+            select(Recipient.status).where(Recipient.batch_id == batch_id)
+        ).all()
+        assert set(states) == {R.EXPIRED}
+        events = session.scalars(
+            select(StatusEvent.status).where(StatusEvent.batch_id == batch_id)
+        ).all()
+        assert sorted(events) == ["expired", "expired"]
+
+
+class Ledger(Provider):
+    """A carrier stand-in that only answers lookups."""
+
+    name = "ledger"
+
+    def __init__(self, answers: dict[str, tuple[Lookup, str | None]]) -> None:
+        self.answers = answers
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        raise AssertionError("reclaim must never send")
+
+    def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
+        return self.answers[message.to]
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        ((Lookup.ACCEPTED, "carrier-1"), R.SENT),
+        ((Lookup.NOT_FOUND, None), R.QUEUED),
+        ((Lookup.UNKNOWN, None), R.FAILED),
+    ],
+)
+def test_reclaim_asks_the_provider_and_never_sends_twice(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    answer: tuple[Lookup, str | None],
+    status: RecipientStatus,
+) -> None:
+    batch_id = create(sessions, settings, tenant, count=2)
+    now = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        first, second = session.scalars(
+            select(Recipient).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
+        ).all()
+        first.status, first.claimed_at = R.SENDING, now - timedelta(seconds=settings.send_lease + 1)
+        to = first.to
+    provider = Ledger({to: answer})
+    with transaction(sessions) as session:
+        counts = sending.reclaim_stale(
+            session=session, settings=settings, providers={"sms": provider}, now=now
+        )
+    assert counts == {answer[0].value: 1}
+    with sessions() as session:
+        rows = session.scalars(
+            select(Recipient).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
+        ).all()
+        assert rows[0].status == status
+        if status == R.SENT:
+            assert rows[0].provider_message_id == "carrier-1"
+        # The rest of the dead worker's chunk is handed back to the sweep at once.
+        assert rows[1].status == R.QUEUED and rows[1].enqueued_at is None
