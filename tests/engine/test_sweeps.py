@@ -231,7 +231,7 @@ def test_reclaim_asks_the_provider_and_never_sends_twice(
     now = utcnow()
     with transaction(sessions) as session:
         scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
-        first, second = session.scalars(
+        first, _second = session.scalars(
             select(Recipient).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
         ).all()
         first.status, first.claimed_at = R.SENDING, now - timedelta(seconds=settings.send_lease + 1)
