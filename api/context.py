@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from flask import current_app, g, request
 from sqlalchemy.orm import Session
 
 from dispatcher.accounts import service as accounts
 from dispatcher.accounts.models import Account
 from dispatcher.config import Settings
+from dispatcher.errors import ValidationError
 from dispatcher.runtime import Runtime
 
 
 def runtime() -> Runtime:
     """The process's runtime."""
-    return current_app.extensions["dispatcher"]  # type: ignore[no-any-return]
+    return current_app.extensions["dispatcher"]
 
 
 def settings() -> Settings:
@@ -25,7 +29,7 @@ def session() -> Session:
     """The request's session; its transaction is committed by the app after the view."""
     if "db_session" not in g:
         g.db_session = runtime().sessions()
-    return g.db_session  # type: ignore[no-any-return]
+    return g.db_session
 
 
 def api_key() -> str | None:
@@ -41,14 +45,18 @@ def account() -> Account:
     """The authenticated account (Unauthenticated otherwise)."""
     if "account" not in g:
         g.account = accounts.authenticate(session=session(), key=api_key())
-    return g.account  # type: ignore[no-any-return]
+    return g.account
 
 
-def json_body() -> object:
+def json_body() -> Any:
     """The parsed JSON body; malformed or missing JSON is a ValidationError."""
-    from dispatcher.errors import ValidationError
-
-    data = request.get_json(force=True, silent=True)
+    # get_data() raises 413 past MAX_CONTENT_LENGTH; json.loads is called here rather
+    # than through get_json() because deep nesting raises RecursionError, not ValueError.
+    raw = request.get_data(cache=True)
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        data = None
     if data is None:
         raise ValidationError("the request body must be valid JSON")
     return data

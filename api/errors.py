@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, Flask, Response, jsonify
 from marshmallow import ValidationError as SchemaError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from dispatcher import errors
@@ -87,7 +88,8 @@ def handle_domain(exc: errors.DispatcherError) -> Response:
 
 
 def handle_schema(exc: SchemaError) -> Response:
-    return error_response(400, "; ".join(flatten(exc.messages)) or "invalid request")
+    # normalized_messages() keys a message raised with a field name by that name.
+    return error_response(400, "; ".join(flatten(exc.normalized_messages())) or "invalid request")
 
 
 def handle_http(exc: HTTPException) -> Response:
@@ -97,20 +99,41 @@ def handle_http(exc: HTTPException) -> Response:
     return error_response(status, exc.description or exc.name)
 
 
+def handle_integrity(exc: IntegrityError) -> Response:
+    # Two requests raced past an existence check (the same client id, the same
+    # shared-sender row): the loser's transaction is rolled back and may be retried.
+    response = error_response(409, "a concurrent request stored the same object; retry")
+    log.warning("integrity conflict %s: %s", response.get_json()["errorId"], exc.orig)
+    return response
+
+
+def handle_operational(exc: OperationalError) -> Response:
+    log.exception("database unavailable")
+    return service_unavailable()
+
+
 def handle_unexpected(exc: Exception) -> Response:
     response = error_response(500, "internal error")
     log.exception("unhandled error %s", response.get_json()["errorId"])
     return response
 
 
-def register_on(target: Flask | Blueprint) -> None:
-    """Install the native error shape on an app or blueprint."""
+def _register_common(target: Flask | Blueprint) -> None:
     target.register_error_handler(errors.DispatcherError, handle_domain)
     target.register_error_handler(SchemaError, handle_schema)
     target.register_error_handler(HTTPException, handle_http)
 
 
+def register_on(target: Flask | Blueprint) -> None:
+    """Install the native error shape on a blueprint of a native-shaped dialect."""
+    _register_common(target)
+    # Blueprint-only: an app-wide handler for these classes would win over another
+    # dialect's own catch-all and answer its clients in the wrong shape.
+    target.register_error_handler(IntegrityError, handle_integrity)
+    target.register_error_handler(OperationalError, handle_operational)
+
+
 def register(app: Flask) -> None:
     """App-wide handlers: routing errors, size limits and anything a blueprint missed."""
-    register_on(app)
+    _register_common(app)
     app.register_error_handler(Exception, handle_unexpected)

@@ -1,8 +1,9 @@
-"""Marshmallow fields shared by every dialect: numbers, channels, URLs, times."""
+"""Marshmallow fields shared by every dialect: numbers, channels, URLs, times, text."""
 
 from __future__ import annotations
 
 import re
+import socket
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,9 +11,39 @@ from marshmallow import ValidationError, fields
 
 from dispatcher import netsafety
 from dispatcher.config import Settings
+from dispatcher.errors import NotFound
 from dispatcher.phones import InvalidNumber, to_e164
 
 CLIENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,100}$")
+# ASCII only: str.isdigit() also accepts Arabic-Indic, fullwidth... digits, which
+# phonenumbers would silently fold into a different, valid-looking number.
+E164_TEXT = re.compile(r"^\+?[0-9]+$")
+LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){LABEL}(?:\.{LABEL})*$")
+# Far enough for any schedule, near enough that adding an expiry cannot overflow.
+LATEST = datetime(9000, 1, 1)
+
+
+def storable(text: str) -> str | None:
+    """Why ``text`` cannot be stored as it is (NUL, lone surrogates), or None."""
+    if "\x00" in text:
+        return "must not contain NUL characters"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode (no lone surrogates)"
+    return None
+
+
+class Text(fields.String):
+    """A string every database can store: no NUL, no lone surrogates."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text: str = super()._deserialize(value, attr, data, **kwargs)
+        problem = storable(text)
+        if problem:
+            raise ValidationError(problem)
+        return text
 
 
 class Phone(fields.String):
@@ -21,6 +52,11 @@ class Phone(fields.String):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         if not isinstance(value, str):
             raise ValidationError("must be a string phone number")
+        if not E164_TEXT.match(value.strip()):
+            shown = value if storable(value) is None else ascii(value)
+            raise ValidationError(
+                f"{shown!r} is not an E.164 number (ASCII digits only, optional +)"
+            )
         try:
             return to_e164(value)
         except InvalidNumber as exc:
@@ -37,8 +73,13 @@ class Timestamp(fields.DateTime):
         if not isinstance(value, str):
             raise ValidationError("must be an ISO 8601 timestamp string")
         parsed: datetime = super()._deserialize(value, attr, data, **kwargs)
-        if parsed.tzinfo is not None:
-            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+        try:
+            if parsed.tzinfo is not None:
+                parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError as exc:
+            raise ValidationError("is out of range") from exc
+        if parsed >= LATEST:
+            raise ValidationError(f"must be before {LATEST.date().isoformat()}")
         return parsed
 
 
@@ -52,19 +93,54 @@ class ClientId(fields.String):
         return text
 
 
-def check_channel(settings: Settings, value: Any) -> str:
-    """A configured channel name, or a ValidationError naming the choices."""
+def check_channel(settings: Settings, value: Any, *, field: str | None = None) -> str:
+    """A configured channel name, or a ValidationError (on ``field``) naming the choices."""
     if not isinstance(value, str) or value not in settings.channels:
-        raise ValidationError(f"must be one of {', '.join(settings.channels)}")
+        message = f"must be one of {', '.join(settings.channels)}"
+        raise ValidationError(message, field) if field else ValidationError(message)
     return value
 
 
-def check_callback(settings: Settings, value: Any) -> str:
-    """An http(s) callback URL that does not point into private networks (unless allowed)."""
-    if not isinstance(value, str) or len(value) > 2048:
-        raise ValidationError("must be an http(s) URL of at most 2048 characters")
+class _Unresolved(Exception):
+    """The callback's host has no DNS answer right now."""
+
+
+def _resolve(host: str) -> list[str]:
     try:
-        netsafety.check_url(value, allow=settings.callback_allowlist)
+        return netsafety.default_resolve(host)
+    except socket.gaierror as exc:
+        raise _Unresolved(host) from exc
+
+
+def check_callback(settings: Settings, value: Any, *, field: str | None = None) -> str:
+    """An http(s) callback URL that does not point into private networks (unless allowed).
+
+    A well-formed host that does not resolve at intake is accepted: DNS may be down
+    or the endpoint not published yet, and the sender re-checks every address right
+    before each delivery, which is where the SSRF guard has to hold anyway.
+    """
+
+    def refuse(message: str) -> ValidationError:
+        return ValidationError(message, field) if field else ValidationError(message)
+
+    if not isinstance(value, str) or len(value) > 2048:
+        raise refuse("must be an http(s) URL of at most 2048 characters")
+    try:
+        netsafety.check_url(value, allow=settings.callback_allowlist, resolve=_resolve)
     except netsafety.UnsafeURL as exc:
-        raise ValidationError(str(exc)) from exc
+        raise refuse(str(exc)) from exc
+    except _Unresolved as exc:
+        host = str(exc).lower().rstrip(".")
+        if not HOSTNAME.match(host):
+            raise refuse(f"URL host {host!r} is not a valid host name") from exc
     return value
+
+
+def batch_ref(raw: str) -> str:
+    """A batch id or client id from a URL; what cannot name a batch is simply not found.
+
+    Checked before any query: PostgreSQL refuses NUL in text parameters outright.
+    """
+    if not 1 <= len(raw) <= 100 or storable(raw) or not raw.isprintable():
+        raise NotFound("batch not found")
+    return raw

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -146,8 +147,59 @@ class Settings:
         # timeout, ETA tasks included: it must stay well above the horizon.
         if self.visibility_timeout < 2 * self.schedule_horizon:
             raise ConfigError("visibility_timeout must be at least twice schedule_horizon")
-        if self.chunk_size < 1 or self.max_destinations < 1:
-            raise ConfigError("chunk_size and max_destinations must be positive")
+        self._check_ranges()
+        from dispatcher.netsafety import parse_allowlist
+
+        try:
+            allow = parse_allowlist(",".join(self.callback_allowlist))
+        except ValueError as exc:
+            raise ConfigError(f"callback_allowlist: {exc}") from exc
+        object.__setattr__(self, "callback_allowlist", allow)
+
+    def _check_ranges(self) -> None:
+        """Refuse values no deployment could mean (negative times, NaN, port 70000...)."""
+        positive = (
+            "schedule_horizon",
+            "scheduler_interval",
+            "visibility_timeout",
+            "send_lease",
+            "requeue_after",
+            "default_expiry",
+            "http_connect_timeout",
+            "http_read_timeout",
+            "callback_connect_timeout",
+            "callback_read_timeout",
+            "callback_disable_after",
+            "max_destinations",
+            "max_body_length",
+            "max_request_bytes",
+            "chunk_size",
+            "send_concurrency",
+            "callback_concurrency",
+            "callback_max_response_bytes",
+            "callback_batch_size",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number, not {value}")
+        rates = {
+            "min_send_at_lead": self.min_send_at_lead,
+            "default_account_rate": self.default_account_rate,
+            **{f"channel_rates[{k}]": v for k, v in self.channel_rates.items()},
+        }
+        for name, value in rates.items():
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be zero or more, not {value}")
+        for name in ("api_port", "flower_port"):
+            if not 1 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be a TCP port (1-65535)")
+        for name in ("send_retry_schedule", "callback_retry_schedule"):
+            steps = getattr(self, name)
+            if not steps or any(not math.isfinite(s) or s <= 0 for s in steps):
+                raise ConfigError(f"{PREFIX}{name.upper()} must list positive delays")
+        if self.provider not in {"simulator", "http"}:
+            raise ConfigError(f"{PREFIX}PROVIDER must be simulator or http, not {self.provider!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

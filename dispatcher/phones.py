@@ -20,7 +20,8 @@ def to_e164(raw: str) -> str:
         raise InvalidNumber(f"{raw!r} is not an E.164 number")
     if not text.startswith("+"):
         text = "+" + text
-    if not text[1:].isdigit():
+    # ASCII only: str.isdigit() also takes Arabic-Indic or fullwidth digits.
+    if not text[1:].isascii() or not text[1:].isdigit():
         raise InvalidNumber(f"{raw!r} is not an E.164 number (digits only, optional +)")
     try:
         number = phonenumbers.parse(text, None)

@@ -164,9 +164,9 @@ class RecordingPublisher:
     """Collects what would be published, for API tests that run no worker."""
 
     def __init__(self) -> None:
-        self.messages: list[outbox.Message] = []
+        self.messages: list[outbox.Message | outbox.Revoke] = []
 
-    def publish(self, messages: list[outbox.Message]) -> None:
+    def publish(self, messages: list[outbox.Message | outbox.Revoke]) -> None:
         self.messages.extend(messages)
 
 

@@ -9,6 +9,7 @@ from flask import Blueprint, Response
 
 from api import context as ctx
 from api.errors import error_response, register_on
+from api.fields import batch_ref
 from dispatcher.batches import service
 from dispatcher.errors import Conflict, Unauthenticated
 
@@ -32,7 +33,10 @@ def cancel_batch(sub_account_id: str, batch_id: str) -> Any:
         )
     try:
         _batch, count = service.cancel_batch(
-            session=ctx.session(), account=account, batch_id=batch_id
+            session=ctx.session(),
+            account=account,
+            batch_id=batch_ref(batch_id),
+            chunk_size=ctx.settings().chunk_size,
         )
     except Conflict:
         # Nothing left to cancel: 8x8 reports it as a count of zero.

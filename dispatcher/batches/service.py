@@ -168,7 +168,10 @@ def create_batch(
             return Intake(batch=existing, created=False)
     now = utcnow()
     send_at = max(new.send_at or now, now)
-    expire_at = new.expire_at or send_at + timedelta(seconds=settings.default_expiry)
+    try:
+        expire_at = new.expire_at or send_at + timedelta(seconds=settings.default_expiry)
+    except OverflowError:
+        raise ValidationError("send_at is too far in the future", field="send_at") from None
     if expire_at <= send_at:
         raise ValidationError("expire_at must be after send_at", field="expire_at")
     batch = Batch(
@@ -250,15 +253,25 @@ def promote_if_due(*, session: Session, settings: Settings, batch: Batch, now: d
 
 
 def assign_shared_sender(
-    *, session: Session, settings: Settings, account: Account, destination: str
+    *,
+    session: Session,
+    settings: Settings,
+    account: Account,
+    destination: str,
+    dry_run: bool = False,
 ) -> str:
-    """The shared sender ID for this destination: the one used before, else a random one."""
+    """The shared sender ID for this destination: the one used before, else a random one.
+
+    A dry run reports the sticky sender if there is one and records nothing.
+    """
     sticky = session.get(SharedSender, (account.id, destination))
     if sticky is not None and sticky.sender in settings.shared_senders:
         return sticky.sender
     if not settings.shared_senders:
         raise ValidationError("no shared sender IDs are configured", field="from.type")
     sender = random.choice(settings.shared_senders)
+    if dry_run:
+        return sender
     if sticky is None:
         session.add(SharedSender(account_id=account.id, destination=destination, sender=sender))
     else:
@@ -280,12 +293,12 @@ def create_messages(
     out: list[tuple[NewMessage, str, Batch | None]] = []
     for m in messages:
         if m.shared_sender:
-            sender = (
-                settings.shared_senders[0]
-                if dry_run and settings.shared_senders
-                else assign_shared_sender(
-                    session=session, settings=settings, account=account, destination=m.to
-                )
+            sender = assign_shared_sender(
+                session=session,
+                settings=settings,
+                account=account,
+                destination=m.to,
+                dry_run=dry_run,
             )
         else:
             assert m.sender is not None

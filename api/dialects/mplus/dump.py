@@ -1,10 +1,13 @@
-"""JSON forms of batches and recipients in the native dialect."""
+"""JSON forms of batches, recipients and /message entries in the native dialect."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.orm import Session
+
+from dispatcher.batches import service
 from dispatcher.batches.models import Batch, Recipient
 
 
@@ -46,4 +49,62 @@ def dump_recipient(r: Recipient) -> dict[str, Any]:
         "sentAt": iso(r.sent_at),
         "updatedAt": iso(r.updated_at),
         "id": r.client_id,
+    }
+
+
+def message_of(entry: dict[str, Any]) -> service.NewMessage:
+    """A validated POST /message entry as the service takes it."""
+    return service.NewMessage(
+        to=entry["to"],
+        body=entry["body"],
+        sender=entry["sender"].get("value"),
+        shared_sender=entry["sender"]["type"] == "shared",
+        channels=entry["channels"],
+        callback_url=entry["callback"],
+        send_at=entry["send_at"],
+        client_id=entry["id"],
+    )
+
+
+def dump_message(
+    to_as_sent: str,
+    m: service.NewMessage,
+    sender: str,
+    batch: Batch | None,
+    *,
+    session: Session,
+) -> dict[str, Any]:
+    """One entry of the POST /message reply, as seed 002 shows it (``to`` as sent)."""
+    return {
+        "to": to_as_sent,
+        "body": m.body,
+        "from": {"type": "shared" if m.shared_sender else "custom", "value": sender},
+        "batchUuid": batch.id if batch else None,
+        "messageUuid": service.first_recipient_id(session=session, batch=batch) if batch else None,
+        "scheduled": m.send_at is not None,
+    }
+
+
+def batch_of(data: dict[str, Any], *, allow_multi: bool) -> service.NewBatch:
+    """A validated POST /batch body as the service takes it (allowMulti=false: one part)."""
+    return service.NewBatch(
+        sender=data["sender"],
+        body=data["message"],
+        destinations=data["destinations"],
+        channels=data["channels"],
+        callback_url=data["callback"],
+        send_at=data["send_at"],
+        client_id=data["id"],
+        max_parts=None if allow_multi else 1,
+    )
+
+
+def dump_dry_run(report: service.DryRun) -> dict[str, Any]:
+    """What a dry run of POST /batch would have sent."""
+    return {
+        "identifier": None,
+        "dryRun": True,
+        "recipients": report.recipients,
+        "parts": report.parts,
+        "encoding": report.encoding,
     }

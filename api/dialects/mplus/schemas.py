@@ -20,9 +20,10 @@ from marshmallow import (
     validates_schema,
 )
 
-from api.fields import ClientId, Phone, Timestamp, check_callback, check_channel
+from api.fields import ClientId, Phone, Text, Timestamp, check_callback, check_channel
 from dispatcher.config import Settings
 from dispatcher.db import utcnow
+from dispatcher.states import RecipientStatus
 
 SENDER = validate.Length(min=1, max=64)
 
@@ -64,26 +65,31 @@ def merge_aliases(data: Any, pairs: dict[str, str]) -> Any:
     return data
 
 
-class BatchQuery(Schema):
-    """Query string of POST /batch and POST /message."""
+class MessageQuery(Schema):
+    """Query string of POST /message (seed 002: ``key`` and the dry-run flag)."""
 
     class Meta:
         unknown = RAISE
 
     key = fields.String()
     dry_run = fields.Boolean(load_default=False, data_key="dryRun")
-    allow_multi = fields.Boolean(load_default=False, data_key="allowMulti")
 
     @pre_load
     def _aliases(self, data: Any, **_: Any) -> Any:
         return merge_aliases(dict(data), {"isDryrun": "dryRun", "isDryRun": "dryRun"})
 
 
+class BatchQuery(MessageQuery):
+    """Query string of POST /batch (seed 001): also ``allowMulti``."""
+
+    allow_multi = fields.Boolean(load_default=False, data_key="allowMulti")
+
+
 class BatchSchema(SettingsSchema):
     """Body of POST /batch (seed 001)."""
 
-    sender = fields.String(required=True, data_key="from", validate=SENDER)
-    message = fields.String(required=True)
+    sender = Text(required=True, data_key="from", validate=SENDER)
+    message = Text(required=True)
     destinations = fields.List(Phone(), required=True)
     callback = fields.String(load_default=None)
     id = ClientId(load_default=None)
@@ -98,6 +104,8 @@ class BatchSchema(SettingsSchema):
     @validates_schema
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
         s = self.settings
+        if not data.get("sender", "x").strip():
+            raise ValidationError("must not be blank", "from")
         if not data.get("message", "x").strip():
             raise ValidationError("must not be empty", "message")
         if len(data.get("message", "")) > s.max_body_length:
@@ -106,12 +114,11 @@ class BatchSchema(SettingsSchema):
         if not 1 <= count <= s.max_destinations:
             raise ValidationError(f"must hold 1 to {s.max_destinations} numbers", "destinations")
         if data.get("callback") is not None:
-            check_callback(s, data["callback"])
-        for name in ("channel",):
-            if data.get(name) is not None:
-                check_channel(s, data[name])
+            check_callback(s, data["callback"], field="callback")
+        if data.get("channel") is not None:
+            check_channel(s, data["channel"], field="channel")
         for value in data.get("fallback_channels", []):
-            check_channel(s, value)
+            check_channel(s, value, field="fallback_channels")
         self.check_send_at(data)
 
     @post_load
@@ -130,11 +137,11 @@ class SenderSchema(Schema):
         unknown = RAISE
 
     type = fields.String(required=True, validate=validate.OneOf(["custom", "shared"]))
-    value = fields.String(load_default=None, validate=SENDER)
+    value = Text(load_default=None, validate=SENDER)
 
     @validates_schema
     def _value(self, data: dict[str, Any], **_: Any) -> None:
-        if data.get("type") == "custom" and not data.get("value"):
+        if data.get("type") == "custom" and not (data.get("value") or "").strip():
             raise ValidationError("is required when type is custom", "value")
 
 
@@ -143,7 +150,7 @@ class MessageSchema(SettingsSchema):
 
     to = Phone(required=True)
     sender = fields.Nested(SenderSchema, required=True, data_key="from")
-    body = fields.String(required=True)
+    body = Text(required=True)
     callback = fields.String(load_default=None)
     channels = fields.List(fields.String(), load_default=None)
     id = ClientId(load_default=None)
@@ -158,13 +165,13 @@ class MessageSchema(SettingsSchema):
         if len(body) > s.max_body_length:
             raise ValidationError(f"must be at most {s.max_body_length} characters", "body")
         if data.get("callback") is not None:
-            check_callback(s, data["callback"])
+            check_callback(s, data["callback"], field="callback")
         channels = data.get("channels")
         if channels is not None:
             if not channels:
                 raise ValidationError("must name at least one channel", "channels")
             for value in channels:
-                check_channel(s, value)
+                check_channel(s, value, field="channels")
         self.check_send_at(data)
 
     @post_load
@@ -183,6 +190,38 @@ class MessagesEnvelope(Schema):
     defaults = fields.Dict(load_default=dict)
 
 
+def load_messages(*, settings: Settings, body: Any) -> list[dict[str, Any]]:
+    """Every entry of a POST /message body, ``defaults`` merged under it, validated.
+
+    All entries are checked before any is accepted; errors name the entry's index
+    (``messages.1.to``). Each result keeps ``to_as_sent``, echoed in the reply.
+    """
+    envelope = MessagesEnvelope().load(body)
+    entries = envelope["messages"]
+    if not 1 <= len(entries) <= settings.max_destinations:
+        raise ValidationError(f"must hold 1 to {settings.max_destinations} messages", "messages")
+    if "id" in envelope["defaults"]:
+        # Every message is its own batch: one id for all would make them conflict.
+        raise ValidationError({"defaults": {"id": ["must be given per message"]}})
+    schema = MessageSchema(settings=settings)
+    errors: dict[int, Any] = {}
+    loaded: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        merged = {**envelope["defaults"], **entry}
+        try:
+            data = schema.load(merged)
+        except ValidationError as exc:
+            errors[i] = exc.normalized_messages()
+            continue
+        if data["id"] is not None and seen.setdefault(data["id"], i) != i:
+            errors[i] = {"id": [f"repeats the id of messages.{seen[data['id']]}"]}
+        loaded.append({**data, "to_as_sent": merged["to"]})
+    if errors:
+        raise ValidationError({"messages": errors})
+    return loaded
+
+
 class PageQuery(Schema):
     """?page=&pageSize=&status= of listings (pages count from 0)."""
 
@@ -194,4 +233,6 @@ class PageQuery(Schema):
     page_size = fields.Integer(
         load_default=100, data_key="pageSize", validate=validate.Range(min=1, max=1000)
     )
-    status = fields.String(load_default=None)
+    status = fields.String(
+        load_default=None, validate=validate.OneOf([s.value for s in RecipientStatus])
+    )

@@ -1,18 +1,24 @@
-"""Messaging Plus views: parse, call one service, dump."""
+"""Messaging Plus views: authenticate, parse, call one service, dump."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from flask import Blueprint, request
-from marshmallow import ValidationError
 
 from api import context as ctx
 from api.dialects.mplus import schemas
-from api.dialects.mplus.dump import dump_batch, dump_recipient
+from api.dialects.mplus.dump import (
+    batch_of,
+    dump_batch,
+    dump_dry_run,
+    dump_message,
+    dump_recipient,
+    message_of,
+)
 from api.errors import register_on
+from api.fields import batch_ref
 from dispatcher.batches import service
-from dispatcher.states import RecipientStatus
 
 blueprint = Blueprint("mplus", __name__)
 register_on(blueprint)
@@ -20,28 +26,12 @@ register_on(blueprint)
 
 @blueprint.post("/batch")
 def create_batch() -> tuple[dict[str, Any], int]:
-    query = schemas.BatchQuery().load(request.args)
     account = ctx.account()
+    query = schemas.BatchQuery().load(request.args)
     data = schemas.BatchSchema(settings=ctx.settings()).load(ctx.json_body())
-    new = service.NewBatch(
-        sender=data["sender"],
-        body=data["message"],
-        destinations=data["destinations"],
-        channels=data["channels"],
-        callback_url=data["callback"],
-        send_at=data["send_at"],
-        client_id=data["id"],
-        max_parts=None if query["allow_multi"] else 1,
-    )
+    new = batch_of(data, allow_multi=query["allow_multi"])
     if query["dry_run"]:
-        report = service.analyse(service.fit_parts(new))
-        return {
-            "identifier": None,
-            "dryRun": True,
-            "recipients": report.recipients,
-            "parts": report.parts,
-            "encoding": report.encoding,
-        }, 200
+        return dump_dry_run(service.analyse(service.fit_parts(new))), 200
     intake = service.create_batch(
         session=ctx.session(), settings=ctx.settings(), account=account, new=new
     )
@@ -50,73 +40,36 @@ def create_batch() -> tuple[dict[str, Any], int]:
 
 @blueprint.post("/message")
 def create_messages() -> tuple[dict[str, Any], int]:
-    query = schemas.BatchQuery().load(request.args)
     account = ctx.account()
-    envelope = schemas.MessagesEnvelope().load(ctx.json_body())
-    settings = ctx.settings()
-    if not 1 <= len(envelope["messages"]) <= settings.max_destinations:
-        raise ValidationError(f"must hold 1 to {settings.max_destinations} messages", "messages")
-    schema = schemas.MessageSchema(settings=settings)
-    errors, parsed = {}, []
-    for i, raw in enumerate(envelope["messages"]):
-        try:
-            parsed.append(schema.load({**envelope["defaults"], **raw}))
-        except ValidationError as exc:
-            errors[i] = exc.messages
-    if errors:
-        raise ValidationError({"messages": errors})
-    messages = [
-        service.NewMessage(
-            to=m["to"],
-            body=m["body"],
-            sender=m["sender"].get("value"),
-            shared_sender=m["sender"]["type"] == "shared",
-            channels=m["channels"],
-            callback_url=m["callback"],
-            send_at=m["send_at"],
-            client_id=m["id"],
-        )
-        for m in parsed
-    ]
+    query = schemas.MessageQuery().load(request.args)
+    entries = schemas.load_messages(settings=ctx.settings(), body=ctx.json_body())
     created = service.create_messages(
         session=ctx.session(),
-        settings=settings,
+        settings=ctx.settings(),
         account=account,
-        messages=messages,
+        messages=[message_of(entry) for entry in entries],
         dry_run=query["dry_run"],
     )
-    out = []
-    for m, sender, batch in created:
-        item: dict[str, Any] = {
-            "to": m.to,
-            "body": m.body,
-            "from": {"type": "shared" if m.shared_sender else "custom", "value": sender},
-            "batchUuid": batch.id if batch else None,
-            "messageUuid": None,
-            "scheduled": m.send_at is not None,
-        }
-        if batch is not None:
-            item["messageUuid"] = service.first_recipient_id(session=ctx.session(), batch=batch)
-        out.append(item)
-    body: dict[str, Any] = {"messages": out}
-    if query["dry_run"]:
-        body["dryRun"] = True
-    return body, 200
+    out = [
+        dump_message(entry["to_as_sent"], m, sender, batch, session=ctx.session())
+        for entry, (m, sender, batch) in zip(entries, created, strict=True)
+    ]
+    return ({"messages": out, "dryRun": True} if query["dry_run"] else {"messages": out}), 200
 
 
 @blueprint.get("/batch/<batch_id>")
 def get_batch(batch_id: str) -> dict[str, Any]:
+    account = ctx.account()
     schemas.PageQuery(only=("key",)).load(request.args)
-    batch = service.get_batch(session=ctx.session(), account=ctx.account(), batch_id=batch_id)
+    batch = service.get_batch(session=ctx.session(), account=account, batch_id=batch_ref(batch_id))
     return dump_batch(batch, service.status_counts(session=ctx.session(), batch=batch))
 
 
 @blueprint.get("/batch/<batch_id>/messages")
 def list_messages(batch_id: str) -> dict[str, Any]:
+    account = ctx.account()
     query = schemas.PageQuery().load(request.args)
-    if query["status"] is not None and query["status"] not in set(RecipientStatus):
-        raise ValidationError(f"must be one of {', '.join(RecipientStatus)}", "status")
-    batch = service.get_batch(session=ctx.session(), account=ctx.account(), batch_id=batch_id)
+    batch = service.get_batch(session=ctx.session(), account=account, batch_id=batch_ref(batch_id))
     rows, total = service.list_recipients(
         session=ctx.session(),
         batch=batch,
@@ -135,8 +88,12 @@ def list_messages(batch_id: str) -> dict[str, Any]:
 
 @blueprint.delete("/batch/<batch_id>")
 def cancel_batch(batch_id: str) -> dict[str, Any]:
+    account = ctx.account()
     schemas.PageQuery(only=("key",)).load(request.args)
     batch, count = service.cancel_batch(
-        session=ctx.session(), account=ctx.account(), batch_id=batch_id
+        session=ctx.session(),
+        account=account,
+        batch_id=batch_ref(batch_id),
+        chunk_size=ctx.settings().chunk_size,
     )
     return {"identifier": batch.id, "cancelledCount": count}
