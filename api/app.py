@@ -20,7 +20,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     if runtime is None:
         from workers.celery_app import create_celery
 
-        runtime = create_celery(settings).runtime  # type: ignore[attr-defined]
+        runtime = create_celery(settings).runtime
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -55,11 +55,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             session.rollback()
             session.close()
 
-    from api.dialects import eightbyeight, mplus, ops
+    from api.dialects import callbacks, dlr, eightbyeight, mplus, ops, reports
 
     app.register_blueprint(mplus.blueprint)
     app.register_blueprint(eightbyeight.blueprint)
     app.register_blueprint(ops.blueprint)
+    app.register_blueprint(callbacks.blueprint)
+    app.register_blueprint(dlr.blueprint)
+    app.register_blueprint(reports.blueprint)
     from api.errors import register
 
     register(app)

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import click
+from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.config import Settings
 from dispatcher.db import make_engine, make_session_factory, transaction
 
 
-def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
+def _sessions(settings: Settings) -> sessionmaker[Session]:
     return make_session_factory(make_engine(settings.database_url))
 
 
-@click.group()
+class _Group(click.Group):
+    """Domain refusals (unknown id, conflict...) print their reason and exit 1, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from dispatcher.errors import DispatcherError
+
+        try:
+            return super().invoke(ctx)
+        except DispatcherError as exc:
+            raise click.ClickException(exc.message) from exc
+
+
+@click.group(cls=_Group)
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Dispatcher: a self-hosted message dispatch engine."""
@@ -133,3 +149,99 @@ def run(settings: Settings) -> None:
     from dispatcher.devserver import serve
 
     raise SystemExit(serve(settings))
+
+
+@main.group()
+def callbacks() -> None:
+    """Webhook callbacks: dead letters, replay, endpoints."""
+
+
+@contextmanager
+def _publishing(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """Sessions whose commits publish their tasks to the broker, as the API's do."""
+    # The replay and the endpoint release publish deliver_callbacks after commit;
+    # without a broker they would wait for the sweep's requeue_after.
+    from workers.celery_app import create_celery
+
+    app = create_celery(settings)
+    try:
+        yield app.runtime.sessions
+    finally:
+        app.runtime.dispose()
+        app.close()
+
+
+@contextmanager
+def _reading(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """Sessions on an engine that is disposed afterwards (no connection left to GC)."""
+    engine = make_engine(settings.database_url)
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+@callbacks.command("list")
+@click.argument("account_id")
+@click.option(
+    "--state",
+    type=click.Choice(["pending", "delivering", "delivered", "dead", "held"]),
+    default=None,
+    help="Only callbacks in this state.",
+)
+@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--page-size", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.pass_obj
+def callbacks_list(
+    settings: Settings, account_id: str, state: str | None, page: int, page_size: int
+) -> None:
+    """List ACCOUNT_ID's callbacks, newest first."""
+    from dispatcher.webhooks import service
+
+    with _reading(settings) as sessions, transaction(sessions) as session:
+        rows, total = service.list_callbacks(
+            session=session, account_id=account_id, state=state, page=page, page_size=page_size
+        )
+        for c in rows:
+            error = f"  {c.last_error}" if c.last_error else ""
+            click.echo(
+                f"{c.id}  {c.state:<10}  {c.event_type:<18}  attempts={c.attempts}  "
+                f"{c.created_at:%Y-%m-%d %H:%M:%S}  {c.url}{error}"
+            )
+    click.echo(f"{len(rows)} of {total} callback(s), page {page}")
+
+
+@callbacks.command("retry")
+@click.argument("account_id")
+@click.argument("callback_id")
+@click.pass_obj
+def callbacks_retry(settings: Settings, account_id: str, callback_id: str) -> None:
+    """Replay a dead or held callback of ACCOUNT_ID now."""
+    from dispatcher.db import utcnow
+    from dispatcher.webhooks import service
+
+    with _publishing(settings) as sessions, transaction(sessions) as session:
+        service.retry_callback(
+            session=session, account_id=account_id, callback_id=callback_id, now=utcnow()
+        )
+    click.echo(f"callback {callback_id} queued for delivery")
+
+
+@callbacks.command("enable")
+@click.argument("account_id")
+@click.argument("url")
+@click.pass_obj
+def callbacks_enable(settings: Settings, account_id: str, url: str) -> None:
+    """Re-enable ACCOUNT_ID's disabled callback URL and release its held callbacks."""
+    from dispatcher.db import utcnow
+    from dispatcher.webhooks import service
+
+    with _publishing(settings) as sessions, transaction(sessions) as session:
+        released = service.enable_endpoint(
+            session=session,
+            account_id=account_id,
+            url=url,
+            now=utcnow(),
+            batch_size=settings.callback_batch_size,
+        )
+    click.echo(f"endpoint {url} enabled; {released} held callback(s) released")

@@ -36,8 +36,13 @@ def apply_many(*, session: Session, receipts: Sequence[Receipt], now: datetime) 
         return 0
     found = {
         rec.provider_message_id: rec
+        # Locked (in id order, against deadlocks): a carrier retrying a receipt
+        # concurrently must see this one's outcome, not the state before it.
         for rec in session.scalars(
-            select(Recipient).where(Recipient.provider_message_id.in_(wanted))
+            select(Recipient)
+            .where(Recipient.provider_message_id.in_(wanted))
+            .order_by(Recipient.id)
+            .with_for_update()
         )
     }
     changes: dict[tuple[str, RecipientStatus], list[events.Change]] = defaultdict(list)

@@ -1,0 +1,90 @@
+"""Inbound delivery receipts from carriers: ``POST /dlr/<provider>``.
+
+A carrier authenticates with its provider's shared secret (``DISPATCHER_DLR_SECRETS``)
+as ``Authorization: Bearer <secret>``. Unknown messages and receipts the state
+machine refuses (already final, out of order) are acknowledged and counted as
+ignored, so a carrier never retries them forever.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from flask import Blueprint, request
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+from api import context as ctx
+from api.errors import register_on
+from dispatcher.db import utcnow
+from dispatcher.errors import NotFound, Unauthenticated
+from dispatcher.receipts import service as receipts
+
+blueprint = Blueprint("dlr", __name__, url_prefix="/dlr")
+register_on(blueprint)
+
+# Providers whose carriers post receipts here (the simulator emits its own in process).
+PROVIDERS = frozenset({"http"})
+MAX_RECEIPTS = 1000
+
+
+class ErrorSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    code = fields.String(load_default=None, validate=validate.Length(max=32))
+    text = fields.String(load_default=None, validate=validate.Length(max=500))
+
+
+class ReceiptSchema(Schema):
+    """One receipt: the carrier's message id, its final status and an optional error."""
+
+    class Meta:
+        unknown = RAISE
+
+    id = fields.String(required=True, validate=validate.Length(min=1, max=100))
+    status = fields.String(
+        required=True, validate=validate.OneOf(sorted(receipts.RECEIPT_STATUSES))
+    )
+    error = fields.Nested(ErrorSchema, load_default=None, allow_none=True)
+
+
+def authenticate(provider: str) -> None:
+    """Check the provider's shared secret; an unconfigured provider does not exist here."""
+    secret = ctx.settings().dlr_secrets.get(provider)
+    if provider not in PROVIDERS or not secret:
+        raise NotFound(f"no receipt endpoint for provider {provider!r}")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+    # Compared as bytes: compare_digest refuses non-ASCII str, and timing must not leak.
+    if not hmac.compare_digest(presented, secret.encode()):
+        raise Unauthenticated("missing or wrong receipt secret: pass Authorization: Bearer")
+
+
+def parse(body: object) -> list[dict[str, Any]]:
+    """One receipt object, or a list of 1 to MAX_RECEIPTS of them."""
+    if isinstance(body, list):
+        if not 1 <= len(body) <= MAX_RECEIPTS:
+            raise ValidationError(f"must hold 1 to {MAX_RECEIPTS} receipts", "receipts")
+        return ReceiptSchema(many=True).load(body)
+    return [ReceiptSchema().load(body)]  # type: ignore[arg-type]
+
+
+@blueprint.post("/<provider>")
+def receive(provider: str) -> dict[str, int]:
+    authenticate(provider)
+    items = parse(ctx.json_body())
+    applied = receipts.apply_many(
+        session=ctx.session(),
+        receipts=[
+            receipts.Receipt(
+                provider_message_id=r["id"],
+                status=r["status"],
+                error_code=(r["error"] or {}).get("code"),
+                error_text=(r["error"] or {}).get("text"),
+            )
+            for r in items
+        ],
+        now=utcnow(),
+    )
+    return {"applied": applied, "ignored": len(items) - applied}
