@@ -112,7 +112,7 @@ def simulator_receipts(self: DispatcherTask) -> int:
     with transaction(rt.sessions) as session:
         return receipts.apply_many(
             session=session,
-            receipts=[receipts.Receipt(**r.__dict__) for r in due],
+            receipts=due,
             now=utcnow(),
         )
 

@@ -51,6 +51,16 @@ class SendResult:
     retry_after: float | None = None
 
 
+@dataclass(frozen=True)
+class Receipt:
+    """A carrier's word on a message it accepted: delivered, failed or expired."""
+
+    provider_message_id: str
+    status: str
+    error_code: str | None = None
+    error_text: str | None = None
+
+
 class Provider(ABC):
     """Delivers messages on one or more channels."""
 

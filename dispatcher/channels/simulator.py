@@ -22,12 +22,18 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 
-from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
+from dispatcher.channels.base import (
+    Lookup,
+    OutboundMessage,
+    Outcome,
+    Provider,
+    Receipt,
+    SendResult,
+)
 
 LEDGER = "dispatcher:sim:accepted"
 HANDOFFS = "dispatcher:sim:handoffs"
@@ -36,14 +42,6 @@ RECEIPTS = "dispatcher:sim:receipts"
 
 def _compile(patterns: Sequence[str]) -> list[re.Pattern[str]]:
     return [re.compile(p) for p in patterns]
-
-
-@dataclass(frozen=True)
-class Receipt:
-    provider_message_id: str
-    status: str
-    error_code: str | None = None
-    error_text: str | None = None
 
 
 class Simulator(Provider):

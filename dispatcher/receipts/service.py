@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
@@ -12,21 +11,16 @@ from sqlalchemy.orm import Session
 
 from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient
+from dispatcher.channels.base import Receipt
 from dispatcher.states import RECIPIENT_TRANSITIONS, RecipientStatus
+
+__all__ = ["RECEIPT_STATUSES", "Receipt", "apply_many"]
 
 RECEIPT_STATUSES = {
     "delivered": RecipientStatus.DELIVERED,
     "failed": RecipientStatus.FAILED,
     "expired": RecipientStatus.EXPIRED,
 }
-
-
-@dataclass(frozen=True)
-class Receipt:
-    provider_message_id: str
-    status: str
-    error_code: str | None = None
-    error_text: str | None = None
 
 
 def apply_many(*, session: Session, receipts: Sequence[Receipt], now: datetime) -> int:
