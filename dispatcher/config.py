@@ -104,6 +104,8 @@ class Settings:
     visibility_timeout: float = 3600.0
     chunk_size: int = 500
     send_lease: float = 300.0
+    # A sending batch with no progress this long has its queued recipients re-published.
+    stall_after: float = 300.0
     requeue_after: float = 3600.0
     default_account_rate: float = 100.0
     channel_rates: dict[str, float] = field(default_factory=dict)
@@ -163,6 +165,7 @@ class Settings:
             "scheduler_interval",
             "visibility_timeout",
             "send_lease",
+            "stall_after",
             "requeue_after",
             "default_expiry",
             "http_connect_timeout",

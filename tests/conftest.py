@@ -141,6 +141,7 @@ def make_settings(*, database_url: str, redis_url: str, var: Path, **overrides: 
         "scheduler_interval": 0.5,
         "visibility_timeout": 600,
         "send_lease": 6,
+        "stall_after": 6,
         "requeue_after": 120,
         "send_retry_schedule": (0.5, 1.0),
         "callback_retry_schedule": (0.5, 1.0, 1.0),

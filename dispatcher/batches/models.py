@@ -47,6 +47,8 @@ class Batch(Base):
     # When a dispatch task was last published; the scheduler re-publishes stale ones.
     enqueued_at: Mapped[datetime | None] = mapped_column(nullable=True)
     completed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Last dispatch or recorded hand-off: a sending batch idle past stall_after lost its worker.
+    progress_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class Recipient(Base):

@@ -53,7 +53,7 @@ def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: 
                 # and committed after the read above must not let the batch go early.
                 Batch.send_at <= now + timedelta(seconds=1),
             )
-            .values(status=BatchStatus.SENDING, modified_at=now, enqueued_at=now)
+            .values(status=BatchStatus.SENDING, modified_at=now, enqueued_at=now, progress_at=now)
         ),
     ).rowcount
     if not moved:
@@ -111,6 +111,7 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
     for batch in lost:
         batch.enqueued_at = now
         outbox.defer(session, outbox.Message("dispatch_batch", {"batch_id": batch.id}))
+    _release_stalled(session=session, settings=settings, now=now, limit=limit)
     # Recipients waiting for a retry time, or whose chunk task was lost long ago.
     waiting = session.execute(
         select(Recipient.id, Recipient.batch_id, Recipient.next_attempt_at)
@@ -138,6 +139,37 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
         )
     session.flush()
     return promoted + len(lost) + len(waiting)
+
+
+def _release_stalled(*, session: Session, settings: Settings, now: datetime, limit: int) -> None:
+    """Hand the queued recipients of stalled sending batches back to the sweep.
+
+    A worker killed mid-chunk takes its running and prefetched chunk tasks with
+    it, and the broker returns those only after its visibility timeout (hours).
+    A sending batch with no recorded progress for ``stall_after`` is taken as
+    such a loss; re-publishing is safe because every send starts with a claim.
+    """
+    stall = now - timedelta(seconds=settings.stall_after)
+    stalled = session.scalars(
+        select(Batch.id)
+        .where(
+            Batch.status == BatchStatus.SENDING,
+            or_(Batch.progress_at.is_(None), Batch.progress_at < stall),
+        )
+        .limit(limit)
+    ).all()
+    if not stalled:
+        return
+    session.execute(
+        update(Recipient)
+        .where(
+            Recipient.batch_id.in_(stalled),
+            Recipient.status == RecipientStatus.QUEUED,
+            Recipient.enqueued_at < stall,
+        )
+        .values(enqueued_at=None)
+    )
+    session.execute(update(Batch).where(Batch.id.in_(stalled)).values(progress_at=now))
 
 
 def complete_if_done(*, session: Session, batch_id: str, now: datetime) -> bool:

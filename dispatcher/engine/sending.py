@@ -323,7 +323,9 @@ def record_results(
             failed.append(base)
             failed_changes.append(change)
     conn = session.connection()
-    session.execute(insert(Attempt), attempts)
+    session.execute(update(Batch).where(Batch.id == batch.id).values(progress_at=now))
+    if attempts:
+        session.execute(insert(Attempt), attempts)
     in_sending = recipients.c.status == R.SENDING.value
     by_id = recipients.c.id == bindparam("rid")
     if sent:
@@ -444,17 +446,4 @@ def reclaim_stale(
                 session=session, batch=batch, status=status, changes=[events.Change.of(rec)], at=now
             )
             complete_if_done(session=session, batch_id=batch.id, now=now)
-    # A stale claim means its worker died mid-chunk: the chunk task itself only
-    # comes back after the broker's visibility timeout, so hand the batch's still
-    # queued recipients to the scheduler's sweep now (claims make duplicates harmless).
-    for batch_id in {rec.batch_id for rec in stale}:
-        session.execute(
-            update(Recipient)
-            .where(
-                Recipient.batch_id == batch_id,
-                Recipient.status == R.QUEUED,
-                Recipient.enqueued_at.is_not(None),
-            )
-            .values(enqueued_at=None)
-        )
     return dict(counts)

@@ -249,5 +249,37 @@ def test_reclaim_asks_the_provider_and_never_sends_twice(
         assert rows[0].status == status
         if status == R.SENT:
             assert rows[0].provider_message_id == "carrier-1"
-        # The rest of the dead worker's chunk is handed back to the sweep at once.
-        assert rows[1].status == R.QUEUED and rows[1].enqueued_at is None
+        assert rows[1].status == R.QUEUED  # not the reclaim's business
+
+
+def test_a_stalled_sending_batch_has_its_queued_recipients_republished(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    publisher: RecordingPublisher,
+) -> None:
+    """A worker killed between groups leaves nothing in sending, only idle queued rows."""
+    batch_id = create(sessions, settings, tenant, count=3)
+    start = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=start)
+
+    def republished() -> set[str]:
+        return {
+            rid
+            for m in published(publisher, "send_recipients")
+            if m.kwargs["batch_id"] == batch_id
+            for rid in m.kwargs["recipient_ids"]
+        }
+
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=start)
+    assert not republished()  # progress is fresh: the chunk task is trusted
+    later = start + timedelta(seconds=settings.stall_after + 1)
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=later)
+    assert len(republished()) == 3
+    publisher.messages.clear()
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=later)
+    assert not republished()  # once per stall, not every sweep
