@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from dispatcher.accounts import service as accounts
 from dispatcher.accounts.models import Account
 from dispatcher.config import Settings
+from dispatcher.db import begin_read_only, read_transaction
 from dispatcher.errors import ValidationError
 from dispatcher.runtime import Runtime
 
@@ -26,9 +27,14 @@ def settings() -> Settings:
 
 
 def session() -> Session:
-    """The request's session; its transaction is committed by the app after the view."""
+    """The request's session; its transaction is committed by the app after the view.
+
+    GET and HEAD only read: on SQLite they must not take the single write lock.
+    """
     if "db_session" not in g:
         g.db_session = runtime().sessions()
+        if request.method in ("GET", "HEAD"):
+            begin_read_only(g.db_session)
     return g.db_session
 
 
@@ -44,7 +50,10 @@ def api_key() -> str | None:
 def account() -> Account:
     """The authenticated account (Unauthenticated otherwise)."""
     if "account" not in g:
-        g.account = accounts.authenticate(session=session(), key=api_key())
+        # Its own short read: the write transaction (and SQLite's lock) starts only
+        # once the body is validated and the service writes.
+        with read_transaction(runtime().sessions) as reader:
+            g.account = accounts.authenticate(session=reader, key=api_key())
     return g.account
 
 

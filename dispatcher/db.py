@@ -17,6 +17,9 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
+# Execution option marking a transaction that only reads (no write lock on SQLite).
+READ_ONLY = "dispatcher_read_only"
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -59,7 +62,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Readers stay deferred: in WAL mode they never wait for the writer.
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
@@ -76,3 +81,23 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on any error."""
     with factory() as session, session.begin():
         yield session
+
+
+def begin_read_only(session: Session) -> None:
+    """Start the session's transaction as a reader (SQLite: no write lock taken)."""
+    session.connection(execution_options={READ_ONLY: True})
+
+
+@contextmanager
+def read_transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A transaction that only reads; it is rolled back, never committed.
+
+    What it loaded is detached first, so callers keep a snapshot after it ends.
+    """
+    with factory() as session:
+        begin_read_only(session)
+        try:
+            yield session
+        finally:
+            session.expunge_all()
+            session.rollback()

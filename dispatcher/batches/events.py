@@ -73,7 +73,8 @@ def record(
     """Write the status events and callback rows for ``changes``; returns callback ids."""
     if not changes:
         return []
-    session.execute(
+    # Core executemany: no ORM bookkeeping for rows nobody loads back.
+    session.connection().execute(
         insert(StatusEvent),
         [
             {
@@ -108,7 +109,7 @@ def record(
         }
         for cb in callbacks
     ]
-    session.execute(insert(Callback), rows)
+    session.connection().execute(insert(Callback), rows)
     ids = [str(row["id"]) for row in rows]
     outbox.defer(session, outbox.Message("deliver_callbacks", {"callback_ids": ids}))
     return ids

@@ -24,7 +24,7 @@ from dispatcher.batches import events
 from dispatcher.batches.models import Attempt, Batch, Recipient
 from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
 from dispatcher.config import Settings
-from dispatcher.db import transaction, utcnow
+from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.engine.scheduling import complete_if_done, expire_recipients
 from dispatcher.ratelimit import Limit, RateLimiter
 from dispatcher.states import BatchStatus, RecipientStatus
@@ -78,70 +78,76 @@ def send_recipients(
     recipient_ids: Sequence[str] | None = None,
     clock: Callable[[], datetime] = utcnow,
 ) -> SendReport:
-    """Send every due, queued recipient of the batch in ``seq_range`` or ``recipient_ids``."""
+    """Send every due, queued recipient of the batch in ``seq_range`` or ``recipient_ids``.
+
+    Per group: tokens, then one claim transaction, the hand-off outside any
+    transaction, then one record transaction. Without a rate limit the group is
+    chosen inside the claim itself, so a chunk costs two write transactions a group.
+    """
     report = SendReport()
+    with read_transaction(factory) as session:
+        batch = session.get(Batch, batch_id)
+        account = session.get(Account, batch.account_id) if batch else None
+    if batch is None or account is None or batch.status != BatchStatus.SENDING:
+        return report
+    rate = account_rate(settings, account)
+    channel_rates = [settings.channel_rates.get(ch, 0.0) for ch in batch.channels]
+    limited = limiter is not None and bool(rate or any(channel_rates))
+    limit = group_size(
+        settings=settings, rate=min(r for r in (rate, *channel_rates) if r) if limited else None
+    )
     while True:
-        with transaction(factory) as session:
-            batch = session.get(Batch, batch_id)
-            if batch is None or batch.status != BatchStatus.SENDING:
-                return report
-            account = session.get(Account, batch.account_id)
-            assert account is not None
-            rate = account_rate(settings, account)
-            now = clock()
-            if now >= batch.expire_at:
-                expire_recipients(
-                    session=session,
-                    batch=batch,
-                    now=now,
-                    ids=list(recipient_ids) if recipient_ids is not None else None,
-                )
+        now = clock()
+        if now >= batch.expire_at:
+            with transaction(factory) as session:
+                only = list(recipient_ids) if recipient_ids is not None else None
+                expire_recipients(session=session, batch=batch, now=now, ids=only)
                 complete_if_done(session=session, batch_id=batch.id, now=now)
-                return report
-            query = select(Recipient.id, Recipient.channel).where(
-                Recipient.batch_id == batch_id,
-                Recipient.status == R.QUEUED,
-                or_(Recipient.next_attempt_at.is_(None), Recipient.next_attempt_at <= now),
-            )
-            if seq_range is not None:
-                query = query.where(Recipient.seq >= seq_range[0], Recipient.seq < seq_range[1])
-            if recipient_ids is not None:
-                query = query.where(Recipient.id.in_(recipient_ids))
-            limit = group_size(
-                settings=settings,
-                rate=rate
-                or min((settings.channel_rates.get(ch, 0) for ch in batch.channels), default=0)
-                or None,
-            )
-            candidates = session.execute(query.order_by(Recipient.seq).limit(limit)).all()
-            channels, sender, body = list(batch.channels), batch.sender, batch.body
-        if not candidates:
-            break
-        _take_tokens(limiter, settings, account.id, rate, [ch for _, ch in candidates])
+            return report
+        due = [
+            Recipient.batch_id == batch_id,
+            Recipient.status == R.QUEUED,
+            or_(Recipient.next_attempt_at.is_(None), Recipient.next_attempt_at <= now),
+        ]
+        if seq_range is not None:
+            due += [Recipient.seq >= seq_range[0], Recipient.seq < seq_range[1]]
+        if recipient_ids is not None:
+            due.append(Recipient.id.in_(recipient_ids))
+        next_group = select(Recipient.id).where(*due).order_by(Recipient.seq).limit(limit)
+        if limited:
+            # Tokens come before the claim, so the group is read (without the write lock) first.
+            with read_transaction(factory) as session:
+                candidates = session.execute(next_group.add_columns(Recipient.channel)).all()
+            if not candidates:
+                break
+            _take_tokens(limiter, settings, account.id, rate, [ch for _, ch in candidates])
+            target = Recipient.id.in_([rid for rid, _ in candidates])
+        else:
+            target = Recipient.id.in_(next_group.scalar_subquery())
         with transaction(factory) as session:
             claimed = session.execute(
                 update(Recipient)
-                .where(
-                    Recipient.id.in_([rid for rid, _ in candidates]), Recipient.status == R.QUEUED
-                )
+                .where(target, Recipient.status == R.QUEUED)
                 .values(
                     status=R.SENDING,
-                    claimed_at=clock(),
+                    claimed_at=now,
                     attempts=Recipient.attempts + 1,
-                    updated_at=clock(),
+                    updated_at=now,
                 )
                 .returning(*CLAIM_COLUMNS)
             ).all()
         if not claimed:
-            continue
+            if limited:
+                continue  # the candidates were taken or cancelled meanwhile: read again
+            break
         report.claimed += len(claimed)
         messages = [
             OutboundMessage(
                 recipient_id=row.id,
                 channel=row.channel,
                 to=row.to,
-                sender=sender,
-                body=row.body or body,
+                sender=batch.sender,
+                body=row.body or batch.body,
                 attempt=row.attempts,
             )
             for row in claimed
@@ -149,20 +155,23 @@ def send_recipients(
         results = _hand_over(
             providers, messages, deadline=time.monotonic() + settings.send_lease / 2
         )
+        for result in results:
+            report.outcomes[result.outcome.value if result else "deferred"] += 1
+        # A short group with nothing to try again at once was the last one.
+        last = len(claimed) < limit
         with transaction(factory) as session:
-            batch = session.get(Batch, batch_id)
-            assert batch is not None
-            record_results(
+            again = record_results(
                 session=session,
                 settings=settings,
                 batch=batch,
-                channels=channels,
+                channels=batch.channels,
                 claimed=claimed,
                 results=results,
                 now=clock(),
             )
-        for result in results:
-            report.outcomes[result.outcome.value if result else "deferred"] += 1
+            if last and not again:
+                complete_if_done(session=session, batch_id=batch_id, now=clock())
+                return report
     with transaction(factory) as session:
         complete_if_done(session=session, batch_id=batch_id, now=clock())
     return report
@@ -243,10 +252,11 @@ def record_results(
     claimed: Sequence[Any],
     results: Sequence[SendResult | None],
     now: datetime,
-) -> None:
+) -> int:
     """Record each hand-off's outcome: sent, retry later, fall back, or fail.
 
     A None result was never handed over (lease deadline): it is queued again as it was.
+    Returns how many are queued to be tried again at once (fallbacks, deferred).
     """
     attempts: list[dict[str, Any]] = []
     sent: list[dict[str, Any]] = []
@@ -325,7 +335,7 @@ def record_results(
     conn = session.connection()
     session.execute(update(Batch).where(Batch.id == batch.id).values(progress_at=now))
     if attempts:
-        session.execute(insert(Attempt), attempts)
+        conn.execute(insert(Attempt), attempts)
     in_sending = recipients.c.status == R.SENDING.value
     by_id = recipients.c.id == bindparam("rid")
     if sent:
@@ -378,6 +388,7 @@ def record_results(
     events.record(session=session, batch=batch, status=R.SENT, changes=sent_changes, at=now)
     events.record(session=session, batch=batch, status=R.FAILED, changes=failed_changes, at=now)
     events.record(session=session, batch=batch, status=R.EXPIRED, changes=expired_changes, at=now)
+    return sum(1 for row in requeue if row["next_at"] is None)
 
 
 def reclaim_stale(

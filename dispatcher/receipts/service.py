@@ -6,13 +6,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient
 from dispatcher.channels.base import Receipt
-from dispatcher.states import RECIPIENT_TRANSITIONS, RecipientStatus
+from dispatcher.states import RecipientStatus, recipient_sources
 
 __all__ = ["RECEIPT_STATUSES", "Receipt", "apply_many"]
 
@@ -24,40 +24,40 @@ RECEIPT_STATUSES = {
 
 
 def apply_many(*, session: Session, receipts: Sequence[Receipt], now: datetime) -> int:
-    """Apply receipts; returns how many changed a recipient (the rest were unknown or stale)."""
-    wanted = {r.provider_message_id for r in receipts}
-    if not wanted:
-        return 0
-    found = {
-        rec.provider_message_id: rec
-        # Locked (in id order, against deadlocks): a carrier retrying a receipt
-        # concurrently must see this one's outcome, not the state before it.
-        for rec in session.scalars(
-            select(Recipient)
-            .where(Recipient.provider_message_id.in_(wanted))
-            .order_by(Recipient.id)
-            .with_for_update()
-        )
-    }
-    changes: dict[tuple[str, RecipientStatus], list[events.Change]] = defaultdict(list)
-    applied = 0
+    """Apply receipts; returns how many changed a recipient (the rest were unknown or stale).
+
+    One conditional UPDATE per outcome: only a ``sent`` message takes a receipt, so
+    unknown ids, final messages and late or repeated receipts change nothing,
+    and two carriers' retries racing on one message cannot both apply.
+    """
+    groups: dict[tuple[RecipientStatus, str | None, str | None], list[str]] = defaultdict(list)
     for receipt in receipts:
-        rec = found.get(receipt.provider_message_id)
         new = RECEIPT_STATUSES.get(receipt.status)
-        # Unknown message, unknown status, or a move the state machine forbids
-        # (already final, or out of order): acknowledged and ignored.
-        if rec is None or new is None or new not in RECIPIENT_TRANSITIONS[rec.status]:
+        if new is None:
             continue
-        rec.status = new
-        rec.updated_at = now
-        if new is not RecipientStatus.DELIVERED:
-            rec.error_code = receipt.error_code or new.value
-            rec.error_text = receipt.error_text
-        changes[(rec.batch_id, new)].append(events.Change.of(rec))
-        applied += 1
-    session.flush()
-    for (batch_id, status), batch_changes in changes.items():
-        batch = session.get(Batch, batch_id)
-        assert batch is not None
-        events.record(session=session, batch=batch, status=status, changes=batch_changes, at=now)
+        if new is RecipientStatus.DELIVERED:
+            groups[(new, None, None)].append(receipt.provider_message_id)
+        else:
+            code: str | None = receipt.error_code or new.value
+            groups[(new, code, receipt.error_text)].append(receipt.provider_message_id)
+    applied = 0
+    for (new, code, text), refs in groups.items():
+        assert RecipientStatus.SENT in recipient_sources(new)
+        rows = session.execute(
+            update(Recipient)
+            .where(
+                Recipient.provider_message_id.in_(refs),
+                Recipient.status == RecipientStatus.SENT,
+            )
+            .values(status=new, updated_at=now, error_code=code, error_text=text)
+            .returning(Recipient.batch_id, *events.CHANGE_COLUMNS)
+        ).all()
+        by_batch: dict[str, list[events.Change]] = defaultdict(list)
+        for row in rows:
+            by_batch[row[0]].append(events.Change.from_row(row[1:]))
+        for batch_id, changes in by_batch.items():
+            batch = session.get(Batch, batch_id)
+            assert batch is not None
+            events.record(session=session, batch=batch, status=new, changes=changes, at=now)
+        applied += len(rows)
     return applied
