@@ -136,11 +136,16 @@ def check_callback(settings: Settings, value: Any, *, field: str | None = None) 
     return value
 
 
-def batch_ref(raw: str) -> str:
-    """A batch id or client id from a URL; what cannot name a batch is simply not found.
+def path_ref(raw: str, *, what: str) -> str:
+    """An id from a URL; what cannot name a ``what`` is simply not found.
 
     Checked before any query: PostgreSQL refuses NUL in text parameters outright.
     """
     if not 1 <= len(raw) <= 100 or storable(raw) or not raw.isprintable():
-        raise NotFound("batch not found")
+        raise NotFound(f"{what} not found")
     return raw
+
+
+def batch_ref(raw: str) -> str:
+    """A batch id or client id from a URL (see path_ref)."""
+    return path_ref(raw, what="batch")

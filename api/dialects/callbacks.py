@@ -13,6 +13,7 @@ from marshmallow import RAISE, Schema, fields, validate
 from api import context as ctx
 from api.dialects.mplus.dump import iso
 from api.errors import register_on
+from api.fields import Text, path_ref
 from dispatcher.db import utcnow
 from dispatcher.webhooks import service
 from dispatcher.webhooks.models import Callback, Endpoint
@@ -54,7 +55,7 @@ class EnableBody(Schema):
     class Meta:
         unknown = RAISE
 
-    url = fields.String(required=True, validate=validate.Length(min=1, max=2048))
+    url = Text(required=True, validate=validate.Length(min=1, max=2048))
 
 
 def dump_callback(c: Callback) -> dict[str, Any]:
@@ -108,7 +109,10 @@ def list_callbacks() -> dict[str, Any]:
 def retry_callback(callback_id: str) -> dict[str, Any]:
     KeyQuery().load(request.args)
     callback = service.retry_callback(
-        session=ctx.session(), account_id=ctx.account().id, callback_id=callback_id, now=utcnow()
+        session=ctx.session(),
+        account_id=ctx.account().id,
+        callback_id=path_ref(callback_id, what="callback"),
+        now=utcnow(),
     )
     return dump_callback(callback)
 

@@ -16,6 +16,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from api import context as ctx
 from api.errors import register_on
+from api.fields import Text
 from dispatcher.db import utcnow
 from dispatcher.errors import NotFound, Unauthenticated
 from dispatcher.receipts import service as receipts
@@ -32,8 +33,8 @@ class ErrorSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    code = fields.String(load_default=None, validate=validate.Length(max=32))
-    text = fields.String(load_default=None, validate=validate.Length(max=500))
+    code = Text(load_default=None, validate=validate.Length(max=32))
+    text = Text(load_default=None, validate=validate.Length(max=500))
 
 
 class ReceiptSchema(Schema):
@@ -42,7 +43,7 @@ class ReceiptSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    id = fields.String(required=True, validate=validate.Length(min=1, max=100))
+    id = Text(required=True, validate=validate.Length(min=1, max=100))
     status = fields.String(
         required=True, validate=validate.OneOf(sorted(receipts.RECEIPT_STATUSES))
     )

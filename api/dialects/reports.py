@@ -11,6 +11,7 @@ from api import context as ctx
 from api.dialects.mplus.dump import iso
 from api.dialects.mplus.schemas import PageQuery
 from api.errors import register_on
+from api.fields import batch_ref
 from dispatcher.batches import service
 from dispatcher.batches.models import Recipient
 from dispatcher.states import RecipientStatus
@@ -44,7 +45,7 @@ def dump_row(r: Recipient) -> dict[str, Any]:
 def batch_report(batch_id: str) -> dict[str, Any]:
     query = ReportQuery().load(request.args)
     session = ctx.session()
-    batch = service.get_batch(session=session, account=ctx.account(), batch_id=batch_id)
+    batch = service.get_batch(session=session, account=ctx.account(), batch_id=batch_ref(batch_id))
     rows, total = service.list_recipients(
         session=session,
         batch=batch,
