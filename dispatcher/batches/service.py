@@ -379,20 +379,14 @@ def cancel_batch(
 
     One conditional UPDATE decides it: a worker can only claim ``queued`` rows, so
     once this commits no counted recipient can be sent, whatever tasks are in flight.
+    The batch row is changed first: every writer locks batch, then recipients (no
+    deadlock), and a worker recording a failed hand-off afterwards sees the cancel
+    and does not queue that recipient again (see sending.record_results).
     """
     batch = get_batch(session=session, account=account, batch_id=batch_id)
     if batch.status not in OPEN_BATCH:
         raise Conflict(f"batch {batch.id} is {batch.status.value} and cannot be cancelled")
     now = utcnow()
-    cancelled = session.execute(
-        update(Recipient)
-        .where(
-            Recipient.batch_id == batch.id,
-            Recipient.status.in_(CANCELLABLE_RECIPIENT),
-        )
-        .values(status=RecipientStatus.CANCELLED, updated_at=now)
-        .returning(*events.CHANGE_COLUMNS)
-    ).all()
     moved = cast(
         CursorResult[Any],
         session.execute(
@@ -403,6 +397,15 @@ def cancel_batch(
     ).rowcount
     if not moved:
         raise Conflict(f"batch {batch.id} changed state while cancelling; try again")
+    cancelled = session.execute(
+        update(Recipient)
+        .where(
+            Recipient.batch_id == batch.id,
+            Recipient.status.in_(CANCELLABLE_RECIPIENT),
+        )
+        .values(status=RecipientStatus.CANCELLED, updated_at=now)
+        .returning(*events.CHANGE_COLUMNS)
+    ).all()
     events.record(
         session=session,
         batch=batch,

@@ -65,6 +65,9 @@ class Provider(ABC):
     """Delivers messages on one or more channels."""
 
     name: str = "provider"
+    # Hand-offs between two checks of the lease deadline: 1 unless sending is
+    # in-process and instant (a network call can take its whole timeout).
+    handoff_group: int = 1
 
     @abstractmethod
     def send(self, message: OutboundMessage) -> SendResult:

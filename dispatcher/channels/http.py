@@ -14,6 +14,7 @@ Receipts come back on ``POST /dlr/http`` (see the README).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import requests
@@ -24,12 +25,19 @@ TRANSIENT_STATUSES = frozenset({408, 425, 429})
 CHANNEL_STATUSES = frozenset({404, 410})
 
 
+# A carrier asking for more than a day is capped: the expiry decides beyond that.
+MAX_RETRY_AFTER = 24 * 3600.0
+
+
 def _retry_after(response: requests.Response) -> float | None:
     value = response.headers.get("Retry-After", "")
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def classify(status: int, body: Any) -> Outcome:

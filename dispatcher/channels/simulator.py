@@ -46,6 +46,7 @@ def _compile(patterns: Sequence[str]) -> list[re.Pattern[str]]:
 
 class Simulator(Provider):
     name = "simulator"
+    handoff_group = 50
 
     def __init__(
         self,

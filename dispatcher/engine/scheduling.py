@@ -117,6 +117,8 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
         select(Recipient.id, Recipient.batch_id, Recipient.next_attempt_at)
         .where(
             Recipient.status == RecipientStatus.QUEUED,
+            # Only a sending batch has work to hand out (a stopped one never again).
+            Recipient.batch_id.in_(select(Batch.id).where(Batch.status == BatchStatus.SENDING)),
             or_(
                 and_(
                     Recipient.enqueued_at.is_(None),

@@ -130,7 +130,8 @@ def send_recipients(
                 .where(target, Recipient.status == R.QUEUED)
                 .values(
                     status=R.SENDING,
-                    claimed_at=now,
+                    # Stamped now, after any wait for tokens: the lease starts here.
+                    claimed_at=clock(),
                     attempts=Recipient.attempts + 1,
                     updated_at=now,
                 )
@@ -199,10 +200,6 @@ def _take_tokens(
         )
 
 
-# Hand-offs between two checks of the lease deadline.
-HANDOFF_GROUP = 50
-
-
 def _hand_over(
     providers: Mapping[str, Provider], messages: list[OutboundMessage], deadline: float
 ) -> list[SendResult | None]:
@@ -225,10 +222,11 @@ def _hand_over(
                     error_text=f"no provider for channel {channel}",
                 )
             continue
-        for start in range(0, len(idx), HANDOFF_GROUP):
+        step = max(1, provider.handoff_group)
+        for start in range(0, len(idx), step):
             if time.monotonic() > deadline:
                 break
-            part = idx[start : start + HANDOFF_GROUP]
+            part = idx[start : start + step]
             for i, result in zip(
                 part, provider.send_many([messages[i] for i in part]), strict=True
             ):
@@ -264,8 +262,10 @@ def record_results(
     failed: list[dict[str, Any]] = []
     expired: list[dict[str, Any]] = []
     sent_changes, failed_changes, expired_changes = [], [], []
+    requeue_changes: list[events.Change] = []
     for row, result in zip(claimed, results, strict=True):
         if result is None:
+            requeue_changes.append(events.Change(row.id, row.to, row.channel, row.client_id))
             requeue.append(
                 {
                     "rid": row.id,
@@ -306,6 +306,7 @@ def record_results(
                 expired.append(base)
                 expired_changes.append(change)
             else:
+                requeue_changes.append(change)
                 requeue.append(
                     {
                         **base,
@@ -319,6 +320,7 @@ def record_results(
         elif result.outcome is Outcome.CHANNEL and row.channel_index + 1 < len(channels):
             nxt = row.channel_index + 1
             # Immediate fallback: the running chunk picks it up again, so it stays enqueued.
+            requeue_changes.append(change)
             requeue.append(
                 {
                     **base,
@@ -333,7 +335,12 @@ def record_results(
             failed.append(base)
             failed_changes.append(change)
     conn = session.connection()
-    session.execute(update(Batch).where(Batch.id == batch.id).values(progress_at=now))
+    # Taking the batch row first orders this transaction with a cancel (which changes
+    # that row first too): a cancel committed before us is seen here, and one after
+    # us finds whatever we queue again.
+    batch_status = session.execute(
+        update(Batch).where(Batch.id == batch.id).values(progress_at=now).returning(Batch.status)
+    ).scalar_one()
     if attempts:
         conn.execute(insert(Attempt), attempts)
     in_sending = recipients.c.status == R.SENDING.value
@@ -371,6 +378,18 @@ def record_results(
             ),
             requeue,
         )
+    if requeue and batch_status in (BatchStatus.CANCELLED, BatchStatus.EXPIRED):
+        # The batch stopped while these were out: queued again just now, they are
+        # cancelled (or expired) in the same transaction instead of tried again.
+        stop = R.CANCELLED if batch_status == BatchStatus.CANCELLED else R.EXPIRED
+        conn.execute(
+            recipients.update()
+            .where(recipients.c.id == bindparam("rid"), recipients.c.status == R.QUEUED.value)
+            .values(status=stop.value, updated_at=bindparam("now")),
+            [{"rid": row["rid"], "now": now} for row in requeue],
+        )
+        events.record(session=session, batch=batch, status=stop, changes=requeue_changes, at=now)
+        requeue = []
     for rows, status in ((failed, R.FAILED), (expired, R.EXPIRED)):
         if rows:
             conn.execute(
@@ -403,17 +422,20 @@ def reclaim_stale(
 
     The provider's ledger decides: accepted -> sent; never received -> queued again
     (safe to send); unknown -> failed, because sending again could send twice.
+    A live worker stops handing off at half the lease, so a row past the whole
+    lease is not about to be sent; each write is conditional on the claim seen,
+    so an outcome recorded meanwhile is never overwritten.
     """
     cutoff = now - timedelta(seconds=settings.send_lease)
-    stale = session.scalars(
-        select(Recipient)
+    stale = session.execute(
+        select(Recipient, Batch)
+        .join(Batch, Batch.id == Recipient.batch_id)
         .where(Recipient.status == R.SENDING, Recipient.claimed_at < cutoff)
         .limit(limit)
+        .with_for_update(skip_locked=True, of=Recipient)
     ).all()
     counts: dict[str, int] = defaultdict(int)
-    for rec in stale:
-        batch = session.get(Batch, rec.batch_id)
-        assert batch is not None
+    for rec, batch in stale:
         provider = providers.get(rec.channel)
         message = OutboundMessage(
             recipient_id=rec.id,
@@ -424,24 +446,34 @@ def reclaim_stale(
             attempt=rec.attempts,
         )
         found, ref = provider.lookup(message) if provider else (Lookup.UNKNOWN, None)
-        counts[found.value] += 1
-        rec.claimed_at = None
-        rec.updated_at = now
+        values: dict[str, Any] = {"claimed_at": None, "updated_at": now}
+        status: R | None
         if found is Lookup.ACCEPTED:
-            rec.status = R.SENT
-            rec.provider_message_id = ref
-            rec.sent_at = now
-            status: R | None = R.SENT
+            status = R.SENT
+            values.update(status=R.SENT, provider_message_id=ref, sent_at=now)
         elif found is Lookup.NOT_FOUND:
-            rec.status = R.QUEUED
-            rec.enqueued_at = None
-            rec.next_attempt_at = None
             status = None
+            values.update(status=R.QUEUED, enqueued_at=None, next_attempt_at=None)
         else:
-            rec.status = R.FAILED
-            rec.error_code = "outcome_unknown"
-            rec.error_text = "worker lost during hand-off; not re-sent to avoid a duplicate"
             status = R.FAILED
+            values.update(
+                status=R.FAILED,
+                error_code="outcome_unknown",
+                error_text="worker lost during hand-off; not re-sent to avoid a duplicate",
+            )
+        settled = session.execute(
+            update(Recipient)
+            .where(
+                Recipient.id == rec.id,
+                Recipient.status == R.SENDING,
+                Recipient.claimed_at == rec.claimed_at,
+            )
+            .values(**values)
+            .returning(*events.CHANGE_COLUMNS)
+        ).all()
+        if not settled:
+            continue  # its worker recorded an outcome after all
+        counts[found.value] += 1
         session.add(
             Attempt(
                 recipient_id=rec.id,
@@ -451,10 +483,14 @@ def reclaim_stale(
                 at=now,
             )
         )
-        session.flush()
         if status is not None:
             events.record(
-                session=session, batch=batch, status=status, changes=[events.Change.of(rec)], at=now
+                session=session,
+                batch=batch,
+                status=status,
+                changes=[events.Change.from_row(row) for row in settled],
+                at=now,
             )
             complete_if_done(session=session, batch_id=batch.id, now=now)
+    session.flush()
     return dict(counts)

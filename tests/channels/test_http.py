@@ -106,3 +106,16 @@ def test_timeouts_and_refused_connections_are_transient(carrier: str) -> None:
 def test_an_http_provider_needs_a_url() -> None:
     with pytest.raises(ValueError, match="URL"):
         HttpProvider(url="")
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("inf", None), ("nan", None), ("1e12", 86400.0), ("-5", 0.0), ("soon", None)],
+)
+def test_absurd_retry_after_values_are_dropped_or_capped(
+    carrier: str, header: str, expected: float | None
+) -> None:
+    Carrier.replies = {"+447700900003": (503, None, {"Retry-After": header})}
+    result = HttpProvider(url=carrier).send(message("+447700900003"))
+    assert result.outcome is Outcome.TRANSIENT
+    assert result.retry_after == expected

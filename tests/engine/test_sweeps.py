@@ -16,7 +16,7 @@ from dispatcher import outbox
 from dispatcher.accounts.models import Account
 from dispatcher.batches import service
 from dispatcher.batches.models import Batch, Recipient, StatusEvent
-from dispatcher.channels.base import Lookup, OutboundMessage, Provider, SendResult
+from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
@@ -283,3 +283,119 @@ def test_a_stalled_sending_batch_has_its_queued_recipients_republished(
     with transaction(sessions) as session:
         scheduling.promote_due(session=session, settings=settings, now=later)
     assert not republished()  # once per stall, not every sweep
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        SendResult(Outcome.TRANSIENT, error_code="busy"),
+        SendResult(Outcome.CHANNEL, error_code="unreachable"),
+        None,  # never handed over (lease deadline)
+    ],
+)
+def test_a_hand_off_failing_after_cancel_is_not_tried_again(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    publisher: RecordingPublisher,
+    result: SendResult | None,
+) -> None:
+    """Claimed before the DELETE, failed after it: cancelled, not queued for ever."""
+    with transaction(sessions) as session:
+        account = session.get(Account, tenant.id)
+        assert account is not None
+        batch_id = service.create_batch(
+            session=session,
+            settings=settings,
+            account=account,
+            new=service.NewBatch(
+                sender="A",
+                body="hi",
+                channels=["rcs", "sms"],
+                destinations=["+447700900201", "+447700900202"],
+            ),
+        ).batch.id
+    now = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        claimed = session.execute(
+            update(Recipient)
+            .where(Recipient.batch_id == batch_id, Recipient.seq == 0)
+            .values(status=R.SENDING, claimed_at=now, attempts=1)
+            .returning(*sending.CLAIM_COLUMNS)
+        ).all()
+    with transaction(sessions) as session:
+        account = session.get(Account, tenant.id)
+        assert account is not None
+        _batch, count = service.cancel_batch(session=session, account=account, batch_id=batch_id)
+    assert count == 1  # the claimed one was not counted
+    with transaction(sessions) as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None
+        again = sending.record_results(
+            session=session,
+            settings=settings,
+            batch=batch,
+            channels=batch.channels,
+            claimed=claimed,
+            results=[result],
+            now=utcnow(),
+        )
+    assert again == 0
+    with sessions() as session:
+        states = dict(
+            session.execute(
+                select(Recipient.seq, Recipient.status).where(Recipient.batch_id == batch_id)
+            ).all()
+        )
+    assert states == {0: R.CANCELLED, 1: R.CANCELLED}
+    publisher.messages.clear()
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=now + timedelta(days=4))
+    assert not [
+        m for m in published(publisher, "send_recipients") if m.kwargs["batch_id"] == batch_id
+    ]
+
+
+def test_reclaim_never_overwrites_an_outcome_recorded_meanwhile(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+) -> None:
+    batch_id = create(sessions, settings, tenant, count=1)
+    now = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        session.execute(
+            update(Recipient)
+            .where(Recipient.batch_id == batch_id)
+            .values(status=R.SENDING, claimed_at=now - timedelta(seconds=settings.send_lease + 1))
+        )
+
+    class LateWorker(Provider):
+        """Answers 'never received' while the worker's record of the send is committing."""
+
+        def send(self, message: OutboundMessage) -> SendResult:
+            raise AssertionError("reclaim must never send")
+
+        def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
+            return Lookup.NOT_FOUND, None
+
+    with transaction(sessions) as session:
+        # The worker's record lands first (same transaction here, as on SQLite
+        # where writers are serialised): the row is no longer the claim reclaim saw.
+        stale = session.scalars(select(Recipient).where(Recipient.batch_id == batch_id)).one()
+        seen = stale.claimed_at
+        session.execute(
+            update(Recipient)
+            .where(Recipient.id == stale.id)
+            .values(status=R.SENT, provider_message_id="p1", claimed_at=None)
+        )
+        session.expire_all()
+        counts = sending.reclaim_stale(
+            session=session, settings=settings, providers={"sms": LateWorker()}, now=now
+        )
+    assert seen is not None and counts == {}
+    with sessions() as session:
+        row = session.scalars(select(Recipient).where(Recipient.batch_id == batch_id)).one()
+        assert (row.status, row.provider_message_id) == (R.SENT, "p1")
