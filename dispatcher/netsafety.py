@@ -6,9 +6,11 @@ publicly routable (loopback, RFC 1918 / ULA private, link-local including the
 CGNAT, and IPv6 forms embedding any of those), unless an operator allow-list
 covers it.
 
-Limitation: the check resolves the name itself, and the HTTP client resolves it
-again when connecting, so a DNS answer that changes in between (rebinding) is
-not caught here; callers re-check right before each delivery to narrow that gap.
+DNS rebinding: a name checked here must not be resolved again when connecting,
+or a hostile DNS server can answer a public address for the check and an
+internal one for the connection. ``resolve_checked`` therefore returns the
+addresses it validated, and the HTTP client must connect to exactly those
+(``dispatcher.webhooks.deliver`` pins its connections to them).
 """
 
 from __future__ import annotations
@@ -17,15 +19,24 @@ import ipaddress
 import re
 import socket
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
-__all__ = ["UnsafeURL", "check_url", "default_resolve", "parse_allowlist"]
+__all__ = [
+    "CheckedURL",
+    "UnsafeURL",
+    "check_url",
+    "default_resolve",
+    "parse_allowlist",
+    "resolve_checked",
+]
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _ALLOWED_SCHEMES = frozenset({"http", "https"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _PRIVATE: tuple[IPNetwork, ...] = (
@@ -44,6 +55,19 @@ _FORBIDDEN_URL_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
 
 class UnsafeURL(ValueError):
     """A callback URL was refused by the SSRF guard."""
+
+
+@dataclass(frozen=True)
+class CheckedURL:
+    """A URL that passed the SSRF guard, with the addresses a connection may use."""
+
+    scheme: str
+    host: str  # as in the URL, lower-cased, IPv6 without brackets
+    port: int
+    # The validated IPs, in resolver order. Connect to these and never resolve
+    # ``host`` again. Empty only when ``host`` is an allow-listed hostname: the
+    # operator trusts whatever that name resolves to, so nothing is pinned.
+    addresses: tuple[str, ...]
 
 
 def default_resolve(host: str) -> list[str]:
@@ -159,7 +183,20 @@ def check_url(
     allow: Collection[str] = (),
     resolve: Callable[[str], list[str]] = default_resolve,
 ) -> None:
-    """Raise UnsafeURL unless ``url`` is http(s) and every host address is safe or allowed."""
+    """Raise UnsafeURL unless ``url`` is http(s) and every host address is safe or allowed.
+
+    Only a validation: to connect, use :func:`resolve_checked` and its addresses.
+    """
+    resolve_checked(url, allow=allow, resolve=resolve)
+
+
+def resolve_checked(
+    url: str,
+    *,
+    allow: Collection[str] = (),
+    resolve: Callable[[str], list[str]] = default_resolve,
+) -> CheckedURL:
+    """Check ``url`` like :func:`check_url` and return the addresses that were validated."""
     if _FORBIDDEN_URL_CHARS.search(url):
         raise UnsafeURL("URL contains whitespace, control characters or backslashes")
     try:
@@ -183,8 +220,9 @@ def check_url(
             hostnames.add(parsed)
         else:
             networks.append(parsed)
+    port = _DEFAULT_PORTS[parts.scheme] if parts.port is None else parts.port
     if _normalise_hostname(host) in hostnames:
-        return
+        return CheckedURL(parts.scheme, host, port, ())
 
     literal = _ip_literal(host)
     if literal is not None:
@@ -209,3 +247,4 @@ def check_url(
                 f"refusing to connect to {addr}{shown}: address is {reason}; "
                 "add it to the callback allow-list if this is intended"
             )
+    return CheckedURL(parts.scheme, host, port, tuple(dict.fromkeys(str(a) for a in addresses)))

@@ -7,7 +7,14 @@ from collections.abc import Callable
 
 import pytest
 
-from dispatcher.netsafety import UnsafeURL, check_url, default_resolve, parse_allowlist
+from dispatcher.netsafety import (
+    CheckedURL,
+    UnsafeURL,
+    check_url,
+    default_resolve,
+    parse_allowlist,
+    resolve_checked,
+)
 
 
 def no_dns(host: str) -> list[str]:
@@ -182,6 +189,67 @@ def test_allow_hostname_literal_skips_resolution() -> None:
     check_url("http://Hooks.Internal./cb", allow=("hooks.internal",), resolve=no_dns)
     with pytest.raises(UnsafeURL, match="cannot resolve"):
         check_url("http://other.internal/cb", allow=("hooks.internal",), resolve=fake_dns({}))
+
+
+# --- resolve_checked: the addresses a connection must be pinned to -------------------
+
+
+def test_resolve_checked_returns_the_validated_addresses_in_order() -> None:
+    resolve = fake_dns(
+        {"hooks.example.com": ["93.184.216.34", "2606:2800:220:1::1", "93.184.216.34"]}
+    )
+    assert resolve_checked("https://Hooks.Example.com/x", resolve=resolve) == CheckedURL(
+        "https", "hooks.example.com", 443, ("93.184.216.34", "2606:2800:220:1::1")
+    )
+
+
+def test_resolve_checked_resolves_once() -> None:
+    """One lookup per check: the answer that was validated is the one returned."""
+    answers = iter([["93.184.216.34"], ["127.0.0.1"]])
+    calls: list[str] = []
+
+    def rebinding(host: str) -> list[str]:
+        calls.append(host)
+        return next(answers)
+
+    checked = resolve_checked("http://rebind.example.com:8080/", resolve=rebinding)
+    assert checked.addresses == ("93.184.216.34",)
+    assert checked.port == 8080
+    assert calls == ["rebind.example.com"]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://8.8.8.8/", CheckedURL("http", "8.8.8.8", 80, ("8.8.8.8",))),
+        (
+            "https://[2606:4700:4700::1111]:8443/",
+            CheckedURL("https", "2606:4700:4700::1111", 8443, ("2606:4700:4700::1111",)),
+        ),
+        ("http://[::ffff:8.8.8.8]/", CheckedURL("http", "::ffff:8.8.8.8", 80, ("::ffff:808:808",))),
+    ],
+)
+def test_resolve_checked_ip_literals(url: str, expected: CheckedURL) -> None:
+    assert resolve_checked(url, resolve=no_dns) == expected
+
+
+def test_resolve_checked_normalises_legacy_ipv4_literals() -> None:
+    # "2130706433" would be dialled as 127.0.0.1 by the OS: the pinned address says so.
+    checked = resolve_checked("http://2130706433:8000/", allow=["127.0.0.1"], resolve=no_dns)
+    assert checked.addresses == ("127.0.0.1",)
+
+
+def test_resolve_checked_allowlisted_hostname_pins_nothing() -> None:
+    checked = resolve_checked(
+        "http://Hooks.Internal./cb", allow=("hooks.internal",), resolve=no_dns
+    )
+    assert checked == CheckedURL("http", "hooks.internal.", 80, ())
+
+
+def test_resolve_checked_refuses_like_check_url() -> None:
+    resolve = fake_dns({"rebind.example.com": ["93.184.216.34", "10.0.0.1"]})
+    with pytest.raises(UnsafeURL, match="private"):
+        resolve_checked("https://rebind.example.com/", resolve=resolve)
 
 
 def test_default_resolve_numeric_host() -> None:

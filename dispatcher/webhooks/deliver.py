@@ -3,18 +3,40 @@
 ``WebhookSender.post`` never raises for delivery problems: unsafe URLs, network
 errors, timeouts and non-2xx answers all come back as a failed DeliveryResult
 so the caller can record the attempt and schedule a retry with ``next_delay``.
+
+Two defences beyond the SSRF check itself:
+
+* Pinning. The URL's host is resolved and checked once (``netsafety.resolve_checked``)
+  and the connection goes to exactly the checked addresses; the HTTP client never
+  resolves the name again, so a DNS answer that changes between check and connect
+  (rebinding) cannot reach an internal address. The URL keeps its hostname, so
+  the Host header, TLS SNI and certificate verification all use that name.
+* A wall-clock budget (``total_timeout``). Connect/read timeouts apply per socket
+  operation, so a receiver dripping its answer a byte at a time could hold a
+  worker forever; a watchdog shuts the attempt's socket down when the budget runs out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import random
+import socket
+import sys
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util.connection import create_connection
 
 from dispatcher import netsafety
 
@@ -25,11 +47,23 @@ __all__ = ["DeliveryResult", "WebhookSender", "next_delay", "parse_retry_after"]
 MAX_RETRY_AFTER = 86400.0
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
 _CHUNK = 1024
+_NETWORK_ERRORS = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    OSError,
+    ValueError,
+    http.client.HTTPException,
+)
 
 
 @dataclass(frozen=True)
 class DeliveryResult:
-    """Outcome of one delivery attempt."""
+    """Outcome of one delivery attempt.
+
+    ``error`` is a short reason built by the sender ("HTTP 500", an exception
+    class name, "unsafe URL: ...") and never contains bytes from the response;
+    the response body is only in ``body_excerpt``.
+    """
 
     ok: bool
     status: int | None
@@ -66,6 +100,191 @@ def _new_session() -> requests.Session:
     return session
 
 
+class _Budget:
+    """The wall-clock limit of one POST.
+
+    A timer shuts down every socket the attempt opened once the limit passes,
+    so a read blocked on a dripping receiver returns at once; connects are
+    clamped to the time left. Socket timeouts alone cannot do this: they bound
+    each read, not their sum.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._deadline = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._expired = False
+        self._closed = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @property
+    def expired(self) -> bool:
+        """Whether the watchdog fired."""
+        with self._lock:
+            return self._expired
+
+    def remaining(self) -> float:
+        """Seconds left (<= 0 once the budget is spent)."""
+        return self._deadline - time.monotonic()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down when the budget runs out (at once if it already has)."""
+        # A duplicate descriptor of the same connection: TLS wrapping detaches
+        # ``sock`` itself, and shutdown() acts on the connection, not the descriptor.
+        dup = sock.dup()
+        with self._lock:
+            if self._closed:
+                dup.close()
+                return
+            self._sockets.append(dup)
+            if self._expired:
+                with contextlib.suppress(OSError):
+                    dup.shutdown(socket.SHUT_RDWR)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._expired = True
+            for dup in self._sockets:
+                with contextlib.suppress(OSError):
+                    dup.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop the timer and release the duplicated descriptors."""
+        self._timer.cancel()
+        with self._lock:
+            self._closed = True
+            sockets, self._sockets = self._sockets, []
+            for dup in sockets:
+                dup.close()
+
+
+@dataclass(frozen=True)
+class _Pin:
+    """Where one POST may connect: the checked URL's addresses, within a budget."""
+
+    checked: netsafety.CheckedURL
+    budget: _Budget
+
+
+def _connect_pinned(conn: HTTPConnection, pin: _Pin | None) -> socket.socket:
+    """Open the TCP connection for ``conn`` to a checked address, never re-resolving."""
+    if pin is None:  # fail closed: only _PinnedAdapter creates these connections
+        raise NewConnectionError(conn, "refusing a connection that was not SSRF-checked")
+    checked = pin.checked
+    if checked.addresses:
+        targets: tuple[str, ...] = checked.addresses
+    elif conn.host.lower() == checked.host.lower().rstrip("."):
+        # An allow-listed hostname: the operator trusts whatever it resolves to.
+        targets = (conn.host,)
+    else:
+        raise NewConnectionError(conn, "connection host differs from the checked URL")
+    last: Exception | None = None
+    for target in targets:
+        remaining = pin.budget.remaining()
+        if remaining <= 0:
+            raise ConnectTimeoutError(
+                conn, f"total time limit ({pin.budget.seconds:g} s) spent before connecting"
+            )
+        timeout = conn.timeout
+        limit = min(timeout, remaining) if isinstance(timeout, (int, float)) else remaining
+        try:
+            sock = create_connection(
+                (target, conn.port),
+                limit,
+                source_address=conn.source_address,
+                socket_options=conn.socket_options,
+            )
+        except TimeoutError as exc:  # socket.timeout
+            last = ConnectTimeoutError(conn, f"connection to {target} timed out ({limit:g} s)")
+            last.__cause__ = exc
+            continue
+        except OSError as exc:
+            last = NewConnectionError(conn, f"failed to connect to {target}: {exc}")
+            last.__cause__ = exc
+            continue
+        sys.audit("http.client.connect", conn, target, conn.port)
+        try:
+            pin.budget.watch(sock)
+        except OSError:  # no descriptor left to duplicate: no unwatched connection either
+            sock.close()
+            raise
+        return sock
+    assert last is not None
+    raise last
+
+
+class _PinnedHTTPConnection(HTTPConnection):
+    """An HTTP connection whose DNS step is replaced by the checked addresses."""
+
+    def __init__(self, *args: Any, pin: _Pin | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pin = pin
+
+    def _new_conn(self) -> socket.socket:
+        return _connect_pinned(self, self._pin)
+
+
+class _PinnedHTTPSConnection(HTTPSConnection):
+    """As _PinnedHTTPConnection; SNI and certificate checks still use the URL's hostname."""
+
+    def __init__(self, *args: Any, pin: _Pin | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pin = pin
+
+    def _new_conn(self) -> socket.socket:
+        return _connect_pinned(self, self._pin)
+
+
+class _PinnedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = _PinnedHTTPConnection
+
+
+class _PinnedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = _PinnedHTTPSConnection
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """Transport for a single POST: connects only where ``pin`` says, never via a proxy."""
+
+    def __init__(self, pin: _Pin) -> None:
+        self._pin = pin
+        super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        """Create the pool manager with the pinning pool classes."""
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _PinnedHTTPConnectionPool,
+            "https": _PinnedHTTPSConnectionPool,
+        }
+
+    def get_connection_with_tls_context(
+        self,
+        request: requests.PreparedRequest,
+        verify: Any,
+        proxies: dict[str, str] | None = None,
+        cert: Any = None,
+    ) -> HTTPConnectionPool:
+        """The pool for ``request``, handing the pin to the connections it creates."""
+        # proxies are ignored: a proxy would resolve the name itself.
+        pool = super().get_connection_with_tls_context(request, verify, proxies=None, cert=cert)
+        pool.conn_kw["pin"] = self._pin
+        return pool
+
+
+def _out_of_time(budget: _Budget) -> DeliveryResult:
+    """The failed result of an attempt the watchdog cut off before its status was known."""
+    error = f"total timeout: no complete answer within {budget.seconds:g} s"
+    return DeliveryResult(False, None, error, None, "")
+
+
 class WebhookSender:
     """POSTs signed webhook bodies to callback URLs, one attempt per call."""
 
@@ -75,17 +294,28 @@ class WebhookSender:
         session: requests.Session | None = None,
         connect_timeout: float = 3.0,
         read_timeout: float = 10.0,
+        total_timeout: float = 30.0,
         max_response_bytes: int = 4096,
         allow: Collection[str] = (),
         resolve: Callable[[str], list[str]] = netsafety.default_resolve,
         user_agent: str = "Dispatcher-Webhooks/1",
     ) -> None:
-        """Configure timeouts, response cap, SSRF allow-list and HTTP session."""
+        """Configure timeouts, response cap, SSRF allow-list and HTTP session.
+
+        ``total_timeout`` bounds one whole POST (resolve, connect, send, status,
+        headers and the capped body read) in wall-clock seconds. ``session``
+        supplies request defaults and TLS settings (``verify``, ``cert``); the
+        connection itself is always made by the sender, pinned to the checked
+        addresses and never through a proxy.
+        """
         if max_response_bytes < 0:
             raise ValueError("max_response_bytes must be >= 0")
+        if not total_timeout > 0:
+            raise ValueError("total_timeout must be > 0")
         self._owns_session = session is None
         self._session = session if session is not None else _new_session()
         self._timeout = (connect_timeout, read_timeout)
+        self._total_timeout = float(total_timeout)
         self._max_response_bytes = max_response_bytes
         self._allow = tuple(allow)
         self._resolve = resolve
@@ -106,9 +336,19 @@ class WebhookSender:
 
     def post(self, *, url: str, body: bytes, headers: Mapping[str, str]) -> DeliveryResult:
         """POST ``body`` to ``url`` once and report the outcome without raising."""
+        # Started before the DNS lookup, so a slow resolver spends the budget too.
+        budget = _Budget(self._total_timeout)
         try:
-            # Re-checked on every attempt: the name may resolve elsewhere by now.
-            netsafety.check_url(url, allow=self._allow, resolve=self._resolve)
+            return self._post(url=url, body=body, headers=headers, budget=budget)
+        finally:
+            budget.close()
+
+    def _post(
+        self, *, url: str, body: bytes, headers: Mapping[str, str], budget: _Budget
+    ) -> DeliveryResult:
+        try:
+            # Checked on every attempt, and the connection goes to these very addresses.
+            checked = netsafety.resolve_checked(url, allow=self._allow, resolve=self._resolve)
         except netsafety.UnsafeURL as exc:
             return DeliveryResult(False, None, f"unsafe URL: {exc}", None, "")
 
@@ -118,15 +358,25 @@ class WebhookSender:
             del send_headers[name]
         send_headers["Content-Type"] = "application/json"
 
+        adapter = _PinnedAdapter(_Pin(checked, budget))
         try:
-            with self._session.post(
-                url,
-                data=body,
-                headers=send_headers,
-                timeout=self._timeout,
-                allow_redirects=False,
+            request = self._session.prepare_request(
+                requests.Request("POST", url, data=body, headers=send_headers)
+            )
+            # The adapter never follows redirects (there is no session.send here):
+            # a 3xx is reported as a failure below.
+            with adapter.send(
+                request,
                 stream=True,
+                timeout=self._timeout,
+                verify=self._session.verify,
+                cert=self._session.cert,
+                proxies={},
             ) as response:
+                if budget.expired:
+                    # http.client takes EOF inside the header block for its end, so
+                    # headers cut short by the watchdog can look like a whole answer.
+                    return _out_of_time(budget)
                 status = int(response.status_code)
                 excerpt = self._read_excerpt(response)
                 retry_after = (
@@ -134,17 +384,19 @@ class WebhookSender:
                     if status in _RETRY_AFTER_STATUSES
                     else None
                 )
-                location = response.headers.get("Location")
-        except (requests.RequestException, OSError, ValueError, http.client.HTTPException) as exc:
-            return DeliveryResult(False, None, f"{type(exc).__name__}: {exc}", None, "")
+        except _NETWORK_ERRORS as exc:
+            if budget.expired:
+                return _out_of_time(budget)
+            # The class only: messages can quote the peer's bytes (a bad status line).
+            return DeliveryResult(False, None, type(exc).__name__, None, "")
+        finally:
+            adapter.close()
 
         if 200 <= status < 300:
             return DeliveryResult(True, status, None, None, excerpt)
-        if 300 <= status < 400:
-            error = f"HTTP {status}: redirect not followed (Location: {location or '-'})"
-        else:
-            error = f"HTTP {status}"
-        return DeliveryResult(False, status, error, retry_after, excerpt)
+        # No Location or body here: error must not carry the peer's bytes.
+        redirect = ": redirect not followed" if 300 <= status < 400 else ""
+        return DeliveryResult(False, status, f"HTTP {status}{redirect}", retry_after, excerpt)
 
     def _read_excerpt(self, response: requests.Response) -> str:
         """Read at most max_response_bytes of the body and decode it leniently."""
@@ -157,9 +409,10 @@ class WebhookSender:
                 buf += chunk
                 if len(buf) >= limit:
                     break
-        except (requests.RequestException, OSError, http.client.HTTPException):
+        except _NETWORK_ERRORS:
             # The status line already arrived, so the attempt's outcome is known;
-            # a broken or slow body only costs us the diagnostic excerpt.
+            # a broken or slow body (cut off by the total budget at the latest)
+            # only costs us the diagnostic excerpt.
             pass
         return bytes(buf[:limit]).decode("utf-8", errors="replace")
 

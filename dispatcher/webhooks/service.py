@@ -115,11 +115,16 @@ def _count(session: Session, statement: Executable) -> int:
 
 
 def _error_text(result: DeliveryResult) -> str:
-    """What to store as last_error for a failed attempt."""
-    text = result.error or "delivery failed"
-    if result.body_excerpt:
-        text = f"{text}: {result.body_excerpt}"
-    return text[:_ERROR_LEN]
+    """What to store as last_error for a failed attempt: the status or a short generic reason.
+
+    last_error reaches the client (GET /callbacks ``lastError``) and the receiver
+    may be an internal service, so nothing the receiver sent (body, headers) is
+    ever stored: an answer is "HTTP <status>", anything else the sender's own
+    reason (an exception class, "unsafe URL: ...", the total timeout).
+    """
+    if result.status is not None:
+        return f"HTTP {result.status}"
+    return (result.error or "delivery failed")[:_ERROR_LEN]
 
 
 # --- delivery -------------------------------------------------------------------------

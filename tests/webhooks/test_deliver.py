@@ -1,17 +1,24 @@
-"""Tests for webhook delivery against a real HTTP server on 127.0.0.1."""
+"""Tests for webhook delivery against real servers on loopback addresses (127.0.0.0/8, ::1)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
-from dispatcher.webhooks import sign
+from dispatcher.webhooks import deliver, sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay, parse_retry_after
 
 HUGE_SIZE = 1024 * 1024
@@ -90,23 +97,39 @@ class TestServer(ThreadingHTTPServer):
     __test__ = False
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), Handler)
         self.state = ServerState()
 
 
 @pytest.fixture
-def server() -> Iterator[TestServer]:
-    srv = TestServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+def serve() -> Iterator[Callable[..., TestServer]]:
+    """Start TestServers (``serve(host, port)``); all are stopped at teardown."""
+    running: list[tuple[TestServer, threading.Thread]] = []
+
+    def start(host: str = "127.0.0.1", port: int = 0) -> TestServer:
+        srv = TestServer(host, port)
+        thread = threading.Thread(
+            target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        thread.start()
+        running.append((srv, thread))
+        return srv
+
     try:
-        yield srv
+        yield start
     finally:
-        srv.state.release.set()
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
+        for srv, thread in running:
+            srv.state.release.set()
+            srv.shutdown()
+            srv.server_close()
+            thread.join(timeout=5)
+
+
+@pytest.fixture
+def server(serve: Callable[..., TestServer]) -> TestServer:
+    return serve()
 
 
 @pytest.fixture
@@ -179,11 +202,8 @@ def test_redirect_not_followed(server: TestServer, sender: WebhookSender) -> Non
     result = sender.post(url=url(server, "/redirect"), body=b"{}", headers={})
     assert not result.ok
     assert result.status == 302
-    assert (
-        result.error is not None
-        and "redirect not followed" in result.error
-        and "/ok" in result.error
-    )
+    # The receiver's Location is not echoed: error never carries the peer's bytes.
+    assert result.error == "HTTP 302: redirect not followed"
     assert paths(server) == ["/redirect"]
 
 
@@ -192,7 +212,7 @@ def test_read_timeout_honoured(server: TestServer) -> None:
         result = s.post(url=url(server, "/slow"), body=b"{}", headers={})
     assert not result.ok
     assert result.status is None
-    assert result.error is not None and "timed out" in result.error.lower()
+    assert result.error == "ReadTimeout"
 
 
 def test_huge_response_capped(server: TestServer) -> None:
@@ -244,14 +264,411 @@ def test_connection_refused_is_result_not_exception() -> None:
 
 
 def test_caller_session_not_closed(server: TestServer) -> None:
-    import requests
-
     with requests.Session() as session:
         with WebhookSender(session=session, allow=LOCAL) as s:
             assert s.post(url=url(server, "/ok"), body=b"{}", headers={}).ok
         # Still usable after the sender is closed: the caller owns it.
         with WebhookSender(session=session, allow=LOCAL) as s:
             assert s.post(url=url(server, "/ok"), body=b"{}", headers={}).ok
+
+
+def test_total_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="total_timeout"):
+        WebhookSender(total_timeout=0)
+
+
+# --- no response text in error ------------------------------------------------
+
+
+def test_error_never_quotes_a_non_http_reply() -> None:
+    """A non-HTTP service's first line must not come back in the error (only the class)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(5)
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(5)
+                conn.recv(65536)
+                conn.sendall(b"INTERNAL-ONLY secret=hunter2\r\n\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        with WebhookSender(allow=LOCAL, connect_timeout=2, read_timeout=2) as s:
+            result = s.post(url=f"http://127.0.0.1:{port}/", body=b"{}", headers={})
+        thread.join(timeout=5)
+    assert result == DeliveryResult(False, None, "ConnectionError", None, "")
+
+
+# --- DNS rebinding: the connection goes to the address that was checked ----------------
+
+REBIND_HOST = "rebind.test"
+
+
+@dataclass
+class Resolver:
+    """Injected check-time resolver: answers ``first`` once, then ``later`` (rebinding)."""
+
+    first: list[str]
+    later: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    calls: list[str] = field(default_factory=list)
+
+    def __call__(self, host: str) -> list[str]:
+        self.calls.append(host)
+        return self.first if len(self.calls) == 1 else self.later
+
+
+@pytest.fixture
+def system_dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The system resolver (what an HTTP client resolving the name itself would use)
+    answers 127.0.0.1 for REBIND_HOST: the hostile DNS's second answer. Returns the
+    names looked up through it."""
+    real = socket.getaddrinfo
+    looked_up: list[str] = []
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(host)
+        return real("127.0.0.1" if host == REBIND_HOST else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return looked_up
+
+
+@pytest.fixture
+def dialled(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Record every address the sender dials; non-loopback ones are refused without
+    touching the network (tests stay on loopback)."""
+    real = deliver.create_connection
+    seen: list[tuple[str, int]] = []
+
+    def create_connection(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        seen.append(address)
+        if not (address[0].startswith("127.") or address[0] in ("::1", REBIND_HOST)):
+            raise ConnectionRefusedError(111, "refused by the test: no network beyond loopback")
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(deliver, "create_connection", create_connection)
+    return seen
+
+
+def host_header(srv: TestServer) -> list[str]:
+    with srv.state.lock:
+        return [r.headers["Host"] for r in srv.state.requests]
+
+
+def test_rebinding_to_loopback_never_reaches_the_local_server(
+    server: TestServer, system_dns: list[str], dialled: list[tuple[str, int]]
+) -> None:
+    port = server.server_address[1]
+    target = f"http://{REBIND_HOST}:{port}/ok"
+    resolver = Resolver(first=["93.184.216.34"])  # public at check time, 127.0.0.1 after
+    with WebhookSender(resolve=resolver, connect_timeout=1, read_timeout=1) as s:  # no allow-list
+        result = s.post(url=target, body=b"{}", headers={})
+
+    assert (result.ok, result.status, result.error) == (False, None, "ConnectionError")
+    assert dialled == [("93.184.216.34", port)]  # the checked address, and only it
+    assert resolver.calls == [REBIND_HOST]
+    assert REBIND_HOST not in system_dns  # the name was never resolved a second time
+    assert paths(server) == []
+
+    # Control: a client that resolves the name itself does land on the local server,
+    # so the assertions above would catch a sender that re-resolved.
+    with requests.Session() as plain:
+        plain.trust_env = False
+        assert plain.post(target, data=b"{}", timeout=5).status_code == 200
+    assert paths(server) == ["/ok"]
+
+
+def test_pinned_connection_keeps_hostname_in_host_header(
+    serve: Callable[..., TestServer], system_dns: list[str], dialled: list[tuple[str, int]]
+) -> None:
+    internal = serve("127.0.0.1")  # where the rebinding answer / system DNS points
+    port = internal.server_address[1]
+    checked = serve("127.0.0.2", port)  # same port, on the address that passed the check
+    resolver = Resolver(first=["127.0.0.2"])
+    with WebhookSender(allow=("127.0.0.2",), resolve=resolver) as s:
+        first = s.post(url=f"http://{REBIND_HOST}:{port}/ok", body=b"{}", headers={})
+        # The next attempt re-checks: now the name says 127.0.0.1, which is refused.
+        second = s.post(url=f"http://{REBIND_HOST}:{port}/ok", body=b"{}", headers={})
+
+    assert first.ok and first.status == 200
+    assert host_header(checked) == [f"{REBIND_HOST}:{port}"]
+    assert not second.ok and second.error is not None and "loopback" in second.error
+    assert paths(internal) == []
+    assert dialled == [("127.0.0.2", port)]
+    assert REBIND_HOST not in system_dns
+
+
+def test_pinned_connection_tries_each_checked_address(
+    serve: Callable[..., TestServer], dialled: list[tuple[str, int]]
+) -> None:
+    srv = serve("127.0.0.2")
+    port = srv.server_address[1]
+    resolver = Resolver(first=["127.0.0.3", "127.0.0.2"])  # nothing listens on 127.0.0.3
+    with WebhookSender(allow=("127.0.0.2", "127.0.0.3"), resolve=resolver) as s:
+        result = s.post(url=f"http://{REBIND_HOST}:{port}/ok", body=b"{}", headers={})
+    assert result.ok
+    assert dialled == [("127.0.0.3", port), ("127.0.0.2", port)]
+    assert host_header(srv) == [f"{REBIND_HOST}:{port}"]
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_pinned_ipv6(serve: Callable[..., TestServer], dialled: list[tuple[str, int]]) -> None:
+    srv = serve("::1")
+    port = srv.server_address[1]
+    with WebhookSender(allow=("::1",), resolve=Resolver(first=["::1"])) as s:
+        by_name = s.post(url=f"http://{REBIND_HOST}:{port}/ok", body=b"{}", headers={})
+        literal = s.post(url=f"http://[::1]:{port}/ok", body=b"{}", headers={})
+    assert by_name.ok and literal.ok
+    assert dialled == [("::1", port), ("::1", port)]
+    assert host_header(srv) == [f"{REBIND_HOST}:{port}", f"[::1]:{port}"]
+
+
+def test_allowlisted_hostname_is_resolved_normally(
+    server: TestServer, system_dns: list[str]
+) -> None:
+    """An operator-trusted name may resolve anywhere: nothing to pin, no check-time lookup."""
+    port = server.server_address[1]
+
+    def no_dns(host: str) -> list[str]:
+        raise AssertionError(f"unexpected check-time lookup of {host!r}")
+
+    with WebhookSender(allow=(REBIND_HOST,), resolve=no_dns) as s:
+        result = s.post(url=f"http://{REBIND_HOST}:{port}/ok", body=b"{}", headers={})
+    assert result.ok
+    assert REBIND_HOST in system_dns
+    assert host_header(server) == [f"{REBIND_HOST}:{port}"]
+
+
+def test_unpinned_connection_fails_closed() -> None:
+    """A pinned-pool connection built without a pin (a wiring bug) refuses to connect."""
+    from urllib3.exceptions import NewConnectionError
+
+    conn = deliver._PinnedHTTPConnection("127.0.0.1", 9)
+    with pytest.raises(NewConnectionError, match="not SSRF-checked"):
+        conn._new_conn()
+
+
+# --- HTTPS: pinned to the checked IP, SNI and certificate check still use the name ------
+
+
+@dataclass
+class TLSFiles:
+    cert: Path
+    key: Path
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A self-signed certificate for REBIND_HOST only (made by the openssl CLI)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl CLI not available")
+    folder = tmp_path_factory.mktemp("tls")
+    files = TLSFiles(folder / "cert.pem", folder / "key.pem")
+    args = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+    args += ["-nodes", "-days", "2", "-subj", f"/CN={REBIND_HOST}"]
+    args += ["-addext", f"subjectAltName=DNS:{REBIND_HOST}"]
+    args += ["-keyout", str(files.key), "-out", str(files.cert)]
+    subprocess.run(
+        [openssl, *args],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return files
+
+
+class TLSServer(TestServer):
+    """TestServer speaking TLS; records the SNI names clients send."""
+
+    def __init__(self, host: str, files: TLSFiles) -> None:
+        super().__init__(host)
+        self.sni: list[str | None] = []
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(files.cert, files.key)
+        self.context.sni_callback = self._record_sni
+
+    def _record_sni(self, sock: Any, name: str | None, context: Any) -> None:
+        self.sni.append(name)
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = super().get_request()
+        sock.settimeout(5)
+        # A client rejecting the certificate makes this raise; the server drops it.
+        return self.context.wrap_socket(sock, server_side=True), address
+
+
+@pytest.fixture
+def tls_server(tls_files: TLSFiles) -> Iterator[TLSServer]:
+    srv = TLSServer("127.0.0.2", tls_files)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
+
+
+def test_https_pinned_with_sni_and_certificate_for_the_hostname(
+    tls_server: TLSServer, tls_files: TLSFiles, dialled: list[tuple[str, int]]
+) -> None:
+    port = tls_server.server_address[1]
+    with requests.Session() as session:
+        session.verify = str(tls_files.cert)
+        with WebhookSender(
+            session=session, allow=("127.0.0.2",), resolve=Resolver(first=["127.0.0.2"])
+        ) as s:
+            result = s.post(url=f"https://{REBIND_HOST}:{port}/ok", body=b"{}", headers={})
+    assert result.ok and result.status == 200
+    assert dialled == [("127.0.0.2", port)]
+    assert tls_server.sni == [REBIND_HOST]  # SNI is the name, not the pinned IP
+    assert host_header(tls_server) == [f"{REBIND_HOST}:{port}"]
+
+
+def test_https_certificate_still_checked_against_the_hostname(
+    tls_server: TLSServer, tls_files: TLSFiles
+) -> None:
+    """Pinning must not weaken verification: a name the certificate doesn't cover fails."""
+    port = tls_server.server_address[1]
+    with requests.Session() as session:
+        session.verify = str(tls_files.cert)
+        with WebhookSender(
+            session=session, allow=("127.0.0.2",), resolve=Resolver(first=["127.0.0.2"])
+        ) as s:
+            result = s.post(url=f"https://other.test:{port}/ok", body=b"{}", headers={})
+    assert (result.ok, result.status, result.error) == (False, None, "SSLError")
+    assert tls_server.sni == ["other.test"]
+    assert paths(tls_server) == []
+
+
+# --- total time limit -----------------------------------------------------------------
+
+DRIP_INTERVAL = 0.2
+BUDGET = 1.5
+
+
+class Dripper:
+    """A raw TCP receiver that sends ``prefix`` at once, then ``drip`` one byte every
+    DRIP_INTERVAL seconds, until the client hangs up, the drip runs out or ``stop`` is set."""
+
+    def __init__(self, prefix: bytes, drip: bytes) -> None:
+        self.prefix = prefix
+        self.drip = drip
+        self.stop = threading.Event()
+        self.hung_up = threading.Event()  # the client closed or shut down the connection
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.listener.settimeout(5)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)
+                conn.sendall(self.prefix)
+                for byte in self.drip:
+                    if self.stop.wait(DRIP_INTERVAL):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                self.hung_up.set()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
+
+
+@pytest.fixture
+def drip() -> Iterator[Callable[[bytes, bytes], Dripper]]:
+    started: list[Dripper] = []
+
+    def start(prefix: bytes, drip: bytes) -> Dripper:
+        dripper = Dripper(prefix, drip)
+        started.append(dripper)
+        return dripper
+
+    try:
+        yield start
+    finally:
+        for dripper in started:
+            dripper.close()
+
+
+# 8 s of drip: far past the budget, yet a regression still ends by itself.
+ENDLESS_HEADER = b"X-Pad: " + b"a" * 33
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        pytest.param(b"", id="status-line-dripped"),
+        # The status line is whole and only the headers drip: a socket shut down
+        # mid-headers reads as their end to http.client, which must not count as a 200.
+        pytest.param(b"HTTP/1.1 200 OK\r\n", id="headers-dripped"),
+    ],
+)
+def test_dripping_receiver_cut_off_at_total_timeout(
+    drip: Callable[[bytes, bytes], Dripper], prefix: bytes
+) -> None:
+    status_line = b"HTTP/1.1 200 OK\r\n"
+    dripper = drip(prefix, (b"" if prefix else status_line) + ENDLESS_HEADER)
+    # Each byte arrives well inside the per-read timeout, so only the budget can stop it.
+    with WebhookSender(
+        allow=LOCAL, connect_timeout=1.0, read_timeout=1.0, total_timeout=BUDGET
+    ) as s:
+        started = time.monotonic()
+        result = s.post(url=f"http://127.0.0.1:{dripper.port}/cb", body=b"{}", headers={})
+        took = time.monotonic() - started
+    assert result == DeliveryResult(
+        False, None, "total timeout: no complete answer within 1.5 s", None, ""
+    )
+    assert BUDGET - 0.1 <= took < BUDGET + 1.0
+    assert dripper.hung_up.wait(timeout=5)  # the client really let go of the connection
+
+
+def test_dripping_body_after_status_keeps_the_status(
+    drip: Callable[[bytes, bytes], Dripper],
+) -> None:
+    """Once the status is in, the outcome is known: a dripped body only shortens the excerpt."""
+    dripper = drip(b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n", b"b" * 40)
+    with WebhookSender(allow=LOCAL, read_timeout=1.0, total_timeout=BUDGET) as s:
+        started = time.monotonic()
+        result = s.post(url=f"http://127.0.0.1:{dripper.port}/cb", body=b"{}", headers={})
+        took = time.monotonic() - started
+    assert (result.ok, result.status, result.error) == (True, 200, None)
+    # What arrived before the cut-off, if anything (a partial read chunk is dropped).
+    assert len(result.body_excerpt) < 40 and result.body_excerpt.strip("b") == ""
+    assert BUDGET - 0.1 <= took < BUDGET + 1.0
+
+
+def test_quick_answer_unaffected_by_total_timeout(server: TestServer) -> None:
+    with WebhookSender(allow=LOCAL, total_timeout=BUDGET) as s:
+        results = [s.post(url=url(server, "/ok"), body=b"{}", headers={}) for _ in range(3)]
+    assert all(r.ok for r in results)
 
 
 # --- parse_retry_after -------------------------------------------------------

@@ -23,7 +23,7 @@ from dispatcher.db import make_engine, make_session_factory, new_id, transaction
 from dispatcher.errors import Conflict, NotFound, ValidationError
 from dispatcher.models import Base
 from dispatcher.webhooks import service, sign
-from dispatcher.webhooks.deliver import WebhookSender
+from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender
 from dispatcher.webhooks.models import Callback, Endpoint
 
 SCHEDULE = (1.0, 2.0, 3.0)
@@ -39,6 +39,7 @@ class Reply:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    raw: bool = False  # send body as-is, no status line: a non-HTTP service
 
 
 @dataclass
@@ -102,6 +103,10 @@ class Handler(BaseHTTPRequestHandler):
             script = srv.scripts.get(self.path) or []
             reply = script.pop(0) if script else Reply(200, body=b"ok")
             srv.seen.append(Seen(self.path, headers, body, verified, reply.status))
+        if reply.raw:
+            self.wfile.write(reply.body)
+            self.close_connection = True
+            return
         self.send_response(reply.status)
         for name, value in reply.headers.items():
             self.send_header(name, value)
@@ -337,7 +342,7 @@ def test_endpoint_that_never_recovers_goes_dead_then_replays(
     assert outcomes == [{"retry": 1}] * len(SCHEDULE) + [{"dead": 1}]
     row = env.get(cid)
     assert (row.state, row.attempts, row.last_status) == ("dead", 4, 500)
-    assert row.last_error == "HTTP 500: still down"
+    assert row.last_error == "HTTP 500"  # the body ("still down") is never stored
     env.clock.advance(3600)
     assert env.deliver(sender, cid) == {"skipped": 1}
     assert len(receiver.requests()) == 4
@@ -404,12 +409,50 @@ def test_retry_after_on_429_is_honoured(
     row = env.get(cid)
     # The schedule alone says ~1 s; the receiver asked for 3 (capped to the schedule's max).
     assert row.next_attempt_at == env.clock.now + timedelta(seconds=3)
-    assert (row.last_status, row.last_error) == (429, "HTTP 429: slow down")
+    assert (row.last_status, row.last_error) == (429, "HTTP 429")
     env.clock.advance(2.9)
     assert env.deliver(sender, cid) == {"not_due": 1}
     env.clock.advance(0.1)
     assert env.deliver(sender, cid) == {"delivered": 1}
     assert [s.status for s in receiver.requests()] == [429, 200]
+
+
+def test_last_error_never_holds_what_the_receiver_sent(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """last_error reaches the client (lastError), and the receiver may be internal."""
+    leak = b"INTERNAL-ONLY secret=hunter2"
+    receiver.script(
+        "/leak",
+        Reply(500, {"X-Internal": "hunter2"}, leak),
+        Reply(302, {"Location": "http://10.0.0.1/hunter2"}, leak),
+        Reply(0, body=leak + b"\r\n\r\n", raw=True),  # a non-HTTP answer
+    )
+    cid = add_callback(env, receiver.url("/leak"))
+    stored = []
+    for _ in range(3):
+        assert env.deliver(sender, cid) == {"retry": 1}
+        row = env.get(cid)
+        stored.append((row.last_status, row.last_error))
+        env.clock.now = row.next_attempt_at
+    assert stored == [(500, "HTTP 500"), (302, "HTTP 302"), (None, "ConnectionError")]
+    with env.factory() as session:
+        listed, _ = service.list_callbacks(session=session, account_id=env.account_id)
+    assert [c.last_error for c in listed] == ["ConnectionError"]
+
+
+@pytest.mark.parametrize(
+    ("result", "stored"),
+    [
+        (DeliveryResult(False, 500, "HTTP 500", None, "INTERNAL-ONLY secret"), "HTTP 500"),
+        (DeliveryResult(False, 302, "HTTP 302: redirect not followed", None, "x"), "HTTP 302"),
+        (DeliveryResult(False, None, "ReadTimeout", None, ""), "ReadTimeout"),
+        (DeliveryResult(False, None, None, None, ""), "delivery failed"),
+        (DeliveryResult(False, None, "x" * 600, None, ""), "x" * 500),
+    ],
+)
+def test_error_text_is_status_or_generic_reason(result: DeliveryResult, stored: str) -> None:
+    assert service._error_text(result) == stored
 
 
 def test_disabled_endpoint_holds_callbacks_until_enabled(
