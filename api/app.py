@@ -55,15 +55,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             session.rollback()
             session.close()
 
-    from api.dialects import callbacks, dlr, eightbyeight, mplus, ops, reports
-
-    app.register_blueprint(mplus.blueprint)
-    app.register_blueprint(eightbyeight.blueprint)
-    app.register_blueprint(ops.blueprint)
-    app.register_blueprint(callbacks.blueprint)
-    app.register_blueprint(dlr.blueprint)
-    app.register_blueprint(reports.blueprint)
+    from api import openapi
+    from api.dialects import callbacks, dlr, eightbyeight, mplus, ops, reports, sinch
     from api.errors import register
 
+    for dialect in (mplus, eightbyeight, sinch, callbacks, dlr, reports, ops):
+        app.register_blueprint(dialect.blueprint)
+    openapi.register(app)
     register(app)
     return app

@@ -71,3 +71,7 @@ def callbacks_for(
     """The callbacks a change produces, in the batch's dialect."""
     builder = BUILDERS.get(batch.dialect, native)
     return builder(batch=batch, status=status, changes=changes, at=at)
+
+
+# Dialect builders register themselves into BUILDERS when imported.
+from dispatcher.webhooks import sinch as _sinch  # noqa: E402, F401
