@@ -242,9 +242,11 @@ def resolve_checked(
     for addr in addresses:
         reason = _refusal_reason(addr)
         if reason is not None and not _allowed(addr, networks):
-            shown = "" if literal is not None else f" (resolved from {host!r})"
+            # A name's resolved address is not shown: the message reaches clients,
+            # who must not learn what internal names resolve to.
+            target = str(addr) if literal is not None else f"host {host!r}"
             raise UnsafeURL(
-                f"refusing to connect to {addr}{shown}: address is {reason}; "
+                f"refusing to connect to {target}: the address is {reason}; "
                 "add it to the callback allow-list if this is intended"
             )
     return CheckedURL(parts.scheme, host, port, tuple(dict.fromkeys(str(a) for a in addresses)))
