@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher.channels.base import Outcome, OutboundMessage
+from dispatcher.channels.base import OutboundMessage, Outcome
 from dispatcher.channels.http import HttpProvider
 
 

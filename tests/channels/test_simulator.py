@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from dispatcher.channels.base import Lookup, Outcome, OutboundMessage
+from dispatcher.channels.base import Lookup, OutboundMessage, Outcome
 from dispatcher.channels.simulator import HANDOFFS, LEDGER, RECEIPTS, Simulator
 
 RULES = {
