@@ -210,30 +210,51 @@ def create_batch(
             raise Conflict(
                 f"id {new.client_id!r} was already used for a different batch", field="id"
             ) from None
-    bodies = new.bodies
-    body_parts = parts.analyse(new.body).parts
+    insert_recipients(
+        session=session,
+        batch=batch,
+        destinations=new.destinations,
+        bodies=new.bodies,
+        client_id=new.client_message_id,
+        now=now,
+    )
+    promote_if_due(session=session, settings=settings, batch=batch, now=now)
+    return Intake(batch=batch, created=True)
+
+
+def insert_recipients(
+    *,
+    session: Session,
+    batch: Batch,
+    destinations: Sequence[str],
+    bodies: Sequence[str] | None,
+    now: datetime,
+    client_id: str | None = None,
+) -> int:
+    """Write one ``scheduled`` row per destination, seq 0..n-1 (chunks are seq ranges)."""
+    body_parts = parts.analyse(batch.body).parts
     rows = [
         {
             "id": str(uuid.uuid4()),
             "batch_id": batch.id,
-            "account_id": account.id,
+            "account_id": batch.account_id,
             "seq": seq,
             "to": to,
-            "body": bodies[seq] if bodies is not None and bodies[seq] != new.body else None,
-            "client_id": new.client_message_id,
+            # Stored only where it differs from the batch's (Sinch parameters).
+            "body": bodies[seq] if bodies is not None and bodies[seq] != batch.body else None,
+            "client_id": client_id,
             "status": RecipientStatus.SCHEDULED,
             "channel_index": 0,
-            "channel": new.channels[0],
+            "channel": batch.channels[0],
             "parts": parts.analyse(bodies[seq]).parts if bodies is not None else body_parts,
             "created_at": now,
             "updated_at": now,
         }
-        for seq, to in enumerate(new.destinations)
+        for seq, to in enumerate(destinations)
     ]
     if rows:
         session.execute(insert(Recipient), rows)
-    promote_if_due(session=session, settings=settings, batch=batch, now=now)
-    return Intake(batch=batch, created=True)
+    return len(rows)
 
 
 def promote_if_due(*, session: Session, settings: Settings, batch: Batch, now: datetime) -> bool:

@@ -9,24 +9,29 @@ the batch has started and the caller gets a Conflict naming why.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, func, insert, select, update
+from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher import outbox
 from dispatcher.accounts.models import Account
 from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient
-from dispatcher.batches.service import NewBatch, fingerprint, fit_parts, get_batch, promote_if_due
+from dispatcher.batches.service import (
+    NewBatch,
+    fingerprint,
+    fit_parts,
+    get_batch,
+    insert_recipients,
+    promote_if_due,
+)
 from dispatcher.config import Settings
 from dispatcher.db import utcnow
 from dispatcher.errors import Conflict, NotFound, ValidationError
-from dispatcher.sms import parts
 from dispatcher.states import BatchStatus, RecipientStatus, check_batch
 
 NOT_STARTED = (BatchStatus.SCHEDULED, BatchStatus.QUEUED)
@@ -140,27 +145,9 @@ def _replace_recipients(
     # Nothing was sent, queued for a worker or reported for an unstarted batch's
     # recipients, so they are rewritten whole: seq stays 0..n-1, which chunking needs.
     session.execute(delete(Recipient).where(Recipient.batch_id == batch.id))
-    now = utcnow()
-    rows = [
-        {
-            "id": str(uuid.uuid4()),
-            "batch_id": batch.id,
-            "account_id": batch.account_id,
-            "seq": seq,
-            "to": to,
-            "body": bodies[seq] if bodies is not None and bodies[seq] != batch.body else None,
-            "status": RecipientStatus.SCHEDULED,
-            "channel_index": 0,
-            "channel": batch.channels[0],
-            "parts": parts.analyse(bodies[seq] if bodies is not None else batch.body).parts,
-            "created_at": now,
-            "updated_at": now,
-        }
-        for seq, to in enumerate(destinations)
-    ]
-    if rows:
-        session.execute(insert(Recipient), rows)
-    batch.recipient_count = len(rows)
+    batch.recipient_count = insert_recipients(
+        session=session, batch=batch, destinations=destinations, bodies=bodies, now=utcnow()
+    )
 
 
 def _reschedule(session: Session, settings: Settings, batch: Batch, now: datetime) -> None:
