@@ -138,6 +138,9 @@ class Settings:
     callback_max_response_bytes: int = 4096
     callback_disable_after: float = 24 * 3600.0
     callback_batch_size: int = 100
+    # A due callback still pending this long after its publish is published again
+    # (a publish lost after commit); the claim makes a duplicate task harmless.
+    callback_requeue_after: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -181,6 +184,7 @@ class Settings:
             "callback_concurrency",
             "callback_max_response_bytes",
             "callback_batch_size",
+            "callback_requeue_after",
         )
         for name in positive:
             value = getattr(self, name)

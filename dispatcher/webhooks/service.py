@@ -375,7 +375,7 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
     """Reclaim orphaned claims, then publish callbacks due within the horizon (or lost)."""
     _reclaim_stale(session=session, settings=settings, now=now)
     horizon = now + timedelta(seconds=settings.schedule_horizon)
-    lost = now - timedelta(seconds=settings.requeue_after)
+    lost = now - timedelta(seconds=settings.callback_requeue_after)
     rows = session.execute(
         select(Callback.id, Callback.next_attempt_at)
         .where(

@@ -627,3 +627,16 @@ def test_promote_due_reclaims_claims_past_the_lease(env: Env) -> None:
     assert row.last_error is not None and "worker lost" in row.last_error
     assert env.get(busy).state == "delivering"
     assert env.get(spent).state == "dead"
+
+
+def test_a_callback_whose_publish_was_lost_goes_out_within_a_minute(env: Env) -> None:
+    """Written with its status change, published after commit, the publish lost."""
+    now = env.clock.now
+    cid = add_callback(env, "https://example.com/hook", enqueued_at=now, next_attempt_at=now)
+    with transaction(env.factory) as session:
+        service.promote_due(session=session, settings=env.settings, now=now)
+    assert not any(cid in m.kwargs["callback_ids"] for m in env.published.messages)
+    later = now + timedelta(seconds=env.settings.callback_requeue_after + 1)
+    with transaction(env.factory) as session:
+        service.promote_due(session=session, settings=env.settings, now=later)
+    assert any(cid in m.kwargs["callback_ids"] for m in env.published.messages)
