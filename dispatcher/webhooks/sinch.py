@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.orm import object_session
 
 from dispatcher.states import RecipientStatus
@@ -164,6 +164,21 @@ def outcomes_of(session: Any, batch_id: str) -> list[Outcome]:
     return [Outcome(to, RecipientStatus(status), code) for to, status, code in rows]
 
 
+# States Sinch still reports as Queued or Dispatched (failures always map to final names).
+IN_FLIGHT = frozenset(s for s, (name, _code) in _BY_STATE.items() if name not in FINAL)
+
+
+def _in_flight(session: Any, batch_id: str) -> bool:
+    """Whether any recipient of the batch is not yet in a final Sinch status."""
+    from dispatcher.batches.models import Recipient
+
+    return bool(
+        session.scalar(
+            select(exists().where(Recipient.batch_id == batch_id, Recipient.status.in_(IN_FLIGHT)))
+        )
+    )
+
+
 def callbacks(
     *, batch: Batch, status: RecipientStatus, changes: Sequence[Change], at: datetime
 ) -> list[PendingCallback]:
@@ -193,9 +208,10 @@ def callbacks(
     # Concurrent last changes must not each see the other still in flight (and so
     # both skip the report): on PostgreSQL they queue here on the batch row.
     session.refresh(batch, with_for_update=True)
-    outcomes = outcomes_of(session, batch.id)
-    if any(status_of(o.status, o.error_code)[0] not in FINAL for o in outcomes):
+    # One indexed question per change; the whole batch is loaded only once it is final.
+    if _in_flight(session, batch.id):
         return []
+    outcomes = outcomes_of(session, batch.id)
     payload = summary(batch=batch, outcomes=outcomes, full=mode == "full")
     return [PendingCallback(batch.callback_url, payload["type"], payload, None)]
 
