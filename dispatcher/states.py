@@ -1,4 +1,4 @@
-"""The state machines of batches and recipients: the only place a status may change.
+"""The state machines of batches, recipients and callbacks: the only place a status may change.
 
 Every status write in the code goes through :func:`check` (single rows) or uses
 :func:`sources` to build its conditional ``WHERE status IN (...)`` (bulk updates),
@@ -62,6 +62,30 @@ FINAL_RECIPIENT = frozenset(s for s, nxt in RECIPIENT_TRANSITIONS.items() if not
 # Not yet claimed by a worker: what a cancel may still stop.
 CANCELLABLE_RECIPIENT = frozenset({R.SCHEDULED, R.QUEUED})
 OPEN_BATCH = frozenset({B.SCHEDULED, B.QUEUED, B.SENDING})
+
+
+class CallbackState(StrEnum):
+    """A webhook's delivery state (the callbacks table)."""
+
+    PENDING = "pending"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+    HELD = "held"
+
+
+C = CallbackState
+
+CALLBACK_TRANSITIONS: dict[CallbackState, frozenset[CallbackState]] = {
+    # pending -> held: its endpoint is disabled.
+    C.PENDING: frozenset({C.DELIVERING, C.HELD}),
+    # delivering -> pending: a failed attempt with retries left, or a reclaimed lease.
+    C.DELIVERING: frozenset({C.DELIVERED, C.PENDING, C.DEAD}),
+    C.DELIVERED: frozenset(),
+    # dead/held -> pending: replayed by the client or released by enable_endpoint.
+    C.DEAD: frozenset({C.PENDING}),
+    C.HELD: frozenset({C.PENDING}),
+}
 
 
 class IllegalTransition(RuntimeError):

@@ -16,7 +16,6 @@ import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Executable, func, select, update
@@ -28,6 +27,7 @@ from dispatcher.accounts.models import Account
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.errors import Conflict, NotFound, ValidationError
+from dispatcher.states import CALLBACK_TRANSITIONS, CallbackState
 from dispatcher.webhooks import sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
 from dispatcher.webhooks.models import Callback, Endpoint
@@ -53,31 +53,12 @@ _ERROR_LEN = 500  # Callback.last_error is String(500)
 OUTCOMES = ("delivered", "retry", "dead", "held", "skipped", "not_due", "stale")
 
 
-class CallbackState(StrEnum):
-    PENDING = "pending"
-    DELIVERING = "delivering"
-    DELIVERED = "delivered"
-    DEAD = "dead"
-    HELD = "held"
-
-
 S = CallbackState
-
-TRANSITIONS: dict[CallbackState, frozenset[CallbackState]] = {
-    # pending -> held: its endpoint is disabled.
-    S.PENDING: frozenset({S.DELIVERING, S.HELD}),
-    # delivering -> pending: a failed attempt with retries left, or a reclaimed lease.
-    S.DELIVERING: frozenset({S.DELIVERED, S.PENDING, S.DEAD}),
-    S.DELIVERED: frozenset(),
-    # dead/held -> pending: replayed by the client or released by enable_endpoint.
-    S.DEAD: frozenset({S.PENDING}),
-    S.HELD: frozenset({S.PENDING}),
-}
 
 
 def _sources(new: CallbackState) -> tuple[str, ...]:
     """The states a callback may move to ``new`` from (for conditional updates)."""
-    return tuple(s.value for s, nxt in TRANSITIONS.items() if new in nxt)
+    return tuple(s.value for s, nxt in CALLBACK_TRANSITIONS.items() if new in nxt)
 
 
 def delivery_lease(settings: Settings) -> timedelta:
