@@ -110,6 +110,19 @@ class Settings:
     default_account_rate: float = 100.0
     channel_rates: dict[str, float] = field(default_factory=dict)
     send_retry_schedule: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600)
+    # Fair send pool: a worker sleeps at most this long for rate tokens; work whose
+    # slot is further off is deferred in the database and the process moves on.
+    rate_max_wait: float = 1.0
+    # A rate-limited chunk gives its process back after this long (the rest is re-queued).
+    send_time_slice: float = 1.5
+
+    # Bounded tasks: Celery's soft and hard time limits for every task; periodic
+    # tasks expire after this long in the queue; a task whose worker died this
+    # many times in a row is dead-lettered instead of delivered again.
+    task_soft_time_limit: float = 240.0
+    task_time_limit: float = 300.0
+    periodic_expires: float = 60.0
+    dead_letter_after: int = 5
 
     # Providers.
     provider: str = "simulator"
@@ -152,6 +165,18 @@ class Settings:
         # timeout, ETA tasks included: it must stay well above the horizon.
         if self.visibility_timeout < 2 * self.schedule_horizon:
             raise ConfigError("visibility_timeout must be at least twice schedule_horizon")
+        # A task running past the visibility timeout would be delivered again while it
+        # runs: an ETA task waits up to the horizon, then runs up to the hard limit.
+        longest = self.schedule_horizon + self.send_time_slice + self.task_time_limit
+        if self.visibility_timeout <= longest:
+            raise ConfigError(
+                "visibility_timeout must exceed schedule_horizon + send_time_slice + "
+                f"task_time_limit ({longest:g} s)"
+            )
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ConfigError("task_soft_time_limit must be below task_time_limit")
+        if self.send_time_slice + self.rate_max_wait >= self.task_soft_time_limit:
+            raise ConfigError("send_time_slice + rate_max_wait must be below task_soft_time_limit")
         self._check_ranges()
         from dispatcher.netsafety import parse_allowlist
 
@@ -185,6 +210,12 @@ class Settings:
             "callback_max_response_bytes",
             "callback_batch_size",
             "callback_requeue_after",
+            "rate_max_wait",
+            "send_time_slice",
+            "task_soft_time_limit",
+            "task_time_limit",
+            "periodic_expires",
+            "dead_letter_after",
         )
         for name in positive:
             value = getattr(self, name)

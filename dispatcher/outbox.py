@@ -10,8 +10,10 @@ has a durable trace (``enqueued_at`` columns) that the scheduler's sweep re-publ
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Protocol
 
 from sqlalchemy import event
@@ -21,13 +23,58 @@ log = logging.getLogger(__name__)
 KEY = "dispatcher.outbox"
 
 
+class TaskName(StrEnum):
+    """Every task the workers run: the one list the outbox, the tasks and the routes share."""
+
+    DISPATCH_BATCH = "dispatch_batch"
+    SEND_CHUNK = "send_chunk"
+    SEND_RECIPIENTS = "send_recipients"
+    DELIVER_CALLBACKS = "deliver_callbacks"
+    PROMOTE_DUE = "promote_due"
+    RECLAIM_STALE = "reclaim_stale"
+    EXPIRE_DUE = "expire_due"
+    SIMULATOR_RECEIPTS = "simulator_receipts"
+    PROMOTE_CALLBACKS = "promote_callbacks"
+
+
+class QueueName(StrEnum):
+    """The broker queues; each worker pool consumes some of them."""
+
+    DISPATCH = "dispatch"
+    SEND = "send"
+    CALLBACKS = "callbacks"
+
+
+# Routing: which queue each task goes to (tests check that every task has one).
+QUEUES: Mapping[TaskName, QueueName] = {
+    TaskName.DISPATCH_BATCH: QueueName.DISPATCH,
+    TaskName.SEND_CHUNK: QueueName.SEND,
+    TaskName.SEND_RECIPIENTS: QueueName.SEND,
+    TaskName.DELIVER_CALLBACKS: QueueName.CALLBACKS,
+    TaskName.PROMOTE_DUE: QueueName.DISPATCH,
+    TaskName.RECLAIM_STALE: QueueName.DISPATCH,
+    TaskName.EXPIRE_DUE: QueueName.DISPATCH,
+    TaskName.SIMULATOR_RECEIPTS: QueueName.DISPATCH,
+    TaskName.PROMOTE_CALLBACKS: QueueName.CALLBACKS,
+}
+
+
+def queue_for(task: str) -> QueueName:
+    """The queue of ``task``; an unknown name raises ValueError instead of picking a default."""
+    return QUEUES[TaskName(task)]
+
+
 @dataclass(frozen=True)
 class Message:
     """A task to publish: its name, JSON-safe kwargs, an optional ETA."""
 
-    task: str
+    task: TaskName
     kwargs: dict[str, Any] = field(default_factory=dict)
     eta: datetime | None = None
+
+    def __post_init__(self) -> None:
+        # A misspelt name fails where the message is made, not in a worker later.
+        object.__setattr__(self, "task", TaskName(self.task))
 
 
 @dataclass(frozen=True)
@@ -49,9 +96,9 @@ def chunk_task_id(batch_id: str, start: int) -> str:
 
 def task_id_for(message: Message) -> str | None:
     """The stable task id of a dispatch or chunk message (others get a random one)."""
-    if message.task == "dispatch_batch":
+    if message.task is TaskName.DISPATCH_BATCH:
         return dispatch_task_id(message.kwargs["batch_id"])
-    if message.task == "send_chunk":
+    if message.task is TaskName.SEND_CHUNK:
         return chunk_task_id(message.kwargs["batch_id"], message.kwargs["start"])
     return None
 

@@ -6,18 +6,20 @@ channel *globally*.  This module keeps one shared schedule in Redis so every
 worker on every host draws from the same budget.
 
 The algorithm is GCRA (generic cell rate algorithm) with *reservation*: a
-request never gets rejected; it books the next free slot and is told how long
-to wait for it.  The worker then sleeps in place instead of re-queueing the
-task, which keeps FIFO order intact.  Several limits (e.g. per-account and
-per-channel) are booked together in one Lua script, i.e. one Redis round trip
-per request, and the script uses the Redis server clock so clock skew between
-hosts does not matter.
+request books the next free slot and is told how long to wait for it, so
+requests are served in the order they ask and the rate is exact.  A worker
+must not hold a process for long, though: :meth:`RateLimiter.acquire` books
+only when the slot is at most ``max_wait`` away (about a second) and otherwise
+books nothing and returns the wait, so the caller can defer its work durably
+and free the process.  Several limits (e.g. per-account and per-channel) are
+booked together in one Lua script, i.e. one Redis round trip per request, and
+the script uses the Redis server clock so clock skew between hosts does not
+matter.
 
 Sizing requests: a reservation of ``n`` tokens pushes every later caller back
-by ``n / rate`` seconds, and the caller itself may wait up to ``max_wait`` or
-longer while unable to react to cancellation.  Request tokens in small groups
-(about ``rate * 0.5`` seconds' worth, e.g. 25 tokens at 50/s) so waits stay
-short and cancels stay responsive.
+by ``n / rate`` seconds.  Request tokens in small groups (about ``rate * 0.2``
+seconds' worth, e.g. 20 tokens at 100/s) so waits stay short and cancels stay
+responsive.
 
 Redis Cluster: all keys of one request must hash to the same slot; use a hash
 tag in the prefix or keys (e.g. ``"dispatcher:rl:{acct:42}:..."``) if needed.
@@ -25,7 +27,6 @@ tag in the prefix or keys (e.g. ``"dispatcher:rl:{acct:42}:..."``) if needed.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -33,22 +34,23 @@ from dataclasses import dataclass
 
 import redis
 
-__all__ = ["Limit", "RateLimiter"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["Grant", "Limit", "RateLimiter"]
 
 # KEYS[i]   : per-limit key holding its TAT (theoretical arrival time), in
 #             microseconds of Redis server time.
 # ARGV[1]   : n, tokens requested (>= 1).
 # ARGV[2]   : burst tolerance in microseconds (>= 0).
-# ARGV[2+i] : emission interval of KEYS[i] in microseconds per token (1e6/rate).
-# Returns the delay, in whole microseconds (rounded up), before the tokens may
-# be used.  Always reserves; never rejects.
+# ARGV[3]   : the longest acceptable delay in microseconds; < 0 for no bound.
+# ARGV[3+i] : emission interval of KEYS[i] in microseconds per token (1e6/rate).
+# Returns {booked, delay}: the delay, in whole microseconds (rounded up), before
+# the tokens may be used, and 1 if they were booked. Over the bound nothing is
+# written, so a refused request costs later callers nothing.
 _GCRA_RESERVE_LUA = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local n = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local bound = tonumber(ARGV[3])
 local tats = {}
 local start = now
 for i, key in ipairs(KEYS) do
@@ -61,16 +63,20 @@ for i, key in ipairs(KEYS) do
     start = tat - burst
   end
 end
+local delay = math.ceil(start - now)
+if bound >= 0 and delay > bound then
+  return {0, delay}
+end
 for i, key in ipairs(KEYS) do
   local tat = tats[i]
   if start > tat then
     tat = start
   end
-  local new_tat = tat + n * tonumber(ARGV[i + 2])
+  local new_tat = tat + n * tonumber(ARGV[i + 3])
   redis.call('SET', key, string.format('%.17g', new_tat))
   redis.call('PEXPIRE', key, math.ceil((new_tat - now) / 1000) + 1)
 end
-return math.ceil(start - now)
+return {1, delay}
 """
 
 
@@ -82,6 +88,14 @@ class Limit:
     rate: float | None
 
 
+@dataclass(frozen=True)
+class Grant:
+    """The answer to a request: booked or not, and the wait (s) for its slot."""
+
+    booked: bool
+    wait: float
+
+
 class RateLimiter:
     """Reserve tokens against one or more global GCRA limits stored in Redis."""
 
@@ -91,14 +105,14 @@ class RateLimiter:
         *,
         prefix: str = "dispatcher:rl:",
         burst: float = 0.0,
-        max_wait: float = 30.0,
+        max_wait: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        """Bind to Redis; ``burst``: GCRA tolerance (s); waits over ``max_wait`` (s) get logged."""
+        """Bind to Redis; ``burst``: GCRA tolerance (s); ``max_wait``: the longest sleep (s)."""
         if not (burst >= 0.0 and math.isfinite(burst)):
             raise ValueError(f"burst must be a finite number >= 0, got {burst!r}")
-        if not max_wait > 0.0:
-            raise ValueError(f"max_wait must be > 0, got {max_wait!r}")
+        if not (max_wait > 0.0 and math.isfinite(max_wait)):
+            raise ValueError(f"max_wait must be a finite number > 0, got {max_wait!r}")
         self._redis = redis
         self._prefix = prefix
         self._burst_us = burst * 1_000_000.0
@@ -107,7 +121,21 @@ class RateLimiter:
         self._script = redis.register_script(_GCRA_RESERVE_LUA)
 
     def reserve(self, limits: Sequence[Limit], n: int = 1) -> float:
-        """Book ``n`` tokens on all ``limits`` and return the seconds to wait before using them."""
+        """Book ``n`` tokens on all ``limits``, however far off, and return the seconds to wait."""
+        return self._book(limits, n, bound=None).wait
+
+    def acquire(self, limits: Sequence[Limit], n: int = 1) -> Grant:
+        """Book ``n`` tokens if usable within ``max_wait`` and sleep until then; else book nothing.
+
+        A refused request returns the wait it was quoted, so the caller can come
+        back about then (``wait - max_wait`` later it would be booked).
+        """
+        grant = self._book(limits, n, bound=self.max_wait)
+        if grant.booked and grant.wait > 0:
+            self._sleep(grant.wait)
+        return grant
+
+    def _book(self, limits: Sequence[Limit], n: int, *, bound: float | None) -> Grant:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         intervals: dict[str, float] = {}
@@ -122,23 +150,13 @@ class RateLimiter:
             # The same key twice would be read twice and written twice; keep the stricter rate.
             intervals[key] = max(interval, intervals.get(key, 0.0))
         if not intervals:
-            return 0.0
-        args = [str(n), repr(self._burst_us), *(repr(v) for v in intervals.values())]
-        delay_us = self._script(keys=list(intervals), args=args)
-        return max(int(delay_us), 0) / 1_000_000.0
-
-    def acquire(self, limits: Sequence[Limit], n: int = 1) -> float:
-        """Reserve ``n`` tokens, sleep until they are usable and return the delay slept."""
-        delay = self.reserve(limits, n)
-        if delay > self.max_wait:
-            logger.warning(
-                "rate limit wait %.3fs exceeds max_wait %.3fs for %s (n=%d); "
-                "request tokens in smaller groups",
-                delay,
-                self.max_wait,
-                [limit.key for limit in limits],
-                n,
-            )
-        if delay > 0:
-            self._sleep(delay)
-        return delay
+            return Grant(booked=True, wait=0.0)
+        bound_us = -1.0 if bound is None else bound * 1_000_000.0
+        args = [
+            str(n),
+            repr(self._burst_us),
+            repr(bound_us),
+            *(repr(v) for v in intervals.values()),
+        ]
+        booked, delay_us = self._script(keys=list(intervals), args=args)
+        return Grant(booked=bool(booked), wait=max(int(delay_us), 0) / 1_000_000.0)

@@ -47,7 +47,7 @@ class Runtime:
     @cached_property
     def limiter(self) -> RateLimiter:
         """The global rate limiter shared by every worker."""
-        return RateLimiter(self.redis)
+        return RateLimiter(self.redis, max_wait=self.settings.rate_max_wait)
 
     @cached_property
     def providers(self) -> dict[str, Provider]:
@@ -86,3 +86,13 @@ class Runtime:
             self.engine.dispose()
         if "redis" in self.__dict__:
             self.redis.close()
+
+    def reset_after_fork(self) -> None:
+        """Forget every connection and client built so far: a forked child builds its own."""
+        # The parent's engine is only dropped, never disposed: its pooled connections
+        # belong to the parent (SQLAlchemy's advice for forked processes).
+        if "engine" in self.__dict__:
+            self.engine.dispose(close=False)
+        for name, attribute in vars(type(self)).items():
+            if isinstance(attribute, cached_property):
+                self.__dict__.pop(name, None)

@@ -134,7 +134,7 @@ def test_visibility_timeout_must_cover_twice_the_horizon() -> None:
         Settings.from_env(env(schedule_horizon="1000", visibility_timeout="1999"))
     with pytest.raises(ConfigError):
         Settings().replace(visibility_timeout=10)
-    assert Settings(schedule_horizon=300, visibility_timeout=600).visibility_timeout == 600
+    assert Settings(schedule_horizon=300, visibility_timeout=700).visibility_timeout == 700
 
 
 def test_to_env_round_trip_of_the_defaults() -> None:
@@ -158,6 +158,9 @@ def test_to_env_round_trip_of_every_field_changed(tmp_path: Path) -> None:
         callback_allowlist=("127.0.0.1", "10.0.0.0/8"),
         schedule_horizon=45.5,
         visibility_timeout=100,
+        task_soft_time_limit=20,
+        task_time_limit=30,
+        send_time_slice=2.5,
         channel_rates={"sms": 2.5, "rcs": 10.0},
         send_retry_schedule=(0.5, 1.0),
         simulator={"latency_ms": 0, "unreachable": {"rcs": ["^\\+4477009"]}},

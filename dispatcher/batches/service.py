@@ -268,7 +268,7 @@ def promote_if_due(*, session: Session, settings: Settings, batch: Batch, now: d
     session.flush()
     outbox.defer(
         session,
-        outbox.Message("dispatch_batch", {"batch_id": batch.id}, eta=batch.send_at),
+        outbox.Message(outbox.TaskName.DISPATCH_BATCH, {"batch_id": batch.id}, eta=batch.send_at),
     )
     return True
 

@@ -163,7 +163,9 @@ def _reschedule(session: Session, settings: Settings, batch: Batch, now: datetim
             batch.enqueued_at = now
             outbox.defer(
                 session,
-                outbox.Message("dispatch_batch", {"batch_id": batch.id}, eta=batch.send_at),
+                outbox.Message(
+                    outbox.TaskName.DISPATCH_BATCH, {"batch_id": batch.id}, eta=batch.send_at
+                ),
             )
         session.flush()
     else:

@@ -19,7 +19,7 @@ from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient
 from dispatcher.batches.service import promote_if_due
 from dispatcher.config import Settings
-from dispatcher.outbox import chunk_ranges
+from dispatcher.outbox import TaskName, chunk_ranges
 from dispatcher.states import BatchStatus, RecipientStatus, batch_sources, check_batch
 
 IN_FLIGHT = (RecipientStatus.SCHEDULED, RecipientStatus.QUEUED, RecipientStatus.SENDING)
@@ -38,7 +38,8 @@ def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: 
         else:
             batch.enqueued_at = now
             outbox.defer(
-                session, outbox.Message("dispatch_batch", {"batch_id": batch.id}, eta=batch.send_at)
+                session,
+                outbox.Message(TaskName.DISPATCH_BATCH, {"batch_id": batch.id}, eta=batch.send_at),
             )
         session.flush()
         return 0
@@ -75,7 +76,7 @@ def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: 
     for start, end in chunk_ranges(count=batch.recipient_count, size=settings.chunk_size):
         outbox.defer(
             session,
-            outbox.Message("send_chunk", {"batch_id": batch.id, "start": start, "end": end}),
+            outbox.Message(TaskName.SEND_CHUNK, {"batch_id": batch.id, "start": start, "end": end}),
         )
     if not queued:
         complete_if_done(session=session, batch_id=batch.id, now=now)
@@ -110,7 +111,7 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
     ).all()
     for batch in lost:
         batch.enqueued_at = now
-        outbox.defer(session, outbox.Message("dispatch_batch", {"batch_id": batch.id}))
+        outbox.defer(session, outbox.Message(TaskName.DISPATCH_BATCH, {"batch_id": batch.id}))
     _release_stalled(session=session, settings=settings, now=now, limit=limit)
     # Recipients waiting for a retry time, or whose chunk task was lost long ago.
     waiting = session.execute(
@@ -137,7 +138,9 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
         session.execute(update(Recipient).where(Recipient.id.in_(ids)).values(enqueued_at=now))
         outbox.defer(
             session,
-            outbox.Message("send_recipients", {"batch_id": bid, "recipient_ids": ids}, eta=next_at),
+            outbox.Message(
+                TaskName.SEND_RECIPIENTS, {"batch_id": bid, "recipient_ids": ids}, eta=next_at
+            ),
         )
     session.flush()
     return promoted + len(lost) + len(waiting)

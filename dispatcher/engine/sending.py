@@ -9,6 +9,7 @@ the provider, so nothing is lost and nothing is handed over twice.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -16,9 +17,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dispatcher import outbox
 from dispatcher.accounts.models import Account
 from dispatcher.batches import events
 from dispatcher.batches.models import Attempt, Batch, Recipient
@@ -26,7 +28,8 @@ from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider,
 from dispatcher.config import Settings
 from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.engine.scheduling import complete_if_done, expire_recipients
-from dispatcher.ratelimit import Limit, RateLimiter
+from dispatcher.outbox import TaskName
+from dispatcher.ratelimit import Grant, Limit, RateLimiter
 from dispatcher.states import BatchStatus, RecipientStatus
 
 R = RecipientStatus
@@ -49,10 +52,18 @@ class SendReport:
 
     claimed: int = 0
     outcomes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # Recipients handed back for later (rate-limited), and in how many seconds.
+    deferred: int = 0
+    deferred_for: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-safe form (Celery task results)."""
-        return {"claimed": self.claimed, "outcomes": dict(self.outcomes)}
+        return {
+            "claimed": self.claimed,
+            "outcomes": dict(self.outcomes),
+            "deferred": self.deferred,
+            "deferred_for": self.deferred_for,
+        }
 
 
 def group_size(*, settings: Settings, rate: float | None) -> int:
@@ -77,12 +88,18 @@ def send_recipients(
     seq_range: tuple[int, int] | None = None,
     recipient_ids: Sequence[str] | None = None,
     clock: Callable[[], datetime] = utcnow,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> SendReport:
     """Send every due, queued recipient of the batch in ``seq_range`` or ``recipient_ids``.
 
     Per group: tokens, then one claim transaction, the hand-off outside any
     transaction, then one record transaction. Without a rate limit the group is
     chosen inside the claim itself, so a chunk costs two write transactions a group.
+
+    A rate-limited call never holds its process for long: work whose turn is
+    further off than ``rate_max_wait`` is deferred (see :func:`_defer`), and after
+    ``send_time_slice`` of waiting for tokens the rest goes back to the queue, so
+    accounts with a backlog take turns in the send pool.
     """
     report = SendReport()
     with read_transaction(factory) as session:
@@ -93,9 +110,23 @@ def send_recipients(
     rate = account_rate(settings, account)
     channel_rates = [settings.channel_rates.get(ch, 0.0) for ch in batch.channels]
     limited = limiter is not None and bool(rate or any(channel_rates))
-    limit = group_size(
-        settings=settings, rate=min(r for r in (rate, *channel_rates) if r) if limited else None
-    )
+    pace = min(r for r in (rate, *channel_rates) if r) if limited else None
+    limit = group_size(settings=settings, rate=pace)
+    work = _Work(batch=batch, account_id=account.id, seq_range=seq_range, ids=recipient_ids)
+    slice_ends = monotonic() + settings.send_time_slice
+    waited = False
+    if pace is not None:
+        # Far from the head of its account's line: wait in the database, not in a process.
+        turn = _turn_in(factory=factory, settings=settings, work=work, pace=pace, now=clock())
+        if turn > settings.rate_max_wait + settings.send_time_slice and _defer(
+            factory=factory,
+            settings=settings,
+            work=work,
+            delay=turn - settings.rate_max_wait,
+            now=clock(),
+            report=report,
+        ):
+            return report
     while True:
         now = clock()
         if now >= batch.expire_at:
@@ -104,24 +135,43 @@ def send_recipients(
                 expire_recipients(session=session, batch=batch, now=now, ids=only)
                 complete_if_done(session=session, batch_id=batch.id, now=now)
             return report
-        due = [
-            Recipient.batch_id == batch_id,
-            Recipient.status == R.QUEUED,
-            or_(Recipient.next_attempt_at.is_(None), Recipient.next_attempt_at <= now),
-        ]
-        if seq_range is not None:
-            due += [Recipient.seq >= seq_range[0], Recipient.seq < seq_range[1]]
-        if recipient_ids is not None:
-            due.append(Recipient.id.in_(recipient_ids))
-        next_group = select(Recipient.id).where(*due).order_by(Recipient.seq).limit(limit)
-        if limited:
+        if pace is not None and waited and monotonic() >= slice_ends:
+            # Our time slice is up: to the tail of the queue (or later, if others are ahead).
+            turn = _turn_in(factory=factory, settings=settings, work=work, pace=pace, now=now)
+            if _defer(
+                factory=factory,
+                settings=settings,
+                work=work,
+                delay=max(0.0, turn - settings.rate_max_wait),
+                now=now,
+                report=report,
+            ):
+                return report
+        next_group = select(Recipient.id).where(*work.due(now)).order_by(Recipient.seq).limit(limit)
+        if limiter is not None and limited:
             # Tokens come before the claim, so the group is read (without the write lock) first.
             with read_transaction(factory) as session:
                 candidates = session.execute(next_group.add_columns(Recipient.channel)).all()
             if not candidates:
                 break
-            _take_tokens(limiter, settings, account.id, rate, [ch for _, ch in candidates])
-            target = Recipient.id.in_([rid for rid, _ in candidates])
+            # One channel per group, so that one booking covers it (all or nothing).
+            channel = candidates[0].channel
+            group = [rid for rid, _ in itertools.takewhile(same_channel(channel), candidates)]
+            grant = _take_tokens(limiter, settings, account.id, rate, channel, len(group))
+            if not grant.booked:
+                # Booked nothing: come back when the slot is within reach.
+                if _defer(
+                    factory=factory,
+                    settings=settings,
+                    work=work,
+                    delay=grant.wait - settings.rate_max_wait,
+                    now=clock(),
+                    report=report,
+                ):
+                    return report
+                continue
+            waited = waited or grant.wait > 0
+            target = Recipient.id.in_(group)
         else:
             target = Recipient.id.in_(next_group.scalar_subquery())
         with transaction(factory) as session:
@@ -178,26 +228,132 @@ def send_recipients(
     return report
 
 
+def same_channel(channel: str) -> Callable[[Any], bool]:
+    """A predicate for candidate rows (id, channel) on ``channel``."""
+    return lambda row: bool(row[1] == channel)
+
+
 def _take_tokens(
-    limiter: RateLimiter | None,
-    settings: Settings,
-    account_id: str,
-    rate: float,
-    channels: list[str],
-) -> None:
-    if limiter is None:
-        return
-    counts: dict[str, int] = defaultdict(int)
-    for ch in channels:
-        counts[ch] += 1
-    for ch, n in counts.items():
-        limiter.acquire(
-            [
-                Limit(f"account:{account_id}", rate),
-                Limit(f"channel:{ch}", settings.channel_rates.get(ch, 0.0)),
-            ],
-            n,
+    limiter: RateLimiter, settings: Settings, account_id: str, rate: float, channel: str, n: int
+) -> Grant:
+    """Book ``n`` tokens on the account's and the channel's limits, or none (see acquire)."""
+    return limiter.acquire(
+        [
+            Limit(f"account:{account_id}", rate),
+            Limit(f"channel:{channel}", settings.channel_rates.get(channel, 0.0)),
+        ],
+        n,
+    )
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What one send call covers: a seq range of a batch, or some of its recipients."""
+
+    batch: Batch
+    account_id: str
+    seq_range: tuple[int, int] | None
+    ids: Sequence[str] | None
+
+    def selected(self) -> list[ColumnElement[bool]]:
+        """This call's recipients, whatever their state."""
+        where = [Recipient.batch_id == self.batch.id]
+        if self.seq_range is not None:
+            where += [Recipient.seq >= self.seq_range[0], Recipient.seq < self.seq_range[1]]
+        if self.ids is not None:
+            where.append(Recipient.id.in_(self.ids))
+        return where
+
+    def due(self, now: datetime) -> list[ColumnElement[bool]]:
+        """Those of them queued and due at ``now``."""
+        return [
+            *self.selected(),
+            Recipient.status == R.QUEUED,
+            or_(Recipient.next_attempt_at.is_(None), Recipient.next_attempt_at <= now),
+        ]
+
+    def again(self, ids: list[str], eta: datetime | None) -> outbox.Message:
+        """The task that picks this work up again."""
+        if self.seq_range is not None:
+            # Same kwargs, so the same stable task id: cancel still names it.
+            start, end = self.seq_range
+            kwargs: dict[str, Any] = {"batch_id": self.batch.id, "start": start, "end": end}
+            return outbox.Message(TaskName.SEND_CHUNK, kwargs, eta=eta)
+        kwargs = {"batch_id": self.batch.id, "recipient_ids": ids}
+        return outbox.Message(TaskName.SEND_RECIPIENTS, kwargs, eta=eta)
+
+
+def _turn_in(
+    *, factory: sessionmaker[Session], settings: Settings, work: _Work, pace: float, now: datetime
+) -> float:
+    """Seconds until this work's turn: the account's due recipients ahead of it, at ``pace``.
+
+    "Ahead" is FIFO order: earlier batches of the account (by send time), then
+    lower seqs of this batch. Counted only up to the horizon's worth.
+    """
+    horizon = now + timedelta(seconds=settings.schedule_horizon)
+    batch = work.batch
+    with read_transaction(factory) as session:
+        first = session.scalar(select(func.min(Recipient.seq)).where(*work.due(now)))
+        if first is None:
+            return 0.0
+        earlier = or_(
+            Batch.send_at < batch.send_at,
+            and_(Batch.send_at == batch.send_at, Batch.created_at < batch.created_at),
         )
+        ahead = (
+            select(Recipient.id)
+            .join(Batch, Batch.id == Recipient.batch_id)
+            .where(
+                Batch.account_id == work.account_id,
+                Batch.status == BatchStatus.SENDING,
+                Recipient.status == R.QUEUED,
+                or_(Recipient.next_attempt_at.is_(None), Recipient.next_attempt_at <= horizon),
+                or_(
+                    and_(Recipient.batch_id == batch.id, Recipient.seq < first),
+                    and_(Recipient.batch_id != batch.id, earlier),
+                ),
+            )
+            .limit(int(pace * settings.schedule_horizon) + 1)
+        )
+        count = session.scalar(select(func.count()).select_from(ahead.subquery())) or 0
+    return count / pace
+
+
+def _defer(
+    *,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    work: _Work,
+    delay: float,
+    now: datetime,
+    report: SendReport,
+) -> int:
+    """Hand this call's due recipients back for ``delay`` seconds; returns how many.
+
+    The wait is durable: within the horizon the rows keep ``enqueued_at`` and a
+    task is published with an ETA after commit (the sweep re-publishes it if that
+    publish is lost); further off, ``enqueued_at`` is cleared and the scheduler's
+    sweep publishes them once ``next_attempt_at`` comes within the horizon.
+    """
+    eta = now + timedelta(seconds=delay) if delay > 0 else None
+    published = delay <= settings.schedule_horizon / 2
+    with transaction(factory) as session:
+        # The batch row first, as record_results does, to order this with a cancel.
+        session.execute(update(Batch).where(Batch.id == work.batch.id).values(progress_at=now))
+        ids = list(
+            session.scalars(
+                update(Recipient)
+                .where(*work.due(now))
+                .values(next_attempt_at=eta, enqueued_at=now if published else None)
+                .returning(Recipient.id)
+            )
+        )
+        if ids and published:
+            outbox.defer(session, work.again(ids, eta))
+    report.deferred += len(ids)
+    report.deferred_for = delay
+    return len(ids)
 
 
 def _hand_over(

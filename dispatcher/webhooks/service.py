@@ -45,7 +45,7 @@ __all__ = [
     "retry_callback",
 ]
 
-TASK = "deliver_callbacks"
+TASK = outbox.TaskName.DELIVER_CALLBACKS
 # Floor of the lease after which a 'delivering' row is presumed orphaned.
 MIN_LEASE = 300.0
 MAX_PAGE_SIZE = 500
