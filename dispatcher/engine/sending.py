@@ -114,7 +114,7 @@ def send_recipients(
     limit = group_size(settings=settings, rate=pace)
     work = _Work(batch=batch, account_id=account.id, seq_range=seq_range, ids=recipient_ids)
     slice_ends = monotonic() + settings.send_time_slice
-    waited = False
+    waited = passing_on = False
     if pace is not None:
         # Far from the head of its account's line: wait in the database, not in a process.
         turn = _turn_in(factory=factory, settings=settings, work=work, pace=pace, now=clock())
@@ -135,18 +135,6 @@ def send_recipients(
                 expire_recipients(session=session, batch=batch, now=now, ids=only)
                 complete_if_done(session=session, batch_id=batch.id, now=now)
             return report
-        if pace is not None and waited and monotonic() >= slice_ends:
-            # Our time slice is up: to the tail of the queue (or later, if others are ahead).
-            turn = _turn_in(factory=factory, settings=settings, work=work, pace=pace, now=now)
-            if _defer(
-                factory=factory,
-                settings=settings,
-                work=work,
-                delay=max(0.0, turn - settings.rate_max_wait),
-                now=now,
-                report=report,
-            ):
-                return report
         next_group = select(Recipient.id).where(*work.due(now)).order_by(Recipient.seq).limit(limit)
         if limiter is not None and limited:
             # Tokens come before the claim, so the group is read (without the write lock) first.
@@ -171,10 +159,17 @@ def send_recipients(
                     return report
                 continue
             waited = waited or grant.wait > 0
+            # Time slice used up while waiting for tokens: this group is the last one. The
+            # rest goes to the tail of the queue when the claim commits, so the next task
+            # books the next slot while this one still hands over (no gap in the rate).
+            passing_on = waited and monotonic() >= slice_ends
             target = Recipient.id.in_(group)
         else:
             target = Recipient.id.in_(next_group.scalar_subquery())
         with transaction(factory) as session:
+            if passing_on:
+                rest = [rid for rid in work.ids if rid not in group] if work.ids else []
+                outbox.defer(session, work.again(rest, eta=None))
             claimed = session.execute(
                 update(Recipient)
                 .where(target, Recipient.status == R.QUEUED)
@@ -187,7 +182,11 @@ def send_recipients(
                 )
                 .returning(*CLAIM_COLUMNS)
             ).all()
+        if passing_on:
+            report.deferred_for = 0.0
         if not claimed:
+            if passing_on:
+                return report  # the task just published carries on
             if limited:
                 continue  # the candidates were taken or cancelled meanwhile: read again
             break
@@ -223,6 +222,8 @@ def send_recipients(
             if last and not again:
                 complete_if_done(session=session, batch_id=batch_id, now=clock())
                 return report
+        if passing_on:
+            return report
     with transaction(factory) as session:
         complete_if_done(session=session, batch_id=batch_id, now=clock())
     return report
@@ -289,8 +290,10 @@ def _turn_in(
     """Seconds until this work's turn: the account's due recipients ahead of it, at ``pace``.
 
     "Ahead" is FIFO order: earlier batches of the account (by send time), then
-    lower seqs of this batch. Counted only up to the horizon's worth.
+    lower seqs of this batch. Counted only up to twice the horizon's worth: past
+    the horizon the work waits for the sweep, which asks again.
     """
+    cap = 2 * settings.schedule_horizon
     horizon = now + timedelta(seconds=settings.schedule_horizon)
     batch = work.batch
     with read_transaction(factory) as session:
@@ -314,10 +317,10 @@ def _turn_in(
                     and_(Recipient.batch_id != batch.id, earlier),
                 ),
             )
-            .limit(int(pace * settings.schedule_horizon) + 1)
+            .limit(int(pace * cap) + 1)
         )
         count = session.scalar(select(func.count()).select_from(ahead.subquery())) or 0
-    return count / pace
+    return min(count / pace, cap)
 
 
 def _defer(
@@ -337,7 +340,7 @@ def _defer(
     sweep publishes them once ``next_attempt_at`` comes within the horizon.
     """
     eta = now + timedelta(seconds=delay) if delay > 0 else None
-    published = delay <= settings.schedule_horizon / 2
+    published = delay <= settings.schedule_horizon
     with transaction(factory) as session:
         # The batch row first, as record_results does, to order this with a cancel.
         session.execute(update(Batch).where(Batch.id == work.batch.id).values(progress_at=now))
