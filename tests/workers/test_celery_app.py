@@ -1,0 +1,66 @@
+"""The Celery app: typed task names and routes, time limits, expiring beats, the fork reset."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatcher import outbox
+from dispatcher.config import ConfigError, Settings
+from dispatcher.outbox import QueueName, TaskName
+from dispatcher.runtime import Runtime
+from tests.conftest import RecordingPublisher
+from workers.celery_app import create_celery
+
+
+def test_every_task_name_is_a_registered_task_with_a_queue(settings: Settings) -> None:
+    app = create_celery(settings)
+    app.loader.import_default_modules()
+    ours = {name for name in app.tasks if not name.startswith("celery.")}
+    assert ours == {name.value for name in TaskName}
+    assert set(outbox.QUEUES) == set(TaskName)
+    routes = app.conf.task_routes
+    assert all(routes[name.value]["queue"] == outbox.queue_for(name) for name in TaskName)
+
+
+def test_an_unknown_task_name_raises_instead_of_going_to_a_default_queue() -> None:
+    with pytest.raises(ValueError):
+        outbox.queue_for("dispatch_batchh")
+    with pytest.raises(ValueError):
+        outbox.Message("send_chunks", {})  # type: ignore[arg-type]
+    assert outbox.Message("send_chunk", {}).task is TaskName.SEND_CHUNK  # type: ignore[arg-type]
+    assert outbox.queue_for("send_chunk") is QueueName.SEND
+
+
+def test_every_task_is_bounded_and_every_periodic_task_expires(settings: Settings) -> None:
+    app = create_celery(settings.replace(periodic_expires=45.0))
+    assert app.conf.task_soft_time_limit == settings.task_soft_time_limit
+    assert app.conf.task_time_limit == settings.task_time_limit
+    assert app.conf.task_soft_time_limit < app.conf.task_time_limit
+    schedule = app.conf.beat_schedule
+    assert {entry["task"] for entry in schedule.values()} <= {name.value for name in TaskName}
+    for entry in schedule.values():
+        assert entry["options"]["expires"] >= max(45.0, entry["schedule"])
+
+
+def test_no_task_can_run_past_the_visibility_timeout() -> None:
+    with pytest.raises(ConfigError, match="visibility_timeout"):
+        Settings(visibility_timeout=900, schedule_horizon=300, task_time_limit=600)
+    with pytest.raises(ConfigError, match="visibility_timeout"):
+        Settings(visibility_timeout=700, schedule_horizon=300, task_time_limit=398.5)
+    ok = Settings(visibility_timeout=700, schedule_horizon=300, task_time_limit=398)
+    assert ok.visibility_timeout > ok.schedule_horizon + ok.send_time_slice + ok.task_time_limit
+    with pytest.raises(ConfigError, match="soft"):
+        Settings(task_soft_time_limit=300, task_time_limit=300)
+    with pytest.raises(ConfigError, match="send_time_slice"):
+        Settings(task_soft_time_limit=2, task_time_limit=3)
+
+
+def test_reset_after_fork_forgets_every_client(settings: Settings) -> None:
+    runtime = Runtime(settings, RecordingPublisher())
+    engine, client, limiter = runtime.engine, runtime.redis, runtime.limiter
+    runtime.reset_after_fork()
+    assert runtime.engine is not engine
+    assert runtime.redis is not client and runtime.limiter is not limiter
+    assert runtime.settings is settings  # plain attributes stay
+    runtime.dispose()
+    client.close()
