@@ -130,10 +130,19 @@ class RateLimiter:
         A refused request returns the wait it was quoted, so the caller can come
         back about then (``wait - max_wait`` later it would be booked).
         """
-        grant = self._book(limits, n, bound=self.max_wait)
-        if grant.booked and grant.wait > 0:
-            self._sleep(grant.wait)
+        grant = self.book(limits, n)
+        if grant.booked:
+            self.sleep(grant.wait)
         return grant
+
+    def book(self, limits: Sequence[Limit], n: int = 1) -> Grant:
+        """Like :meth:`acquire` without the sleep: the caller waits ``wait`` before using them."""
+        return self._book(limits, n, bound=self.max_wait)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait for a booked slot (bounded by ``max_wait``, whatever the caller computed)."""
+        if seconds > 0:
+            self._sleep(min(seconds, self.max_wait))
 
     def _book(self, limits: Sequence[Limit], n: int, *, bound: float | None) -> Grant:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -17,7 +17,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import outbox
@@ -115,6 +126,7 @@ def send_recipients(
     work = _Work(batch=batch, account_id=account.id, seq_range=seq_range, ids=recipient_ids)
     slice_ends = monotonic() + settings.send_time_slice
     waited = passing_on = False
+    booked: tuple[list[str], Grant, float] | None = None
     if pace is not None:
         # Far from the head of its account's line: wait in the database, not in a process.
         turn = _turn_in(factory=factory, settings=settings, work=work, pace=pace, now=clock())
@@ -138,14 +150,13 @@ def send_recipients(
         next_group = select(Recipient.id).where(*work.due(now)).order_by(Recipient.seq).limit(limit)
         if limiter is not None and limited:
             # Tokens come before the claim, so the group is read (without the write lock) first.
-            with read_transaction(factory) as session:
-                candidates = session.execute(next_group.add_columns(Recipient.channel)).all()
-            if not candidates:
+            # The next group is booked while this one is handed over (see below).
+            ahead, booked = booked, None
+            if ahead is None:
+                ahead = _book_group(factory, limiter, settings, work, rate, next_group)
+            if ahead is None:
                 break
-            # One channel per group, so that one booking covers it (all or nothing).
-            channel = candidates[0].channel
-            group = [rid for rid, _ in itertools.takewhile(same_channel(channel), candidates)]
-            grant = _take_tokens(limiter, settings, account.id, rate, channel, len(group))
+            group, grant, usable_at = ahead
             if not grant.booked:
                 # Booked nothing: come back when the slot is within reach.
                 if _defer(
@@ -158,6 +169,7 @@ def send_recipients(
                 ):
                     return report
                 continue
+            limiter.sleep(usable_at - time.monotonic())
             waited = waited or grant.wait > 0
             # Time slice used up while waiting for tokens: this group is the last one. The
             # rest goes to the tail of the queue when the claim commits, so the next task
@@ -191,6 +203,11 @@ def send_recipients(
                 continue  # the candidates were taken or cancelled meanwhile: read again
             break
         report.claimed += len(claimed)
+        if limiter is not None and limited and not passing_on:
+            # Booked now, before this group's hand-off and record: a slow hand-off does
+            # not leave the account's slot after this one unused.
+            later = select(Recipient.id).where(*work.due(clock())).order_by(Recipient.seq)
+            booked = _book_group(factory, limiter, settings, work, rate, later.limit(limit))
         messages = [
             OutboundMessage(
                 recipient_id=row.id,
@@ -234,11 +251,31 @@ def same_channel(channel: str) -> Callable[[Any], bool]:
     return lambda row: bool(row[1] == channel)
 
 
+def _book_group(
+    factory: sessionmaker[Session],
+    limiter: RateLimiter,
+    settings: Settings,
+    work: _Work,
+    rate: float,
+    next_group: Select[Any],
+) -> tuple[list[str], Grant, float] | None:
+    """Read the next group and book its tokens: (ids, grant, when usable); None if no group."""
+    with read_transaction(factory) as session:
+        candidates = session.execute(next_group.add_columns(Recipient.channel)).all()
+    if not candidates:
+        return None
+    # One channel per group, so that one booking covers it (all or nothing).
+    channel = candidates[0].channel
+    group = [rid for rid, _ in itertools.takewhile(same_channel(channel), candidates)]
+    grant = _take_tokens(limiter, settings, work.account_id, rate, channel, len(group))
+    return group, grant, time.monotonic() + grant.wait
+
+
 def _take_tokens(
     limiter: RateLimiter, settings: Settings, account_id: str, rate: float, channel: str, n: int
 ) -> Grant:
-    """Book ``n`` tokens on the account's and the channel's limits, or none (see acquire)."""
-    return limiter.acquire(
+    """Book ``n`` tokens on the account's and the channel's limits, or none (see book)."""
+    return limiter.book(
         [
             Limit(f"account:{account_id}", rate),
             Limit(f"channel:{channel}", settings.channel_rates.get(channel, 0.0)),
