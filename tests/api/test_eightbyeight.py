@@ -16,8 +16,9 @@ from dispatcher.batches.models import Recipient
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.states import BatchStatus, RecipientStatus
-from tests.api.test_mplus_batch import load, minimum, numbers, refused, stamp
-from tests.conftest import RecordingPublisher, Tenant
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
+from tests.helpers.mplus import load, minimum, numbers, refused, stamp
 
 
 def url(sub_account: str, batch_id: str) -> str:

@@ -17,8 +17,9 @@ from dispatcher.batches.models import Recipient, SharedSender
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.states import BatchStatus
-from tests.api.test_mplus_batch import SEED_ID, Ledger, load, refused, rows, stamp
-from tests.conftest import RecordingPublisher, Tenant
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
+from tests.helpers.mplus import EXAMPLE_ID, Ledger, load, refused, rows, stamp
 
 REPLY_KEYS = ["to", "body", "from", "batchUuid", "messageUuid", "scheduled"]
 
@@ -121,7 +122,7 @@ def test_seed_all_parameters(
                         "body": "This is a test message!",
                         "callback": "https://my-callback.com/delivery-receipt",
                         "channels": ["sms"],
-                        "id": SEED_ID,
+                        "id": EXAMPLE_ID,
                         "send_at": stamp(send_at),
                     }
                 ]
@@ -130,13 +131,13 @@ def test_seed_all_parameters(
     )
     assert item["scheduled"] is True
     batch, recipients = load(sessions, item["batchUuid"])
-    assert batch.client_id == SEED_ID
-    assert recipients[0].client_id == SEED_ID
+    assert batch.client_id == EXAMPLE_ID
+    assert recipients[0].client_id == EXAMPLE_ID
     assert batch.callback_url == "https://my-callback.com/delivery-receipt"
     assert batch.channels == ["sms"]
     assert batch.send_at == send_at
     assert batch.status == BatchStatus.SCHEDULED
-    got = client.get(f"/batch/{SEED_ID}", headers=tenant.auth)
+    got = client.get(f"/batch/{EXAMPLE_ID}", headers=tenant.auth)
     assert got.get_json()["identifier"] == item["batchUuid"]
 
 

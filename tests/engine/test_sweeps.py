@@ -21,7 +21,8 @@ from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
 from dispatcher.states import BatchStatus, RecipientStatus
-from tests.conftest import RecordingPublisher, Tenant
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
 
 R = RecipientStatus
 
