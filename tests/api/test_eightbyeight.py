@@ -1,5 +1,5 @@
-"""8x8 Chat Apps compatible cancel (seed 004): the same cancel as the native DELETE,
-answered ``{"cancelledCount": N}`` or in 8x8's error shape."""
+"""8x8 Chat Apps API "Cancel batch of scheduled message": the same cancel as the native
+DELETE, answered ``{"cancelledCount": N}`` or in 8x8's error shape."""
 
 from __future__ import annotations
 

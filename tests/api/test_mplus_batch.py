@@ -1,5 +1,6 @@
-"""POST /batch and the batch endpoints beside it (seeds 000 and 001): intake, validation,
-idempotency, reads, pagination and cancel, with the database checked after every refusal."""
+"""POST /batch and the batch endpoints beside it (Messaging Plus "Add Batch", "Cancel
+Pending Batch"): intake, validation, idempotency, reads, pagination and cancel, with the
+database checked after every refusal."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def post(client: FlaskClient, tenant: Tenant, body: Any, query: str = "") -> Tes
 # --- happy paths -----------------------------------------------------------------------
 
 
-def test_seed_minimum_body_is_queued_and_dispatched(
+def test_documented_minimum_body_is_queued_and_dispatched(
     client: FlaskClient,
     sessions: sessionmaker[Session],
     tenant: Tenant,
@@ -98,7 +99,7 @@ def test_seed_minimum_body_is_queued_and_dispatched(
     ]
 
 
-def test_seed_all_parameters_with_a_near_future_send_at(
+def test_documented_all_parameters_with_a_near_future_send_at(
     client: FlaskClient,
     sessions: sessionmaker[Session],
     tenant: Tenant,
@@ -139,7 +140,7 @@ def test_seed_all_parameters_with_a_near_future_send_at(
     assert got.status_code == 200 and got.get_json()["identifier"] == identifier
 
 
-def test_seed_multiple_destinations(
+def test_documented_multiple_destinations(
     client: FlaskClient, sessions: sessionmaker[Session], tenant: Tenant
 ) -> None:
     destinations = ["441111111111", "442222222222", "443333333333", "444444444444", "445555555555"]
@@ -152,7 +153,7 @@ def test_seed_multiple_destinations(
     assert rows(sessions, tenant.id) == (1, 5)
 
 
-def test_seed_channels_example(
+def test_documented_channels_example(
     client: FlaskClient, sessions: sessionmaker[Session], tenant: Tenant
 ) -> None:
     response = post(client, tenant, minimum(channel="rcs", fallback_channels=["sms"]))

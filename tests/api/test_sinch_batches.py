@@ -1,4 +1,4 @@
-"""Sinch batches over HTTP (seed 003): send, get, list, update, replace, cancel, auth, errors."""
+"""Sinch "Batches" over HTTP: send, get, list, update, replace, cancel, auth, errors."""
 
 from __future__ import annotations
 

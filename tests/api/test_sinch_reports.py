@@ -1,4 +1,4 @@
-"""Sinch dry run, delivery reports, delivery feedback and callbacks (seed 003 shapes)."""
+"""Sinch dry run, delivery reports, delivery feedback and callbacks (Sinch's shapes)."""
 
 from __future__ import annotations
 
