@@ -17,15 +17,12 @@ change); the intake and the measurement always use this one.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,32 +50,6 @@ def percentile(values: list[float], pct: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
-class Children:
-    """Child processes, each in its own process group, stopped by PID (newest first)."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> None:
-        out = (self.logs / f"{name}.log").open("wb")
-        self.procs.append(
-            subprocess.Popen(
-                argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        )
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=15)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-
-
 def wait(predicate: Any, timeout: float, poll: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -99,19 +70,20 @@ def run(args: argparse.Namespace) -> None:
     from dispatcher.db import transaction, utcnow
     from dispatcher.devserver import redis_server_command
     from dispatcher.migrate import upgrade
+    from dispatcher.supervisor import Supervisor, child_env
     from workers.celery_app import create_celery
 
     code = Path(args.code).resolve()
     tmp = Path(tempfile.mkdtemp(prefix="dispatcher-fairness-"))
-    children = Children(tmp)
+    children = Supervisor()
     failed = True
     try:
         port = free_port()
         children.start(
             "redis",
             redis_server_command(port=port, data_dir=tmp, persist=False),
-            dict(os.environ),
-            tmp,
+            env=dict(os.environ),
+            log=tmp / "redis.log",
         )
         settings = Settings(
             var_dir=str(tmp),
@@ -126,8 +98,7 @@ def run(args: argparse.Namespace) -> None:
         client = redis.Redis.from_url(settings.redis_url)
         wait(lambda: _ping(client), timeout=20)
         upgrade(settings)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
-        env.update(settings.to_env())
+        env = child_env(settings)
         env["PYTHONPATH"] = str(code)
         celery = [sys.executable, "-m", "celery", "-A", "workers.main"]
         children.start(
@@ -145,14 +116,16 @@ def run(args: argparse.Namespace) -> None:
                 "--without-mingle",
                 "--without-gossip",
             ],
-            env,
-            code,
+            env=env,
+            log=tmp / "worker.log",
+            cwd=code,
         )
         children.start(
             "beat",
             [*celery, "beat", "--loglevel", "INFO", "--schedule", str(tmp / "beat-schedule")],
-            env,
-            code,
+            env=env,
+            log=tmp / "beat.log",
+            cwd=code,
         )
         app = create_celery(settings)
         runtime = app.runtime
