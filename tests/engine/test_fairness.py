@@ -16,14 +16,12 @@ from pathlib import Path
 import pytest
 import redis
 from flask.testing import FlaskClient
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from dispatcher import outbox
-from dispatcher.accounts.models import Account
-from dispatcher.batches import service
-from dispatcher.batches.models import Recipient
+from dispatcher.batches.models import Batch, Recipient
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
@@ -31,36 +29,46 @@ from dispatcher.outbox import TaskName
 from dispatcher.ratelimit import RateLimiter
 from dispatcher.runtime import Runtime
 from dispatcher.states import RecipientStatus
-from tests.conftest import RecordingPublisher, Tenant, make_settings, wait_for
+from tests.conftest import RecordingPublisher, make_settings, wait_for
 from tests.engine import system
+from tests.factories import Tenant, make_account, make_batch
 from workers.celery_app import create_celery
 
 R = RecipientStatus
 
 
 def dispatched(
-    sessions: sessionmaker[Session], settings: Settings, tenant: Tenant, *, rate: float, count: int
+    sessions: sessionmaker[Session], settings: Settings, *, rate: float, count: int
 ) -> str:
-    """A batch of ``count`` for ``tenant`` (throttled to ``rate``), fanned out into chunks."""
+    """A due batch of ``count`` for a new account throttled to ``rate``, fanned out into chunks."""
     with transaction(sessions) as session:
-        account = session.get(Account, tenant.id)
-        assert account is not None
-        account.rate_limit = rate
-        new = service.NewBatch(
-            sender="Acme",
-            body="hi",
-            channels=["sms"],
-            send_at=None,
-            destinations=[f"+4477005{i:05d}" for i in range(count)],
+        account = make_account(session, name="throttled", rate_limit=rate)
+        batch = make_batch(
+            session, settings=settings, account=account, recipients=count, send_at=utcnow()
         )
-        batch_id = service.create_batch(
-            session=session, settings=settings, account=account, new=new
-        ).batch.id
     with transaction(sessions) as session:
-        scheduling.dispatch_batch(
-            session=session, settings=settings, batch_id=batch_id, now=utcnow()
-        )
-    return batch_id
+        now = utcnow()
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch.id, now=now)
+    return batch.id
+
+
+def run(
+    runtime: Runtime,
+    batch_id: str,
+    seq_range: tuple[int, int],
+    *,
+    settings: Settings | None = None,
+    limiter: RateLimiter | None = None,
+) -> sending.SendReport:
+    """One send task's work, in this process."""
+    return sending.send_recipients(
+        factory=runtime.sessions,
+        settings=settings or runtime.settings,
+        providers=runtime.providers,
+        limiter=limiter or runtime.limiter,
+        batch_id=batch_id,
+        seq_range=seq_range,
+    )
 
 
 def queued_rows(sessions: sessionmaker[Session], batch_id: str) -> list[Recipient]:
@@ -83,27 +91,22 @@ def chunk_messages(publisher: RecordingPublisher) -> list[outbox.Message]:
 
 
 def test_a_chunk_far_from_its_turn_waits_in_the_database(
-    runtime: Runtime, sessions: sessionmaker[Session], tenant: Tenant, publisher: RecordingPublisher
+    runtime: Runtime, sessions: sessionmaker[Session], publisher: RecordingPublisher
 ) -> None:
     settings = runtime.settings
-    batch_id = dispatched(sessions, settings, tenant, rate=5.0, count=300)
+    batch_id = dispatched(sessions, settings, rate=5.0, count=300)
     publisher.messages.clear()
     slept: list[float] = []
     limiter = RateLimiter(runtime.redis, max_wait=settings.rate_max_wait, sleep=slept.append)
     before = utcnow()
-    report = sending.send_recipients(
-        factory=sessions,
-        settings=settings,
-        providers=runtime.providers,
-        limiter=limiter,
-        batch_id=batch_id,
-        seq_range=(200, 300),
-    )
+    report = run(runtime, batch_id, (200, 300), settings=settings, limiter=limiter)
     # 200 recipients are ahead of it at 5/s: its turn is 40 s off. Nothing was sent,
     # no token booked, no sleep: the rows carry the time and the task comes back then.
     assert report.claimed == 0 and report.deferred == 100 and slept == []
     assert report.deferred_for == pytest.approx(40 - settings.rate_max_wait)
-    assert not runtime.redis.exists(f"dispatcher:rl:account:{tenant.id}")
+    with sessions() as session:
+        account_id = session.get_one(Batch, batch_id).account_id
+    assert not runtime.redis.exists(f"dispatcher:rl:account:{account_id}")
     rows = [r for r in queued_rows(sessions, batch_id) if r.seq >= 200]
     assert len(rows) == 100
     eta = {r.next_attempt_at for r in rows}
@@ -119,19 +122,12 @@ def test_a_chunk_far_from_its_turn_waits_in_the_database(
 
 
 def test_a_chunk_beyond_the_horizon_is_left_to_the_sweep(
-    runtime: Runtime, sessions: sessionmaker[Session], tenant: Tenant, publisher: RecordingPublisher
+    runtime: Runtime, sessions: sessionmaker[Session], publisher: RecordingPublisher
 ) -> None:
     settings = runtime.settings.replace(chunk_size=500)
-    batch_id = dispatched(sessions, settings, tenant, rate=1.0, count=600)
+    batch_id = dispatched(sessions, settings, rate=1.0, count=600)
     publisher.messages.clear()
-    report = sending.send_recipients(
-        factory=sessions,
-        settings=settings,
-        providers=runtime.providers,
-        limiter=runtime.limiter,
-        batch_id=batch_id,
-        seq_range=(500, 600),
-    )
+    report = run(runtime, batch_id, (500, 600), settings=settings)
     # Its turn is past the horizon (60 s here): no ETA task in Redis, the sweep has it.
     assert report.deferred == 100 and chunk_messages(publisher) == []
     rows = [r for r in queued_rows(sessions, batch_id) if r.seq >= 500]
@@ -150,48 +146,33 @@ def test_a_chunk_beyond_the_horizon_is_left_to_the_sweep(
 
 
 def test_a_refused_booking_defers_instead_of_sleeping(
-    runtime: Runtime, sessions: sessionmaker[Session], tenant: Tenant, publisher: RecordingPublisher
+    runtime: Runtime, sessions: sessionmaker[Session], publisher: RecordingPublisher
 ) -> None:
     settings = runtime.settings
-    batch_id = dispatched(sessions, settings, tenant, rate=5.0, count=20)
+    # One token every 2 s: the first slot is now, the next one is beyond RATE_MAX_WAIT (1 s).
+    batch_id = dispatched(sessions, settings, rate=0.5, count=20)
     publisher.messages.clear()
     slept: list[float] = []
-    # A limiter that does not really sleep: the schedule runs ahead until a booking is refused.
     limiter = RateLimiter(runtime.redis, max_wait=settings.rate_max_wait, sleep=slept.append)
-    report = sending.send_recipients(
-        factory=sessions,
-        settings=settings,
-        providers=runtime.providers,
-        limiter=limiter,
-        batch_id=batch_id,
-        seq_range=(0, 20),
-    )
-    # Slots 0, .2, .4, .6, .8, 1.0 s were booked (one token a group at 5/s), and maybe
-    # one more as real time passed; then a slot over 1 s away was refused.
-    assert 6 <= report.claimed <= 8 and report.claimed + report.deferred == 20
-    assert max(slept) <= settings.rate_max_wait
-    assert report.deferred_for is not None and 0 < report.deferred_for <= 0.2
+    report = run(runtime, batch_id, (0, 20), settings=settings, limiter=limiter)
+    assert report.claimed == 1 and report.deferred == 19
+    assert slept == []  # nothing was slept for: the second slot was refused, not waited for
+    # It comes back when the slot is within reach: 2 s - 1 s, less the time that passed.
+    assert report.deferred_for is not None and 0 < report.deferred_for <= 1.0
     (message,) = chunk_messages(publisher)
     assert message.eta is not None
-    # FIFO within the batch: the first ones went, in order.
-    assert [r.seq for r in queued_rows(sessions, batch_id)] == list(range(report.claimed, 20))
+    # FIFO within the batch: the first went, the rest wait in order.
+    assert [r.seq for r in queued_rows(sessions, batch_id)] == list(range(1, 20))
 
 
 def test_a_rate_limited_chunk_gives_its_process_back_after_its_time_slice(
-    runtime: Runtime, sessions: sessionmaker[Session], tenant: Tenant, publisher: RecordingPublisher
+    runtime: Runtime, sessions: sessionmaker[Session], publisher: RecordingPublisher
 ) -> None:
     settings = runtime.settings.replace(send_time_slice=0.5)
-    batch_id = dispatched(sessions, settings, tenant, rate=20.0, count=100)
+    batch_id = dispatched(sessions, settings, rate=20.0, count=100)
     publisher.messages.clear()
     started = utcnow()
-    report = sending.send_recipients(
-        factory=sessions,
-        settings=settings,
-        providers=runtime.providers,
-        limiter=runtime.limiter,
-        batch_id=batch_id,
-        seq_range=(0, 100),
-    )
+    report = run(runtime, batch_id, (0, 100), settings=settings)
     took = (utcnow() - started).total_seconds()
     # About half a second of sending at 20/s, then the rest goes to the tail of the queue,
     # published with the claim of the last group (so the next task books the next slot).
@@ -205,18 +186,11 @@ def test_a_rate_limited_chunk_gives_its_process_back_after_its_time_slice(
 
 
 def test_an_unlimited_account_is_never_deferred(
-    runtime: Runtime, sessions: sessionmaker[Session], tenant: Tenant, publisher: RecordingPublisher
+    runtime: Runtime, sessions: sessionmaker[Session], publisher: RecordingPublisher
 ) -> None:
     settings = runtime.settings
-    batch_id = dispatched(sessions, settings, tenant, rate=0.0, count=150)
-    report = sending.send_recipients(
-        factory=sessions,
-        settings=settings,
-        providers=runtime.providers,
-        limiter=runtime.limiter,
-        batch_id=batch_id,
-        seq_range=(100, 150),
-    )
+    batch_id = dispatched(sessions, settings, rate=0.0, count=150)
+    report = run(runtime, batch_id, (100, 150), settings=settings)
     assert report.claimed == 50 and report.deferred == 0
 
 
@@ -261,10 +235,8 @@ def test_a_throttled_backlog_does_not_hold_the_send_pool(
     redis.Redis.from_url(redis_url).flushdb()
     live: Runtime = create_celery(settings).runtime
     api = create_app(settings, runtime=live).test_client()
-    a = Tenant(live.sessions, name="throttled")
+    a = Tenant(live.sessions, name="throttled", rate=A_RATE)
     b = Tenant(live.sessions, name="other")
-    with transaction(live.sessions) as session:
-        session.execute(update(Account).where(Account.id == a.id).values(rate_limit=A_RATE))
     try:
         with (
             system.worker(settings, tmp_path, name="fair", concurrency=4),
@@ -289,7 +261,9 @@ def test_a_throttled_backlog_does_not_hold_the_send_pool(
     # B's batch went out at its time, not after A's 400 s backlog (loosely: bench/fairness.py
     # measures it exactly).
     assert max(lags) < 5.0, lags
-    # A kept its pace meanwhile, and no faster than its limit.
+    # A kept going meanwhile, and no faster than its limit (bench/fairness.py measures
+    # how close to it; a loaded machine loses some slots).
     span = (a_sent[-1] - a_sent[0]).total_seconds()
-    assert (len(a_sent) - 1) / span == pytest.approx(A_RATE, rel=0.25), (len(a_sent), span)
+    achieved = (len(a_sent) - 1) / span
+    assert A_RATE * 0.5 < achieved < A_RATE * 1.1, (len(a_sent), span)
     print(f"\nB hand-off lag p50 {statistics.median(lags):.2f}s max {max(lags):.2f}s")
