@@ -175,6 +175,12 @@ def send_recipients(
             # rest goes to the tail of the queue when the claim commits, so the next task
             # books the next slot while this one still hands over (no gap in the rate).
             passing_on = waited and monotonic() >= slice_ends
+            if not passing_on:
+                # The next slot is booked as soon as this one is due, before this group's
+                # claim, hand-off and record: however slow those are, no slot goes unused.
+                later = select(Recipient.id).where(*work.due(clock()), Recipient.id.not_in(group))
+                later = later.order_by(Recipient.seq).limit(limit)
+                booked = _book_group(factory, limiter, settings, work, rate, later)
             target = Recipient.id.in_(group)
         else:
             target = Recipient.id.in_(next_group.scalar_subquery())
@@ -203,11 +209,6 @@ def send_recipients(
                 continue  # the candidates were taken or cancelled meanwhile: read again
             break
         report.claimed += len(claimed)
-        if limiter is not None and limited and not passing_on:
-            # Booked now, before this group's hand-off and record: a slow hand-off does
-            # not leave the account's slot after this one unused.
-            later = select(Recipient.id).where(*work.due(clock())).order_by(Recipient.seq)
-            booked = _book_group(factory, limiter, settings, work, rate, later.limit(limit))
         messages = [
             OutboundMessage(
                 recipient_id=row.id,
