@@ -55,7 +55,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             session.rollback()
             session.close()
 
-    from api import openapi
+    from api import openapi, telemetry
+
+    telemetry.install(app, settings)
     from api.dialects import callbacks, dlr, eightbyeight, mplus, ops, reports, sinch
     from api.errors import register
 

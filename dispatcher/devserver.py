@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from dispatcher.config import PREFIX, Settings
+from dispatcher.metrics import metrics_env
 
 STOP_GRACE = 20.0
 
@@ -110,6 +111,7 @@ def _child_env(settings: Settings) -> dict[str, str]:
     # The demo posts callbacks to local receivers: allow loopback unless told otherwise.
     if PREFIX + "CALLBACK_ALLOWLIST" not in os.environ:
         env[PREFIX + "CALLBACK_ALLOWLIST"] = "127.0.0.1,::1,localhost"
+    env.update(metrics_env(settings))
     return env
 
 
@@ -126,8 +128,8 @@ def commands(settings: Settings) -> dict[str, list[str]]:
             f"{settings.api_host}:{settings.api_port}",
             "--workers",
             "2",
-            "--access-logfile",
-            "-",
+            "--config",
+            "python:dispatcher.gunicorn_conf",
             "api.wsgi:app",
         ],
         "send-worker": [

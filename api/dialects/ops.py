@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from flask import Blueprint, Response, request
 from sqlalchemy import text
 
 from api import context as ctx
+from dispatcher import metrics
 
 blueprint = Blueprint("ops", __name__)
 
@@ -21,5 +21,14 @@ def health() -> tuple[dict[str, Any], int]:
 
 
 @blueprint.get("/metrics")
-def metrics() -> Response:
-    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+def metrics_view() -> Response:
+    # Bearer token (DISPATCHER_METRICS_TOKEN); without one configured, not served at all.
+    rt = ctx.runtime()
+    if not rt.settings.metrics_token:
+        return Response("metrics are off: set DISPATCHER_METRICS_TOKEN\n", 404)
+    if not metrics.token_ok(
+        expected=rt.settings.metrics_token, authorization=request.headers.get("Authorization")
+    ):
+        return Response("bearer token required\n", 401, {"WWW-Authenticate": "Bearer"})
+    body, content_type = metrics.exposition(metrics.backlog_for(rt))
+    return Response(body, content_type=content_type)
