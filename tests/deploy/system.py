@@ -1,0 +1,118 @@
+"""A running system with metrics on: gunicorn API, Celery prefork worker, beat (real processes)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from dispatcher import metrics
+from dispatcher.config import Settings
+from tests.conftest import free_port, wait_for
+from tests.engine import system
+
+
+class Process(system.Process):
+    """A test child with extra environment (the multiprocess directory)."""
+
+    def __init__(self, argv: list[str], settings: Settings, log: Path, env: dict[str, str]) -> None:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            super().__init__(argv, settings, log)
+
+
+@dataclass
+class Stack:
+    api: str
+    token: str
+    api_proc: Process
+    worker_proc: Process
+    worker_metrics: str | None
+
+    def scrape(self) -> str:
+        reply = requests.get(
+            f"{self.api}/metrics", headers={"Authorization": f"Bearer {self.token}"}, timeout=10
+        )
+        reply.raise_for_status()
+        return reply.text
+
+
+def _up(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code < 500
+    except requests.RequestException:
+        return False
+
+
+@contextmanager
+def running(
+    settings: Settings, logs: Path, *, api_dir: Path, worker_dir: Path, worker_port: int = 0
+) -> Iterator[Stack]:
+    """API, send worker (2 prefork processes) and beat; shared or separate metrics dirs."""
+    assert settings.metrics_token
+    port = free_port()
+    api_env = {metrics.MULTIPROC_ENV: str(api_dir)}
+    worker_env = {metrics.MULTIPROC_ENV: str(worker_dir)}
+    for d in {api_dir, worker_dir}:
+        metrics.prepare_multiproc_dir(d)
+    worker_settings = settings.replace(
+        worker_metrics_port=worker_port, worker_metrics_host="127.0.0.1"
+    )
+    with ExitStack() as stack:
+        api = Process(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "2",
+                "--config",
+                "python:dispatcher.gunicorn_conf",
+                "api.wsgi:app",
+            ],
+            settings,
+            logs / "api.log",
+            api_env,
+        )
+        stack.callback(api.stop)
+        worker = Process(
+            system.celery(
+                "worker",
+                "-Q",
+                "dispatch,send",
+                "-n",
+                f"metrics-{port}@%h",
+                "-c",
+                "2",
+                "-P",
+                "prefork",
+                "--without-heartbeat",
+                "--without-mingle",
+                "--without-gossip",
+            ),
+            worker_settings,
+            logs / "worker.log",
+            worker_env,
+        )
+        stack.callback(worker.stop)
+        beat = Process(
+            system.celery("beat", "--schedule", str(logs / "beat-schedule")),
+            settings,
+            logs / "beat.log",
+            worker_env,
+        )
+        stack.callback(beat.stop)
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _up(f"{base}/health"), timeout=60)
+        exporter = f"http://127.0.0.1:{worker_port}/metrics" if worker_port else None
+        if exporter:
+            wait_for(lambda: _up(exporter), timeout=60)
+        yield Stack(base, settings.metrics_token, api, worker, exporter)
