@@ -14,7 +14,7 @@ from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from dispatcher.batches.models import Batch, Recipient, StatusEvent
-from dispatcher.states import BatchStatus, CallbackState, RecipientStatus
+from dispatcher.states import OPEN_BATCH, BatchStatus, CallbackState, RecipientStatus
 from dispatcher.webhooks.models import Callback, Endpoint
 
 B, R, C = BatchStatus, RecipientStatus, CallbackState
@@ -135,3 +135,51 @@ def largest_backlogs(*, session: Session, now: datetime, limit: int = 5) -> list
         .limit(limit)
     ).all()
     return [(str(a), int(n)) for a, n in rows]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One batch's state and its recipients per status, for the CLI."""
+
+    batch_id: str
+    account_id: str
+    status: str
+    send_at: datetime
+    total: int
+    counts: dict[str, int]
+
+    @property
+    def done(self) -> int:
+        """Recipients no worker will touch again (sent ones only wait for a receipt)."""
+        return self.total - sum(self.counts.get(s, 0) for s in PENDING)
+
+    @property
+    def final(self) -> bool:
+        """The batch is closed and no recipient waits to be sent."""
+        return self.status not in {s.value for s in OPEN_BATCH} and self.done == self.total
+
+
+# Recipients still to be handed over.
+PENDING = (R.SCHEDULED.value, R.QUEUED.value, R.SENDING.value)
+
+
+def progress(*, session: Session, batch_id: str) -> Progress | None:
+    """A batch's progress by our id (any account: this is the operator's view)."""
+    batch = session.get(Batch, batch_id)
+    if batch is None:
+        return None
+    counts = {s.value: 0 for s in R}
+    for status, n in session.execute(
+        select(Recipient.status, func.count())
+        .where(Recipient.batch_id == batch.id)
+        .group_by(Recipient.status)
+    ):
+        counts[R(status).value] = int(n)
+    return Progress(
+        batch_id=batch.id,
+        account_id=batch.account_id,
+        status=B(batch.status).value,
+        send_at=batch.send_at,
+        total=sum(counts.values()),
+        counts=counts,
+    )
