@@ -1,4 +1,4 @@
-"""Structured logs: JSON lines with ids, text for humans, and a Sentry scrubber that keeps secrets in."""
+"""Structured logs: JSON lines with ids, text for humans, a Sentry scrubber that keeps secrets in."""
 
 from __future__ import annotations
 
@@ -28,9 +28,8 @@ def _emit(formatter: logging.Formatter, **extra: object) -> str:
 
 
 def test_json_line_has_level_timestamp_logger_and_ids() -> None:
-    with logs.bind(account_id="acct-1", task_id="t-9"):
-        with logs.bind(batch_id="b-1"):
-            line = json.loads(_emit(logs.JsonFormatter(), recipient_id="r-3"))
+    with logs.bind(account_id="acct-1", task_id="t-9"), logs.bind(batch_id="b-1"):
+        line = json.loads(_emit(logs.JsonFormatter(), recipient_id="r-3"))
     assert line["level"] == "WARNING"
     assert line["logger"] == "dispatcher.test_logs"
     assert line["message"] == "batch b-1 stalled"
