@@ -1,4 +1,4 @@
-"""Structured logs: JSON lines with ids, text for humans, a Sentry scrubber that keeps secrets in."""
+"""Structured logs: JSON lines with ids, text for humans, a Sentry scrubber that keeps secrets."""
 
 from __future__ import annotations
 
