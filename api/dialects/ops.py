@@ -9,6 +9,7 @@ from sqlalchemy import text
 
 from api import context as ctx
 from dispatcher import metrics
+from dispatcher.errors import NotFound, Unauthenticated
 
 blueprint = Blueprint("ops", __name__)
 
@@ -20,15 +21,15 @@ def health() -> tuple[dict[str, Any], int]:
     return {"status": "ok"}, 200
 
 
-@blueprint.get("/metrics")
+@blueprint.get("/metrics", endpoint="metrics")
 def metrics_view() -> Response:
     # Bearer token (DISPATCHER_METRICS_TOKEN); without one configured, not served at all.
     rt = ctx.runtime()
     if not rt.settings.metrics_token:
-        return Response("metrics are off: set DISPATCHER_METRICS_TOKEN\n", 404)
+        raise NotFound("metrics are off: set DISPATCHER_METRICS_TOKEN")
     if not metrics.token_ok(
         expected=rt.settings.metrics_token, authorization=request.headers.get("Authorization")
     ):
-        return Response("bearer token required\n", 401, {"WWW-Authenticate": "Bearer"})
+        raise Unauthenticated("metrics need Authorization: Bearer <DISPATCHER_METRICS_TOKEN>")
     body, content_type = metrics.exposition(metrics.backlog_for(rt))
     return Response(body, content_type=content_type)
