@@ -1,4 +1,4 @@
-"""Request metrics and logging for the API (wired by the app factory)."""
+"""Request metrics and log context for the API (wired by the app factory)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,16 @@ import time
 
 from flask import Flask, Response, g, request
 
-from dispatcher import metrics
+from dispatcher import logs, metrics
 from dispatcher.config import Settings
+
+# URL parameters that are ids worth logging, and the log field each becomes.
+_URL_IDS = {
+    "batch_id": "batch_id",
+    "callback_id": "callback_id",
+    "service_plan_id": "account_id",
+    "sub_account_id": "account_id",
+}
 
 
 def install(app: Flask, settings: Settings) -> None:
@@ -17,6 +25,15 @@ def install(app: Flask, settings: Settings) -> None:
     @app.before_request
     def _start() -> None:
         g.metrics_started = time.perf_counter()
+        # Ids in the URL go on every log line of the request.
+        ids = {k: v for k, v in (request.view_args or {}).items() if k in _URL_IDS}
+        g.log_context = logs.set_context(**{_URL_IDS[k]: str(v) for k, v in ids.items()})
+
+    @app.teardown_request
+    def _unbind(_exc: BaseException | None) -> None:
+        token = g.pop("log_context", None)
+        if token is not None:
+            logs.reset_context(token)
 
     @app.after_request
     def _count(response: Response) -> Response:

@@ -149,3 +149,32 @@ def test_sentry_without_the_extra_is_reported_not_fatal(caplog: pytest.LogCaptur
         assert "sentry-sdk is not installed" in caplog.text
     else:
         pytest.skip("sentry-sdk is installed here: nothing to report")
+
+
+def test_api_requests_log_the_ids_in_their_url(runtime: object) -> None:
+    from api.app import create_app
+    from dispatcher.runtime import Runtime
+
+    assert isinstance(runtime, Runtime)
+    app = create_app(runtime.settings, runtime=runtime)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("dispatcher.test_logs.api")
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    @app.get("/test-logs/<batch_id>")
+    def _view(batch_id: str) -> dict[str, str]:
+        logger.warning("looking at it")
+        return {"ok": batch_id}
+
+    try:
+        assert app.test_client().get("/test-logs/b-42").status_code == 200
+        logger.warning("after the request")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    during, after = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert during["batch_id"] == "b-42"
+    assert "batch_id" not in after

@@ -111,13 +111,15 @@ def test_pool_processes_metrics_reach_the_api_metrics(
 def test_logs_are_json_with_ids_and_access_lines_hide_query_strings(
     stack: system.Stack, settings_: Settings
 ) -> None:
-    _batch, tenant = _send(stack, settings_, 1)
+    batch_id, tenant = _send(stack, settings_, 1)
 
     def worker_lines() -> list[dict[str, object]]:
         return [line for line in _json_lines(stack.worker_proc.log) if line.get("task_id")]
 
     tasks = wait_for(worker_lines, timeout=30)
     assert {"timestamp", "level", "logger", "message", "task_id", "task_name"} <= set(tasks[0])
+    # A task about a batch carries its id.
+    wait_for(lambda: any(line.get("batch_id") == batch_id for line in worker_lines()), timeout=30)
     api_log = stack.api_proc.output()
     assert tenant.key not in api_log
     access = [

@@ -33,8 +33,13 @@ def install(app: Celery, settings: Settings) -> None:
         logs.configure(settings)
 
     @task_prerun.connect(weak=False, dispatch_uid="dispatcher_bind")
-    def _bind(task_id: str | None = None, task: Any = None, **_: Any) -> None:
-        token = logs.set_context(task_id=task_id, task_name=getattr(task, "name", None))
+    def _bind(task_id: str | None = None, task: Any = None, kwargs: Any = None, **_: Any) -> None:
+        args = kwargs if isinstance(kwargs, dict) else {}
+        token = logs.set_context(
+            task_id=task_id,
+            task_name=getattr(task, "name", None),
+            batch_id=args.get("batch_id") if isinstance(args.get("batch_id"), str) else None,
+        )
         if task is not None:
             task.request.dispatcher_log_token = token
 
