@@ -46,10 +46,10 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP) ## Throughput benchmark (100k recipients, simulator, no rate limit); prints JSON lines
-	$(PY) bench/throughput.py
+	$(PY) -m bench.throughput
 
 bench-rate: $(STAMP) ## Rate-limit accuracy with 4 worker processes; prints JSON lines
-	$(PY) bench/throughput.py --mode rate
+	$(PY) -m bench.throughput --mode rate
 
 prometheus: ## Install Debian's prometheus package (prometheus + promtool, for tests/deploy); needs root or sudo
 	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \

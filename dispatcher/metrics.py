@@ -247,24 +247,18 @@ def prepare_multiproc_dir(path: Path) -> str:
     return str(path)
 
 
-def metrics_env(settings: Settings) -> dict[str, str]:
-    """What ``dispatcher run`` adds to its children's environment for metrics and logs.
+def multiproc_env(path: Path) -> dict[str, str]:
+    """The environment that gives children one multiprocess directory (emptied here)."""
+    return {MULTIPROC_ENV: prepare_multiproc_dir(path)}
 
-    One multiprocess directory for the host (emptied here, at start), so the
-    API's /metrics shows every process's metrics; a generated bearer token
-    (``var/metrics-token``) unless one is configured; text logs for humans
-    unless a format is chosen.
-    """
-    env = {MULTIPROC_ENV: prepare_multiproc_dir(settings.var_path / "metrics")}
-    if not settings.metrics_token:
-        path = settings.var_path / "metrics-token"
-        if not path.exists():
-            path.write_text(secrets.token_urlsafe(24) + "\n")
-            path.chmod(0o600)
-        env["DISPATCHER_METRICS_TOKEN"] = path.read_text().strip()
-    if "DISPATCHER_LOG_FORMAT" not in os.environ:
-        env["DISPATCHER_LOG_FORMAT"] = "text"
-    return env
+
+def dev_token(var: Path) -> str:
+    """``dispatcher run``'s /metrics token: generated once into ``var/metrics-token``."""
+    path = var / "metrics-token"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(24) + "\n")
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def process_exited(pid: int) -> None:

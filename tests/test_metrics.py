@@ -19,18 +19,11 @@ from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.migrate import upgrade
 from dispatcher.runtime import Runtime
 from dispatcher.webhooks.models import Callback, Endpoint
-from tests.conftest import RecordingPublisher, Tenant, make_settings
+from tests.deploy.system import sample
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher, make_settings
 
 TOKEN = "s3cret-metrics-token"
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in an exposition (0 when absent)."""
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
 
 
 def scrape() -> str:

@@ -17,8 +17,9 @@ from dispatcher.config import Settings
 from dispatcher.db import utcnow
 from dispatcher.migrate import upgrade
 from dispatcher.runtime import Runtime
-from tests.conftest import RecordingPublisher, Tenant, make_settings, wait_for
 from tests.engine import system
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher, make_settings, wait_for
 from workers.celery_app import create_celery
 
 pytestmark = pytest.mark.system

@@ -15,9 +15,10 @@ import requests
 
 from dispatcher.config import Settings
 from dispatcher.runtime import Runtime
-from tests.conftest import RecordingPublisher, Tenant, make_settings, wait_for
 from tests.deploy import system
-from tests.test_metrics import sample
+from tests.deploy.system import sample
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher, make_settings, wait_for
 
 pytestmark = pytest.mark.system
 TOKEN = "metrics-system-token"

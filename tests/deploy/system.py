@@ -8,23 +8,30 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher import metrics
 from dispatcher.config import Settings
-from tests.conftest import free_port, wait_for
+from dispatcher.supervisor import ROOT, Child, child_env
 from tests.engine import system
+from tests.helpers import free_port, wait_for
 
 
-class Process(system.Process):
-    """A test child with extra environment (the multiprocess directory)."""
+class Process(Child):
+    """A test child with the settings' environment plus ``env`` (the multiprocess directory)."""
 
     def __init__(self, argv: list[str], settings: Settings, log: Path, env: dict[str, str]) -> None:
-        with pytest.MonkeyPatch.context() as mp:
-            for key, value in env.items():
-                mp.setenv(key, value)
-            super().__init__(argv, settings, log)
+        super().__init__(log.stem, argv, env={**child_env(settings), **env}, log=log, cwd=ROOT)
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in an exposition (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
 
 
 @dataclass

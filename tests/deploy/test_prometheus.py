@@ -17,9 +17,10 @@ import yaml
 
 from dispatcher.config import Settings
 from dispatcher.runtime import Runtime
-from tests.conftest import RecordingPublisher, Tenant, free_port, make_settings, wait_for
 from tests.deploy import system
 from tests.deploy.tools import DEPLOY, binary
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher, free_port, make_settings, wait_for
 
 RULES = DEPLOY / "prometheus" / "alerts.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "alerts_test.yml"
