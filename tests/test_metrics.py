@@ -59,10 +59,8 @@ def test_status_changes_count_on_commit_and_not_on_rollback(
     # The lag (about 3 s) lands in the 5 s bucket, not the 2 s one.
     assert sample(text, "dispatcher_send_lag_seconds_bucket", channel="rcs", le="5.0") >= 2
     # No account label unless asked for (bounded cardinality).
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "dispatcher_recipients_total":
-                assert s.labels["account"] == ""
+    assert sample(text, "dispatcher_recipients_total", status="sent", account="acct") == 0
+    assert sample(text, "dispatcher_recipients_total", status="sent", account="") >= 2
 
 
 def _changes(n: int) -> list[object]:
@@ -273,3 +271,29 @@ def test_carrier_connection_and_receipt_hooks() -> None:
     assert sample(scrape(), "dispatcher_carrier_connection_up", connection="smsc-1") == 1
     assert sample(text, "dispatcher_receipts_total", outcome="waiting") == before + 3
     assert sample(text, "dispatcher_receipts_total", outcome="unmatched") >= 1
+
+
+def test_dispatcher_run_empties_the_multiprocess_dir_and_keeps_one_token(tmp_path: Path) -> None:
+    stale = tmp_path / "metrics"
+    stale.mkdir()
+    (stale / "counter_12345.db").write_bytes(b"old")
+    env = metrics.multiproc_env(stale)
+    assert env == {metrics.MULTIPROC_ENV: str(stale)}
+    assert list(stale.iterdir()) == []
+    token = metrics.dev_token(tmp_path)
+    assert len(token) >= 24 and metrics.dev_token(tmp_path) == token
+    assert (tmp_path / "metrics-token").stat().st_mode & 0o777 == 0o600
+
+
+def test_dispatcher_run_logs_text_and_guards_metrics_unless_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dispatcher.devserver import _observable
+
+    monkeypatch.delenv("DISPATCHER_LOG_FORMAT", raising=False)
+    plain = _observable(Settings(var_dir=str(tmp_path)))
+    assert plain.log_format == "text"
+    assert plain.metrics_token == (tmp_path / "metrics-token").read_text().strip()
+    monkeypatch.setenv("DISPATCHER_LOG_FORMAT", "json")
+    chosen = _observable(Settings(var_dir=str(tmp_path), metrics_token="mine"))
+    assert (chosen.log_format, chosen.metrics_token) == ("json", "mine")
