@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -297,3 +299,51 @@ def test_dispatcher_run_logs_text_and_guards_metrics_unless_configured(
     monkeypatch.setenv("DISPATCHER_LOG_FORMAT", "json")
     chosen = _observable(Settings(var_dir=str(tmp_path), metrics_token="mine"))
     assert (chosen.log_format, chosen.metrics_token) == ("json", "mine")
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    """Answers 204 on /ok and 500 on anything else."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(204 if self.path == "/ok" else 500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+def test_callback_outcomes_are_counted_by_a_real_delivery(fresh: Runtime) -> None:
+    from dispatcher.webhooks import service as webhooks
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    tenant = Tenant(fresh.sessions)
+    ok, failing = (
+        _callback(tenant.id, "pending", utcnow() - timedelta(seconds=1)) for _ in range(2)
+    )
+    ok.update(id="cb-ok", url=f"{base}/ok")
+    failing.update(id="cb-fail", url=f"{base}/fail")
+    with transaction(fresh.sessions) as session:
+        session.execute(insert(Callback), [ok, failing])
+    before = scrape()
+    try:
+        counts = webhooks.deliver(
+            factory=fresh.sessions,
+            settings=fresh.settings,
+            sender=fresh.webhook_sender,
+            callback_ids=["cb-ok", "cb-fail"],
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert counts["delivered"] == 1 and counts["retry"] == 1
+    after = scrape()
+    for outcome in ("delivered", "retry"):
+        assert sample(after, "dispatcher_callbacks_total", outcome=outcome) == (
+            sample(before, "dispatcher_callbacks_total", outcome=outcome) + 1
+        )
