@@ -1,4 +1,4 @@
-"""A running system with metrics on: gunicorn API, Celery prefork worker, beat (real processes)."""
+"""A running system with metrics on: the gunicorn API and a Celery prefork worker, for real."""
 
 from __future__ import annotations
 
@@ -61,7 +61,10 @@ def _up(url: str) -> bool:
 def running(
     settings: Settings, logs: Path, *, api_dir: Path, worker_dir: Path, worker_port: int = 0
 ) -> Iterator[Stack]:
-    """API, send worker (2 prefork processes) and beat; shared or separate metrics dirs."""
+    """API and send worker (2 prefork processes); shared or separate metrics dirs.
+
+    No beat: an immediate batch is published by the API after commit.
+    """
     assert settings.metrics_token
     port = free_port()
     api_env = {metrics.MULTIPROC_ENV: str(api_dir)}
@@ -110,13 +113,6 @@ def running(
             worker_env,
         )
         stack.callback(worker.stop)
-        beat = Process(
-            system.celery("beat", "--schedule", str(logs / "beat-schedule")),
-            settings,
-            logs / "beat.log",
-            worker_env,
-        )
-        stack.callback(beat.stop)
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _up(f"{base}/health"), timeout=60)
         exporter = f"http://127.0.0.1:{worker_port}/metrics" if worker_port else None
