@@ -7,6 +7,7 @@ skipped without it, required under CI=true (``make test`` installs it there).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,14 +18,17 @@ import yaml
 
 from dispatcher.config import Settings
 from dispatcher.runtime import Runtime
+from dispatcher.supervisor import Child
 from tests.deploy import system
 from tests.deploy.tools import DEPLOY, binary
+from tests.engine.system import celery
 from tests.factories import Tenant
 from tests.helpers import RecordingPublisher, free_port, make_settings, wait_for
 
 RULES = DEPLOY / "prometheus" / "alerts.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "alerts_test.yml"
 TOKEN = "prometheus-test-token"
+FLOWER_AUTH = "prom:flower-test-password"
 
 
 def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -108,9 +112,43 @@ def stack(
 
 
 @pytest.fixture(scope="module")
-def prometheus(stack: system.Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def flower(
+    live_settings: Settings, stack: system.Stack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Flower behind basic auth, as in compose; returns its host:port."""
+    port = free_port()
+    proc = system.Process(
+        celery("flower", f"--port={port}", "--address=127.0.0.1", f"--basic-auth={FLOWER_AUTH}"),
+        live_settings,
+        tmp_path_factory.mktemp("flowerlogs") / "flower.log",
+        # Flower's /metrics reads its own registry, not a multiprocess directory.
+        {"PROMETHEUS_MULTIPROC_DIR": ""},
+    )
+    try:
+        wait_for(lambda: _status(f"http://127.0.0.1:{port}/healthcheck") == 200, timeout=60)
+        # Flower 2 serves /metrics and /healthcheck without its basic auth (the README
+        # says so); the UI and API stay behind it.
+        assert _status(f"http://127.0.0.1:{port}/api/workers") == 401
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+def _status(url: str) -> int:
+    try:
+        return requests.get(url, timeout=2).status_code
+    except requests.RequestException:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    stack: system.Stack, flower: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     work = tmp_path_factory.mktemp("prometheus")
     (work / "token").write_text(TOKEN + "\n")
+    user, password = FLOWER_AUTH.split(":")
+    (work / "flower-password").write_text(password)
     assert stack.worker_metrics is not None
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -127,41 +165,32 @@ def prometheus(stack: system.Stack, tmp_path_factory: pytest.TempPathFactory) ->
                     {"targets": [stack.worker_metrics.removeprefix("http://").split("/")[0]]}
                 ],
             },
+            {
+                "job_name": "flower",
+                "basic_auth": {"username": user, "password_file": str(work / "flower-password")},
+                "static_configs": [{"targets": [flower]}],
+            },
         ],
     }
     (work / "prometheus.yml").write_text(json.dumps(config))
     port = free_port()
-    log = (work / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
+    server = Child(
+        "prometheus",
         [
             binary("prometheus"),
             f"--config.file={work / 'prometheus.yml'}",
             f"--storage.tsdb.path={work / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
         ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        env={"PATH": os.environ.get("PATH", "")},
+        log=work / "prometheus.log",
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _ready(base), timeout=60, interval=0.2)
+        wait_for(lambda: _status(f"{base}/-/ready") == 200, timeout=60, interval=0.2)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
-        log.close()
-
-
-def _ready(base: str) -> bool:
-    try:
-        return requests.get(f"{base}/-/ready", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
+        server.stop()
 
 
 def query(base: str, promql: str) -> list[dict[str, object]]:
@@ -180,7 +209,7 @@ def _value(base: str, promql: str) -> float:
 def test_prometheus_scrapes_the_api_and_the_worker(
     prometheus: str, stack: system.Stack, live_settings: Settings
 ) -> None:
-    wait_for(lambda: _value(prometheus, 'sum(up{job=~"dispatcher-.*"})') == 2, timeout=30)
+    wait_for(lambda: _value(prometheus, "sum(up)") == 3, timeout=30)
     rt = Runtime(live_settings, RecordingPublisher())
     try:
         tenant = Tenant(rt.sessions)
@@ -217,6 +246,8 @@ def test_prometheus_scrapes_the_api_and_the_worker(
     assert _value(prometheus, 'sum(dispatcher_workers{queue="send"})') == 1
     depth = query(prometheus, "dispatcher_queue_depth")
     assert {r["metric"]["queue"] for r in depth} == {"dispatch", "send", "callbacks"}  # type: ignore[index]
+    # Flower saw the worker's task events and exports them (behind basic auth).
+    wait_for(lambda: _value(prometheus, "sum(flower_events_total)") > 0, timeout=30, interval=0.5)
     # With a worker on dispatch and send but none on callbacks, that alert is pending.
     wait_for(
         lambda: any(
