@@ -42,7 +42,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
 from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
 
 if TYPE_CHECKING:
     import redis
@@ -376,7 +378,9 @@ class BacklogCollector(Collector):
             depths = queue_depths(self.redis)
             with read_transaction(self.sessions) as session:
                 snap = backlog.snapshot(session=session, now=(self.clock or utcnow)())
-        except Exception:  # a scrape must answer even while the database is down
+        except (SQLAlchemyError, RedisError, OSError):
+            # A scrape must still answer while the database or Redis is down: the
+            # process metrics matter most then, and backlog_scrape_ok says why.
             log.exception("backlog metrics unavailable")
             up.add_metric([], 0)
             return [up]
