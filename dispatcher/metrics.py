@@ -227,8 +227,13 @@ def worker_started(queues: Iterable[str]) -> None:
         WORKERS.labels(queue).set(1)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def http_request(*, route: str, method: str, status: int, seconds: float) -> None:
     """Count one API request; ``route`` is the URL rule, so ids never become labels."""
+    # A client may send any method name: only the standard ones become label values.
+    method = method if method in _METHODS else "other"
     HTTP_REQUESTS.labels(route, method, str(status)).inc()
     HTTP_SECONDS.labels(route, method).observe(seconds)
 

@@ -118,6 +118,8 @@ def test_requests_are_counted_by_url_rule_not_path(settings: Settings) -> None:
         batch_id = "7a1c8f56-0000-4000-8000-000000000001"
         reply = client.get(f"/batch/{batch_id}", headers=tenant.auth)  # type: ignore[attr-defined]
         assert reply.status_code == 404
+        # Unknown paths and made-up methods do not add label values either.
+        client.open("/no/such/path/12345", method="BREW")  # type: ignore[attr-defined]
         text = client.get(  # type: ignore[attr-defined]
             "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
         ).get_data(as_text=True)
@@ -131,6 +133,8 @@ def test_requests_are_counted_by_url_rule_not_path(settings: Settings) -> None:
         if s.name == "dispatcher_http_requests_total"
     }
     assert any("<" in r and r.startswith("/batch/") for r in routes), routes
+    assert "12345" not in text and "BREW" not in text
+    assert sample(text, "dispatcher_http_requests_total", route="unmatched", method="other") >= 1
     assert sample(text, "dispatcher_http_request_seconds_count", method="GET") >= 1
 
 
