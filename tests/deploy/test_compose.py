@@ -54,6 +54,12 @@ def test_metrics_are_wired_for_prometheus_and_grafana() -> None:
         assert any(
             t.startswith(env["PROMETHEUS_MULTIPROC_DIR"]) for t in all_services[name]["tmpfs"]
         )
+    # prometheus-client turns multiprocess mode on when the variable exists, even
+    # empty (files would land in the working directory): Flower must not have it.
+    assert "PROMETHEUS_MULTIPROC_DIR" not in all_services["flower"]["environment"]
+    for name, service in all_services.items():
+        if isinstance(service.get("environment"), dict):
+            assert service["environment"].get("PROMETHEUS_MULTIPROC_DIR", "x"), name
     assert "dispatcher.gunicorn_conf" in all_services["api"]["command"]
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}

@@ -121,8 +121,9 @@ def flower(
         celery("flower", f"--port={port}", "--address=127.0.0.1", f"--basic-auth={FLOWER_AUTH}"),
         live_settings,
         tmp_path_factory.mktemp("flowerlogs") / "flower.log",
-        # Flower's /metrics reads its own registry, not a multiprocess directory.
-        {"PROMETHEUS_MULTIPROC_DIR": ""},
+        # No PROMETHEUS_MULTIPROC_DIR (even empty, it would turn multiprocess mode on):
+        # Flower's /metrics reads its own registry.
+        {},
     )
     try:
         wait_for(lambda: _status(f"http://127.0.0.1:{port}/healthcheck") == 200, timeout=60)
