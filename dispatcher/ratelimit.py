@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import redis
 
+from dispatcher import metrics
+
 __all__ = ["Grant", "Limit", "RateLimiter"]
 
 # KEYS[i]   : per-limit key holding its TAT (theoretical arrival time), in
@@ -141,8 +143,10 @@ class RateLimiter:
 
     def sleep(self, seconds: float) -> None:
         """Wait for a booked slot (bounded by ``max_wait``, whatever the caller computed)."""
+        seconds = min(max(seconds, 0.0), self.max_wait)
+        metrics.rate_limit_waited(seconds)
         if seconds > 0:
-            self._sleep(min(seconds, self.max_wait))
+            self._sleep(seconds)
 
     def _book(self, limits: Sequence[Limit], n: int, *, bound: float | None) -> Grant:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import outbox
+from dispatcher import metrics, outbox
 from dispatcher.accounts.models import Account
 from dispatcher.batches import events
 from dispatcher.batches.models import Attempt, Batch, Recipient
@@ -424,7 +424,7 @@ def _hand_over(
                 break
             part = idx[start : start + step]
             for i, result in zip(
-                part, provider.send_many([messages[i] for i in part]), strict=True
+                part, metrics.hand_over(provider, [messages[i] for i in part]), strict=True
             ):
                 results[i] = result
     return results
