@@ -55,5 +55,6 @@ def test_four_worker_processes_share_one_account_rate(
             )
         ).one()
     achieved = (COUNT - 1) / (last - first).total_seconds()
-    # Four processes unthrottled would reach several times the rate; allow noise only.
-    assert achieved == pytest.approx(RATE, rel=0.2), achieved
+    # Four processes unthrottled would reach several times the rate: never above it
+    # beyond noise. Below it is the machine's load (bench-rate measures accuracy).
+    assert RATE * 0.6 < achieved < RATE * 1.2, achieved
