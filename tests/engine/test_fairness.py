@@ -263,7 +263,7 @@ def test_a_throttled_backlog_does_not_hold_the_send_pool(
     assert max(lags) < 5.0, lags
     # A kept going meanwhile, and no faster than its limit (bench/fairness.py measures
     # how close to it; a loaded machine loses some slots).
+    assert len(a_sent) >= 3, a_sent
     span = (a_sent[-1] - a_sent[0]).total_seconds()
-    achieved = (len(a_sent) - 1) / span
-    assert len(a_sent) >= 3 and achieved < A_RATE * 1.1, (len(a_sent), span)
+    assert (len(a_sent) - 1) / span < A_RATE * 1.1, (len(a_sent), span)
     print(f"\nB hand-off lag p50 {statistics.median(lags):.2f}s max {max(lags):.2f}s")
