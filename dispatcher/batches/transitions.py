@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Table, bindparam, update
+from sqlalchemy import ColumnElement, CursorResult, Table, bindparam, or_, update
 from sqlalchemy.orm import Session
 
 from dispatcher.batches import events
@@ -96,7 +96,8 @@ def _write_each(
         recipients_table.update()
         .where(
             recipients_table.c.id == bindparam("_rid"),
-            recipients_table.c.status.in_([s.value for s in sources]),
+            # Plain comparisons: an expanding IN cannot be used with executemany.
+            or_(*(recipients_table.c.status == s for s in sources)),
         )
         .values({k: bindparam(f"_v_{k}") for k in keys}),
         params,

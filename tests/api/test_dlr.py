@@ -24,8 +24,8 @@ from dispatcher import outbox
 from dispatcher.batches.models import Batch, Recipient, StatusEvent
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
-from dispatcher.runtime import Runtime
 from dispatcher.receipts.models import PendingReceipt
+from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
 from dispatcher.webhooks.models import Callback
 from tests.conftest import RecordingPublisher, Tenant
