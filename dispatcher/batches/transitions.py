@@ -82,6 +82,30 @@ def transition_recipients(
     return moved
 
 
+def claim_recipients(
+    *,
+    session: Session,
+    where: Sequence[ColumnElement[bool]],
+    values: Mapping[str, Any],
+    at: datetime,
+    returning: Sequence[Any],
+) -> list[Any]:
+    """Win queued recipients for sending; returns ``returning`` of each row won.
+
+    The at-most-once guard: only ``queued`` rows can be claimed and one worker
+    wins each. Not reported (a claim is not a status the client sees).
+    """
+    sources = guard(RecipientStatus.SENDING, (RecipientStatus.QUEUED,))
+    return list(
+        session.execute(
+            update(Recipient)
+            .where(*where, Recipient.status.in_(sources))
+            .values(status=RecipientStatus.SENDING, updated_at=at, **values)
+            .returning(*returning)
+        ).all()
+    )
+
+
 def _write_each(
     session: Session,
     each: Mapping[str, Mapping[str, Any]],

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, or_, select, update
+from sqlalchemy import Table, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.accounts.models import Account
 from dispatcher.batches.models import Attempt, Batch, Recipient
-from dispatcher.batches.transitions import transition_recipients
+from dispatcher.batches.transitions import claim_recipients, transition_recipients
 from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
 from dispatcher.config import Settings
 from dispatcher.db import read_transaction, transaction, utcnow
@@ -127,18 +127,14 @@ def send_recipients(
         else:
             target = Recipient.id.in_(next_group.scalar_subquery())
         with transaction(factory) as session:
-            claimed = session.execute(
-                update(Recipient)
-                .where(target, Recipient.status == R.QUEUED)
-                .values(
-                    status=R.SENDING,
-                    # Stamped now, after any wait for tokens: the lease starts here.
-                    claimed_at=clock(),
-                    attempts=Recipient.attempts + 1,
-                    updated_at=now,
-                )
-                .returning(*CLAIM_COLUMNS)
-            ).all()
+            claimed = claim_recipients(
+                session=session,
+                where=[target],
+                # Stamped now, after any wait for tokens: the lease starts here.
+                values={"claimed_at": clock(), "attempts": Recipient.attempts + 1},
+                at=now,
+                returning=CLAIM_COLUMNS,
+            )
         if not claimed:
             if limited:
                 continue  # the candidates were taken or cancelled meanwhile: read again
