@@ -9,8 +9,9 @@ written from anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
+from typing import TypeVar
 
 
 class BatchStatus(StrEnum):
@@ -132,21 +133,28 @@ def guard(
 
     Raises IllegalTransition if any of ``current`` may not move to ``new``.
     """
-    if current is None:
-        return recipient_sources(new)
-    statuses = tuple(current)
-    for status in statuses:
-        check_recipient(status, new)
-    return statuses
+    return _guard(recipient_sources, check_recipient, new, current)
 
 
 def batch_guard(
     new: BatchStatus, current: Iterable[BatchStatus] | None = None
 ) -> tuple[BatchStatus, ...]:
     """As :func:`guard`, for batches."""
+    return _guard(batch_sources, check_batch, new, current)
+
+
+S = TypeVar("S", BatchStatus, RecipientStatus)
+
+
+def _guard(
+    sources: Callable[[S], tuple[S, ...]],
+    check: Callable[[S, S], S],
+    new: S,
+    current: Iterable[S] | None,
+) -> tuple[S, ...]:
     if current is None:
-        return batch_sources(new)
+        return sources(new)
     statuses = tuple(current)
     for status in statuses:
-        check_batch(status, new)
+        check(status, new)
     return statuses

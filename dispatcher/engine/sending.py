@@ -4,7 +4,8 @@ This is the one service that owns several transactions, on purpose: a claim
 (``queued`` -> ``sending``) is committed BEFORE the provider is called, and the
 outcome is recorded in a second transaction after it. A worker that dies in
 between leaves rows in ``sending`` that :func:`reclaim_stale` settles by asking
-the provider, so nothing is lost and nothing is handed over twice.
+the provider, so nothing is lost and nothing is handed over twice. What an
+outcome becomes is decided and written in ``engine/recording.py``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.accounts.models import Account
@@ -32,7 +33,6 @@ from dispatcher.receipts import service as receipts
 from dispatcher.states import BatchStatus, RecipientStatus
 
 R = RecipientStatus
-recipients = cast(Table, Recipient.__table__)
 
 CLAIM_COLUMNS = (
     Recipient.id,
