@@ -28,7 +28,8 @@ from dispatcher.receipts.models import PendingReceipt
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
 from dispatcher.webhooks.models import Callback
-from tests.conftest import RecordingPublisher, Tenant
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
 
 SECRET = "dlr-http-0123456789abcdef"
 CARRIER = {"Authorization": f"Bearer {SECRET}"}

@@ -23,16 +23,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from dispatcher.accounts import service as accounts
 from dispatcher.batches.models import Attempt, Batch, Recipient
 from dispatcher.channels.simulator import Simulator
 from dispatcher.config import Settings
-from dispatcher.db import transaction
 from dispatcher.receipts.models import PendingReceipt
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
-from tests.conftest import make_settings, wait_for
 from tests.engine import system
+from tests.factories import Tenant
+from tests.helpers import make_settings, wait_for
+from tests.helpers.engine import numbers, send
 
 pytestmark = pytest.mark.system
 R = RecipientStatus
@@ -49,15 +49,6 @@ def sys_settings(
         var=tmp_path_factory.mktemp("receipts-var"),
         receipt_retention=120,
     )
-
-
-class Tenant:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        with transaction(sessions) as session:
-            account = accounts.create_account(session=session, name="receipts")
-            self.key = accounts.create_key(session=session, account_id=account.id).key
-        self.id = account.id
-        self.auth = {"Authorization": f"Bearer {self.key}"}
 
 
 class Receiver(ThreadingHTTPServer):
@@ -116,18 +107,6 @@ def ledger(live: Runtime) -> Simulator:
 @pytest.fixture(scope="module", autouse=True)
 def processes(scheduler: system.Process) -> Iterator[None]:
     yield
-
-
-def numbers(prefix: str, count: int) -> list[str]:
-    width = 12 - len(prefix.lstrip("+"))
-    return [f"{prefix}{i:0{width}d}" for i in range(count)]
-
-
-def send(api: FlaskClient, tenant: Tenant, destinations: list[str]) -> str:
-    body = {"from": "Dispatcher", "message": "hello", "destinations": destinations}
-    reply = api.post("/batch", json=body, headers=tenant.auth)
-    assert reply.status_code == 200, reply.get_json()
-    return str(reply.get_json()["identifier"])
 
 
 def counts(sessions: sessionmaker[Session], batch_id: str) -> dict[str, int]:
