@@ -177,41 +177,47 @@ def test_a_worker_killed_between_hand_off_and_record_loses_no_receipt(
     logs: Path,
 ) -> None:
     """kill -9 while a group is handed over but not recorded; its receipts come meanwhile."""
-    slow = sys_settings.replace(simulator={"latency_ms": 15, "receipt_delay": 0.2})
+    # 100 hand-offs of 40 ms under one claim: the first 50 are in the carrier's ledger
+    # about 2 s before the group is recorded. The doomed worker's long lease lets it
+    # hand the whole group over; the fresh worker's short one reclaims it soon.
+    slow = sys_settings.replace(
+        simulator={"latency_ms": 40, "receipt_delay": 0.2}, send_lease=30, receipt_retention=120
+    )
     tenant = Tenant(live_sessions)
-    with system.worker(slow, logs, name="doomed", concurrency=1) as doomed:
-        batch_id = send(api, tenant, numbers("+44770041", 300))
 
-        def handed_over_unrecorded() -> bool:
-            with live_sessions() as session:
-                claimed = set(
-                    session.scalars(
-                        select(Recipient.id).where(
-                            Recipient.batch_id == batch_id, Recipient.status == R.SENDING
-                        )
+    def handed_over_unrecorded() -> set[str]:
+        with live_sessions() as session:
+            claimed = set(
+                session.scalars(
+                    select(Recipient.id).where(
+                        Recipient.batch_id == batch_id, Recipient.status == R.SENDING
                     )
                 )
-            handed = {k.split(":")[0] for k in ledger.handoffs()}
-            return len(claimed & handed) >= 20
+            )
+        return claimed & {k.split(":")[0] for k in ledger.handoffs()}
 
-        wait_for(handed_over_unrecorded, timeout=30, interval=0.02)
+    with system.worker(slow, logs, name="doomed", concurrency=1) as doomed:
+        batch_id = send(api, tenant, numbers("+44770041", 300))
+        wait_for(lambda: len(handed_over_unrecorded()) >= 20, timeout=30, interval=0.02)
         doomed.kill_group(signal.SIGKILL)
         doomed.proc.wait(timeout=10)
-    assert counts(live_sessions, batch_id).get("sending", 0) > 0
+    lost = handed_over_unrecorded()
+    assert lost  # handed over, never recorded: only reclaim can settle these
     # A fresh worker: its receipts task stores what came for the lost claims, reclaim
     # finds them accepted after the lease and applies the stored receipts with that.
     fresh = sys_settings.replace(simulator={"receipt_delay": 0.2})
     with system.worker(fresh, logs, name="fresh", concurrency=2):
-        wait_for(lambda: all_in(live_sessions, batch_id, R.DELIVERED, 300), timeout=90)
+        wait_for(lambda: all_in(live_sessions, batch_id, R.DELIVERED, 300), timeout=120)
     assert handed_over_once(ledger, live_sessions, batch_id)
     with live_sessions() as session:
-        reclaimed = session.scalar(
-            select(func.count())
-            .select_from(Attempt)
-            .join(Recipient, Recipient.id == Attempt.recipient_id)
-            .where(Recipient.batch_id == batch_id, Attempt.outcome == "reclaim:accepted")
+        reclaimed = set(
+            session.scalars(
+                select(Attempt.recipient_id).where(
+                    Attempt.recipient_id.in_(lost), Attempt.outcome == "reclaim:accepted"
+                )
+            )
         )
-    assert reclaimed and reclaimed >= 20  # the lost claims were settled by reclaim
+    assert reclaimed == lost
 
 
 def test_no_receipt_by_the_deadline_ends_unknown_and_the_sinch_summary_fires(
@@ -244,7 +250,8 @@ def test_no_receipt_by_the_deadline_ends_unknown_and_the_sinch_summary_fires(
         def summary() -> dict[str, Any] | None:
             return next((b for b in receiver.received() if b.get("batch_id") == batch_id), None)
 
-        report = wait_for(summary, timeout=60)
+        # Loose: the deadline is 2 s and the sweep runs every 5 s; the rest is a loaded machine.
+        report = wait_for(summary, timeout=120)
     assert report["type"] == "delivery_report_sms"
     assert report["statuses"] == [{"code": 0, "status": "Unknown", "count": 3}]
     assert all_in(live_sessions, batch_id, R.UNKNOWN, 3)
