@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dispatcher import metrics
 from dispatcher.accounts.models import Account
 from dispatcher.batches.models import Attempt, Batch, Recipient
 from dispatcher.batches.transitions import claim_recipients, transition_recipients
@@ -227,7 +228,7 @@ def _hand_over(
                 break
             part = idx[start : start + step]
             for i, result in zip(
-                part, provider.send_many([messages[i] for i in part]), strict=True
+                part, metrics.hand_over(provider, [messages[i] for i in part]), strict=True
             ):
                 results[i] = result
     return results

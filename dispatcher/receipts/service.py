@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, delete, or_, select
 from sqlalchemy.orm import Session
 
+from dispatcher import metrics
 from dispatcher.batches.models import Recipient
 from dispatcher.batches.transitions import transition_recipients
 from dispatcher.channels.base import Receipt
@@ -163,6 +164,9 @@ def accept(
         )
         session.flush()
     ignored = len(receipts) - len(known) + repeats + len(final)
+    metrics.receipts("applied", len(matched))
+    metrics.receipts("waiting", len(keep))
+    metrics.receipts("unmatched", ignored)
     return Accepted(applied=len(matched), pending=len(keep), ignored=ignored)
 
 
@@ -194,6 +198,7 @@ def _settle_rows(
         for p in stored
     )
     matched = _apply(session=session, provider=provider, receipts=firsts, now=now)
+    metrics.receipts("applied", len(matched))
     if matched:
         session.execute(
             delete(PendingReceipt).where(
@@ -235,6 +240,7 @@ def sweep(*, session: Session, settings: Settings, now: datetime, limit: int = 1
     ).all()
     if expired:
         session.execute(delete(PendingReceipt).where(PendingReceipt.id.in_(expired)))
+        metrics.receipts("dropped", len(expired))
         log.warning(
             "dropped %d delivery receipts that matched no message for %ss",
             len(expired),
