@@ -34,7 +34,7 @@ from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus
-from dispatcher.webhooks import service as webhooks
+from dispatcher.webhooks import scheduling as webhooks
 from dispatcher.webhooks import sign
 from dispatcher.webhooks.models import Callback
 from tests.conftest import RecordingPublisher, Tenant, wait_for

@@ -1,4 +1,5 @@
-"""Callback delivery service against SQLite and a real HTTP receiver on 127.0.0.1."""
+"""Callback delivery, scheduling and queries against SQLite/PostgreSQL, real Redis and a
+real HTTP receiver on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,7 +24,8 @@ from dispatcher.config import Settings
 from dispatcher.db import make_engine, make_session_factory, new_id, transaction, utcnow
 from dispatcher.errors import Conflict, NotFound, ValidationError
 from dispatcher.models import Base
-from dispatcher.webhooks import service, sign
+from dispatcher.webhooks import delivery, queries, scheduling, sign
+from dispatcher.webhooks.limits import EndpointGate
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender
 from dispatcher.webhooks.models import Callback, Endpoint
 
@@ -166,12 +169,14 @@ class Env:
     published: Recorder
     account_id: str
     secret: str
+    gate: EndpointGate
 
     def deliver(self, sender: WebhookSender, *ids: str) -> dict[str, int]:
-        counts = service.deliver(
+        counts = delivery.deliver(
             factory=self.factory,
             settings=self.settings,
             sender=sender,
+            gate=self.gate,
             callback_ids=list(ids),
             clock=self.clock,
         )
@@ -202,7 +207,7 @@ def _database(kind: str, tmp_path: Path) -> tuple[str, dict[str, Any]]:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
+def env(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> Iterator[Env]:
     url, options = _database(request.param, tmp_path)
     schema = options.pop("_schema", None)
     settings = Settings(
@@ -213,6 +218,8 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
         callback_batch_size=2,
         schedule_horizon=300.0,
         requeue_after=600.0,
+        # Tests read outcomes from deliver()'s counts: let it wait for its POSTs.
+        callback_task_wait=30.0,
     )
     engine = make_engine(settings.database_url, **options)
     if schema is not None:
@@ -224,9 +231,12 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
     outbox.install(factory, published)
     with transaction(factory) as session:
         account = accounts.create_account(session=session, name="acme")
+    client = redis.Redis.from_url(redis_url)
+    gate = delivery.gate_for(redis_client=client, settings=settings)
     try:
-        yield Env(factory, settings, Clock(), published, account.id, account.webhook_secret)
+        yield Env(factory, settings, Clock(), published, account.id, account.webhook_secret, gate)
     finally:
+        client.close()
         if schema is not None:
             with engine.begin() as conn:
                 conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
@@ -288,7 +298,7 @@ def test_success_is_delivered_signed_with_every_active_secret(
     [seen] = receiver.requests()
     assert seen.headers["webhook-id"] == cid
     assert seen.verified_with == receiver.secrets  # both signatures during the rotation
-    assert seen.body == service.body_of(env.get(cid).payload)
+    assert seen.body == delivery.body_of(env.get(cid).payload)
     assert seen.body == '{"text":"héllo","to":"+447700900123","type":"message.delivered"}'.encode()
     row = env.get(cid)
     assert (row.state, row.attempts, row.last_status, row.last_error) == ("delivered", 1, 200, None)
@@ -348,7 +358,7 @@ def test_endpoint_that_never_recovers_goes_dead_then_replays(
     assert len(receiver.requests()) == 4
 
     with transaction(env.factory) as session:
-        replayed = service.retry_callback(
+        replayed = queries.retry_callback(
             session=session, account_id=env.account_id, callback_id=cid, now=env.clock.now
         )
         assert replayed.state == "pending"
@@ -437,7 +447,7 @@ def test_last_error_never_holds_what_the_receiver_sent(
         env.clock.now = row.next_attempt_at
     assert stored == [(500, "HTTP 500"), (302, "HTTP 302"), (None, "ConnectionError")]
     with env.factory() as session:
-        listed, _ = service.list_callbacks(session=session, account_id=env.account_id)
+        listed, _ = queries.list_callbacks(session=session, account_id=env.account_id)
     assert [c.last_error for c in listed] == ["ConnectionError"]
 
 
@@ -452,7 +462,7 @@ def test_last_error_never_holds_what_the_receiver_sent(
     ],
 )
 def test_error_text_is_status_or_generic_reason(result: DeliveryResult, stored: str) -> None:
-    assert service._error_text(result) == stored
+    assert delivery._error_text(result) == stored
 
 
 def test_disabled_endpoint_holds_callbacks_until_enabled(
@@ -484,11 +494,11 @@ def test_disabled_endpoint_holds_callbacks_until_enabled(
     assert env.deliver(sender, fresh) == {"held": 1}
     assert len(receiver.requests()) == 2
     with env.factory() as session:
-        [listed] = service.list_endpoints(session=session, account_id=env.account_id)
+        [listed] = queries.list_endpoints(session=session, account_id=env.account_id)
         assert listed.url == url and listed.disabled_at is not None
 
     with transaction(env.factory) as session:
-        released = service.enable_endpoint(
+        released = queries.enable_endpoint(
             session=session, account_id=env.account_id, url=url, now=env.clock.now
         )
     assert released == 3
@@ -526,25 +536,25 @@ def test_list_and_retry_are_tenant_isolated(env: Env) -> None:
     theirs_dead = add_callback(env, url, account_id=other, state="dead")
 
     with transaction(env.factory) as session:
-        rows, total = service.list_callbacks(
+        rows, total = queries.list_callbacks(
             session=session, account_id=env.account_id, page=1, page_size=2
         )
         assert total == 3 and len(rows) == 2
-        rest, _ = service.list_callbacks(
+        rest, _ = queries.list_callbacks(
             session=session, account_id=env.account_id, page=2, page_size=2
         )
         assert {r.id for r in rows + rest} == {mine_dead, mine_done, mine_pending}
-        dead, total = service.list_callbacks(
+        dead, total = queries.list_callbacks(
             session=session, account_id=env.account_id, state="dead", page=1, page_size=10
         )
         assert [r.id for r in dead] == [mine_dead] and total == 1
         with pytest.raises(ValidationError):
-            service.list_callbacks(
+            queries.list_callbacks(
                 session=session, account_id=env.account_id, state="lost", page=1, page_size=10
             )
 
         def retry(callback_id: str) -> Callback:
-            return service.retry_callback(
+            return queries.retry_callback(
                 session=session,
                 account_id=env.account_id,
                 callback_id=callback_id,
@@ -582,7 +592,7 @@ def test_promote_due_publishes_due_and_lost_not_far_future(env: Env) -> None:
     add_callback(env, url, enqueued_at=None, state="dead")
 
     with transaction(env.factory) as session:
-        count = service.promote_due(session=session, settings=env.settings, now=now)
+        count = scheduling.promote_due(session=session, settings=env.settings, now=now)
     assert count == 5
 
     immediate = [m for m in env.published.messages if m.eta is None]
@@ -597,13 +607,13 @@ def test_promote_due_publishes_due_and_lost_not_far_future(env: Env) -> None:
     assert env.get(in_flight).enqueued_at == now - timedelta(seconds=10)
 
     with transaction(env.factory) as session:
-        assert service.promote_due(session=session, settings=env.settings, now=now) == 0
+        assert scheduling.promote_due(session=session, settings=env.settings, now=now) == 0
     assert len(env.published.messages) == 3
 
 
 def test_promote_due_reclaims_claims_past_the_lease(env: Env) -> None:
     now = env.clock.now
-    lease = service.delivery_lease(env.settings)
+    lease = scheduling.delivery_lease(env.settings)
     url = "https://example.com/hook"
     orphan = add_callback(
         env, url, state="delivering", attempts=1, next_attempt_at=now - lease - timedelta(seconds=1)
@@ -620,7 +630,7 @@ def test_promote_due_reclaims_claims_past_the_lease(env: Env) -> None:
     )
 
     with transaction(env.factory) as session:
-        assert service.promote_due(session=session, settings=env.settings, now=now) == 1
+        assert scheduling.promote_due(session=session, settings=env.settings, now=now) == 1
     assert env.published.callback_ids() == [[orphan]]
     row = env.get(orphan)
     assert (row.state, row.attempts, row.enqueued_at) == ("pending", 1, now)
@@ -634,9 +644,9 @@ def test_a_callback_whose_publish_was_lost_goes_out_within_a_minute(env: Env) ->
     now = env.clock.now
     cid = add_callback(env, "https://example.com/hook", enqueued_at=now, next_attempt_at=now)
     with transaction(env.factory) as session:
-        service.promote_due(session=session, settings=env.settings, now=now)
+        scheduling.promote_due(session=session, settings=env.settings, now=now)
     assert not any(cid in m.kwargs["callback_ids"] for m in env.published.messages)
     later = now + timedelta(seconds=env.settings.callback_requeue_after + 1)
     with transaction(env.factory) as session:
-        service.promote_due(session=session, settings=env.settings, now=later)
+        scheduling.promote_due(session=session, settings=env.settings, now=later)
     assert any(cid in m.kwargs["callback_ids"] for m in env.published.messages)
