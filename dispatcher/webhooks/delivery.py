@@ -16,7 +16,10 @@ Isolation (one endpoint cannot stall the others):
   busy then (a receiver that accepts and never answers) finishes in the background
   and records its own outcomes, and the worker takes its next task;
 * a lane stops at the first attempt that got no answer, and after LANE_BUDGET
-  seconds; callbacks it did not try go back to pending, unattempted.
+  seconds; callbacks it did not try go back to pending, unattempted;
+* the breaker opens after ``callback_breaker_failures`` unanswered attempts in a
+  row, holds the endpoint's callbacks (deferred, kept) for its cooldown, then lets
+  one probe through: an answer closes it, none reopens it for twice as long.
 """
 
 from __future__ import annotations
@@ -416,8 +419,12 @@ def _post_lane(*, lane: _Lane, sender: WebhookSender, gate: EndpointGate) -> lis
             break
         result = _post(sender, item)
         done.append(_Done(item, result))
-        open_for = gate.report(lane.key, ok=result.ok, probe=lane.probe)
-        if not result.ok and (result.status is None or open_for > 0):
+        # The breaker counts attempts that got no answer (refused, timed out, DNS):
+        # those are what hold a worker. An endpoint that answers, even with an
+        # error, costs only its answer time; its retries follow the schedule.
+        answered = result.status is not None
+        open_for = gate.report(lane.key, ok=answered, probe=lane.probe)
+        if not answered or open_for > 0:
             break
     done.extend(_Done(item, None) for item in lane.items[len(done) :])
     return done
