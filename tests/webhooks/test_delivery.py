@@ -4,7 +4,9 @@ real HTTP receiver on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,9 +27,10 @@ from dispatcher.db import make_engine, make_session_factory, new_id, transaction
 from dispatcher.errors import Conflict, NotFound, ValidationError
 from dispatcher.models import Base
 from dispatcher.webhooks import delivery, queries, scheduling, sign
-from dispatcher.webhooks.limits import EndpointGate
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender
+from dispatcher.webhooks.limits import EndpointGate, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint
+from tests.conftest import wait_for
 
 SCHEDULE = (1.0, 2.0, 3.0)
 JITTER = 0.1  # next_delay's default jitter fraction
@@ -522,6 +525,109 @@ def test_private_address_is_refused_without_a_request(env: Env, receiver: Receiv
     assert row.state == "dead" and row.last_status is None
     assert row.last_error is not None and row.last_error.startswith("unsafe URL")
     assert receiver.requests() == []
+
+
+# --- isolation: limits, breaker, slow endpoints ----------------------------------------
+
+
+class Blackhole:
+    """A TCP endpoint that accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)  # the kernel completes handshakes; nobody reads
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[Blackhole]:
+    hole = Blackhole()
+    try:
+        yield hole
+    finally:
+        hole.close()
+
+
+def assert_untried(row: Callback, start: datetime, at_least: float, at_most: float) -> None:
+    """Deferred: pending, unattempted, due again between the bounds, for the scheduler."""
+    assert (row.state, row.attempts, row.enqueued_at) == ("pending", 0, None)
+    waited = (row.next_attempt_at - start).total_seconds()
+    assert at_least <= waited <= at_most
+
+
+def test_an_endpoint_at_its_limit_defers_durably_without_posting(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    url = receiver.url("/hook")
+    key = endpoint_key(env.account_id, url)
+    taken = env.gate.acquire(key, env.settings.callback_endpoint_concurrency)
+    assert len(taken.tokens) == env.settings.callback_endpoint_concurrency
+    cid = add_callback(env, url)
+
+    assert env.deliver(sender, cid) == {"deferred": 1}
+    assert_untried(env.get(cid), env.clock.now, delivery.BUSY_DELAY, 1.5 * delivery.BUSY_DELAY)
+    assert receiver.requests() == []
+
+    for token in taken.tokens:
+        env.gate.release(key, token)
+    env.clock.now = env.get(cid).next_attempt_at
+    assert env.deliver(sender, cid) == {"delivered": 1}
+
+
+def test_an_open_breaker_keeps_callbacks_until_its_probe_gets_an_answer(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    url = receiver.url("/hook")
+    key = endpoint_key(env.account_id, url)
+    for _ in range(env.settings.callback_breaker_failures):
+        env.gate.report(key, ok=False, probe=False)  # as many unanswered attempts
+    ids = [add_callback(env, url) for _ in range(3)]
+
+    assert env.deliver(sender, *ids) == {"deferred": 3}
+    cooldown = env.settings.callback_breaker_cooldown
+    for cid in ids:
+        assert_untried(env.get(cid), env.clock.now, cooldown - 1, cooldown)
+    assert receiver.requests() == []
+
+
+def test_a_blackholed_endpoint_does_not_hold_the_task_or_other_endpoints(
+    env: Env, receiver: Receiver, blackhole: Blackhole
+) -> None:
+    settings = env.settings.replace(callback_task_wait=0.5)
+    stuck = [add_callback(env, blackhole.url) for _ in range(6)]
+    other = add_callback(env, receiver.url("/hook"))
+    with WebhookSender(allow=("127.0.0.1",), connect_timeout=1.0, read_timeout=1.0) as sender:
+        started = time.monotonic()
+        counts = delivery.deliver(
+            factory=env.factory,
+            settings=settings,
+            sender=sender,
+            gate=env.gate,
+            callback_ids=[*stuck, other],
+            clock=env.clock,
+        )
+        took = time.monotonic() - started
+        # The task came back after its short wait; the other endpoint was served meanwhile.
+        assert {k: v for k, v in counts.items() if v} == {"delivered": 1, "in_flight": 6}
+        assert took < 1.0
+        assert env.get(other).state == "delivered"
+
+        # The blackholed lanes record their own outcomes once their POSTs time out:
+        # one attempt per lane, the rest of each lane put back untried.
+        def settled() -> list[Callback] | None:
+            rows = [env.get(cid) for cid in stuck]
+            return rows if all(r.state == "pending" for r in rows) else None
+
+        rows = wait_for(settled, timeout=10)
+    tried = [r for r in rows if r.attempts == 1]
+    assert len(tried) == delivery.LANES_PER_TASK
+    assert all(r.last_error == "ReadTimeout" for r in tried)
+    assert all(r.attempts == 0 and r.last_error is None for r in rows if r not in tried)
+    assert [s.path for s in receiver.requests()] == ["/hook"]
 
 
 # --- dead letters and tenants ----------------------------------------------------------
