@@ -188,7 +188,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
 
     app = create_celery(settings)
-    runtime = app.runtime  # type: ignore[attr-defined]
+    runtime = app.runtime
     api = create_app(settings, runtime=runtime).test_client()
     with transaction(runtime.sessions) as session:
         keys = {}
