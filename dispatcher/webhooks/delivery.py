@@ -182,15 +182,22 @@ def deliver(
 ) -> dict[str, int]:
     """Claim, POST and record the due callbacks among ``callback_ids``; counts per outcome."""
     counts = dict.fromkeys(OUTCOMES, 0)
-    with transaction(factory) as session:
-        lanes = _claim(
-            session=session,
-            settings=settings,
-            gate=gate,
-            ids=list(dict.fromkeys(callback_ids)),
-            now=clock(),
-            counts=counts,
-        )
+    acquired: list[tuple[str, str]] = []
+    try:
+        with transaction(factory) as session:
+            lanes = _claim(
+                session=session,
+                gate=gate,
+                ids=list(dict.fromkeys(callback_ids)),
+                now=clock(),
+                counts=counts,
+                acquired=acquired,
+            )
+    except BaseException:
+        # The claim did not commit: give the slots back rather than wait for their lease.
+        for key, token in acquired:
+            gate.release(key, token)
+        raise
     if not lanes:
         return counts
     collector = _Collector(lanes)
@@ -219,11 +226,11 @@ def deliver(
 def _claim(
     *,
     session: Session,
-    settings: Settings,
     gate: EndpointGate,
     ids: list[str],
     now: datetime,
     counts: dict[str, int],
+    acquired: list[tuple[str, str]],
 ) -> list[_Lane]:
     """Claim what is due and allowed, defer or hold the rest; returns the lanes to run."""
     rows = {
@@ -285,6 +292,7 @@ def _claim(
     grants = {}
     for key, group in by_endpoint.items():
         grant = gate.acquire(key, min(LANES_PER_TASK, len(group)))
+        acquired.extend((key, token) for token in grant.tokens)
         if grant.tokens:
             grants[key] = grant
             continue
@@ -423,7 +431,9 @@ def _post_lane(*, lane: _Lane, sender: WebhookSender, gate: EndpointGate) -> lis
         # those are what hold a worker. An endpoint that answers, even with an
         # error, costs only its answer time; its retries follow the schedule.
         answered = result.status is not None
-        open_for = gate.report(lane.key, ok=answered, probe=lane.probe)
+        # Only a half-open lane's first attempt is the probe; once it has closed the
+        # breaker, the rest count as ordinary attempts.
+        open_for = gate.report(lane.key, ok=answered, probe=lane.probe and i == 0)
         if not answered or open_for > 0:
             break
     done.extend(_Done(item, None) for item in lane.items[len(done) :])
