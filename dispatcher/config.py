@@ -143,7 +143,7 @@ class Settings:
     callback_requeue_after: float = 60.0
     # Isolation: concurrent POSTs per endpoint (account + origin) across all workers,
     # failures in a row that open its circuit breaker, and the breaker's first cooldown.
-    callback_endpoint_concurrency: int = 8
+    callback_endpoint_concurrency: int = 16
     callback_breaker_failures: int = 5
     callback_breaker_cooldown: float = 30.0
     # Bound on one DNS lookup of a callback host.

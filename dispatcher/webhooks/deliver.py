@@ -130,7 +130,10 @@ class _Watchdog:
                     target=self._run, name="webhook-watchdog", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            if len(self._live) == 1:
+                # Only a first budget changes the next deadline: later ones expire after
+                # it, so the watchdog is not woken for them (a wake-up per POST costs).
+                self._cond.notify()
 
     def discard(self, budget: _Budget) -> None:
         """Forget ``budget`` (its attempt is over)."""

@@ -65,7 +65,10 @@ OUTCOMES = (
     "stale",
 )
 # Lanes one task opens per endpoint, at most (the endpoint's limit caps them all).
-LANES_PER_TASK = 4
+LANES_PER_TASK = 8
+# Callbacks claimed (and recorded) together: small enough that a round to a healthy
+# endpoint ends well within callback_task_wait, large enough to save transactions.
+ROUND = 200
 # A lane takes no new callback after this long; the rest go back to pending.
 LANE_BUDGET = 20.0
 # A callback whose endpoint is at its concurrency limit is tried again after this.
@@ -138,6 +141,7 @@ class _Lane:
     key: str
     token: str
     probe: bool
+    counting: bool  # the breaker has failures on record: report the next answer
     items: list[_Claimed]
 
 
@@ -180,18 +184,56 @@ def deliver(
     callback_ids: Sequence[str],
     clock: Callable[[], datetime] = utcnow,
 ) -> dict[str, int]:
-    """Claim, POST and record the due callbacks among ``callback_ids``; counts per outcome."""
+    """Claim, POST and record the due callbacks among ``callback_ids``; counts per outcome.
+
+    Works in rounds of at most ROUND callbacks (one claim and one record transaction
+    each) until ``callback_task_wait`` is spent; what is left then goes back to the
+    scheduler, so a task never holds a worker much longer than that.
+    """
     counts = dict.fromkeys(OUTCOMES, 0)
+    deadline = time.monotonic() + settings.callback_task_wait
+    ids = list(dict.fromkeys(callback_ids))
+    for start in range(0, len(ids), ROUND):
+        if start and time.monotonic() >= deadline:
+            with transaction(factory) as session:
+                counts["deferred"] += _requeue(session, ids[start:])
+            break
+        done = _round(
+            factory=factory,
+            settings=settings,
+            sender=sender,
+            gate=gate,
+            ids=ids[start : start + ROUND],
+            clock=clock,
+            counts=counts,
+            deadline=deadline,
+        )
+        if not done:
+            # A round outlived the wait (a slow endpoint): leave the rest to the scheduler.
+            with transaction(factory) as session:
+                counts["deferred"] += _requeue(session, ids[start + ROUND :])
+            break
+    return counts
+
+
+def _round(
+    *,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    sender: WebhookSender,
+    gate: EndpointGate,
+    ids: list[str],
+    clock: Callable[[], datetime],
+    counts: dict[str, int],
+    deadline: float,
+) -> bool:
+    """One claim, its POSTs and one record; False if some lanes were still running at
+    the deadline (they record their own outcomes when they finish)."""
     acquired: list[tuple[str, str]] = []
     try:
         with transaction(factory) as session:
             lanes = _claim(
-                session=session,
-                gate=gate,
-                ids=list(dict.fromkeys(callback_ids)),
-                now=clock(),
-                counts=counts,
-                acquired=acquired,
+                session=session, gate=gate, ids=ids, now=clock(), counts=counts, acquired=acquired
             )
     except BaseException:
         # The claim did not commit: give the slots back rather than wait for their lease.
@@ -199,7 +241,7 @@ def deliver(
             gate.release(key, token)
         raise
     if not lanes:
-        return counts
+        return True
     collector = _Collector(lanes)
     for lane in lanes:
         sender.submit(
@@ -212,12 +254,26 @@ def deliver(
             clock=clock,
             collector=collector,
         )
-    done, in_flight = collector.close(settings.callback_task_wait)
+    done, in_flight = collector.close(max(0.0, deadline - time.monotonic()))
     counts["in_flight"] += in_flight
     if done:
         with transaction(factory) as session:
             _record(session=session, settings=settings, done=done, now=clock(), counts=counts)
-    return counts
+    return in_flight == 0
+
+
+def _requeue(session: Session, ids: Sequence[str]) -> int:
+    """Hand callbacks this task did not get to back to the scheduler; returns how many."""
+    moved = 0
+    for group in chunks(ids, 500):
+        moved += count(
+            session,
+            update(Callback)
+            .where(Callback.id.in_(group), Callback.state == S.PENDING)
+            .values(enqueued_at=None)
+            .execution_options(synchronize_session=False),
+        )
+    return moved
 
 
 # --- claim ----------------------------------------------------------------------------
@@ -341,7 +397,7 @@ def _claim(
             gate.release(key, token)
         for i, token in enumerate(grant.tokens[:used]):
             # Round robin keeps each lane's share in the order the callbacks came.
-            lanes.append(_Lane(key, token, grant.probe, items[i::used]))
+            lanes.append(_Lane(key, token, grant.probe, grant.counting, items[i::used]))
     return lanes
 
 
@@ -431,9 +487,12 @@ def _post_lane(*, lane: _Lane, sender: WebhookSender, gate: EndpointGate) -> lis
         # those are what hold a worker. An endpoint that answers, even with an
         # error, costs only its answer time; its retries follow the schedule.
         answered = result.status is not None
+        if answered and not lane.counting:
+            continue  # nothing to reset: no Redis round trip for a healthy endpoint
         # Only a half-open lane's first attempt is the probe; once it has closed the
         # breaker, the rest count as ordinary attempts.
         open_for = gate.report(lane.key, ok=answered, probe=lane.probe and i == 0)
+        lane.counting = not answered
         if not answered or open_for > 0:
             break
     done.extend(_Done(item, None) for item in lane.items[len(done) :])

@@ -31,7 +31,8 @@ _PREFIX = "dispatcher:callbacks:endpoint:"
 _PROBE_RECHECK_MS = 5000
 
 # KEYS: slots, breaker. ARGV: lease ms, limit, wanted lanes, token prefix, probe recheck ms.
-# Returns {wait_ms, probe, token...}: wait_ms > 0 means the breaker holds the endpoint.
+# Returns {wait_ms, probe, counting, token...}: wait_ms > 0 means the breaker holds the
+# endpoint; counting, that it has failures on record (a success must reset them).
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -40,18 +41,19 @@ local limit = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local probe = 0
 local open_until = tonumber(redis.call('HGET', KEYS[2], 'open_until') or '0')
+local dirty = redis.call('EXISTS', KEYS[2])
 if open_until > 0 then
-  if now < open_until then return {open_until - now, 0} end
+  if now < open_until then return {open_until - now, 0, 1} end
   local probing = tonumber(redis.call('HGET', KEYS[2], 'probe_until') or '0')
   -- The probe's outcome may come well before its lease: look again soon.
-  if probing > now then return {math.min(probing - now, tonumber(ARGV[5])), 0} end
+  if probing > now then return {math.min(probing - now, tonumber(ARGV[5])), 0, 1} end
   probe = 1
   want = 1
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local free = limit - redis.call('ZCARD', KEYS[1])
 if free < want then want = free end
-local out = {0, probe}
+local out = {0, probe, dirty}
 for i = 1, want do
   local token = ARGV[4] .. ':' .. i
   redis.call('ZADD', KEYS[1], now + lease, token)
@@ -110,6 +112,9 @@ class Grant:
     tokens: tuple[str, ...]  # one per lane granted (empty: at the limit, or held)
     probe: bool  # the single lane is the half-open breaker's probe
     wait: float  # > 0: the breaker holds the endpoint for this many seconds
+    # The breaker has failures on record: the next answer must be reported to reset
+    # them. When false, answers need no report (no Redis round trip per POST).
+    counting: bool = False
 
 
 class EndpointGate:
@@ -147,11 +152,12 @@ class EndpointGate:
                 _PROBE_RECHECK_MS,
             ],
         )
-        wait_ms, probe, *tokens = reply
+        wait_ms, probe, counting, *tokens = reply
         return Grant(
             tokens=tuple(t.decode() if isinstance(t, bytes) else str(t) for t in tokens),
             probe=bool(int(probe)),
             wait=int(wait_ms) / 1000,
+            counting=bool(int(counting)),
         )
 
     def release(self, key: str, token: str) -> None:
