@@ -211,13 +211,13 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         procs.check()
         a_batches = []
         for i in range(args.a_batches):
-            numbers = [f"+4477010{i:02d}{n:04d}" for n in range(args.a_recipients)]
+            numbers = [f"+4477{10 + i:02d}{n:06d}" for n in range(args.a_recipients)]
             a_batches.append(post("A", numbers, blackhole))
         log(f"A: {args.a_batches} x {args.a_recipients} recipients, callbacks to a blackhole")
         started = time.monotonic()
         b_batches = 0
         while time.monotonic() - started < args.duration:
-            post("B", [f"+4477020{b_batches:05d}"], receiver.url)
+            post("B", [f"+447720{b_batches:06d}"], receiver.url)
             b_batches += 1
             procs.check()
             time.sleep(1.0)

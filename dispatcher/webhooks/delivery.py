@@ -71,8 +71,10 @@ LANES_PER_TASK = 8
 ROUND = 200
 # A lane takes no new callback after this long; the rest go back to pending.
 LANE_BUDGET = 20.0
-# A callback whose endpoint is at its concurrency limit is tried again after this.
+# A callback whose endpoint is at its concurrency limit is tried again after this, or
+# after as long as the endpoint's oldest slot has been held, up to MAX_BUSY_DELAY.
 BUSY_DELAY = 1.0
+MAX_BUSY_DELAY = 15.0
 _ERROR_LEN = 500  # Callback.last_error is String(500)
 
 S = CallbackState
@@ -192,26 +194,28 @@ def deliver(
     """
     counts = dict.fromkeys(OUTCOMES, 0)
     deadline = time.monotonic() + settings.callback_task_wait
-    ids = list(dict.fromkeys(callback_ids))
-    for start in range(0, len(ids), ROUND):
-        if start and time.monotonic() >= deadline:
+    left = list(dict.fromkeys(callback_ids))
+    first = True
+    while left:
+        if not first and time.monotonic() >= deadline:
             with transaction(factory) as session:
-                counts["deferred"] += _requeue(session, ids[start:])
+                counts["deferred"] += _requeue(session, left)
             break
-        done = _round(
+        first = False
+        done, left = _round(
             factory=factory,
             settings=settings,
             sender=sender,
             gate=gate,
-            ids=ids[start : start + ROUND],
+            ids=left,
             clock=clock,
             counts=counts,
             deadline=deadline,
         )
-        if not done:
+        if not done and left:
             # A round outlived the wait (a slow endpoint): leave the rest to the scheduler.
             with transaction(factory) as session:
-                counts["deferred"] += _requeue(session, ids[start + ROUND :])
+                counts["deferred"] += _requeue(session, left)
             break
     return counts
 
@@ -226,13 +230,14 @@ def _round(
     clock: Callable[[], datetime],
     counts: dict[str, int],
     deadline: float,
-) -> bool:
-    """One claim, its POSTs and one record; False if some lanes were still running at
-    the deadline (they record their own outcomes when they finish)."""
+) -> tuple[bool, list[str]]:
+    """One claim of up to ROUND callbacks, their POSTs and one record. Returns whether
+    every lane finished by the deadline (late ones record their own outcomes) and the
+    ids left for the next round."""
     acquired: list[tuple[str, str]] = []
     try:
         with transaction(factory) as session:
-            lanes = _claim(
+            lanes, left = _claim(
                 session=session, gate=gate, ids=ids, now=clock(), counts=counts, acquired=acquired
             )
     except BaseException:
@@ -241,7 +246,7 @@ def _round(
             gate.release(key, token)
         raise
     if not lanes:
-        return True
+        return True, left
     collector = _Collector(lanes)
     for lane in lanes:
         sender.submit(
@@ -259,7 +264,7 @@ def _round(
     if done:
         with transaction(factory) as session:
             _record(session=session, settings=settings, done=done, now=clock(), counts=counts)
-    return in_flight == 0
+    return in_flight == 0, left
 
 
 def _requeue(session: Session, ids: Sequence[str]) -> int:
@@ -287,8 +292,9 @@ def _claim(
     now: datetime,
     counts: dict[str, int],
     acquired: list[tuple[str, str]],
-) -> list[_Lane]:
-    """Claim what is due and allowed, defer or hold the rest; returns the lanes to run."""
+) -> tuple[list[_Lane], list[str]]:
+    """Claim up to ROUND callbacks that are due and allowed, defer or hold those that are
+    not; returns the lanes to run and the allowed ids left for the next round."""
     rows = {
         r.id: r
         for group in chunks(ids, 500)
@@ -326,7 +332,7 @@ def _claim(
         )
         counts["not_due"] += len(early)
     if not due:
-        return []
+        return [], []
 
     disabled = _disabled(session, {(r.account_id, r.url) for r in due})
     held = [r.id for r in due if (r.account_id, r.url) in disabled]
@@ -353,12 +359,15 @@ def _claim(
             grants[key] = grant
             continue
         # At its limit or held by the breaker: try again later, durably and unattempted.
-        delay = grant.wait or BUSY_DELAY * (1 + random.random() / 2)
+        # An endpoint whose slots have been busy for long is slow: look again later.
+        busy = min(max(BUSY_DELAY, grant.busy), MAX_BUSY_DELAY)
+        delay = grant.wait or busy * (1 + random.random() / 2)
         counts["deferred"] += _defer(
             session, [r.id for r in group], until=now + timedelta(seconds=delay), now=now
         )
 
-    wanted = [r.id for key in grants for r in by_endpoint[key]]
+    allowed = [r.id for key in grants for r in by_endpoint[key]]
+    wanted, left = allowed[:ROUND], allowed[ROUND:]
     claimed = {
         c.id: c
         for group in chunks(wanted, 500)
@@ -398,7 +407,7 @@ def _claim(
         for i, token in enumerate(grant.tokens[:used]):
             # Round robin keeps each lane's share in the order the callbacks came.
             lanes.append(_Lane(key, token, grant.probe, grant.counting, items[i::used]))
-    return lanes
+    return lanes, left
 
 
 def _disabled(session: Session, endpoints: set[tuple[str, str]]) -> set[tuple[str, str]]:

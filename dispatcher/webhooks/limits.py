@@ -31,8 +31,9 @@ _PREFIX = "dispatcher:callbacks:endpoint:"
 _PROBE_RECHECK_MS = 5000
 
 # KEYS: slots, breaker. ARGV: lease ms, limit, wanted lanes, token prefix, probe recheck ms.
-# Returns {wait_ms, probe, counting, token...}: wait_ms > 0 means the breaker holds the
-# endpoint; counting, that it has failures on record (a success must reset them).
+# Returns {wait_ms, probe, counting, busy_ms, token...}: wait_ms > 0 means the breaker
+# holds the endpoint; counting, that it has failures on record (a success must reset
+# them); busy_ms, at the limit, how long the oldest slot has been held.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -54,6 +55,15 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local free = limit - redis.call('ZCARD', KEYS[1])
 if free < want then want = free end
 local out = {0, probe, dirty}
+if want < 1 then
+  -- At the limit: say how long the oldest slot has been held (a slow endpoint
+  -- holds them for long, so callers wait longer before they look again).
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  local busy = 0
+  if oldest[2] then busy = now - (tonumber(oldest[2]) - lease) end
+  return {0, probe, dirty, busy}
+end
+out[#out + 1] = 0
 for i = 1, want do
   local token = ARGV[4] .. ':' .. i
   redis.call('ZADD', KEYS[1], now + lease, token)
@@ -115,6 +125,7 @@ class Grant:
     # The breaker has failures on record: the next answer must be reported to reset
     # them. When false, answers need no report (no Redis round trip per POST).
     counting: bool = False
+    busy: float = 0.0  # no slot free: how long the oldest has been held (s)
 
 
 class EndpointGate:
@@ -152,12 +163,14 @@ class EndpointGate:
                 _PROBE_RECHECK_MS,
             ],
         )
-        wait_ms, probe, counting, *tokens = reply
+        wait_ms, probe, counting, *rest = reply
+        busy_ms, tokens = (rest[0], rest[1:]) if rest else (0, [])
         return Grant(
             tokens=tuple(t.decode() if isinstance(t, bytes) else str(t) for t in tokens),
             probe=bool(int(probe)),
             wait=int(wait_ms) / 1000,
             counting=bool(int(counting)),
+            busy=int(busy_ms) / 1000,
         )
 
     def release(self, key: str, token: str) -> None:
