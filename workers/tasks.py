@@ -134,4 +134,9 @@ def deliver_callbacks(self: DispatcherTask, callback_ids: list[str]) -> dict[str
 def promote_callbacks(self: DispatcherTask) -> int:
     rt = self.runtime
     with transaction(rt.sessions) as session:
-        return callback_scheduling.promote_due(session=session, settings=rt.settings, now=utcnow())
+        return callback_scheduling.promote_due(
+            session=session,
+            settings=rt.settings,
+            now=utcnow(),
+            gate=delivery.gate_for(redis_client=rt.redis, settings=rt.settings),
+        )

@@ -105,6 +105,31 @@ return 0
 """
 
 
+# KEYS: slots, breaker. Returns {breaker wait ms, busy ms}: how long the breaker still
+# holds the endpoint, and (all slots taken) how long the oldest slot has been held.
+_PEEK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local open_until = tonumber(redis.call('HGET', KEYS[2], 'open_until') or '0')
+local wait = 0
+if open_until > now then
+  wait = open_until - now
+elseif open_until > 0 then
+  -- Half-open: while its probe is out, nothing else goes (look again soon).
+  local probing = tonumber(redis.call('HGET', KEYS[2], 'probe_until') or '0')
+  if probing > now then wait = math.min(probing - now, tonumber(ARGV[3])) end
+end
+local busy = 0
+if redis.call('ZCOUNT', KEYS[1], now, '+inf') >= limit then
+  local oldest = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if oldest[2] then busy = now - (tonumber(oldest[2]) - lease) end
+end
+return {wait, busy}
+"""
+
+
 def endpoint_key(account_id: str, url: str) -> str:
     """The limits key of a callback URL: the account and the URL's origin."""
     try:
@@ -150,6 +175,7 @@ class EndpointGate:
         self._max_cooldown_ms = int(max(cooldown, max_cooldown) * 1000)
         self._acquire = client.register_script(_ACQUIRE)
         self._report = client.register_script(_REPORT)
+        self._peek = client.register_script(_PEEK)
 
     def acquire(self, key: str, lanes: int) -> Grant:
         """Up to ``lanes`` slots on the endpoint, unless its breaker holds it."""
@@ -172,6 +198,15 @@ class EndpointGate:
             counting=bool(int(counting)),
             busy=int(busy_ms) / 1000,
         )
+
+    def held_for(self, key: str) -> tuple[float, float]:
+        """Without taking a slot: (seconds the breaker still holds the endpoint, seconds
+        its oldest slot has been held if none is free); both 0 when it can take work."""
+        wait_ms, busy_ms = self._peek(
+            keys=[f"{_PREFIX}{key}:slots", f"{_PREFIX}{key}:breaker"],
+            args=[self._lease_ms, self._limit, _PROBE_RECHECK_MS],
+        )
+        return int(wait_ms) / 1000, int(busy_ms) / 1000
 
     def release(self, key: str, token: str) -> None:
         """Give a slot back."""

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from dispatcher import outbox
 from dispatcher.config import Settings
 from dispatcher.states import CALLBACK_TRANSITIONS, CallbackState
+from dispatcher.webhooks.limits import EndpointGate, endpoint_key
 from dispatcher.webhooks.models import Callback
 
 __all__ = ["TASK", "delivery_lease", "promote_due", "publish"]
@@ -62,13 +63,25 @@ def publish(
         outbox.defer(session, outbox.Message(TASK, {"callback_ids": group}, eta=eta))
 
 
-def promote_due(*, session: Session, settings: Settings, now: datetime, limit: int = 5000) -> int:
-    """Reclaim orphaned claims, then publish callbacks due within the horizon (or lost)."""
+def promote_due(
+    *,
+    session: Session,
+    settings: Settings,
+    now: datetime,
+    gate: EndpointGate | None = None,
+    limit: int = 5000,
+) -> int:
+    """Reclaim orphaned claims, then publish callbacks due within the horizon (or lost).
+
+    With a ``gate``, due callbacks of an endpoint its breaker holds, or whose slots are
+    all taken, are moved on in the database instead of published: a held endpoint's
+    backlog never floods the queue that every tenant's callbacks share.
+    """
     _reclaim_stale(session=session, settings=settings, now=now)
     horizon = now + timedelta(seconds=settings.schedule_horizon)
     lost = now - timedelta(seconds=settings.callback_requeue_after)
     rows = session.execute(
-        select(Callback.id, Callback.next_attempt_at)
+        select(Callback.id, Callback.next_attempt_at, Callback.account_id, Callback.url)
         .where(
             Callback.state == S.PENDING,
             Callback.next_attempt_at <= horizon,
@@ -79,6 +92,11 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
     ).all()
     if not rows:
         return 0
+    if gate is not None:
+        rows = _hold_back(session=session, gate=gate, rows=rows, now=now)
+        if not rows:
+            session.flush()
+            return 0
     for ids in chunks([r.id for r in rows], 500):
         session.execute(
             update(Callback)
@@ -99,6 +117,32 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
         publish(session, group, size=settings.callback_batch_size, eta=eta)
     session.flush()
     return len(rows)
+
+
+def _hold_back(
+    *, session: Session, gate: EndpointGate, rows: Sequence[Any], now: datetime
+) -> list[Any]:
+    """Move due callbacks of held or saturated endpoints on; returns the rows to publish."""
+    by_key: dict[str, list[Any]] = {}
+    for r in rows:
+        if r.next_attempt_at <= now:
+            by_key.setdefault(endpoint_key(r.account_id, r.url), []).append(r)
+    held: set[str] = set()
+    for key, group in by_key.items():
+        wait, busy = gate.held_for(key)
+        delay = wait or (min(busy, 15.0) if busy >= 1.0 else 0.0)
+        if not delay:
+            continue
+        ids = [r.id for r in group]
+        held.update(ids)
+        for part in chunks(ids, 500):
+            session.execute(
+                update(Callback)
+                .where(Callback.id.in_(part), Callback.state == S.PENDING)
+                .values(next_attempt_at=now + timedelta(seconds=delay), enqueued_at=None)
+                .execution_options(synchronize_session=False)
+            )
+    return [r for r in rows if r.id not in held]
 
 
 def _ceil_second(at: datetime) -> datetime:

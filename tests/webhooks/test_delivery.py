@@ -756,3 +756,23 @@ def test_a_callback_whose_publish_was_lost_goes_out_within_a_minute(env: Env) ->
     with transaction(env.factory) as session:
         scheduling.promote_due(session=session, settings=env.settings, now=later)
     assert any(cid in m.kwargs["callback_ids"] for m in env.published.messages)
+
+
+def test_promote_keeps_a_held_endpoints_callbacks_in_the_database(
+    env: Env, receiver: Receiver
+) -> None:
+    held_url, open_url = receiver.url("/held"), "http://127.0.0.2:9/open"
+    key = endpoint_key(env.account_id, held_url)
+    for _ in range(env.settings.callback_breaker_failures):
+        env.gate.report(key, ok=False, probe=False)
+    held = add_callback(env, held_url, enqueued_at=None)
+    free = add_callback(env, open_url, enqueued_at=None)
+    now = env.clock.now
+    with transaction(env.factory) as session:
+        count = scheduling.promote_due(
+            session=session, settings=env.settings, now=now, gate=env.gate
+        )
+    assert count == 1
+    assert env.published.callback_ids() == [[free]]  # only the free endpoint's
+    cooldown = env.settings.callback_breaker_cooldown
+    assert_untried(env.get(held), now, cooldown - 1, cooldown)

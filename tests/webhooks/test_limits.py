@@ -113,3 +113,18 @@ def test_an_answer_resets_the_count(client: redis.Redis, key: str) -> None:
     g.report(key, ok=True, probe=False)
     assert g.report(key, ok=False, probe=False) == 0  # one in a row, not three
     assert len(g.acquire(key, 1).tokens) == 1
+
+
+def test_held_for_tells_without_taking_a_slot(client: redis.Redis, key: str) -> None:
+    g = gate(client, limit=2)
+    assert g.held_for(key) == (0, 0)
+    taken = g.acquire(key, 2)
+    wait, busy = g.held_for(key)
+    assert wait == 0 and busy >= 0 and len(taken.tokens) == 2
+    g.release(key, taken.tokens[0])
+    assert g.held_for(key) == (0, 0)
+    for _ in range(3):
+        g.report(key, ok=False, probe=False)
+    wait, _ = g.held_for(key)
+    assert 0 < wait <= COOLDOWN
+    assert len(g.acquire(key, 0).tokens) == 0  # held_for took nothing
