@@ -124,7 +124,7 @@ end
 local busy = 0
 if redis.call('ZCOUNT', KEYS[1], now, '+inf') >= limit then
   local oldest = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-  if oldest[2] then busy = now - (tonumber(oldest[2]) - lease) end
+  if oldest[2] then busy = math.max(1, now - (tonumber(oldest[2]) - lease)) end
 end
 return {wait, busy}
 """

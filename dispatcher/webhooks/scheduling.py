@@ -130,7 +130,9 @@ def _hold_back(
     held: set[str] = set()
     for key, group in by_key.items():
         wait, busy = gate.held_for(key)
-        delay = wait or (min(busy, 15.0) if busy >= 1.0 else 0.0)
+        # Saturated (every slot taken): hold them back about as long as the slots
+        # have been busy, so a slow endpoint's backlog is looked at less and less often.
+        delay = wait or (min(max(busy, 1.0), 15.0) if busy > 0 else 0.0)
         if not delay:
             continue
         ids = [r.id for r in group]
