@@ -55,32 +55,37 @@ def percentile(values: list[float], pct: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
-class Receiver(ThreadingHTTPServer):
-    """Account B's endpoint: answers 204 and notes when each callback arrived."""
+def receive(port: int, out: str) -> None:
+    """Account B's endpoint (its own process, so the bench's work cannot delay it):
+    answers 204 and appends each callback's arrival time and payload to ``out``."""
+    lock = threading.Lock()
+    sink = open(out, "a", buffering=1)  # noqa: SIM115 (closed when the process ends)
 
-    daemon_threads = True
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.arrivals: list[tuple[float, dict[str, Any]]] = []
-        receiver = self
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            arrived = time.time()
+            self.send_response(204)
+            self.end_headers()
+            with lock:
+                sink.write(json.dumps([arrived, json.loads(body)]) + "\n")
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        def log_message(self, *_: Any) -> None:
+            pass
 
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                arrived = time.time()
-                self.send_response(204)
-                self.end_headers()
-                with receiver.lock:
-                    receiver.arrivals.append((arrived, json.loads(body)))
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    server.serve_forever()
 
-            def log_message(self, *_: Any) -> None:
-                pass
 
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}/b"
+def arrivals(path: Path) -> list[tuple[float, dict[str, Any]]]:
+    """What the receiver process logged so far."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [tuple(json.loads(line)) for line in lines if line.endswith("]")]
 
 
 def lag(arrived: float, payload: dict[str, Any]) -> float:
@@ -184,8 +189,14 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     hole.bind(("127.0.0.1", 0))
     hole.listen(512)  # the kernel accepts; nothing ever reads or answers
     blackhole = f"http://127.0.0.1:{hole.getsockname()[1]}/a"
-    receiver = Receiver()
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    receiver_port = free_port()
+    received = tmp / "received.jsonl"
+    procs.start(
+        "receiver",
+        [sys.executable, "-m", "bench.callbacks_isolation", "--receive", str(receiver_port),
+         "--into", str(received)],
+    )  # fmt: skip
+    receiver_url = f"http://127.0.0.1:{receiver_port}/b"
 
     app = create_celery(settings)
     runtime = app.runtime
@@ -217,17 +228,16 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         started = time.monotonic()
         b_batches = 0
         while time.monotonic() - started < args.duration:
-            post("B", [f"+447720{b_batches:06d}"], receiver.url)
+            post("B", [f"+447720{b_batches:06d}"], receiver_url)
             b_batches += 1
             procs.check()
             time.sleep(1.0)
         want = 3 * b_batches  # queued, sent, delivered
         end = time.monotonic() + args.timeout
-        while len(receiver.arrivals) < want and time.monotonic() < end:
+        while len(arrivals(received)) < want and time.monotonic() < end:
             procs.check()
             time.sleep(0.2)
-        with receiver.lock:
-            lags = [lag(at, payload) for at, payload in receiver.arrivals]
+        lags = [lag(at, payload) for at, payload in arrivals(received)]
         with runtime.sessions() as session:
             a_states = Counter(
                 dict(
@@ -248,7 +258,6 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             )
     finally:
         hole.close()
-        receiver.shutdown()
         runtime.dispose()
         procs.stop()
     return {
@@ -274,7 +283,12 @@ def main() -> int:
     p.add_argument("--callback-concurrency", type=int, default=2)
     p.add_argument("--timeout", type=float, default=120.0, help="wait for B's callbacks")
     p.add_argument("--keep", action="store_true", help="keep the temp directory")
+    p.add_argument("--receive", type=int, help=argparse.SUPPRESS)  # the receiver process
+    p.add_argument("--into", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.receive:
+        receive(args.receive, args.into)
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="dispatcher-isolation-"))
     log(f"working directory {tmp}")
     result = run(args, tmp)
