@@ -39,6 +39,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dispatcher import metrics
 from dispatcher.accounts.models import Account
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
@@ -217,6 +218,7 @@ def deliver(
             with transaction(factory) as session:
                 counts["deferred"] += _requeue(session, left)
             break
+    metrics.callbacks_delivered(counts)
     return counts
 
 

@@ -39,8 +39,9 @@ from dispatcher.states import BatchStatus
 from dispatcher.webhooks import scheduling as webhooks
 from dispatcher.webhooks import sign
 from dispatcher.webhooks.models import Callback
-from tests.conftest import RecordingPublisher, Tenant, wait_for
 from tests.engine import system
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher, wait_for
 
 pytestmark = pytest.mark.system
 HELD = -1  # the status logged for a request that was held and never answered
@@ -546,12 +547,11 @@ def test_a_blackholed_endpoint_does_not_delay_another_tenants_callbacks(
         for i in range(3):  # one after another, while A's backlog is being worked through
             url, _route = receiver.route(fast.webhook_secret)
             batch_id = send(api, fast, numbers(f"+4477005{i}", 1), callback=url)
-            wait_for(
-                lambda url=url, batch_id=batch_id: all_delivered(
-                    live_sessions, receiver, url, batch_id, 3
-                ),
-                timeout=30,
-            )
+
+            def arrived(url: str = url, batch_id: str = batch_id) -> bool:
+                return all_delivered(live_sessions, receiver, url, batch_id, 3)
+
+            wait_for(arrived, timeout=30)
             hits += receiver.hits_for(url)
         lags = [lag_of(h) for h in hits]
         assert len(hits) == 9 and all(h.status == 200 for h in hits)

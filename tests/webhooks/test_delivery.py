@@ -157,8 +157,8 @@ class Recorder:
     def __init__(self) -> None:
         self.messages: list[outbox.Message] = []
 
-    def publish(self, messages: list[outbox.Message]) -> None:
-        self.messages.extend(messages)
+    def publish(self, messages: list[outbox.Message | outbox.Revoke]) -> None:
+        self.messages.extend(m for m in messages if isinstance(m, outbox.Message))
 
     def callback_ids(self) -> list[list[str]]:
         return [m.kwargs["callback_ids"] for m in self.messages]
