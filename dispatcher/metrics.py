@@ -46,6 +46,8 @@ from redis.exceptions import RedisError
 from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 
+from dispatcher.outbox import QueueName
+
 if TYPE_CHECKING:
     import redis
     from sqlalchemy.orm import Session, sessionmaker
@@ -60,8 +62,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# The Celery queues Dispatcher consumes (workers/celery_app.QUEUES' values).
-QUEUES = ("dispatch", "send", "callbacks")
+# The Celery queues Dispatcher consumes.
+QUEUES = tuple(queue.value for queue in QueueName)
 # kombu's Redis transport keeps priority levels 3, 6, 9 in sibling lists.
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)

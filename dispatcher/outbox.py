@@ -34,6 +34,7 @@ class TaskName(StrEnum):
     RECLAIM_STALE = "reclaim_stale"
     EXPIRE_DUE = "expire_due"
     SIMULATOR_RECEIPTS = "simulator_receipts"
+    SWEEP_RECEIPTS = "sweep_receipts"
     PROMOTE_CALLBACKS = "promote_callbacks"
 
 
@@ -55,6 +56,7 @@ QUEUES: Mapping[TaskName, QueueName] = {
     TaskName.RECLAIM_STALE: QueueName.DISPATCH,
     TaskName.EXPIRE_DUE: QueueName.DISPATCH,
     TaskName.SIMULATOR_RECEIPTS: QueueName.DISPATCH,
+    TaskName.SWEEP_RECEIPTS: QueueName.DISPATCH,
     TaskName.PROMOTE_CALLBACKS: QueueName.CALLBACKS,
 }
 

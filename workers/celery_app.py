@@ -45,6 +45,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         TaskName.RECLAIM_STALE: max(5.0, settings.send_lease / 4),
         TaskName.EXPIRE_DUE: 30.0,
         TaskName.SIMULATOR_RECEIPTS: 1.0,
+        TaskName.SWEEP_RECEIPTS: 5.0,
     }
     return {
         name.value.replace("_", "-"): {

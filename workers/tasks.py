@@ -22,7 +22,8 @@ from dispatcher.engine import scheduling, sending
 from dispatcher.outbox import TaskName
 from dispatcher.receipts import service as receipts
 from dispatcher.runtime import Runtime
-from dispatcher.webhooks import service as webhooks
+from dispatcher.webhooks import delivery
+from dispatcher.webhooks import scheduling as callback_scheduling
 from workers import deadletter
 
 log = logging.getLogger(__name__)
@@ -160,29 +161,43 @@ def expire_due(self: DispatcherTask, session: Session) -> int:
 
 
 @task(TaskName.SIMULATOR_RECEIPTS)
-def simulator_receipts(self: DispatcherTask) -> int:
+def simulator_receipts(self: DispatcherTask) -> dict[str, int]:
     rt = self.runtime
     simulator = next((p for p in rt.providers.values() if p.name == "simulator"), None)
     if simulator is None:
-        return 0
+        return {}
     due = simulator.due_receipts()  # type: ignore[attr-defined]
     if not due:
-        return 0
+        return {}
     with transaction(rt.sessions) as session:
-        return receipts.apply_many(session=session, receipts=due, now=utcnow())
+        return receipts.accept(
+            session=session, provider=simulator.name, receipts=due, now=utcnow()
+        ).as_dict()
+
+
+@transactional(TaskName.SWEEP_RECEIPTS)
+def sweep_receipts(self: DispatcherTask, session: Session) -> dict[str, int]:
+    return receipts.sweep(session=session, settings=self.runtime.settings, now=utcnow()).as_dict()
 
 
 @task(TaskName.DELIVER_CALLBACKS)
 def deliver_callbacks(self: DispatcherTask, callback_ids: list[str]) -> dict[str, int]:
     rt = self.runtime
-    return webhooks.deliver(
+    return delivery.deliver(
         factory=rt.sessions,
         settings=rt.settings,
         sender=rt.webhook_sender,
+        gate=delivery.gate_for(redis_client=rt.redis, settings=rt.settings),
         callback_ids=callback_ids,
     )
 
 
 @transactional(TaskName.PROMOTE_CALLBACKS)
 def promote_callbacks(self: DispatcherTask, session: Session) -> int:
-    return webhooks.promote_due(session=session, settings=self.runtime.settings, now=utcnow())
+    rt = self.runtime
+    return callback_scheduling.promote_due(
+        session=session,
+        settings=rt.settings,
+        now=utcnow(),
+        gate=delivery.gate_for(redis_client=rt.redis, settings=rt.settings),
+    )
