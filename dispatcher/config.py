@@ -116,6 +116,9 @@ class Settings:
     simulator: dict[str, Any] = field(default_factory=dict)
     http_provider_url: str = ""
     http_provider_token: str = ""
+    # SMPP connections and routes (see the README's SMPP section): inline JSON or a file.
+    smpp: dict[str, Any] = field(default_factory=dict)
+    smpp_file: str = ""
     http_connect_timeout: float = 3.0
     http_read_timeout: float = 10.0
     dlr_secrets: dict[str, str] = field(default_factory=dict)
@@ -205,8 +208,21 @@ class Settings:
             steps = getattr(self, name)
             if not steps or any(not math.isfinite(s) or s <= 0 for s in steps):
                 raise ConfigError(f"{PREFIX}{name.upper()} must list positive delays")
-        if self.provider not in {"simulator", "http"}:
-            raise ConfigError(f"{PREFIX}PROVIDER must be simulator or http, not {self.provider!r}")
+        if self.provider not in {"simulator", "http", "smpp"}:
+            raise ConfigError(
+                f"{PREFIX}PROVIDER must be simulator, http or smpp, not {self.provider!r}"
+            )
+        if self.provider == "smpp":
+            self.smpp_config()
+
+    def smpp_config(self) -> Any:
+        """The checked SMPP configuration (ConfigError naming the field if it is wrong)."""
+        from dispatcher.channels.smpp.config import SmppConfigError, load
+
+        try:
+            return load(inline=self.smpp, path=self.smpp_file)
+        except SmppConfigError as exc:
+            raise ConfigError(str(exc)) from exc
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

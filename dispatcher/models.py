@@ -3,6 +3,7 @@
 from dispatcher.accounts.models import Account, ApiKey
 from dispatcher.batches.models import Attempt, Batch, Recipient, SharedSender, StatusEvent
 from dispatcher.db import Base
+from dispatcher.inbound.models import InboundMessage, InboundNumber, InboundWebhook
 from dispatcher.webhooks.models import Callback, Endpoint
 
 __all__ = [
@@ -13,6 +14,9 @@ __all__ = [
     "Batch",
     "Callback",
     "Endpoint",
+    "InboundMessage",
+    "InboundNumber",
+    "InboundWebhook",
     "Recipient",
     "SharedSender",
     "StatusEvent",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 
@@ -35,6 +36,9 @@ class OutboundMessage:
     body: str
     # 1 for the first attempt on this channel.
     attempt: int = 1
+    # For routing per account and a carrier-side validity period (SMPP).
+    account_id: str | None = None
+    expire_at: datetime | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -59,6 +63,10 @@ class Receipt:
     status: str
     error_code: str | None = None
     error_text: str | None = None
+    # When the carrier reached its final state (SMPP's "done date"), naive UTC.
+    done_at: datetime | None = None
+    # The carrier's own word for the state (SMPP stat, e.g. DELIVRD, UNDELIV).
+    carrier_status: str | None = None
 
 
 class Provider(ABC):
