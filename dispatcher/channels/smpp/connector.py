@@ -287,14 +287,23 @@ class Link:
                         ),
                         self.owner.config.response_timeout,
                     )
-                except (smpp34.SmppError, TimeoutError, OSError):
+                except (smpp34.SmppError, TimeoutError, OSError) as exc:
                     # No submit_sm_resp: the SMSC may or may not have it. Never resend.
+                    if not isinstance(exc, TimeoutError) and self.tx is smsc:
+                        # The session is gone: no further submit may start on it.
+                        self.tx = None
                     self.stats.unknown += 1
+                    self.owner.submit_done(token)
                     return handoff.Answer("unknown", code="outcome_unknown")
                 finally:
                     self.stats.in_flight -= 1
-                    self.owner.submit_done(token, None)
                 self.stats.submits += 1
+                if resp.command_status == errors.ESME_ROK and len(encoded.payloads) > 1:
+                    # Known as a part before any receipt for it is looked at (see flush).
+                    message_id = resp.message_id or ""
+                    main = ids[0] if ids else message_id
+                    await self.owner.remember_part(message_id, main, len(encoded.payloads))
+                self.owner.submit_done(token)
                 status = resp.command_status
                 if status != errors.ESME_ROK:
                     if ids:
@@ -308,12 +317,7 @@ class Link:
                         retry_after=retry,
                     )
                 self.pause = self.owner.config.throttle_pause
-                message_id = resp.message_id or ""
-                ids.append(message_id)
-                if len(encoded.payloads) > 1:
-                    self.owner.part_of[message_id] = ids[0]
-        if len(ids) > 1:
-            await self.owner.remember_parts(ids)
+                ids.append(resp.message_id or "")
         return handoff.Answer(Outcome.ACCEPTED.value, message_id=ids[0])
 
     def _partial(self, ids: list[str]) -> handoff.Answer:
@@ -479,15 +483,16 @@ class Connector:
         self._inflight[token] = time.monotonic()
         return token
 
-    def submit_done(self, token: int, _: object) -> None:
+    def submit_done(self, token: int) -> None:
         self._inflight.pop(token, None)
 
-    async def remember_parts(self, ids: list[str]) -> None:
-        """Map every part's id to the message's id, for receipts that come per part."""
+    async def remember_part(self, part: str, main: str, total: int) -> None:
+        """Map a part's id to its message's (the first part's), for receipts that come per part."""
+        self.part_of[part] = main
         pipe = self.redis.pipeline(transaction=False)
-        for part in ids:
-            pipe.set(handoff.part_key(part), ids[0], ex=handoff.LEDGER_TTL)
-        pipe.set(handoff.left_key(ids[0]), len(ids), ex=handoff.LEDGER_TTL)
+        pipe.set(handoff.part_key(part), main, ex=handoff.LEDGER_TTL)
+        if part == main:
+            pipe.set(handoff.left_key(main), total, ex=handoff.LEDGER_TTL)
         await pipe.execute()
 
     # -- receiving -------------------------------------------------------------

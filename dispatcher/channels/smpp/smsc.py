@@ -131,7 +131,12 @@ class LocalSmsc:
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("local SMSC: %r", task.exception())
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, smpp34.Esme):

@@ -30,7 +30,16 @@ def test_ucs2_is_utf16_big_endian_with_surrogate_pairs() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    ["short", "x" * 160, "x" * 161, "€" * 80, "€" * 81 + "a" * 300, "😀" * 35, "😀" * 36, "é" * 1000],
+    [
+        "short",
+        "x" * 160,
+        "x" * 161,
+        "€" * 80,
+        "€" * 81 + "a" * 300,
+        "😀" * 35,
+        "😀" * 36,
+        "é" * 1000,
+    ],
 )
 def test_parts_match_what_dispatcher_bills(body: str) -> None:
     encoded = pdu.encode_body(body, reference=9)
@@ -100,7 +109,5 @@ def test_every_stat_maps_to_a_status() -> None:
     assert set(pdu.STAT_STATUS) == set(pdu.MESSAGE_STATES.values())
     assert pdu.STAT_STATUS["DELIVRD"] == "delivered"
     assert pdu.STAT_STATUS["EXPIRED"] == "expired"
-    assert {pdu.STAT_STATUS[s] for s in ("DELETED", "UNDELIV", "UNKNOWN", "REJECTD")} == {
-        "failed"
-    }
+    assert {pdu.STAT_STATUS[s] for s in ("DELETED", "UNDELIV", "UNKNOWN", "REJECTD")} == {"failed"}
     assert pdu.STAT_STATUS["ENROUTE"] == "enroute"
