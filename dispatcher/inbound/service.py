@@ -41,9 +41,15 @@ class NewInbound:
     data_coding: int = 0
 
 
+def normalise(number: str) -> str:
+    """A long number in E.164 with its ``+``; short codes and sender IDs as they are."""
+    digits = number.lstrip("+")
+    return "+" + digits if digits.isdigit() and len(digits) > 8 else number
+
+
 def owner(*, session: Session, sender: str, to: str) -> str | None:
     """The account a message from ``sender`` to ``to`` belongs to, if any."""
-    number = session.get(InboundNumber, to)
+    number = session.get(InboundNumber, normalise(to))
     if number is not None:
         return number.account_id
     return session.execute(
@@ -129,6 +135,7 @@ def assign_number(*, session: Session, number: str, account_id: str) -> InboundN
         raise NotFound(f"no account {account_id}")
     if not number.lstrip("+").isdigit() or len(number) > 32:
         raise ValidationError("a number is digits, optionally after '+'", field="number")
+    number = normalise(number)
     row = session.get(InboundNumber, number)
     if row is None:
         row = InboundNumber(number=number, account_id=account_id)
@@ -174,7 +181,7 @@ def list_inbounds(
     """One page of an account's inbound messages, newest first, and how many match."""
     where = [InboundMessage.account_id == account_id]
     if to:
-        where.append(InboundMessage.to.in_(list(to)))
+        where.append(InboundMessage.to.in_({n for t in to for n in (t, normalise(t))}))
     if start is not None:
         where.append(InboundMessage.received_at >= start)
     if end is not None:
