@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-sqlite lint format bench bench-rate bench-smpp smsc clean
+.PHONY: help venv run test test-sqlite lint format bench bench-rate bench-smpp smsc clean prometheus
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -23,6 +23,7 @@ run: $(STAMP) ## Start the whole system on 127.0.0.1 (embedded Redis, SQLite, AP
 	$(VENV)/bin/dispatcher run
 
 test: $(STAMP) ## Run the suite (plus PostgreSQL when its binaries exist; required when CI=true)
+	@if [ "$$CI" = "true" ]; then $(MAKE) --no-print-directory prometheus; fi
 	@if $(PY) scripts/pgtest.py available; then \
 	  $(PY) scripts/pgtest.py run -- $(PY) -m pytest $(PYTEST_ARGS); \
 	elif [ "$$CI" = "true" ]; then \
@@ -45,10 +46,19 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP) ## Throughput benchmark (100k recipients, simulator, no rate limit); prints JSON lines
-	$(PY) bench/throughput.py
+	$(PY) -m bench.throughput
 
 bench-rate: $(STAMP) ## Rate-limit accuracy with 4 worker processes; prints JSON lines
-	$(PY) bench/throughput.py --mode rate
+	$(PY) -m bench.throughput --mode rate
+
+prometheus: ## Install Debian's prometheus package (prometheus + promtool, for tests/deploy); needs root or sudo
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
+	  echo "prometheus and promtool are installed"; \
+	else \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; \
+	fi
 
 smsc: $(STAMP) ## A local SMSC on 127.0.0.1:2775 (receipts after 1 s, replies as MO) for DISPATCHER_PROVIDER=smpp
 	$(VENV)/bin/dispatcher smsc --port 2775
