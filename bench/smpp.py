@@ -183,7 +183,7 @@ def run(args: argparse.Namespace, provider: str, tmp: Path) -> dict[str, Any]:
             )
             children.append(Child("connector", [*cli, "smpp-connector"], env, logs))
             keys = [f"dispatcher:smpp:alive:local-{i}" for i in range(args.connections)]
-            wait_until(lambda: all(client.exists(k) for k in keys), 30, "smpp binds")
+            wait_until(lambda: all(client.exists(k) for k in keys), 120, "smpp binds")
         children.append(
             Child(
                 "send-worker",

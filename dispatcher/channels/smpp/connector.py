@@ -28,6 +28,7 @@ import redis
 import redis.asyncio as aioredis
 import smpp34
 
+from dispatcher import metrics
 from dispatcher.channels.base import Outcome, Receipt
 from dispatcher.channels.smpp import errors, handoff, pdu
 from dispatcher.channels.smpp.config import Carrier, Connection, SmppConfig
@@ -159,6 +160,7 @@ class Link:
                 smsc = await asyncio.wait_for(client.connect(), 10)
             except (smpp34.SmppError, OSError, TimeoutError) as exc:
                 self.stats.bind_failures += 1
+                metrics.carrier_connection(provider="smpp", connection=self.conn.name, up=False)
                 logger.warning(
                     "smpp %s: %s bind to %s:%s failed (%s); next try in %.1fs",
                     self.conn.name,
@@ -177,6 +179,7 @@ class Link:
             )
             self.clients[kind] = client
             self.stats.binds_up += 1
+            metrics.carrier_connection(provider="smpp", connection=self.conn.name, up=True)
             if kind in ("TRX", "TX"):
                 self.tx = smsc
                 await self.owner.mark_alive(self)
@@ -184,6 +187,7 @@ class Link:
                 await self.read(smsc)
             finally:
                 self.stats.binds_up -= 1
+                metrics.carrier_connection(provider="smpp", connection=self.conn.name, up=False)
                 self.clients.pop(kind, None)
                 if kind in ("TRX", "TX"):
                     self.tx = None
@@ -608,6 +612,7 @@ class Connector:
 
     def count_unmatched(self, receipt: Receipt) -> None:
         logger.warning("smpp: receipt for unknown message %s dropped", receipt.provider_message_id)
+        metrics.receipts("dropped")
         if self.links:
             self.links[0].stats.receipts_unmatched += 1
 
