@@ -589,8 +589,9 @@ class Connector:
             _, _, tries, receipt = heapq.heappop(self._retry)
             ready.append((tries, receipt))
         pending: list[tuple[int, Receipt]] = []
-        for tries, r in ready:
-            t = await self.translate(r)
+        mains = await self.parts_of([r.provider_message_id for _, r in ready])
+        for (tries, r), main in zip(ready, mains, strict=True):
+            t = await self.translate(r, main)
             if t is not None:
                 pending.append((tries, t))
         if not pending:
@@ -616,15 +617,23 @@ class Connector:
         if self.links:
             self.links[0].stats.receipts_unmatched += 1
 
-    async def translate(self, receipt: Receipt) -> Receipt | None:
+    async def parts_of(self, refs: list[str]) -> list[str | None]:
+        """For each id, the id of the message it is a part of (None: not a part)."""
+        known = [self.part_of.get(ref) for ref in refs]
+        unknown = [ref for ref, main in zip(refs, known, strict=True) if main is None]
+        if not unknown:
+            return known
+        raw = await self.redis.mget([handoff.part_key(r) for r in unknown])
+        found = {
+            ref: value.decode() if isinstance(value, bytes) else value
+            for ref, value in zip(unknown, raw, strict=True)
+        }
+        return [main or found.get(ref) for ref, main in zip(refs, known, strict=True)]
+
+    async def translate(self, receipt: Receipt, main: str | None) -> Receipt | None:
         """A part's receipt as its message's: failure at once, delivery once every part is."""
         if receipt.status == "enroute":
             return None
-        ref = receipt.provider_message_id
-        main = self.part_of.get(ref)
-        if main is None:
-            raw = await self.redis.get(handoff.part_key(ref))
-            main = raw.decode() if isinstance(raw, bytes) else raw
         if main is None:
             return receipt
         if receipt.status == "delivered":

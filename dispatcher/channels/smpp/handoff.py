@@ -8,7 +8,7 @@ worker that stopped waiting (or died) can be answered later by ``lookup``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 PREFIX = "dispatcher:smpp:"
@@ -76,4 +76,5 @@ class Answer:
     retry_after: float | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        fields = ("outcome", "message_id", "code", "text", "retry_after")
+        return {k: v for k in fields if (v := getattr(self, k)) is not None}

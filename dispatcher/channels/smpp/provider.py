@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # The connector stops starting submits this long before the worker stops waiting.
 MARGIN = 2.0
+# Seconds per blocking read of the reply (below Runtime.redis's 10 s socket timeout).
+BLOCK_SLICE = 5.0
 UNKNOWN_TEXT = "no submit_sm_resp before the bind was lost; not re-sent to avoid a duplicate"
 
 
@@ -119,8 +121,11 @@ class SmppProvider(Provider):
         self, carrier: str, request_id: str, payload: str, give_up: float
     ) -> list[SendResult]:
         items = json.loads(payload)["items"]
-        remaining = max(0.1, give_up - self.clock())
-        got = self.redis.blpop([handoff.reply_key(request_id)], timeout=remaining)
+        got = None
+        while got is None and self.clock() < give_up:
+            # In slices: a blocking read longer than the client's socket timeout would fail.
+            wait = min(BLOCK_SLICE, max(0.1, give_up - self.clock()))
+            got = self.redis.blpop([handoff.reply_key(request_id)], timeout=wait)
         if got is not None:
             answers = json.loads(got[1])["answers"]
             return [_result(handoff.Answer(**a)) for a in answers]
