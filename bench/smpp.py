@@ -219,7 +219,7 @@ def run(args: argparse.Namespace, provider: str, tmp: Path) -> dict[str, Any]:
                     session.scalar(select(func.count()).where(Recipient.status.in_(states))) or 0
                 )
 
-        wait_until(lambda: count("sent", "delivered") >= args.recipients, args.timeout, "sent")
+        wait_until(lambda: count("sent", "delivered") >= args.recipients, args.timeout * 2, "sent")
         sent_s = time.monotonic() - started
         log(f"{provider}: {args.recipients} sent in {sent_s:.2f}s")
         wait_until(lambda: count("delivered") >= args.recipients, args.timeout, "delivered")

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 # A receipt that matched no sent message is tried again after these delays (s):
 # its submit's outcome may not be recorded yet (a fast carrier).
 RECEIPT_RETRY = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
-FLUSH_EVERY = 0.2
+FLUSH_EVERY = 1.0
 FLUSH_SIZE = 500
 MO_PARTS_TTL = 3600
 
