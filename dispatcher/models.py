@@ -4,6 +4,7 @@ from dispatcher.accounts.models import Account, ApiKey
 from dispatcher.batches.models import Attempt, Batch, Recipient, SharedSender, StatusEvent
 from dispatcher.db import Base
 from dispatcher.inbound.models import InboundMessage, InboundNumber, InboundWebhook
+from dispatcher.receipts.models import PendingReceipt
 from dispatcher.webhooks.models import Callback, Endpoint
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "InboundMessage",
     "InboundNumber",
     "InboundWebhook",
+    "PendingReceipt",
     "Recipient",
     "SharedSender",
     "StatusEvent",

@@ -63,9 +63,9 @@ class Receipt:
     status: str
     error_code: str | None = None
     error_text: str | None = None
-    # When the carrier reached its final state (SMPP's "done date"), naive UTC.
+    # The carrier's time of the final state (SMPP "done date"), if it gives one.
     done_at: datetime | None = None
-    # The carrier's own word for the state (SMPP stat, e.g. DELIVRD, UNDELIV).
+    # The carrier's own word for the state (SMPP stat and err, e.g. UNDELIV:034).
     carrier_status: str | None = None
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import itertools
 import json
 import logging
@@ -37,9 +36,6 @@ from dispatcher.ratelimit import Limit, RateLimiter
 
 logger = logging.getLogger(__name__)
 
-# A receipt that matched no sent message is tried again after these delays (s):
-# its submit's outcome may not be recorded yet (a fast carrier).
-RECEIPT_RETRY = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 FLUSH_EVERY = 1.0
 FLUSH_SIZE = 500
 MO_PARTS_TTL = 3600
@@ -61,8 +57,8 @@ class Inbound:
 class Sink(Protocol):
     """Where the connector's receipts and inbound messages go (the database, in production)."""
 
-    def receipts(self, receipts: Sequence[Receipt]) -> list[bool]:
-        """Apply receipts; for each, whether it matched a message."""
+    def receipts(self, receipts: Sequence[Receipt]) -> None:
+        """Apply receipts, or keep them durably until their messages' outcomes are recorded."""
 
     def inbound(self, messages: Sequence[Inbound]) -> None:
         """Store inbound messages and their webhooks."""
@@ -78,7 +74,6 @@ class Stats:
     in_flight: int = 0
     window_peak: int = 0
     receipts: int = 0
-    receipts_unmatched: int = 0
     inbound: int = 0
 
     def as_mapping(self) -> Any:
@@ -360,7 +355,8 @@ class Connector:
         self._inflight: dict[int, float] = {}
         self._tokens = itertools.count()
         self._receipts: list[tuple[float, Receipt]] = []
-        self._retry: list[tuple[float, int, int, Receipt]] = []
+        # Receipts translated (parts folded) and waiting for the sink.
+        self._outgoing: list[Receipt] = []
         self._inbound: list[Inbound] = []
         self._wake = asyncio.Event()
         self.redis: aioredis.Redis = aioredis.Redis.from_url(redis_url)
@@ -567,55 +563,36 @@ class Connector:
     async def flush(self, *, final: bool = False) -> None:
         """Hand buffered receipts and inbound messages to the sink."""
         if self._inbound:
-            batch, self._inbound = self._inbound, []
+            messages, self._inbound = self._inbound, []
             try:
-                await asyncio.to_thread(self.sink.inbound, batch)
+                await asyncio.to_thread(self.sink.inbound, messages)
             except Exception:
-                self._inbound[:0] = batch
+                self._inbound[:0] = messages
                 raise
         # A receipt is translated only once every submit that began before it arrived
         # has its submit_sm_resp: only then is a part's id known to be a part's.
         oldest = min(self._inflight.values(), default=None)
-        ready: list[tuple[int, Receipt]] = []
+        ready: list[Receipt] = []
         keep: list[tuple[float, Receipt]] = []
         for at, r in self._receipts:
             if final or oldest is None or at < oldest:
-                ready.append((0, r))
+                ready.append(r)
             else:
                 keep.append((at, r))
         self._receipts = keep
-        now = time.monotonic()
-        while self._retry and (self._retry[0][0] <= now or final):
-            _, _, tries, receipt = heapq.heappop(self._retry)
-            ready.append((tries, receipt))
-        pending: list[tuple[int, Receipt]] = []
-        mains = await self.parts_of([r.provider_message_id for _, r in ready])
-        for (tries, r), main in zip(ready, mains, strict=True):
-            t = await self.translate(r, main)
-            if t is not None:
-                pending.append((tries, t))
-        if not pending:
+        mains = await self.parts_of([r.provider_message_id for r in ready])
+        for r, main in zip(ready, mains, strict=True):
+            translated = await self.translate(r, main)
+            if translated is not None:
+                self._outgoing.append(translated)
+        if not self._outgoing:
             return
+        batch, self._outgoing = self._outgoing, []
         try:
-            matched = await asyncio.to_thread(self.sink.receipts, [r for _, r in pending])
+            await asyncio.to_thread(self.sink.receipts, batch)
         except Exception:
-            self._receipts[:0] = [(0.0, r) for _, r in pending]
+            self._outgoing[:0] = batch
             raise
-        for (tries, receipt), ok in zip(pending, matched, strict=True):
-            if ok:
-                continue
-            if tries >= len(RECEIPT_RETRY) or final:
-                self.count_unmatched(receipt)
-                continue
-            heapq.heappush(
-                self._retry, (now + RECEIPT_RETRY[tries], next(self._tokens), tries + 1, receipt)
-            )
-
-    def count_unmatched(self, receipt: Receipt) -> None:
-        logger.warning("smpp: receipt for unknown message %s dropped", receipt.provider_message_id)
-        metrics.receipts("dropped")
-        if self.links:
-            self.links[0].stats.receipts_unmatched += 1
 
     async def parts_of(self, refs: list[str]) -> list[str | None]:
         """For each id, the id of the message it is a part of (None: not a part)."""

@@ -12,18 +12,18 @@ from dispatcher.db import transaction, utcnow
 from dispatcher.inbound import service as inbound
 from dispatcher.receipts import service as receipts
 
+# Receipts match messages by (provider, id): the name SmppProvider records them under.
+PROVIDER = "smpp"
+
 
 class DatabaseSink:
     def __init__(self, *, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
 
-    def receipts(self, batch: Sequence[Receipt]) -> list[bool]:
-        """Apply each receipt through the receipts service, in one transaction."""
-        now = utcnow()
+    def receipts(self, batch: Sequence[Receipt]) -> None:
+        """Apply each receipt, or keep it until its message's outcome is recorded."""
         with transaction(self.sessions) as session:
-            # One call per receipt: the connector tries again, later, those that
-            # matched no sent message yet (their submit's outcome not yet recorded).
-            return [receipts.apply_many(session=session, receipts=[r], now=now) > 0 for r in batch]
+            receipts.accept(session=session, provider=PROVIDER, receipts=batch, now=utcnow())
 
     def inbound(self, batch: Sequence[Inbound]) -> None:
         """Store inbound messages and their webhooks, in one transaction."""

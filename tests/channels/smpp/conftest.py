@@ -22,36 +22,12 @@ PASSWORD = "pw-9x7"
 
 
 class RecordingSink:
-    """Keeps what the connector hands over; receipts for ids in ``unknown`` match nothing."""
+    """Keeps what the connector hands over (the Sink protocol through :class:`Sink`)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.receipts: list[Receipt] = []
         self.inbound: list[Inbound] = []
-        self.unknown: set[str] = set()
-        self.refused: list[Receipt] = []
-
-    def receipts_for(self, ref: str) -> list[Receipt]:
-        with self.lock:
-            return [r for r in self.receipts if r.provider_message_id == ref]
-
-
-def _apply(self: RecordingSink, batch: Sequence[Receipt]) -> list[bool]:
-    with self.lock:
-        out = []
-        for r in batch:
-            if r.provider_message_id in self.unknown:
-                self.refused.append(r)
-                out.append(False)
-            else:
-                self.receipts.append(r)
-                out.append(True)
-        return out
-
-
-def _store(self: RecordingSink, batch: Sequence[Inbound]) -> None:
-    with self.lock:
-        self.inbound.extend(batch)
 
 
 class Sink:
@@ -60,11 +36,13 @@ class Sink:
     def __init__(self, record: RecordingSink) -> None:
         self.record = record
 
-    def receipts(self, batch: Sequence[Receipt]) -> list[bool]:
-        return _apply(self.record, batch)
+    def receipts(self, batch: Sequence[Receipt]) -> None:
+        with self.record.lock:
+            self.record.receipts.extend(batch)
 
     def inbound(self, batch: Sequence[Inbound]) -> None:
-        _store(self.record, batch)
+        with self.record.lock:
+            self.record.inbound.extend(batch)
 
 
 def smpp_config(

@@ -141,22 +141,6 @@ def test_every_receipt_is_applied_before_or_after_the_resp(
             assert receipt.error_code == f"smpp_{stat.lower()}"
 
 
-def test_a_receipt_that_matches_nothing_yet_is_tried_again(
-    port: int, redis_url: str, smpp_redis: redis.Redis
-) -> None:
-    config = smpp_config({"local": [port]})
-    record = RecordingSink()
-    with running(LocalSmsc(port=port)) as smsc, connector_running(config, redis_url, record):
-        provider = SmppProvider(redis_client=smpp_redis, config=config)
-        wait_live(provider, "local")
-        # The next message id the SMSC hands out is not "recorded" yet.
-        record.unknown.add(f"{len(smsc.accepted) + 1:010d}")
-        (result,) = provider.send_many([message(1)])
-        wait_for(lambda: record.refused)
-        record.unknown.clear()
-        wait_for(lambda: record.receipts_for(result.provider_message_id or ""), timeout=10)
-
-
 def test_throttling_slows_the_connection_and_loses_nothing(
     port: int, redis_url: str, smpp_redis: redis.Redis
 ) -> None:
