@@ -106,6 +106,8 @@ class ProcSampler(threading.Thread):
         self.peak_process = 0
         self.peak_total = 0
         self.worker_pids: set[int] = set()
+        # (seconds since start, summed RSS of every worker process) per sample.
+        self.rss_series: list[tuple[float, int]] = []
         self.cpu: dict[int, tuple[str, float]] = {}
         self.cpu_start: dict[int, float] = {}
         self.t0 = time.monotonic()
@@ -128,6 +130,7 @@ class ProcSampler(threading.Thread):
             if role == "worker":
                 self.worker_pids.add(pid)
                 sizes.append(rss_bytes(pid))
+        self.rss_series.append((time.monotonic() - self.t0, sum(sizes)))
         if sizes:
             self.peak_process = max(self.peak_process, max(sizes))
             self.peak_total = max(self.peak_total, sum(sizes))
@@ -152,6 +155,21 @@ class ProcSampler(threading.Thread):
             out[role] = out.get(role, 0.0) + cpu - self.cpu_start.get(pid, 0.0)
         out["bench"] = self.self1 - self.self0
         return {k: round(v, 2) for k, v in sorted(out.items())}
+
+    def rss_over_time(self) -> dict[str, Any]:
+        """Workers' summed RSS: first, last, min and max sample, and 10 evenly spaced ones (MB)."""
+        mb = [round(rss / 2**20, 1) for _, rss in self.rss_series if rss]
+        if not mb:
+            return {}
+        step = max(1, len(mb) // 10)
+        return {
+            "first_mb": mb[0],
+            "last_mb": mb[-1],
+            "min_mb": min(mb),
+            "max_mb": max(mb),
+            "samples_mb": mb[::step],
+            "samples": len(mb),
+        }
 
     def result(self, recipients: int) -> dict[str, Any]:
         wall = max(self.t1 - self.t0, 1e-9)

@@ -142,6 +142,15 @@ class Settings:
     # (a publish lost after commit); the claim makes a duplicate task harmless.
     callback_requeue_after: float = 60.0
 
+    # Retention: finished batches older than this many days are purged with their
+    # recipients, attempts, events and callbacks (0 keeps everything). Also how long
+    # a client id stays taken (an idempotent retry returns the original batch).
+    retention_days: float = 0.0
+    # Rows deleted per purge transaction (short ones: sending goes on in between).
+    retention_chunk: int = 500
+    # Seconds between purge runs.
+    retention_interval: float = 3600.0
+
     def __post_init__(self) -> None:
         if not self.database_url:
             path = Path(self.var_dir).resolve() / "dispatcher.db"
@@ -185,6 +194,8 @@ class Settings:
             "callback_max_response_bytes",
             "callback_batch_size",
             "callback_requeue_after",
+            "retention_chunk",
+            "retention_interval",
         )
         for name in positive:
             value = getattr(self, name)
@@ -193,6 +204,7 @@ class Settings:
         rates = {
             "min_send_at_lead": self.min_send_at_lead,
             "default_account_rate": self.default_account_rate,
+            "retention_days": self.retention_days,
             **{f"channel_rates[{k}]": v for k, v in self.channel_rates.items()},
         }
         for name, value in rates.items():

@@ -22,6 +22,7 @@ QUEUES = {
     "expire_due": "dispatch",
     "simulator_receipts": "dispatch",
     "promote_callbacks": "callbacks",
+    "purge_retention": "dispatch",
 }
 
 
@@ -80,6 +81,10 @@ def create_celery(settings: Settings | None = None) -> Celery:
             },
             "expire-due": {"task": "expire_due", "schedule": 30.0},
             "simulator-receipts": {"task": "simulator_receipts", "schedule": 1.0},
+            "purge-retention": {
+                "task": "purge_retention",
+                "schedule": settings.retention_interval,
+            },
         },
     )
     runtime = Runtime(settings, CeleryPublisher(app))
