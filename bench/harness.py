@@ -133,15 +133,15 @@ class BenchChild(Child):
 
 
 class PgServer:
-    """The throw-away PostgreSQL server, for the sampler: its postmaster leads its group."""
+    """The throw-away PostgreSQL server, for the sampler: ``pid`` is its process group."""
 
     role = "database"
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, pgid: int) -> None:
+        self.pid = pgid
 
     def alive(self) -> bool:
-        return Path(f"/proc/{self.pid}").exists()
+        return True
 
 
 # --------------------------------------------------------------------------- the system
@@ -408,10 +408,11 @@ class System:
         return [*self.children, *([self.pg_server] if self.pg_server else [])]
 
     def find_pg_server(self) -> None:
-        """The postmaster is a process-group leader (pg_ctl starts it with setsid)."""
+        """The postmaster's process group: it and every backend (pgtest gives it its own)."""
         data_dir = self.query("SHOW data_directory")[0][0]
         pid = int((Path(data_dir) / "postmaster.pid").read_text().split()[0])
-        self.pg_server = PgServer(pid)
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        self.pg_server = PgServer(int(stat[2]))
 
     def stop_database(self) -> None:
         if self.pg is not None:
@@ -452,11 +453,15 @@ class System:
         return {s: int(n) for s, n in conn.execute(text(sql)).all()}
 
     def database_bytes(self) -> int:
-        """Size of the database on disk (SQLite: file + WAL; PostgreSQL: pg_database_size)."""
+        """Size of the database (SQLite: pages in use, WAL included; PostgreSQL:
+        pg_database_size, tables, indexes and TOAST)."""
         if self.database_url.startswith("postgresql"):
             return int(self.query("SELECT pg_database_size(current_database())")[0][0])
-        files = [self.db_path, self.db_path.with_name(self.db_path.name + "-wal")]
-        return sum(f.stat().st_size for f in files if f.exists())
+        with self.db() as conn:
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+            free = conn.exec_driver_sql("PRAGMA freelist_count").scalar_one()
+            size = conn.exec_driver_sql("PRAGMA page_size").scalar_one()
+        return int((pages - free) * size)
 
 
 def wait_all_sent(system: System, total: int, label: str) -> float:

@@ -229,7 +229,7 @@ def throughput(system: System, out: Out) -> None:
         per_recipient=round((size - system.empty_bytes) / intake.accepted, 1),
         empty_bytes=system.empty_bytes,
         database=args.database,
-        what="database on disk after the run (SQLite: file + WAL; PostgreSQL: pg_database_size)",
+        what="database size after the run, less the empty migrated database, per recipient",
     )
     log(
         f"end to end: {intake.accepted} recipients in {e2e_s:.1f}s = {e2e_rate:.0f}/s; "
