@@ -59,9 +59,11 @@ def noop_reference(system: System, out: Out) -> float:
     system.wait_ready([worker])
     os.environ.update(system.env())  # bench.noop builds its app from DISPATCHER_* at import
     from bench import noop
+    from workers.celery_app import create_celery
 
     client = redis.Redis.from_url(system.redis_url)
-    app = noop.app
+    # A fresh app per run: with several runs (--worker-processes 1,2,4) each has its own Redis.
+    app = create_celery(system.settings)
 
     def publish(n: int) -> None:
         with app.producer_or_acquire() as producer:
