@@ -133,15 +133,17 @@ class BenchChild(Child):
 
 
 class PgServer:
-    """The throw-away PostgreSQL server, for the sampler: ``pid`` is its process group."""
+    """The throw-away PostgreSQL server, for the sampler: the postmaster and its children
+    (each backend runs in a session of its own, so process groups do not find them)."""
 
     role = "database"
+    by_parent = True
 
-    def __init__(self, pgid: int) -> None:
-        self.pid = pgid
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
 
     def alive(self) -> bool:
-        return True
+        return Path(f"/proc/{self.pid}").exists()
 
 
 # --------------------------------------------------------------------------- the system
@@ -408,11 +410,10 @@ class System:
         return [*self.children, *([self.pg_server] if self.pg_server else [])]
 
     def find_pg_server(self) -> None:
-        """The postmaster's process group: it and every backend (pgtest gives it its own)."""
+        """The postmaster, whose children are the backends and the server's helpers."""
         data_dir = self.query("SHOW data_directory")[0][0]
         pid = int((Path(data_dir) / "postmaster.pid").read_text().split()[0])
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        self.pg_server = PgServer(int(stat[2]))
+        self.pg_server = PgServer(pid)
 
     def stop_database(self) -> None:
         if self.pg is not None:

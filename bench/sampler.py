@@ -26,6 +26,9 @@ class Sampled(Protocol):
     def alive(self) -> bool: ...
 
 
+# A Sampled whose ``by_parent`` is true is a process and its children, not a process group.
+
+
 def group_pids(pgids: set[int]) -> list[int]:
     """Every live process whose process group is one of ``pgids``."""
     pids = []
@@ -71,8 +74,12 @@ def rss_bytes(pid: int) -> int:
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def group_cpu(pgids: set[int]) -> dict[int, tuple[int, float]]:
-    """pid -> (process group, CPU seconds user+system) for every process of ``pgids``."""
+def group_cpu(
+    pgids: set[int], parents: frozenset[int] | set[int] = frozenset()
+) -> dict[int, tuple[int, float]]:
+    """pid -> (key, CPU seconds user+system) for every process of the process groups
+    ``pgids`` (key: the group), and for every process in ``parents`` or whose parent is
+    one of them (key: that parent; PostgreSQL backends each start their own session)."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -81,9 +88,10 @@ def group_cpu(pgids: set[int]) -> dict[int, tuple[int, float]]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        pgid = int(fields[2])
-        if pgid in pgids:
-            found[int(entry.name)] = (pgid, (int(fields[11]) + int(fields[12])) / TICK)
+        pid, ppid, pgid = int(entry.name), int(fields[1]), int(fields[2])
+        key = pgid if pgid in pgids else pid if pid in parents else ppid
+        if key in pgids or key in parents:
+            found[pid] = (key, (int(fields[11]) + int(fields[12])) / TICK)
     return found
 
 
@@ -119,8 +127,10 @@ class ProcSampler(threading.Thread):
         self._sample(first=True)
 
     def _sample(self, first: bool = False) -> None:
-        roles = {c.pid: c.role for c in self.children() if c.alive()}
-        procs = group_cpu(set(roles))
+        live = [c for c in self.children() if c.alive()]
+        roles = {c.pid: c.role for c in live}
+        parents = {c.pid for c in live if getattr(c, "by_parent", False)}
+        procs = group_cpu(set(roles) - parents, parents)
         sizes = []
         for pid, (pgid, cpu) in procs.items():
             role = roles[pgid]
