@@ -370,12 +370,16 @@ def main(argv: list[str] | None = None) -> int:
         scaling.append({"worker_processes": n, **one.collect})
     Out(args, _params(args)).emit("scaling", rows=scaling)
     log("scaling (" + args.database + f", -c {args.concurrency} per process):")
-    log("| send processes | noop tasks/s | e2e rec/s | ratio e2e/noop | worker CPU ms/rec |")
-    log("| --- | --- | --- | --- | --- |")
+    log(
+        "| send processes | noop tasks/s | e2e rec/s | ratio e2e/noop | intake rec/s"
+        " | worker CPU ms/rec | foreign CPU % |"
+    )
+    log("| --- | --- | --- | --- | --- | --- | --- |")
     for row in scaling:
         log(
             f"| {row['worker_processes']} | {row.get('noop')} | {row.get('e2e')} |"
-            f" {row.get('ratio')} | {row.get('cpu_ms')} |"
+            f" {row.get('ratio')} | {row.get('intake')} | {row.get('cpu_ms')} |"
+            f" {row.get('foreign_cpu_pct')} |"
         )
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -234,3 +235,18 @@ def test_retention_zero_keeps_everything(
     )
     assert report.rows == {}
     assert _rows(sessions, bid) == before
+
+
+def test_settings_refuse_a_negative_retention_and_beat_runs_the_purge(settings: Settings) -> None:
+    from dispatcher.config import ConfigError
+    from workers.celery_app import create_celery
+
+    with pytest.raises(ConfigError):
+        settings.replace(retention_days=-1)
+    with pytest.raises(ConfigError):
+        settings.replace(retention_chunk=0)
+    app = create_celery(settings.replace(retention_interval=120))
+    entry = app.conf.beat_schedule["purge-retention"]
+    assert (entry["task"], entry["schedule"]) == ("purge_retention", 120)
+    app.loader.import_default_modules()  # workers.tasks, as a worker does at start
+    assert "purge_retention" in app.tasks
