@@ -308,6 +308,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="scheduled mode: send_at of the due backlog, seconds after its intake starts",
     )
     p.add_argument(
+        "--dispatch-worker",
+        action="store_true",
+        help="scheduled mode: a separate `-Q dispatch -c 1` worker; the send worker: `-Q send`",
+    )
+    p.add_argument(
         "--cancel-batches", type=int, default=20, help="cancel mode: 1,000-recipient batches"
     )
     p.add_argument(
