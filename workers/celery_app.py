@@ -22,6 +22,7 @@ QUEUES = {
     "reclaim_stale": "dispatch",
     "expire_due": "dispatch",
     "simulator_receipts": "dispatch",
+    "sweep_receipts": "dispatch",
     "promote_callbacks": "callbacks",
     "purge_retention": "dispatch",
 }
@@ -86,6 +87,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
                 "task": "purge_retention",
                 "schedule": settings.retention_interval,
             },
+            "sweep-receipts": {"task": "sweep_receipts", "schedule": 5.0},
         },
     )
     runtime = Runtime(settings, CeleryPublisher(app))

@@ -1,14 +1,14 @@
 """Indexes for the retention purge: finished batches by completion time, callbacks by batch
 
 Revision ID: 0006_retention
-Revises: 0002
+Revises: 0003_receipts_unknown
 Create Date: 2026-11-29 21:10:00
 """
 
 from alembic import op
 
 revision = "0006_retention"
-down_revision = "0002"
+down_revision = "0003_receipts_unknown"
 branch_labels = None
 depends_on = None
 
