@@ -159,6 +159,15 @@ class Settings:
     # in the background (they record their own outcome).
     callback_task_wait: float = 2.0
 
+    # Retention: finished batches older than this many days are purged with their
+    # recipients, attempts, events and callbacks (0 keeps everything). Also how long
+    # a client id stays taken (an idempotent retry returns the original batch).
+    retention_days: float = 0.0
+    # Rows deleted per purge transaction (short ones: sending goes on in between).
+    retention_chunk: int = 500
+    # Seconds between purge runs.
+    retention_interval: float = 3600.0
+
     # Observability (see the README's "Observability").
     # Bearer token for the API's /metrics; empty: /metrics answers 404.
     metrics_token: str = ""
@@ -219,6 +228,8 @@ class Settings:
             "callback_max_response_bytes",
             "callback_batch_size",
             "callback_requeue_after",
+            "retention_chunk",
+            "retention_interval",
             "receipt_deadline",
             "receipt_retention",
             "callback_endpoint_concurrency",
@@ -239,6 +250,7 @@ class Settings:
         rates = {
             "min_send_at_lead": self.min_send_at_lead,
             "default_account_rate": self.default_account_rate,
+            "retention_days": self.retention_days,
             **{f"channel_rates[{k}]": v for k, v in self.channel_rates.items()},
         }
         for name, value in rates.items():
