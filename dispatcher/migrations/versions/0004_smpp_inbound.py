@@ -1,7 +1,7 @@
 """inbound messages, dedicated numbers and inbound webhooks (SMPP MO)
 
 Revision ID: 0004_smpp_inbound
-Revises: 0003_receipts_unknown
+Revises: 0006_retention
 Create Date: 2026-11-29 21:00:00
 """
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004_smpp_inbound"
-down_revision = "0003_receipts_unknown"
+down_revision = "0006_retention"
 branch_labels = None
 depends_on = None
 
