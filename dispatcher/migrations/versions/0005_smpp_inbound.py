@@ -1,15 +1,15 @@
 """inbound messages, dedicated numbers and inbound webhooks (SMPP MO)
 
-Revision ID: 0004_smpp_inbound
-Revises: 0006_retention
+Revision ID: 0005_smpp_inbound
+Revises: 0004_retention
 Create Date: 2026-11-29 21:00:00
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_smpp_inbound"
-down_revision = "0006_retention"
+revision = "0005_smpp_inbound"
+down_revision = "0004_retention"
 branch_labels = None
 depends_on = None
 
