@@ -35,6 +35,7 @@ class TaskName(StrEnum):
     EXPIRE_DUE = "expire_due"
     SIMULATOR_RECEIPTS = "simulator_receipts"
     SWEEP_RECEIPTS = "sweep_receipts"
+    PURGE_RETENTION = "purge_retention"
     PROMOTE_CALLBACKS = "promote_callbacks"
 
 
@@ -57,6 +58,7 @@ QUEUES: Mapping[TaskName, QueueName] = {
     TaskName.EXPIRE_DUE: QueueName.DISPATCH,
     TaskName.SIMULATOR_RECEIPTS: QueueName.DISPATCH,
     TaskName.SWEEP_RECEIPTS: QueueName.DISPATCH,
+    TaskName.PURGE_RETENTION: QueueName.DISPATCH,
     TaskName.PROMOTE_CALLBACKS: QueueName.CALLBACKS,
 }
 

@@ -46,6 +46,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         TaskName.EXPIRE_DUE: 30.0,
         TaskName.SIMULATOR_RECEIPTS: 1.0,
         TaskName.SWEEP_RECEIPTS: 5.0,
+        TaskName.PURGE_RETENTION: settings.retention_interval,
     }
     return {
         name.value.replace("_", "-"): {

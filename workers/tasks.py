@@ -17,6 +17,7 @@ from celery import Task, shared_task
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from dispatcher import retention
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
 from dispatcher.outbox import TaskName
@@ -201,3 +202,9 @@ def promote_callbacks(self: DispatcherTask, session: Session) -> int:
         now=utcnow(),
         gate=delivery.gate_for(redis_client=rt.redis, settings=rt.settings),
     )
+
+
+@task(TaskName.PURGE_RETENTION)
+def purge_retention(self: DispatcherTask) -> dict[str, int]:
+    rt = self.runtime
+    return retention.purge(factory=rt.sessions, settings=rt.settings, now=utcnow()).as_dict()
