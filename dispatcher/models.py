@@ -3,6 +3,7 @@
 from dispatcher.accounts.models import Account, ApiKey
 from dispatcher.batches.models import Attempt, Batch, Recipient, SharedSender, StatusEvent
 from dispatcher.db import Base
+from dispatcher.groups.models import Group, GroupMember
 from dispatcher.webhooks.models import Callback, Endpoint
 
 __all__ = [

@@ -28,7 +28,7 @@ from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.errors import Conflict, NotFound, ValidationError
 from dispatcher.states import CALLBACK_TRANSITIONS, CallbackState
-from dispatcher.webhooks import sign
+from dispatcher.webhooks import sinch_sign, sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
 from dispatcher.webhooks.models import Callback, Endpoint
 
@@ -152,8 +152,10 @@ def _deliver_one(
 
     # Outside any transaction: a slow receiver must not hold a database lock.
     if secrets:
-        headers = sign.headers(
-            secrets=secrets, msg_id=callback_id, timestamp=int(time.time()), body=body
+        now = int(time.time())
+        headers = sign.headers(secrets=secrets, msg_id=callback_id, timestamp=now, body=body)
+        headers |= sinch_sign.headers_for(
+            factory=factory, account_id=account_id, body=body, timestamp=now
         )
         result = sender.post(url=url, body=body, headers=headers)
     else:
