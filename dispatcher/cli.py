@@ -155,7 +155,7 @@ def accounts_plan(
     if callback_signing is not None:
         changes["callback_signing"] = callback_signing
     with transaction(_sessions(settings)) as session:
-        account = service.set_plan(session=session, account_id=account_id, **changes)  # type: ignore[arg-type]
+        account = service.set_plan(session=session, account_id=account_id, **changes)
         click.echo(f"default originator:   {account.default_originator or '-'}")
         click.echo(f"default callback URL: {account.default_callback_url or '-'}")
         click.echo(f"callback signing:     {account.callback_signing}")

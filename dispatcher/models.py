@@ -14,6 +14,8 @@ __all__ = [
     "Batch",
     "Callback",
     "Endpoint",
+    "Group",
+    "GroupMember",
     "Recipient",
     "SharedSender",
     "StatusEvent",

@@ -110,8 +110,8 @@ def set_plan(
     *,
     session: Session,
     account_id: str,
-    default_originator: str | None | object = _UNSET,
-    default_callback_url: str | None | object = _UNSET,
+    default_originator: str | object | None = _UNSET,
+    default_callback_url: str | object | None = _UNSET,
     callback_signing: str | object = _UNSET,
 ) -> Account:
     """Change the account's service plan settings; None clears a default."""
@@ -123,6 +123,6 @@ def set_plan(
     if callback_signing is not _UNSET:
         if callback_signing not in SIGNING_SCHEMES:
             raise ValidationError(f"callback signing must be one of {', '.join(SIGNING_SCHEMES)}")
-        account.callback_signing = callback_signing  # type: ignore[assignment]
+        account.callback_signing = callback_signing
     session.flush()
     return account

@@ -28,7 +28,7 @@ from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.errors import Conflict, NotFound, ValidationError
 from dispatcher.states import CALLBACK_TRANSITIONS, CallbackState
-from dispatcher.webhooks import sinch_sign, sign
+from dispatcher.webhooks import sign, sinch_sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
 from dispatcher.webhooks.models import Callback, Endpoint
 

@@ -192,9 +192,7 @@ def _message_sizes(batch: Batch, recipient_ids: Sequence[str]) -> dict[str, tupl
             Recipient.id.in_(list(recipient_ids))
         )
     )
-    return {
-        rid: (n, str(parts.analyse(body or batch.body).encoding)) for rid, n, body in rows
-    }
+    return {rid: (n, str(parts.analyse(body or batch.body).encoding)) for rid, n, body in rows}
 
 
 def callbacks(

@@ -47,9 +47,7 @@ def headers_for(
     """Sinch's headers if the account signs the Sinch way as well, else none."""
     with factory() as session:
         row = session.execute(
-            select(Account.callback_signing, Account.webhook_secret).where(
-                Account.id == account_id
-            )
+            select(Account.callback_signing, Account.webhook_secret).where(Account.id == account_id)
         ).one_or_none()
     if row is None or row.callback_signing != "sinch":
         return {}

@@ -59,9 +59,7 @@ def error_of(exc: pytest.ExceptionInfo[SmsException]) -> tuple[int, dict[str, An
     return response.status_code, response.body
 
 
-def test_batches_send_get_list_update_replace_dry_run_cancel(
-    base_url: str, tenant: Tenant
-) -> None:
+def test_batches_send_get_list_update_replace_dry_run_cancel(base_url: str, tenant: Tenant) -> None:
     sms = sdk(base_url, tenant)
     sent = sms.batches.send_sms(
         to=[A, B[1:]], from_="Acme", body="Hello", client_reference="ref-1", feedback_enabled=True

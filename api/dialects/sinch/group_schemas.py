@@ -23,9 +23,7 @@ def _unsupported(data: dict[str, Any]) -> None:
     if data.get("child_groups"):
         raise ValidationError("child groups are not supported by Dispatcher", "child_groups")
     if data.get("auto_update") is not None:
-        raise ValidationError(
-            "keyword auto-update is not supported by Dispatcher", "auto_update"
-        )
+        raise ValidationError("keyword auto-update is not supported by Dispatcher", "auto_update")
 
 
 class GroupSchema(Strict):

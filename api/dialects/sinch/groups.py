@@ -108,7 +108,5 @@ def delete_group(group_id: str) -> Response:
 
 @blueprint.get("/groups/<group_id>/members")
 def list_members(group_id: str) -> list[str]:
-    group = service.get_group(
-        session=ctx.session(), account_id=ctx.account().id, group_id=group_id
-    )
+    group = service.get_group(session=ctx.session(), account_id=ctx.account().id, group_id=group_id)
     return service.members_of(session=ctx.session(), group_id=group.id)

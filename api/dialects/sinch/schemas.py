@@ -172,13 +172,9 @@ class UpdateSchema(Strict):
     """
 
     type = fields.String(allow_none=True, validate=validate.OneOf(("mt_text",)))
-    sender = Text(
-        allow_none=True, data_key="from", validate=validate.Length(min=1, max=64)
-    )
+    sender = Text(allow_none=True, data_key="from", validate=validate.Length(min=1, max=64))
     body = Text(allow_none=True, validate=validate.Length(max=MAX_TEXT))
-    to_add = fields.List(
-        Destination(), allow_none=True, validate=validate.Length(min=1, max=1000)
-    )
+    to_add = fields.List(Destination(), allow_none=True, validate=validate.Length(min=1, max=1000))
     to_remove = fields.List(
         Destination(), allow_none=True, validate=validate.Length(min=1, max=1000)
     )

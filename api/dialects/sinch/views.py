@@ -24,8 +24,7 @@ from dispatcher.batches import service, updates
 from dispatcher.batches.service import NewBatch
 from dispatcher.db import utcnow
 from dispatcher.groups import service as groups
-from dispatcher.sms import parts
-from dispatcher.states import OPEN_BATCH, RecipientStatus
+from dispatcher.states import OPEN_BATCH
 from dispatcher.webhooks import sinch
 
 # Batch fields kept in Batch.options.
@@ -62,7 +61,9 @@ def _new_batch(data: dict[str, Any]) -> NewBatch:
     options = {name: data[name] for name in OPTIONS}
     options["default_expiry"] = times.default_expiry
     limit = ctx.settings().max_body_length
-    bodies = None if binary else updates.render(data["body"], to, data["parameters"], max_length=limit)
+    bodies = (
+        None if binary else updates.render(data["body"], to, data["parameters"], max_length=limit)
+    )
     return NewBatch(
         sender=sender,
         body=data["body"],

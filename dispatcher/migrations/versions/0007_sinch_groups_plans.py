@@ -19,9 +19,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("default_originator", sa.String(64), nullable=True))
         batch_op.add_column(sa.Column("default_callback_url", sa.String(2048), nullable=True))
         batch_op.add_column(
-            sa.Column(
-                "callback_signing", sa.String(16), nullable=False, server_default="standard"
-            )
+            sa.Column("callback_signing", sa.String(16), nullable=False, server_default="standard")
         )
     op.create_table(
         "sinch_groups",
