@@ -4,6 +4,7 @@ from dispatcher.accounts.models import Account, ApiKey
 from dispatcher.batches.models import Attempt, Batch, Recipient, SharedSender, StatusEvent
 from dispatcher.db import Base
 from dispatcher.groups.models import Group, GroupMember
+from dispatcher.receipts.models import PendingReceipt
 from dispatcher.webhooks.models import Callback, Endpoint
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "Endpoint",
     "Group",
     "GroupMember",
+    "PendingReceipt",
     "Recipient",
     "SharedSender",
     "StatusEvent",

@@ -20,7 +20,7 @@ from api.dialects.sinch.plan import blueprint, json_body
 from api.dialects.sinch.reports import recipient_report
 from api.fields import batch_ref
 from dispatcher import errors
-from dispatcher.batches import service, updates
+from dispatcher.batches import queries, service, updates
 from dispatcher.batches.service import NewBatch
 from dispatcher.db import utcnow
 from dispatcher.groups import service as groups
@@ -81,7 +81,7 @@ def _new_batch(data: dict[str, Any]) -> NewBatch:
 
 
 def _reply(batch: Any) -> dict[str, Any]:
-    to = updates.destinations_of(session=ctx.session(), batch_ids=[batch.id])[batch.id]
+    to = queries.destinations_of(session=ctx.session(), batch_ids=[batch.id])[batch.id]
     return dump_batch(batch, to)
 
 
@@ -97,7 +97,7 @@ def send() -> tuple[dict[str, Any], int]:
 @blueprint.get("/batches")
 def list_batches() -> dict[str, Any]:
     query = schemas.ListQuery().load(request.args)
-    rows, total = updates.list_batches(
+    rows, total = queries.list_batches(
         session=ctx.session(),
         account=ctx.account(),
         page=query["page"],
@@ -107,7 +107,7 @@ def list_batches() -> dict[str, Any]:
         end=query["end_date"],
         client_reference=query["client_reference"],
     )
-    to = updates.destinations_of(session=ctx.session(), batch_ids=[b.id for b in rows])
+    to = queries.destinations_of(session=ctx.session(), batch_ids=[b.id for b in rows])
     return schemas.BatchPage().dump(
         {
             "page": query["page"],
@@ -247,5 +247,5 @@ def recipient_delivery_report(batch_id: str, recipient: str) -> dict[str, Any]:
     batch = service.get_batch(
         session=ctx.session(), account=ctx.account(), batch_id=batch_ref(batch_id)
     )
-    rec = updates.get_recipient(session=ctx.session(), batch=batch, to=to)
+    rec = queries.get_recipient(session=ctx.session(), batch=batch, to=to)
     return schemas.RecipientDeliveryReport().dump(recipient_report(batch, rec))
