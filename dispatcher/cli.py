@@ -149,8 +149,10 @@ def accounts_plan(
         if default_callback_url is not None and not no_default_callback_url:
             try:
                 netsafety.check_url(default_callback_url, allow=settings.callback_allowlist)
-            except (netsafety.UnsafeURL, OSError) as exc:
+            except netsafety.UnsafeURL as exc:
                 raise click.ClickException(f"default callback URL refused: {exc}") from exc
+            except OSError:
+                pass  # Unresolvable now: the sender checks every address before each POST.
         changes["default_callback_url"] = None if no_default_callback_url else default_callback_url
     if callback_signing is not None:
         changes["callback_signing"] = callback_signing

@@ -43,6 +43,20 @@ OPTIONS = (
 )
 
 
+def _sendable(data: dict[str, Any]) -> dict[str, Any]:
+    """Refuse what no provider here can carry, rather than send it wrongly."""
+    if data["type"] == "mt_binary":
+        # The simulator and HTTP providers send text only: a binary body would go out
+        # as its base64 text and the udh would be lost. Dry runs still analyse it.
+        raise SinchError(
+            400,
+            CONSTRAINT,
+            "type: mt_binary cannot be sent: no configured provider carries binary SMS "
+            "(udh and data_coding); send mt_text, or use dry_run to check a binary batch",
+        )
+    return data
+
+
 def _new_batch(data: dict[str, Any]) -> NewBatch:
     """A loaded SendSchema as the core's NewBatch, with the service plan's defaults."""
     account = ctx.account()
@@ -87,7 +101,7 @@ def _reply(batch: Any) -> dict[str, Any]:
 
 @blueprint.post("/batches")
 def send() -> tuple[dict[str, Any], int]:
-    data = schemas.SendSchema(settings=ctx.settings()).load(json_body())
+    data = _sendable(schemas.SendSchema(settings=ctx.settings()).load(json_body()))
     intake = service.create_batch(
         session=ctx.session(), settings=ctx.settings(), account=ctx.account(), new=_new_batch(data)
     )
@@ -186,7 +200,7 @@ def update_batch(batch_id: str) -> dict[str, Any]:
 
 @blueprint.put("/batches/<batch_id>")
 def replace_batch(batch_id: str) -> dict[str, Any]:
-    data = schemas.SendSchema(settings=ctx.settings()).load(json_body())
+    data = _sendable(schemas.SendSchema(settings=ctx.settings()).load(json_body()))
     batch = updates.replace_batch(
         session=ctx.session(),
         settings=ctx.settings(),
