@@ -156,11 +156,16 @@ def accounts_plan(
         changes["default_callback_url"] = None if no_default_callback_url else default_callback_url
     if callback_signing is not None:
         changes["callback_signing"] = callback_signing
-    with transaction(_sessions(settings)) as session:
-        account = service.set_plan(session=session, account_id=account_id, **changes)
-        click.echo(f"default originator:   {account.default_originator or '-'}")
-        click.echo(f"default callback URL: {account.default_callback_url or '-'}")
-        click.echo(f"callback signing:     {account.callback_signing}")
+    factory = _sessions(settings)
+    try:
+        with transaction(factory) as session:
+            account = service.set_plan(session=session, account_id=account_id, **changes)
+            click.echo(f"default originator:   {account.default_originator or '-'}")
+            click.echo(f"default callback URL: {account.default_callback_url or '-'}")
+            click.echo(f"callback signing:     {account.callback_signing}")
+    finally:
+        # Close the pool's connections now, not whenever the engine is collected.
+        factory.kw["bind"].dispose()
 
 
 @main.group()
