@@ -252,10 +252,10 @@ def callbacks_list(
     settings: Settings, account_id: str, state: str | None, page: int, page_size: int
 ) -> None:
     """List ACCOUNT_ID's callbacks, newest first."""
-    from dispatcher.webhooks import service
+    from dispatcher.webhooks import queries
 
     with _reading(settings) as sessions, transaction(sessions) as session:
-        rows, total = service.list_callbacks(
+        rows, total = queries.list_callbacks(
             session=session, account_id=account_id, state=state, page=page, page_size=page_size
         )
         for c in rows:
@@ -274,10 +274,10 @@ def callbacks_list(
 def callbacks_retry(settings: Settings, account_id: str, callback_id: str) -> None:
     """Replay a dead or held callback of ACCOUNT_ID now."""
     from dispatcher.db import utcnow
-    from dispatcher.webhooks import service
+    from dispatcher.webhooks import queries
 
     with _publishing(settings) as sessions, transaction(sessions) as session:
-        service.retry_callback(
+        queries.retry_callback(
             session=session, account_id=account_id, callback_id=callback_id, now=utcnow()
         )
     click.echo(f"callback {callback_id} queued for delivery")
@@ -290,10 +290,10 @@ def callbacks_retry(settings: Settings, account_id: str, callback_id: str) -> No
 def callbacks_enable(settings: Settings, account_id: str, url: str) -> None:
     """Re-enable ACCOUNT_ID's disabled callback URL and release its held callbacks."""
     from dispatcher.db import utcnow
-    from dispatcher.webhooks import service
+    from dispatcher.webhooks import queries
 
     with _publishing(settings) as sessions, transaction(sessions) as session:
-        released = service.enable_endpoint(
+        released = queries.enable_endpoint(
             session=session,
             account_id=account_id,
             url=url,

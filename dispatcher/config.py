@@ -148,6 +148,16 @@ class Settings:
     # A due callback still pending this long after its publish is published again
     # (a publish lost after commit); the claim makes a duplicate task harmless.
     callback_requeue_after: float = 60.0
+    # Isolation: concurrent POSTs per endpoint (account + origin) across all workers,
+    # failures in a row that open its circuit breaker, and the breaker's first cooldown.
+    callback_endpoint_concurrency: int = 16
+    callback_breaker_failures: int = 5
+    callback_breaker_cooldown: float = 30.0
+    # Bound on one DNS lookup of a callback host.
+    callback_resolve_timeout: float = 2.0
+    # How long a deliver task waits for its POSTs before leaving slow ones to finish
+    # in the background (they record their own outcome).
+    callback_task_wait: float = 2.0
 
     # Observability (see the README's "Observability").
     # Bearer token for the API's /metrics; empty: /metrics answers 404.
@@ -211,6 +221,11 @@ class Settings:
             "callback_requeue_after",
             "receipt_deadline",
             "receipt_retention",
+            "callback_endpoint_concurrency",
+            "callback_breaker_failures",
+            "callback_breaker_cooldown",
+            "callback_resolve_timeout",
+            "callback_task_wait",
         )
         for name in positive:
             value = getattr(self, name)

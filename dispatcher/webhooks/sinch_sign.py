@@ -13,13 +13,14 @@ import base64
 import hashlib
 import hmac
 import secrets as _secrets
+from collections.abc import Collection
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from dispatcher.accounts.models import Account
 
-__all__ = ["headers", "headers_for", "signature"]
+__all__ = ["headers", "secrets_of", "signature"]
 
 
 def signature(*, secret: str, body: bytes, nonce: str, timestamp: int) -> str:
@@ -41,14 +42,13 @@ def headers(*, secret: str, body: bytes, timestamp: int) -> dict[str, str]:
     }
 
 
-def headers_for(
-    *, factory: sessionmaker[Session], account_id: str, body: bytes, timestamp: int
-) -> dict[str, str]:
-    """Sinch's headers if the account signs the Sinch way as well, else none."""
-    with factory() as session:
-        row = session.execute(
-            select(Account.callback_signing, Account.webhook_secret).where(Account.id == account_id)
-        ).one_or_none()
-    if row is None or row.callback_signing != "sinch":
+def secrets_of(session: Session, account_ids: Collection[str]) -> dict[str, str]:
+    """The webhook secret of each of these accounts that asked for Sinch's headers too."""
+    if not account_ids:
         return {}
-    return headers(secret=row.webhook_secret, body=body, timestamp=timestamp)
+    rows = session.execute(
+        select(Account.id, Account.webhook_secret).where(
+            Account.id.in_(list(account_ids)), Account.callback_signing == "sinch"
+        )
+    )
+    return {account_id: secret for account_id, secret in rows}

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import redis
 from sinch import SinchClient
 from sinch.domains.sms.api.v1.exceptions import SmsException
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,7 +24,7 @@ from api.app import create_app
 from dispatcher.accounts import service as accounts
 from dispatcher.db import transaction
 from dispatcher.runtime import Runtime
-from dispatcher.webhooks import service as webhooks
+from dispatcher.webhooks import delivery
 from dispatcher.webhooks.deliver import WebhookSender
 from tests.factories import Tenant
 from tests.helpers.sinch import A, B, C, callbacks, mark_sent, receipt, start_sending
@@ -248,10 +249,13 @@ def test_service_plan_defaults_and_sinch_signature(
     receipt(sessions, batch.id, A, "delivered")
     ids = [c.id for c in callbacks(sessions, batch.id)]
     assert ids and all(c.url == url for c in callbacks(sessions, batch.id))
+    client = redis.Redis.from_url(runtime.settings.redis_url)
+    gate = delivery.gate_for(redis_client=client, settings=runtime.settings)
     with WebhookSender(allow=("127.0.0.1",), connect_timeout=2.0, read_timeout=5.0) as sender:
-        counts = webhooks.deliver(
-            factory=sessions, settings=runtime.settings, sender=sender, callback_ids=ids
+        counts = delivery.deliver(
+            factory=sessions, settings=runtime.settings, sender=sender, gate=gate, callback_ids=ids
         )
+    client.close()
     assert counts["delivered"] == len(ids) == len(seen)
 
     headers, body = seen[0]
