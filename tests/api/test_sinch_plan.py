@@ -109,3 +109,24 @@ def test_group_ids_are_refused_when_unknown(client: FlaskClient, tenant: Tenant)
         url(tenant), json={"from": "1", "to": ["ABC"], "body": "x"}, headers=tenant.auth
     )
     assert_error(bad, 400, "syntax_invalid_parameter_format")
+
+
+def test_groups_expand_within_the_recipient_limit(
+    client: FlaskClient, tenant: Tenant, settings: Settings
+) -> None:
+    members = [f"+4477009{n:05d}" for n in range(settings.max_destinations)]
+    made = client.post(
+        f"/xms/v1/{tenant.id}/groups", json={"members": members}, headers=tenant.auth
+    )
+    assert made.status_code == 201 and made.get_json()["size"] == len(members)
+    group_id = made.get_json()["id"]
+    ok = client.post(
+        url(tenant), json={"from": "1", "to": [group_id], "body": "x"}, headers=tenant.auth
+    )
+    assert ok.status_code == 201 and len(ok.get_json()["to"]) == len(members)
+    over = client.post(
+        url(tenant),
+        json={"from": "1", "to": [group_id, "+447700800001"], "body": "x"},
+        headers=tenant.auth,
+    )
+    assert "at most" in assert_error(over, 400, "syntax_constraint_violation")

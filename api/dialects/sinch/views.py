@@ -70,6 +70,11 @@ def _new_batch(data: dict[str, Any]) -> NewBatch:
     to = groups.expand(session=ctx.session(), account_id=account.id, entries=data["to"])
     if not to:
         raise SinchError(400, CONSTRAINT, "to: the groups named have no members")
+    most = ctx.settings().max_destinations
+    if len(to) > most:
+        raise SinchError(
+            400, CONSTRAINT, f"to: {len(to)} recipients with the groups; at most {most}"
+        )
     times = updates.window(send_at=data["send_at"], expire_at=data["expire_at"], now=utcnow())
     binary = data["type"] == "mt_binary"
     options = {name: data[name] for name in OPTIONS}
