@@ -3,8 +3,8 @@ callbacks of Sinch batches (``delivery_report_sms``, ``recipient_delivery_report
 
 The codes are Sinch's documented delivery report codes: 400-413 are its own
 (400 Queued, 401 Dispatched, 402 unroutable, 403 internal error, 404 temporary
-failure, 406 internal expiry, 407 cancelled, 408 internal reject, 411 parts
-limit); 0 is SMPP's "no error" (Delivered) and 254 SMPP's ESME_RDELIVERYFAILURE,
+failure, 405 unmatched parameter, 406 internal expiry, 407 cancelled, 408 internal
+reject, 411 parts limit); 0 is SMPP's "no error" (Delivered) and 254 SMPP's ESME_RDELIVERYFAILURE,
 used for a carrier's failure receipt that gave no numeric code of its own.
 """
 
@@ -57,6 +57,8 @@ _FAILED_BY_ERROR: dict[str, tuple[str, int]] = {
     "network": ("Aborted", 404),
     "outcome_unknown": ("Unknown", 0),
     "parts_limit": ("Aborted", 411),
+    # Sinch's 405 "Unmatched Parameter": a ${name} with no value and no default.
+    "parameter_missing": ("Aborted", 405),
 }
 
 

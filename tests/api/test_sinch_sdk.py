@@ -269,3 +269,54 @@ def test_service_plan_defaults_and_sinch_signature(
     assert event.batch_id == batch.id and event.status == "Delivered" and event.code == 0
     assert event.operator_status_at is not None
     assert event.at <= datetime.now(UTC) + timedelta(seconds=5)
+
+
+def test_recipients_fail_alone_with_sinch_codes(
+    base_url: str, tenant: Tenant, sessions: sessionmaker[Session], runtime: Runtime
+) -> None:
+    sms = sdk(base_url, tenant)
+    batch = sms.batches.send_sms(
+        to=[A, B, C],
+        from_="Acme",
+        body="Hi ${name}",
+        parameters={"name": {A: "Ann", C: "C" * 200}},  # B: no value, no default
+        max_number_of_message_parts=1,  # C's message needs two parts
+        delivery_report="per_recipient",
+        event_destination_target="http://127.0.0.1:9/cb",
+    )
+    assert sorted(batch.to) == [A, B, C]
+    report = sms.delivery_reports.get(batch_id=batch.id, report_type="full")
+    by_code = {s.code: (s.status, s.recipients) for s in report.statuses}
+    assert by_code == {
+        400: ("Queued", [A]),
+        405: ("Aborted", [B]),
+        411: ("Aborted", [C]),
+    }
+    sent = [c.payload for c in callbacks(sessions, batch.id)]
+    assert sorted((p["recipient"], p["code"], p["status"]) for p in sent) == [
+        (B, 405, "Aborted"),
+        (C, 411, "Aborted"),
+    ]
+    # The rest of the batch goes on; it completes once A is final.
+    start_sending(sessions, runtime.settings, batch.id)
+    mark_sent(sessions, batch.id, [A])
+    receipt(sessions, batch.id, A, "delivered")
+    assert sms.delivery_reports.get_for_number(batch_id=batch.id, recipient=A).code == 0
+
+
+def test_replace_fails_recipients_alone_too(
+    base_url: str, tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    sms = sdk(base_url, tenant)
+    batch = sms.batches.send_sms(
+        to=[A], from_="Acme", body="Hi", send_at=datetime.now(UTC) + timedelta(hours=1)
+    )
+    sms.batches.replace_sms(
+        batch_id=batch.id,
+        to=[A, B],
+        from_="Acme",
+        body="Hi ${name}",
+        parameters={"name": {A: "Ann"}},
+    )
+    report = sms.delivery_reports.get(batch_id=batch.id, report_type="full")
+    assert {(s.code, tuple(s.recipients)) for s in report.statuses} == {(400, (A,)), (405, (B,))}

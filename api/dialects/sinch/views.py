@@ -24,6 +24,7 @@ from dispatcher.batches import queries, service, updates
 from dispatcher.batches.service import NewBatch
 from dispatcher.db import utcnow
 from dispatcher.groups import service as groups
+from dispatcher.sms import parts
 from dispatcher.states import OPEN_BATCH
 from dispatcher.webhooks import sinch
 
@@ -80,9 +81,22 @@ def _new_batch(data: dict[str, Any]) -> NewBatch:
     options = {name: data[name] for name in OPTIONS}
     options["default_expiry"] = times.default_expiry
     limit = ctx.settings().max_body_length
+    # Sinch fails only the recipients a parameter has no value for, or whose message
+    # needs more parts than allowed: the rest of the batch is sent.
+    rejected: dict[int, str] = {}
     bodies = (
-        None if binary else updates.render(data["body"], to, data["parameters"], max_length=limit)
+        None
+        if binary
+        else updates.render(
+            data["body"], to, data["parameters"], max_length=limit, unmatched=rejected
+        )
     )
+    max_parts = None if binary else data["max_number_of_message_parts"]
+    if max_parts is not None and not data["truncate_concat"]:
+        for i, text in enumerate(bodies or [data["body"]] * len(to)):
+            if i not in rejected and parts.analyse(text).parts > max_parts:
+                rejected[i] = "parts_limit"
+        max_parts = None  # every body left fits
     return NewBatch(
         sender=sender,
         body=data["body"],
@@ -94,8 +108,9 @@ def _new_batch(data: dict[str, Any]) -> NewBatch:
         dialect="sinch",
         options=options,
         bodies=bodies,
-        max_parts=None if binary else data["max_number_of_message_parts"],
+        max_parts=max_parts,
         truncate=bool(data["truncate_concat"]),
+        rejected=rejected or None,
     )
 
 
