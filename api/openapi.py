@@ -15,6 +15,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask, current_app
 from marshmallow import Schema, fields
 
+import api.dialects.sinch.inbounds as sinch_inbounds
 from api.dialects.mplus import schemas as mplus
 from api.dialects.sinch import group_schemas as sinch_groups
 from api.dialects.sinch import schemas as sinch
@@ -83,6 +84,9 @@ def _schemas(settings: Settings) -> dict[str, Schema | type[Schema]]:
         "SinchGroupListQuery": sinch_groups.GroupListQuery,
         "SinchGroupReply": sinch_groups.GroupReply,
         "SinchGroupPage": sinch_groups.GroupPage,
+        "SinchInboundQuery": sinch_inbounds.InboundQuery,
+        "SinchInbound": sinch_inbounds.Inbound,
+        "SinchInboundPage": sinch_inbounds.InboundPage,
     }
 
 
@@ -273,6 +277,23 @@ OPERATIONS = (
         "List a group's members (a JSON array of numbers)",
         "sinch",
         replies={200: None},
+        **S,
+    ),
+    Op(
+        "get",
+        "/xms/v1/{service_plan_id}/inbounds",
+        "List inbound messages",
+        "sinch",
+        query="SinchInboundQuery",
+        replies={200: "SinchInboundPage"},
+        **S,
+    ),
+    Op(
+        "get",
+        "/xms/v1/{service_plan_id}/inbounds/{inbound_id}",
+        "Get an inbound message",
+        "sinch",
+        replies={200: "SinchInbound"},
         **S,
     ),
 )

@@ -281,6 +281,11 @@ def valid_request(endpoint: str) -> Valid:
         "sinch.update_group": Valid({"name": "Team", "add": [C], "remove": [A]}),
         "sinch.delete_group": Valid(),
         "sinch.list_members": Valid(),
+        "sinch_inbounds.list_inbounds": Valid(
+            None,
+            {"page": "0", "page_size": "10", "to": "447700,Shop", "start_date": later(-1)},
+        ),
+        "sinch_inbounds.get_inbound": Valid(),
     }
     return table[endpoint]
 
@@ -321,6 +326,8 @@ ENDPOINTS = [
     "sinch.update_group",
     "sinch.delete_group",
     "sinch.list_members",
+    "sinch_inbounds.list_inbounds",
+    "sinch_inbounds.get_inbound",
 ]
 WITH_BODY = [e for e in ENDPOINTS if valid_request(e).body is not None]
 WITH_QUERY = [e for e in ENDPOINTS if valid_request(e).query]
@@ -634,7 +641,7 @@ def dialect_of(app: Flask, method: str, path: str) -> str:
         )
     except HTTPException:
         return "native"  # routing errors are answered app-wide
-    return "sinch" if str(endpoint).startswith("sinch.") else "native"
+    return "sinch" if str(endpoint).startswith(("sinch.", "sinch_inbounds.")) else "native"
 
 
 def assert_well_formed(world: World, call: Call, response: TestResponse) -> None:
@@ -805,6 +812,7 @@ def test_random_requests(world: World, endpoint: str, data: st.DataObject) -> No
         "group_id": [world.group_id, "01ARZ3NDEKTSV4RRFFQ69G5FAV"],
         "provider": ["http"],
         "callback_id": [str(uuid.uuid4())],
+        "inbound_id": [str(uuid.uuid4())],
         "filename": ["openapi.json", "a/b.txt"],
     }
     params = {

@@ -1,7 +1,7 @@
 """Service plan settings on accounts; Sinch groups and their members
 
 Revision ID: 0007_sinch_groups_plans
-Revises: 0003_receipts_unknown
+Revises: 0005_smpp_inbound
 Create Date: 2026-11-29 21:50:00
 """
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007_sinch_groups_plans"
-down_revision = "0003_receipts_unknown"
+down_revision = "0005_smpp_inbound"
 branch_labels = None
 depends_on = None
 
