@@ -22,7 +22,8 @@ from werkzeug.serving import make_server
 
 from api.app import create_app
 from dispatcher.accounts import service as accounts
-from dispatcher.db import transaction
+from dispatcher.db import transaction, utcnow
+from dispatcher.inbound import service as inbound
 from dispatcher.runtime import Runtime
 from dispatcher.webhooks import delivery
 from dispatcher.webhooks.deliver import WebhookSender
@@ -320,3 +321,24 @@ def test_replace_fails_recipients_alone_too(
     )
     report = sms.delivery_reports.get(batch_id=batch.id, report_type="full")
     assert {(s.code, tuple(s.recipients)) for s in report.statuses} == {(400, (A,)), (405, (B,))}
+
+
+def test_inbounds_list_and_get(
+    base_url: str, tenant: Tenant, other_tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    number = "+447711" + str(abs(hash(tenant.id)))[:6]
+    with transaction(sessions) as session:
+        inbound.assign_number(session=session, number=number, account_id=tenant.id)
+        (stored,) = inbound.store_many(
+            session=session,
+            messages=[inbound.NewInbound(A, number, "Stop", "smsc", "main", datetime.now(UTC))],
+            now=utcnow(),
+        )
+    sms = sdk(base_url, tenant)
+    got = sms.inbounds.get(inbound_id=stored.id)
+    assert (got.from_, got.to, got.body) == (A, number, "Stop")
+    listed = list(sms.inbounds.list(to=[number], page_size=1).iterator())
+    assert [m.id for m in listed] == [stored.id]
+    with pytest.raises(SmsException) as exc:
+        sdk(base_url, other_tenant).inbounds.get(inbound_id=stored.id)
+    assert error_of(exc)[0] == 404
