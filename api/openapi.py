@@ -17,6 +17,7 @@ from marshmallow import Schema, fields
 
 import api.dialects.sinch.inbounds as sinch_inbounds
 from api.dialects.mplus import schemas as mplus
+from api.dialects.sinch import group_schemas as sinch_groups
 from api.dialects.sinch import schemas as sinch
 from dispatcher.config import Settings
 
@@ -76,6 +77,13 @@ def _schemas(settings: Settings) -> dict[str, Schema | type[Schema]]:
         "SinchDeliveryReport": sinch.DeliveryReport,
         "SinchRecipientDeliveryReport": sinch.RecipientDeliveryReport,
         "SinchError": sinch.ErrorReply,
+        "SinchReportListQuery": sinch.ReportListQuery,
+        "SinchDeliveryReportPage": sinch.DeliveryReportPage,
+        "SinchGroup": sinch_groups.GroupSchema,
+        "SinchGroupUpdate": sinch_groups.GroupUpdateSchema,
+        "SinchGroupListQuery": sinch_groups.GroupListQuery,
+        "SinchGroupReply": sinch_groups.GroupReply,
+        "SinchGroupPage": sinch_groups.GroupPage,
         "SinchInboundQuery": sinch_inbounds.InboundQuery,
         "SinchInbound": sinch_inbounds.Inbound,
         "SinchInboundPage": sinch_inbounds.InboundPage,
@@ -83,6 +91,8 @@ def _schemas(settings: Settings) -> dict[str, Schema | type[Schema]]:
 
 
 XMS = "/xms/v1/{service_plan_id}/batches"
+PLAN = "/xms/v1/{service_plan_id}"
+GROUPS = PLAN + "/groups"
 S = {"error": "SinchError"}
 OPERATIONS = (
     Op("post", "/batch", "Add a batch", "mplus", "MplusBatch", "MplusBatchQuery", {200: None}),
@@ -210,6 +220,63 @@ OPERATIONS = (
         "Recipient delivery report",
         "sinch",
         replies={200: "SinchRecipientDeliveryReport"},
+        **S,
+    ),
+    Op(
+        "get",
+        PLAN + "/delivery_reports",
+        "List recipient delivery reports",
+        "sinch",
+        query="SinchReportListQuery",
+        replies={200: "SinchDeliveryReportPage"},
+        **S,
+    ),
+    Op(
+        "post",
+        GROUPS,
+        "Create a group",
+        "sinch",
+        "SinchGroup",
+        replies={201: "SinchGroupReply"},
+        **S,
+    ),
+    Op(
+        "get",
+        GROUPS,
+        "List groups",
+        "sinch",
+        query="SinchGroupListQuery",
+        replies={200: "SinchGroupPage"},
+        **S,
+    ),
+    Op(
+        "get", GROUPS + "/{group_id}", "Get a group", "sinch", replies={200: "SinchGroupReply"}, **S
+    ),
+    Op(
+        "put",
+        GROUPS + "/{group_id}",
+        "Replace a group",
+        "sinch",
+        "SinchGroup",
+        replies={200: "SinchGroupReply"},
+        **S,
+    ),
+    Op(
+        "post",
+        GROUPS + "/{group_id}",
+        "Update a group",
+        "sinch",
+        "SinchGroupUpdate",
+        replies={200: "SinchGroupReply"},
+        **S,
+    ),
+    Op("delete", GROUPS + "/{group_id}", "Delete a group", "sinch", replies={204: None}, **S),
+    Op(
+        "get",
+        GROUPS + "/{group_id}/members",
+        "List a group's members (a JSON array of numbers)",
+        "sinch",
+        replies={200: None},
         **S,
     ),
     Op(

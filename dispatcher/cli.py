@@ -116,6 +116,58 @@ def accounts_rotate(settings: Settings, account_id: str, finish: bool) -> None:
         click.echo(f"previous secret: {account.previous_webhook_secret} (still signing)")
 
 
+@accounts.command("plan")
+@click.argument("account_id")
+@click.option("--default-originator", default=None, help="Sender used when a batch has no from.")
+@click.option("--no-default-originator", is_flag=True, help="Clear the default originator.")
+@click.option("--default-callback-url", default=None, help="Used when a batch has no callback_url.")
+@click.option("--no-default-callback-url", is_flag=True, help="Clear the default callback URL.")
+@click.option(
+    "--callback-signing",
+    type=click.Choice(["standard", "sinch"]),
+    default=None,
+    help="standard: Standard Webhooks headers; sinch: Sinch's X-Sinch-Webhook-Signature too.",
+)
+@click.pass_obj
+def accounts_plan(
+    settings: Settings,
+    account_id: str,
+    default_originator: str | None,
+    no_default_originator: bool,
+    default_callback_url: str | None,
+    no_default_callback_url: bool,
+    callback_signing: str | None,
+) -> None:
+    """Show or change the account's service plan settings (Sinch's defaults and signing)."""
+    from dispatcher import netsafety
+    from dispatcher.accounts import service
+
+    changes: dict[str, str | None] = {}
+    if default_originator is not None or no_default_originator:
+        changes["default_originator"] = None if no_default_originator else default_originator
+    if default_callback_url is not None or no_default_callback_url:
+        if default_callback_url is not None and not no_default_callback_url:
+            try:
+                netsafety.check_url(default_callback_url, allow=settings.callback_allowlist)
+            except netsafety.UnsafeURL as exc:
+                raise click.ClickException(f"default callback URL refused: {exc}") from exc
+            except OSError:
+                pass  # Unresolvable now: the sender checks every address before each POST.
+        changes["default_callback_url"] = None if no_default_callback_url else default_callback_url
+    if callback_signing is not None:
+        changes["callback_signing"] = callback_signing
+    factory = _sessions(settings)
+    try:
+        with transaction(factory) as session:
+            account = service.set_plan(session=session, account_id=account_id, **changes)
+            click.echo(f"default originator:   {account.default_originator or '-'}")
+            click.echo(f"default callback URL: {account.default_callback_url or '-'}")
+            click.echo(f"callback signing:     {account.callback_signing}")
+    finally:
+        # Close the pool's connections now, not whenever the engine is collected.
+        factory.kw["bind"].dispose()
+
+
 @main.group()
 def keys() -> None:
     """API keys."""

@@ -3,6 +3,7 @@
 from dispatcher.accounts.models import Account, ApiKey
 from dispatcher.batches.models import Attempt, Batch, Recipient, SharedSender, StatusEvent
 from dispatcher.db import Base
+from dispatcher.groups.models import Group, GroupMember
 from dispatcher.inbound.models import InboundMessage, InboundNumber, InboundWebhook
 from dispatcher.receipts.models import PendingReceipt
 from dispatcher.webhooks.models import Callback, Endpoint
@@ -15,6 +16,8 @@ __all__ = [
     "Batch",
     "Callback",
     "Endpoint",
+    "Group",
+    "GroupMember",
     "InboundMessage",
     "InboundNumber",
     "InboundWebhook",

@@ -22,6 +22,13 @@ class Account(Base):
     # Kept during a rotation so both signatures are sent until it is dropped.
     previous_webhook_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Service plan settings (Sinch's names): used when a batch leaves them out.
+    default_originator: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    default_callback_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    # "standard" (Standard Webhooks headers) or "sinch" (Sinch's headers beside them).
+    callback_signing: Mapped[str] = mapped_column(
+        String(16), default="standard", server_default="standard"
+    )
 
     @property
     def webhook_secrets(self) -> list[str]:

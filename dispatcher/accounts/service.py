@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from dispatcher.accounts.models import Account, ApiKey
 from dispatcher.db import utcnow
-from dispatcher.errors import NotFound, Unauthenticated
+from dispatcher.errors import NotFound, Unauthenticated, ValidationError
 from dispatcher.webhooks.sign import new_secret
 
 KEY_PREFIX = "dsp_"
@@ -98,5 +98,31 @@ def finish_rotation(*, session: Session, account_id: str) -> Account:
     """Drop the previous webhook secret: only the new one signs from now on."""
     account = get_account(session=session, account_id=account_id)
     account.previous_webhook_secret = None
+    session.flush()
+    return account
+
+
+SIGNING_SCHEMES = ("standard", "sinch")
+_UNSET: object = object()
+
+
+def set_plan(
+    *,
+    session: Session,
+    account_id: str,
+    default_originator: str | object | None = _UNSET,
+    default_callback_url: str | object | None = _UNSET,
+    callback_signing: str | object = _UNSET,
+) -> Account:
+    """Change the account's service plan settings; None clears a default."""
+    account = get_account(session=session, account_id=account_id)
+    if default_originator is not _UNSET:
+        account.default_originator = default_originator  # type: ignore[assignment]
+    if default_callback_url is not _UNSET:
+        account.default_callback_url = default_callback_url  # type: ignore[assignment]
+    if callback_signing is not _UNSET:
+        if callback_signing not in SIGNING_SCHEMES:
+            raise ValidationError(f"callback signing must be one of {', '.join(SIGNING_SCHEMES)}")
+        account.callback_signing = callback_signing
     session.flush()
     return account

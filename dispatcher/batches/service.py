@@ -7,7 +7,7 @@ import json
 import random
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from dispatcher import outbox
 from dispatcher.accounts.models import Account
+from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient, SharedSender
 from dispatcher.batches.transitions import transition_batch, transition_recipients
 from dispatcher.config import Settings
@@ -49,6 +50,9 @@ class NewBatch:
     max_parts: int | None = None
     # Cut bodies to max_parts instead of refusing them (Sinch truncate_concat).
     truncate: bool = False
+    # Destination index -> error code: recipients refused at intake (written as
+    # rejected, with their callbacks) while the rest of the batch goes on, as Sinch does.
+    rejected: Mapping[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,7 @@ def create_batch(
         bodies=new.bodies,
         client_id=new.client_message_id,
         now=now,
+        rejected=new.rejected,
     )
     promote_if_due(session=session, settings=settings, batch=batch, now=now)
     return Intake(batch=batch, created=True)
@@ -224,8 +229,11 @@ def insert_recipients(
     bodies: Sequence[str] | None,
     now: datetime,
     client_id: str | None = None,
+    rejected: Mapping[int, str] | None = None,
 ) -> int:
-    """Write one ``scheduled`` row per destination, seq 0..n-1 (chunks are seq ranges)."""
+    """Write one ``scheduled`` row per destination, seq 0..n-1 (chunks are seq ranges);
+    those in ``rejected`` are written ``rejected`` with their error code, and reported."""
+    refused = rejected or {}
     body_parts = parts.analyse(batch.body).parts
     rows = [
         {
@@ -237,7 +245,8 @@ def insert_recipients(
             # Stored only where it differs from the batch's (Sinch parameters).
             "body": bodies[seq] if bodies is not None and bodies[seq] != batch.body else None,
             "client_id": client_id,
-            "status": RecipientStatus.SCHEDULED,
+            "status": RecipientStatus.REJECTED if seq in refused else RecipientStatus.SCHEDULED,
+            "error_code": refused.get(seq),
             "channel_index": 0,
             "channel": batch.channels[0],
             "parts": parts.analyse(bodies[seq]).parts if bodies is not None else body_parts,
@@ -248,6 +257,17 @@ def insert_recipients(
     ]
     if rows:
         session.execute(insert(Recipient), rows)
+    if refused:
+        # Their first and final status: an event and callbacks like any other change.
+        changes = [
+            events.Change(
+                str(rows[seq]["id"]), destinations[seq], batch.channels[0], client_id, code
+            )
+            for seq, code in sorted(refused.items())
+        ]
+        events.record(
+            session=session, batch=batch, status=RecipientStatus.REJECTED, changes=changes, at=now
+        )
     return len(rows)
 
 

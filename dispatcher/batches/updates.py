@@ -70,22 +70,28 @@ def render(
     parameters: Mapping[str, Mapping[str, str]] | None,
     *,
     max_length: int,
+    unmatched: dict[int, str] | None = None,
 ) -> list[str] | None:
     """Per-recipient bodies with ``${name}`` replaced (recipient's value, else ``default``).
 
     None when there are no parameters. A placeholder with neither a value for a
-    recipient nor a default, or a rendered body longer than ``max_length``, is a
-    ValidationError naming the recipient.
+    recipient nor a default is a ValidationError naming the recipient, unless
+    ``unmatched`` is given: then that recipient's index is recorded there with
+    ``parameter_missing`` (Sinch fails only that message). A rendered body longer
+    than ``max_length`` is always a ValidationError.
     """
     if not parameters:
         return None
     used = [name for name in dict.fromkeys(PLACEHOLDER.findall(body)) if name in parameters]
     out = []
-    for to in destinations:
+    for index, to in enumerate(destinations):
         values: dict[str, str] = {}
         for name in used:
             mapping = parameters[name]
             value = mapping.get(to, mapping.get("default"))
+            if value is None and unmatched is not None:
+                unmatched[index] = "parameter_missing"
+                continue
             if value is None:
                 raise ValidationError(
                     f"parameter {name!r} has no value for {to} and no default", field="parameters"
@@ -126,13 +132,22 @@ def _claim_unstarted(session: Session, batch: Batch, now: datetime) -> None:
 
 
 def _replace_recipients(
-    session: Session, batch: Batch, destinations: Sequence[str], bodies: Sequence[str] | None
+    session: Session,
+    batch: Batch,
+    destinations: Sequence[str],
+    bodies: Sequence[str] | None,
+    rejected: Mapping[int, str] | None = None,
 ) -> None:
     # Nothing was sent, queued for a worker or reported for an unstarted batch's
     # recipients, so they are rewritten whole: seq stays 0..n-1, which chunking needs.
     session.execute(delete(Recipient).where(Recipient.batch_id == batch.id))
     batch.recipient_count = insert_recipients(
-        session=session, batch=batch, destinations=destinations, bodies=bodies, now=utcnow()
+        session=session,
+        batch=batch,
+        destinations=destinations,
+        bodies=bodies,
+        now=utcnow(),
+        rejected=rejected,
     )
 
 
@@ -245,7 +260,7 @@ def replace_batch(
     batch.send_at, batch.expire_at = times.send_at, times.expire_at
     batch.options = {**new.options, "default_expiry": times.default_expiry}
     batch.modified_at = now
-    _replace_recipients(session, batch, new.destinations, new.bodies)
+    _replace_recipients(session, batch, new.destinations, new.bodies, new.rejected)
     session.flush()
     _reschedule(session, settings, batch, now)
     return batch

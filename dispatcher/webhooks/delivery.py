@@ -44,7 +44,7 @@ from dispatcher.accounts.models import Account
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.states import CallbackState
-from dispatcher.webhooks import sign
+from dispatcher.webhooks import sign, sinch_sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
 from dispatcher.webhooks.limits import EndpointGate, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint
@@ -127,6 +127,8 @@ class _Claimed:
     url: str
     body: bytes
     secrets: tuple[str, ...]
+    # Set when the account signs the Sinch way as well (sinch_sign.py).
+    sinch_secret: str | None = None
 
 
 @dataclass(frozen=True)
@@ -388,6 +390,7 @@ def _claim(
     }
     counts["skipped"] += len(wanted) - len(claimed)  # another worker won those claims
     secrets = _secrets(session, {r.account_id for key in grants for r in by_endpoint[key]})
+    sinch_secrets = sinch_sign.secrets_of(session, list(secrets))
 
     lanes = []
     for key, grant in grants.items():
@@ -399,6 +402,7 @@ def _claim(
                 r.url,
                 body_of(claimed[r.id].payload),
                 secrets.get(r.account_id, ()),
+                sinch_secrets.get(r.account_id),
             )
             for r in by_endpoint[key]
             if r.id in claimed
@@ -514,9 +518,10 @@ def _post(sender: WebhookSender, item: _Claimed) -> DeliveryResult:
     """Sign and POST one callback."""
     if not item.secrets:
         return DeliveryResult(False, None, "account has no webhook secret", None, "")
-    headers = sign.headers(
-        secrets=item.secrets, msg_id=item.id, timestamp=int(time.time()), body=item.body
-    )
+    now = int(time.time())
+    headers = sign.headers(secrets=item.secrets, msg_id=item.id, timestamp=now, body=item.body)
+    if item.sinch_secret is not None:
+        headers |= sinch_sign.headers(secret=item.sinch_secret, body=item.body, timestamp=now)
     return sender.post(url=item.url, body=item.body, headers=headers)
 
 

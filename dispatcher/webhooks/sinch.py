@@ -3,8 +3,8 @@ callbacks of Sinch batches (``delivery_report_sms``, ``recipient_delivery_report
 
 The codes are Sinch's documented delivery report codes: 400-413 are its own
 (400 Queued, 401 Dispatched, 402 unroutable, 403 internal error, 404 temporary
-failure, 406 internal expiry, 407 cancelled, 408 internal reject, 411 parts
-limit); 0 is SMPP's "no error" (Delivered) and 254 SMPP's ESME_RDELIVERYFAILURE,
+failure, 405 unmatched parameter, 406 internal expiry, 407 cancelled, 408 internal
+reject, 411 parts limit); 0 is SMPP's "no error" (Delivered) and 254 SMPP's ESME_RDELIVERYFAILURE,
 used for a carrier's failure receipt that gave no numeric code of its own.
 """
 
@@ -57,6 +57,8 @@ _FAILED_BY_ERROR: dict[str, tuple[str, int]] = {
     "network": ("Aborted", 404),
     "outcome_unknown": ("Unknown", 0),
     "parts_limit": ("Aborted", 411),
+    # Sinch's 405 "Unmatched Parameter": a ${name} with no value and no default.
+    "parameter_missing": ("Aborted", 405),
 }
 
 
@@ -180,6 +182,22 @@ def _in_flight(session: Any, batch_id: str) -> bool:
     )
 
 
+def _message_sizes(batch: Batch, recipient_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """Parts and encoding (GSM, UNICODE) of each recipient's message, for its report."""
+    from dispatcher.batches.models import Recipient
+    from dispatcher.sms import parts
+
+    session = object_session(batch)
+    if session is None or not recipient_ids:
+        return {}
+    rows = session.execute(
+        select(Recipient.id, Recipient.parts, Recipient.body).where(
+            Recipient.id.in_(list(recipient_ids))
+        )
+    )
+    return {rid: (n, str(parts.analyse(body or batch.body).encoding)) for rid, n, body in rows}
+
+
 def callbacks(
     *, batch: Batch, status: RecipientStatus, changes: Sequence[Change], at: datetime
 ) -> list[PendingCallback]:
@@ -189,12 +207,23 @@ def callbacks(
         return []
     if mode in ("per_recipient", "per_recipient_final"):
         out = []
+        sizes = _message_sizes(batch, [c.recipient_id for c in changes])
+        # Our receipts carry no SMSC timestamp: the time the operator's status was recorded.
+        operator_at = at if status in (R.DELIVERED, R.FAILED) else None
         for c in changes:
             name, _code = status_of(status, c.error_code)
             if mode == "per_recipient_final" and name not in FINAL:
                 continue
+            parts, encoding = sizes.get(c.recipient_id, (None, None))
             payload = recipient_report(
-                batch=batch, to=c.to, status=status, error_code=c.error_code, at=at
+                batch=batch,
+                to=c.to,
+                status=status,
+                error_code=c.error_code,
+                at=at,
+                parts=parts,
+                encoding=encoding,
+                operator_status_at=operator_at,
             )
             out.append(
                 PendingCallback(batch.callback_url, payload["type"], payload, c.recipient_id)

@@ -78,6 +78,7 @@ class World:
     batch_id: str  # a scheduled Sinch batch to A and B
     native_id: str  # a scheduled Messaging Plus batch to A, also named by CLIENT_ID
     rules: dict[str, Rule]
+    group_id: str = ""  # a Sinch group of A and B
     stored: tuple[Any, ...] = ()  # snapshot() after the last accepted write
 
     @property
@@ -127,6 +128,10 @@ def world(
         headers=tenant.auth,
     )
     assert native.status_code == 200, native.get_json()
+    group = client.post(
+        f"/xms/v1/{tenant.id}/groups", json={"name": "Fuzz", "members": [A, B]}, headers=tenant.auth
+    )
+    assert group.status_code == 201, group.get_json()
     made = World(
         client=client,
         sessions=sessions,
@@ -136,6 +141,7 @@ def world(
         batch_id=sinch.get_json()["id"],
         native_id=native.get_json()["identifier"],
         rules={r.endpoint: r for r in client.application.url_map.iter_rules()},
+        group_id=group.get_json()["id"],
     )
     made.stored = snapshot(made)
     return made
@@ -256,6 +262,25 @@ def valid_request(endpoint: str) -> Valid:
             None, {"type": "full", "status": "Queued,Delivered", "code": "400,0"}
         ),
         "sinch.recipient_delivery_report": Valid(),
+        "sinch.list_delivery_reports": Valid(
+            None,
+            {
+                "page": "0",
+                "page_size": "10",
+                "start_date": later(-1),
+                "end_date": later(1),
+                "status": "QUEUED,Delivered",
+                "code": "400,0",
+                "client_reference": "fuzz",
+            },
+        ),
+        "sinch.create_group": Valid({"name": "Team", "members": [A, C]}),
+        "sinch.list_groups": Valid(None, {"page": "0", "page_size": "10"}),
+        "sinch.get_group": Valid(),
+        "sinch.replace_group": Valid({"name": "Team", "members": [A, C]}),
+        "sinch.update_group": Valid({"name": "Team", "add": [C], "remove": [A]}),
+        "sinch.delete_group": Valid(),
+        "sinch.list_members": Valid(),
         "sinch_inbounds.list_inbounds": Valid(
             None,
             {"page": "0", "page_size": "10", "to": "447700,Shop", "start_date": later(-1)},
@@ -293,6 +318,14 @@ ENDPOINTS = [
     "sinch.delivery_feedback",
     "sinch.delivery_report",
     "sinch.recipient_delivery_report",
+    "sinch.list_delivery_reports",
+    "sinch.create_group",
+    "sinch.list_groups",
+    "sinch.get_group",
+    "sinch.replace_group",
+    "sinch.update_group",
+    "sinch.delete_group",
+    "sinch.list_members",
     "sinch_inbounds.list_inbounds",
     "sinch_inbounds.get_inbound",
 ]
@@ -557,6 +590,7 @@ def call_for(world: World, endpoint: str, **changes: Any) -> Call:
         "sub_account_id": world.tenant.id,
         "batch_id": world.batch_id if endpoint.startswith("sinch.") else world.native_id,
         "recipient": A,
+        "group_id": world.group_id,
         "provider": "http",
         "callback_id": str(uuid.UUID(int=1)),
         "filename": "openapi.json",
@@ -775,6 +809,7 @@ def test_random_requests(world: World, endpoint: str, data: st.DataObject) -> No
         "sub_account_id": [world.tenant.id],
         "batch_id": [world.batch_id, world.native_id, CLIENT_ID],
         "recipient": [A, "447700900002", quoted(A)],
+        "group_id": [world.group_id, "01ARZ3NDEKTSV4RRFFQ69G5FAV"],
         "provider": ["http"],
         "callback_id": [str(uuid.uuid4())],
         "inbound_id": [str(uuid.uuid4())],

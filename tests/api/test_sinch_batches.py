@@ -138,10 +138,19 @@ def test_send_validation_errors_in_sinch_shape(client: FlaskClient, tenant: Tena
     assert_error(broken, 400, "syntax_invalid_json")
 
 
-def test_mt_binary_with_udh_validated(client: FlaskClient, tenant: Tenant) -> None:
-    data = created(client, tenant, type="mt_binary", body="SGVsbG8=", udh="050003CC0201")
-    assert_batch_shape(data)
-    assert (data["type"], data["udh"], data["body"]) == ("mt_binary", "050003CC0201", "SGVsbG8=")
+def test_mt_binary_validated_then_refused_until_a_provider_carries_it(
+    client: FlaskClient, tenant: Tenant
+) -> None:
+    refused = send(client, tenant, type="mt_binary", body="SGVsbG8=", udh="050003CC0201")
+    assert "no configured provider carries binary" in assert_error(
+        refused, 400, "syntax_constraint_violation"
+    )
+    dry = client.post(
+        url(tenant, "/dry_run"),
+        json={"from": "1", "to": [A], "type": "mt_binary", "body": "SGVsbG8=", "udh": "0500"},
+        headers=tenant.auth,
+    )
+    assert dry.status_code == 200 and dry.get_json()["number_of_messages"] == 1
     assert "udh" in assert_error(
         send(client, tenant, type="mt_binary", body="SGVsbG8="), 400, "syntax_constraint_violation"
     )
@@ -152,7 +161,7 @@ def test_mt_binary_with_udh_validated(client: FlaskClient, tenant: Tenant) -> No
     )
     # 184 base64 characters are 138 bytes: with a 2-byte udh exactly 140.
     ok = send(client, tenant, type="mt_binary", body="QUFB" * 46, udh="0500")
-    assert ok.status_code == 201
+    assert "mt_binary cannot be sent" in assert_error(ok, 400, "syntax_constraint_violation")
     over = send(client, tenant, type="mt_binary", body="QUFB" * 46, udh="050003")
     assert "140" in assert_error(over, 400, "syntax_constraint_violation")
     assert_error(send(client, tenant, udh="0500"), 400, "syntax_constraint_violation")
@@ -173,20 +182,25 @@ def test_parameters_render_per_recipient_bodies(
         "Hi Ann! ${unknown} stays",
         "Hi there! ${unknown} stays",
     ]
-    no_default = send(client, tenant, to=[A, C], body="Hi ${name}", parameters={"name": {A: "Joe"}})
-    text = assert_error(no_default, 400, "syntax_constraint_violation")
-    assert "name" in text and C in text
+    # No value and no default: only that recipient fails (Sinch's 405), the batch is accepted.
+    no_default = created(
+        client, tenant, to=[A, C], body="Hi ${name}", parameters={"name": {A: "Joe"}}
+    )
+    rows = recipients(sessions, no_default["id"])
+    assert [(r.to, r.status, r.error_code) for r in rows] == [
+        (A, "scheduled", None),
+        (C, "rejected", "parameter_missing"),
+    ]
 
 
-def test_max_parts_refuses_and_truncate_concat_cuts(
+def test_max_parts_fails_the_recipient_and_truncate_concat_cuts(
     client: FlaskClient, tenant: Tenant, sessions: sessionmaker[Session]
 ) -> None:
     long = "a" * 200
-    assert_error(
-        send(client, tenant, body=long, max_number_of_message_parts=1),
-        400,
-        "syntax_constraint_violation",
-    )
+    over = created(client, tenant, body=long, max_number_of_message_parts=1)
+    assert [(r.status, r.error_code) for r in recipients(sessions, over["id"])] == [
+        ("rejected", "parts_limit")
+    ]
     data = created(client, tenant, body=long, max_number_of_message_parts=1, truncate_concat=True)
     assert data["body"] == "a" * 160
     assert [r.parts for r in recipients(sessions, data["id"])] == [1]

@@ -15,8 +15,8 @@ from marshmallow import Schema, fields, post_load, validate
 
 from api import context as ctx
 from api.dialects.sinch.errors import register_on
+from api.dialects.sinch.plan import _authorise, _plan
 from api.dialects.sinch.schemas import SinchTime, Strict
-from api.dialects.sinch.views import _authorise, _plan
 from api.fields import Text, Timestamp, path_ref
 from dispatcher.db import utcnow
 from dispatcher.inbound import service

@@ -18,12 +18,14 @@ from marshmallow import (
     fields,
     post_dump,
     post_load,
+    pre_load,
     validate,
     validates_schema,
 )
 
 from api.fields import Phone, Text, Timestamp, check_callback
 from dispatcher.config import Settings
+from dispatcher.groups.service import is_group_id
 from dispatcher.webhooks.sinch import STATUSES
 
 DELIVERY_REPORTS = ("none", "summary", "full", "per_recipient", "per_recipient_final")
@@ -48,6 +50,25 @@ class Strict(Schema):
 
 
 _PHONE = Phone()
+
+
+class Destination(Phone):
+    """A number (with or without +, returned with +) or, where Sinch allows one, a group id."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        if isinstance(value, str) and is_group_id(value):
+            return value
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Nullable(Schema):
+    """Fields sent as null are left out: the older Sinch SDKs send null for "not set"."""
+
+    @pre_load
+    def _drop_nulls(self, data: Any, **_: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class Parameters(fields.Dict):
@@ -97,11 +118,14 @@ def _binary(data: dict[str, Any]) -> None:
         )
 
 
-class SendSchema(Strict):
-    """Body of send (POST .../batches), replace (PUT .../batches/{id}) and dry_run."""
+class SendSchema(Strict, Nullable):
+    """Body of send (POST .../batches), replace (PUT .../batches/{id}) and dry_run.
 
-    to = fields.List(Phone(), required=True, validate=validate.Length(min=1, max=1000))
-    sender = Text(required=True, data_key="from", validate=validate.Length(min=1, max=64))
+    ``from`` may be left out: the account's default originator is used then.
+    """
+
+    to = fields.List(Destination(), required=True, validate=validate.Length(min=1, max=1000))
+    sender = Text(load_default=None, data_key="from", validate=validate.Length(min=1, max=64))
     body = Text(required=True, validate=validate.Length(max=MAX_TEXT))
     type = fields.String(load_default="mt_text", validate=validate.OneOf(TYPES))
     udh = Text(load_default=None)
@@ -140,16 +164,34 @@ class SendSchema(Strict):
 
 
 class UpdateSchema(Strict):
-    """Body of update (POST .../batches/{id}); every field optional."""
+    """Body of update (POST .../batches/{id}); every field optional.
 
-    sender = Text(data_key="from", validate=validate.Length(min=1, max=64))
-    body = Text(validate=validate.Length(max=MAX_TEXT))
-    to_add = fields.List(Phone(), validate=validate.Length(min=1, max=1000))
-    to_remove = fields.List(Phone(), validate=validate.Length(min=1, max=1000))
-    delivery_report = fields.String(validate=validate.OneOf(DELIVERY_REPORTS))
-    send_at = Timestamp()
-    expire_at = Timestamp()
-    callback_url = Text(validate=validate.Length(max=2048))
+    The Sinch SDK always sends ``"type": "mt_text"``; older SDKs send null for a
+    field they reset: null clears callback_url and client_reference, sets
+    delivery_report back to none, and leaves every other field as it was.
+    """
+
+    type = fields.String(allow_none=True, validate=validate.OneOf(("mt_text",)))
+    sender = Text(allow_none=True, data_key="from", validate=validate.Length(min=1, max=64))
+    body = Text(allow_none=True, validate=validate.Length(max=MAX_TEXT))
+    to_add = fields.List(Destination(), allow_none=True, validate=validate.Length(min=1, max=1000))
+    to_remove = fields.List(
+        Destination(), allow_none=True, validate=validate.Length(min=1, max=1000)
+    )
+    delivery_report = fields.String(allow_none=True, validate=validate.OneOf(DELIVERY_REPORTS))
+    send_at = Timestamp(allow_none=True)
+    expire_at = Timestamp(allow_none=True)
+    callback_url = Text(allow_none=True, validate=validate.Length(max=2048))
+    client_reference = Text(allow_none=True, validate=validate.Length(max=2048))
+    feedback_enabled = fields.Boolean(allow_none=True)
+    parameters = Parameters(allow_none=True)
+    from_ton = fields.Integer(allow_none=True, validate=validate.Range(min=0, max=6))
+    from_npi = fields.Integer(allow_none=True, validate=validate.Range(min=0, max=18))
+    max_number_of_message_parts = fields.Integer(
+        allow_none=True, validate=validate.Range(min=1, max=255)
+    )
+    truncate_concat = fields.Boolean(allow_none=True)
+    flash_message = fields.Boolean(allow_none=True)
 
     def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -159,6 +201,15 @@ class UpdateSchema(Strict):
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
         if data.get("callback_url") is not None:
             check_callback(self.settings, data["callback_url"], field="callback_url")
+
+    @post_load
+    def _resets(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        data.pop("type", None)
+        clearable = ("callback_url", "client_reference", "delivery_report")
+        out = {k: v for k, v in data.items() if v is not None or k in clearable}
+        if "delivery_report" in out and out["delivery_report"] is None:
+            out["delivery_report"] = "none"
+        return out
 
 
 class DryRunQuery(Strict):
@@ -171,15 +222,23 @@ class DryRunQuery(Strict):
 class ListQuery(Strict):
     page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
     page_size = fields.Integer(load_default=30, validate=validate.Range(min=1, max=100))
-    sender = Text(load_default=None, data_key="from")
+    sender = fields.List(Text(), load_default=None, data_key="from")
     start_date = Timestamp(load_default=None)
     end_date = Timestamp(load_default=None)
     client_reference = Text(load_default=None, validate=validate.Length(max=2048))
 
+    @pre_load
+    def _repeated(self, data: Any, **_: Any) -> Any:
+        # Query strings arrive as a MultiDict: keep every from, not just the first.
+        if hasattr(data, "getlist"):
+            data = {**data.to_dict(), **({"from": data.getlist("from")} if "from" in data else {})}
+        return data
+
     @post_load
     def _senders(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
-        raw = data.pop("sender")
-        data["senders"] = [s.strip() for s in raw.split(",") if s.strip()] if raw else []
+        # SDK 2.x sends from=a,b (as Sinch's reference documents); from=a&from=b works too.
+        raw = data.pop("sender") or []
+        data["senders"] = [s.strip() for text in raw for s in text.split(",") if s.strip()]
         return data
 
 
@@ -195,10 +254,36 @@ class CommaList(fields.String):
         return [self.inner.deserialize(p.strip()) for p in text.split(",") if p.strip()]
 
 
+class StatusName(fields.String):
+    """A delivery status in any case (the SDK sends DELIVERED), as Sinch's own name."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        for name in STATUSES:
+            if name.lower() == text.lower():
+                return name
+        raise ValidationError(f"must be one of {', '.join(STATUSES)}")
+
+
 class ReportQuery(Strict):
     type = fields.String(load_default="summary", validate=validate.OneOf(("summary", "full")))
-    status = CommaList(fields.String(validate=validate.OneOf(STATUSES)), load_default=None)
+    status = CommaList(StatusName(), load_default=None)
     code = CommaList(fields.Integer(), load_default=None)
+    client_reference = Text(load_default=None, validate=validate.Length(max=2048))
+    # SDK 2.3 repeats the path's batch_id in the query string; the path decides.
+    batch_id = Text(load_default=None)
+
+
+class ReportListQuery(Strict):
+    """GET .../delivery_reports: recipient reports of the account's batches, newest first."""
+
+    page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
+    page_size = fields.Integer(load_default=30, validate=validate.Range(min=1, max=100))
+    start_date = Timestamp(load_default=None)
+    end_date = Timestamp(load_default=None)
+    status = CommaList(StatusName(), load_default=None)
+    code = CommaList(fields.Integer(), load_default=None)
+    client_reference = Text(load_default=None, validate=validate.Length(max=2048))
 
 
 class RecipientPath(Strict):
@@ -320,3 +405,12 @@ class RecipientDeliveryReport(Reply):
 class ErrorReply(Schema):
     code = fields.String(required=True)
     text = fields.String(required=True)
+
+
+class DeliveryReportPage(Schema):
+    """GET .../delivery_reports: a page of recipient delivery reports."""
+
+    page = fields.Integer(required=True)
+    page_size = fields.Integer(required=True)
+    count = fields.Integer(required=True)
+    delivery_reports = fields.List(fields.Nested(RecipientDeliveryReport), required=True)

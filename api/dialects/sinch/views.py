@@ -7,25 +7,26 @@ the account's id, and a token used with another plan id is refused before any vi
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
-from flask import Blueprint, Response, g, request
+from flask import Response, request
 
 from api import context as ctx
 from api.dialects.sinch import schemas
 from api.dialects.sinch.dump import batch_object, dump_batch
-from api.dialects.sinch.errors import INVALID_JSON, SinchError, register_on
+from api.dialects.sinch.errors import CONSTRAINT, SinchError
+from api.dialects.sinch.plan import blueprint, json_body
+from api.dialects.sinch.reports import recipient_report
 from api.fields import batch_ref
 from dispatcher import errors
 from dispatcher.batches import queries, service, updates
 from dispatcher.batches.service import NewBatch
 from dispatcher.db import utcnow
+from dispatcher.groups import service as groups
 from dispatcher.sms import parts
-from dispatcher.states import OPEN_BATCH, RecipientStatus
+from dispatcher.states import OPEN_BATCH
 from dispatcher.webhooks import sinch
-
-blueprint = Blueprint("sinch", __name__, url_prefix="/xms/v1/<service_plan_id>/batches")
-register_on(blueprint)
 
 # Batch fields kept in Batch.options.
 OPTIONS = (
@@ -43,53 +44,73 @@ OPTIONS = (
 )
 
 
-@blueprint.url_value_preprocessor
-def _plan(_endpoint: str | None, values: dict[str, Any] | None) -> None:
-    g.service_plan_id = (values or {}).pop("service_plan_id", None)
-
-
-@blueprint.before_request
-def _authorise() -> None:
-    account = ctx.account()
-    if g.service_plan_id != account.id:
+def _sendable(data: dict[str, Any]) -> dict[str, Any]:
+    """Refuse what no provider here can carry, rather than send it wrongly."""
+    if data["type"] == "mt_binary":
+        # The simulator and HTTP providers send text only: a binary body would go out
+        # as its base64 text and the udh would be lost. Dry runs still analyse it.
         raise SinchError(
-            403, "forbidden", f"the API token is not valid for service plan {g.service_plan_id}"
+            400,
+            CONSTRAINT,
+            "type: mt_binary cannot be sent: no configured provider carries binary SMS "
+            "(udh and data_coding); send mt_text, or use dry_run to check a binary batch",
         )
-
-
-def _json() -> Any:
-    """The parsed body (any Content-Type, as Sinch takes it); broken JSON is syntax_invalid_json."""
-    try:
-        return ctx.json_body()
-    except errors.ValidationError as exc:
-        raise SinchError(400, INVALID_JSON, exc.message) from exc
+    return data
 
 
 def _new_batch(data: dict[str, Any]) -> NewBatch:
-    """A loaded SendSchema as the core's NewBatch."""
+    """A loaded SendSchema as the core's NewBatch, with the service plan's defaults."""
+    account = ctx.account()
+    sender = data["sender"] or account.default_originator
+    if sender is None:
+        raise SinchError(
+            400,
+            CONSTRAINT,
+            "from: is required (the service plan has no default originator)",
+        )
+    to = groups.expand(session=ctx.session(), account_id=account.id, entries=data["to"])
+    if not to:
+        raise SinchError(400, CONSTRAINT, "to: the groups named have no members")
+    most = ctx.settings().max_destinations
+    if len(to) > most:
+        raise SinchError(
+            400, CONSTRAINT, f"to: {len(to)} recipients with the groups; at most {most}"
+        )
     times = updates.window(send_at=data["send_at"], expire_at=data["expire_at"], now=utcnow())
     binary = data["type"] == "mt_binary"
     options = {name: data[name] for name in OPTIONS}
     options["default_expiry"] = times.default_expiry
     limit = ctx.settings().max_body_length
+    # Sinch fails only the recipients a parameter has no value for, or whose message
+    # needs more parts than allowed: the rest of the batch is sent.
+    rejected: dict[int, str] = {}
     bodies = (
         None
         if binary
-        else updates.render(data["body"], data["to"], data["parameters"], max_length=limit)
+        else updates.render(
+            data["body"], to, data["parameters"], max_length=limit, unmatched=rejected
+        )
     )
+    max_parts = None if binary else data["max_number_of_message_parts"]
+    if max_parts is not None and not data["truncate_concat"]:
+        for i, text in enumerate(bodies or [data["body"]] * len(to)):
+            if i not in rejected and parts.analyse(text).parts > max_parts:
+                rejected[i] = "parts_limit"
+        max_parts = None  # every body left fits
     return NewBatch(
-        sender=data["sender"],
+        sender=sender,
         body=data["body"],
-        destinations=data["to"],
+        destinations=to,
         channels=["sms"],
-        callback_url=data["callback_url"],
+        callback_url=data["callback_url"] or account.default_callback_url,
         send_at=times.send_at,
         expire_at=times.expire_at,
         dialect="sinch",
         options=options,
         bodies=bodies,
-        max_parts=None if binary else data["max_number_of_message_parts"],
+        max_parts=max_parts,
         truncate=bool(data["truncate_concat"]),
+        rejected=rejected or None,
     )
 
 
@@ -98,16 +119,16 @@ def _reply(batch: Any) -> dict[str, Any]:
     return dump_batch(batch, to)
 
 
-@blueprint.post("")
+@blueprint.post("/batches")
 def send() -> tuple[dict[str, Any], int]:
-    data = schemas.SendSchema(settings=ctx.settings()).load(_json())
+    data = _sendable(schemas.SendSchema(settings=ctx.settings()).load(json_body()))
     intake = service.create_batch(
         session=ctx.session(), settings=ctx.settings(), account=ctx.account(), new=_new_batch(data)
     )
     return _reply(intake.batch), 201
 
 
-@blueprint.get("")
+@blueprint.get("/batches")
 def list_batches() -> dict[str, Any]:
     query = schemas.ListQuery().load(request.args)
     rows, total = queries.list_batches(
@@ -131,10 +152,10 @@ def list_batches() -> dict[str, Any]:
     )
 
 
-@blueprint.post("/dry_run")
+@blueprint.post("/batches/dry_run")
 def dry_run() -> dict[str, Any]:
     query = schemas.DryRunQuery().load(request.args)
-    data = schemas.SendSchema(settings=ctx.settings()).load(_json())
+    data = schemas.SendSchema(settings=ctx.settings()).load(json_body())
     new = service.fit_parts(_new_batch(data))
     bodies = list(new.bodies or [new.body] * len(new.destinations))
     if data["type"] == "mt_binary":
@@ -154,7 +175,7 @@ def dry_run() -> dict[str, Any]:
     return schemas.DryRunReply().dump(reply)
 
 
-@blueprint.get("/<batch_id>")
+@blueprint.get("/batches/<batch_id>")
 def get_batch(batch_id: str) -> dict[str, Any]:
     return _reply(
         service.get_batch(
@@ -163,29 +184,43 @@ def get_batch(batch_id: str) -> dict[str, Any]:
     )
 
 
-@blueprint.post("/<batch_id>")
+# Update fields that live in Batch.options rather than in a column.
+_UPDATE_OPTIONS = (
+    "delivery_report",
+    "client_reference",
+    "feedback_enabled",
+    "parameters",
+    "from_ton",
+    "from_npi",
+    "max_number_of_message_parts",
+    "truncate_concat",
+    "flash_message",
+)
+
+
+@blueprint.post("/batches/<batch_id>")
 def update_batch(batch_id: str) -> dict[str, Any]:
-    data = schemas.UpdateSchema(settings=ctx.settings()).load(_json())
+    data = schemas.UpdateSchema(settings=ctx.settings()).load(json_body())
     fields = {
         k: data[k] for k in ("sender", "body", "send_at", "expire_at", "callback_url") if k in data
     }
-    if "delivery_report" in data:
-        fields["options"] = {"delivery_report": data["delivery_report"]}
+    fields["options"] = {k: data[k] for k in _UPDATE_OPTIONS if k in data}
+    expand = partial(groups.expand, session=ctx.session(), account_id=ctx.account().id)
     batch = updates.update_batch(
         session=ctx.session(),
         settings=ctx.settings(),
         account=ctx.account(),
         batch_id=batch_ref(batch_id),
         fields=fields,
-        to_add=data.get("to_add", ()),
-        to_remove=data.get("to_remove", ()),
+        to_add=expand(entries=data.get("to_add", ())),
+        to_remove=expand(entries=data.get("to_remove", ())),
     )
     return _reply(batch)
 
 
-@blueprint.put("/<batch_id>")
+@blueprint.put("/batches/<batch_id>")
 def replace_batch(batch_id: str) -> dict[str, Any]:
-    data = schemas.SendSchema(settings=ctx.settings()).load(_json())
+    data = _sendable(schemas.SendSchema(settings=ctx.settings()).load(json_body()))
     batch = updates.replace_batch(
         session=ctx.session(),
         settings=ctx.settings(),
@@ -196,7 +231,7 @@ def replace_batch(batch_id: str) -> dict[str, Any]:
     return _reply(batch)
 
 
-@blueprint.delete("/<batch_id>")
+@blueprint.delete("/batches/<batch_id>")
 def cancel_batch(batch_id: str) -> dict[str, Any]:
     batch = service.get_batch(
         session=ctx.session(), account=ctx.account(), batch_id=batch_ref(batch_id)
@@ -209,9 +244,9 @@ def cancel_batch(batch_id: str) -> dict[str, Any]:
     return _reply(batch)
 
 
-@blueprint.post("/<batch_id>/delivery_feedback")
+@blueprint.post("/batches/<batch_id>/delivery_feedback")
 def delivery_feedback(batch_id: str) -> Response:
-    data = schemas.FeedbackSchema().load(_json())
+    data = schemas.FeedbackSchema().load(json_body())
     updates.record_feedback(
         session=ctx.session(),
         account=ctx.account(),
@@ -221,12 +256,15 @@ def delivery_feedback(batch_id: str) -> Response:
     return Response(status=202)
 
 
-@blueprint.get("/<batch_id>/delivery_report")
+@blueprint.get("/batches/<batch_id>/delivery_report")
 def delivery_report(batch_id: str) -> dict[str, Any]:
     query = schemas.ReportQuery().load(request.args)
     batch = service.get_batch(
         session=ctx.session(), account=ctx.account(), batch_id=batch_ref(batch_id)
     )
+    wanted = query["client_reference"]
+    if wanted is not None and batch.options.get("client_reference") != wanted:
+        raise errors.NotFound(f"batch {batch.id} has no client_reference {wanted!r}")
     report = sinch.summary(
         batch=batch,
         outcomes=sinch.outcomes_of(ctx.session(), batch.id),
@@ -237,22 +275,11 @@ def delivery_report(batch_id: str) -> dict[str, Any]:
     return schemas.DeliveryReport().dump(report)
 
 
-@blueprint.get("/<batch_id>/delivery_report/<recipient>")
+@blueprint.get("/batches/<batch_id>/delivery_report/<recipient>")
 def recipient_delivery_report(batch_id: str, recipient: str) -> dict[str, Any]:
     to = schemas.RecipientPath().load({"recipient": recipient})["recipient"]
     batch = service.get_batch(
         session=ctx.session(), account=ctx.account(), batch_id=batch_ref(batch_id)
     )
     rec = queries.get_recipient(session=ctx.session(), batch=batch, to=to)
-    reported = rec.status in (RecipientStatus.DELIVERED, RecipientStatus.FAILED)
-    report = sinch.recipient_report(
-        batch=batch,
-        to=rec.to,
-        status=rec.status,
-        error_code=rec.error_code,
-        at=rec.updated_at,
-        parts=rec.parts,
-        encoding=str(parts.analyse(rec.body or batch.body).encoding),
-        operator_status_at=rec.updated_at if reported and rec.sent_at else None,
-    )
-    return schemas.RecipientDeliveryReport().dump(report)
+    return schemas.RecipientDeliveryReport().dump(recipient_report(batch, rec))
