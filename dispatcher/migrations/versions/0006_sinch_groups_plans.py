@@ -1,6 +1,6 @@
 """Service plan settings on accounts; Sinch groups and their members
 
-Revision ID: 0007_sinch_groups_plans
+Revision ID: 0006_sinch_groups_plans
 Revises: 0005_smpp_inbound
 Create Date: 2026-11-29 21:50:00
 """
@@ -8,7 +8,7 @@ Create Date: 2026-11-29 21:50:00
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007_sinch_groups_plans"
+revision = "0006_sinch_groups_plans"
 down_revision = "0005_smpp_inbound"
 branch_labels = None
 depends_on = None
