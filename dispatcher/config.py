@@ -86,6 +86,8 @@ class Settings:
     flower_basic_auth: str = ""
     send_concurrency: int = 2
     callback_concurrency: int = 2
+    # /health/ready wants a worker on each queue whose heartbeat is at most this old.
+    worker_seen_within: float = 30.0
 
     # Intake limits.
     channels: tuple[str, ...] = ("sms", "rcs", "whatsapp")
@@ -185,6 +187,7 @@ class Settings:
             "callback_max_response_bytes",
             "callback_batch_size",
             "callback_requeue_after",
+            "worker_seen_within",
         )
         for name in positive:
             value = getattr(self, name)

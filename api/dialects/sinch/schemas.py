@@ -47,6 +47,27 @@ class Strict(Schema):
         unknown = RAISE
 
 
+class Limited(Strict):
+    """A body whose limits come from the settings (DISPATCHER_MAX_DESTINATIONS, ..._BODY_LENGTH).
+
+    They are set on the fields, where /openapi.json reads them too.
+    """
+
+    NUMBERS: tuple[str, ...] = ()  # list-of-numbers fields, 1 to max_destinations
+    TEXTS: tuple[str, ...] = ()  # bodies, at most max_body_length characters
+    FEWEST = 1
+
+    def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        for name in self.NUMBERS:
+            self.fields[name].validators = [
+                validate.Length(min=self.FEWEST, max=settings.max_destinations)
+            ]
+        for name in self.TEXTS:
+            self.fields[name].validators = [validate.Length(max=settings.max_body_length)]
+
+
 _PHONE = Phone()
 
 
@@ -97,18 +118,23 @@ def _binary(data: dict[str, Any]) -> None:
         )
 
 
-class SendSchema(Strict):
+class SendSchema(Limited):
     """Body of send (POST .../batches), replace (PUT .../batches/{id}) and dry_run."""
 
-    to = fields.List(Phone(), required=True, validate=validate.Length(min=1, max=1000))
+    NUMBERS = ("to",)
+    TEXTS = ("body",)
+
+    to = fields.List(Phone(), required=True)
     sender = Text(required=True, data_key="from", validate=validate.Length(min=1, max=64))
-    body = Text(required=True, validate=validate.Length(max=MAX_TEXT))
+    body = Text(required=True)
     type = fields.String(load_default="mt_text", validate=validate.OneOf(TYPES))
     udh = Text(load_default=None)
     delivery_report = fields.String(load_default="none", validate=validate.OneOf(DELIVERY_REPORTS))
     send_at = Timestamp(load_default=None)
     expire_at = Timestamp(load_default=None)
-    callback_url = Text(load_default=None, validate=validate.Length(max=2048))
+    callback_url = Text(
+        load_default=None, validate=validate.Length(max=2048), metadata={"format": "uri"}
+    )
     client_reference = Text(load_default=None, validate=validate.Length(max=2048))
     feedback_enabled = fields.Boolean(load_default=False)
     flash_message = fields.Boolean(load_default=False)
@@ -119,10 +145,6 @@ class SendSchema(Strict):
     parameters = Parameters(load_default=None)
     from_ton = fields.Integer(load_default=None, validate=validate.Range(min=0, max=6))
     from_npi = fields.Integer(load_default=None, validate=validate.Range(min=0, max=18))
-
-    def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
 
     @validates_schema
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
@@ -139,21 +161,20 @@ class SendSchema(Strict):
         return data
 
 
-class UpdateSchema(Strict):
+class UpdateSchema(Limited):
     """Body of update (POST .../batches/{id}); every field optional."""
 
+    NUMBERS = ("to_add", "to_remove")
+    TEXTS = ("body",)
+
     sender = Text(data_key="from", validate=validate.Length(min=1, max=64))
-    body = Text(validate=validate.Length(max=MAX_TEXT))
-    to_add = fields.List(Phone(), validate=validate.Length(min=1, max=1000))
-    to_remove = fields.List(Phone(), validate=validate.Length(min=1, max=1000))
+    body = Text()
+    to_add = fields.List(Phone())
+    to_remove = fields.List(Phone())
     delivery_report = fields.String(validate=validate.OneOf(DELIVERY_REPORTS))
     send_at = Timestamp()
     expire_at = Timestamp()
-    callback_url = Text(validate=validate.Length(max=2048))
-
-    def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
+    callback_url = Text(validate=validate.Length(max=2048), metadata={"format": "uri"})
 
     @validates_schema
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
@@ -207,8 +228,11 @@ class RecipientPath(Strict):
     recipient = Phone(required=True)
 
 
-class FeedbackSchema(Strict):
-    recipients = fields.List(Phone(), required=True, validate=validate.Length(max=1000))
+class FeedbackSchema(Limited):
+    NUMBERS = ("recipients",)
+    FEWEST = 0
+
+    recipients = fields.List(Phone(), required=True)
 
 
 # Replies -----------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def cancel_batch(batch_id: str) -> dict[str, Any]:
 
 @blueprint.post("/<batch_id>/delivery_feedback")
 def delivery_feedback(batch_id: str) -> Response:
-    data = schemas.FeedbackSchema().load(_json())
+    data = schemas.FeedbackSchema(settings=ctx.settings()).load(_json())
     updates.record_feedback(
         session=ctx.session(),
         account=ctx.account(),
