@@ -43,18 +43,21 @@ class DlrReply(Schema):
     ignored = fields.Integer(required=True)
 
 
+# ``?key=`` is documented as a security scheme, not as each operation's parameter.
+NO_KEY = ("key",)
+
+
 def _schemas(settings: Settings) -> dict[str, Schema | type[Schema]]:
-    no_key = {"exclude": ("key",)}
     return {
         # Messaging Plus (seeds 000-002)
         "MplusBatch": mplus.BatchSchema(settings=settings),
-        "MplusBatchQuery": mplus.BatchQuery(**no_key),
-        "MplusMessageQuery": mplus.MessageQuery(**no_key),
+        "MplusBatchQuery": mplus.BatchQuery(exclude=NO_KEY),
+        "MplusMessageQuery": mplus.MessageQuery(exclude=NO_KEY),
         "MplusMessages": mplus.MessagesEnvelope(settings=settings),
         "MplusSender": mplus.SenderSchema,
         "MplusMessage": mplus.MessageSchema(settings=settings),
-        "MplusPageQuery": mplus.PageQuery(**no_key),
-        "MplusReportQuery": report.ReportQuery(**no_key),
+        "MplusPageQuery": mplus.PageQuery(exclude=NO_KEY),
+        "MplusReportQuery": report.ReportQuery(exclude=NO_KEY),
         "MplusCreated": mplus_replies.Created,
         "MplusDryRun": mplus_replies.DryRun,
         "MplusRecipientError": mplus_replies.Error,
@@ -67,7 +70,7 @@ def _schemas(settings: Settings) -> dict[str, Schema | type[Schema]]:
         "MplusMessagesReply": mplus_replies.Messages,
         "MplusReportRow": mplus_replies.ReportRow,
         "MplusReport": mplus_replies.Report,
-        "CallbackQuery": callbacks.ListQuery(**no_key),
+        "CallbackQuery": callbacks.ListQuery(exclude=NO_KEY),
         "Callback": callbacks.CallbackReply,
         "CallbackPage": callbacks.CallbackPage,
         "CallbackEndpoint": callbacks.EndpointReply,
@@ -124,6 +127,7 @@ BATCH_LINKS = {
     "ListMessages": _link("mplusListMessages", NATIVE_ID),
     "Report": _link("mplusReport", NATIVE_ID),
     "CancelBatch": _link("mplusCancelBatch", NATIVE_ID),
+    "CancelBatch8x8": _link("eightbyeightCancelBatch", NATIVE_ID),
 }
 SINCH_LINKS = {
     name: _link(op_id, SINCH_ID, service_plan_id=PLAN)
@@ -396,9 +400,8 @@ def _statuses(op: Op, path_params: list[str]) -> list[int]:
     out = [405, 414, 431]
     if op.tag == "ops":
         return [*out, 503] if op.path.startswith("/health") and op.path != "/health/live" else out
-    out += [400, 401, 503]
-    if path_params or op.tag in ("mplus", "sinch"):
-        out.append(404)
+    # 404 too where nothing is named in the path: an id in the body can name what is gone.
+    out += [400, 401, 404, 503]
     if op.body:
         out.append(413)
     if op.method != "get":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,13 @@ from tests.conftest import RecordingPublisher, free_port, wait_for
 from tests.engine.system import worker
 
 
+@contextmanager
 def client_for(settings: Settings) -> Iterator[FlaskClient]:
     runtime = Runtime(settings, RecordingPublisher())
-    yield create_app(settings, runtime=runtime).test_client()
-    runtime.dispose()
+    try:
+        yield create_app(settings, runtime=runtime).test_client()
+    finally:
+        runtime.dispose()
 
 
 @pytest.fixture()
@@ -43,7 +47,7 @@ def test_live_answers_without_looking_at_anything(isolated: Settings) -> None:
         redis_url=f"redis://127.0.0.1:{free_port()}/0",
         database_url="postgresql+psycopg://nobody@127.0.0.1:1/none",
     )
-    for client in client_for(down):
+    with client_for(down) as client:
         reply = client.get("/health/live")
         assert reply.status_code == 200
         assert reply.get_json()["status"] == "ok"
@@ -51,7 +55,7 @@ def test_live_answers_without_looking_at_anything(isolated: Settings) -> None:
 
 def test_redis_down_is_a_503_that_names_redis(isolated: Settings) -> None:
     down = isolated.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    for client in client_for(down):
+    with client_for(down) as client:
         for path in ("/health", "/health/ready"):
             reply = client.get(path)
             assert reply.status_code == 503, path
@@ -63,7 +67,7 @@ def test_redis_down_is_a_503_that_names_redis(isolated: Settings) -> None:
 
 def test_database_down_is_a_503_that_names_the_database(isolated: Settings) -> None:
     down = isolated.replace(database_url="postgresql+psycopg://nobody@127.0.0.1:1/none")
-    for client in client_for(down):
+    with client_for(down) as client:
         reply = client.get("/health")
         assert reply.status_code == 503
         assert reply.get_json()["failing"] == ["database"]
@@ -71,7 +75,7 @@ def test_database_down_is_a_503_that_names_the_database(isolated: Settings) -> N
 
 
 def test_health_is_ok_with_database_and_redis(isolated: Settings, quiet: redis.Redis) -> None:
-    for client in client_for(isolated):
+    with client_for(isolated) as client:
         reply = client.get("/health")
         assert reply.status_code == 200
         assert reply.get_json() == {
@@ -83,7 +87,7 @@ def test_health_is_ok_with_database_and_redis(isolated: Settings, quiet: redis.R
 
 def test_ready_names_each_queue_without_a_worker(isolated: Settings, quiet: redis.Redis) -> None:
     health.beat(client=quiet, queues=["send"], hostname="send@a", ttl=30)
-    for client in client_for(isolated):
+    with client_for(isolated) as client:
         reply = client.get("/health/ready")
         assert reply.status_code == 503
         assert reply.get_json()["failing"] == ["workers.dispatch", "workers.callbacks"]
@@ -102,7 +106,7 @@ def test_ready_once_real_workers_beat_and_not_after_they_stop(
     isolated: Settings, quiet: redis.Redis, tmp_path: Path
 ) -> None:
     settings = isolated.replace(worker_seen_within=3.0)
-    for client in client_for(settings):
+    with client_for(settings) as client:
         with (
             worker(settings, tmp_path, name="send", queues="dispatch,send"),
             worker(settings, tmp_path, name="callbacks", queues="callbacks"),

@@ -69,9 +69,7 @@ def test_a_long_request_target_is_answered_in_the_dialects_shape(
     assert sinch.json()["code"] == "uri_too_long"
 
 
-def test_too_many_header_fields_is_a_431_in_the_dialects_shape(
-    live: Live, tenant: Tenant
-) -> None:
+def test_too_many_header_fields_is_a_431_in_the_dialects_shape(live: Live, tenant: Tenant) -> None:
     headers = {**tenant.auth, **{f"X-Pad-{i}": "x" for i in range(150)}}
     response = requests.get(f"{live.url}/batch/x", headers=headers, timeout=10)
     assert response.status_code == 431

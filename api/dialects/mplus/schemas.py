@@ -50,7 +50,7 @@ class SettingsSchema(Schema):
     def limit(self, settings: Settings) -> None:
         """Put the limits in force on the fields, where /openapi.json reads them too."""
 
-    def channel(self) -> validate.OneOf:
+    def channel_choice(self) -> validate.OneOf:
         """One of the configured channels."""
         channels = self.settings.channels
         return validate.OneOf(channels, error=f"must be one of {', '.join(channels)}")
@@ -132,8 +132,8 @@ class BatchSchema(SettingsSchema):
         self.fields["destinations"].validators = [
             validate.Length(min=1, max=count, error=f"must hold 1 to {count} numbers")
         ]
-        self.fields["channel"].validators = [self.channel()]
-        self.fields["fallback_channels"].inner.validators = [self.channel()]  # type: ignore[attr-defined]
+        self.fields["channel"].validators = [self.channel_choice()]
+        self.fields["fallback_channels"].inner.validators = [self.channel_choice()]  # type: ignore[attr-defined]
 
     @pre_load
     def _aliases(self, data: Any, **_: Any) -> Any:
@@ -189,7 +189,7 @@ class MessageSchema(SettingsSchema):
         self.fields["channels"].validators = [
             validate.Length(min=1, error="must name at least one channel")
         ]
-        self.fields["channels"].inner.validators = [self.channel()]  # type: ignore[attr-defined]
+        self.fields["channels"].inner.validators = [self.channel_choice()]  # type: ignore[attr-defined]
 
     @validates_schema
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
