@@ -49,7 +49,7 @@ NO_KEY = ("key",)
 
 def _schemas(settings: Settings) -> dict[str, Schema | type[Schema]]:
     return {
-        # Messaging Plus (seeds 000-002)
+        # Messaging Plus API
         "MplusBatch": mplus.BatchSchema(settings=settings),
         "MplusBatchQuery": mplus.BatchQuery(exclude=NO_KEY),
         "MplusMessageQuery": mplus.MessageQuery(exclude=NO_KEY),
@@ -81,10 +81,10 @@ def _schemas(settings: Settings) -> dict[str, Schema | type[Schema]]:
         "DlrReceipt": receipts.ReceiptSchema,
         "DlrReply": DlrReply,
         "Health": ops.HealthReply,
-        # 8x8 (seed 004)
+        # 8x8 Chat Apps API
         "CancelledCount": eightbyeight.CancelledCount,
         "NativeError": NativeError,
-        # Sinch (seed 003)
+        # Sinch SMS REST API
         "SinchSend": sinch.SendSchema(settings=settings),
         "SinchUpdate": sinch.UpdateSchema(settings=settings),
         "SinchDryRunQuery": sinch.DryRunQuery,

@@ -1,4 +1,4 @@
-"""8x8 Chat Apps compatible cancel (seed 004)."""
+"""8x8 Chat Apps compatible cancel (8x8 Chat Apps API: "Cancel batch of scheduled message")."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ register_on(blueprint)
 
 
 class CancelledCount(Schema):
-    """The 8x8 cancel reply (seed 004)."""
+    """The 8x8 cancel reply (8x8 Chat Apps API)."""
 
     cancelledCount = fields.Integer(required=True)
 
