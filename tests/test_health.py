@@ -14,8 +14,8 @@ from api.app import create_app
 from dispatcher import health
 from dispatcher.config import Settings
 from dispatcher.runtime import Runtime
-from tests.conftest import RecordingPublisher, free_port, wait_for
 from tests.engine.system import worker
+from tests.helpers import RecordingPublisher, free_port, wait_for
 
 
 @contextmanager

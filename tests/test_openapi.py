@@ -8,7 +8,7 @@ from flask.testing import FlaskClient
 
 from api.app import create_app
 from dispatcher.runtime import Runtime
-from tests.conftest import Tenant
+from tests.factories import Tenant
 
 
 def test_openapi_covers_every_route(client: FlaskClient) -> None:

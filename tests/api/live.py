@@ -11,8 +11,8 @@ from pathlib import Path
 import requests
 
 from dispatcher.config import Settings
-from tests.conftest import free_port, wait_for
 from tests.engine.system import Process
+from tests.helpers import free_port, wait_for
 
 
 @dataclass

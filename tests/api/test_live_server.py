@@ -13,7 +13,7 @@ import requests
 
 from dispatcher.config import Settings
 from tests.api.live import Live, gunicorn
-from tests.conftest import Tenant
+from tests.factories import Tenant
 
 BIG = 12 * 1024 * 1024
 

@@ -18,7 +18,7 @@ import redis
 from dispatcher import health
 from dispatcher.config import Settings
 from tests.api.live import gunicorn
-from tests.conftest import Tenant
+from tests.factories import Tenant
 
 SEED = 20261129
 EXAMPLES = 6
