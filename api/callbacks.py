@@ -11,7 +11,8 @@ from flask import Blueprint, request
 from marshmallow import RAISE, Schema, fields, validate
 
 from api import context as ctx
-from api.dialects.mplus.replies import IsoZ
+from api.dialects.mplus.replies import IsoZ, Page
+from api.dialects.mplus.schemas import KeyQuery
 from api.errors import register_on
 from api.fields import Text, path_ref
 from dispatcher.db import utcnow
@@ -22,13 +23,9 @@ blueprint = Blueprint("callbacks", __name__, url_prefix="/callbacks")
 register_on(blueprint)
 
 
-class ListQuery(Schema):
+class ListQuery(KeyQuery):
     """?state=&page=&pageSize= of GET /callbacks."""
 
-    class Meta:
-        unknown = RAISE
-
-    key = fields.String()
     state = fields.String(
         load_default=None, validate=validate.OneOf([s.value for s in service.CallbackState])
     )
@@ -38,15 +35,6 @@ class ListQuery(Schema):
         data_key="pageSize",
         validate=validate.Range(min=1, max=service.MAX_PAGE_SIZE),
     )
-
-
-class KeyQuery(Schema):
-    """Only ?key= (the API key) is allowed in the query string."""
-
-    class Meta:
-        unknown = RAISE
-
-    key = fields.String()
 
 
 class EnableBody(Schema):
@@ -78,12 +66,9 @@ class CallbackReply(Schema):
     payload = fields.Raw(required=True, metadata={"type": "object"})
 
 
-class CallbackPage(Schema):
+class CallbackPage(Page):
     """GET /callbacks: one page of callbacks."""
 
-    page = fields.Integer(required=True)
-    pageSize = fields.Integer(required=True)
-    total = fields.Integer(required=True)
     callbacks = fields.List(fields.Nested(CallbackReply), required=True)
 
 

@@ -91,6 +91,18 @@ class Timestamp(fields.DateTime):
         return parsed
 
 
+class NaiveUtc(fields.DateTime):
+    """A stored (naive UTC) time written as ISO 8601 with ``Z``, to ``TIMESPEC``."""
+
+    TIMESPEC = "seconds"
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.isoformat(timespec=self.TIMESPEC) + "Z"
+
+
 class ClientUuid(fields.String):
     """A client-chosen UUID in its 8-4-4-4-12 hex form (the Messaging Plus ``id``/``uuid``)."""
 

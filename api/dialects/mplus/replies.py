@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from marshmallow import Schema, fields, validate
 
+from api.fields import NaiveUtc
 from dispatcher.states import BatchStatus, RecipientStatus
 
 RECIPIENT_STATUSES = [s.value for s in RecipientStatus]
 
 
-class IsoZ(fields.DateTime):
-    """Naive UTC written as ISO 8601 seconds with ``Z``."""
-
-    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
-        if value is None:
-            return None
-        assert isinstance(value, datetime)
-        return value.isoformat(timespec="seconds") + "Z"
+# Naive UTC as ISO 8601 seconds with ``Z``.
+IsoZ = NaiveUtc
 
 
 def _maybe(field: type[fields.Field], **kwargs: Any) -> fields.Field:
@@ -81,8 +75,16 @@ class Recipient(Schema):
     id = _maybe(fields.String)
 
 
+class Page(Schema):
+    """Where a page of a native listing sits (pages count from 0) and how many rows in all."""
+
+    page = fields.Integer(required=True)
+    pageSize = fields.Integer(required=True)
+    total = fields.Integer(required=True)
+
+
 class MessagesPage(Schema):
-    """GET /batch/{id}/messages: one page of recipients."""
+    """GET /batch/{id}/messages: one page of recipients (keys in this order on the wire)."""
 
     batchUuid = fields.String(required=True)
     page = fields.Integer(required=True)

@@ -91,13 +91,9 @@ class KeyQuery(Schema):
     key = fields.String()
 
 
-class MessageQuery(Schema):
+class MessageQuery(KeyQuery):
     """Query string of POST /message ("Add Message": ``key`` and the dry-run flag)."""
 
-    class Meta:
-        unknown = RAISE
-
-    key = fields.String()
     dry_run = fields.Boolean(load_default=False, data_key="dryRun")
 
     @pre_load
@@ -249,13 +245,9 @@ def load_messages(*, settings: Settings, body: Any) -> list[dict[str, Any]]:
     return loaded
 
 
-class PageQuery(Schema):
+class PageQuery(KeyQuery):
     """?page=&pageSize=&status= of listings (pages count from 0)."""
 
-    class Meta:
-        unknown = RAISE
-
-    key = fields.String()
     page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
     page_size = fields.Integer(
         load_default=100, data_key="pageSize", validate=validate.Range(min=1, max=1000)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
 from typing import Any
 
 from marshmallow import (
@@ -22,7 +21,7 @@ from marshmallow import (
     validates_schema,
 )
 
-from api.fields import Phone, Text, Timestamp, check_callback
+from api.fields import NaiveUtc, Phone, Text, Timestamp, check_callback
 from dispatcher.config import Settings
 from dispatcher.webhooks.sinch import STATUSES
 
@@ -32,14 +31,10 @@ MAX_TEXT = 2000
 MAX_BINARY_BYTES = 140
 
 
-class SinchTime(fields.DateTime):
+class SinchTime(NaiveUtc):
     """Naive UTC written as Sinch does: ``YYYY-MM-DDThh:mm:ss.SSSZ``."""
 
-    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
-        if value is None:
-            return None
-        assert isinstance(value, datetime)
-        return value.isoformat(timespec="milliseconds") + "Z"
+    TIMESPEC = "milliseconds"
 
 
 class Strict(Schema):
