@@ -44,4 +44,4 @@ USER dispatcher:dispatcher
 EXPOSE 8000 5555
 
 # The API by default; docker-compose.yml sets the command of every service.
-CMD ["gunicorn", "-c", "python:api.gunicorn_conf", "--bind", "0.0.0.0:8000", "--workers", "4", "api.wsgi:app"]
+CMD ["gunicorn", "--config", "python:dispatcher.gunicorn_conf", "--bind", "0.0.0.0:8000", "--workers", "4", "api.wsgi:app"]

@@ -16,7 +16,7 @@ from api.dialects.mplus.schemas import KeyQuery
 from api.errors import register_on
 from api.fields import Text, path_ref
 from dispatcher.db import utcnow
-from dispatcher.webhooks import service
+from dispatcher.webhooks import queries
 from dispatcher.webhooks.models import Callback, Endpoint
 
 blueprint = Blueprint("callbacks", __name__, url_prefix="/callbacks")
@@ -27,13 +27,13 @@ class ListQuery(KeyQuery):
     """?state=&page=&pageSize= of GET /callbacks."""
 
     state = fields.String(
-        load_default=None, validate=validate.OneOf([s.value for s in service.CallbackState])
+        load_default=None, validate=validate.OneOf([s.value for s in queries.CallbackState])
     )
     page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
     page_size = fields.Integer(
         load_default=100,
         data_key="pageSize",
-        validate=validate.Range(min=1, max=service.MAX_PAGE_SIZE),
+        validate=validate.Range(min=1, max=queries.MAX_PAGE_SIZE),
     )
 
 
@@ -52,7 +52,7 @@ class CallbackReply(Schema):
     id = fields.String(required=True)
     eventType = fields.String(required=True)
     state = fields.String(
-        required=True, validate=validate.OneOf([s.value for s in service.CallbackState])
+        required=True, validate=validate.OneOf([s.value for s in queries.CallbackState])
     )
     url = fields.String(required=True)
     batchUuid = fields.String(required=True, allow_none=True)
@@ -125,7 +125,7 @@ def endpoint_fields(e: Endpoint) -> dict[str, Any]:
 @blueprint.get("")
 def list_callbacks() -> dict[str, Any]:
     query = ListQuery().load(request.args)
-    rows, total = service.list_callbacks(
+    rows, total = queries.list_callbacks(
         session=ctx.session(),
         account_id=ctx.account().id,
         state=query["state"],
@@ -145,7 +145,7 @@ def list_callbacks() -> dict[str, Any]:
 @blueprint.post("/<callback_id>/retry")
 def retry_callback(callback_id: str) -> dict[str, Any]:
     KeyQuery().load(request.args)
-    callback = service.retry_callback(
+    callback = queries.retry_callback(
         session=ctx.session(),
         account_id=ctx.account().id,
         callback_id=path_ref(callback_id, what="callback"),
@@ -157,7 +157,7 @@ def retry_callback(callback_id: str) -> dict[str, Any]:
 @blueprint.get("/endpoints")
 def list_endpoints() -> dict[str, Any]:
     KeyQuery().load(request.args)
-    rows = service.list_endpoints(session=ctx.session(), account_id=ctx.account().id)
+    rows = queries.list_endpoints(session=ctx.session(), account_id=ctx.account().id)
     return EndpointList().dump({"endpoints": [endpoint_fields(e) for e in rows]})
 
 
@@ -166,7 +166,7 @@ def enable_endpoint() -> dict[str, Any]:
     KeyQuery().load(request.args)
     account = ctx.account()
     data = EnableBody().load(ctx.json_body())
-    released = service.enable_endpoint(
+    released = queries.enable_endpoint(
         session=ctx.session(),
         account_id=account.id,
         url=data["url"],

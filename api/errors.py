@@ -52,7 +52,7 @@ STATUS = {
     errors.Conflict: 409,
 }
 
-# The request head the app accepts; gunicorn's own limits (api/gunicorn_conf.py) are
+# The request head the app accepts; gunicorn's own limits (dispatcher/gunicorn_conf.py) are
 # set above these so that the app, not gunicorn's HTML page, answers in the dialect's shape.
 MAX_TARGET_BYTES = 8000
 MAX_HEADER_FIELDS = 100

@@ -285,10 +285,11 @@ OPERATIONS = (
         "get",
         "/metrics",
         "metrics",
-        "Prometheus metrics",
+        "Prometheus metrics (Bearer: DISPATCHER_METRICS_TOKEN; 404 when none is set)",
         replies={200: None},
         reply_type="text/plain",
-        **OPS,
+        tag="ops",
+        security=("bearer",),
     ),
     Op(
         "post",
@@ -398,6 +399,8 @@ ERRORS = {
 def _statuses(op: Op, path_params: list[str]) -> list[int]:
     """Each error status ``op`` can answer."""
     out = [405, 414, 431]
+    if op.op_id == "metrics":
+        return [*out, 401, 404]
     if op.tag == "ops":
         return [*out, 503] if op.path.startswith("/health") and op.path != "/health/live" else out
     # 404 too where nothing is named in the path: an id in the body can name what is gone.

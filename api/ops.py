@@ -11,16 +11,15 @@ import mimetypes
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 from marshmallow import Schema, fields, validate
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from swagger_ui_bundle import swagger_ui_path
-from werkzeug.exceptions import NotFound
 
 from api import context as ctx
 from api import openapi
 from api.errors import register_on
-from dispatcher import health
+from dispatcher import health, metrics
+from dispatcher.errors import NotFound, Unauthenticated
 
 blueprint = Blueprint("ops", __name__)
 register_on(blueprint)
@@ -69,9 +68,18 @@ def live() -> dict[str, Any]:
     return HealthReply().dump({"status": "ok", "checks": {"process": "ok"}, "failing": []})
 
 
-@blueprint.get("/metrics")
-def metrics() -> Response:
-    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+@blueprint.get("/metrics", endpoint="metrics")
+def metrics_view() -> Response:
+    # Bearer token (DISPATCHER_METRICS_TOKEN); without one configured, not served at all.
+    rt = ctx.runtime()
+    if not rt.settings.metrics_token:
+        raise NotFound("metrics are off: set DISPATCHER_METRICS_TOKEN")
+    if not metrics.token_ok(
+        expected=rt.settings.metrics_token, authorization=request.headers.get("Authorization")
+    ):
+        raise Unauthenticated("metrics need Authorization: Bearer <DISPATCHER_METRICS_TOKEN>")
+    body, content_type = metrics.exposition(metrics.backlog_for(rt))
+    return Response(body, content_type=content_type)
 
 
 @blueprint.get("/openapi.json")

@@ -195,8 +195,8 @@ def throughput(system: System, out: Out) -> None:
     )
     out.emit("resources", **sampler.result(intake.accepted))
     if system.sink is not None:
-        # The queued and sent events of every recipient are reported (delivered ones follow).
-        want = 2 * intake.accepted
+        # Every recipient reports queued, sent and delivered (without receipts: two).
+        want = (2 if args.receipt_delay >= args.timeout else 3) * intake.accepted
         deadline = time.monotonic() + args.timeout
         while system.sink.received < want and time.monotonic() < deadline:
             system.check_alive()
@@ -210,6 +210,11 @@ def throughput(system: System, out: Out) -> None:
             expected_at_least=want,
             seconds=round(elapsed, 3),
             what="callback POSTs received by the local sink / time from first intake request",
+        )
+        out.emit(
+            "callbacks_vs_sending",
+            value=round(min(got, want) / elapsed / (want / intake.accepted * e2e_rate), 3),
+            what="callbacks_per_s / (callbacks per recipient x end_to_end_recipients_per_s)",
         )
     out.emit("table_rows", **table_counts(system))
     log(

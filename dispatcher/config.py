@@ -121,6 +121,13 @@ class Settings:
     http_connect_timeout: float = 3.0
     http_read_timeout: float = 10.0
     dlr_secrets: dict[str, str] = field(default_factory=dict)
+    # A sent message with no receipt this long after its hand-off becomes ``unknown``:
+    # three days, the validity period SMSCs commonly apply, past which a carrier
+    # no longer tries and so no meaningful receipt can still come.
+    receipt_deadline: float = 3 * 24 * 3600.0
+    # A receipt matching no sent message yet is kept this long for its message's
+    # outcome to be recorded (must exceed send_lease: reclaim settles within it).
+    receipt_retention: float = 3600.0
 
     # Callbacks (webhooks).
     callback_retry_schedule: tuple[float, ...] = (
@@ -143,6 +150,33 @@ class Settings:
     # A due callback still pending this long after its publish is published again
     # (a publish lost after commit); the claim makes a duplicate task harmless.
     callback_requeue_after: float = 60.0
+    # Isolation: concurrent POSTs per endpoint (account + origin) across all workers,
+    # failures in a row that open its circuit breaker, and the breaker's first cooldown.
+    callback_endpoint_concurrency: int = 16
+    callback_breaker_failures: int = 5
+    callback_breaker_cooldown: float = 30.0
+    # Bound on one DNS lookup of a callback host.
+    callback_resolve_timeout: float = 2.0
+    # How long a deliver task waits for its POSTs before leaving slow ones to finish
+    # in the background (they record their own outcome).
+    callback_task_wait: float = 2.0
+
+    # Observability (see the README's "Observability").
+    # Bearer token for the API's /metrics; empty: /metrics answers 404.
+    metrics_token: str = ""
+    # An account label on recipient counters (cardinality grows with accounts).
+    metrics_per_account: bool = False
+    # Scrape-time backlog queries are cached this long (s).
+    metrics_cache_seconds: float = 5.0
+    # A Celery worker serves its pool's metrics on this port; 0: off.
+    worker_metrics_port: int = 0
+    worker_metrics_host: str = "127.0.0.1"
+    # json (one object per line) or text (for humans).
+    log_format: str = "json"
+    log_level: str = "INFO"
+    # Sentry is on only when a DSN is set (needs the `sentry` extra).
+    sentry_dsn: str = ""
+    sentry_environment: str = ""
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -188,11 +222,23 @@ class Settings:
             "callback_batch_size",
             "callback_requeue_after",
             "worker_seen_within",
+            "receipt_deadline",
+            "receipt_retention",
+            "callback_endpoint_concurrency",
+            "callback_breaker_failures",
+            "callback_breaker_cooldown",
+            "callback_resolve_timeout",
+            "callback_task_wait",
         )
         for name in positive:
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number, not {value}")
+        if self.receipt_retention <= self.send_lease:
+            raise ConfigError(
+                f"{PREFIX}RECEIPT_RETENTION must exceed {PREFIX}SEND_LEASE: a receipt that came "
+                "before its hand-off was recorded must outlive the reclaim of that hand-off"
+            )
         rates = {
             "min_send_at_lead": self.min_send_at_lead,
             "default_account_rate": self.default_account_rate,
@@ -204,6 +250,12 @@ class Settings:
         for name in ("api_port", "flower_port"):
             if not 1 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a TCP port (1-65535)")
+        if not 0 <= self.worker_metrics_port <= 65535:
+            raise ConfigError(f"{PREFIX}WORKER_METRICS_PORT must be 0 (off) or a TCP port")
+        if self.log_format not in {"json", "text"}:
+            raise ConfigError(f"{PREFIX}LOG_FORMAT must be json or text, not {self.log_format!r}")
+        if not math.isfinite(self.metrics_cache_seconds) or self.metrics_cache_seconds < 0:
+            raise ConfigError(f"{PREFIX}METRICS_CACHE_SECONDS must be zero or more")
         for name in ("send_retry_schedule", "callback_retry_schedule"):
             steps = getattr(self, name)
             if not steps or any(not math.isfinite(s) or s <= 0 for s in steps):

@@ -81,7 +81,14 @@ def test_compose_config_is_valid() -> None:
     tool = compose_tool()
     if tool is None:
         pytest.skip("no docker compose plugin nor docker-compose here")
-    env = {**os.environ, "POSTGRES_PASSWORD": "x", "FLOWER_USER": "u", "FLOWER_PASSWORD": "p"}
+    env = {
+        **os.environ,
+        "POSTGRES_PASSWORD": "x",
+        "FLOWER_USER": "u",
+        "FLOWER_PASSWORD": "p",
+        "METRICS_TOKEN": "t",
+        "GRAFANA_ADMIN_PASSWORD": "g",
+    }
     result = subprocess.run(
         [*tool, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
         env=env,
@@ -93,8 +100,8 @@ def test_compose_config_is_valid() -> None:
 
 
 def test_gunicorn_runs_with_the_same_settings_everywhere() -> None:
-    """make run, compose and the image's default command share api/gunicorn_conf.py."""
+    """make run, compose and the image's default command share dispatcher/gunicorn_conf.py."""
     local = commands(Settings())["api"]
-    assert "python:api.gunicorn_conf" in local
-    assert "python:api.gunicorn_conf" in words(compose()["services"]["api"]["command"])
-    assert '"python:api.gunicorn_conf"' in (ROOT / "Dockerfile").read_text()
+    assert "python:dispatcher.gunicorn_conf" in local
+    assert "python:dispatcher.gunicorn_conf" in words(compose()["services"]["api"]["command"])
+    assert '"python:dispatcher.gunicorn_conf"' in (ROOT / "Dockerfile").read_text()

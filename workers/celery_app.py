@@ -11,6 +11,7 @@ from celery.signals import worker_process_init
 from dispatcher import outbox
 from dispatcher.config import Settings
 from dispatcher.runtime import Runtime
+from workers import telemetry
 from workers.heartbeat import Heartbeat
 
 QUEUES = {
@@ -22,6 +23,7 @@ QUEUES = {
     "reclaim_stale": "dispatch",
     "expire_due": "dispatch",
     "simulator_receipts": "dispatch",
+    "sweep_receipts": "dispatch",
     "promote_callbacks": "callbacks",
 }
 
@@ -81,10 +83,12 @@ def create_celery(settings: Settings | None = None) -> Celery:
             },
             "expire-due": {"task": "expire_due", "schedule": 30.0},
             "simulator-receipts": {"task": "simulator_receipts", "schedule": 1.0},
+            "sweep-receipts": {"task": "sweep_receipts", "schedule": 5.0},
         },
     )
     runtime = Runtime(settings, CeleryPublisher(app))
     app.runtime = runtime
+    telemetry.install(app, settings)
     app.steps["consumer"].add(Heartbeat)  # /health/ready's sign of life
 
     @worker_process_init.connect(weak=False)

@@ -17,7 +17,8 @@ from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
 from dispatcher.receipts import service as receipts
 from dispatcher.runtime import Runtime
-from dispatcher.webhooks import service as webhooks
+from dispatcher.webhooks import delivery
+from dispatcher.webhooks import scheduling as callback_scheduling
 
 RETRYABLE = (OperationalError, redis.ConnectionError, redis.TimeoutError)
 
@@ -101,29 +102,35 @@ def expire_due(self: DispatcherTask) -> int:
 
 
 @task(name="simulator_receipts")
-def simulator_receipts(self: DispatcherTask) -> int:
+def simulator_receipts(self: DispatcherTask) -> dict[str, int]:
     rt = self.runtime
     simulator = next((p for p in rt.providers.values() if p.name == "simulator"), None)
     if simulator is None:
-        return 0
+        return {}
     due = simulator.due_receipts()  # type: ignore[attr-defined]
     if not due:
-        return 0
+        return {}
     with transaction(rt.sessions) as session:
-        return receipts.apply_many(
-            session=session,
-            receipts=due,
-            now=utcnow(),
-        )
+        return receipts.accept(
+            session=session, provider=simulator.name, receipts=due, now=utcnow()
+        ).as_dict()
+
+
+@task(name="sweep_receipts")
+def sweep_receipts(self: DispatcherTask) -> dict[str, int]:
+    rt = self.runtime
+    with transaction(rt.sessions) as session:
+        return receipts.sweep(session=session, settings=rt.settings, now=utcnow()).as_dict()
 
 
 @task(name="deliver_callbacks")
 def deliver_callbacks(self: DispatcherTask, callback_ids: list[str]) -> dict[str, int]:
     rt = self.runtime
-    return webhooks.deliver(
+    return delivery.deliver(
         factory=rt.sessions,
         settings=rt.settings,
         sender=rt.webhook_sender,
+        gate=delivery.gate_for(redis_client=rt.redis, settings=rt.settings),
         callback_ids=callback_ids,
     )
 
@@ -132,4 +139,9 @@ def deliver_callbacks(self: DispatcherTask, callback_ids: list[str]) -> dict[str
 def promote_callbacks(self: DispatcherTask) -> int:
     rt = self.runtime
     with transaction(rt.sessions) as session:
-        return webhooks.promote_due(session=session, settings=rt.settings, now=utcnow())
+        return callback_scheduling.promote_due(
+            session=session,
+            settings=rt.settings,
+            now=utcnow(),
+            gate=delivery.gate_for(redis_client=rt.redis, settings=rt.settings),
+        )

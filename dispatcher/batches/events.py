@@ -15,11 +15,11 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from dispatcher import outbox
+from dispatcher import metrics, outbox
 from dispatcher.batches.models import Batch, Recipient, StatusEvent
 from dispatcher.db import new_id
 from dispatcher.states import RecipientStatus
-from dispatcher.webhooks import payloads
+from dispatcher.webhooks.builders import callbacks_for
 from dispatcher.webhooks.models import Callback
 
 # What a bulk UPDATE ... RETURNING must return for Change.from_row.
@@ -89,7 +89,8 @@ def record(
             for c in changes
         ],
     )
-    callbacks = payloads.callbacks_for(batch=batch, status=status, changes=changes, at=at)
+    metrics.status_changed(session=session, batch=batch, status=status, changes=changes, at=at)
+    callbacks = callbacks_for(batch=batch, status=status, changes=changes, at=at)
     if not callbacks:
         return []
     rows = [

@@ -20,7 +20,6 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import object_session
 
 from dispatcher.states import RecipientStatus
-from dispatcher.webhooks import payloads
 from dispatcher.webhooks.payloads import PendingCallback, iso
 
 if TYPE_CHECKING:
@@ -46,6 +45,8 @@ _BY_STATE: dict[RecipientStatus, tuple[str, int]] = {
     R.EXPIRED: ("Expired", 406),
     R.REJECTED: ("Aborted", 408),
     R.FAILED: ("Failed", 254),
+    # Sinch's "Unknown": dispatched to the SMSC, but no receipt came (or none could be read).
+    R.UNKNOWN: ("Unknown", 0),
 }
 # Failures refine by the error our engine recorded (see engine/sending.py, channels/*).
 _FAILED_BY_ERROR: dict[str, tuple[str, int]] = {
@@ -214,6 +215,3 @@ def callbacks(
     outcomes = outcomes_of(session, batch.id)
     payload = summary(batch=batch, outcomes=outcomes, full=mode == "full")
     return [PendingCallback(batch.callback_url, payload["type"], payload, None)]
-
-
-payloads.BUILDERS["sinch"] = callbacks

@@ -1,4 +1,4 @@
-"""A real gunicorn serving the API on 127.0.0.1, as `make run` starts it (api/gunicorn_conf.py)."""
+"""A real gunicorn serving the API on 127.0.0.1, as `make run` starts it."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def gunicorn(settings: Settings, log_dir: Path, *, workers: int = 1) -> Iterator
         "-m",
         "gunicorn",
         "-c",
-        "python:api.gunicorn_conf",
+        "python:dispatcher.gunicorn_conf",
         "--bind",
         f"127.0.0.1:{port}",
         "--workers",
