@@ -75,7 +75,13 @@ def test_the_server_matches_its_openapi_document(
         log = tmp_path / "schemathesis.log"
         with log.open("w") as out:
             result = subprocess.run(
-                argv, stdout=out, stderr=subprocess.STDOUT, timeout=150, check=False
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # Its cache (.schemathesis/) goes under the test's own directory.
+                cwd=tmp_path,
+                timeout=150,
+                check=False,
             )
     health.forget(client=beats, queues=health.QUEUES, hostname="schemathesis@test")
     beats.close()
