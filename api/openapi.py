@@ -22,6 +22,7 @@ from api.dialects import eightbyeight
 from api.dialects.mplus import replies as mplus_replies
 from api.dialects.mplus import report
 from api.dialects.mplus import schemas as mplus
+from api.dialects.sinch import inbounds as sinch_inbounds
 from api.dialects.sinch import schemas as sinch
 from api.errors import CODES
 from dispatcher.config import Settings
@@ -100,6 +101,9 @@ def _schemas(settings: Settings) -> dict[str, Schema | type[Schema]]:
         "SinchDeliveryReport": sinch.DeliveryReport,
         "SinchRecipientDeliveryReport": sinch.RecipientDeliveryReport,
         "SinchError": sinch.ErrorReply,
+        "SinchInboundQuery": sinch_inbounds.InboundQuery,
+        "SinchInbound": sinch_inbounds.Inbound,
+        "SinchInboundPage": sinch_inbounds.InboundPage,
     }
 
 
@@ -108,6 +112,7 @@ ID = {"type": "string", "minLength": 1, "maxLength": 100, "pattern": r"^[\x21-\x
 PATH_PARAMS: dict[str, dict[str, Any]] = {
     "batch_id": ID,
     "callback_id": ID,
+    "inbound_id": ID,
     "service_plan_id": {**ID, "description": "Your account id"},
     "sub_account_id": {**ID, "description": "Your account id"},
     "provider": {"type": "string", "enum": sorted(receipts.PROVIDERS)},
@@ -378,6 +383,23 @@ OPERATIONS = (
         "sinchRecipientDeliveryReport",
         "Recipient delivery report",
         replies={200: "SinchRecipientDeliveryReport"},
+        **SINCH,
+    ),
+    Op(
+        "get",
+        "/xms/v1/{service_plan_id}/inbounds",
+        "sinchListInbounds",
+        "List inbound messages",
+        query="SinchInboundQuery",
+        replies={200: "SinchInboundPage"},
+        **SINCH,
+    ),
+    Op(
+        "get",
+        "/xms/v1/{service_plan_id}/inbounds/{inbound_id}",
+        "sinchGetInbound",
+        "Get an inbound message",
+        replies={200: "SinchInbound"},
         **SINCH,
     ),
 )

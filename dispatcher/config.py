@@ -118,6 +118,9 @@ class Settings:
     simulator: dict[str, Any] = field(default_factory=dict)
     http_provider_url: str = ""
     http_provider_token: str = ""
+    # SMPP connections and routes (see the README's SMPP section): inline JSON or a file.
+    smpp: dict[str, Any] = field(default_factory=dict)
+    smpp_file: str = ""
     http_connect_timeout: float = 3.0
     http_read_timeout: float = 10.0
     dlr_secrets: dict[str, str] = field(default_factory=dict)
@@ -160,6 +163,15 @@ class Settings:
     # How long a deliver task waits for its POSTs before leaving slow ones to finish
     # in the background (they record their own outcome).
     callback_task_wait: float = 2.0
+
+    # Retention: finished batches older than this many days are purged with their
+    # recipients, attempts, events and callbacks (0 keeps everything). Also how long
+    # a client id stays taken (an idempotent retry returns the original batch).
+    retention_days: float = 0.0
+    # Rows deleted per purge transaction (short ones: sending goes on in between).
+    retention_chunk: int = 500
+    # Seconds between purge runs.
+    retention_interval: float = 3600.0
 
     # Observability (see the README's "Observability").
     # Bearer token for the API's /metrics; empty: /metrics answers 404.
@@ -222,6 +234,8 @@ class Settings:
             "callback_batch_size",
             "callback_requeue_after",
             "worker_seen_within",
+            "retention_chunk",
+            "retention_interval",
             "receipt_deadline",
             "receipt_retention",
             "callback_endpoint_concurrency",
@@ -242,6 +256,7 @@ class Settings:
         rates = {
             "min_send_at_lead": self.min_send_at_lead,
             "default_account_rate": self.default_account_rate,
+            "retention_days": self.retention_days,
             **{f"channel_rates[{k}]": v for k, v in self.channel_rates.items()},
         }
         for name, value in rates.items():
@@ -260,8 +275,21 @@ class Settings:
             steps = getattr(self, name)
             if not steps or any(not math.isfinite(s) or s <= 0 for s in steps):
                 raise ConfigError(f"{PREFIX}{name.upper()} must list positive delays")
-        if self.provider not in {"simulator", "http"}:
-            raise ConfigError(f"{PREFIX}PROVIDER must be simulator or http, not {self.provider!r}")
+        if self.provider not in {"simulator", "http", "smpp"}:
+            raise ConfigError(
+                f"{PREFIX}PROVIDER must be simulator, http or smpp, not {self.provider!r}"
+            )
+        if self.provider == "smpp":
+            self.smpp_config()
+
+    def smpp_config(self) -> Any:
+        """The checked SMPP configuration (ConfigError naming the field if it is wrong)."""
+        from dispatcher.channels.smpp.config import SmppConfigError, load
+
+        try:
+            return load(inline=self.smpp, path=self.smpp_file)
+        except SmppConfigError as exc:
+            raise ConfigError(str(exc)) from exc
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

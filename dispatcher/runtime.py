@@ -66,6 +66,10 @@ class Runtime:
                 connect_timeout=self.settings.http_connect_timeout,
                 read_timeout=self.settings.http_read_timeout,
             )
+        elif self.settings.provider == "smpp":
+            from dispatcher.channels.smpp.provider import SmppProvider
+
+            provider = SmppProvider(redis_client=self.redis, config=self.settings.smpp_config())
         else:
             raise ValueError(f"unknown provider {self.settings.provider!r}")
         return {channel: provider for channel in self.settings.channels}

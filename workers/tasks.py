@@ -13,6 +13,7 @@ import redis
 from celery import Task, shared_task
 from sqlalchemy.exc import OperationalError
 
+from dispatcher import retention
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
 from dispatcher.receipts import service as receipts
@@ -145,3 +146,9 @@ def promote_callbacks(self: DispatcherTask) -> int:
             now=utcnow(),
             gate=delivery.gate_for(redis_client=rt.redis, settings=rt.settings),
         )
+
+
+@task(name="purge_retention")
+def purge_retention(self: DispatcherTask) -> dict[str, int]:
+    rt = self.runtime
+    return retention.purge(factory=rt.sessions, settings=rt.settings, now=utcnow()).as_dict()

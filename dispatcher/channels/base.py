@@ -36,6 +36,9 @@ class OutboundMessage:
     body: str
     # 1 for the first attempt on this channel.
     attempt: int = 1
+    # For routing per account and a carrier-side validity period (SMPP).
+    account_id: str | None = None
+    expire_at: datetime | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -62,6 +65,8 @@ class Receipt:
     error_text: str | None = None
     # The carrier's time of the final state (SMPP "done date"), if it gives one.
     done_at: datetime | None = None
+    # The carrier's own word for the state (SMPP stat and err, e.g. UNDELIV:034).
+    carrier_status: str | None = None
 
 
 class Provider(ABC):

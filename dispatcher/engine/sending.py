@@ -149,6 +149,8 @@ def send_recipients(
                 sender=batch.sender,
                 body=row.body or batch.body,
                 attempt=row.attempts,
+                account_id=batch.account_id,
+                expire_at=batch.expire_at,
             )
             for row in claimed
         ]
@@ -305,6 +307,8 @@ def reclaim_stale(
             sender=batch.sender,
             body=rec.body or batch.body,
             attempt=rec.attempts,
+            account_id=batch.account_id,
+            expire_at=batch.expire_at,
         )
         found, ref = provider.lookup(message) if provider else (Lookup.UNKNOWN, None)
         to, values = RECLAIMED[found]

@@ -267,6 +267,11 @@ def valid_request(endpoint: str) -> Valid:
             None, {"type": "full", "status": "Queued,Delivered", "code": "400,0"}
         ),
         "sinch.recipient_delivery_report": Valid(),
+        "sinch_inbounds.list_inbounds": Valid(
+            None,
+            {"page": "0", "page_size": "10", "to": "447700,Shop", "start_date": later(-1)},
+        ),
+        "sinch_inbounds.get_inbound": Valid(),
     }
     return table[endpoint]
 
@@ -303,6 +308,8 @@ ENDPOINTS = [
     "sinch.delivery_feedback",
     "sinch.delivery_report",
     "sinch.recipient_delivery_report",
+    "sinch_inbounds.list_inbounds",
+    "sinch_inbounds.get_inbound",
 ]
 WITH_BODY = [e for e in ENDPOINTS if valid_request(e).body is not None]
 WITH_QUERY = [e for e in ENDPOINTS if valid_request(e).query]
@@ -617,7 +624,7 @@ def dialect_of(app: Flask, method: str, path: str) -> str:
     except HTTPException:
         # Routing errors (404, 405) are answered app-wide in the shape of the path's dialect.
         return "sinch" if unquote(path, errors="replace").startswith("/xms/") else "native"
-    return "sinch" if str(endpoint).startswith("sinch.") else "native"
+    return "sinch" if str(endpoint).startswith(("sinch.", "sinch_inbounds.")) else "native"
 
 
 def assert_well_formed(world: World, call: Call, response: TestResponse) -> None:
@@ -787,6 +794,7 @@ def test_random_requests(world: World, endpoint: str, data: st.DataObject) -> No
         "recipient": [A, "447700900002", quoted(A)],
         "provider": ["http"],
         "callback_id": [str(uuid.uuid4())],
+        "inbound_id": [str(uuid.uuid4())],
         "filename": ["openapi.json", "a/b.txt"],
         "name": ["swagger-ui.css", "dispatcher-init.js", "index.j2"],
     }
