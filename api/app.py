@@ -58,13 +58,15 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             session.rollback()
             session.close()
 
-    from api import openapi
-    from api.dialects import callbacks, dlr, eightbyeight, mplus, ops, reports, sinch
+    from api import callbacks, ops, receipts
+    from api.dialects import eightbyeight, mplus, sinch
+    from api.dialects.mplus import report
+    from api.dialects.sinch import errors as sinch_errors
     from api.errors import register
 
-    for dialect in (mplus, eightbyeight, sinch, callbacks, dlr, reports, ops):
-        app.register_blueprint(dialect.blueprint)
+    for module in (mplus, report, eightbyeight, sinch, callbacks, receipts, ops):
+        app.register_blueprint(module.blueprint)
     app.register_blueprint(sinch.inbounds_blueprint)
-    openapi.register(app)
-    register(app)
+    sinch_shape = (sinch_errors.handle_http, sinch_errors.handle_unexpected)
+    register(app, by_prefix={"/xms/": sinch_shape})
     return app

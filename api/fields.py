@@ -7,14 +7,14 @@ import socket
 from datetime import UTC, datetime
 from typing import Any
 
-from marshmallow import ValidationError, fields
+from marshmallow import ValidationError, fields, validate
 
 from dispatcher import netsafety
 from dispatcher.config import Settings
 from dispatcher.errors import NotFound
 from dispatcher.phones import InvalidNumber, to_e164
 
-CLIENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,100}$")
+UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
 # ASCII only: str.isdigit() also accepts Arabic-Indic, fullwidth... digits, which
 # phonenumbers would silently fold into a different, valid-looking number.
 E164_TEXT = re.compile(r"^\+?[0-9]+$")
@@ -35,6 +35,10 @@ def storable(text: str) -> str | None:
     return None
 
 
+# Documented as the JSON Schema ``pattern`` too (anchored, so search and match agree).
+NOT_BLANK = validate.Regexp(r"^\s*\S", error="must not be blank")
+
+
 class Text(fields.String):
     """A string every database can store: no NUL, no lone surrogates."""
 
@@ -48,6 +52,10 @@ class Text(fields.String):
 
 class Phone(fields.String):
     """An E.164 number (leading + optional), normalised to +digits."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        pattern = r"^\s*\+?[0-9]{1,19}\s*$"
+        super().__init__(metadata={"pattern": pattern, "example": "+447700900123"}, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         if not isinstance(value, str):
@@ -83,13 +91,28 @@ class Timestamp(fields.DateTime):
         return parsed
 
 
-class ClientId(fields.String):
-    """A client-chosen identifier: 1-100 of letters, digits and ._:-"""
+class NaiveUtc(fields.DateTime):
+    """A stored (naive UTC) time written as ISO 8601 with ``Z``, to ``TIMESPEC``."""
+
+    TIMESPEC = "seconds"
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.isoformat(timespec=self.TIMESPEC) + "Z"
+
+
+class ClientUuid(fields.String):
+    """A client-chosen UUID in its 8-4-4-4-12 hex form (the Messaging Plus ``id``/``uuid``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(metadata={"format": "uuid", "pattern": UUID_TEXT.pattern}, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
-        if not CLIENT_ID.match(text):
-            raise ValidationError("must be 1-100 characters of letters, digits and ._:-")
+        if not UUID_TEXT.match(text):
+            raise ValidationError("must be a UUID (8-4-4-4-12 hex digits)")
         return text
 
 

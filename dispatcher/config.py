@@ -86,6 +86,8 @@ class Settings:
     flower_basic_auth: str = ""
     send_concurrency: int = 2
     callback_concurrency: int = 2
+    # /health/ready wants a worker on each queue whose heartbeat is at most this old.
+    worker_seen_within: float = 30.0
 
     # Intake limits.
     channels: tuple[str, ...] = ("sms", "rcs", "whatsapp")
@@ -262,6 +264,7 @@ class Settings:
             "task_time_limit",
             "periodic_expires",
             "dead_letter_after",
+            "worker_seen_within",
             "retention_chunk",
             "retention_interval",
             "receipt_deadline",

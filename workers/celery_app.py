@@ -13,6 +13,7 @@ from dispatcher.config import Settings
 from dispatcher.outbox import TaskName
 from dispatcher.runtime import Runtime
 from workers import telemetry
+from workers.heartbeat import Heartbeat
 
 
 class CeleryPublisher:
@@ -90,6 +91,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
     runtime = Runtime(settings, CeleryPublisher(app))
     app.runtime = runtime
     telemetry.install(app, settings)
+    app.steps["consumer"].add(Heartbeat)  # /health/ready's sign of life
 
     @worker_process_init.connect(weak=False)
     def _after_fork(**_: Any) -> None:

@@ -6,15 +6,23 @@ import re
 from typing import Any
 
 from flask import Blueprint, Response
+from marshmallow import Schema, fields
 
 from api import context as ctx
-from api.errors import error_response, register_on
+from api.errors import NativeError, error_response, register_on
 from api.fields import batch_ref
 from dispatcher.batches import service
 from dispatcher.errors import Conflict, Unauthenticated
 
 blueprint = Blueprint("eightbyeight", __name__, url_prefix="/api/v1/subaccounts")
 register_on(blueprint)
+
+
+class CancelledCount(Schema):
+    """The 8x8 cancel reply (8x8 Chat Apps API)."""
+
+    cancelledCount = fields.Integer(required=True)
+
 
 SUBACCOUNT = re.compile(r"^[A-Za-z0-9\-._&]{3,50}$")
 
@@ -28,9 +36,7 @@ def _unauthenticated(_exc: Unauthenticated) -> Response:
 def cancel_batch(sub_account_id: str, batch_id: str) -> Any:
     account = ctx.account()
     if not SUBACCOUNT.match(sub_account_id) or sub_account_id != account.id:
-        return error_response(
-            400, "Provided subAccountId doesn't belongs to your account", code=1001
-        )
+        raise NativeError(400, "Provided subAccountId doesn't belongs to your account", code=1001)
     try:
         _batch, count = service.cancel_batch(
             session=ctx.session(),
@@ -41,4 +47,4 @@ def cancel_batch(sub_account_id: str, batch_id: str) -> Any:
     except Conflict:
         # Nothing left to cancel: 8x8 reports it as a count of zero.
         count = 0
-    return {"cancelledCount": count}
+    return CancelledCount().dump({"cancelledCount": count})

@@ -182,7 +182,7 @@ def test_other_tenant_cannot_reach_a_batch_by_its_client_id(
     tenant: Tenant,
     other_tenant: Tenant,
 ) -> None:
-    client_id = f"ref-{uuid.uuid4().hex}"
+    client_id = str(uuid.uuid4())
     created = client.post("/batch", json=minimum(id=client_id), headers=tenant.auth)
     assert created.status_code == 200
     refused(client.get(f"/batch/{client_id}", headers=other_tenant.auth), 404)

@@ -34,6 +34,7 @@ from werkzeug.routing import Rule
 from werkzeug.test import TestResponse
 
 from api.app import create_app
+from dispatcher import health
 from dispatcher.batches.models import Batch, Recipient
 from dispatcher.config import Settings
 from dispatcher.db import utcnow
@@ -44,7 +45,7 @@ from tests.helpers.sinch import mark_sent, start_sending
 
 A, B, C = "+447700900001", "+447700900002", "+447700900003"
 SECRET = "dlr-fuzz-0123456789abcdef"
-CLIENT_ID = "fuzz-batch-1"
+CLIENT_ID = "0f0f0f0f-0000-4000-8000-00000000fb01"
 
 
 def fuzz(examples: int) -> settings:
@@ -132,6 +133,9 @@ def world(
         f"/xms/v1/{tenant.id}/groups", json={"name": "Fuzz", "members": [A, B]}, headers=tenant.auth
     )
     assert group.status_code == 201, group.get_json()
+    # /health/ready answers 200 only with a worker on every queue: stand in for them.
+    redis_client = client.application.extensions["dispatcher"].redis
+    health.beat(client=redis_client, queues=health.QUEUES, hostname="fuzz@test", ttl=120)
     made = World(
         client=client,
         sessions=sessions,
@@ -190,7 +194,7 @@ def valid_request(endpoint: str) -> Valid:
                 "message": "Hello",
                 "destinations": [A, B],
                 "callback": "http://127.0.0.1:9/cb",
-                "id": "fuzz-create",
+                "id": "0f0f0f0f-0000-4000-8000-00000000fc01",
                 "send_at": later(1),
                 "channel": "sms",
                 "fallback_channels": ["sms"],
@@ -199,7 +203,10 @@ def valid_request(endpoint: str) -> Valid:
         ),
         "mplus.create_messages": Valid(
             {
-                "messages": [{"to": A, "body": "Hi", "id": "fuzz-m1"}, {"to": B}],
+                "messages": [
+                    {"to": A, "body": "Hi", "id": "0f0f0f0f-0000-4000-8000-00000000f301"},
+                    {"to": B},
+                ],
                 "defaults": {
                     "from": {"type": "custom", "value": "Shop"},
                     "body": "Hello",
@@ -225,9 +232,13 @@ def valid_request(endpoint: str) -> Valid:
                 {"id": "carrier-2", "status": "failed", "error": {"code": "1", "text": "busy"}},
             ]
         ),
-        "ops.health": Valid(),
+        "ops.health_check": Valid(),
+        "ops.live": Valid(),
+        "ops.ready": Valid(),
         "ops.metrics": Valid(),
-        "openapi": Valid(),
+        "ops.openapi_document": Valid(),
+        "ops.docs": Valid(),
+        "ops.docs_asset": Valid(),
         "static": Valid(),
         "sinch.send": Valid(sinch_send),
         "sinch.list_batches": Valid(
@@ -304,9 +315,13 @@ ENDPOINTS = [
     "callbacks.list_endpoints",
     "callbacks.enable_endpoint",
     "dlr.receive",
-    "ops.health",
+    "ops.health_check",
+    "ops.live",
+    "ops.ready",
     "ops.metrics",
-    "openapi",
+    "ops.openapi_document",
+    "ops.docs",
+    "ops.docs_asset",
     "static",
     "sinch.send",
     "sinch.list_batches",
@@ -594,6 +609,7 @@ def call_for(world: World, endpoint: str, **changes: Any) -> Call:
         "provider": "http",
         "callback_id": str(uuid.UUID(int=1)),
         "filename": "openapi.json",
+        "name": "swagger-ui.css",
         **changes.pop("params", {}),
     }
     params = {k: v for k, v in params.items() if k in rule.arguments}
@@ -640,7 +656,8 @@ def dialect_of(app: Flask, method: str, path: str) -> str:
             unquote(path, errors="replace"), method=method
         )
     except HTTPException:
-        return "native"  # routing errors are answered app-wide
+        # Routing errors (404, 405) are answered app-wide in the shape of the path's dialect.
+        return "sinch" if unquote(path, errors="replace").startswith("/xms/") else "native"
     return "sinch" if str(endpoint).startswith(("sinch.", "sinch_inbounds.")) else "native"
 
 
@@ -814,6 +831,7 @@ def test_random_requests(world: World, endpoint: str, data: st.DataObject) -> No
         "callback_id": [str(uuid.uuid4())],
         "inbound_id": [str(uuid.uuid4())],
         "filename": ["openapi.json", "a/b.txt"],
+        "name": ["swagger-ui.css", "dispatcher-init.js", "index.j2"],
     }
     params = {
         name: data.draw(

@@ -281,17 +281,26 @@ def test_same_id_with_a_different_body_conflicts(
     assert batch.body == "mplus test message!"
 
 
-def test_non_uuid_client_id_works_in_urls(client: FlaskClient, tenant: Tenant) -> None:
-    client_id = f"order-{uuid.uuid4().hex[:8]}"
-    response = post(client, tenant, minimum(id=client_id))
-    identifier = response.get_json()["identifier"]
-    assert identifier != client_id
-    got = client.get(f"/batch/{client_id}", headers=tenant.auth)
-    assert got.status_code == 200
-    assert got.get_json()["identifier"] == identifier
-    assert got.get_json()["id"] == client_id
-    deleted = client.delete(f"/batch/{client_id}", headers=tenant.auth)
-    assert deleted.get_json() == {"identifier": identifier, "cancelledCount": 1}
+@pytest.mark.parametrize("field", ["id", "uuid"])
+def test_an_id_that_is_not_a_uuid_is_refused_naming_the_field(
+    client: FlaskClient, tenant: Tenant, ledger: Ledger, field: str
+) -> None:
+    # ``uuid`` is folded into its canonical spelling ``id`` before validation.
+    body = refused(post(client, tenant, minimum(**{field: "not-a-uuid"})), 400, "id")
+    assert "UUID" in body["message"]
+    ledger.assert_unchanged()
+
+
+def test_a_callback_with_a_lone_surrogate_is_refused(
+    client: FlaskClient, tenant: Tenant, ledger: Ledger
+) -> None:
+    raw = b'{"from": "Shop", "message": "Hi", "destinations": ["447700900001"], '
+    raw += b'"callback": "https://example.com/\\ud800"}'
+    response = client.post(
+        "/batch", data=raw, headers={**tenant.auth, "Content-Type": "application/json"}
+    )
+    refused(response, 400, "callback")
+    ledger.assert_unchanged()
 
 
 def test_client_uuid_works_in_get_and_delete(client: FlaskClient, tenant: Tenant) -> None:

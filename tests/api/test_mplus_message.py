@@ -607,7 +607,7 @@ def test_malformed_json_is_refused(client: FlaskClient, tenant: Tenant, ledger: 
 def test_client_id_of_a_message_finds_its_batch(
     client: FlaskClient, sessions: sessionmaker[Session], tenant: Tenant
 ) -> None:
-    client_id = f"msg-{uuid.uuid4().hex}"
+    client_id = str(uuid.uuid4())
     [item] = ok(post(client, tenant, {"messages": [one(id=client_id)]}))
     got = client.get(f"/batch/{client_id}/messages", headers=tenant.auth).get_json()
     assert [m["messageUuid"] for m in got["messages"]] == [item["messageUuid"]]

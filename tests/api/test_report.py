@@ -143,8 +143,9 @@ def test_report_pages_from_zero_and_filters_by_status(
 def test_report_finds_the_batch_by_the_clients_id_and_shows_message_ids(
     client: FlaskClient, sessions: sessionmaker[Session], tenant: Tenant
 ) -> None:
-    batch_id = make_batch(client, sessions, tenant, [R.SENT], id="my-order-42")
-    body = report(client, tenant, "my-order-42").get_json()
+    client_id = str(uuid.uuid4())
+    batch_id = make_batch(client, sessions, tenant, [R.SENT], id=client_id)
+    body = report(client, tenant, client_id).get_json()
     assert body["batchUuid"] == batch_id
     assert body["recipients"][0]["status"] == "sent"
 
@@ -161,9 +162,10 @@ def test_report_accepts_the_key_in_the_query(
 def test_another_accounts_batch_is_404(
     client: FlaskClient, sessions: sessionmaker[Session], tenant: Tenant, other_tenant: Tenant
 ) -> None:
-    theirs = make_batch(client, sessions, other_tenant, id="shared-client-id")
+    client_id = str(uuid.uuid4())
+    theirs = make_batch(client, sessions, other_tenant, id=client_id)
     refused(report(client, tenant, theirs), 404)
-    refused(report(client, tenant, "shared-client-id"), 404)
+    refused(report(client, tenant, client_id), 404)
     assert report(client, other_tenant, theirs).status_code == 200
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from api.dialects.mplus import replies
 from dispatcher.batches import service
 from dispatcher.batches.models import Batch, Recipient
 
@@ -18,25 +19,27 @@ def iso(at: datetime | None) -> str | None:
 
 def dump_batch(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
     """A batch with its recipient counts per state."""
-    return {
-        "identifier": batch.id,
-        "id": batch.client_id,
-        "status": batch.status.value,
-        "from": batch.sender,
-        "message": batch.body,
-        "channels": batch.channels,
-        "callback": batch.callback_url,
-        "sendAt": iso(batch.send_at),
-        "expireAt": iso(batch.expire_at),
-        "createdAt": iso(batch.created_at),
-        "completedAt": iso(batch.completed_at),
-        "recipients": batch.recipient_count,
-        "counts": counts,
-    }
+    return replies.Batch().dump(
+        {
+            "identifier": batch.id,
+            "id": batch.client_id,
+            "status": batch.status.value,
+            "sender": batch.sender,
+            "message": batch.body,
+            "channels": batch.channels,
+            "callback": batch.callback_url,
+            "sendAt": batch.send_at,
+            "expireAt": batch.expire_at,
+            "createdAt": batch.created_at,
+            "completedAt": batch.completed_at,
+            "recipients": batch.recipient_count,
+            "counts": counts,
+        }
+    )
 
 
-def dump_recipient(r: Recipient) -> dict[str, Any]:
-    """One recipient's status."""
+def recipient_fields(r: Recipient) -> dict[str, Any]:
+    """One recipient's status, before dumping (replies.Recipient or replies.ReportRow)."""
     return {
         "messageUuid": r.id,
         "to": r.to,
@@ -46,10 +49,23 @@ def dump_recipient(r: Recipient) -> dict[str, Any]:
         "parts": r.parts,
         "providerMessageId": r.provider_message_id,
         "error": {"code": r.error_code, "text": r.error_text} if r.error_code else None,
-        "sentAt": iso(r.sent_at),
-        "updatedAt": iso(r.updated_at),
+        "sentAt": r.sent_at,
+        "updatedAt": r.updated_at,
         "id": r.client_id,
     }
+
+
+def dump_page(batch: Batch, rows: list[Recipient], total: int, query: dict[str, Any]) -> Any:
+    """GET /batch/{id}/messages: one page of recipients."""
+    return replies.MessagesPage().dump(
+        {
+            "batchUuid": batch.id,
+            "page": query["page"],
+            "pageSize": query["page_size"],
+            "total": total,
+            "messages": [recipient_fields(r) for r in rows],
+        }
+    )
 
 
 def message_of(entry: dict[str, Any]) -> service.NewMessage:
@@ -78,7 +94,7 @@ def dump_message(
     return {
         "to": to_as_sent,
         "body": m.body,
-        "from": {"type": "shared" if m.shared_sender else "custom", "value": sender},
+        "sender": {"type": "shared" if m.shared_sender else "custom", "value": sender},
         "batchUuid": batch.id if batch else None,
         "messageUuid": service.first_recipient_id(session=session, batch=batch) if batch else None,
         "scheduled": m.send_at is not None,
@@ -101,10 +117,12 @@ def batch_of(data: dict[str, Any], *, allow_multi: bool) -> service.NewBatch:
 
 def dump_dry_run(report: service.DryRun) -> dict[str, Any]:
     """What a dry run of POST /batch would have sent."""
-    return {
-        "identifier": None,
-        "dryRun": True,
-        "recipients": report.recipients,
-        "parts": report.parts,
-        "encoding": report.encoding,
-    }
+    return replies.DryRun().dump(
+        {
+            "identifier": None,
+            "dryRun": True,
+            "recipients": report.recipients,
+            "parts": report.parts,
+            "encoding": report.encoding,
+        }
+    )

@@ -20,12 +20,20 @@ from marshmallow import (
     validates_schema,
 )
 
-from api.fields import ClientId, Phone, Text, Timestamp, check_callback, check_channel
+from api.fields import (
+    NOT_BLANK,
+    ClientUuid,
+    Phone,
+    Text,
+    Timestamp,
+    check_callback,
+)
 from dispatcher.config import Settings
 from dispatcher.db import utcnow
 from dispatcher.states import RecipientStatus
 
-SENDER = validate.Length(min=1, max=64)
+SENDER = [validate.Length(min=1, max=64), NOT_BLANK]
+URL = validate.Length(min=1, max=2048)
 
 
 class SettingsSchema(Schema):
@@ -37,6 +45,15 @@ class SettingsSchema(Schema):
     def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.settings = settings
+        self.limit(settings)
+
+    def limit(self, settings: Settings) -> None:
+        """Put the limits in force on the fields, where /openapi.json reads them too."""
+
+    def channel_choice(self) -> validate.OneOf:
+        """One of the configured channels."""
+        channels = self.settings.channels
+        return validate.OneOf(channels, error=f"must be one of {', '.join(channels)}")
 
     def check_send_at(self, data: dict[str, Any], name: str = "send_at") -> None:
         """send_at must be at least the configured lead time into the future."""
@@ -65,13 +82,18 @@ def merge_aliases(data: Any, pairs: dict[str, str]) -> Any:
     return data
 
 
-class MessageQuery(Schema):
-    """Query string of POST /message ("Add Message": ``key`` and the dry-run flag)."""
+class KeyQuery(Schema):
+    """Only ?key= (the API key, when not given as a Bearer token)."""
 
     class Meta:
         unknown = RAISE
 
     key = fields.String()
+
+
+class MessageQuery(KeyQuery):
+    """Query string of POST /message ("Add Message": ``key`` and the dry-run flag)."""
+
     dry_run = fields.Boolean(load_default=False, data_key="dryRun")
 
     @pre_load
@@ -91,11 +113,23 @@ class BatchSchema(SettingsSchema):
     sender = Text(required=True, data_key="from", validate=SENDER)
     message = Text(required=True)
     destinations = fields.List(Phone(), required=True)
-    callback = fields.String(load_default=None)
-    id = ClientId(load_default=None)
+    callback = Text(load_default=None, validate=URL, metadata={"format": "uri"})
+    id = ClientUuid(load_default=None)
     send_at = Timestamp(load_default=None)
     channel = fields.String(load_default=None)
     fallback_channels = fields.List(fields.String(), load_default=list)
+
+    def limit(self, settings: Settings) -> None:
+        body, count = settings.max_body_length, settings.max_destinations
+        self.fields["message"].validators = [
+            validate.Length(max=body, error=f"must be at most {body} characters"),
+            validate.Regexp(r"^\s*\S", error="must not be empty"),
+        ]
+        self.fields["destinations"].validators = [
+            validate.Length(min=1, max=count, error=f"must hold 1 to {count} numbers")
+        ]
+        self.fields["channel"].validators = [self.channel_choice()]
+        self.fields["fallback_channels"].inner.validators = [self.channel_choice()]  # type: ignore[attr-defined]
 
     @pre_load
     def _aliases(self, data: Any, **_: Any) -> Any:
@@ -103,22 +137,8 @@ class BatchSchema(SettingsSchema):
 
     @validates_schema
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
-        s = self.settings
-        if not data.get("sender", "x").strip():
-            raise ValidationError("must not be blank", "from")
-        if not data.get("message", "x").strip():
-            raise ValidationError("must not be empty", "message")
-        if len(data.get("message", "")) > s.max_body_length:
-            raise ValidationError(f"must be at most {s.max_body_length} characters", "message")
-        count = len(data.get("destinations", []))
-        if not 1 <= count <= s.max_destinations:
-            raise ValidationError(f"must hold 1 to {s.max_destinations} numbers", "destinations")
         if data.get("callback") is not None:
-            check_callback(s, data["callback"], field="callback")
-        if data.get("channel") is not None:
-            check_channel(s, data["channel"], field="channel")
-        for value in data.get("fallback_channels", []):
-            check_channel(s, value, field="fallback_channels")
+            check_callback(self.settings, data["callback"], field="callback")
         self.check_send_at(data)
 
     @post_load
@@ -151,27 +171,26 @@ class MessageSchema(SettingsSchema):
     to = Phone(required=True)
     sender = fields.Nested(SenderSchema, required=True, data_key="from")
     body = Text(required=True)
-    callback = fields.String(load_default=None)
+    callback = Text(load_default=None, validate=URL, metadata={"format": "uri"})
     channels = fields.List(fields.String(), load_default=None)
-    id = ClientId(load_default=None)
+    id = ClientUuid(load_default=None)
     send_at = Timestamp(load_default=None)
+
+    def limit(self, settings: Settings) -> None:
+        body = settings.max_body_length
+        self.fields["body"].validators = [
+            validate.Length(max=body, error=f"must be at most {body} characters"),
+            validate.Regexp(r"^\s*\S", error="must not be empty"),
+        ]
+        self.fields["channels"].validators = [
+            validate.Length(min=1, error="must name at least one channel")
+        ]
+        self.fields["channels"].inner.validators = [self.channel_choice()]  # type: ignore[attr-defined]
 
     @validates_schema
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
-        s = self.settings
-        body = data.get("body", "x")
-        if not body.strip():
-            raise ValidationError("must not be empty", "body")
-        if len(body) > s.max_body_length:
-            raise ValidationError(f"must be at most {s.max_body_length} characters", "body")
         if data.get("callback") is not None:
-            check_callback(s, data["callback"], field="callback")
-        channels = data.get("channels")
-        if channels is not None:
-            if not channels:
-                raise ValidationError("must name at least one channel", "channels")
-            for value in channels:
-                check_channel(s, value, field="channels")
+            check_callback(self.settings, data["callback"], field="callback")
         self.check_send_at(data)
 
     @post_load
@@ -180,14 +199,20 @@ class MessageSchema(SettingsSchema):
         return data
 
 
-class MessagesEnvelope(Schema):
-    """The envelope of POST /message: messages, and defaults merged under each."""
+class MessagesEnvelope(SettingsSchema):
+    """The envelope of POST /message: messages, and defaults merged under each.
 
-    class Meta:
-        unknown = RAISE
+    Each message, with ``defaults`` merged under it, must be a valid MplusMessage.
+    """
 
     messages = fields.List(fields.Dict(), required=True)
     defaults = fields.Dict(load_default=dict)
+
+    def limit(self, settings: Settings) -> None:
+        count = settings.max_destinations
+        self.fields["messages"].validators = [
+            validate.Length(min=1, max=count, error=f"must hold 1 to {count} messages")
+        ]
 
 
 def load_messages(*, settings: Settings, body: Any) -> list[dict[str, Any]]:
@@ -196,10 +221,8 @@ def load_messages(*, settings: Settings, body: Any) -> list[dict[str, Any]]:
     All entries are checked before any is accepted; errors name the entry's index
     (``messages.1.to``). Each result keeps ``to_as_sent``, echoed in the reply.
     """
-    envelope = MessagesEnvelope().load(body)
+    envelope = MessagesEnvelope(settings=settings).load(body)
     entries = envelope["messages"]
-    if not 1 <= len(entries) <= settings.max_destinations:
-        raise ValidationError(f"must hold 1 to {settings.max_destinations} messages", "messages")
     if "id" in envelope["defaults"]:
         # Every message is its own batch: one id for all would make them conflict.
         raise ValidationError({"defaults": {"id": ["must be given per message"]}})
@@ -222,13 +245,9 @@ def load_messages(*, settings: Settings, body: Any) -> list[dict[str, Any]]:
     return loaded
 
 
-class PageQuery(Schema):
+class PageQuery(KeyQuery):
     """?page=&pageSize=&status= of listings (pages count from 0)."""
 
-    class Meta:
-        unknown = RAISE
-
-    key = fields.String()
     page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
     page_size = fields.Integer(
         load_default=100, data_key="pageSize", validate=validate.Range(min=1, max=1000)

@@ -7,13 +7,13 @@ from typing import Any
 from flask import Blueprint, request
 
 from api import context as ctx
-from api.dialects.mplus import schemas
+from api.dialects.mplus import replies, schemas
 from api.dialects.mplus.dump import (
     batch_of,
     dump_batch,
     dump_dry_run,
     dump_message,
-    dump_recipient,
+    dump_page,
     message_of,
 )
 from api.errors import register_on
@@ -35,7 +35,7 @@ def create_batch() -> tuple[dict[str, Any], int]:
     intake = service.create_batch(
         session=ctx.session(), settings=ctx.settings(), account=account, new=new
     )
-    return {"identifier": intake.batch.id}, 200
+    return replies.Created().dump({"identifier": intake.batch.id}), 200
 
 
 @blueprint.post("/message")
@@ -54,13 +54,14 @@ def create_messages() -> tuple[dict[str, Any], int]:
         dump_message(entry["to_as_sent"], m, sender, batch, session=ctx.session())
         for entry, (m, sender, batch) in zip(entries, created, strict=True)
     ]
-    return ({"messages": out, "dryRun": True} if query["dry_run"] else {"messages": out}), 200
+    reply = {"messages": out, "dryRun": True} if query["dry_run"] else {"messages": out}
+    return replies.Messages().dump(reply), 200
 
 
 @blueprint.get("/batch/<batch_id>")
 def get_batch(batch_id: str) -> dict[str, Any]:
     account = ctx.account()
-    schemas.PageQuery(only=("key",)).load(request.args)
+    schemas.KeyQuery().load(request.args)
     batch = service.get_batch(session=ctx.session(), account=account, batch_id=batch_ref(batch_id))
     return dump_batch(batch, service.status_counts(session=ctx.session(), batch=batch))
 
@@ -77,23 +78,17 @@ def list_messages(batch_id: str) -> dict[str, Any]:
         page_size=query["page_size"],
         status=query["status"],
     )
-    return {
-        "batchUuid": batch.id,
-        "page": query["page"],
-        "pageSize": query["page_size"],
-        "total": total,
-        "messages": [dump_recipient(r) for r in rows],
-    }
+    return dump_page(batch, rows, total, query)
 
 
 @blueprint.delete("/batch/<batch_id>")
 def cancel_batch(batch_id: str) -> dict[str, Any]:
     account = ctx.account()
-    schemas.PageQuery(only=("key",)).load(request.args)
+    schemas.KeyQuery().load(request.args)
     batch, count = service.cancel_batch(
         session=ctx.session(),
         account=account,
         batch_id=batch_ref(batch_id),
         chunk_size=ctx.settings().chunk_size,
     )
-    return {"identifier": batch.id, "cancelledCount": count}
+    return replies.Cancelled().dump({"identifier": batch.id, "cancelledCount": count})

@@ -17,7 +17,7 @@ from marshmallow import ValidationError as SchemaError
 from sqlalchemy.exc import IntegrityError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from api.errors import flatten
+from api.errors import flatten, with_allow
 from dispatcher import errors
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,15 @@ def handle_schema(exc: SchemaError) -> Response:
 
 def handle_http(exc: HTTPException) -> Response:
     status = exc.code or 500
-    names = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-    return error_response(status, names.get(status, "error"), exc.description or exc.name)
+    names = {
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "request_too_large",
+        414: "uri_too_long",
+        431: "request_header_fields_too_large",
+    }
+    text = "request body too large" if status == 413 else exc.description or exc.name
+    return with_allow(exc, error_response(status, names.get(status, "error"), text))
 
 
 def handle_integrity(exc: IntegrityError) -> Response:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
 from typing import Any
 
 from marshmallow import (
@@ -23,7 +22,7 @@ from marshmallow import (
     validates_schema,
 )
 
-from api.fields import Phone, Text, Timestamp, check_callback
+from api.fields import NaiveUtc, Phone, Text, Timestamp, check_callback
 from dispatcher.config import Settings
 from dispatcher.groups.service import is_group_id
 from dispatcher.webhooks.sinch import STATUSES
@@ -34,19 +33,36 @@ MAX_TEXT = 2000
 MAX_BINARY_BYTES = 140
 
 
-class SinchTime(fields.DateTime):
+class SinchTime(NaiveUtc):
     """Naive UTC written as Sinch does: ``YYYY-MM-DDThh:mm:ss.SSSZ``."""
 
-    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
-        if value is None:
-            return None
-        assert isinstance(value, datetime)
-        return value.isoformat(timespec="milliseconds") + "Z"
+    TIMESPEC = "milliseconds"
 
 
 class Strict(Schema):
     class Meta:
         unknown = RAISE
+
+
+class Limited(Strict):
+    """A body whose limits come from the settings (DISPATCHER_MAX_DESTINATIONS, ..._BODY_LENGTH).
+
+    They are set on the fields, where /openapi.json reads them too.
+    """
+
+    NUMBERS: tuple[str, ...] = ()  # list-of-numbers fields, 1 to max_destinations
+    TEXTS: tuple[str, ...] = ()  # bodies, at most max_body_length characters
+    FEWEST = 1
+
+    def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        for name in self.NUMBERS:
+            self.fields[name].validators = [
+                validate.Length(min=self.FEWEST, max=settings.max_destinations)
+            ]
+        for name in self.TEXTS:
+            self.fields[name].validators = [validate.Length(max=settings.max_body_length)]
 
 
 _PHONE = Phone()
@@ -118,21 +134,26 @@ def _binary(data: dict[str, Any]) -> None:
         )
 
 
-class SendSchema(Strict, Nullable):
+class SendSchema(Limited, Nullable):
     """Body of send (POST .../batches), replace (PUT .../batches/{id}) and dry_run.
 
     ``from`` may be left out: the account's default originator is used then.
     """
 
-    to = fields.List(Destination(), required=True, validate=validate.Length(min=1, max=1000))
+    NUMBERS = ("to",)
+    TEXTS = ("body",)
+
+    to = fields.List(Destination(), required=True)
     sender = Text(load_default=None, data_key="from", validate=validate.Length(min=1, max=64))
-    body = Text(required=True, validate=validate.Length(max=MAX_TEXT))
+    body = Text(required=True)
     type = fields.String(load_default="mt_text", validate=validate.OneOf(TYPES))
     udh = Text(load_default=None)
     delivery_report = fields.String(load_default="none", validate=validate.OneOf(DELIVERY_REPORTS))
     send_at = Timestamp(load_default=None)
     expire_at = Timestamp(load_default=None)
-    callback_url = Text(load_default=None, validate=validate.Length(max=2048))
+    callback_url = Text(
+        load_default=None, validate=validate.Length(max=2048), metadata={"format": "uri"}
+    )
     client_reference = Text(load_default=None, validate=validate.Length(max=2048))
     feedback_enabled = fields.Boolean(load_default=False)
     flash_message = fields.Boolean(load_default=False)
@@ -143,10 +164,6 @@ class SendSchema(Strict, Nullable):
     parameters = Parameters(load_default=None)
     from_ton = fields.Integer(load_default=None, validate=validate.Range(min=0, max=6))
     from_npi = fields.Integer(load_default=None, validate=validate.Range(min=0, max=18))
-
-    def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
 
     @validates_schema
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
@@ -163,7 +180,7 @@ class SendSchema(Strict, Nullable):
         return data
 
 
-class UpdateSchema(Strict):
+class UpdateSchema(Limited):
     """Body of update (POST .../batches/{id}); every field optional.
 
     The Sinch SDK always sends ``"type": "mt_text"``; older SDKs send null for a
@@ -171,17 +188,20 @@ class UpdateSchema(Strict):
     delivery_report back to none, and leaves every other field as it was.
     """
 
+    NUMBERS = ("to_add", "to_remove")
+    TEXTS = ("body",)
+
     type = fields.String(allow_none=True, validate=validate.OneOf(("mt_text",)))
     sender = Text(allow_none=True, data_key="from", validate=validate.Length(min=1, max=64))
-    body = Text(allow_none=True, validate=validate.Length(max=MAX_TEXT))
-    to_add = fields.List(Destination(), allow_none=True, validate=validate.Length(min=1, max=1000))
-    to_remove = fields.List(
-        Destination(), allow_none=True, validate=validate.Length(min=1, max=1000)
-    )
+    body = Text(allow_none=True)
+    to_add = fields.List(Destination(), allow_none=True)
+    to_remove = fields.List(Destination(), allow_none=True)
     delivery_report = fields.String(allow_none=True, validate=validate.OneOf(DELIVERY_REPORTS))
     send_at = Timestamp(allow_none=True)
     expire_at = Timestamp(allow_none=True)
-    callback_url = Text(allow_none=True, validate=validate.Length(max=2048))
+    callback_url = Text(
+        allow_none=True, validate=validate.Length(max=2048), metadata={"format": "uri"}
+    )
     client_reference = Text(allow_none=True, validate=validate.Length(max=2048))
     feedback_enabled = fields.Boolean(allow_none=True)
     parameters = Parameters(allow_none=True)
@@ -192,10 +212,6 @@ class UpdateSchema(Strict):
     )
     truncate_concat = fields.Boolean(allow_none=True)
     flash_message = fields.Boolean(allow_none=True)
-
-    def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
 
     @validates_schema
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
@@ -292,8 +308,11 @@ class RecipientPath(Strict):
     recipient = Phone(required=True)
 
 
-class FeedbackSchema(Strict):
-    recipients = fields.List(Phone(), required=True, validate=validate.Length(max=1000))
+class FeedbackSchema(Limited):
+    NUMBERS = ("recipients",)
+    FEWEST = 0
+
+    recipients = fields.List(Phone(), required=True)
 
 
 # Replies -----------------------------------------------------------------------------

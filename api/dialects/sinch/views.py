@@ -246,7 +246,7 @@ def cancel_batch(batch_id: str) -> dict[str, Any]:
 
 @blueprint.post("/batches/<batch_id>/delivery_feedback")
 def delivery_feedback(batch_id: str) -> Response:
-    data = schemas.FeedbackSchema().load(json_body())
+    data = schemas.FeedbackSchema(settings=ctx.settings()).load(json_body())
     updates.record_feedback(
         session=ctx.session(),
         account=ctx.account(),

@@ -8,12 +8,12 @@ from flask import Blueprint, request
 from marshmallow import fields, validate
 
 from api import context as ctx
-from api.dialects.mplus.dump import iso
+from api.dialects.mplus import replies
+from api.dialects.mplus.dump import recipient_fields
 from api.dialects.mplus.schemas import PageQuery
 from api.errors import register_on
 from api.fields import batch_ref
 from dispatcher.batches import service
-from dispatcher.batches.models import Recipient
 from dispatcher.states import RecipientStatus
 
 blueprint = Blueprint("reports", __name__)
@@ -28,19 +28,6 @@ class ReportQuery(PageQuery):
     )
 
 
-def dump_row(r: Recipient) -> dict[str, Any]:
-    """One recipient as the report lists it."""
-    return {
-        "messageUuid": r.id,
-        "to": r.to,
-        "status": r.status.value,
-        "channel": r.channel,
-        "error": {"code": r.error_code, "text": r.error_text} if r.error_code else None,
-        "updatedAt": iso(r.updated_at),
-        "id": r.client_id,
-    }
-
-
 @blueprint.get("/batch/<batch_id>/report")
 def batch_report(batch_id: str) -> dict[str, Any]:
     query = ReportQuery().load(request.args)
@@ -53,12 +40,14 @@ def batch_report(batch_id: str) -> dict[str, Any]:
         page_size=query["page_size"],
         status=query["status"],
     )
-    return {
-        "batchUuid": batch.id,
-        "status": batch.status.value,
-        "summary": service.status_counts(session=session, batch=batch),
-        "recipients": [dump_row(r) for r in rows],
-        "page": query["page"],
-        "pageSize": query["page_size"],
-        "total": total,
-    }
+    return replies.Report().dump(
+        {
+            "batchUuid": batch.id,
+            "status": batch.status.value,
+            "summary": service.status_counts(session=session, batch=batch),
+            "recipients": [recipient_fields(r) for r in rows],
+            "page": query["page"],
+            "pageSize": query["page_size"],
+            "total": total,
+        }
+    )

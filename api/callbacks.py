@@ -11,7 +11,8 @@ from flask import Blueprint, request
 from marshmallow import RAISE, Schema, fields, validate
 
 from api import context as ctx
-from api.dialects.mplus.dump import iso
+from api.dialects.mplus.replies import IsoZ, Page
+from api.dialects.mplus.schemas import KeyQuery
 from api.errors import register_on
 from api.fields import Text, path_ref
 from dispatcher.db import utcnow
@@ -22,13 +23,9 @@ blueprint = Blueprint("callbacks", __name__, url_prefix="/callbacks")
 register_on(blueprint)
 
 
-class ListQuery(Schema):
+class ListQuery(KeyQuery):
     """?state=&page=&pageSize= of GET /callbacks."""
 
-    class Meta:
-        unknown = RAISE
-
-    key = fields.String()
     state = fields.String(
         load_default=None, validate=validate.OneOf([s.value for s in queries.CallbackState])
     )
@@ -40,15 +37,6 @@ class ListQuery(Schema):
     )
 
 
-class KeyQuery(Schema):
-    """Only ?key= (the API key) is allowed in the query string."""
-
-    class Meta:
-        unknown = RAISE
-
-    key = fields.String()
-
-
 class EnableBody(Schema):
     """Body of POST /callbacks/endpoints/enable."""
 
@@ -58,8 +46,55 @@ class EnableBody(Schema):
     url = Text(required=True, validate=validate.Length(min=1, max=2048))
 
 
-def dump_callback(c: Callback) -> dict[str, Any]:
+class CallbackReply(Schema):
     """One callback with its delivery state and the payload it carries."""
+
+    id = fields.String(required=True)
+    eventType = fields.String(required=True)
+    state = fields.String(
+        required=True, validate=validate.OneOf([s.value for s in queries.CallbackState])
+    )
+    url = fields.String(required=True)
+    batchUuid = fields.String(required=True, allow_none=True)
+    messageUuid = fields.String(required=True, allow_none=True)
+    attempts = fields.Integer(required=True)
+    nextAttemptAt = IsoZ(required=True, allow_none=True)
+    lastStatus = fields.Integer(required=True, allow_none=True)
+    lastError = fields.String(required=True, allow_none=True)
+    createdAt = IsoZ(required=True, allow_none=True)
+    deliveredAt = IsoZ(required=True, allow_none=True)
+    payload = fields.Raw(required=True, metadata={"type": "object"})
+
+
+class CallbackPage(Page):
+    """GET /callbacks: one page of callbacks."""
+
+    callbacks = fields.List(fields.Nested(CallbackReply), required=True)
+
+
+class EndpointReply(Schema):
+    """One callback URL and its health."""
+
+    url = fields.String(required=True)
+    enabled = fields.Boolean(required=True)
+    failingSince = IsoZ(required=True, allow_none=True)
+    disabledAt = IsoZ(required=True, allow_none=True)
+
+
+class EndpointList(Schema):
+    endpoints = fields.List(fields.Nested(EndpointReply), required=True)
+
+
+class Enabled(Schema):
+    """POST /callbacks/endpoints/enable: the URL, and how many held callbacks were released."""
+
+    url = fields.String(required=True)
+    enabled = fields.Boolean(required=True)
+    released = fields.Integer(required=True)
+
+
+def callback_fields(c: Callback) -> dict[str, Any]:
+    """One callback, before dumping."""
     return {
         "id": c.id,
         "eventType": c.event_type,
@@ -68,22 +103,22 @@ def dump_callback(c: Callback) -> dict[str, Any]:
         "batchUuid": c.batch_id,
         "messageUuid": c.recipient_id,
         "attempts": c.attempts,
-        "nextAttemptAt": iso(c.next_attempt_at),
+        "nextAttemptAt": c.next_attempt_at,
         "lastStatus": c.last_status,
         "lastError": c.last_error,
-        "createdAt": iso(c.created_at),
-        "deliveredAt": iso(c.delivered_at),
+        "createdAt": c.created_at,
+        "deliveredAt": c.delivered_at,
         "payload": c.payload,
     }
 
 
-def dump_endpoint(e: Endpoint) -> dict[str, Any]:
-    """One callback URL and its health."""
+def endpoint_fields(e: Endpoint) -> dict[str, Any]:
+    """One endpoint, before dumping."""
     return {
         "url": e.url,
         "enabled": e.disabled_at is None,
-        "failingSince": iso(e.failing_since),
-        "disabledAt": iso(e.disabled_at),
+        "failingSince": e.failing_since,
+        "disabledAt": e.disabled_at,
     }
 
 
@@ -97,12 +132,14 @@ def list_callbacks() -> dict[str, Any]:
         page=query["page"] + 1,
         page_size=query["page_size"],
     )
-    return {
-        "page": query["page"],
-        "pageSize": query["page_size"],
-        "total": total,
-        "callbacks": [dump_callback(c) for c in rows],
-    }
+    return CallbackPage().dump(
+        {
+            "page": query["page"],
+            "pageSize": query["page_size"],
+            "total": total,
+            "callbacks": [callback_fields(c) for c in rows],
+        }
+    )
 
 
 @blueprint.post("/<callback_id>/retry")
@@ -114,14 +151,14 @@ def retry_callback(callback_id: str) -> dict[str, Any]:
         callback_id=path_ref(callback_id, what="callback"),
         now=utcnow(),
     )
-    return dump_callback(callback)
+    return CallbackReply().dump(callback_fields(callback))
 
 
 @blueprint.get("/endpoints")
 def list_endpoints() -> dict[str, Any]:
     KeyQuery().load(request.args)
     rows = queries.list_endpoints(session=ctx.session(), account_id=ctx.account().id)
-    return {"endpoints": [dump_endpoint(e) for e in rows]}
+    return EndpointList().dump({"endpoints": [endpoint_fields(e) for e in rows]})
 
 
 @blueprint.post("/endpoints/enable")
@@ -136,4 +173,4 @@ def enable_endpoint() -> dict[str, Any]:
         now=utcnow(),
         batch_size=ctx.settings().callback_batch_size,
     )
-    return {"url": data["url"], "enabled": True, "released": released}
+    return Enabled().dump({"url": data["url"], "enabled": True, "released": released})
