@@ -173,6 +173,10 @@ class Op:
 
 
 XMS = "/xms/v1/{service_plan_id}/batches"
+# Replies that are not an object, so have no marshmallow schema.
+PLAIN_REPLIES: dict[str, dict[str, Any]] = {
+    "SinchGroupMembers": {"type": "array", "items": {"type": "string", "example": "+46701234567"}},
+}
 XMS_PLAN = "/xms/v1/{service_plan_id}"
 GROUPS = XMS_PLAN + "/groups"
 SINCH: dict[str, Any] = {"tag": "sinch", "security": ("bearer",)}
@@ -462,7 +466,7 @@ OPERATIONS = (
         GROUPS + "/{group_id}/members",
         "sinchListGroupMembers",
         "List a group's members (a JSON array of numbers)",
-        replies={200: None},
+        replies={200: "SinchGroupMembers"},
         **SINCH,
     ),
     Op(
@@ -552,7 +556,9 @@ def _operation(
     responses: dict[str, Any] = {}
     for status, schema in op.replies.items():
         reply: dict[str, Any] = {"description": "OK"}
-        if schema:
+        if schema in PLAIN_REPLIES:
+            reply["content"] = {op.reply_type: {"schema": PLAIN_REPLIES[schema]}}
+        elif schema:
             reply["content"] = {op.reply_type: {"schema": schemas[schema]}}
         elif op.reply_type != "application/json":
             reply["content"] = {op.reply_type: {"schema": {"type": "string"}}}

@@ -68,7 +68,11 @@ def test_every_operation_documents_its_replies_and_errors(client: FlaskClient) -
             ok = [c for c in codes if c.startswith("2")]
             assert ok, (method, path)
             if path != "/xms/v1/{service_plan_id}/batches/{batch_id}/delivery_feedback":
-                assert all("content" in op["responses"][c] for c in ok), (method, path)
+                # 204 No Content has no body by definition.
+                assert all("content" in op["responses"][c] for c in ok if c != "204"), (
+                    method,
+                    path,
+                )
             if op["security"] and path not in ("/metrics", "/dlr/{provider}"):
                 assert {"400", "401", "404"} <= codes, (method, path)
     cancel = doc["paths"]["/api/v1/subaccounts/{sub_account_id}/messages/batch/{batch_id}"]

@@ -32,7 +32,7 @@ service_plan_id = "{account}"
 sub_account_id = "{account}"
 
 [checks.positive_data_acceptance]
-expected-statuses = [200, 201, 202, 400, 404, 409]
+expected-statuses = [200, 201, 202, 204, 400, 404, 409]
 """
 
 

@@ -27,6 +27,10 @@ from dispatcher.config import Settings
 from dispatcher.groups.service import is_group_id
 from dispatcher.webhooks.sinch import STATUSES
 
+# A client_reference in a query string: every character may take 12 bytes once
+# percent-encoded, and the whole request line must stay under the server's limit
+# (8,000 bytes, api/errors.py), so filters take shorter references than bodies (2,048).
+QUERY_REFERENCE_MAX = 500
 DELIVERY_REPORTS = ("none", "summary", "full", "per_recipient", "per_recipient_final")
 TYPES = ("mt_text", "mt_binary")
 MAX_TEXT = 2000
@@ -241,7 +245,7 @@ class ListQuery(Strict):
     sender = fields.List(Text(), load_default=None, data_key="from")
     start_date = Timestamp(load_default=None)
     end_date = Timestamp(load_default=None)
-    client_reference = Text(load_default=None, validate=validate.Length(max=2048))
+    client_reference = Text(load_default=None, validate=validate.Length(max=QUERY_REFERENCE_MAX))
 
     @pre_load
     def _repeated(self, data: Any, **_: Any) -> Any:
@@ -285,7 +289,7 @@ class ReportQuery(Strict):
     type = fields.String(load_default="summary", validate=validate.OneOf(("summary", "full")))
     status = CommaList(StatusName(), load_default=None)
     code = CommaList(fields.Integer(), load_default=None)
-    client_reference = Text(load_default=None, validate=validate.Length(max=2048))
+    client_reference = Text(load_default=None, validate=validate.Length(max=QUERY_REFERENCE_MAX))
     # SDK 2.3 repeats the path's batch_id in the query string; the path decides.
     batch_id = Text(load_default=None)
 
@@ -299,7 +303,7 @@ class ReportListQuery(Strict):
     end_date = Timestamp(load_default=None)
     status = CommaList(StatusName(), load_default=None)
     code = CommaList(fields.Integer(), load_default=None)
-    client_reference = Text(load_default=None, validate=validate.Length(max=2048))
+    client_reference = Text(load_default=None, validate=validate.Length(max=QUERY_REFERENCE_MAX))
 
 
 class RecipientPath(Strict):
