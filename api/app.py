@@ -61,6 +61,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     for dialect in (mplus, eightbyeight, sinch, callbacks, dlr, reports, ops):
         app.register_blueprint(dialect.blueprint)
+    from api.providers import BLUEPRINTS as provider_webhooks
+
+    for webhook in provider_webhooks:
+        app.register_blueprint(webhook)
     openapi.register(app)
     register(app)
     return app

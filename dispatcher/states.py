@@ -29,6 +29,8 @@ class RecipientStatus(StrEnum):
     EXPIRED = "expired"
     CANCELLED = "cancelled"
     REJECTED = "rejected"
+    # Opened by the user (RCS, WhatsApp): reported after delivered, or instead of it.
+    READ = "read"
 
 
 B, R = BatchStatus, RecipientStatus
@@ -50,15 +52,18 @@ RECIPIENT_TRANSITIONS: dict[RecipientStatus, frozenset[RecipientStatus]] = {
     # sending -> queued: a transient failure or a fallback to the next channel.
     R.SENDING: frozenset({R.SENT, R.QUEUED, R.FAILED, R.EXPIRED}),
     # A receipt may still fail or expire a message the carrier accepted.
-    R.SENT: frozenset({R.DELIVERED, R.FAILED, R.EXPIRED}),
-    R.DELIVERED: frozenset(),
+    # sent -> read: a read report that overtook the delivery report (it implies delivery).
+    R.SENT: frozenset({R.DELIVERED, R.FAILED, R.EXPIRED, R.READ}),
+    # Final for the batch, yet a channel that reports reading moves it on once more.
+    R.DELIVERED: frozenset({R.READ}),
     R.FAILED: frozenset(),
     R.EXPIRED: frozenset(),
     R.CANCELLED: frozenset(),
     R.REJECTED: frozenset(),
+    R.READ: frozenset(),
 }
 
-FINAL_RECIPIENT = frozenset(s for s, nxt in RECIPIENT_TRANSITIONS.items() if not nxt)
+FINAL_RECIPIENT = frozenset(s for s, nxt in RECIPIENT_TRANSITIONS.items() if not nxt - {R.READ})
 # Not yet claimed by a worker: what a cancel may still stop.
 CANCELLABLE_RECIPIENT = frozenset({R.SCHEDULED, R.QUEUED})
 OPEN_BATCH = frozenset({B.SCHEDULED, B.QUEUED, B.SENDING})

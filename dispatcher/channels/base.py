@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class Outcome(StrEnum):
@@ -35,6 +36,8 @@ class OutboundMessage:
     body: str
     # 1 for the first attempt on this channel.
     attempt: int = 1
+    # A WhatsApp template to send instead of ``body`` (the batch's ``whatsapp_template``).
+    template: dict[str, Any] | None = None
 
     @property
     def idempotency_key(self) -> str:

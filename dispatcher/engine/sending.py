@@ -150,6 +150,7 @@ def send_recipients(
                 sender=batch.sender,
                 body=row.body or batch.body,
                 attempt=row.attempts,
+                template=batch.options.get("whatsapp_template"),
             )
             for row in claimed
         ]

@@ -20,7 +20,11 @@ RECEIPT_STATUSES = {
     "delivered": RecipientStatus.DELIVERED,
     "failed": RecipientStatus.FAILED,
     "expired": RecipientStatus.EXPIRED,
+    "read": RecipientStatus.READ,
 }
+# Where a receipt may move a message from: only ``sent``, but a read report also
+# follows a delivered one (and a late delivery report after it changes nothing).
+SOURCES = {RecipientStatus.READ: (RecipientStatus.SENT, RecipientStatus.DELIVERED)}
 
 
 def apply_many(*, session: Session, receipts: Sequence[Receipt], now: datetime) -> int:
@@ -35,19 +39,20 @@ def apply_many(*, session: Session, receipts: Sequence[Receipt], now: datetime) 
         new = RECEIPT_STATUSES.get(receipt.status)
         if new is None:
             continue
-        if new is RecipientStatus.DELIVERED:
+        if new in (RecipientStatus.DELIVERED, RecipientStatus.READ):
             groups[(new, None, None)].append(receipt.provider_message_id)
         else:
             code: str | None = receipt.error_code or new.value
             groups[(new, code, receipt.error_text)].append(receipt.provider_message_id)
     applied = 0
     for (new, code, text), refs in groups.items():
-        assert RecipientStatus.SENT in recipient_sources(new)
+        current = SOURCES.get(new, (RecipientStatus.SENT,))
+        assert set(current) <= set(recipient_sources(new))
         rows = session.execute(
             update(Recipient)
             .where(
                 Recipient.provider_message_id.in_(refs),
-                Recipient.status == RecipientStatus.SENT,
+                Recipient.status.in_(current),
             )
             .values(status=new, updated_at=now, error_code=code, error_text=text)
             .returning(Recipient.batch_id, *events.CHANGE_COLUMNS)
