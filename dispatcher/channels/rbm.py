@@ -73,7 +73,7 @@ class ServiceAccountTokens:
         key: dict[str, Any],
         session: requests.Session,
         timeout: tuple[float, float],
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         missing = [k for k in ("client_email", "private_key", "token_uri") if not key.get(k)]
         if missing:
@@ -112,14 +112,17 @@ class ServiceAccountTokens:
                 self._token = None
 
     def _fetch(self) -> None:
+        # The assertion carries wall-clock times; when to refresh is measured on ``clock``
+        # (monotonic), so a clock step on this host never keeps a stale token.
         now = self._clock()
+        issued = int(time.time())
         assertion = jwt.encode(
             {
                 "iss": self._key["client_email"],
                 "scope": SCOPE,
                 "aud": self._key["token_uri"],
-                "iat": int(now),
-                "exp": int(now) + 3600,
+                "iat": issued,
+                "exp": issued + 3600,
             },
             self._key["private_key"],
             algorithm="RS256",
