@@ -11,8 +11,8 @@ X-Twilio-Signature, made here by the twilio package's own RequestValidator).
 from __future__ import annotations
 
 import base64
-import itertools
 import re
+import uuid
 from typing import Any
 
 import requests
@@ -41,7 +41,6 @@ class Twilio(StandIn):
         super().__init__()
         self.account_sid = account_sid
         self.auth_token = auth_token
-        self.ids = itertools.count(1)
         # To -> error reply
         self.errors: dict[str, Reply] = {}
 
@@ -63,7 +62,7 @@ class Twilio(StandIn):
             return error(400, 21211, f"The 'To' number {to} is not a valid phone number.")
         if to in self.errors:
             return self.errors[to]
-        sid = f"SM{next(self.ids):032x}"
+        sid = f"SM{uuid.uuid4().hex}"
         reply = Reply(
             201,
             {

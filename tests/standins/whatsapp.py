@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import json
 import re
+import uuid
 from typing import Any
 
 import requests
@@ -57,7 +57,6 @@ class WhatsApp(StandIn):
     def __init__(self, *, tokens: dict[str, str]) -> None:
         super().__init__()
         self.tokens = tokens
-        self.ids = itertools.count(1)
         # wa number (no +) -> error code answered for text messages / for everything
         self.text_errors: dict[str, int] = {}
         self.errors: dict[str, int] = {}
@@ -91,7 +90,7 @@ class WhatsApp(StandIn):
             {
                 "messaging_product": "whatsapp",
                 "contacts": [{"input": to, "wa_id": to}],
-                "messages": [{"id": f"wamid.HBgL{next(self.ids):08d}"}],
+                "messages": [{"id": f"wamid.HBgL{uuid.uuid4().hex}"}],
             },
         )
         if self.before_reply is not None:
