@@ -20,17 +20,17 @@ from dispatcher.engine.sending import SendReport, send_recipients
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
 from dispatcher.webhooks.models import Callback
-from tests.conftest import RecordingPublisher, Tenant
+from tests.conftest import RecordingPublisher, Tenant, free_port
 
 
 class Live:
     """Dispatcher's API on a real 127.0.0.1 port, for vendors' webhooks."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, port: int = 0) -> None:
         self.runtime = runtime
         self.app = create_app(runtime.settings, runtime=runtime)
         self.client = self.app.test_client()
-        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.server = make_server("127.0.0.1", port, self.app, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -122,7 +122,10 @@ def live_factory(
     started: list[Live] = []
 
     def start(**overrides: Any) -> Live:
-        live = Live(Runtime(settings.replace(**overrides), publisher))
+        # Vendors are told the API's public URL (Twilio signs it): here, its own port.
+        port = free_port()
+        overrides.setdefault("public_base_url", f"http://127.0.0.1:{port}")
+        live = Live(Runtime(settings.replace(**overrides), publisher), port)
         started.append(live)
         return live
 
