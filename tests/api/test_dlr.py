@@ -350,7 +350,7 @@ def _valid(m: Sent) -> dict[str, Any]:
     [
         (lambda m: {"status": "delivered"}, "id"),
         (lambda m: {"id": m.ref}, "status"),
-        (lambda m: {"id": m.ref, "status": "read"}, "status"),
+        (lambda m: {"id": m.ref, "status": "seen"}, "status"),
         (lambda m: {"id": m.ref, "status": "DELIVERED"}, "status"),
         (lambda m: {"id": m.ref, "status": None}, "status"),
         (lambda m: {"id": "", "status": "delivered"}, "id"),
@@ -361,7 +361,7 @@ def _valid(m: Sent) -> dict[str, Any]:
         (lambda m: {**_valid(m), "error": {"text": "x" * 501}}, "error.text"),
         (lambda m: {**_valid(m), "error": {"reason": "x"}}, "error.reason"),
         (lambda m: {**_valid(m), "timestamp": "2024-01-01T00:00:00Z"}, "timestamp"),
-        (lambda m: [_valid(m), {"id": "other", "status": "read"}], "1.status"),
+        (lambda m: [_valid(m), {"id": "other", "status": "seen"}], "1.status"),
         (lambda m: [_valid(m), "nope"], "1"),
         (lambda m: [], "receipts"),
         (lambda m: [_valid(m)] * 1001, "receipts"),

@@ -78,7 +78,10 @@ def test_secrets_come_from_files_and_never_show_in_repr(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"DISPATCHER_CHANNEL_PROVIDERS": '{"rcs": "carrier-pigeon"}'}, r"CHANNEL_PROVIDERS\[rcs\]"),
+        (
+            {"DISPATCHER_CHANNEL_PROVIDERS": '{"rcs": "carrier-pigeon"}'},
+            r"CHANNEL_PROVIDERS\[rcs\]",
+        ),
         ({"DISPATCHER_CHANNEL_PROVIDERS": '{"fax": "twilio"}'}, "unknown channels"),
         ({"DISPATCHER_PROVIDER": "rbm2"}, "DISPATCHER_PROVIDER"),
         ({"DISPATCHER_TWILIO_AUTH_TOKEN_FILE": "/nonexistent/token"}, "cannot read"),

@@ -14,7 +14,6 @@ import requests
 from twilio.request_validator import RequestValidator
 
 from dispatcher.channels.base import OutboundMessage, Outcome
-from dispatcher.channels.simulator import Simulator
 from dispatcher.channels.twilio import STATUS_PATH, TwilioProvider, signature
 from dispatcher.states import RecipientStatus
 from tests.channels.conftest import Live

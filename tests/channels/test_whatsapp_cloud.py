@@ -15,7 +15,7 @@ from dispatcher.states import RecipientStatus
 from tests.channels.conftest import Live
 from tests.conftest import Tenant, wait_for
 from tests.standins import Reply, Request
-from tests.standins.whatsapp import WhatsApp, notify, status
+from tests.standins.whatsapp import ERRORS, WhatsApp, notify, status
 
 R = RecipientStatus
 NUMBER_ID, OTHER_ID = "106540352242922", "106540352242923"
@@ -157,6 +157,7 @@ def test_re_engagement_and_non_users_fall_back_to_sms_within_the_same_send(
         assert (rec.status, rec.channel) == (R.SENT, "sms")
         attempts = live.attempts(rec.id)
         assert [a[:2] for a in attempts] == [("whatsapp", "channel"), ("sms", "accepted")]
+        assert attempts[0][2] == f"{ERRORS[code]} (details)"
     assert live.events(outside_window.id).count("sent") == 1
 
 

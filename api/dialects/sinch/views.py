@@ -244,7 +244,11 @@ def recipient_delivery_report(batch_id: str, recipient: str) -> dict[str, Any]:
         session=ctx.session(), account=ctx.account(), batch_id=batch_ref(batch_id)
     )
     rec = updates.get_recipient(session=ctx.session(), batch=batch, to=to)
-    reported = rec.status in (RecipientStatus.DELIVERED, RecipientStatus.READ, RecipientStatus.FAILED)
+    reported = rec.status in (
+        RecipientStatus.DELIVERED,
+        RecipientStatus.READ,
+        RecipientStatus.FAILED,
+    )
     report = sinch.recipient_report(
         batch=batch,
         to=rec.to,
