@@ -134,6 +134,20 @@ OPERATIONS = (
         replies={200: None},
     ),
     Op("post", "/dlr/{provider}", "Inbound carrier receipts", "dlr", replies={200: None}),
+    Op("post", "/providers/rbm/events", "Google RBM events", "providers", replies={200: None}),
+    Op(
+        "get", "/providers/whatsapp/webhook", "WhatsApp handshake", "providers", replies={200: None}
+    ),
+    Op(
+        "post", "/providers/whatsapp/webhook", "WhatsApp statuses", "providers", replies={200: None}
+    ),
+    Op(
+        "post",
+        "/providers/twilio/status",
+        "Twilio StatusCallback",
+        "providers",
+        replies={200: None},
+    ),
     Op("get", "/health", "Health", "ops", replies={200: None}),
     Op("get", "/metrics", "Prometheus metrics", "ops", replies={200: None}),
     Op("post", XMS, "Send", "sinch", "SinchSend", replies={201: "SinchBatch"}, **S),
