@@ -45,10 +45,10 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP) ## Throughput benchmark (100k recipients, simulator, no rate limit); prints JSON lines
-	$(PY) bench/throughput.py
+	$(PY) -m bench.throughput
 
 bench-rate: $(STAMP) ## Rate-limit accuracy with 4 worker processes; prints JSON lines
-	$(PY) bench/throughput.py --mode rate
+	$(PY) -m bench.throughput --mode rate
 
 clean: ## Remove the venv and local state (var/)
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -20,7 +20,7 @@ from dispatcher import errors
 
 log = logging.getLogger(__name__)
 
-# Numeric codes of the 8x8 error shape (seed 004); 1001 and 1200 are theirs.
+# Numeric codes of the 8x8 error shape (8x8 Chat Apps API); 1001 and 1200 are theirs.
 CODES = {
     400: 1000,
     401: 1200,

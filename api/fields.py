@@ -64,7 +64,7 @@ class Phone(fields.String):
 
 
 class Timestamp(fields.DateTime):
-    """ISO 8601; a value without a zone is UTC (GMT, as the seeds say); stored naive UTC."""
+    """ISO 8601; a value without a zone is UTC (Messaging Plus says GMT); stored naive UTC."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(format="iso", **kwargs)

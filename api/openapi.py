@@ -21,7 +21,7 @@ from dispatcher.config import Settings
 
 
 class CancelledCount(Schema):
-    """8x8 cancel reply (seed 004)."""
+    """8x8 cancel reply (8x8 Chat Apps API)."""
 
     cancelledCount = fields.Integer(required=True)
 
@@ -49,17 +49,17 @@ class Op:
 
 def _schemas(settings: Settings) -> dict[str, Schema | type[Schema]]:
     return {
-        # Messaging Plus (seeds 000-002)
+        # Messaging Plus API
         "MplusBatch": mplus.BatchSchema(settings=settings),
         "MplusBatchQuery": mplus.BatchQuery,
         "MplusMessages": mplus.MessagesEnvelope,
         "MplusSender": mplus.SenderSchema,
         "MplusMessage": mplus.MessageSchema(settings=settings),
         "MplusPageQuery": mplus.PageQuery,
-        # 8x8 (seed 004)
+        # 8x8 Chat Apps API
         "CancelledCount": CancelledCount,
         "NativeError": NativeError,
-        # Sinch (seed 003)
+        # Sinch SMS REST API
         "SinchSend": sinch.SendSchema(settings=settings),
         "SinchUpdate": sinch.UpdateSchema(settings=settings),
         "SinchDryRunQuery": sinch.DryRunQuery,

@@ -9,16 +9,16 @@ started (by PID/process group), Redis last.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 from dispatcher.config import PREFIX, Settings
+from dispatcher.supervisor import Child, Supervisor, child_env
 
 STOP_GRACE = 20.0
 
@@ -103,14 +103,11 @@ def ensure_demo(settings: Settings) -> tuple[str, str, str]:
         engine.dispose()
 
 
-def _child_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env[PREFIX + "DATABASE_URL"] = settings.database_url
-    env[PREFIX + "REDIS_URL"] = settings.redis_url
-    # The demo posts callbacks to local receivers: allow loopback unless told otherwise.
-    if PREFIX + "CALLBACK_ALLOWLIST" not in os.environ:
-        env[PREFIX + "CALLBACK_ALLOWLIST"] = "127.0.0.1,::1,localhost"
-    return env
+def _demo_settings(settings: Settings) -> Settings:
+    """The demo posts callbacks to local receivers: allow loopback unless told otherwise."""
+    if PREFIX + "CALLBACK_ALLOWLIST" in os.environ:
+        return settings
+    return settings.replace(callback_allowlist=("127.0.0.1", "::1", "localhost"))
 
 
 def commands(settings: Settings) -> dict[str, list[str]]:
@@ -166,74 +163,38 @@ def commands(settings: Settings) -> dict[str, list[str]]:
     }
 
 
-class Supervisor:
-    """Starts children in their own process groups and stops exactly those."""
-
-    def __init__(self) -> None:
-        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self.stopping = False
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        proc = subprocess.Popen(argv, env=env, start_new_session=True)
-        print(f"[dispatcher] started {name} (pid {proc.pid})", flush=True)
-        self.children.append((name, proc))
-
-    def stop(self) -> None:
-        """SIGTERM every child's group, newest first; SIGKILL what outlives the grace."""
-        self.stopping = True
-        for name, proc in reversed(self.children):
-            if proc.poll() is None:
-                print(f"[dispatcher] stopping {name} (pid {proc.pid})", flush=True)
-                self._signal(proc, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self._signal(proc, signal.SIGKILL)
-                proc.wait()
-            # Celery's pool children share the group: make sure none is left.
-            self._signal(proc, signal.SIGKILL)
-
-    @staticmethod
-    def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-
-    def watch(self) -> int:
-        """Block until a signal or a child's death; returns the exit code."""
-        while not self.stopping:
-            for name, proc in self.children:
-                if proc.poll() is not None:
-                    print(
-                        f"[dispatcher] {name} exited with {proc.returncode}; stopping", flush=True
-                    )
-                    return 1
-            time.sleep(0.5)
-        return 0
-
-
 def serve(settings: Settings) -> int:
     """Run everything until SIGINT/SIGTERM; returns the process exit code."""
     from dispatcher.migrate import upgrade
 
+    settings = _demo_settings(settings)
     settings.var_path.mkdir(parents=True, exist_ok=True)
-    sup = Supervisor()
+    sup = Supervisor(grace=STOP_GRACE)
+    stopping = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
-        sup.stopping = True
+        stopping.set()
+
+    def start(name: str, argv: list[str]) -> None:
+        child = sup.start(name, argv, env=env)
+        print(f"[dispatcher] started {name} (pid {child.pid})", flush=True)
+
+    def _stopping(child: Child) -> None:
+        if child.alive():
+            print(f"[dispatcher] stopping {child.name} (pid {child.pid})", flush=True)
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     code = 1
     try:
-        env = _child_env(settings)
+        env = child_env(settings)
         if settings.embedded_redis:
-            sup.start("redis", _redis_command(settings), env)
+            start("redis", _redis_command(settings))
         _wait_for_redis(settings, time.monotonic() + 30)
         upgrade(settings)
         account_id, key, _secret = ensure_demo(settings)
         for name, argv in commands(settings).items():
-            sup.start(name, argv, env)
+            start(name, argv)
         base = f"http://{settings.api_host}:{settings.api_port}"
         print(
             "\n[dispatcher] up:\n"
@@ -245,8 +206,14 @@ def serve(settings: Settings) -> int:
             "  Ctrl-C stops everything.\n",
             flush=True,
         )
-        code = sup.watch()
+        dead = sup.watch(stopping.is_set)
+        if dead is not None:
+            print(f"[dispatcher] {dead.name} exited with {dead.returncode}; stopping", flush=True)
+            code = 1
+        else:
+            code = 0
     finally:
-        sup.stop()
+        stopping.set()
+        sup.stop(on_stop=_stopping)
         print("[dispatcher] stopped", flush=True)
     return code

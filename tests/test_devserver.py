@@ -18,7 +18,7 @@ from typing import IO
 import pytest
 import requests
 
-from tests.conftest import free_port, wait_for
+from tests.helpers import free_port, wait_for
 
 pytestmark = pytest.mark.system
 ROOT = Path(__file__).resolve().parents[1]

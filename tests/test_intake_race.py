@@ -13,7 +13,7 @@ from dispatcher.batches.models import Batch
 from dispatcher.config import Settings
 from dispatcher.db import transaction
 from dispatcher.errors import Conflict
-from tests.conftest import Tenant
+from tests.factories import Tenant
 
 
 def _new(body: str) -> service.NewBatch:

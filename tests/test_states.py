@@ -25,7 +25,7 @@ from dispatcher.states import (
 
 B, R = BatchStatus, RecipientStatus
 
-# DESIGN.md "States", written out edge by edge.
+# docs/architecture.md "States", written out edge by edge.
 BATCH_LEGAL = {
     (B.SCHEDULED, B.QUEUED),
     (B.QUEUED, B.SENDING),
@@ -73,7 +73,7 @@ def test_the_designed_moves_are_allowed() -> None:
 
 
 def test_extra_moves_are_only_the_documented_ones() -> None:
-    # Beyond DESIGN.md: a batch whose send_at moved past the horizon, a batch the
+    # Beyond the plain lifecycle: a batch whose send_at moved past the horizon, a batch the
     # dispatcher starts directly, a transient failure or fallback re-queuing a
     # recipient, every channel refused before a send, a send that times out.
     assert edges(BATCH_TRANSITIONS) - BATCH_LEGAL == {

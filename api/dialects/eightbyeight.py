@@ -1,4 +1,4 @@
-"""8x8 Chat Apps compatible cancel (seed 004)."""
+"""8x8 Chat Apps compatible cancel (8x8 Chat Apps API: "Cancel batch of scheduled message")."""
 
 from __future__ import annotations
 

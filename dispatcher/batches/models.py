@@ -120,7 +120,7 @@ class StatusEvent(Base):
 
 
 class SharedSender(Base):
-    """Which shared sender ID an account used for a destination (sticky, seed 002)."""
+    """Which shared sender ID an account used for a destination (sticky, per "Add Message")."""
 
     __tablename__ = "shared_senders"
 

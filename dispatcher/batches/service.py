@@ -309,8 +309,8 @@ def create_messages(
     messages: Sequence[NewMessage],
     dry_run: bool = False,
 ) -> list[tuple[NewMessage, str, Batch | None]]:
-    """Each message becomes its own one-recipient batch (as seed 002 answers); returns
-    each message with the sender used and its batch (None in a dry run)."""
+    """Each message becomes its own one-recipient batch (as Messaging Plus "Add Message"
+    answers); returns each message with the sender used and its batch (None in a dry run)."""
     out: list[tuple[NewMessage, str, Batch | None]] = []
     for m in messages:
         if m.shared_sender:

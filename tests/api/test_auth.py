@@ -15,8 +15,9 @@ from dispatcher.accounts import service as accounts
 from dispatcher.batches.models import Batch, Recipient
 from dispatcher.db import transaction
 from dispatcher.states import BatchStatus, RecipientStatus
-from tests.api.test_mplus_batch import Ledger, load, minimum, refused, rows
-from tests.conftest import RecordingPublisher, Tenant
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
+from tests.helpers.mplus import Ledger, load, minimum, refused, rows
 
 MESSAGE = {"messages": [{"from": {"type": "shared"}, "to": "441111111111", "body": "b"}]}
 

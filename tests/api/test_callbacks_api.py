@@ -19,7 +19,8 @@ from dispatcher.cli import main
 from dispatcher.config import Settings
 from dispatcher.db import new_id, transaction, utcnow
 from dispatcher.webhooks.models import Callback, Endpoint
-from tests.conftest import RecordingPublisher, Tenant
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
 
 URL = "http://127.0.0.1:9/hooks"
 ERROR_KEYS = {"code", "message", "errorId", "timestamp"}

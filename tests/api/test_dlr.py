@@ -26,7 +26,8 @@ from dispatcher.db import transaction, utcnow
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
 from dispatcher.webhooks.models import Callback
-from tests.conftest import RecordingPublisher, Tenant
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
 
 SECRET = "dlr-http-0123456789abcdef"
 CARRIER = {"Authorization": f"Bearer {SECRET}"}

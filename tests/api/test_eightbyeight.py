@@ -1,5 +1,5 @@
-"""8x8 Chat Apps compatible cancel (seed 004): the same cancel as the native DELETE,
-answered ``{"cancelledCount": N}`` or in 8x8's error shape."""
+"""8x8 Chat Apps API "Cancel batch of scheduled message": the same cancel as the native
+DELETE, answered ``{"cancelledCount": N}`` or in 8x8's error shape."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from dispatcher.batches.models import Recipient
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.states import BatchStatus, RecipientStatus
-from tests.api.test_mplus_batch import load, minimum, numbers, refused, stamp
-from tests.conftest import RecordingPublisher, Tenant
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
+from tests.helpers.mplus import load, minimum, numbers, refused, stamp
 
 
 def url(sub_account: str, batch_id: str) -> str:

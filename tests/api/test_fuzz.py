@@ -38,8 +38,9 @@ from dispatcher.batches.models import Batch, Recipient
 from dispatcher.config import Settings
 from dispatcher.db import utcnow
 from dispatcher.runtime import Runtime
-from tests.api.sinch_helpers import mark_sent, start_sending
-from tests.conftest import RecordingPublisher, Tenant
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
+from tests.helpers.sinch import mark_sent, start_sending
 
 A, B, C = "+447700900001", "+447700900002", "+447700900003"
 SECRET = "dlr-fuzz-0123456789abcdef"

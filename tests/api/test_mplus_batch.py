@@ -1,91 +1,40 @@
-"""POST /batch and the batch endpoints beside it (seeds 000 and 001): intake, validation,
-idempotency, reads, pagination and cancel, with the database checked after every refusal."""
+"""POST /batch and the batch endpoints beside it (Messaging Plus "Add Batch", "Cancel
+Pending Batch"): intake, validation, idempotency, reads, pagination and cancel, with the
+database checked after every refusal."""
 
 from __future__ import annotations
 
 import json
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.test import TestResponse
 
 from api.app import create_app
 from dispatcher.batches import service
-from dispatcher.batches.models import Batch, Recipient
+from dispatcher.batches.models import Recipient
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
-from tests.conftest import RecordingPublisher, Tenant
-
-SEED_ID = "b2693dfe-0813-427a-bc2f-62b0e9292403"
-ERROR_KEYS = {"code", "message", "errorId", "timestamp"}
-
-# --- helpers ---------------------------------------------------------------------------
-
-
-def stamp(at: datetime) -> str:
-    """Naive UTC as the seeds write it."""
-    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def rows(sessions: sessionmaker[Session], account_id: str) -> tuple[int, int]:
-    """How many batches and recipients the account has."""
-    with sessions() as s:
-        batches = s.scalar(
-            select(func.count()).select_from(Batch).where(Batch.account_id == account_id)
-        )
-        recipients = s.scalar(
-            select(func.count()).select_from(Recipient).where(Recipient.account_id == account_id)
-        )
-    return int(batches or 0), int(recipients or 0)
-
-
-def load(sessions: sessionmaker[Session], batch_id: str) -> tuple[Batch, list[Recipient]]:
-    """A batch and its recipients in batch order."""
-    with sessions() as s:
-        batch = s.get(Batch, batch_id)
-        assert batch is not None, f"batch {batch_id} not stored"
-        recipients = list(
-            s.scalars(select(Recipient).where(Recipient.batch_id == batch_id).order_by("seq"))
-        )
-    return batch, recipients
-
-
-def refused(response: TestResponse, status: int, *names: str) -> dict[str, Any]:
-    """Assert the native error shape, the status, and that the message names ``names``."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert isinstance(body, dict) and set(body) == ERROR_KEYS, body
-    assert isinstance(body["code"], int) and not isinstance(body["code"], bool)
-    assert isinstance(body["message"], str) and body["message"]
-    uuid.UUID(body["errorId"])
-    assert datetime.fromisoformat(body["timestamp"]).tzinfo is not None
-    for name in names:
-        assert name in body["message"], (name, body["message"])
-    return body
-
-
-class Ledger:
-    """What a tenant has in the database and what was published, to prove nothing changed."""
-
-    def __init__(
-        self, sessions: sessionmaker[Session], tenant: Tenant, publisher: RecordingPublisher
-    ) -> None:
-        self.sessions, self.tenant, self.publisher = sessions, tenant, publisher
-        self.before = self.snapshot()
-
-    def snapshot(self) -> tuple[tuple[int, int], int]:
-        return rows(self.sessions, self.tenant.id), len(self.publisher.messages)
-
-    def assert_unchanged(self) -> None:
-        assert self.snapshot() == self.before
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
+from tests.helpers.mplus import (
+    EXAMPLE_ID,
+    Ledger,
+    load,
+    minimum,
+    numbers,
+    refused,
+    rows,
+    stamp,
+)
 
 
 @pytest.fixture()
@@ -110,29 +59,14 @@ def make_client(settings: Settings) -> Iterator[Callable[..., tuple[FlaskClient,
         rt.dispose()
 
 
-def minimum(**extra: Any) -> dict[str, Any]:
-    """Seed 001's minimum body."""
-    return {
-        "from": "mplus-test",
-        "message": "mplus test message!",
-        "destinations": ["441111111111"],
-        **extra,
-    }
-
-
 def post(client: FlaskClient, tenant: Tenant, body: Any, query: str = "") -> TestResponse:
     return client.post(f"/batch{query}", json=body, headers=tenant.auth)
-
-
-def numbers(n: int) -> list[str]:
-    """``n`` distinct possible UK mobile numbers."""
-    return [f"4477{i:08d}" for i in range(n)]
 
 
 # --- happy paths -----------------------------------------------------------------------
 
 
-def test_seed_minimum_body_is_queued_and_dispatched(
+def test_documented_minimum_body_is_queued_and_dispatched(
     client: FlaskClient,
     sessions: sessionmaker[Session],
     tenant: Tenant,
@@ -165,7 +99,7 @@ def test_seed_minimum_body_is_queued_and_dispatched(
     ]
 
 
-def test_seed_all_parameters_with_a_near_future_send_at(
+def test_documented_all_parameters_with_a_near_future_send_at(
     client: FlaskClient,
     sessions: sessionmaker[Session],
     tenant: Tenant,
@@ -181,7 +115,7 @@ def test_seed_all_parameters_with_a_near_future_send_at(
             "message": "mplus test message!",
             "destinations": ["441111111111"],
             "callback": "https://my-callback.com/delivery-receipt",
-            "id": SEED_ID,
+            "id": EXAMPLE_ID,
             "send_at": stamp(send_at),
             "channel": "rcs",
             "fallback_channels": ["sms"],
@@ -190,7 +124,7 @@ def test_seed_all_parameters_with_a_near_future_send_at(
     assert response.status_code == 200, response.get_data(as_text=True)
     identifier = response.get_json()["identifier"]
     batch, recipients = load(sessions, identifier)
-    assert batch.client_id == SEED_ID
+    assert batch.client_id == EXAMPLE_ID
     assert batch.callback_url == "https://my-callback.com/delivery-receipt"
     assert batch.channels == ["rcs", "sms"]
     assert batch.send_at == send_at
@@ -202,11 +136,11 @@ def test_seed_all_parameters_with_a_near_future_send_at(
     assert publisher.messages[0].kwargs == {"batch_id": identifier}
     assert publisher.messages[0].eta == send_at
     # The client's own id finds the batch whatever id the server chose.
-    got = client.get(f"/batch/{SEED_ID}", headers=tenant.auth)
+    got = client.get(f"/batch/{EXAMPLE_ID}", headers=tenant.auth)
     assert got.status_code == 200 and got.get_json()["identifier"] == identifier
 
 
-def test_seed_multiple_destinations(
+def test_documented_multiple_destinations(
     client: FlaskClient, sessions: sessionmaker[Session], tenant: Tenant
 ) -> None:
     destinations = ["441111111111", "442222222222", "443333333333", "444444444444", "445555555555"]
@@ -219,7 +153,7 @@ def test_seed_multiple_destinations(
     assert rows(sessions, tenant.id) == (1, 5)
 
 
-def test_seed_channels_example(
+def test_documented_channels_example(
     client: FlaskClient, sessions: sessionmaker[Session], tenant: Tenant
 ) -> None:
     response = post(client, tenant, minimum(channel="rcs", fallback_channels=["sms"]))

@@ -1,5 +1,6 @@
-"""POST /message (seed 002): many messages per request, defaults, shared sender IDs,
-per-message validation that writes nothing for any message when one is wrong."""
+"""POST /message (Messaging Plus "Add Message"): many messages per request, defaults,
+shared sender IDs, per-message validation that writes nothing for any message when one
+is wrong."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from dispatcher.batches.models import Recipient, SharedSender
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.states import BatchStatus
-from tests.api.test_mplus_batch import SEED_ID, Ledger, load, refused, rows, stamp
-from tests.conftest import RecordingPublisher, Tenant
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
+from tests.helpers.mplus import EXAMPLE_ID, Ledger, load, refused, rows, stamp
 
 REPLY_KEYS = ["to", "body", "from", "batchUuid", "messageUuid", "scheduled"]
 
@@ -35,7 +37,7 @@ def post(client: FlaskClient, tenant: Tenant, body: Any, query: str = "") -> Tes
 
 
 def post_text(client: FlaskClient, tenant: Tenant, text: str) -> TestResponse:
-    """Post a seed example as written, once its trailing commas are removed."""
+    """Post a documented example as written, once its trailing commas are removed."""
     fixed = text.replace(",\n        }", "\n        }").replace(",\n    ]", "\n    ]")
     json.loads(fixed)  # the example itself must be JSON now
     return client.post("/message", data=fixed, content_type="application/json", headers=tenant.auth)
@@ -69,10 +71,10 @@ def check_stored(sessions: sessionmaker[Session], item: dict[str, Any]) -> None:
     assert recipients[0].to == "+" + item["to"].removeprefix("+")
 
 
-# --- seed examples ---------------------------------------------------------------------
+# --- the documentation's examples -------------------------------------------------------
 
 
-def test_seed_single_message(
+def test_documented_single_message(
     client: FlaskClient,
     sessions: sessionmaker[Session],
     tenant: Tenant,
@@ -102,7 +104,7 @@ def test_seed_single_message(
     assert [m.kwargs for m in publisher.messages] == [{"batch_id": item["batchUuid"]}]
 
 
-def test_seed_all_parameters(
+def test_documented_all_parameters(
     client: FlaskClient,
     sessions: sessionmaker[Session],
     tenant: Tenant,
@@ -121,7 +123,7 @@ def test_seed_all_parameters(
                         "body": "This is a test message!",
                         "callback": "https://my-callback.com/delivery-receipt",
                         "channels": ["sms"],
-                        "id": SEED_ID,
+                        "id": EXAMPLE_ID,
                         "send_at": stamp(send_at),
                     }
                 ]
@@ -130,17 +132,17 @@ def test_seed_all_parameters(
     )
     assert item["scheduled"] is True
     batch, recipients = load(sessions, item["batchUuid"])
-    assert batch.client_id == SEED_ID
-    assert recipients[0].client_id == SEED_ID
+    assert batch.client_id == EXAMPLE_ID
+    assert recipients[0].client_id == EXAMPLE_ID
     assert batch.callback_url == "https://my-callback.com/delivery-receipt"
     assert batch.channels == ["sms"]
     assert batch.send_at == send_at
     assert batch.status == BatchStatus.SCHEDULED
-    got = client.get(f"/batch/{SEED_ID}", headers=tenant.auth)
+    got = client.get(f"/batch/{EXAMPLE_ID}", headers=tenant.auth)
     assert got.get_json()["identifier"] == item["batchUuid"]
 
 
-def test_seed_multiple_messages_get_their_own_batches(
+def test_documented_multiple_messages_get_their_own_batches(
     client: FlaskClient,
     sessions: sessionmaker[Session],
     tenant: Tenant,
@@ -178,7 +180,7 @@ def test_seed_multiple_messages_get_their_own_batches(
     assert len(publisher.messages) == 2
 
 
-SEED_DEFAULTS = """{
+DOCUMENTED_DEFAULTS = """{
     "defaults": {
         "from": {
             "type": "custom",
@@ -206,12 +208,12 @@ SEED_DEFAULTS = """{
 }"""
 
 
-def test_seed_defaults_example(
+def test_documented_defaults_example(
     client: FlaskClient, sessions: sessionmaker[Session], tenant: Tenant
 ) -> None:
-    # The seed's third number, 44333333333333, has 12 national digits: no UK number is
+    # The documented example's third number, 44333333333333, has 12 national digits: no UK number is
     # that long (see the next test); a possible one stands in for it here.
-    items = ok(post_text(client, tenant, SEED_DEFAULTS.replace("THIRD", "443333333333")))
+    items = ok(post_text(client, tenant, DOCUMENTED_DEFAULTS.replace("THIRD", "443333333333")))
     assert [(i["to"], i["body"], i["from"], i["scheduled"]) for i in items] == [
         ("441111111111", "This is the first test message!", custom("mplus-test"), False),
         ("442222222222", "This is the second test message!", custom("mplus-test"), False),
@@ -222,16 +224,16 @@ def test_seed_defaults_example(
         check_stored(sessions, item)
 
 
-def test_seed_defaults_example_verbatim_refuses_the_impossible_number(
+def test_documented_defaults_example_verbatim_refuses_the_impossible_number(
     client: FlaskClient, tenant: Tenant, ledger: Ledger
 ) -> None:
-    response = post_text(client, tenant, SEED_DEFAULTS.replace("THIRD", "44333333333333"))
+    response = post_text(client, tenant, DOCUMENTED_DEFAULTS.replace("THIRD", "44333333333333"))
     body = refused(response, 400, "messages.2.to", "44333333333333")
     assert "messages.0" not in body["message"] and "messages.1" not in body["message"]
     ledger.assert_unchanged()
 
 
-def test_seed_per_message_callbacks(
+def test_documented_per_message_callbacks(
     client: FlaskClient, sessions: sessionmaker[Session], tenant: Tenant
 ) -> None:
     items = ok(
@@ -269,7 +271,7 @@ def test_seed_per_message_callbacks(
     ]
 
 
-def test_seed_defualts_typo_is_an_unknown_field(
+def test_documented_defualts_typo_is_an_unknown_field(
     client: FlaskClient, tenant: Tenant, ledger: Ledger
 ) -> None:
     response = post_text(
@@ -329,7 +331,7 @@ def test_defaults_callback_applies_to_every_message(
         assert batch.sender == "specific"
 
 
-def test_seed_channels_example(
+def test_documented_channels_example(
     client: FlaskClient, sessions: sessionmaker[Session], tenant: Tenant
 ) -> None:
     [item] = ok(

@@ -15,7 +15,7 @@ from werkzeug.test import TestResponse
 from dispatcher.batches.models import Batch, Recipient
 from dispatcher.db import transaction
 from dispatcher.states import BatchStatus, RecipientStatus
-from tests.conftest import Tenant
+from tests.factories import Tenant
 
 R = RecipientStatus
 ERROR_KEYS = {"code", "message", "errorId", "timestamp"}

@@ -1,4 +1,4 @@
-"""Sinch batches over HTTP (seed 003): send, get, list, update, replace, cancel, auth, errors."""
+"""Sinch "Batches" over HTTP: send, get, list, update, replace, cancel, auth, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.config import Settings
 from dispatcher.db import utcnow
-from tests.api.sinch_helpers import (
+from tests.factories import Tenant
+from tests.helpers.sinch import (
     A,
     B,
     C,
@@ -25,7 +26,6 @@ from tests.api.sinch_helpers import (
     start_sending,
     url,
 )
-from tests.conftest import Tenant
 
 FUTURE = (utcnow() + timedelta(days=1)).isoformat(timespec="seconds") + "Z"
 

@@ -1,4 +1,4 @@
-"""Sinch dry run, delivery reports, delivery feedback and callbacks (seed 003 shapes)."""
+"""Sinch dry run, delivery reports, delivery feedback and callbacks (Sinch's shapes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.config import Settings
-from tests.api.sinch_helpers import (
+from tests.factories import Tenant
+from tests.helpers.sinch import (
     A,
     B,
     C,
@@ -22,7 +23,6 @@ from tests.api.sinch_helpers import (
     start_sending,
     url,
 )
-from tests.conftest import Tenant
 
 
 def dry_run(client: FlaskClient, tenant: Tenant, query: str = "", **body: Any) -> Any:

@@ -19,8 +19,8 @@ from api.dialects.sinch import views
 from api.dialects.sinch.errors import handle_schema
 from dispatcher.batches.models import Batch
 from dispatcher.db import utcnow
-from tests.api.sinch_helpers import A, B, assert_error, created, send, url
-from tests.conftest import Tenant
+from tests.factories import Tenant
+from tests.helpers.sinch import A, B, assert_error, created, send, url
 
 FORMAT = "syntax_invalid_parameter_format"
 CONSTRAINT = "syntax_constraint_violation"

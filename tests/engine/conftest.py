@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.config import Settings
 from dispatcher.runtime import Runtime
-from tests.conftest import make_settings
 from tests.engine import system
+from tests.helpers import make_settings
 from workers.celery_app import create_celery
 
 

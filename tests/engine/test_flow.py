@@ -19,28 +19,20 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from dispatcher.accounts import service as accounts
 from dispatcher.batches.models import Attempt, Batch, Recipient
 from dispatcher.channels.simulator import Simulator
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
-from tests.conftest import wait_for
 from tests.engine import system
+from tests.factories import Tenant as Account
+from tests.helpers import wait_for
+from tests.helpers.engine import numbers, send
 
 pytestmark = pytest.mark.system
 R = RecipientStatus
 DONE = {R.SENT, R.DELIVERED, R.FAILED, R.EXPIRED, R.CANCELLED}
-
-
-class Account:
-    def __init__(self, sessions: sessionmaker[Session], rate: float | None = None) -> None:
-        with transaction(sessions) as session:
-            account = accounts.create_account(session=session, name="sys", rate_limit=rate)
-            self.key = accounts.create_key(session=session, account_id=account.id).key
-        self.id = account.id
-        self.auth = {"Authorization": f"Bearer {self.key}"}
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +43,6 @@ def api(live: Runtime) -> FlaskClient:
 @pytest.fixture(scope="module")
 def ledger(live: Runtime) -> Simulator:
     return Simulator(redis_client=live.redis, rules={})
-
-
-def numbers(prefix: str, count: int, start: int = 0) -> list[str]:
-    width = 12 - len(prefix.lstrip("+"))
-    return [f"{prefix}{i:0{width}d}" for i in range(start, start + count)]
-
-
-def send(api: FlaskClient, account: Account, destinations: list[str], **extra: object) -> str:
-    body = {"from": "Dispatcher", "message": "hello", "destinations": destinations, **extra}
-    reply = api.post("/batch?allowMulti=true", json=body, headers=account.auth)
-    assert reply.status_code == 200, reply.get_json()
-    return str(reply.get_json()["identifier"])
 
 
 def recipients(sessions: sessionmaker[Session], batch_id: str) -> list[Recipient]:

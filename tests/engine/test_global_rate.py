@@ -11,9 +11,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from dispatcher.batches.models import Recipient
 from dispatcher.config import Settings
 from dispatcher.runtime import Runtime
-from tests.conftest import wait_for
 from tests.engine import system
-from tests.engine.test_flow import Account, numbers, send
+from tests.factories import Tenant as Account
+from tests.helpers import wait_for
+from tests.helpers.engine import numbers, send
 
 pytestmark = pytest.mark.system
 RATE = 25.0

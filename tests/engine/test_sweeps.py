@@ -1,6 +1,6 @@
 """The scheduler's sweeps, one at a time, on SQLite and PostgreSQL.
 
-These are the safety nets of DESIGN.md's invariants: a publish lost after
+These are the safety nets of the invariants in docs/invariants.md: a publish lost after
 commit, retry timers, the horizon, expiry and the reclaim of dead workers' claims.
 """
 
@@ -21,7 +21,8 @@ from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
 from dispatcher.states import BatchStatus, RecipientStatus
-from tests.conftest import RecordingPublisher, Tenant
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
 
 R = RecipientStatus
 

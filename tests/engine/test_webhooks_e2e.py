@@ -37,8 +37,9 @@ from dispatcher.states import BatchStatus
 from dispatcher.webhooks import service as webhooks
 from dispatcher.webhooks import sign
 from dispatcher.webhooks.models import Callback
-from tests.conftest import RecordingPublisher, Tenant, wait_for
 from tests.engine import system
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher, wait_for
 
 pytestmark = pytest.mark.system
 HELD = -1  # the status logged for a request that was held and never answered

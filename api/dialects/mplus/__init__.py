@@ -1,4 +1,4 @@
-"""Messaging Plus compatible API (seeds 000-002): /batch, /message."""
+"""Messaging Plus compatible API (vendor pages "Add Batch", "Add Message"): /batch, /message."""
 
 from api.dialects.mplus.views import blueprint
 

@@ -74,7 +74,7 @@ def dump_message(
     *,
     session: Session,
 ) -> dict[str, Any]:
-    """One entry of the POST /message reply, as seed 002 shows it (``to`` as sent)."""
+    """One entry of the POST /message reply, as "Add Message" shows it (``to`` as sent)."""
     return {
         "to": to_as_sent,
         "body": m.body,

@@ -1,6 +1,6 @@
-"""Marshmallow schemas of the Messaging Plus dialect (seeds 000, 001, 002).
+"""Marshmallow schemas of the Messaging Plus dialect ("Add Batch", "Add Message").
 
-Where the seeds spell a field two ways (``id``/``uuid``, ``send_at``/``at``,
+Where the vendor's pages spell a field two ways (``id``/``uuid``, ``send_at``/``at``,
 ``isDryrun``/``dryRun``) both are accepted; giving both with different values is an error.
 """
 
@@ -66,7 +66,7 @@ def merge_aliases(data: Any, pairs: dict[str, str]) -> Any:
 
 
 class MessageQuery(Schema):
-    """Query string of POST /message (seed 002: ``key`` and the dry-run flag)."""
+    """Query string of POST /message ("Add Message": ``key`` and the dry-run flag)."""
 
     class Meta:
         unknown = RAISE
@@ -80,7 +80,7 @@ class MessageQuery(Schema):
 
 
 class BatchQuery(MessageQuery):
-    """Query string of POST /batch (seed 001): also ``allowMulti``."""
+    """Query string of POST /batch ("Add Batch"): also ``allowMulti``."""
 
     allow_multi = fields.Boolean(load_default=False, data_key="allowMulti")
 
@@ -105,7 +105,7 @@ class WhatsAppTemplateSchema(Schema):
 
 
 class BatchSchema(SettingsSchema):
-    """Body of POST /batch (seed 001)."""
+    """Body of POST /batch (Messaging Plus API "Add Batch")."""
 
     sender = Text(required=True, data_key="from", validate=SENDER)
     message = Text(required=True)
@@ -169,7 +169,7 @@ class SenderSchema(Schema):
 
 
 class MessageSchema(SettingsSchema):
-    """One entry of POST /message, after ``defaults`` were merged under it (seed 002)."""
+    """One entry of POST /message, after ``defaults`` were merged under it ("Add Message")."""
 
     to = Phone(required=True)
     sender = fields.Nested(SenderSchema, required=True, data_key="from")

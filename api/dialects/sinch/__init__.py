@@ -1,4 +1,4 @@
-"""Sinch SMS REST API compatible batches (seed 003): /xms/v1/{service_plan_id}/batches."""
+"""Sinch SMS REST API compatible batches (reference: "Batches"): /xms/v1/{plan}/batches."""
 
 from api.dialects.sinch.views import blueprint
 

@@ -1,4 +1,4 @@
-"""Marshmallow schemas of the Sinch batches API (seed 003): requests and replies.
+"""Marshmallow schemas of the Sinch SMS REST API "Batches": requests and replies.
 
 The reply schemas are what the views dump with and what /openapi.json documents,
 so the document cannot drift from the wire.

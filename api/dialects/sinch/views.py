@@ -1,4 +1,4 @@
-"""Sinch batches views (seed 003): parse, call one service, dump.
+"""Sinch batches views (Sinch SMS REST API reference, "Batches"): parse, call one service, dump.
 
 Every route is under ``/xms/v1/{service_plan_id}/batches``; the service plan id is
 the account's id, and a token used with another plan id is refused before any view.

@@ -84,7 +84,7 @@ def parse_time(text: str) -> datetime:
 
 
 def assert_batch_shape(data: dict[str, Any]) -> None:
-    """Field names and JSON types of a Sinch batch object (seed 003)."""
+    """Field names and JSON types of a Sinch batch object (Sinch "Batches")."""
     assert set(data) >= ALWAYS, ALWAYS - set(data)
     assert set(data) <= set(BATCH_FIELDS), set(data) - set(BATCH_FIELDS)
     for name, value in data.items():

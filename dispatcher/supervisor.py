@@ -1,0 +1,154 @@
+"""Child processes in their own process groups, started with a log and stopped by group.
+
+One implementation for ``dispatcher run`` (:mod:`dispatcher.devserver`), the
+benchmark (``bench/harness.py``) and the system tests (``tests/engine/system.py``).
+Each child gets a new session, so its PID is also its process group id; stopping
+it signals that group only (Celery's pool children included) and never anything
+this process did not start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO
+
+from dispatcher.config import PREFIX, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+STOP_GRACE = 15.0
+
+
+def child_env(settings: Settings, *, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment that rebuilds ``settings`` in a child: ``base`` minus every
+    ``DISPATCHER_*`` variable, plus :meth:`Settings.to_env`."""
+    base = os.environ if base is None else base
+    env = {k: v for k, v in base.items() if not k.startswith(PREFIX)}
+    env.update(settings.to_env())
+    # Children import dispatcher, api and workers from this checkout, installed or not.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), base.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Child:
+    """One child process in its own process group; ``log`` takes its stdout and stderr
+    (``None``: they stay ours, as ``dispatcher run`` wants)."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: Mapping[str, str],
+        log: Path | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.log = log
+        self._out: IO[bytes] | None = log.open("wb") if log is not None else None
+        self.proc = subprocess.Popen(
+            argv,
+            env=dict(env),
+            cwd=cwd,
+            stdout=self._out,
+            stderr=subprocess.STDOUT if self._out is not None else None,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        """What the child wrote to its log so far ('' without a log)."""
+        if self.log is None:
+            return ""
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the child's process group (a no-op once the group is gone)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, grace: float = STOP_GRACE) -> bool:
+        """SIGTERM the group, SIGKILL it after ``grace``; True if SIGTERM was enough."""
+        clean = True
+        if self.proc.poll() is None:
+            self.kill_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                clean = False
+                self.kill_group(signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=grace)
+        # Celery's pool children share the group: leave none behind.
+        self.kill_group(signal.SIGKILL)
+        if self._out is not None:
+            with contextlib.suppress(OSError):
+                self._out.close()
+        return clean
+
+
+class Supervisor:
+    """The children of one run, stopped newest first (so Redis, started first, stops last)."""
+
+    def __init__(self, *, grace: float = STOP_GRACE) -> None:
+        self.grace = grace
+        self.children: list[Child] = []
+
+    def add(self, child: Child) -> Child:
+        self.children.append(child)
+        return child
+
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: Mapping[str, str],
+        log: Path | None = None,
+        cwd: Path | None = None,
+    ) -> Child:
+        return self.add(Child(name, argv, env=env, log=log, cwd=cwd))
+
+    def dead(self) -> Child | None:
+        """The first child that has exited, if any."""
+        return next((c for c in self.children if not c.alive()), None)
+
+    def stop_child(self, child: Child) -> None:
+        child.stop(self.grace)
+        self.children.remove(child)
+
+    def stop(self, *, on_stop: Callable[[Child], None] | None = None) -> None:
+        """Stop every child, newest first; ``on_stop`` hears of each one before it stops."""
+        for child in reversed(self.children):
+            if on_stop is not None:
+                on_stop(child)
+            child.stop(self.grace)
+        self.children.clear()
+
+    def watch(self, stopping: Callable[[], bool], poll: float = 0.5) -> Child | None:
+        """Block until ``stopping()`` is true or a child dies; returns the dead child."""
+        while not stopping():
+            if (child := self.dead()) is not None:
+                return child
+            time.sleep(poll)
+        return None

@@ -1,0 +1,83 @@
+"""Helpers shared by the tests: ports, waiting with a deadline, settings, a recording publisher.
+
+Test modules import from here (and from tests/factories.py), never from each other;
+tests/conftest.py builds its fixtures on the same helpers.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dispatcher import outbox
+from dispatcher.config import Settings
+
+# Simulator rules the tests rely on (see dispatcher/channels/simulator.py).
+SIMULATOR_RULES = {
+    "latency_ms": 0,
+    "receipt_delay": 0.5,
+    "unreachable": {"rcs": [r"^\+4477009"]},
+    "invalid": [r"^\+4477008"],
+    "transient": {"sms": {"pattern": r"^\+4477007", "times": 1}},
+    "undeliverable": [r"^\+4477006"],
+}
+
+
+# Waiting between polls of a condition with a deadline (never a bare sleep in a test).
+_POLL = threading.Event()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+        _POLL.wait(interval)
+
+
+def make_settings(*, database_url: str, redis_url: str, var: Path, **overrides: Any) -> Settings:
+    """Test settings: no send_at lead, loopback callbacks allowed, fast timers."""
+    values: dict[str, Any] = {
+        "var_dir": str(var),
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "min_send_at_lead": 0,
+        "callback_allowlist": ("127.0.0.1",),
+        "default_account_rate": 0,
+        "schedule_horizon": 60,
+        "scheduler_interval": 0.5,
+        "visibility_timeout": 600,
+        "send_lease": 6,
+        "stall_after": 6,
+        "requeue_after": 120,
+        "send_retry_schedule": (0.5, 1.0),
+        "callback_retry_schedule": (0.5, 1.0, 1.0),
+        "simulator": SIMULATOR_RULES,
+        "chunk_size": 100,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class RecordingPublisher:
+    """Collects what would be published, for API tests that run no worker."""
+
+    def __init__(self) -> None:
+        self.messages: list[outbox.Message | outbox.Revoke] = []
+
+    def publish(self, messages: list[outbox.Message | outbox.Revoke]) -> None:
+        self.messages.extend(messages)

@@ -1,0 +1,107 @@
+"""dispatcher/supervisor.py: children in their own process groups, stopped by group only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from dispatcher.config import Settings
+from dispatcher.supervisor import Child, Supervisor, child_env
+from tests.helpers import wait_for
+
+# A parent that starts a grandchild in its own group (like Celery's pool), prints both
+# PIDs and waits; with "stubborn" both ignore SIGTERM.
+FAMILY = """
+import os, signal, subprocess, sys
+if sys.argv[1] == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+code = "import signal, sys\\nif sys.argv[1] == 'stubborn':\\n" \\
+    "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\\nwhile True: signal.pause()"
+kid = subprocess.Popen([sys.executable, "-c", code, sys.argv[1]])
+print(os.getpid(), kid.pid, flush=True)
+while True:
+    signal.pause()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers signal 0 until its parent reaps it.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _pids(child: Child) -> tuple[int, int]:
+    line = wait_for(lambda: child.output().strip(), timeout=20)
+    parent, kid = (int(p) for p in line.split())
+    return parent, kid
+
+
+def test_a_child_and_its_own_children_get_one_group_and_stop_together(tmp_path: Path) -> None:
+    child = Child(
+        "family",
+        [sys.executable, "-c", FAMILY, "polite"],
+        env=os.environ,
+        log=tmp_path / "family.log",
+    )
+    parent, kid = _pids(child)
+    assert parent == child.pid
+    assert os.getpgid(parent) == os.getpgid(kid) == child.pid != os.getpgid(0)
+    assert child.stop(grace=10) is True
+    assert child.returncode == -signal.SIGTERM
+    wait_for(lambda: not _alive(kid), timeout=10)
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    child = Child(
+        "stubborn",
+        [sys.executable, "-c", FAMILY, "stubborn"],
+        env=os.environ,
+        log=tmp_path / "stubborn.log",
+    )
+    _, kid = _pids(child)
+    assert child.stop(grace=0.5) is False
+    assert child.returncode == -signal.SIGKILL
+    wait_for(lambda: not _alive(kid), timeout=10)
+
+
+def test_the_supervisor_stops_newest_first_and_reports_a_dead_child(tmp_path: Path) -> None:
+    sup = Supervisor(grace=10)
+    sleeper = [sys.executable, "-c", "import signal; signal.pause()"]
+    first = sup.start("first", sleeper, env=os.environ, log=tmp_path / "first.log")
+    quitter = sup.start(
+        "quitter", [sys.executable, "-c", "pass"], env=os.environ, log=tmp_path / "q.log"
+    )
+    last = sup.start("last", sleeper, env=os.environ, log=tmp_path / "last.log")
+    assert sup.watch(lambda: False, poll=0.05) is quitter
+    order: list[str] = []
+    sup.stop(on_stop=lambda c: order.append(c.name))
+    assert order == ["last", "quitter", "first"]
+    assert sup.children == []
+    assert not first.alive() and not last.alive()
+
+
+def test_child_env_rebuilds_the_settings_and_drops_foreign_dispatcher_variables(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        var_dir=str(tmp_path),
+        chunk_size=123,
+        simulator={"latency_ms": 5},
+        callback_allowlist=("127.0.0.1",),
+    )
+    env = child_env(
+        settings, base={"DISPATCHER_NOT_A_FIELD": "x", "HOME": "/home/h", "PYTHONPATH": "/extra"}
+    )
+    assert "DISPATCHER_NOT_A_FIELD" not in env
+    assert env["HOME"] == "/home/h"
+    assert env["PYTHONPATH"].split(os.pathsep)[-1] == "/extra"
+    assert Settings.from_env(env) == settings
