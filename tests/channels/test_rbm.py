@@ -17,8 +17,9 @@ from dispatcher.channels.base import OutboundMessage, Outcome
 from dispatcher.channels.rbm import MAX_TEXT, RbmProvider, ServiceAccountTokens
 from dispatcher.channels.simulator import Simulator
 from dispatcher.states import RecipientStatus
-from tests.channels.conftest import Live
-from tests.conftest import Tenant, wait_for
+from tests.factories import Tenant
+from tests.helpers import wait_for
+from tests.helpers.providers import Live
 from tests.standins import Reply, Request
 from tests.standins.rbm import Rbm, event, push
 

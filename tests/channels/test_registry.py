@@ -12,7 +12,7 @@ from dispatcher.channels.twilio import TwilioProvider
 from dispatcher.channels.whatsapp_cloud import WhatsAppCloudProvider
 from dispatcher.config import ConfigError, Settings
 from dispatcher.runtime import Runtime
-from tests.conftest import RecordingPublisher
+from tests.helpers import RecordingPublisher
 
 ENV = {
     "DISPATCHER_CHANNEL_PROVIDERS": '{"rcs": "rbm", "whatsapp": "whatsapp_cloud", "sms": "twilio"}',

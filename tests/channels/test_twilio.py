@@ -16,8 +16,9 @@ from twilio.request_validator import RequestValidator
 from dispatcher.channels.base import OutboundMessage, Outcome
 from dispatcher.channels.twilio import STATUS_PATH, TwilioProvider, signature
 from dispatcher.states import RecipientStatus
-from tests.channels.conftest import Live
-from tests.conftest import Tenant, wait_for
+from tests.factories import Tenant
+from tests.helpers import wait_for
+from tests.helpers.providers import Live
 from tests.standins import Reply, Request
 from tests.standins.twilio import Twilio, callback, error, status_params
 

@@ -12,8 +12,9 @@ from dispatcher.channels.base import OutboundMessage, Outcome
 from dispatcher.channels.simulator import Simulator
 from dispatcher.channels.whatsapp_cloud import WhatsAppCloudProvider
 from dispatcher.states import RecipientStatus
-from tests.channels.conftest import Live
-from tests.conftest import Tenant, wait_for
+from tests.factories import Tenant
+from tests.helpers import wait_for
+from tests.helpers.providers import Live
 from tests.standins import Reply, Request
 from tests.standins.whatsapp import ERRORS, WhatsApp, notify, status
 
