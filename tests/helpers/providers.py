@@ -6,6 +6,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import requests
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.serving import make_server
@@ -19,6 +20,12 @@ from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
 from dispatcher.webhooks.models import Callback
 from tests.factories import Tenant
+
+
+def counts(reply: requests.Response) -> tuple[int, int]:
+    """(applied, ignored) of a webhook's reply (durable receipts add ``pending``)."""
+    body = reply.json()
+    return body["applied"], body["ignored"]
 
 
 class Live:
