@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from tests.factories import Tenant
 from tests.helpers import wait_for
 from tests.helpers.providers import Live, counts
 from tests.standins import Reply, Request
-from tests.standins.rbm import Rbm, event, push
+from tests.standins.rbm import Rbm, event, push, write_key_file
 
 R = RecipientStatus
 CLIENT_TOKEN = "rbm-client-token-0123456789"
@@ -49,25 +48,8 @@ def rbm(private_key: rsa.RSAPrivateKey) -> Iterator[Rbm]:
 
 @pytest.fixture()
 def key_file(tmp_path: Path, rbm: Rbm, private_key: rsa.RSAPrivateKey) -> Path:
-    """A service-account key file as Google issues it, its token_uri on the stand-in."""
-    pem = private_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
     path = tmp_path / "rbm-key.json"
-    path.write_text(
-        json.dumps(
-            {
-                "type": "service_account",
-                "project_id": "rbm-agent",
-                "private_key_id": "k1",
-                "private_key": pem,
-                "client_email": "dispatcher@rbm-agent.iam.gserviceaccount.com",
-                "token_uri": rbm.token_uri,
-            }
-        )
-    )
+    write_key_file(path, private_key, rbm.token_uri)
     return path
 
 

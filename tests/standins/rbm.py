@@ -142,3 +142,26 @@ def event(kind: str, message_id: str, number: str = "+447700900001") -> dict[str
         "sendTime": "2026-01-01T00:00:01Z",
         "agentId": "dispatcher-agent@rbm.goog",
     }
+
+
+def write_key_file(path: Any, private_key: Any, token_uri: str) -> None:
+    """A service-account key file as Google issues it, its token_uri on the stand-in."""
+    from cryptography.hazmat.primitives import serialization
+
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    path.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "rbm-agent",
+                "private_key_id": "k1",
+                "private_key": pem,
+                "client_email": "dispatcher@rbm-agent.iam.gserviceaccount.com",
+                "token_uri": token_uri,
+            }
+        )
+    )
