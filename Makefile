@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-sqlite lint format bench bench-rate clean
+.PHONY: help venv run test test-sqlite lint format bench bench-rate clean prometheus
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -23,6 +23,7 @@ run: $(STAMP) ## Start the whole system on 127.0.0.1 (embedded Redis, SQLite, AP
 	$(VENV)/bin/dispatcher run
 
 test: $(STAMP) ## Run the suite (plus PostgreSQL when its binaries exist; required when CI=true)
+	@if [ "$$CI" = "true" ]; then $(MAKE) --no-print-directory prometheus; fi
 	@if $(PY) scripts/pgtest.py available; then \
 	  $(PY) scripts/pgtest.py run -- $(PY) -m pytest $(PYTEST_ARGS); \
 	elif [ "$$CI" = "true" ]; then \
@@ -49,6 +50,15 @@ bench: $(STAMP) ## Throughput benchmark (100k recipients, simulator, no rate lim
 
 bench-rate: $(STAMP) ## Rate-limit accuracy with 4 worker processes; prints JSON lines
 	$(PY) -m bench.throughput --mode rate
+
+prometheus: ## Install Debian's prometheus package (prometheus + promtool, for tests/deploy); needs root or sudo
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
+	  echo "prometheus and promtool are installed"; \
+	else \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; \
+	fi
 
 clean: ## Remove the venv and local state (var/)
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

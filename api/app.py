@@ -8,6 +8,7 @@ from flask import Flask, Response, g
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from api import telemetry
 from dispatcher.config import Settings
 from dispatcher.runtime import Runtime
 
@@ -25,6 +26,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["dispatcher"] = runtime
+    # First, so that its after_request runs last: latency and status include the commit.
+    telemetry.install(app, settings)
 
     @app.after_request
     def _commit(response: Response) -> Response:

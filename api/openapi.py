@@ -149,7 +149,13 @@ OPERATIONS = (
         replies={200: None},
     ),
     Op("get", "/health", "Health", "ops", replies={200: None}),
-    Op("get", "/metrics", "Prometheus metrics", "ops", replies={200: None}),
+    Op(
+        "get",
+        "/metrics",
+        "Prometheus metrics (bearer DISPATCHER_METRICS_TOKEN)",
+        "ops",
+        replies={200: None},
+    ),
     Op("post", XMS, "Send", "sinch", "SinchSend", replies={201: "SinchBatch"}, **S),
     Op(
         "get",

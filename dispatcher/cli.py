@@ -1,15 +1,19 @@
-"""The ``dispatcher`` console command: database, accounts, keys, callbacks, and ``run``."""
+"""The ``dispatcher`` console command: database, accounts, keys, callbacks, status, ``run``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.config import Settings
 from dispatcher.db import make_engine, make_session_factory, transaction
+
+if TYPE_CHECKING:
+    from dispatcher.backlog import Progress
 
 
 def _sessions(settings: Settings) -> sessionmaker[Session]:
@@ -245,3 +249,152 @@ def callbacks_enable(settings: Settings, account_id: str, url: str) -> None:
             batch_size=settings.callback_batch_size,
         )
     click.echo(f"endpoint {url} enabled; {released} held callback(s) released")
+
+
+# --- capacity and progress ------------------------------------------------------------
+
+
+@main.command("status")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 30.0),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for workers to answer.",
+)
+@click.pass_obj
+def status(settings: Settings, timeout: float) -> None:
+    """Queues, workers, throughput over the last minute, and the largest backlogs."""
+    import redis
+
+    from dispatcher import backlog, metrics
+    from dispatcher.db import utcnow
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        depths = metrics.queue_depths(client)
+    finally:
+        client.close()
+    workers = _workers_by_queue(settings, timeout)
+    now = utcnow()
+    with _reading(settings) as sessions, transaction(sessions) as session:
+        snap = backlog.snapshot(session=session, now=now)
+        rates = backlog.rates(session=session, now=now)
+        biggest = backlog.largest_backlogs(session=session, now=now)
+    ages = {
+        "dispatch": snap.oldest_due_recipient_age,
+        "send": snap.oldest_due_recipient_age,
+        "callbacks": snap.oldest_due_callback_age,
+    }
+    click.echo(f"{'queue':<10} {'depth':>7} {'oldest due':>11}  workers")
+    for queue in metrics.QUEUES:
+        nodes = workers.get(queue, [])
+        seen = f"{len(nodes)}  {', '.join(sorted(nodes))}" if nodes else "0  (none answered)"
+        click.echo(f"{queue:<10} {depths[queue]:>7} {ages[queue]:>10.1f}s  {seen}")
+    click.echo(f"\nlast minute: {rates['sends']:.1f} sends/s, {rates['callbacks']:.1f} callbacks/s")
+    click.echo(
+        f"callbacks: {snap.dead_callbacks} dead, {snap.held_callbacks} held; "
+        f"{snap.disabled_endpoints} endpoint(s) disabled"
+    )
+    click.echo("\nlargest backlogs (due, unsent recipients):")
+    for account_id, n in biggest:
+        click.echo(f"  {account_id}  {n}")
+    if not biggest:
+        click.echo("  none")
+
+
+def _workers_by_queue(settings: Settings, timeout: float) -> dict[str, list[str]]:
+    """Worker nodes that answered within ``timeout``, by the queues they consume."""
+    from workers.celery_app import create_celery
+
+    app = create_celery(settings)
+    try:
+        replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    except OSError:  # the broker is down: no worker can be seen
+        replies = {}
+    finally:
+        app.runtime.dispose()
+        app.close()
+    seen: dict[str, list[str]] = {}
+    for node, queues in replies.items():
+        for queue in queues or []:
+            seen.setdefault(str(queue.get("name")), []).append(node)
+    return seen
+
+
+@main.group()
+def batches() -> None:
+    """Batches: progress by status."""
+
+
+def _progress_line(p: Progress, width: int = 30) -> str:
+    share = p.done / p.total if p.total else 1.0
+    filled = round(share * width)
+    counts = " ".join(f"{k}={v}" for k, v in p.counts.items() if v)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {share:6.1%} {p.status:<9} {counts}"
+
+
+def _load_progress(settings: Settings, batch_id: str) -> Progress:
+    from dispatcher import backlog
+
+    with _reading(settings) as sessions, transaction(sessions) as session:
+        found = backlog.progress(session=session, batch_id=batch_id)
+    if found is None:
+        raise click.ClickException(f"batch {batch_id} not found")
+    return found
+
+
+@batches.command("show")
+@click.argument("batch_id")
+@click.pass_obj
+def batches_show(settings: Settings, batch_id: str) -> None:
+    """A batch's status and its recipients by status."""
+    p = _load_progress(settings, batch_id)
+    click.echo(f"batch {p.batch_id}  account {p.account_id}")
+    click.echo(f"status {p.status}  send_at {p.send_at:%Y-%m-%d %H:%M:%S}Z  recipients {p.total}")
+    for name, n in p.counts.items():
+        if n:
+            click.echo(f"  {name:<10} {n}")
+    click.echo(_progress_line(p))
+
+
+@batches.command("watch")
+@click.argument("batch_id")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.2, 60.0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1.0, 86400.0),
+    default=3600.0,
+    show_default=True,
+    help="Give up after this many seconds.",
+)
+@click.pass_obj
+def batches_watch(settings: Settings, batch_id: str, interval: float, timeout: float) -> None:
+    """Live progress by status until the batch is final (or --timeout)."""
+    import sys
+    import threading
+    import time
+
+    tty = sys.stdout.isatty()
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        p = _load_progress(settings, batch_id)
+        line = _progress_line(p)
+        click.echo(f"\r\x1b[2K{line}" if tty else line, nl=not tty)
+        if p.final:
+            if tty:
+                click.echo()
+            click.echo(f"batch {p.batch_id} is final: {p.status}")
+            return
+        if time.monotonic() >= deadline:
+            if tty:
+                click.echo()
+            raise click.ClickException(f"still {p.status} after {timeout:.0f}s")
+        pause.wait(interval)

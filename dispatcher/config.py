@@ -171,6 +171,23 @@ class Settings:
     # (a publish lost after commit); the claim makes a duplicate task harmless.
     callback_requeue_after: float = 60.0
 
+    # Observability (see the README's "Observability").
+    # Bearer token for the API's /metrics; empty: /metrics answers 404.
+    metrics_token: str = ""
+    # An account label on recipient counters (cardinality grows with accounts).
+    metrics_per_account: bool = False
+    # Scrape-time backlog queries are cached this long (s).
+    metrics_cache_seconds: float = 5.0
+    # A Celery worker serves its pool's metrics on this port; 0: off.
+    worker_metrics_port: int = 0
+    worker_metrics_host: str = "127.0.0.1"
+    # json (one object per line) or text (for humans).
+    log_format: str = "json"
+    log_level: str = "INFO"
+    # Sentry is on only when a DSN is set (needs the `sentry` extra).
+    sentry_dsn: str = ""
+    sentry_environment: str = ""
+
     def __post_init__(self) -> None:
         if not self.database_url:
             path = Path(self.var_dir).resolve() / "dispatcher.db"
@@ -230,6 +247,12 @@ class Settings:
         for name in ("api_port", "flower_port"):
             if not 1 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a TCP port (1-65535)")
+        if not 0 <= self.worker_metrics_port <= 65535:
+            raise ConfigError(f"{PREFIX}WORKER_METRICS_PORT must be 0 (off) or a TCP port")
+        if self.log_format not in {"json", "text"}:
+            raise ConfigError(f"{PREFIX}LOG_FORMAT must be json or text, not {self.log_format!r}")
+        if not math.isfinite(self.metrics_cache_seconds) or self.metrics_cache_seconds < 0:
+            raise ConfigError(f"{PREFIX}METRICS_CACHE_SECONDS must be zero or more")
         for name in ("send_retry_schedule", "callback_retry_schedule"):
             steps = getattr(self, name)
             if not steps or any(not math.isfinite(s) or s <= 0 for s in steps):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from dispatcher import metrics
 from dispatcher.config import PREFIX, Settings
 from dispatcher.supervisor import Child, Supervisor, child_env
 
@@ -110,6 +111,13 @@ def _demo_settings(settings: Settings) -> Settings:
     return settings.replace(callback_allowlist=("127.0.0.1", "::1", "localhost"))
 
 
+def _observable(settings: Settings) -> Settings:
+    """A generated /metrics token (var/metrics-token) and text logs, unless configured."""
+    token = settings.metrics_token or metrics.dev_token(settings.var_path)
+    text = PREFIX + "LOG_FORMAT" not in os.environ
+    return settings.replace(metrics_token=token, log_format="text" if text else settings.log_format)
+
+
 def commands(settings: Settings) -> dict[str, list[str]]:
     """The processes of the system, by name (the same entry points as docker-compose)."""
     celery = [_bin("celery"), "-A", "workers.main"]
@@ -123,8 +131,8 @@ def commands(settings: Settings) -> dict[str, list[str]]:
             f"{settings.api_host}:{settings.api_port}",
             "--workers",
             "2",
-            "--access-logfile",
-            "-",
+            "--config",
+            "python:dispatcher.gunicorn_conf",
             "api.wsgi:app",
         ],
         "send-worker": [
@@ -169,6 +177,7 @@ def serve(settings: Settings) -> int:
 
     settings = _demo_settings(settings)
     settings.var_path.mkdir(parents=True, exist_ok=True)
+    settings = _observable(settings)
     sup = Supervisor(grace=STOP_GRACE)
     stopping = threading.Event()
 
@@ -187,7 +196,8 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     code = 1
     try:
-        env = child_env(settings)
+        # One multiprocess metrics directory for every child, emptied now.
+        env = {**child_env(settings), **metrics.multiproc_env(settings.var_path / "metrics")}
         if settings.embedded_redis:
             start("redis", _redis_command(settings))
         _wait_for_redis(settings, time.monotonic() + 30)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import redis
 
+from dispatcher import metrics
+
 __all__ = ["Limit", "RateLimiter"]
 
 logger = logging.getLogger(__name__)
@@ -139,6 +141,7 @@ class RateLimiter:
                 [limit.key for limit in limits],
                 n,
             )
+        metrics.rate_limit_waited(delay)
         if delay > 0:
             self._sleep(delay)
         return delay

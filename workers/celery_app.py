@@ -11,6 +11,7 @@ from celery.signals import worker_process_init
 from dispatcher import outbox
 from dispatcher.config import Settings
 from dispatcher.runtime import Runtime
+from workers import telemetry
 
 QUEUES = {
     "dispatch_batch": "dispatch",
@@ -84,6 +85,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
     )
     runtime = Runtime(settings, CeleryPublisher(app))
     app.runtime = runtime
+    telemetry.install(app, settings)
 
     @worker_process_init.connect(weak=False)
     def _after_fork(**_: Any) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from flask import Blueprint, Response, request
 from sqlalchemy import text
 
 from api import context as ctx
+from dispatcher import metrics
+from dispatcher.errors import NotFound, Unauthenticated
 
 blueprint = Blueprint("ops", __name__)
 
@@ -20,6 +21,15 @@ def health() -> tuple[dict[str, Any], int]:
     return {"status": "ok"}, 200
 
 
-@blueprint.get("/metrics")
-def metrics() -> Response:
-    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+@blueprint.get("/metrics", endpoint="metrics")
+def metrics_view() -> Response:
+    # Bearer token (DISPATCHER_METRICS_TOKEN); without one configured, not served at all.
+    rt = ctx.runtime()
+    if not rt.settings.metrics_token:
+        raise NotFound("metrics are off: set DISPATCHER_METRICS_TOKEN")
+    if not metrics.token_ok(
+        expected=rt.settings.metrics_token, authorization=request.headers.get("Authorization")
+    ):
+        raise Unauthenticated("metrics need Authorization: Bearer <DISPATCHER_METRICS_TOKEN>")
+    body, content_type = metrics.exposition(metrics.backlog_for(rt))
+    return Response(body, content_type=content_type)

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from dispatcher import outbox
+from dispatcher import metrics, outbox
 from dispatcher.batches.models import Batch, Recipient, StatusEvent
 from dispatcher.db import new_id
 from dispatcher.states import RecipientStatus
@@ -89,6 +89,7 @@ def record(
             for c in changes
         ],
     )
+    metrics.status_changed(session=session, batch=batch, status=status, changes=changes, at=at)
     callbacks = payloads.callbacks_for(batch=batch, status=status, changes=changes, at=at)
     if not callbacks:
         return []

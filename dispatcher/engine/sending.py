@@ -19,6 +19,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dispatcher import metrics
 from dispatcher.accounts.models import Account
 from dispatcher.batches import events
 from dispatcher.batches.models import Attempt, Batch, Recipient
@@ -229,7 +230,7 @@ def _hand_over(
                 break
             part = idx[start : start + step]
             for i, result in zip(
-                part, provider.send_many([messages[i] for i in part]), strict=True
+                part, metrics.hand_over(provider, [messages[i] for i in part]), strict=True
             ):
                 results[i] = result
     return results

@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from dispatcher import metrics
 from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient
 from dispatcher.channels.base import Receipt
@@ -65,4 +66,5 @@ def apply_many(*, session: Session, receipts: Sequence[Receipt], now: datetime) 
             assert batch is not None
             events.record(session=session, batch=batch, status=new, changes=changes, at=now)
         applied += len(rows)
+    metrics.receipts_applied(received=len(receipts), applied=applied)
     return applied

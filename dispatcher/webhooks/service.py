@@ -22,7 +22,7 @@ from sqlalchemy import CursorResult, Executable, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import outbox
+from dispatcher import metrics, outbox
 from dispatcher.accounts.models import Account
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
@@ -131,6 +131,7 @@ def deliver(
                 clock=clock,
             )
         ] += 1
+    metrics.callbacks_delivered(counts)
     return counts
 
 

@@ -1,0 +1,144 @@
+"""Capacity from the CLI against a real worker: `dispatcher status`, `batches show` and `watch`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner, Result
+from flask.testing import FlaskClient
+
+from api.app import create_app
+from dispatcher.cli import main
+from dispatcher.config import Settings
+from dispatcher.db import utcnow
+from dispatcher.migrate import upgrade
+from dispatcher.runtime import Runtime
+from tests.engine import system
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher, make_settings, wait_for
+from workers.celery_app import create_celery
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture(scope="module")
+def cli_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    var = tmp_path_factory.mktemp("clivar")
+    url = f"sqlite:///{var / 'cli.db'}"
+    upgrade(Settings(database_url=url))
+    # Its own Redis database: queue depths here are this module's only.
+    return make_settings(database_url=url, redis_url=redis_url.rsplit("/", 1)[0] + "/4", var=var)
+
+
+@pytest.fixture(scope="module")
+def live(cli_settings: Settings) -> Iterator[Runtime]:
+    app = create_celery(cli_settings)
+    rt: Runtime = app.runtime  # type: ignore[attr-defined]
+    redis.Redis.from_url(cli_settings.redis_url).flushdb()
+    yield rt
+    rt.dispose()
+
+
+@pytest.fixture(scope="module")
+def worker(
+    cli_settings: Settings, live: Runtime, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[system.Process]:
+    with system.worker(cli_settings, tmp_path_factory.mktemp("clilogs"), name="clisend") as proc:
+        yield proc
+
+
+def run(settings: Settings, *args: str, ok: bool = True) -> Result:
+    env = {k: v for k, v in settings.to_env().items()}
+    result = CliRunner().invoke(main, list(args), env=env)
+    if ok:
+        assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def api(rt: Runtime) -> FlaskClient:
+    return create_app(rt.settings, runtime=rt).test_client()
+
+
+def send(client: FlaskClient, tenant: Tenant, n: int, **extra: object) -> str:
+    body = {
+        "from": "Dispatcher",
+        "message": "hi",
+        "destinations": [f"4477005{i:05d}" for i in range(n)],
+        **extra,
+    }
+    reply = client.post("/batch", json=body, headers=tenant.auth)
+    assert reply.status_code == 200, reply.get_json()
+    return str(reply.get_json()["identifier"])
+
+
+def test_status_shows_queues_workers_throughput_and_backlog(
+    cli_settings: Settings, live: Runtime, worker: system.Process
+) -> None:
+    tenant = Tenant(live.sessions)
+    batch_id = send(api(live), tenant, 5)
+    wait_for(
+        lambda: "is final" in run(cli_settings, "batches", "watch", batch_id).output, timeout=60
+    )
+    # A due batch nobody was told about (no publish, no beat): a backlog of 3.
+    stuck = Runtime(cli_settings, RecordingPublisher())
+    try:
+        late = Tenant(stuck.sessions, name="late")
+        send(api(stuck), late, 3)
+    finally:
+        stuck.dispose()
+
+    def answered() -> str | None:
+        out = run(cli_settings, "status", "--timeout", "2").output
+        return out if "clisend" in out else None
+
+    out = wait_for(answered, timeout=30, interval=0.5)
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    assert "clisend" in rows["send"] and "clisend" in rows["dispatch"]
+    assert "(none answered)" in rows["callbacks"]
+    # Five sends within the minute: 5/60 per second.
+    assert "0.1 sends/s" in out
+    assert f"{late.id}  3" in out
+    assert f"{tenant.id}" not in out.split("largest backlogs")[1]
+
+
+def test_batches_show_counts_by_status(cli_settings: Settings, live: Runtime) -> None:
+    stuck = Runtime(cli_settings, RecordingPublisher())
+    try:
+        tenant = Tenant(stuck.sessions)
+        later = (utcnow() + timedelta(hours=2)).isoformat() + "Z"
+        batch_id = send(api(stuck), tenant, 4, send_at=later)
+    finally:
+        stuck.dispose()
+    out = run(cli_settings, "batches", "show", batch_id).output
+    assert f"batch {batch_id}  account {tenant.id}" in out
+    assert "status scheduled" in out and "recipients 4" in out
+    assert "scheduled  4" in out
+    assert "[" + "." * 30 + "]" in out
+    # Still scheduled when the watch gives up: exit 1, saying so.
+    result = run(
+        cli_settings, "batches", "watch", batch_id, "--timeout", "1", "--interval", "0.2", ok=False
+    )
+    assert result.exit_code == 1
+    assert "still scheduled after 1s" in result.output
+
+
+def test_watch_follows_a_batch_until_final(
+    cli_settings: Settings, live: Runtime, worker: system.Process
+) -> None:
+    tenant = Tenant(live.sessions)
+    batch_id = send(api(live), tenant, 20)
+    result = run(cli_settings, "batches", "watch", batch_id, "--interval", "0.2", "--timeout", "60")
+    lines = result.output.splitlines()
+    assert lines[-1].startswith(f"batch {batch_id} is final: completed")
+    assert "100.0%" in lines[-2]
+    assert "sent=" in lines[-2] or "delivered=" in lines[-2]
+
+
+def test_unknown_batch_is_refused(cli_settings: Settings, tmp_path: Path) -> None:
+    result = run(cli_settings, "batches", "show", "no-such-batch", ok=False)
+    assert result.exit_code == 1
+    assert "batch no-such-batch not found" in result.output
