@@ -126,6 +126,13 @@ class Settings:
     http_connect_timeout: float = 3.0
     http_read_timeout: float = 10.0
     dlr_secrets: dict[str, str] = field(default_factory=dict)
+    # A sent message with no receipt this long after its hand-off becomes ``unknown``:
+    # three days, the validity period SMSCs commonly apply, past which a carrier
+    # no longer tries and so no meaningful receipt can still come.
+    receipt_deadline: float = 3 * 24 * 3600.0
+    # A receipt matching no sent message yet is kept this long for its message's
+    # outcome to be recorded (must exceed send_lease: reclaim settles within it).
+    receipt_retention: float = 3600.0
     # Provider per channel by name ({"rcs": "rbm", "sms": "twilio"}); channels not
     # named use ``provider``. A route table can pick the same names.
     channel_providers: dict[str, str] = field(default_factory=dict)
@@ -231,11 +238,18 @@ class Settings:
             "callback_max_response_bytes",
             "callback_batch_size",
             "callback_requeue_after",
+            "receipt_deadline",
+            "receipt_retention",
         )
         for name in positive:
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a positive number, not {value}")
+        if self.receipt_retention <= self.send_lease:
+            raise ConfigError(
+                f"{PREFIX}RECEIPT_RETENTION must exceed {PREFIX}SEND_LEASE: a receipt that came "
+                "before its hand-off was recorded must outlive the reclaim of that hand-off"
+            )
         rates = {
             "min_send_at_lead": self.min_send_at_lead,
             "default_account_rate": self.default_account_rate,

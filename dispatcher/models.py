@@ -3,6 +3,7 @@
 from dispatcher.accounts.models import Account, ApiKey
 from dispatcher.batches.models import Attempt, Batch, Recipient, SharedSender, StatusEvent
 from dispatcher.db import Base
+from dispatcher.receipts.models import PendingReceipt
 from dispatcher.webhooks.models import Callback, Endpoint
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Batch",
     "Callback",
     "Endpoint",
+    "PendingReceipt",
     "Recipient",
     "SharedSender",
     "StatusEvent",

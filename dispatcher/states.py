@@ -1,13 +1,17 @@
 """The state machines of batches, recipients and callbacks: the only place a status may change.
 
-Every status write in the code goes through :func:`check` (single rows) or uses
-:func:`sources` to build its conditional ``WHERE status IN (...)`` (bulk updates),
-so an illegal transition cannot be written from anywhere.
+Recipient and batch statuses are written only by ``dispatcher/batches/transitions.py``
+(conditional ``UPDATE ... WHERE status IN`` :func:`recipient_sources` /
+:func:`batch_sources`, narrowed with :func:`guard`) or, for a loaded row, after
+:func:`check_batch` / :func:`check_recipient`; so an illegal transition cannot be
+written from anywhere.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from enum import StrEnum
+from typing import TypeVar
 
 
 class BatchStatus(StrEnum):
@@ -29,6 +33,9 @@ class RecipientStatus(StrEnum):
     EXPIRED = "expired"
     CANCELLED = "cancelled"
     REJECTED = "rejected"
+    # Accepted by the carrier, but no receipt came by the deadline (or a lost worker's
+    # hand-off cannot be looked up): final, and says so rather than guessing.
+    UNKNOWN = "unknown"
     # Opened by the user (RCS, WhatsApp): reported after delivered, or instead of it.
     READ = "read"
 
@@ -50,16 +57,19 @@ RECIPIENT_TRANSITIONS: dict[RecipientStatus, frozenset[RecipientStatus]] = {
     # queued -> failed: every channel was refused before a send (e.g. no channel left).
     R.QUEUED: frozenset({R.SENDING, R.CANCELLED, R.EXPIRED, R.FAILED}),
     # sending -> queued: a transient failure or a fallback to the next channel.
-    R.SENDING: frozenset({R.SENT, R.QUEUED, R.FAILED, R.EXPIRED}),
-    # A receipt may still fail or expire a message the carrier accepted.
+    # sending -> unknown: a lost worker's hand-off the provider cannot look up.
+    R.SENDING: frozenset({R.SENT, R.QUEUED, R.FAILED, R.EXPIRED, R.UNKNOWN}),
+    # A receipt may still fail or expire a message the carrier accepted; none by the
+    # receipt deadline makes it unknown.
     # sent -> read: a read report that overtook the delivery report (it implies delivery).
-    R.SENT: frozenset({R.DELIVERED, R.FAILED, R.EXPIRED, R.READ}),
+    R.SENT: frozenset({R.DELIVERED, R.FAILED, R.EXPIRED, R.UNKNOWN, R.READ}),
     # Final for the batch, yet a channel that reports reading moves it on once more.
     R.DELIVERED: frozenset({R.READ}),
     R.FAILED: frozenset(),
     R.EXPIRED: frozenset(),
     R.CANCELLED: frozenset(),
     R.REJECTED: frozenset(),
+    R.UNKNOWN: frozenset(),
     R.READ: frozenset(),
 }
 
@@ -119,3 +129,37 @@ def recipient_sources(new: RecipientStatus) -> tuple[RecipientStatus, ...]:
 def batch_sources(new: BatchStatus) -> tuple[BatchStatus, ...]:
     """The statuses a batch may move to ``new`` from (for conditional updates)."""
     return tuple(s for s, nxt in BATCH_TRANSITIONS.items() if new in nxt)
+
+
+def guard(
+    new: RecipientStatus, current: Iterable[RecipientStatus] | None = None
+) -> tuple[RecipientStatus, ...]:
+    """The statuses a conditional update to ``new`` may match: ``current`` (each checked), or all.
+
+    Raises IllegalTransition if any of ``current`` may not move to ``new``.
+    """
+    return _guard(recipient_sources, check_recipient, new, current)
+
+
+def batch_guard(
+    new: BatchStatus, current: Iterable[BatchStatus] | None = None
+) -> tuple[BatchStatus, ...]:
+    """As :func:`guard`, for batches."""
+    return _guard(batch_sources, check_batch, new, current)
+
+
+S = TypeVar("S", BatchStatus, RecipientStatus)
+
+
+def _guard(
+    sources: Callable[[S], tuple[S, ...]],
+    check: Callable[[S, S], S],
+    new: S,
+    current: Iterable[S] | None,
+) -> tuple[S, ...]:
+    if current is None:
+        return sources(new)
+    statuses = tuple(current)
+    for status in statuses:
+        check(status, new)
+    return statuses

@@ -17,9 +17,11 @@ from dispatcher.states import (
     BatchStatus,
     IllegalTransition,
     RecipientStatus,
+    batch_guard,
     batch_sources,
     check_batch,
     check_recipient,
+    guard,
     recipient_sources,
 )
 
@@ -48,7 +50,15 @@ RECIPIENT_LEGAL = {
     (R.QUEUED, R.CANCELLED),
 }
 BATCH_FINAL = {B.COMPLETED, B.CANCELLED, B.EXPIRED}
-RECIPIENT_FINAL = {R.DELIVERED, R.FAILED, R.EXPIRED, R.CANCELLED, R.REJECTED, R.READ}
+RECIPIENT_FINAL = {
+    R.DELIVERED,
+    R.FAILED,
+    R.EXPIRED,
+    R.CANCELLED,
+    R.REJECTED,
+    R.UNKNOWN,
+    R.READ,
+}
 
 
 def edges(table: Mapping[Any, frozenset[Any]]) -> set[tuple[Any, Any]]:
@@ -75,7 +85,8 @@ def test_the_designed_moves_are_allowed() -> None:
 def test_extra_moves_are_only_the_documented_ones() -> None:
     # Beyond the plain lifecycle: a batch whose send_at moved past the horizon, a batch the
     # dispatcher starts directly, a transient failure or fallback re-queuing a
-    # recipient, every channel refused before a send, a send that times out.
+    # recipient, every channel refused before a send, a send that times out, and
+    # the outcome unknown: no receipt by the deadline, or a lost hand-off nobody can look up.
     assert edges(BATCH_TRANSITIONS) - BATCH_LEGAL == {
         (B.QUEUED, B.SCHEDULED),
         (B.SCHEDULED, B.SENDING),
@@ -87,6 +98,8 @@ def test_extra_moves_are_only_the_documented_ones() -> None:
         (R.SENDING, R.QUEUED),
         (R.SENDING, R.FAILED),
         (R.SENDING, R.EXPIRED),
+        (R.SENDING, R.UNKNOWN),
+        (R.SENT, R.UNKNOWN),
         # A channel that reports reading (RCS, WhatsApp): after delivered, or overtaking it.
         (R.SENT, R.READ),
         (R.DELIVERED, R.READ),
@@ -214,3 +227,13 @@ def test_statuses_are_their_wire_names() -> None:
     ]
     assert RecipientStatus("delivered") is R.DELIVERED
     assert f"{R.SENT}" == "sent"
+
+
+def test_a_guard_is_every_allowed_source_or_a_checked_subset() -> None:
+    assert guard(R.UNKNOWN) == recipient_sources(R.UNKNOWN) == (R.SENDING, R.SENT)
+    assert guard(R.DELIVERED, [R.SENT]) == (R.SENT,)
+    assert batch_guard(B.COMPLETED) == (B.SENDING,)
+    with pytest.raises(IllegalTransition, match="queued -> sent"):
+        guard(R.SENT, [R.SENDING, R.QUEUED])
+    with pytest.raises(IllegalTransition, match="completed -> cancelled"):
+        batch_guard(B.CANCELLED, [B.COMPLETED])

@@ -22,6 +22,7 @@ QUEUES = {
     "reclaim_stale": "dispatch",
     "expire_due": "dispatch",
     "simulator_receipts": "dispatch",
+    "sweep_receipts": "dispatch",
     "promote_callbacks": "callbacks",
 }
 
@@ -81,6 +82,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
             },
             "expire-due": {"task": "expire_due", "schedule": 30.0},
             "simulator-receipts": {"task": "simulator_receipts", "schedule": 1.0},
+            "sweep-receipts": {"task": "sweep_receipts", "schedule": 5.0},
         },
     )
     runtime = Runtime(settings, CeleryPublisher(app))

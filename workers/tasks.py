@@ -101,20 +101,25 @@ def expire_due(self: DispatcherTask) -> int:
 
 
 @task(name="simulator_receipts")
-def simulator_receipts(self: DispatcherTask) -> int:
+def simulator_receipts(self: DispatcherTask) -> dict[str, int]:
     rt = self.runtime
     simulator = next((p for p in rt.providers.values() if p.name == "simulator"), None)
     if simulator is None:
-        return 0
+        return {}
     due = simulator.due_receipts()  # type: ignore[attr-defined]
     if not due:
-        return 0
+        return {}
     with transaction(rt.sessions) as session:
-        return receipts.apply_many(
-            session=session,
-            receipts=due,
-            now=utcnow(),
-        )
+        return receipts.accept(
+            session=session, provider=simulator.name, receipts=due, now=utcnow()
+        ).as_dict()
+
+
+@task(name="sweep_receipts")
+def sweep_receipts(self: DispatcherTask) -> dict[str, int]:
+    rt = self.runtime
+    with transaction(rt.sessions) as session:
+        return receipts.sweep(session=session, settings=rt.settings, now=utcnow()).as_dict()
 
 
 @task(name="deliver_callbacks")

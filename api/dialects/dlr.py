@@ -1,9 +1,10 @@
 """Inbound delivery receipts from carriers: ``POST /dlr/<provider>``.
 
 A carrier authenticates with its provider's shared secret (``DISPATCHER_DLR_SECRETS``)
-as ``Authorization: Bearer <secret>``. Unknown messages and receipts the state
-machine refuses (already final, out of order) are acknowledged and counted as
-ignored, so a carrier never retries them forever.
+as ``Authorization: Bearer <secret>``. The reply comes after the receipts are
+committed: applied, or kept (``pending``) until their message's outcome is
+recorded. Receipts for messages already final are acknowledged as ignored, so a
+carrier never retries them forever.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from api import context as ctx
 from api.errors import register_on
-from api.fields import Text
+from api.fields import Text, Timestamp
 from dispatcher.db import utcnow
 from dispatcher.errors import NotFound, Unauthenticated
 from dispatcher.receipts import service as receipts
@@ -48,6 +49,8 @@ class ReceiptSchema(Schema):
         required=True, validate=validate.OneOf(sorted(receipts.RECEIPT_STATUSES))
     )
     error = fields.Nested(ErrorSchema, load_default=None, allow_none=True)
+    # The carrier's time of the final state (SMPP "done date"), ISO 8601 with a zone.
+    done_at = Timestamp(load_default=None, allow_none=True)
 
 
 def authenticate(provider: str) -> None:
@@ -75,17 +78,19 @@ def parse(body: object) -> list[dict[str, Any]]:
 def receive(provider: str) -> dict[str, int]:
     authenticate(provider)
     items = parse(ctx.json_body())
-    applied = receipts.apply_many(
+    accepted = receipts.accept(
         session=ctx.session(),
+        provider=provider,
         receipts=[
             receipts.Receipt(
                 provider_message_id=r["id"],
                 status=r["status"],
                 error_code=(r["error"] or {}).get("code"),
                 error_text=(r["error"] or {}).get("text"),
+                done_at=r["done_at"],
             )
             for r in items
         ],
         now=utcnow(),
     )
-    return {"applied": applied, "ignored": len(items) - applied}
+    return accepted.as_dict()

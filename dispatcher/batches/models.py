@@ -83,6 +83,8 @@ class Recipient(Base):
     # When a task covering it was last published (None: needs one).
     enqueued_at: Mapped[datetime | None] = mapped_column(nullable=True)
     provider_message_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # The provider that accepted it: receipts match on (provider, provider_message_id).
+    provider: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error_text: Mapped[str | None] = mapped_column(String(500), nullable=True)
     sent_at: Mapped[datetime | None] = mapped_column(nullable=True)

@@ -10,28 +10,22 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, func, insert, or_, select, update
+from sqlalchemy import func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dispatcher import outbox
 from dispatcher.accounts.models import Account
-from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient, SharedSender
+from dispatcher.batches.transitions import transition_batch, transition_recipients
 from dispatcher.config import Settings
 from dispatcher.db import utcnow
 from dispatcher.errors import Conflict, NotFound, ValidationError
 from dispatcher.sms import parts
 from dispatcher.sms.parts import PartInfo
-from dispatcher.states import (
-    CANCELLABLE_RECIPIENT,
-    OPEN_BATCH,
-    BatchStatus,
-    RecipientStatus,
-    batch_sources,
-)
+from dispatcher.states import OPEN_BATCH, BatchStatus, RecipientStatus, check_batch
 
 
 @dataclass(frozen=True)
@@ -263,7 +257,7 @@ def promote_if_due(*, session: Session, settings: Settings, batch: Batch, now: d
         return False
     if batch.send_at > now + timedelta(seconds=settings.schedule_horizon):
         return False
-    batch.status = BatchStatus.QUEUED
+    batch.status = check_batch(batch.status, BatchStatus.QUEUED)
     batch.enqueued_at = now
     session.flush()
     outbox.defer(
@@ -402,37 +396,27 @@ def cancel_batch(
     once this commits no counted recipient can be sent, whatever tasks are in flight.
     The batch row is changed first: every writer locks batch, then recipients (no
     deadlock), and a worker recording a failed hand-off afterwards sees the cancel
-    and does not queue that recipient again (see sending.record_results).
+    and does not queue that recipient again (see engine/recording.apply).
     """
     batch = get_batch(session=session, account=account, batch_id=batch_id)
     if batch.status not in OPEN_BATCH:
         raise Conflict(f"batch {batch.id} is {batch.status.value} and cannot be cancelled")
     now = utcnow()
-    moved = cast(
-        CursorResult[Any],
-        session.execute(
-            update(Batch)
-            .where(Batch.id == batch.id, Batch.status.in_(batch_sources(BatchStatus.CANCELLED)))
-            .values(status=BatchStatus.CANCELLED, modified_at=now, completed_at=now)
-        ),
-    ).rowcount
+    moved = transition_batch(
+        session=session,
+        batch_id=batch.id,
+        to=BatchStatus.CANCELLED,
+        values={"completed_at": now},
+        at=now,
+    )
     if not moved:
         raise Conflict(f"batch {batch.id} changed state while cancelling; try again")
-    cancelled = session.execute(
-        update(Recipient)
-        .where(
-            Recipient.batch_id == batch.id,
-            Recipient.status.in_(CANCELLABLE_RECIPIENT),
-        )
-        .values(status=RecipientStatus.CANCELLED, updated_at=now)
-        .returning(*events.CHANGE_COLUMNS)
-    ).all()
-    events.record(
+    cancelled = transition_recipients(
         session=session,
-        batch=batch,
-        status=RecipientStatus.CANCELLED,
-        changes=[events.Change.from_row(row) for row in cancelled],
+        to=RecipientStatus.CANCELLED,
+        where=[Recipient.batch_id == batch.id],
         at=now,
+        batch=batch,
     )
     # Dropping the batch's queued tasks only saves work: the UPDATE above decided.
     outbox.defer(

@@ -1,4 +1,4 @@
-"""Changing batches after intake (update, replace, feedback) and reading them in pages.
+"""Changing batches after intake: update, replace and delivery feedback.
 
 A batch may change only while it has not started sending (``scheduled`` or
 ``queued``). Each change starts with one conditional UPDATE of the batch row on
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, func, select, update
+from sqlalchemy import CursorResult, delete, update
 from sqlalchemy.orm import Session
 
 from dispatcher import outbox
 from dispatcher.accounts.models import Account
-from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient
+from dispatcher.batches.queries import destinations_of
 from dispatcher.batches.service import (
     NewBatch,
     fingerprint,
@@ -29,9 +29,10 @@ from dispatcher.batches.service import (
     insert_recipients,
     promote_if_due,
 )
+from dispatcher.batches.transitions import transition_recipients
 from dispatcher.config import Settings
 from dispatcher.db import utcnow
-from dispatcher.errors import Conflict, NotFound, ValidationError
+from dispatcher.errors import Conflict, ValidationError
 from dispatcher.states import BatchStatus, RecipientStatus, check_batch
 
 NOT_STARTED = (BatchStatus.SCHEDULED, BatchStatus.QUEUED)
@@ -122,21 +123,6 @@ def _claim_unstarted(session: Session, batch: Batch, now: datetime) -> None:
             f"batch {batch.id} is {batch.status.value}: it has started sending (or ended) "
             "and can no longer be changed"
         )
-
-
-def destinations_of(*, session: Session, batch_ids: Sequence[str]) -> dict[str, list[str]]:
-    """Each batch's recipient numbers, in batch order."""
-    out: dict[str, list[str]] = {bid: [] for bid in batch_ids}
-    if not batch_ids:
-        return out
-    rows = session.execute(
-        select(Recipient.batch_id, Recipient.to)
-        .where(Recipient.batch_id.in_(batch_ids))
-        .order_by(Recipient.batch_id, Recipient.seq)
-    )
-    for bid, to in rows:
-        out[bid].append(to)
-    return out
 
 
 def _replace_recipients(
@@ -263,47 +249,6 @@ def replace_batch(
     return batch
 
 
-def list_batches(
-    *,
-    session: Session,
-    account: Account,
-    page: int,
-    page_size: int,
-    senders: Sequence[str] = (),
-    start: datetime | None = None,
-    end: datetime | None = None,
-    client_reference: str | None = None,
-) -> tuple[list[Batch], int]:
-    """One page of the account's batches, newest first, and how many match in all."""
-    query = select(Batch).where(Batch.account_id == account.id)
-    if senders:
-        query = query.where(Batch.sender.in_(list(senders)))
-    if start is not None:
-        query = query.where(Batch.created_at >= start)
-    if end is not None:
-        query = query.where(Batch.created_at < end)
-    if client_reference is not None:
-        query = query.where(Batch.options["client_reference"].as_string() == client_reference)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(Batch.created_at.desc(), Batch.id).offset(page * page_size).limit(page_size)
-    )
-    return list(rows), total
-
-
-def get_recipient(*, session: Session, batch: Batch, to: str) -> Recipient:
-    """The batch's recipient with number ``to`` (NotFound otherwise)."""
-    row = session.scalar(
-        select(Recipient)
-        .where(Recipient.batch_id == batch.id, Recipient.to == to)
-        .order_by(Recipient.seq)
-        .limit(1)
-    )
-    if row is None:
-        raise NotFound(f"{to} is not a recipient of batch {batch.id}")
-    return row
-
-
 def record_feedback(
     *, session: Session, account: Account, batch_id: str, recipients: Sequence[str]
 ) -> int:
@@ -312,22 +257,16 @@ def record_feedback(
     if not batch.options.get("feedback_enabled"):
         raise ValidationError("feedback_enabled was not set on this batch", field="recipients")
     now = utcnow()
-    query = update(Recipient).where(
-        Recipient.batch_id == batch.id, Recipient.status == RecipientStatus.SENT
-    )
+    where = [Recipient.batch_id == batch.id]
     if recipients:
-        query = query.where(Recipient.to.in_(list(recipients)))
-    rows = session.execute(
-        query.values(status=RecipientStatus.DELIVERED, updated_at=now).returning(
-            *events.CHANGE_COLUMNS
-        )
-    ).all()
-    events.record(
+        where.append(Recipient.to.in_(list(recipients)))
+    moved = transition_recipients(
         session=session,
-        batch=batch,
-        status=RecipientStatus.DELIVERED,
-        changes=[events.Change.from_row(r) for r in rows],
+        to=RecipientStatus.DELIVERED,
+        current=(RecipientStatus.SENT,),
+        where=where,
         at=now,
+        batch=batch,
     )
     session.flush()
-    return len(rows)
+    return len(moved)

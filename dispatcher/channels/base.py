@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -62,6 +63,8 @@ class Receipt:
     status: str
     error_code: str | None = None
     error_text: str | None = None
+    # The carrier's time of the final state (SMPP "done date"), if it gives one.
+    done_at: datetime | None = None
 
 
 class Provider(ABC):

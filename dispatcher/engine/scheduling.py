@@ -9,18 +9,17 @@ is idempotent: running it twice, or with tasks already in flight, is harmless.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, exists, or_, select, update
+from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher import outbox
-from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient
 from dispatcher.batches.service import promote_if_due
+from dispatcher.batches.transitions import transition_batch, transition_recipients
 from dispatcher.config import Settings
 from dispatcher.outbox import chunk_ranges
-from dispatcher.states import BatchStatus, RecipientStatus, batch_sources, check_batch
+from dispatcher.states import BatchStatus, RecipientStatus, check_batch
 
 IN_FLIGHT = (RecipientStatus.SCHEDULED, RecipientStatus.QUEUED, RecipientStatus.SENDING)
 
@@ -42,35 +41,27 @@ def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: 
             )
         session.flush()
         return 0
-    moved = cast(
-        CursorResult[Any],
-        session.execute(
-            update(Batch)
-            .where(
-                Batch.id == batch.id,
-                Batch.status.in_(batch_sources(BatchStatus.SENDING)),
-                # Re-checked in the same statement: an update that moved send_at later
-                # and committed after the read above must not let the batch go early.
-                Batch.send_at <= now + timedelta(seconds=1),
-            )
-            .values(status=BatchStatus.SENDING, modified_at=now, enqueued_at=now, progress_at=now)
-        ),
-    ).rowcount
+    moved = transition_batch(
+        session=session,
+        batch_id=batch.id,
+        to=BatchStatus.SENDING,
+        # Re-checked in the same statement: an update that moved send_at later
+        # and committed after the read above must not let the batch go early.
+        where=[Batch.send_at <= now + timedelta(seconds=1)],
+        values={"enqueued_at": now, "progress_at": now},
+        at=now,
+    )
     if not moved:
         return 0
-    queued = session.execute(
-        update(Recipient)
-        .where(Recipient.batch_id == batch.id, Recipient.status == RecipientStatus.SCHEDULED)
-        .values(status=RecipientStatus.QUEUED, enqueued_at=now, updated_at=now)
-        .returning(*events.CHANGE_COLUMNS)
-    ).all()
     session.refresh(batch)
-    events.record(
+    queued = transition_recipients(
         session=session,
-        batch=batch,
-        status=RecipientStatus.QUEUED,
-        changes=[events.Change.from_row(r) for r in queued],
+        to=RecipientStatus.QUEUED,
+        current=(RecipientStatus.SCHEDULED,),
+        where=[Recipient.batch_id == batch.id],
+        values={"enqueued_at": now},
         at=now,
+        batch=batch,
     )
     for start, end in chunk_ranges(count=batch.recipient_count, size=settings.chunk_size):
         outbox.defer(
@@ -181,15 +172,12 @@ def complete_if_done(*, session: Session, batch_id: str, now: datetime) -> bool:
     )
     if pending:
         return False
-    return bool(
-        cast(
-            CursorResult[Any],
-            session.execute(
-                update(Batch)
-                .where(Batch.id == batch_id, Batch.status == BatchStatus.SENDING)
-                .values(status=BatchStatus.COMPLETED, completed_at=now, modified_at=now)
-            ),
-        ).rowcount
+    return transition_batch(
+        session=session,
+        batch_id=batch_id,
+        to=BatchStatus.COMPLETED,
+        values={"completed_at": now},
+        at=now,
     )
 
 
@@ -214,10 +202,12 @@ def expire_due(*, session: Session, now: datetime, limit: int = 200) -> int:
             )
         )
         if not still_sending:
-            session.execute(
-                update(Batch)
-                .where(Batch.id == batch.id, Batch.status.in_(batch_sources(BatchStatus.EXPIRED)))
-                .values(status=BatchStatus.EXPIRED, completed_at=now, modified_at=now)
+            transition_batch(
+                session=session,
+                batch_id=batch.id,
+                to=BatchStatus.EXPIRED,
+                values={"completed_at": now},
+                at=now,
             )
     session.flush()
     return total
@@ -227,25 +217,17 @@ def expire_recipients(
     *, session: Session, batch: Batch, now: datetime, ids: list[str] | None = None
 ) -> int:
     """Move the batch's waiting recipients (or just ``ids``) to expired, with their events."""
-    query = update(Recipient).where(
-        Recipient.batch_id == batch.id,
-        Recipient.status.in_((RecipientStatus.SCHEDULED, RecipientStatus.QUEUED)),
-    )
-    if ids is not None:
-        query = query.where(Recipient.id.in_(ids))
-    rows = session.execute(
-        query.values(
-            status=RecipientStatus.EXPIRED,
-            updated_at=now,
-            error_code="expired",
-            error_text="expire_at passed before the message could be sent",
-        ).returning(*events.CHANGE_COLUMNS)
-    ).all()
-    events.record(
+    moved = transition_recipients(
         session=session,
-        batch=batch,
-        status=RecipientStatus.EXPIRED,
-        changes=[events.Change.from_row(r) for r in rows],
+        to=RecipientStatus.EXPIRED,
+        current=(RecipientStatus.SCHEDULED, RecipientStatus.QUEUED),
+        where=[Recipient.batch_id == batch.id],
+        ids=ids,
+        values={
+            "error_code": "expired",
+            "error_text": "expire_at passed before the message could be sent",
+        },
         at=now,
+        batch=batch,
     )
-    return len(rows)
+    return len(moved)

@@ -4,7 +4,8 @@ This is the one service that owns several transactions, on purpose: a claim
 (``queued`` -> ``sending``) is committed BEFORE the provider is called, and the
 outcome is recorded in a second transaction after it. A worker that dies in
 between leaves rows in ``sending`` that :func:`reclaim_stale` settles by asking
-the provider, so nothing is lost and nothing is handed over twice.
+the provider, so nothing is lost and nothing is handed over twice. What an
+outcome becomes is decided and written in ``engine/recording.py``.
 """
 
 from __future__ import annotations
@@ -14,24 +15,25 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, bindparam, insert, or_, select, update
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import metrics
 from dispatcher.accounts.models import Account
-from dispatcher.batches import events
 from dispatcher.batches.models import Attempt, Batch, Recipient
+from dispatcher.batches.transitions import claim_recipients, transition_recipients
 from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
 from dispatcher.config import Settings
 from dispatcher.db import read_transaction, transaction, utcnow
+from dispatcher.engine import recording
 from dispatcher.engine.scheduling import complete_if_done, expire_recipients
 from dispatcher.ratelimit import Limit, RateLimiter
+from dispatcher.receipts import service as receipts
 from dispatcher.states import BatchStatus, RecipientStatus
 
 R = RecipientStatus
-recipients = cast(Table, Recipient.__table__)
 
 CLAIM_COLUMNS = (
     Recipient.id,
@@ -126,18 +128,14 @@ def send_recipients(
         else:
             target = Recipient.id.in_(next_group.scalar_subquery())
         with transaction(factory) as session:
-            claimed = session.execute(
-                update(Recipient)
-                .where(target, Recipient.status == R.QUEUED)
-                .values(
-                    status=R.SENDING,
-                    # Stamped now, after any wait for tokens: the lease starts here.
-                    claimed_at=clock(),
-                    attempts=Recipient.attempts + 1,
-                    updated_at=now,
-                )
-                .returning(*CLAIM_COLUMNS)
-            ).all()
+            claimed = claim_recipients(
+                session=session,
+                where=[target],
+                # Stamped now, after any wait for tokens: the lease starts here.
+                values={"claimed_at": clock(), "attempts": Recipient.attempts + 1},
+                at=now,
+                returning=CLAIM_COLUMNS,
+            )
         if not claimed:
             if limited:
                 continue  # the candidates were taken or cancelled meanwhile: read again
@@ -168,6 +166,7 @@ def send_recipients(
                 settings=settings,
                 batch=batch,
                 channels=batch.channels,
+                providers=providers,
                 claimed=claimed,
                 results=results,
                 now=clock(),
@@ -236,19 +235,13 @@ def _hand_over(
     return results
 
 
-def retry_delay(*, settings: Settings, attempt: int, retry_after: float | None) -> float:
-    """Seconds before the next try on the same channel (the schedule's last step repeats)."""
-    schedule = settings.send_retry_schedule or (60.0,)
-    delay = schedule[min(attempt, len(schedule)) - 1]
-    return max(delay, retry_after or 0.0)
-
-
 def record_results(
     *,
     session: Session,
     settings: Settings,
     batch: Batch,
     channels: Sequence[str],
+    providers: Mapping[str, Provider],
     claimed: Sequence[Any],
     results: Sequence[SendResult | None],
     now: datetime,
@@ -258,158 +251,24 @@ def record_results(
     A None result was never handed over (lease deadline): it is queued again as it was.
     Returns how many are queued to be tried again at once (fallbacks, deferred).
     """
-    attempts: list[dict[str, Any]] = []
-    sent: list[dict[str, Any]] = []
-    requeue: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    expired: list[dict[str, Any]] = []
-    sent_changes, failed_changes, expired_changes = [], [], []
-    requeue_changes: list[events.Change] = []
-    for row, result in zip(claimed, results, strict=True):
-        if result is None:
-            requeue_changes.append(events.Change(row.id, row.to, row.channel, row.client_id))
-            requeue.append(
-                {
-                    "rid": row.id,
-                    "error_code": None,
-                    "error_text": None,
-                    "now": now,
-                    "index": row.channel_index,
-                    "channel": row.channel,
-                    "attempts": row.attempts - 1,
-                    "next_at": None,
-                    "enq": now,
-                }
-            )
-            continue
-        error = result.error_text
-        attempts.append(
-            {
-                "recipient_id": row.id,
-                "channel": row.channel,
-                "outcome": result.outcome.value,
-                "error": error,
-                "provider_message_id": result.provider_message_id,
-                "at": now,
-            }
+    decisions = [
+        recording.decide(
+            row,
+            result,
+            channels=channels,
+            expire_at=batch.expire_at,
+            settings=settings,
+            now=now,
+            provider=_provider_name(providers, row.channel),
         )
-        base = {"rid": row.id, "error_code": result.error_code, "error_text": error, "now": now}
-        change = events.Change(row.id, row.to, row.channel, row.client_id, result.error_code, error)
-        if result.outcome is Outcome.ACCEPTED:
-            sent.append({"rid": row.id, "pid": result.provider_message_id, "now": now})
-            sent_changes.append(events.Change(row.id, row.to, row.channel, row.client_id))
-        elif result.outcome is Outcome.TRANSIENT:
-            at = now + timedelta(
-                seconds=retry_delay(
-                    settings=settings, attempt=row.attempts, retry_after=result.retry_after
-                )
-            )
-            if at >= batch.expire_at:
-                expired.append(base)
-                expired_changes.append(change)
-            else:
-                requeue_changes.append(change)
-                requeue.append(
-                    {
-                        **base,
-                        "index": row.channel_index,
-                        "channel": row.channel,
-                        "attempts": row.attempts,
-                        "next_at": at,
-                        "enq": None,
-                    }
-                )
-        elif result.outcome is Outcome.CHANNEL and row.channel_index + 1 < len(channels):
-            nxt = row.channel_index + 1
-            # Immediate fallback: the running chunk picks it up again, so it stays enqueued.
-            requeue_changes.append(change)
-            requeue.append(
-                {
-                    **base,
-                    "index": nxt,
-                    "channel": channels[nxt],
-                    "attempts": 0,
-                    "next_at": None,
-                    "enq": now,
-                }
-            )
-        else:
-            failed.append(base)
-            failed_changes.append(change)
-    conn = session.connection()
-    # Taking the batch row first orders this transaction with a cancel (which changes
-    # that row first too): a cancel committed before us is seen here, and one after
-    # us finds whatever we queue again.
-    batch_status = session.execute(
-        update(Batch).where(Batch.id == batch.id).values(progress_at=now).returning(Batch.status)
-    ).scalar_one()
-    if attempts:
-        conn.execute(insert(Attempt), attempts)
-    in_sending = recipients.c.status == R.SENDING.value
-    by_id = recipients.c.id == bindparam("rid")
-    if sent:
-        conn.execute(
-            recipients.update()
-            .where(by_id, in_sending)
-            .values(
-                status=R.SENT.value,
-                provider_message_id=bindparam("pid"),
-                sent_at=bindparam("now"),
-                updated_at=bindparam("now"),
-                claimed_at=None,
-                error_code=None,
-                error_text=None,
-            ),
-            sent,
-        )
-    if requeue:
-        conn.execute(
-            recipients.update()
-            .where(by_id, in_sending)
-            .values(
-                status=R.QUEUED.value,
-                channel_index=bindparam("index"),
-                channel=bindparam("channel"),
-                attempts=bindparam("attempts"),
-                next_attempt_at=bindparam("next_at"),
-                enqueued_at=bindparam("enq"),
-                claimed_at=None,
-                error_code=bindparam("error_code"),
-                error_text=bindparam("error_text"),
-                updated_at=bindparam("now"),
-            ),
-            requeue,
-        )
-    if requeue and batch_status in (BatchStatus.CANCELLED, BatchStatus.EXPIRED):
-        # The batch stopped while these were out: queued again just now, they are
-        # cancelled (or expired) in the same transaction instead of tried again.
-        stop = R.CANCELLED if batch_status == BatchStatus.CANCELLED else R.EXPIRED
-        conn.execute(
-            recipients.update()
-            .where(recipients.c.id == bindparam("rid"), recipients.c.status == R.QUEUED.value)
-            .values(status=stop.value, updated_at=bindparam("now")),
-            [{"rid": row["rid"], "now": now} for row in requeue],
-        )
-        events.record(session=session, batch=batch, status=stop, changes=requeue_changes, at=now)
-        requeue = []
-    for rows, status in ((failed, R.FAILED), (expired, R.EXPIRED)):
-        if rows:
-            conn.execute(
-                recipients.update()
-                .where(by_id, in_sending)
-                .values(
-                    status=status.value,
-                    claimed_at=None,
-                    error_code=bindparam("error_code"),
-                    error_text=bindparam("error_text"),
-                    updated_at=bindparam("now"),
-                ),
-                rows,
-            )
-    events.record(session=session, batch=batch, status=R.SENT, changes=sent_changes, at=now)
-    events.record(session=session, batch=batch, status=R.FAILED, changes=failed_changes, at=now)
-    events.record(session=session, batch=batch, status=R.EXPIRED, changes=expired_changes, at=now)
-    return sum(1 for row in requeue if row["next_at"] is None)
+        for row, result in zip(claimed, results, strict=True)
+    ]
+    return recording.apply(session=session, batch=batch, decisions=decisions, now=now)
+
+
+def _provider_name(providers: Mapping[str, Provider], channel: str) -> str | None:
+    provider = providers.get(channel)
+    return provider.name if provider is not None else None
 
 
 def reclaim_stale(
@@ -422,11 +281,12 @@ def reclaim_stale(
 ) -> dict[str, int]:
     """Settle recipients left in ``sending`` past the lease by a worker that died.
 
-    The provider's ledger decides: accepted -> sent; never received -> queued again
-    (safe to send); unknown -> failed, because sending again could send twice.
-    A live worker stops handing off at half the lease, so a row past the whole
-    lease is not about to be sent; each write is conditional on the claim seen,
-    so an outcome recorded meanwhile is never overwritten.
+    The provider's ledger decides: accepted -> sent (and any receipt that came
+    meanwhile is applied); never received -> queued again (safe to send);
+    unknown -> ``unknown``, because sending again could send twice. A live worker
+    stops handing off at half the lease, so a row past the whole lease is not
+    about to be sent; each write is conditional on the claim seen, so an outcome
+    recorded meanwhile is never overwritten.
     """
     cutoff = now - timedelta(seconds=settings.send_lease)
     stale = session.execute(
@@ -448,31 +308,24 @@ def reclaim_stale(
             attempt=rec.attempts,
         )
         found, ref = provider.lookup(message) if provider else (Lookup.UNKNOWN, None)
-        values: dict[str, Any] = {"claimed_at": None, "updated_at": now}
-        status: R | None
+        to, values = RECLAIMED[found]
         if found is Lookup.ACCEPTED:
-            status = R.SENT
-            values.update(status=R.SENT, provider_message_id=ref, sent_at=now)
-        elif found is Lookup.NOT_FOUND:
-            status = None
-            values.update(status=R.QUEUED, enqueued_at=None, next_attempt_at=None)
-        else:
-            status = R.FAILED
-            values.update(
-                status=R.FAILED,
-                error_code="outcome_unknown",
-                error_text="worker lost during hand-off; not re-sent to avoid a duplicate",
-            )
-        settled = session.execute(
-            update(Recipient)
-            .where(
-                Recipient.id == rec.id,
-                Recipient.status == R.SENDING,
-                Recipient.claimed_at == rec.claimed_at,
-            )
-            .values(**values)
-            .returning(*events.CHANGE_COLUMNS)
-        ).all()
+            values = {
+                **values,
+                "provider_message_id": ref,
+                "provider": _provider_name(providers, rec.channel),
+                "sent_at": now,
+            }
+        settled = transition_recipients(
+            session=session,
+            to=to,
+            current=(R.SENDING,),
+            where=[Recipient.id == rec.id, Recipient.claimed_at == rec.claimed_at],
+            values=values,
+            at=now,
+            batch=batch,
+            record=to is not R.QUEUED,
+        )
         if not settled:
             continue  # its worker recorded an outcome after all
         counts[found.value] += 1
@@ -485,14 +338,27 @@ def reclaim_stale(
                 at=now,
             )
         )
-        if status is not None:
-            events.record(
-                session=session,
-                batch=batch,
-                status=status,
-                changes=[events.Change.from_row(row) for row in settled],
-                at=now,
-            )
+        if found is Lookup.ACCEPTED and ref and provider is not None:
+            receipts.settle(session=session, provider=provider.name, refs=[ref], now=now)
+        if to is not R.QUEUED:
             complete_if_done(session=session, batch_id=batch.id, now=now)
     session.flush()
     return dict(counts)
+
+
+# What reclaim writes for each answer of the provider's ledger.
+RECLAIMED: dict[Lookup, tuple[RecipientStatus, dict[str, Any]]] = {
+    Lookup.ACCEPTED: (R.SENT, {"claimed_at": None}),
+    Lookup.NOT_FOUND: (
+        R.QUEUED,
+        {"claimed_at": None, "enqueued_at": None, "next_attempt_at": None},
+    ),
+    Lookup.UNKNOWN: (
+        R.UNKNOWN,
+        {
+            "claimed_at": None,
+            "error_code": "outcome_unknown",
+            "error_text": "worker lost during hand-off; not re-sent to avoid a duplicate",
+        },
+    ),
+}

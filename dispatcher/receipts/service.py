@@ -1,70 +1,305 @@
-"""Applying delivery receipts: unknown or late ones are ignored, never moved backwards."""
+"""Delivery receipts: applied to a sent message, or kept until its outcome is recorded.
+
+A receipt names a message by (provider, provider message id). A fast carrier
+answers before the worker has recorded the hand-off (the id is written only
+then), and a worker may die in between: such a receipt is stored in
+``pending_receipts`` and applied by :func:`settle` in the transaction that
+records the outcome (``engine/recording.py``, ``reclaim_stale``). So no receipt
+is lost; one that never matches is dropped after ``receipt_retention``, counted.
+A ``sent`` message with no receipt by ``receipt_deadline`` becomes ``unknown``.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import ColumnElement, delete, or_, select
 from sqlalchemy.orm import Session
 
 from dispatcher import metrics
-from dispatcher.batches import events
-from dispatcher.batches.models import Batch, Recipient
+from dispatcher.batches.models import Recipient
+from dispatcher.batches.transitions import transition_recipients
 from dispatcher.channels.base import Receipt
-from dispatcher.states import RecipientStatus, recipient_sources
+from dispatcher.config import Settings
+from dispatcher.receipts.models import PendingReceipt
+from dispatcher.states import RECIPIENT_TRANSITIONS, RecipientStatus
 
-__all__ = ["RECEIPT_STATUSES", "Receipt", "apply_many"]
+__all__ = [
+    "RECEIPT_STATUSES",
+    "Accepted",
+    "Receipt",
+    "Swept",
+    "accept",
+    "settle",
+    "sweep",
+]
+
+log = logging.getLogger(__name__)
+R = RecipientStatus
 
 RECEIPT_STATUSES = {
-    "delivered": RecipientStatus.DELIVERED,
-    "failed": RecipientStatus.FAILED,
-    "expired": RecipientStatus.EXPIRED,
-    "read": RecipientStatus.READ,
+    "delivered": R.DELIVERED,
+    "failed": R.FAILED,
+    "expired": R.EXPIRED,
+    "read": R.READ,
 }
 # Where a receipt may move a message from: only ``sent``, but a read report also
 # follows a delivered one (and a late delivery report after it changes nothing).
-SOURCES = {RecipientStatus.READ: (RecipientStatus.SENT, RecipientStatus.DELIVERED)}
+SOURCES = {R.READ: (R.SENT, R.DELIVERED)}
+NO_RECEIPT = ("no_receipt", "no delivery receipt came within the receipt deadline")
 
 
-def apply_many(*, session: Session, receipts: Sequence[Receipt], now: datetime) -> int:
-    """Apply receipts; returns how many changed a recipient (the rest were unknown or stale).
+@dataclass(frozen=True)
+class Accepted:
+    """What became of a set of receipts: applied now, kept for later, or ignored."""
 
-    One conditional UPDATE per outcome: only a ``sent`` message takes a receipt, so
-    unknown ids, final messages and late or repeated receipts change nothing,
-    and two carriers' retries racing on one message cannot both apply.
+    applied: int = 0
+    pending: int = 0
+    ignored: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The reply to a carrier (counts only: receipts cross tenants)."""
+        return {"applied": self.applied, "pending": self.pending, "ignored": self.ignored}
+
+
+@dataclass(frozen=True)
+class Swept:
+    """One sweep: late matches applied, stored receipts dropped, messages made unknown."""
+
+    applied: int = 0
+    dropped: int = 0
+    unknown: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """JSON-safe form (Celery task results; ``dropped`` is the lost-receipt counter)."""
+        return {"applied": self.applied, "dropped": self.dropped, "unknown": self.unknown}
+
+
+def _of(provider: str) -> ColumnElement[bool]:
+    # Rows recorded before recipients.provider existed carry none: any provider matches them.
+    return or_(Recipient.provider == provider, Recipient.provider.is_(None))
+
+
+def _apply(
+    *, session: Session, provider: str, receipts: Iterable[Receipt], now: datetime
+) -> set[str]:
+    """Apply receipts to ``sent`` messages of ``provider``; returns the ids that matched.
+
+    One conditional UPDATE per outcome: only a ``sent`` message takes a receipt
+    (a ``delivered`` one takes ``read`` too), so final messages and late or
+    repeated receipts change nothing, and two carriers' retries racing on one
+    message cannot both apply. At most one receipt per message id.
     """
     groups: dict[tuple[RecipientStatus, str | None, str | None], list[str]] = defaultdict(list)
     for receipt in receipts:
-        new = RECEIPT_STATUSES.get(receipt.status)
-        if new is None:
-            continue
-        if new in (RecipientStatus.DELIVERED, RecipientStatus.READ):
+        new = RECEIPT_STATUSES[receipt.status]
+        if new in (R.DELIVERED, R.READ):
             groups[(new, None, None)].append(receipt.provider_message_id)
         else:
             code: str | None = receipt.error_code or new.value
             groups[(new, code, receipt.error_text)].append(receipt.provider_message_id)
+    matched: set[str] = set()
+    for (new, error_code, text), refs in groups.items():
+        moved = transition_recipients(
+            session=session,
+            to=new,
+            current=SOURCES.get(new, (R.SENT,)),
+            where=[Recipient.provider_message_id.in_(refs), _of(provider)],
+            values={"error_code": error_code, "error_text": text},
+            at=now,
+        )
+        matched.update(m.provider_message_id for m in moved if m.provider_message_id)
+    return matched
+
+
+def _chains(receipts: Iterable[Receipt]) -> dict[str, list[Receipt]]:
+    """Per message id, its receipts in order, each a legal move from the one before.
+
+    A carrier's word does not change (``delivered`` then ``failed`` keeps the first,
+    a repeat is dropped), but it may go on: ``delivered`` then ``read`` keeps both.
+    """
+    chains: dict[str, list[Receipt]] = {}
+    for r in receipts:
+        chain = chains.setdefault(r.provider_message_id, [])
+        new = RECEIPT_STATUSES[r.status]
+        if not chain or new in RECIPIENT_TRANSITIONS[RECEIPT_STATUSES[chain[-1].status]]:
+            chain.append(r)
+    return chains
+
+
+def _apply_chains(
+    *, session: Session, provider: str, chains: dict[str, list[Receipt]], now: datetime
+) -> tuple[int, set[str]]:
+    """Apply each chain in order (its first receipts together, then its second ones...).
+
+    Returns how many receipts applied and the ids of the messages they moved.
+    """
     applied = 0
-    for (new, code, text), refs in groups.items():
-        current = SOURCES.get(new, (RecipientStatus.SENT,))
-        assert set(current) <= set(recipient_sources(new))
-        rows = session.execute(
-            update(Recipient)
-            .where(
-                Recipient.provider_message_id.in_(refs),
-                Recipient.status.in_(current),
+    matched: set[str] = set()
+    for step in range(max((len(c) for c in chains.values()), default=0)):
+        moved = _apply(
+            session=session,
+            provider=provider,
+            receipts=[c[step] for c in chains.values() if len(c) > step],
+            now=now,
+        )
+        applied += len(moved)
+        matched |= moved
+    return applied, matched
+
+
+def accept(
+    *, session: Session, provider: str, receipts: Sequence[Receipt], now: datetime
+) -> Accepted:
+    """Apply each receipt to its sent message, or store it until the message's outcome lands.
+
+    A receipt for a message that is already final (or repeated in ``receipts``)
+    is ignored. Nothing is lost once the caller commits: answer the carrier after that.
+    """
+    chains = _chains(r for r in receipts if r.status in RECEIPT_STATUSES)
+    applied, matched = _apply_chains(session=session, provider=provider, chains=chains, now=now)
+    rest = [r for ref, chain in chains.items() if ref not in matched for r in chain]
+    # A message that carries the id but is not sent is final already: a late receipt.
+    final = (
+        set(
+            session.scalars(
+                select(Recipient.provider_message_id).where(
+                    Recipient.provider_message_id.in_([r.provider_message_id for r in rest]),
+                    _of(provider),
+                )
             )
-            .values(status=new, updated_at=now, error_code=code, error_text=text)
-            .returning(Recipient.batch_id, *events.CHANGE_COLUMNS)
-        ).all()
-        by_batch: dict[str, list[events.Change]] = defaultdict(list)
-        for row in rows:
-            by_batch[row[0]].append(events.Change.from_row(row[1:]))
-        for batch_id, changes in by_batch.items():
-            batch = session.get(Batch, batch_id)
-            assert batch is not None
-            events.record(session=session, batch=batch, status=new, changes=changes, at=now)
-        applied += len(rows)
-    metrics.receipts_applied(received=len(receipts), applied=applied)
+        )
+        if rest
+        else set()
+    )
+    keep = [r for r in rest if r.provider_message_id not in final]
+    if keep:
+        session.add_all(
+            PendingReceipt(
+                provider=provider,
+                provider_message_id=r.provider_message_id,
+                status=r.status,
+                error_code=r.error_code,
+                error_text=r.error_text,
+                done_at=r.done_at,
+                received_at=now,
+            )
+            for r in keep
+        )
+        session.flush()
+    ignored = len(receipts) - applied - len(keep)
+    metrics.receipts("applied", applied)
+    metrics.receipts("waiting", len(keep))
+    metrics.receipts("unmatched", ignored)
+    return Accepted(applied=applied, pending=len(keep), ignored=ignored)
+
+
+def settle(*, session: Session, provider: str, refs: Iterable[str], now: datetime) -> int:
+    """Apply the stored receipts of messages just recorded as sent; returns how many applied.
+
+    Called in the transaction that wrote ``sent`` with these ids, so the receipt
+    lands with the outcome, and in the order they came (``delivered``, then
+    ``read``). Stored receipts for these ids are then spent (any not applied
+    could only have been ignored).
+    """
+    refs = list(refs)
+    if not refs:
+        return 0
+    stored = session.scalars(
+        select(PendingReceipt)
+        .where(PendingReceipt.provider == provider, PendingReceipt.provider_message_id.in_(refs))
+        .order_by(PendingReceipt.id)
+    ).all()
+    if not stored:
+        return 0
+    return _settle_rows(session=session, provider=provider, stored=stored, now=now)
+
+
+def _settle_rows(
+    *, session: Session, provider: str, stored: Sequence[PendingReceipt], now: datetime
+) -> int:
+    chains = _chains(
+        Receipt(p.provider_message_id, p.status, p.error_code, p.error_text, p.done_at)
+        for p in stored
+    )
+    applied, matched = _apply_chains(session=session, provider=provider, chains=chains, now=now)
+    metrics.receipts("applied", applied)
+    if matched:
+        session.execute(
+            delete(PendingReceipt).where(
+                PendingReceipt.id.in_([p.id for p in stored if p.provider_message_id in matched])
+            )
+        )
     return applied
+
+
+def sweep(*, session: Session, settings: Settings, now: datetime, limit: int = 1000) -> Swept:
+    """The periodic safety net: late matches, expired stored receipts, overdue sent messages.
+
+    A receipt stored while its outcome was being committed concurrently (on
+    PostgreSQL both transactions can miss each other) is applied here; one that
+    matched nothing for ``receipt_retention`` is dropped and counted; a ``sent``
+    message with no receipt by ``receipt_deadline`` becomes ``unknown``.
+    """
+    late = session.execute(
+        select(PendingReceipt)
+        .join(
+            Recipient,
+            (Recipient.provider_message_id == PendingReceipt.provider_message_id)
+            & or_(Recipient.provider == PendingReceipt.provider, Recipient.provider.is_(None)),
+        )
+        .where(
+            or_(
+                Recipient.status == R.SENT,
+                # A read may still follow a delivery that was applied meanwhile.
+                (Recipient.status == R.DELIVERED) & (PendingReceipt.status == "read"),
+            )
+        )
+        .order_by(PendingReceipt.id)
+        .limit(limit)
+    ).scalars()
+    by_provider: dict[str, list[PendingReceipt]] = defaultdict(list)
+    for p in late:
+        by_provider[p.provider].append(p)
+    applied = sum(
+        _settle_rows(session=session, provider=provider, stored=rows, now=now)
+        for provider, rows in by_provider.items()
+    )
+    cutoff = now - timedelta(seconds=settings.receipt_retention)
+    expired = session.scalars(
+        select(PendingReceipt.id).where(PendingReceipt.received_at < cutoff).limit(limit)
+    ).all()
+    if expired:
+        session.execute(delete(PendingReceipt).where(PendingReceipt.id.in_(expired)))
+        metrics.receipts("dropped", len(expired))
+        log.warning(
+            "dropped %d delivery receipts that matched no message for %ss",
+            len(expired),
+            settings.receipt_retention,
+        )
+    overdue = session.scalars(
+        select(Recipient.id)
+        .where(
+            Recipient.status == R.SENT,
+            Recipient.sent_at < now - timedelta(seconds=settings.receipt_deadline),
+        )
+        .limit(limit)
+    ).all()
+    unknown = (
+        transition_recipients(
+            session=session,
+            to=R.UNKNOWN,
+            current=(R.SENT,),
+            ids=overdue,
+            values={"error_code": NO_RECEIPT[0], "error_text": NO_RECEIPT[1]},
+            at=now,
+        )
+        if overdue
+        else []
+    )
+    session.flush()
+    return Swept(applied=applied, dropped=len(expired), unknown=len(unknown))

@@ -48,6 +48,8 @@ _BY_STATE: dict[RecipientStatus, tuple[str, int]] = {
     R.EXPIRED: ("Expired", 406),
     R.REJECTED: ("Aborted", 408),
     R.FAILED: ("Failed", 254),
+    # Sinch's "Unknown": dispatched to the SMSC, but no receipt came (or none could be read).
+    R.UNKNOWN: ("Unknown", 0),
 }
 # Failures refine by the error our engine recorded (see engine/sending.py, channels/*).
 _FAILED_BY_ERROR: dict[str, tuple[str, int]] = {

@@ -1,8 +1,9 @@
 """POST /dlr/<provider>: carrier delivery receipts for the http provider.
 
 Shared-secret authentication, validation that applies nothing on any error,
-unknown and final messages acknowledged as ignored, and receipts that arrive out
-of order never moving a message backwards.
+receipts for messages not sent yet kept (not dropped), final messages'
+receipts acknowledged as ignored, and receipts that arrive out of order never
+moving a message backwards.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dispatcher import outbox
 from dispatcher.batches.models import Batch, Recipient, StatusEvent
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
+from dispatcher.receipts.models import PendingReceipt
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
 from dispatcher.webhooks.models import Callback
@@ -86,6 +88,7 @@ def sent_messages(api: Api, tenant: Tenant, count: int = 1) -> list[Sent]:
         )
         for rec in session.scalars(select(Recipient).where(Recipient.batch_id == batch_id)):
             rec.status, rec.provider_message_id = R.SENT, f"carrier-{uuid.uuid4().hex}"
+            rec.provider = "http"
             rec.sent_at = rec.updated_at = now
             out.append(Sent(batch_id, rec.id, rec.provider_message_id))
     api.publisher.messages.clear()
@@ -154,7 +157,7 @@ def test_delivered_receipt_is_applied_with_its_event_and_callback(api: Api, tena
     reply = api.post({"id": m.ref, "status": "delivered"})
 
     assert reply.status_code == 200, reply.get_json()
-    assert reply.get_json() == {"applied": 1, "ignored": 0}
+    assert reply.get_json() == {"applied": 1, "pending": 0, "ignored": 0}
     row = recipient(api, m)
     assert row.status == R.DELIVERED and row.error_code is None
     assert events(api, m) == ["delivered"]
@@ -175,7 +178,7 @@ def test_a_list_applies_each_receipt_with_its_error(api: Api, tenant: Tenant) ->
         ]
     )
 
-    assert reply.get_json() == {"applied": 3, "ignored": 0}
+    assert reply.get_json() == {"applied": 3, "pending": 0, "ignored": 0}
     row = recipient(api, failed)
     assert (row.status, row.error_code, row.error_text) == (R.FAILED, "EC21", "absent")
     row = recipient(api, expired)
@@ -185,14 +188,24 @@ def test_a_list_applies_each_receipt_with_its_error(api: Api, tenant: Tenant) ->
     assert len(published(api)) == 3
 
 
-def test_unknown_message_is_acknowledged_and_ignored(api: Api, tenant: Tenant) -> None:
+def test_a_receipt_for_no_sent_message_is_kept_not_dropped(api: Api, tenant: Tenant) -> None:
+    """Its message may still be sending: the receipt waits, stored, for the outcome."""
     (m,) = sent_messages(api, tenant)
 
-    reply = api.post({"id": "carrier-never-heard-of", "status": "delivered"})
+    reply = api.post(
+        {"id": "carrier-not-yet-recorded", "status": "failed", "error": {"code": "EC1"}}
+    )
 
     assert reply.status_code == 200
-    assert reply.get_json() == {"applied": 0, "ignored": 1}
+    assert reply.get_json() == {"applied": 0, "pending": 1, "ignored": 0}
     assert_untouched(api, m)
+    with api.sessions() as session:
+        (kept,) = session.scalars(
+            select(PendingReceipt).where(
+                PendingReceipt.provider_message_id == "carrier-not-yet-recorded"
+            )
+        ).all()
+    assert (kept.provider, kept.status, kept.error_code) == ("http", "failed", "EC1")
 
 
 @pytest.mark.parametrize(
@@ -217,7 +230,7 @@ def test_a_late_receipt_never_moves_a_final_message(
     reply = api.post({"id": m.ref, "status": late, "error": {"code": "late", "text": "late"}})
 
     assert reply.status_code == 200
-    assert reply.get_json() == {"applied": 0, "ignored": 1}
+    assert reply.get_json() == {"applied": 0, "pending": 0, "ignored": 1}
     after = recipient(api, m)
     assert after.status == R(first)
     assert (after.error_code, after.error_text, after.updated_at) == (
@@ -237,7 +250,7 @@ def test_two_receipts_for_one_message_in_one_request_apply_the_first(
 
     reply = api.post([{"id": m.ref, "status": "delivered"}, {"id": m.ref, "status": "failed"}])
 
-    assert reply.get_json() == {"applied": 1, "ignored": 1}
+    assert reply.get_json() == {"applied": 1, "pending": 0, "ignored": 1}
     assert recipient(api, m).status == R.DELIVERED
     assert events(api, m) == ["delivered"]
 
@@ -254,7 +267,7 @@ def test_a_mixed_request_counts_applied_and_ignored(api: Api, tenant: Tenant) ->
         ]
     )
 
-    assert reply.get_json() == {"applied": 1, "ignored": 2}
+    assert reply.get_json() == {"applied": 1, "pending": 1, "ignored": 1}
     assert recipient(api, fresh).status == R.DELIVERED
     assert recipient(api, done).status == R.DELIVERED
 
@@ -269,14 +282,14 @@ def test_receipts_cross_no_tenant_boundary_in_the_reply(
         [{"id": mine[0].ref, "status": "delivered"}, {"id": theirs.ref, "status": "failed"}]
     )
 
-    assert reply.get_json() == {"applied": 2, "ignored": 0}
+    assert reply.get_json() == {"applied": 2, "pending": 0, "ignored": 0}
     assert callbacks(api, mine[0])[0].account_id == tenant.id
     assert callbacks(api, theirs)[0].account_id == other_tenant.id
 
 
 def test_exactly_1000_receipts_are_accepted(api: Api) -> None:
     body = [{"id": f"unknown-{i}", "status": "delivered"} for i in range(1000)]
-    assert api.post(body).get_json() == {"applied": 0, "ignored": 1000}
+    assert api.post(body).get_json() == {"applied": 0, "pending": 1000, "ignored": 0}
 
 
 # --- authentication --------------------------------------------------------------------

@@ -218,7 +218,7 @@ class Ledger(Provider):
     [
         ((Lookup.ACCEPTED, "carrier-1"), R.SENT),
         ((Lookup.NOT_FOUND, None), R.QUEUED),
-        ((Lookup.UNKNOWN, None), R.FAILED),
+        ((Lookup.UNKNOWN, None), R.UNKNOWN),
     ],
 )
 def test_reclaim_asks_the_provider_and_never_sends_twice(
@@ -338,6 +338,7 @@ def test_a_hand_off_failing_after_cancel_is_not_tried_again(
             settings=settings,
             batch=batch,
             channels=batch.channels,
+            providers={},
             claimed=claimed,
             results=[result],
             now=utcnow(),

@@ -9,12 +9,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient
+from dispatcher.batches.transitions import transition_recipients
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine.scheduling import complete_if_done, dispatch_batch
-from dispatcher.receipts.service import Receipt, apply_many
+from dispatcher.receipts.service import Receipt, accept
 from dispatcher.states import RecipientStatus
 from dispatcher.webhooks.models import Callback
 
@@ -113,25 +113,26 @@ def start_sending(sessions: sessionmaker[Session], settings: Settings, batch_id:
 def mark_sent(sessions: sessionmaker[Session], batch_id: str, numbers: list[str]) -> None:
     """What a worker records when the carrier accepts: sent, with a provider id."""
     now = utcnow()
+    mine = [Recipient.batch_id == batch_id, Recipient.to.in_(numbers)]
     with transaction(sessions) as session:
-        batch = session.get(Batch, batch_id)
-        assert batch is not None
-        rows = session.execute(
-            update(Recipient)
-            .where(Recipient.batch_id == batch_id, Recipient.to.in_(numbers))
-            .values(
-                status=RecipientStatus.SENT,
-                sent_at=now,
-                updated_at=now,
-                provider_message_id=Recipient.to + ":" + batch_id,
-            )
-            .returning(*events.CHANGE_COLUMNS)
-        ).all()
-        events.record(
+        # Claimed, then accepted: the two moves a worker makes.
+        transition_recipients(
             session=session,
-            batch=batch,
-            status=RecipientStatus.SENT,
-            changes=[events.Change.from_row(r) for r in rows],
+            to=RecipientStatus.SENDING,
+            where=mine,
+            values={"claimed_at": now},
+            at=now,
+            record=False,
+        )
+        transition_recipients(
+            session=session,
+            to=RecipientStatus.SENT,
+            where=mine,
+            values={
+                "sent_at": now,
+                "provider": "simulator",
+                "provider_message_id": Recipient.to + ":" + batch_id,
+            },
             at=now,
         )
         complete_if_done(session=session, batch_id=batch_id, now=now)
@@ -146,12 +147,13 @@ def receipt(
 ) -> None:
     """A carrier's delivery receipt, applied by the receipts service."""
     with transaction(sessions) as session:
-        applied = apply_many(
+        accepted = accept(
             session=session,
+            provider="simulator",
             receipts=[Receipt(f"{number}:{batch_id}", status, error_code)],
             now=utcnow(),
         )
-        assert applied == 1
+        assert accepted.applied == 1
 
 
 def callbacks(sessions: sessionmaker[Session], batch_id: str) -> list[Callback]:

@@ -1,4 +1,4 @@
-"""The receipts service without HTTP: what ``apply_many`` changes (SQLite and PostgreSQL).
+"""The receipts service without HTTP: what ``accept`` changes (SQLite and PostgreSQL).
 
 tests/api/test_dlr.py covers ``POST /dlr/<provider>``; these call the service the
 way that view and the simulator do.
@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dispatcher.batches.models import Recipient, StatusEvent
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
-from dispatcher.receipts.service import Receipt, apply_many
+from dispatcher.receipts.service import Receipt, accept
 from dispatcher.states import BatchStatus, RecipientStatus
 from dispatcher.webhooks.models import Callback
 from tests.factories import make_account, make_batch
@@ -51,7 +51,9 @@ def _batch_with_sent(
 
 def _apply(sessions: sessionmaker[Session], *receipts: Receipt) -> int:
     with transaction(sessions) as session:
-        return apply_many(session=session, receipts=list(receipts), now=utcnow())
+        return accept(
+            session=session, provider="carrier", receipts=list(receipts), now=utcnow()
+        ).applied
 
 
 def _state(sessions: sessionmaker[Session], recipient_id: str) -> tuple[str, str | None]:

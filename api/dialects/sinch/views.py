@@ -17,7 +17,7 @@ from api.dialects.sinch.dump import batch_object, dump_batch
 from api.dialects.sinch.errors import INVALID_JSON, SinchError, register_on
 from api.fields import batch_ref
 from dispatcher import errors
-from dispatcher.batches import service, updates
+from dispatcher.batches import queries, service, updates
 from dispatcher.batches.service import NewBatch
 from dispatcher.db import utcnow
 from dispatcher.sms import parts
@@ -94,7 +94,7 @@ def _new_batch(data: dict[str, Any]) -> NewBatch:
 
 
 def _reply(batch: Any) -> dict[str, Any]:
-    to = updates.destinations_of(session=ctx.session(), batch_ids=[batch.id])[batch.id]
+    to = queries.destinations_of(session=ctx.session(), batch_ids=[batch.id])[batch.id]
     return dump_batch(batch, to)
 
 
@@ -110,7 +110,7 @@ def send() -> tuple[dict[str, Any], int]:
 @blueprint.get("")
 def list_batches() -> dict[str, Any]:
     query = schemas.ListQuery().load(request.args)
-    rows, total = updates.list_batches(
+    rows, total = queries.list_batches(
         session=ctx.session(),
         account=ctx.account(),
         page=query["page"],
@@ -120,7 +120,7 @@ def list_batches() -> dict[str, Any]:
         end=query["end_date"],
         client_reference=query["client_reference"],
     )
-    to = updates.destinations_of(session=ctx.session(), batch_ids=[b.id for b in rows])
+    to = queries.destinations_of(session=ctx.session(), batch_ids=[b.id for b in rows])
     return schemas.BatchPage().dump(
         {
             "page": query["page"],
@@ -243,7 +243,7 @@ def recipient_delivery_report(batch_id: str, recipient: str) -> dict[str, Any]:
     batch = service.get_batch(
         session=ctx.session(), account=ctx.account(), batch_id=batch_ref(batch_id)
     )
-    rec = updates.get_recipient(session=ctx.session(), batch=batch, to=to)
+    rec = queries.get_recipient(session=ctx.session(), batch=batch, to=to)
     reported = rec.status in (
         RecipientStatus.DELIVERED,
         RecipientStatus.READ,

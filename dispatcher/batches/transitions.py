@@ -1,0 +1,147 @@
+"""The one writer of recipient and batch statuses: checked, conditional, and recorded.
+
+Every status change is one conditional ``UPDATE ... WHERE status IN (...)`` whose
+sources come from :mod:`dispatcher.states`, so a row that moved meanwhile (a
+cancel, a receipt, a reclaim) is simply not matched; the rows that did move are
+returned and their events and callbacks written in the same call.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, Table, bindparam, or_, update
+from sqlalchemy.orm import Session
+
+from dispatcher.batches import events
+from dispatcher.batches.models import Batch, Recipient
+from dispatcher.states import BatchStatus, RecipientStatus, batch_guard, guard
+
+recipients_table = cast(Table, Recipient.__table__)
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A recipient that moved, with what its event says."""
+
+    batch_id: str
+    provider_message_id: str | None
+    change: events.Change
+
+
+def transition_recipients(
+    *,
+    session: Session,
+    to: RecipientStatus,
+    at: datetime,
+    where: Sequence[ColumnElement[bool]] = (),
+    ids: Iterable[str] | None = None,
+    values: Mapping[str, Any] | None = None,
+    each: Mapping[str, Mapping[str, Any]] | None = None,
+    current: Iterable[RecipientStatus] | None = None,
+    batch: Batch | None = None,
+    record: bool = True,
+) -> list[Moved]:
+    """Move the recipients matching ``where``/``ids`` (and in an allowed status) to ``to``.
+
+    ``values`` are set on every row; ``each`` maps recipient ids to their own values
+    (every mapping with the same keys) and limits the move to those ids. ``current``
+    narrows the sources (each must be allowed to move to ``to``). Events and
+    callbacks are recorded for the rows that moved unless ``record`` is false;
+    ``batch`` saves loading it when every row belongs to it.
+    """
+    sources = guard(to, current)
+    conditions = [*where, Recipient.status.in_(sources)]
+    if ids is not None:
+        conditions.append(Recipient.id.in_(list(ids)))
+    if each:
+        conditions.append(Recipient.id.in_(list(each)))
+        _write_each(session, each, sources)
+    elif each is not None:
+        return []
+    rows = session.execute(
+        update(Recipient)
+        .where(*conditions)
+        .values(status=to, updated_at=at, **(values or {}))
+        .returning(Recipient.batch_id, Recipient.provider_message_id, *events.CHANGE_COLUMNS)
+    ).all()
+    moved = [Moved(row[0], row[1], events.Change.from_row(row[2:])) for row in rows]
+    if record and moved:
+        by_batch: dict[str, list[events.Change]] = defaultdict(list)
+        for m in moved:
+            by_batch[m.batch_id].append(m.change)
+        for batch_id, changes in by_batch.items():
+            owner = batch if batch is not None and batch.id == batch_id else None
+            owner = owner or session.get(Batch, batch_id)
+            assert owner is not None
+            events.record(session=session, batch=owner, status=to, changes=changes, at=at)
+    return moved
+
+
+def claim_recipients(
+    *,
+    session: Session,
+    where: Sequence[ColumnElement[bool]],
+    values: Mapping[str, Any],
+    at: datetime,
+    returning: Sequence[Any],
+) -> list[Any]:
+    """Win queued recipients for sending; returns ``returning`` of each row won.
+
+    The at-most-once guard: only ``queued`` rows can be claimed and one worker
+    wins each. Not reported (a claim is not a status the client sees).
+    """
+    sources = guard(RecipientStatus.SENDING, (RecipientStatus.QUEUED,))
+    return list(
+        session.execute(
+            update(Recipient)
+            .where(*where, Recipient.status.in_(sources))
+            .values(status=RecipientStatus.SENDING, updated_at=at, **values)
+            .returning(*returning)
+        ).all()
+    )
+
+
+def _write_each(
+    session: Session,
+    each: Mapping[str, Mapping[str, Any]],
+    sources: Sequence[RecipientStatus],
+) -> None:
+    """Per-row values, in one executemany, before the status moves (so RETURNING sees them)."""
+    keys = list(next(iter(each.values())))
+    if not keys:
+        return
+    params = [{"_rid": rid, **{f"_v_{k}": v[k] for k in keys}} for rid, v in each.items()]
+    session.connection().execute(
+        recipients_table.update()
+        .where(
+            recipients_table.c.id == bindparam("_rid"),
+            # Plain comparisons: an expanding IN cannot be used with executemany.
+            or_(*(recipients_table.c.status == s for s in sources)),
+        )
+        .values({k: bindparam(f"_v_{k}") for k in keys}),
+        params,
+    )
+
+
+def transition_batch(
+    *,
+    session: Session,
+    batch_id: str,
+    to: BatchStatus,
+    at: datetime,
+    where: Sequence[ColumnElement[bool]] = (),
+    values: Mapping[str, Any] | None = None,
+    current: Iterable[BatchStatus] | None = None,
+) -> bool:
+    """Move one batch to ``to`` if it is in an allowed status (and ``where`` holds)."""
+    result = session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.status.in_(batch_guard(to, current)), *where)
+        .values(status=to, modified_at=at, **(values or {}))
+    )
+    return bool(cast(CursorResult[Any], result).rowcount)

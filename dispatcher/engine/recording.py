@@ -1,0 +1,187 @@
+"""Recording hand-off outcomes: a pure decision per recipient, then one write per status.
+
+:func:`decide` turns a claimed row and what its provider answered into a
+:class:`Decision` (no database); :func:`apply` writes a group's decisions with
+one transition per target status, records their events, and applies any
+receipt that arrived before the outcome was recorded.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, update
+from sqlalchemy.orm import Session
+
+from dispatcher.batches.models import Attempt, Batch
+from dispatcher.batches.transitions import transition_recipients
+from dispatcher.channels.base import Outcome, SendResult
+from dispatcher.config import Settings
+from dispatcher.receipts import service as receipts
+from dispatcher.states import BatchStatus, RecipientStatus
+
+R = RecipientStatus
+# The order groups are written in (the batch row is always taken first).
+ORDER = (R.SENT, R.QUEUED, R.FAILED, R.EXPIRED)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to write for one claimed recipient: its next status and the columns that go with it."""
+
+    recipient_id: str
+    status: RecipientStatus
+    values: Mapping[str, Any]
+    # Whether the move is reported (an event and callbacks); a re-queue is not.
+    report: bool
+    # Queued to be tried again at once by the running task (fallback, never handed over).
+    again: bool = False
+    # The Attempt row to write (None: never handed over).
+    attempt: Mapping[str, Any] | None = None
+
+
+def retry_delay(*, settings: Settings, attempt: int, retry_after: float | None) -> float:
+    """Seconds before the next try on the same channel (the schedule's last step repeats)."""
+    schedule = settings.send_retry_schedule or (60.0,)
+    delay = schedule[min(attempt, len(schedule)) - 1]
+    return max(delay, retry_after or 0.0)
+
+
+def decide(
+    row: Any,
+    result: SendResult | None,
+    *,
+    channels: Sequence[str],
+    expire_at: datetime,
+    settings: Settings,
+    now: datetime,
+    provider: str | None = None,
+) -> Decision:
+    """The outcome of one hand-off: sent, retry later, fall back, expire or fail.
+
+    ``row`` is a claimed recipient (``sending.CLAIM_COLUMNS``); ``provider`` the
+    name of the provider that carried it (receipts match on it). A None result
+    was never handed over (lease deadline): queued again as it was.
+    """
+    if result is None:
+        return Decision(
+            row.id,
+            R.QUEUED,
+            _requeue(row.channel_index, row.channel, row.attempts - 1, None, now, None, None),
+            report=False,
+            again=True,
+        )
+    attempt = {
+        "recipient_id": row.id,
+        "channel": row.channel,
+        "outcome": result.outcome.value,
+        "error": result.error_text,
+        "provider_message_id": result.provider_message_id,
+        "at": now,
+    }
+    code, text = result.error_code, result.error_text
+    if result.outcome is Outcome.ACCEPTED:
+        values = {
+            "provider_message_id": result.provider_message_id,
+            "provider": provider,
+            "sent_at": now,
+            "claimed_at": None,
+            "error_code": None,
+            "error_text": None,
+        }
+        return Decision(row.id, R.SENT, values, report=True, attempt=attempt)
+    failure = {"claimed_at": None, "error_code": code, "error_text": text}
+    if result.outcome is Outcome.TRANSIENT:
+        delay = retry_delay(settings=settings, attempt=row.attempts, retry_after=result.retry_after)
+        at = now + timedelta(seconds=delay)
+        if at >= expire_at:
+            return Decision(row.id, R.EXPIRED, failure, report=True, attempt=attempt)
+        values = _requeue(row.channel_index, row.channel, row.attempts, at, None, code, text)
+        return Decision(row.id, R.QUEUED, values, report=False, attempt=attempt)
+    if result.outcome is Outcome.CHANNEL and row.channel_index + 1 < len(channels):
+        nxt = row.channel_index + 1
+        # Immediate fallback: the running chunk picks it up again, so it stays enqueued.
+        values = _requeue(nxt, channels[nxt], 0, None, now, code, text)
+        return Decision(row.id, R.QUEUED, values, report=False, again=True, attempt=attempt)
+    return Decision(row.id, R.FAILED, failure, report=True, attempt=attempt)
+
+
+def _requeue(
+    index: int,
+    channel: str,
+    attempts: int,
+    next_at: datetime | None,
+    enqueued_at: datetime | None,
+    code: str | None,
+    text: str | None,
+) -> dict[str, Any]:
+    return {
+        "channel_index": index,
+        "channel": channel,
+        "attempts": attempts,
+        "next_attempt_at": next_at,
+        "enqueued_at": enqueued_at,
+        "claimed_at": None,
+        "error_code": code,
+        "error_text": text,
+    }
+
+
+def apply(*, session: Session, batch: Batch, decisions: Sequence[Decision], now: datetime) -> int:
+    """Write ``decisions`` (one transition per target status); returns how many to try again now.
+
+    The batch row is taken first: that orders this transaction with a cancel
+    (which changes that row first too), so a cancel committed before us is seen
+    here and one after us finds whatever we queue again. Re-queued rows of a
+    batch that stopped meanwhile are cancelled (or expired) in this transaction.
+    """
+    batch_status = session.execute(
+        update(Batch).where(Batch.id == batch.id).values(progress_at=now).returning(Batch.status)
+    ).scalar_one()
+    attempts = [dict(d.attempt) for d in decisions if d.attempt is not None]
+    if attempts:
+        session.connection().execute(insert(Attempt), attempts)
+    groups: dict[RecipientStatus, dict[str, Mapping[str, Any]]] = defaultdict(dict)
+    for d in decisions:
+        groups[d.status][d.recipient_id] = d.values
+    again = {d.recipient_id for d in decisions if d.again}
+    sent_by: dict[str, list[str]] = defaultdict(list)
+    for status in ORDER:
+        each = groups.get(status)
+        if not each:
+            continue
+        moved = transition_recipients(
+            session=session,
+            to=status,
+            current=(R.SENDING,),
+            each=each,
+            at=now,
+            batch=batch,
+            record=status is not R.QUEUED,
+        )
+        if status is R.SENT:
+            for m in moved:
+                provider = each[m.change.recipient_id]["provider"]
+                if provider and m.provider_message_id:
+                    sent_by[provider].append(m.provider_message_id)
+        stopped = batch_status in (BatchStatus.CANCELLED, BatchStatus.EXPIRED)
+        if status is R.QUEUED and stopped and moved:
+            # The batch stopped while these were out: queued again just now, they are
+            # cancelled (or expired) in the same transaction instead of tried again.
+            stop = R.CANCELLED if batch_status == BatchStatus.CANCELLED else R.EXPIRED
+            transition_recipients(
+                session=session,
+                to=stop,
+                current=(R.QUEUED,),
+                ids=[m.change.recipient_id for m in moved],
+                at=now,
+                batch=batch,
+            )
+            again = set()
+    for provider, refs in sent_by.items():
+        receipts.settle(session=session, provider=provider, refs=refs, now=now)
+    return len(again & set(groups.get(R.QUEUED, {})))

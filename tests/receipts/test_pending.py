@@ -1,0 +1,326 @@
+"""The receipts service on SQLite and PostgreSQL: apply, keep, settle, drop and finalise.
+
+A receipt that comes before its hand-off is recorded is kept and applied in the
+transaction that records the outcome (or reclaim's), never lost; one that never
+matches is dropped after the retention and counted; a sent message with no
+receipt by the deadline becomes ``unknown``, and its batch's reports fire.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dispatcher.accounts.models import Account
+from dispatcher.batches import service
+from dispatcher.batches.models import Batch, Recipient, StatusEvent
+from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
+from dispatcher.config import Settings
+from dispatcher.db import transaction, utcnow
+from dispatcher.engine import scheduling, sending
+from dispatcher.receipts import service as receipts
+from dispatcher.receipts.models import PendingReceipt
+from dispatcher.states import BatchStatus, RecipientStatus
+from dispatcher.webhooks.models import Callback
+from tests.factories import Tenant
+
+R = RecipientStatus
+
+
+class Carrier(Provider):
+    """A named provider that only answers lookups (the engine never sends here)."""
+
+    def __init__(self, name: str = "carrier", found: Lookup = Lookup.ACCEPTED) -> None:
+        self.name = name
+        self.found = found
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        raise AssertionError("these tests hand nothing over")
+
+    def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
+        ref = ref_of(message.recipient_id) if self.found is Lookup.ACCEPTED else None
+        return self.found, ref
+
+
+def ref_of(recipient_id: str) -> str:
+    return f"c-{recipient_id}"
+
+
+def claimed_batch(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    *,
+    count: int = 2,
+    dialect: str = "mplus",
+    options: dict[str, Any] | None = None,
+    claimed_at: datetime | None = None,
+) -> tuple[str, list[Any]]:
+    """A sending batch whose recipients a worker has claimed, as the claim returns them."""
+    with transaction(sessions) as session:
+        account = session.get(Account, tenant.id)
+        assert account is not None
+        batch_id = service.create_batch(
+            session=session,
+            settings=settings,
+            account=account,
+            new=service.NewBatch(
+                sender="Acme",
+                body="hi",
+                channels=["sms"],
+                destinations=[f"+4477009003{i:02d}" for i in range(count)],
+                callback_url="http://127.0.0.1:9/hooks",
+                dialect=dialect,
+                options=options or {},
+            ),
+        ).batch.id
+    now = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        rows = session.execute(
+            update(Recipient)
+            .where(Recipient.batch_id == batch_id)
+            .values(status=R.SENDING, claimed_at=claimed_at or now, attempts=1)
+            .returning(*sending.CLAIM_COLUMNS)
+        ).all()
+    return batch_id, sorted(rows, key=lambda r: r.to)
+
+
+def record(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    batch_id: str,
+    rows: list[Any],
+    provider: Provider,
+) -> None:
+    """What the worker records once the carrier's answers are back: accepted, with its ids."""
+    with transaction(sessions) as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None
+        sending.record_results(
+            session=session,
+            settings=settings,
+            batch=batch,
+            channels=batch.channels,
+            providers={"sms": provider},
+            claimed=rows,
+            results=[SendResult(Outcome.ACCEPTED, provider_message_id=ref_of(r.id)) for r in rows],
+            now=utcnow(),
+        )
+        scheduling.complete_if_done(session=session, batch_id=batch_id, now=utcnow())
+
+
+def accept(
+    sessions: sessionmaker[Session],
+    provider: str,
+    *items: receipts.Receipt,
+    now: datetime | None = None,
+) -> receipts.Accepted:
+    with transaction(sessions) as session:
+        return receipts.accept(
+            session=session, provider=provider, receipts=list(items), now=now or utcnow()
+        )
+
+
+def states(sessions: sessionmaker[Session], batch_id: str) -> dict[str, R]:
+    with sessions() as session:
+        return dict(
+            session.execute(
+                select(Recipient.to, Recipient.status).where(Recipient.batch_id == batch_id)
+            ).all()
+        )
+
+
+def event_trail(sessions: sessionmaker[Session], recipient_id: str) -> list[str]:
+    with sessions() as session:
+        return list(
+            session.scalars(
+                select(StatusEvent.status)
+                .where(StatusEvent.recipient_id == recipient_id)
+                .order_by(StatusEvent.id)
+            )
+        )
+
+
+def pending(sessions: sessionmaker[Session], ref: str) -> int:
+    with sessions() as session:
+        return (
+            session.scalar(
+                select(func.count())
+                .select_from(PendingReceipt)
+                .where(PendingReceipt.provider_message_id == ref)
+            )
+            or 0
+        )
+
+
+def test_a_receipt_before_the_record_is_kept_and_applied_with_the_outcome(
+    sessions: sessionmaker[Session], settings: Settings, tenant: Tenant
+) -> None:
+    batch_id, (first, second) = claimed_batch(sessions, settings, tenant)
+    early = accept(
+        sessions,
+        "carrier",
+        receipts.Receipt(ref_of(first.id), "delivered"),
+        receipts.Receipt(ref_of(second.id), "failed", "EC21", "absent"),
+    )
+    assert early == receipts.Accepted(applied=0, pending=2, ignored=0)
+    assert set(states(sessions, batch_id).values()) == {R.SENDING}
+
+    record(sessions, settings, batch_id, [first, second], Carrier())
+
+    with sessions() as session:
+        rows = {
+            r.id: r
+            for r in session.scalars(select(Recipient).where(Recipient.batch_id == batch_id))
+        }
+    assert rows[first.id].status == R.DELIVERED
+    assert (rows[second.id].status, rows[second.id].error_code) == (R.FAILED, "EC21")
+    assert rows[first.id].provider == "carrier"
+    assert event_trail(sessions, first.id) == ["queued", "sent", "delivered"]
+    assert event_trail(sessions, second.id) == ["queued", "sent", "failed"]
+    assert pending(sessions, ref_of(first.id)) == pending(sessions, ref_of(second.id)) == 0
+
+
+def test_a_stored_receipt_waits_for_its_own_provider(
+    sessions: sessionmaker[Session], settings: Settings, tenant: Tenant
+) -> None:
+    batch_id, (row,) = claimed_batch(sessions, settings, tenant, count=1)
+    accept(sessions, "someone-else", receipts.Receipt(ref_of(row.id), "failed"))
+    record(sessions, settings, batch_id, [row], Carrier("carrier"))
+    assert states(sessions, batch_id)[row.to] == R.SENT
+    assert pending(sessions, ref_of(row.id)) == 1
+    # Once sent, a receipt from another provider with the same id does not apply either.
+    reply = accept(sessions, "someone-else", receipts.Receipt(ref_of(row.id), "delivered"))
+    assert (reply.applied, states(sessions, batch_id)[row.to]) == (0, R.SENT)
+    assert accept(sessions, "carrier", receipts.Receipt(ref_of(row.id), "delivered")).applied == 1
+
+
+def test_reclaim_applies_a_receipt_that_came_before_the_worker_died(
+    sessions: sessionmaker[Session], settings: Settings, tenant: Tenant
+) -> None:
+    now = utcnow()
+    lost = now - timedelta(seconds=settings.send_lease + 1)
+    batch_id, (row, other) = claimed_batch(sessions, settings, tenant, claimed_at=lost)
+    accept(sessions, "carrier", receipts.Receipt(ref_of(row.id), "delivered"))
+    with transaction(sessions) as session:
+        counts = sending.reclaim_stale(
+            session=session, settings=settings, providers={"sms": Carrier()}, now=now
+        )
+    assert counts["accepted"] >= 2  # (and any other test's claim left past the lease)
+    assert states(sessions, batch_id) == {row.to: R.DELIVERED, other.to: R.SENT}
+    assert event_trail(sessions, row.id) == ["queued", "sent", "delivered"]
+    assert pending(sessions, ref_of(row.id)) == 0
+
+
+def test_reclaim_that_cannot_look_up_makes_the_outcome_unknown(
+    sessions: sessionmaker[Session], settings: Settings, tenant: Tenant
+) -> None:
+    now = utcnow()
+    lost = now - timedelta(seconds=settings.send_lease + 1)
+    batch_id, (row, _) = claimed_batch(sessions, settings, tenant, claimed_at=lost)
+    with transaction(sessions) as session:
+        sending.reclaim_stale(
+            session=session,
+            settings=settings,
+            providers={"sms": Carrier(found=Lookup.UNKNOWN)},
+            now=now,
+        )
+    assert set(states(sessions, batch_id).values()) == {R.UNKNOWN}
+    assert event_trail(sessions, row.id) == ["queued", "unknown"]
+    with sessions() as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None and batch.status == BatchStatus.COMPLETED
+
+
+def test_a_receipt_that_never_matches_is_dropped_after_the_retention_and_counted(
+    sessions: sessionmaker[Session], settings: Settings, tenant: Tenant
+) -> None:
+    ref = f"orphan-{tenant.id}"
+    received = utcnow()
+    accept(sessions, "carrier", receipts.Receipt(ref, "delivered"), now=received)
+    with transaction(sessions) as session:
+        receipts.sweep(
+            session=session,
+            settings=settings,
+            now=received + timedelta(seconds=settings.receipt_retention - 1),
+        )
+    assert pending(sessions, ref) == 1  # (other tests' older receipts may go: one database)
+    with transaction(sessions) as session:
+        swept = receipts.sweep(
+            session=session,
+            settings=settings,
+            now=received + timedelta(seconds=settings.receipt_retention + 1),
+        )
+    assert swept.dropped >= 1 and swept.as_dict()["dropped"] == swept.dropped
+    assert pending(sessions, ref) == 0
+
+
+def test_the_sweep_applies_a_stored_receipt_whose_message_was_recorded_meanwhile(
+    sessions: sessionmaker[Session], settings: Settings, tenant: Tenant
+) -> None:
+    """On PostgreSQL a receipt and its record can commit side by side, each unseen by the other."""
+    batch_id, (row,) = claimed_batch(sessions, settings, tenant, count=1)
+    with transaction(sessions) as session:
+        session.add(
+            PendingReceipt(
+                provider="carrier",
+                provider_message_id=ref_of(row.id),
+                status="delivered",
+                received_at=utcnow(),
+            )
+        )
+        session.execute(
+            update(Recipient)
+            .where(Recipient.id == row.id)
+            .values(status=R.SENT, provider="carrier", provider_message_id=ref_of(row.id))
+        )
+    with transaction(sessions) as session:
+        swept = receipts.sweep(session=session, settings=settings, now=utcnow())
+    assert swept.applied >= 1
+    assert states(sessions, batch_id)[row.to] == R.DELIVERED
+    assert pending(sessions, ref_of(row.id)) == 0
+
+
+def test_no_receipt_by_the_deadline_makes_it_unknown_and_the_sinch_summary_fires(
+    sessions: sessionmaker[Session], settings: Settings, tenant: Tenant
+) -> None:
+    batch_id, rows = claimed_batch(
+        sessions, settings, tenant, dialect="sinch", options={"delivery_report": "summary"}
+    )
+    record(sessions, settings, batch_id, rows, Carrier())
+    delivered, silent = rows
+    accept(sessions, "carrier", receipts.Receipt(ref_of(delivered.id), "delivered"))
+    with sessions() as session:
+        assert session.get(Batch, batch_id).status == BatchStatus.COMPLETED  # type: ignore[union-attr]
+        assert not session.scalars(select(Callback).where(Callback.batch_id == batch_id)).all()
+    sent_at = utcnow()
+    with transaction(sessions) as session:
+        early = receipts.sweep(
+            session=session,
+            settings=settings,
+            now=sent_at + timedelta(seconds=settings.receipt_deadline - 5),
+        )
+    assert states(sessions, batch_id)[silent.to] == R.SENT
+    with transaction(sessions) as session:
+        swept = receipts.sweep(
+            session=session,
+            settings=settings,
+            now=sent_at + timedelta(seconds=settings.receipt_deadline + 1),
+        )
+    assert swept.unknown >= 1 > early.unknown - 1
+    assert states(sessions, batch_id) == {delivered.to: R.DELIVERED, silent.to: R.UNKNOWN}
+    assert event_trail(sessions, silent.id) == ["queued", "sent", "unknown"]
+    with sessions() as session:
+        row = session.get(Recipient, silent.id)
+        assert row is not None and row.error_code == "no_receipt"
+        (report,) = session.scalars(select(Callback).where(Callback.batch_id == batch_id)).all()
+    statuses = {(s["status"], s["code"]): s["count"] for s in report.payload["statuses"]}
+    assert statuses == {("Delivered", 0): 1, ("Unknown", 0): 1}
+    # A receipt after the deadline cannot change a final status.
+    late = accept(sessions, "carrier", receipts.Receipt(ref_of(silent.id), "delivered"))
+    assert late == receipts.Accepted(applied=0, pending=0, ignored=1)
+    assert states(sessions, batch_id)[silent.to] == R.UNKNOWN
