@@ -24,8 +24,12 @@ def refuse(provider: str) -> Unauthenticated:
 
 
 def record(*, provider: str, items: Sequence[Receipt]) -> dict[str, int]:
-    """Apply (or, with durable receipts, keep) the receipts; committed before the reply."""
-    applied = (
-        receipts.apply_many(session=ctx.session(), receipts=items, now=utcnow()) if items else 0
+    """Apply the receipts, or keep those whose send is not recorded yet; committed before the reply.
+
+    ``provider`` is the provider's ``name`` (what ``recipients.provider`` holds), so
+    a vendor's message id matches only the messages that vendor carried.
+    """
+    accepted = receipts.accept(
+        session=ctx.session(), provider=provider, receipts=items, now=utcnow()
     )
-    return {"applied": applied, "ignored": len(items) - applied}
+    return accepted.as_dict()

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
-from dispatcher.receipts.service import Receipt, apply_many
+from dispatcher.receipts.service import Receipt, accept
 from dispatcher.states import RecipientStatus
 from tests.factories import Tenant
 from tests.helpers.sinch import A, B, callbacks, created, mark_sent, receipt, start_sending, url
@@ -15,11 +15,19 @@ from tests.helpers.sinch import A, B, callbacks, created, mark_sent, receipt, st
 R = RecipientStatus
 
 
-def read(sessions: sessionmaker[Session], batch_id: str, number: str) -> int:
+def send_receipt(sessions: sessionmaker[Session], batch_id: str, number: str, status: str) -> int:
+    """How many of one receipt applied (for a message the test recorded as the simulator's)."""
     with transaction(sessions) as session:
-        return apply_many(
-            session=session, receipts=[Receipt(f"{number}:{batch_id}", "read")], now=utcnow()
-        )
+        return accept(
+            session=session,
+            provider="simulator",
+            receipts=[Receipt(f"{number}:{batch_id}", status)],
+            now=utcnow(),
+        ).applied
+
+
+def read(sessions: sessionmaker[Session], batch_id: str, number: str) -> int:
+    return send_receipt(sessions, batch_id, number, "read")
 
 
 def test_native_read_is_a_callback_a_status_and_a_count(
@@ -42,11 +50,7 @@ def test_native_read_is_a_callback_a_status_and_a_count(
     assert read(sessions, batch_id, A) == 1
     # B's read overtook its delivery report: read it is, and the late delivery changes nothing.
     assert read(sessions, batch_id, B) == 1
-    with transaction(sessions) as session:
-        late = apply_many(
-            session=session, receipts=[Receipt(f"{B}:{batch_id}", "delivered")], now=utcnow()
-        )
-    assert late == 0
+    assert send_receipt(sessions, batch_id, B, "delivered") == 0
     assert read(sessions, batch_id, A) == 0
     events = [(c.event_type, c.payload["to"]) for c in callbacks(sessions, batch_id)]
     assert events.count(("message.read", A)) == 1
