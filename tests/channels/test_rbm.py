@@ -290,24 +290,19 @@ def test_no_client_token_configured_means_no_webhook(live_factory: Callable[...,
     assert reply.status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs durable receipts (issue 8 item 1): on main a receipt for a recipient "
-    "still 'sending' is ignored; remove this mark when receipts.accept lands",
-)
 def test_an_event_that_arrives_before_the_send_returns_is_applied(
     live: Live, tenant: Tenant, provider: RbmProvider, rbm: Rbm
 ) -> None:
-    answers: list[int] = []
+    answers: list[tuple[int, dict[str, int]]] = []
 
     def deliver_first(request: Request, reply: Reply) -> None:
         rid = request.query["messageId"][0]
-        answers.append(
-            push(hook(live), event("DELIVERED", rid), client_token=CLIENT_TOKEN).status_code
-        )
+        answer = push(hook(live), event("DELIVERED", rid), client_token=CLIENT_TOKEN)
+        answers.append((answer.status_code, answer.json()))
 
     rbm.before_reply = deliver_first
     batch_id = live.queued_batch(tenant, ["+447700900001"], channel="rcs")
     live.send({"rcs": provider}, batch_id)
-    assert answers == [200]
+    # Kept while the send was in flight, then applied with its outcome.
+    assert answers == [(200, {"applied": 0, "pending": 1, "ignored": 0})]
     wait_for(lambda: live.recipients(batch_id)[0].status == R.DELIVERED, timeout=3)

@@ -258,19 +258,17 @@ def test_without_an_auth_token_there_is_no_callback_endpoint(
     assert reply.status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs durable receipts (issue 8 item 1): on main a receipt for a recipient "
-    "still 'sending' is ignored; remove this mark when receipts.accept lands",
-)
 def test_a_callback_that_arrives_before_the_send_returns_is_applied(
     live: Live, tenant: Tenant, provider: TwilioProvider, twilio: Twilio
 ) -> None:
+    answers: list[dict[str, int]] = []
+
     def deliver_first(request: Request, reply: Reply) -> None:
         params = status_params(reply.body["sid"], "delivered", account_sid=SID)
-        callback(hook(live), params, auth_token=TOKEN)
+        answers.append(callback(hook(live), params, auth_token=TOKEN).json())
 
     twilio.before_reply = deliver_first
     batch_id = live.queued_batch(tenant, ["+447700900001"])
     live.send({"sms": provider}, batch_id)
+    assert answers == [{"applied": 0, "pending": 1, "ignored": 0}]
     wait_for(lambda: live.recipients(batch_id)[0].status == R.DELIVERED, timeout=3)

@@ -307,19 +307,17 @@ def test_a_signed_body_that_is_not_json_is_400(live: Live) -> None:
     assert reply.status_code == 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs durable receipts (issue 8 item 1): on main a receipt for a recipient "
-    "still 'sending' is ignored; remove this mark when receipts.accept lands",
-)
 def test_a_status_that_arrives_before_the_send_returns_is_applied(
     live: Live, tenant: Tenant, provider: WhatsAppCloudProvider, meta: WhatsApp
 ) -> None:
+    answers: list[dict[str, int]] = []
+
     def deliver_first(request: Request, reply: Reply) -> None:
         ref = reply.body["messages"][0]["id"]
-        notify(hook(live), [status(ref, "delivered")], app_secret=APP_SECRET)
+        answers.append(notify(hook(live), [status(ref, "delivered")], app_secret=APP_SECRET).json())
 
     meta.before_reply = deliver_first
     batch_id = live.queued_batch(tenant, ["+447700900001"], channel="whatsapp")
     live.send({"whatsapp": provider}, batch_id)
+    assert answers == [{"applied": 0, "pending": 1, "ignored": 0}]
     wait_for(lambda: live.recipients(batch_id)[0].status == R.DELIVERED, timeout=3)
