@@ -57,7 +57,7 @@ class SendResult:
 
 @dataclass(frozen=True)
 class Receipt:
-    """A carrier's word on a message it accepted: delivered, failed or expired."""
+    """A carrier's word on a message it accepted: delivered, failed, expired or read."""
 
     provider_message_id: str
     status: str
