@@ -255,6 +255,16 @@ def test_two_receipts_for_one_message_in_one_request_apply_the_first(
     assert events(api, m) == ["delivered"]
 
 
+def test_delivered_then_read_in_one_request_both_apply_in_order(api: Api, tenant: Tenant) -> None:
+    (m,) = sent_messages(api, tenant)
+
+    reply = api.post([{"id": m.ref, "status": "delivered"}, {"id": m.ref, "status": "read"}])
+
+    assert reply.get_json() == {"applied": 2, "pending": 0, "ignored": 0}
+    assert recipient(api, m).status == R.READ
+    assert events(api, m) == ["delivered", "read"]
+
+
 def test_a_mixed_request_counts_applied_and_ignored(api: Api, tenant: Tenant) -> None:
     done, fresh = sent_messages(api, tenant, 2)
     api.post({"id": done.ref, "status": "delivered"})
