@@ -306,3 +306,5 @@ def test_an_event_that_arrives_before_the_send_returns_is_applied(
     # Kept while the send was in flight, then applied with its outcome.
     assert answers == [(200, {"applied": 0, "pending": 1, "ignored": 0})]
     wait_for(lambda: live.recipients(batch_id)[0].status == R.DELIVERED, timeout=3)
+    # Matched by (provider, id): the provider's name is what the send recorded.
+    assert live.recipients(batch_id)[0].provider == "rbm"

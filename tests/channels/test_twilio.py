@@ -272,3 +272,5 @@ def test_a_callback_that_arrives_before_the_send_returns_is_applied(
     live.send({"sms": provider}, batch_id)
     assert answers == [{"applied": 0, "pending": 1, "ignored": 0}]
     wait_for(lambda: live.recipients(batch_id)[0].status == R.DELIVERED, timeout=3)
+    # Matched by (provider, id): the provider's name is what the send recorded.
+    assert live.recipients(batch_id)[0].provider == "twilio"
