@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-sqlite lint format bench bench-rate clean prometheus
+.PHONY: help venv run test test-sqlite lint format bench bench-rate bench-smpp smsc clean prometheus
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -59,6 +59,12 @@ prometheus: ## Install Debian's prometheus package (prometheus + promtool, for t
 	  $$SUDO apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; \
 	fi
+
+smsc: $(STAMP) ## A local SMSC on 127.0.0.1:2775 (receipts after 1 s, replies as MO) for DISPATCHER_PROVIDER=smpp
+	$(VENV)/bin/dispatcher smsc --port 2775
+
+bench-smpp: $(STAMP) ## SMPP (local SMSC) vs simulator, end to end; prints JSON lines
+	$(PY) bench/smpp.py
 
 clean: ## Remove the venv and local state (var/)
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     for dialect in (mplus, eightbyeight, sinch, callbacks, dlr, reports, ops):
         app.register_blueprint(dialect.blueprint)
+    app.register_blueprint(sinch.inbounds_blueprint)
     from api.providers import BLUEPRINTS as provider_webhooks
 
     for webhook in provider_webhooks:

@@ -15,6 +15,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask, current_app
 from marshmallow import Schema, fields
 
+import api.dialects.sinch.inbounds as sinch_inbounds
 from api.dialects.mplus import schemas as mplus
 from api.dialects.sinch import schemas as sinch
 from dispatcher.config import Settings
@@ -75,6 +76,9 @@ def _schemas(settings: Settings) -> dict[str, Schema | type[Schema]]:
         "SinchDeliveryReport": sinch.DeliveryReport,
         "SinchRecipientDeliveryReport": sinch.RecipientDeliveryReport,
         "SinchError": sinch.ErrorReply,
+        "SinchInboundQuery": sinch_inbounds.InboundQuery,
+        "SinchInbound": sinch_inbounds.Inbound,
+        "SinchInboundPage": sinch_inbounds.InboundPage,
     }
 
 
@@ -220,6 +224,23 @@ OPERATIONS = (
         "Recipient delivery report",
         "sinch",
         replies={200: "SinchRecipientDeliveryReport"},
+        **S,
+    ),
+    Op(
+        "get",
+        "/xms/v1/{service_plan_id}/inbounds",
+        "List inbound messages",
+        "sinch",
+        query="SinchInboundQuery",
+        replies={200: "SinchInboundPage"},
+        **S,
+    ),
+    Op(
+        "get",
+        "/xms/v1/{service_plan_id}/inbounds/{inbound_id}",
+        "Get an inbound message",
+        "sinch",
+        replies={200: "SinchInbound"},
         **S,
     ),
 )

@@ -17,7 +17,6 @@ import platform
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 import requests
+from sqlalchemy import Connection, Engine, bindparam, create_engine, inspect, text
+from sqlalchemy.pool import NullPool
 
 from bench.sampler import group_pids, parent_pid
 from dispatcher.config import Settings
@@ -60,8 +61,9 @@ def utc_naive(epoch: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch, dt.UTC).replace(tzinfo=None)
 
 
-def parse_ts(text: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(text)
+def parse_ts(value: str | dt.datetime) -> dt.datetime:
+    """A timestamp column as read: SQLite gives text, PostgreSQL a datetime."""
+    return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value)
 
 
 def percentile(sorted_values: list[float], pct: float) -> float | None:
@@ -130,6 +132,20 @@ class BenchChild(Child):
         return clean
 
 
+class PgServer:
+    """The throw-away PostgreSQL server, for the sampler: the postmaster and its children
+    (each backend runs in a session of its own, so process groups do not find them)."""
+
+    role = "database"
+    by_parent = True
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def alive(self) -> bool:
+        return Path(f"/proc/{self.pid}").exists()
+
+
 # --------------------------------------------------------------------------- the system
 
 
@@ -148,6 +164,11 @@ class System:
         self.api_key = ""
         self.account_id = ""
         self.db_path = self.tmp / "dispatcher.db"
+        self.database_url = f"sqlite:///{self.db_path}"
+        self.pg: contextlib.AbstractContextManager[str] | None = None
+        self.read_engine: Engine | None = None
+        self.pg_server: PgServer | None = None
+        self.empty_bytes = 0
         self.callback_url = ""
         self.sink: CallbackSink | None = None
         log(f"working directory {self.tmp}")
@@ -206,7 +227,7 @@ class System:
     def configure(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "var_dir": str(self.tmp / "var"),
-            "database_url": f"sqlite:///{self.db_path}",
+            "database_url": self.database_url,
             "redis_url": self.redis_url,
             "embedded_redis": False,
             "provider": "simulator",
@@ -236,6 +257,7 @@ class System:
                 self.account_id = account.id
         finally:
             engine.dispose()
+        self.empty_bytes = self.database_bytes()
 
     def celery(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "celery", *args]
@@ -355,8 +377,11 @@ class System:
     def stop(self) -> None:
         if self.sink is not None:
             self.sink.close()
-        # Newest first: API, workers and beat before Redis.
+        # Newest first: API, workers and beat before Redis, the database last.
         self.sup.stop(on_stop=lambda child: log(f"stopping {child.name} (pid {child.pid})"))
+        if self.read_engine is not None:
+            self.read_engine.dispose()
+        self.stop_database()
 
     def cleanup(self, failed: bool) -> None:
         if self.args.keep or failed:
@@ -364,22 +389,80 @@ class System:
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    # -- database reads (a plain read-only connection: no BEGIN IMMEDIATE, no write lock)
+    # -- database reads (SQLite: a read-only connection, no BEGIN IMMEDIATE, no write lock)
 
-    def db(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=30)
-        conn.execute("PRAGMA busy_timeout=30000")
-        return conn
+    def start_database(self) -> None:
+        """PostgreSQL only: a throw-away server from scripts/pgtest.py (as `make test` uses)."""
+        if self.args.database != "postgres":
+            return
+        from scripts.pgtest import running_postgres, unavailable_reason
 
-    def count_done(self, conn: sqlite3.Connection) -> int:
-        marks = ",".join("?" * len(DONE_STATES))
+        reason = unavailable_reason()
+        if reason:
+            raise BenchError(f"--database postgres: {reason}")
+        self.pg = running_postgres()
+        self.database_url = self.pg.__enter__()
+        log(f"postgres at {self.database_url}")
+        self.find_pg_server()
+
+    def sampled(self) -> list[Any]:
+        """What the sampler attributes: our children, and the PostgreSQL server if any."""
+        return [*self.children, *([self.pg_server] if self.pg_server else [])]
+
+    def find_pg_server(self) -> None:
+        """The postmaster, whose children are the backends and the server's helpers."""
+        data_dir = self.query("SHOW data_directory")[0][0]
+        pid = int((Path(data_dir) / "postmaster.pid").read_text().split()[0])
+        self.pg_server = PgServer(pid)
+
+    def stop_database(self) -> None:
+        if self.pg is not None:
+            pg, self.pg = self.pg, None
+            pg.__exit__(None, None, None)
+
+    def db(self) -> Connection:
+        if self.read_engine is None:
+            if self.database_url.startswith("postgresql"):
+                self.read_engine = create_engine(self.database_url, poolclass=NullPool)
+            else:
+                self.read_engine = create_engine(
+                    f"sqlite:///file:{self.db_path}?mode=ro&uri=true",
+                    connect_args={"timeout": 30},
+                    poolclass=NullPool,
+                )
+        return self.read_engine.connect()
+
+    def query(self, sql: str, **params: Any) -> list[Any]:
+        """Rows of one read (its own short connection and transaction)."""
+        with self.db() as conn:
+            return list(conn.execute(text(sql), params).all())
+
+    def count_done(self, conn: Connection) -> int:
         row = conn.execute(
-            f"SELECT count(*) FROM recipients WHERE status IN ({marks})", DONE_STATES
-        ).fetchone()
+            text("SELECT count(*) FROM recipients WHERE status IN :states").bindparams(
+                bindparam("states", expanding=True)
+            ),
+            {"states": list(DONE_STATES)},
+        ).one()
+        conn.rollback()  # a fresh snapshot on every poll
         return int(row[0])
 
-    def status_counts(self, conn: sqlite3.Connection) -> dict[str, int]:
-        return dict(conn.execute("SELECT status, count(*) FROM recipients GROUP BY status"))
+    def status_counts(self, conn: Connection | None = None) -> dict[str, int]:
+        sql = "SELECT status, count(*) FROM recipients GROUP BY status"
+        if conn is None:
+            return {s: int(n) for s, n in self.query(sql)}
+        return {s: int(n) for s, n in conn.execute(text(sql)).all()}
+
+    def database_bytes(self) -> int:
+        """Size of the database (SQLite: pages in use, WAL included; PostgreSQL:
+        pg_database_size, tables, indexes and TOAST)."""
+        if self.database_url.startswith("postgresql"):
+            return int(self.query("SELECT pg_database_size(current_database())")[0][0])
+        with self.db() as conn:
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+            free = conn.exec_driver_sql("PRAGMA freelist_count").scalar_one()
+            size = conn.exec_driver_sql("PRAGMA page_size").scalar_one()
+        return int((pages - free) * size)
 
 
 def wait_all_sent(system: System, total: int, label: str) -> float:
@@ -411,29 +494,17 @@ def wait_all_sent(system: System, total: int, label: str) -> float:
 
 def sent_rows(system: System) -> list[tuple[dt.datetime, dt.datetime]]:
     """(sent_at, batch created_at) of every sent recipient."""
-    conn = system.db()
-    try:
-        rows = conn.execute(
-            "SELECT r.sent_at, b.created_at FROM recipients r JOIN batches b ON b.id = r.batch_id"
-            " WHERE r.sent_at IS NOT NULL"
-        ).fetchall()
-    finally:
-        conn.close()
+    rows = system.query(
+        "SELECT r.sent_at, b.created_at FROM recipients r JOIN batches b ON b.id = r.batch_id"
+        " WHERE r.sent_at IS NOT NULL"
+    )
     return [(parse_ts(s), parse_ts(c)) for s, c in rows]
 
 
 def table_counts(system: System) -> dict[str, int]:
-    conn = system.db()
-    try:
-        names = [
-            r[0]
-            for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
-            )
-        ]
-        return {n: int(conn.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0]) for n in names}
-    finally:
-        conn.close()
+    with system.db() as conn:
+        names = sorted(inspect(conn).get_table_names())
+        return {n: int(conn.execute(text(f'SELECT count(*) FROM "{n}"')).one()[0]) for n in names}
 
 
 # --------------------------------------------------------------------------- output

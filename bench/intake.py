@@ -20,10 +20,22 @@ def numbers(batch_index: int, size: int) -> list[str]:
 class Intake:
     """POSTs batches to the API from a few client threads; records what was accepted."""
 
-    def __init__(self, system: System, *, batches: list[int], threads: int) -> None:
+    def __init__(
+        self,
+        system: System,
+        *,
+        batches: list[int],
+        threads: int,
+        send_at: str | None = None,
+        first_batch: int = 0,
+    ) -> None:
         self.system = system
         self.batches = batches
         self.threads = threads
+        # ISO 8601 send time for every batch (None: send now).
+        self.send_at = send_at
+        # Batch numbers (and so phone numbers) start here: several intakes in one run differ.
+        self.first_batch = first_batch
         self.lock = threading.Lock()
         self.next = 0
         self.accepted = 0
@@ -52,8 +64,12 @@ class Intake:
             body: dict[str, Any] = {
                 "from": "Dispatcher",
                 "message": "Benchmark message",
-                "destinations": numbers(index, self.system.args.batch_size)[:size],
+                "destinations": numbers(self.first_batch + index, self.system.args.batch_size)[
+                    :size
+                ],
             }
+            if self.send_at:
+                body["send_at"] = self.send_at
             if callback:
                 body["callback"] = callback
             t0 = time.monotonic()
@@ -105,6 +121,8 @@ class CallbackSink:
         self.lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real receivers do
+
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 self.send_response(204)

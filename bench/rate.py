@@ -27,7 +27,7 @@ def rate_mode(system: System, out: Out) -> None:
 
     total = args.recipients
     sizes = batch_sizes(total, args.batch_size)
-    sampler = ProcSampler(lambda: list(system.children))
+    sampler = ProcSampler(system.sampled)
     sampler.start()
     intake = Intake(system, batches=sizes, threads=args.intake_threads)
     log(f"rate: {total} recipients at {rate}/s (~{total / rate:.0f}s) on {len(sizes)} batches")

@@ -26,6 +26,9 @@ class Sampled(Protocol):
     def alive(self) -> bool: ...
 
 
+# A Sampled whose ``by_parent`` is true is a process and its children, not a process group.
+
+
 def group_pids(pgids: set[int]) -> list[int]:
     """Every live process whose process group is one of ``pgids``."""
     pids = []
@@ -71,8 +74,12 @@ def rss_bytes(pid: int) -> int:
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def group_cpu(pgids: set[int]) -> dict[int, tuple[int, float]]:
-    """pid -> (process group, CPU seconds user+system) for every process of ``pgids``."""
+def group_cpu(
+    pgids: set[int], parents: frozenset[int] | set[int] = frozenset()
+) -> dict[int, tuple[int, float]]:
+    """pid -> (key, CPU seconds user+system) for every process of the process groups
+    ``pgids`` (key: the group), and for every process in ``parents`` or whose parent is
+    one of them (key: that parent; PostgreSQL backends each start their own session)."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -81,9 +88,10 @@ def group_cpu(pgids: set[int]) -> dict[int, tuple[int, float]]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        pgid = int(fields[2])
-        if pgid in pgids:
-            found[int(entry.name)] = (pgid, (int(fields[11]) + int(fields[12])) / TICK)
+        pid, ppid, pgid = int(entry.name), int(fields[1]), int(fields[2])
+        key = pgid if pgid in pgids else pid if pid in parents else ppid
+        if key in pgids or key in parents:
+            found[pid] = (key, (int(fields[11]) + int(fields[12])) / TICK)
     return found
 
 
@@ -106,6 +114,8 @@ class ProcSampler(threading.Thread):
         self.peak_process = 0
         self.peak_total = 0
         self.worker_pids: set[int] = set()
+        # (seconds since start, summed RSS of every worker process) per sample.
+        self.rss_series: list[tuple[float, int]] = []
         self.cpu: dict[int, tuple[str, float]] = {}
         self.cpu_start: dict[int, float] = {}
         self.t0 = time.monotonic()
@@ -117,8 +127,10 @@ class ProcSampler(threading.Thread):
         self._sample(first=True)
 
     def _sample(self, first: bool = False) -> None:
-        roles = {c.pid: c.role for c in self.children() if c.alive()}
-        procs = group_cpu(set(roles))
+        live = [c for c in self.children() if c.alive()]
+        roles = {c.pid: c.role for c in live}
+        parents = {c.pid for c in live if getattr(c, "by_parent", False)}
+        procs = group_cpu(set(roles) - parents, parents)
         sizes = []
         for pid, (pgid, cpu) in procs.items():
             role = roles[pgid]
@@ -128,6 +140,7 @@ class ProcSampler(threading.Thread):
             if role == "worker":
                 self.worker_pids.add(pid)
                 sizes.append(rss_bytes(pid))
+        self.rss_series.append((time.monotonic() - self.t0, sum(sizes)))
         if sizes:
             self.peak_process = max(self.peak_process, max(sizes))
             self.peak_total = max(self.peak_total, sum(sizes))
@@ -152,6 +165,21 @@ class ProcSampler(threading.Thread):
             out[role] = out.get(role, 0.0) + cpu - self.cpu_start.get(pid, 0.0)
         out["bench"] = self.self1 - self.self0
         return {k: round(v, 2) for k, v in sorted(out.items())}
+
+    def rss_over_time(self) -> dict[str, Any]:
+        """Workers' summed RSS: first, last, min and max sample, and 10 evenly spaced ones (MB)."""
+        mb = [round(rss / 2**20, 1) for _, rss in self.rss_series if rss]
+        if not mb:
+            return {}
+        step = max(1, len(mb) // 10)
+        return {
+            "first_mb": mb[0],
+            "last_mb": mb[-1],
+            "min_mb": min(mb),
+            "max_mb": max(mb),
+            "samples_mb": mb[::step],
+            "samples": len(mb),
+        }
 
     def result(self, recipients: int) -> dict[str, Any]:
         wall = max(self.t1 - self.t0, 1e-9)

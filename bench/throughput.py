@@ -32,6 +32,7 @@ from typing import Any
 
 import redis
 
+from bench.cancel import cancel_mode
 from bench.harness import (
     BenchError,
     Out,
@@ -46,6 +47,7 @@ from bench.harness import (
 from bench.intake import CallbackSink, Intake, batch_sizes
 from bench.rate import rate_mode
 from bench.sampler import ProcSampler
+from bench.scheduled import scheduled_mode
 
 
 def noop_reference(system: System, out: Out) -> float:
@@ -57,9 +59,11 @@ def noop_reference(system: System, out: Out) -> float:
     system.wait_ready([worker])
     os.environ.update(system.env())  # bench.noop builds its app from DISPATCHER_* at import
     from bench import noop
+    from workers.celery_app import create_celery
 
     client = redis.Redis.from_url(system.redis_url)
-    app = noop.app
+    # A fresh app per run: with several runs (--worker-processes 1,2,4) each has its own Redis.
+    app = create_celery(system.settings)
 
     def publish(n: int) -> None:
         with app.producer_or_acquire() as producer:
@@ -106,6 +110,7 @@ def noop_reference(system: System, out: Out) -> float:
 def throughput(system: System, out: Out) -> None:
     args = system.args
     system.start_redis()
+    system.start_database()
     overrides: dict[str, Any] = {}
     if args.callbacks:
         system.sink = CallbackSink()
@@ -130,7 +135,7 @@ def throughput(system: System, out: Out) -> None:
     # Beat's first ticks and worker pool warm-up are not part of the figures.
     time.sleep(2)
 
-    sampler = ProcSampler(lambda: list(system.children))
+    sampler = ProcSampler(system.sampled)
     sampler.start()
     sizes = batch_sizes(args.recipients, args.batch_size)
     intake = Intake(system, batches=sizes, threads=args.intake_threads)
@@ -164,11 +169,7 @@ def throughput(system: System, out: Out) -> None:
     send_span = (sent_times[-1] - sent_times[0]).total_seconds()
     latencies = sorted((s - c).total_seconds() for s, c in rows)
     e2e_rate = intake.accepted / e2e_s
-    conn = system.db()
-    try:
-        statuses = system.status_counts(conn)
-    finally:
-        conn.close()
+    statuses = system.status_counts()
     result: dict[str, Any] = {
         "value": round(e2e_rate, 1),
         "recipients": intake.accepted,
@@ -193,10 +194,20 @@ def throughput(system: System, out: Out) -> None:
         max=round(latencies[-1], 3),
         what="sent_at - batch created_at, per recipient",
     )
-    out.emit("resources", **sampler.result(intake.accepted))
+    resources = sampler.result(intake.accepted)
+    out.emit("resources", **resources)
+    if getattr(args, "collect", None) is not None:
+        args.collect.update(
+            noop=round(noop_rate, 1) if noop_rate else None,
+            e2e=round(e2e_rate, 1),
+            ratio=round(e2e_rate / noop_rate, 2) if noop_rate else None,
+            intake=round(intake.accepted / intake_s, 1),
+            cpu_ms=resources["worker_cpu_ms_per_recipient"],
+            foreign_cpu_pct=resources["foreign_cpu_pct"],
+        )
     if system.sink is not None:
-        # The queued and sent events of every recipient are reported (delivered ones follow).
-        want = 2 * intake.accepted
+        # Every recipient reports queued, sent and delivered (without receipts: two).
+        want = (2 if args.receipt_delay >= args.timeout else 3) * intake.accepted
         deadline = time.monotonic() + args.timeout
         while system.sink.received < want and time.monotonic() < deadline:
             system.check_alive()
@@ -211,7 +222,22 @@ def throughput(system: System, out: Out) -> None:
             seconds=round(elapsed, 3),
             what="callback POSTs received by the local sink / time from first intake request",
         )
-    out.emit("table_rows", **table_counts(system))
+        out.emit(
+            "callbacks_vs_sending",
+            value=round(min(got, want) / elapsed / (want / intake.accepted * e2e_rate), 3),
+            what="callbacks_per_s / (callbacks per recipient x end_to_end_recipients_per_s)",
+        )
+    counts = table_counts(system)
+    size = system.database_bytes()
+    out.emit("table_rows", **counts)
+    out.emit(
+        "database_bytes",
+        value=size,
+        per_recipient=round((size - system.empty_bytes) / intake.accepted, 1),
+        empty_bytes=system.empty_bytes,
+        database=args.database,
+        what="database size after the run, less the empty migrated database, per recipient",
+    )
     log(
         f"end to end: {intake.accepted} recipients in {e2e_s:.1f}s = {e2e_rate:.0f}/s; "
         f"statuses {statuses}"
@@ -221,9 +247,24 @@ def throughput(system: System, out: Out) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def _counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",") if part.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("expected positive counts such as 2 or 1,2,4")
+    return counts
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--mode", choices=("throughput", "rate"), default="throughput")
+    p.add_argument(
+        "--mode", choices=("throughput", "rate", "scheduled", "cancel"), default="throughput"
+    )
+    p.add_argument(
+        "--database",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="sqlite: a fresh file; postgres: a throw-away server (scripts/pgtest.py)",
+    )
     p.add_argument(
         "--recipients",
         type=int,
@@ -233,8 +274,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=500, help="Settings.chunk_size")
     p.add_argument(
         "--worker-processes",
-        type=int,
-        help="separate `celery worker` processes (throughput: 1; rate: 4)",
+        type=_counts,
+        help="separate `celery worker` processes (throughput: 1; rate: 4); a list such as"
+        " 1,2,4 runs throughput once per count and prints a scaling table",
     )
     p.add_argument(
         "--concurrency", type=int, help="-c of each worker process (throughput: 2; rate: 1)"
@@ -259,6 +301,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " and start a callback worker (-c 2)",
     )
     p.add_argument(
+        "--due-recipients",
+        type=int,
+        default=100_000,
+        help="scheduled mode: recipients of the due backlog (phase 2)",
+    )
+    p.add_argument(
+        "--send-ahead",
+        type=float,
+        default=120.0,
+        help="scheduled mode: send_at of the due backlog, seconds after its intake starts",
+    )
+    p.add_argument(
+        "--dispatch-worker",
+        action="store_true",
+        help="scheduled mode: a separate `-Q dispatch -c 1` worker; the send worker: `-Q send`",
+    )
+    p.add_argument(
+        "--cancel-batches", type=int, default=20, help="cancel mode: 1,000-recipient batches"
+    )
+    p.add_argument(
+        "--cancel-interval",
+        type=float,
+        default=0.5,
+        help="cancel mode: seconds between one DELETE and the next POST",
+    )
+    p.add_argument(
         "--timeout", type=float, default=900.0, help="give up waiting after this many seconds"
     )
     p.add_argument("--keep", action="store_true", help="keep the temp directory (logs, database)")
@@ -269,15 +337,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="profile the send workers: run them under this py-spy binary (raw output, kept)",
     )
     args = p.parse_args(argv)
-    if args.mode == "throughput":
-        args.recipients = args.recipients or 100_000
-        args.worker_processes = args.worker_processes or 1
-        args.concurrency = args.concurrency or 2
-    else:
+    if args.mode == "rate":
         args.recipients = args.recipients or math.ceil(args.rate * (args.duration + 5))
-        args.worker_processes = args.worker_processes or 4
+        args.worker_processes = args.worker_processes or [4]
         args.concurrency = args.concurrency or 1
         args.noop_tasks = 0
+    else:
+        default = {"scheduled": 1_000_000, "cancel": 100_000}.get(args.mode, 100_000)
+        args.recipients = args.recipients or default
+        args.worker_processes = args.worker_processes or [1]
+        args.concurrency = args.concurrency or 2
+    if len(args.worker_processes) > 1 and args.mode != "throughput":
+        p.error("a list of --worker-processes is for throughput mode only")
     if args.py_spy:
         args.keep = True
     if args.recipients < 1 or args.batch_size < 1 or args.batch_size > 1000:
@@ -285,10 +356,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+MODES = {
+    "throughput": throughput,
+    "rate": rate_mode,
+    "scheduled": scheduled_mode,
+    "cancel": cancel_mode,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    params = {k: v for k, v in vars(args).items() if k not in ("keep", "py_spy", "timeout", "mode")}
-    out = Out(args, params)
+    counts = args.worker_processes
+    if len(counts) == 1:
+        args.worker_processes = counts[0]
+        return run_once(args)
+    scaling: list[dict[str, Any]] = []
+    for n in counts:
+        one = argparse.Namespace(**{**vars(args), "worker_processes": n})
+        one.collect = {}
+        code = run_once(one)
+        if code:
+            return code
+        scaling.append({"worker_processes": n, **one.collect})
+    Out(args, _params(args)).emit("scaling", rows=scaling)
+    log("scaling (" + args.database + f", -c {args.concurrency} per process):")
+    log(
+        "| send processes | noop tasks/s | e2e rec/s | ratio e2e/noop | intake rec/s"
+        " | worker CPU ms/rec | foreign CPU % |"
+    )
+    log("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in scaling:
+        log(
+            f"| {row['worker_processes']} | {row.get('noop')} | {row.get('e2e')} |"
+            f" {row.get('ratio')} | {row.get('intake')} | {row.get('cpu_ms')} |"
+            f" {row.get('foreign_cpu_pct')} |"
+        )
+    return 0
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    skip = ("keep", "py_spy", "timeout", "mode", "collect")
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def run_once(args: argparse.Namespace) -> int:
+    """One system, one mode; stops everything it started."""
+    out = Out(args, _params(args))
     system = System(args)
 
     def _on_term(signum: int, _frame: object) -> None:
@@ -299,10 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_term)
     failed = True
     try:
-        if args.mode == "throughput":
-            throughput(system, out)
-        else:
-            rate_mode(system, out)
+        MODES[args.mode](system, out)
         failed = False
         return 0
     except KeyboardInterrupt:

@@ -1,9 +1,9 @@
-"""The ``dispatcher`` console command: database, accounts, keys, callbacks, status, ``run``."""
+"""The ``dispatcher`` command: database, accounts, keys, callbacks, status, SMPP, ``run``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
 import click
@@ -200,10 +200,10 @@ def callbacks_list(
     settings: Settings, account_id: str, state: str | None, page: int, page_size: int
 ) -> None:
     """List ACCOUNT_ID's callbacks, newest first."""
-    from dispatcher.webhooks import service
+    from dispatcher.webhooks import queries
 
     with _reading(settings) as sessions, transaction(sessions) as session:
-        rows, total = service.list_callbacks(
+        rows, total = queries.list_callbacks(
             session=session, account_id=account_id, state=state, page=page, page_size=page_size
         )
         for c in rows:
@@ -222,10 +222,10 @@ def callbacks_list(
 def callbacks_retry(settings: Settings, account_id: str, callback_id: str) -> None:
     """Replay a dead or held callback of ACCOUNT_ID now."""
     from dispatcher.db import utcnow
-    from dispatcher.webhooks import service
+    from dispatcher.webhooks import queries
 
     with _publishing(settings) as sessions, transaction(sessions) as session:
-        service.retry_callback(
+        queries.retry_callback(
             session=session, account_id=account_id, callback_id=callback_id, now=utcnow()
         )
     click.echo(f"callback {callback_id} queued for delivery")
@@ -238,10 +238,10 @@ def callbacks_retry(settings: Settings, account_id: str, callback_id: str) -> No
 def callbacks_enable(settings: Settings, account_id: str, url: str) -> None:
     """Re-enable ACCOUNT_ID's disabled callback URL and release its held callbacks."""
     from dispatcher.db import utcnow
-    from dispatcher.webhooks import service
+    from dispatcher.webhooks import queries
 
     with _publishing(settings) as sessions, transaction(sessions) as session:
-        released = service.enable_endpoint(
+        released = queries.enable_endpoint(
             session=session,
             account_id=account_id,
             url=url,
@@ -249,6 +249,164 @@ def callbacks_enable(settings: Settings, account_id: str, url: str) -> None:
             batch_size=settings.callback_batch_size,
         )
     click.echo(f"endpoint {url} enabled; {released} held callback(s) released")
+
+
+# -- SMPP: the connector, a local SMSC, routes, inbound numbers -------------------
+
+
+@main.command("smpp-connector")
+@click.option("--carrier", "carriers", multiple=True, help="Only these carriers (default: all).")
+@click.pass_obj
+def smpp_connector(settings: Settings, carriers: tuple[str, ...]) -> None:
+    """Hold the SMPP binds and submit what send workers hand over (a long-lived process)."""
+    import logging
+
+    from dispatcher.channels.smpp.connector import Connector, run_forever
+    from dispatcher.channels.smpp.sink import DatabaseSink
+    from workers.celery_app import create_celery
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = settings.smpp_config()
+    unknown = [c for c in carriers if c not in config.carriers]
+    if unknown:
+        raise click.BadParameter(f"no carrier {', '.join(unknown)}", param_hint="--carrier")
+    # Receipts and inbound messages write callbacks, published to the broker after commit.
+    app = create_celery(settings)
+    runtime = app.runtime
+    connector = Connector(
+        config=config,
+        redis_url=settings.redis_url,
+        sink=DatabaseSink(sessions=runtime.sessions),
+        limiter=runtime.limiter,
+        carriers=list(carriers) or None,
+    )
+    click.echo(f"smpp connector: {len(connector.links)} connection(s)")
+    try:
+        run_forever(connector)
+    finally:
+        runtime.dispose()
+        app.close()
+
+
+@main.command("smsc")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=2775, show_default=True)
+@click.option("--receipt-delay", type=click.FloatRange(0, 3600), default=1.0, show_default=True)
+@click.option("--reply/--no-reply", default=True, help="Answer each message with an MO.")
+@click.option("--text-receipts", is_flag=True, help="Receipts in the text only, without TLVs.")
+def smsc(host: str, port: int, receipt_delay: float, reply: bool, text_receipts: bool) -> None:
+    """Run a local SMSC (smpp34's server) that accepts, sends receipts and replies."""
+    import asyncio
+    import logging
+
+    from dispatcher.channels.smpp.smsc import LocalSmsc
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    server = LocalSmsc(
+        host=host,
+        port=port,
+        receipt_delay=receipt_delay,
+        receipt_tlvs=not text_receipts,
+        reply=reply,
+    )
+    click.echo(f"local SMSC on {host}:{port} (any system_id/password binds); Ctrl-C stops it")
+    with suppress(KeyboardInterrupt):
+        asyncio.run(server.serve())
+
+
+@main.group()
+def routes() -> None:
+    """The SMPP route table."""
+
+
+@routes.command("show")
+@click.option("--to", default=None, help="Show the carriers tried for this number, in order.")
+@click.option("--account", default=None, help="With --to: as this account.")
+@click.option("--channel", default="sms", show_default=True)
+@click.pass_obj
+def routes_show(settings: Settings, to: str | None, account: str | None, channel: str) -> None:
+    """Print the route table (overrides first, longest prefix first), or one number's routes."""
+    from dispatcher.routes import RouteTable
+
+    table = RouteTable(settings.smpp_config().routes)
+    if to:
+        for i, r in enumerate(table.candidates(channel=channel, to=to, account_id=account), 1):
+            click.echo(f"{i}. {r.carrier}  (prefix {r.prefix or '*'}, account {r.account or '*'})")
+        return
+    click.echo(f"{'channel':<9} {'prefix':<12} {'account':<38} carrier")
+    for row in table.rows():
+        click.echo(f"{row['channel']:<9} {row['prefix']:<12} {row['account']:<38} {row['carrier']}")
+
+
+@main.group()
+def smpp() -> None:
+    """SMPP connections: what the connector reports."""
+
+
+@smpp.command("status")
+@click.pass_obj
+def smpp_status(settings: Settings) -> None:
+    """Each connection: bound or not, and its counters."""
+    import redis
+
+    from dispatcher.channels.smpp import handoff
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, decode_responses=True)
+    try:
+        for conn in settings.smpp_config().connections:
+            up = bool(client.exists(handoff.alive_key(conn.name)))
+            stats = {
+                str(k): str(v) for k, v in client.hgetall(handoff.stats_key(conn.name)).items()
+            }
+            counters = " ".join(f"{k}={v}" for k, v in sorted(stats.items()))
+            click.echo(
+                f"{conn.name:<16} {'bound' if up else 'DOWN':<6} {conn.carrier:<12} {counters}"
+            )
+    finally:
+        client.close()
+
+
+@main.group()
+def numbers() -> None:
+    """Dedicated numbers that receive inbound messages."""
+
+
+@numbers.command("assign")
+@click.argument("number")
+@click.argument("account_id")
+@click.pass_obj
+def numbers_assign(settings: Settings, number: str, account_id: str) -> None:
+    """Give NUMBER to ACCOUNT_ID: its inbound messages belong to that account."""
+    from dispatcher.inbound import service
+
+    with transaction(_sessions(settings)) as session:
+        service.assign_number(session=session, number=number, account_id=account_id)
+    click.echo(f"{number} -> account {account_id}")
+
+
+@main.group()
+def inbound() -> None:
+    """Inbound (MO) messages."""
+
+
+@inbound.command("webhook")
+@click.argument("account_id")
+@click.argument("url")
+@click.option("--dialect", type=click.Choice(["sinch", "native"]), default="native")
+@click.pass_obj
+def inbound_webhook(settings: Settings, account_id: str, url: str, dialect: str) -> None:
+    """Post ACCOUNT_ID's inbound messages to URL (signed like every callback)."""
+    from dispatcher.inbound import service
+
+    with transaction(_sessions(settings)) as session:
+        service.set_webhook(
+            session=session,
+            account_id=account_id,
+            url=url,
+            dialect=dialect,
+            allow=settings.callback_allowlist,
+        )
+    click.echo(f"inbound messages of {account_id} -> {url} ({dialect})")
 
 
 # --- capacity and progress ------------------------------------------------------------

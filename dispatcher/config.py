@@ -123,6 +123,9 @@ class Settings:
     simulator: dict[str, Any] = field(default_factory=dict)
     http_provider_url: str = ""
     http_provider_token: str = ""
+    # SMPP connections and routes (see the README's SMPP section): inline JSON or a file.
+    smpp: dict[str, Any] = field(default_factory=dict)
+    smpp_file: str = ""
     http_connect_timeout: float = 3.0
     http_read_timeout: float = 10.0
     dlr_secrets: dict[str, str] = field(default_factory=dict)
@@ -177,6 +180,25 @@ class Settings:
     # A due callback still pending this long after its publish is published again
     # (a publish lost after commit); the claim makes a duplicate task harmless.
     callback_requeue_after: float = 60.0
+    # Isolation: concurrent POSTs per endpoint (account + origin) across all workers,
+    # failures in a row that open its circuit breaker, and the breaker's first cooldown.
+    callback_endpoint_concurrency: int = 16
+    callback_breaker_failures: int = 5
+    callback_breaker_cooldown: float = 30.0
+    # Bound on one DNS lookup of a callback host.
+    callback_resolve_timeout: float = 2.0
+    # How long a deliver task waits for its POSTs before leaving slow ones to finish
+    # in the background (they record their own outcome).
+    callback_task_wait: float = 2.0
+
+    # Retention: finished batches older than this many days are purged with their
+    # recipients, attempts, events and callbacks (0 keeps everything). Also how long
+    # a client id stays taken (an idempotent retry returns the original batch).
+    retention_days: float = 0.0
+    # Rows deleted per purge transaction (short ones: sending goes on in between).
+    retention_chunk: int = 500
+    # Seconds between purge runs.
+    retention_interval: float = 3600.0
 
     # Observability (see the README's "Observability").
     # Bearer token for the API's /metrics; empty: /metrics answers 404.
@@ -238,8 +260,15 @@ class Settings:
             "callback_max_response_bytes",
             "callback_batch_size",
             "callback_requeue_after",
+            "retention_chunk",
+            "retention_interval",
             "receipt_deadline",
             "receipt_retention",
+            "callback_endpoint_concurrency",
+            "callback_breaker_failures",
+            "callback_breaker_cooldown",
+            "callback_resolve_timeout",
+            "callback_task_wait",
         )
         for name in positive:
             value = getattr(self, name)
@@ -253,6 +282,7 @@ class Settings:
         rates = {
             "min_send_at_lead": self.min_send_at_lead,
             "default_account_rate": self.default_account_rate,
+            "retention_days": self.retention_days,
             **{f"channel_rates[{k}]": v for k, v in self.channel_rates.items()},
         }
         for name, value in rates.items():
@@ -280,6 +310,17 @@ class Settings:
         unknown = sorted(set(self.channel_providers) - set(self.channels))
         if unknown:
             raise ConfigError(f"{PREFIX}CHANNEL_PROVIDERS names unknown channels {unknown}")
+        if "smpp" in {self.provider, *self.channel_providers.values()}:
+            self.smpp_config()
+
+    def smpp_config(self) -> Any:
+        """The checked SMPP configuration (ConfigError naming the field if it is wrong)."""
+        from dispatcher.channels.smpp.config import SmppConfigError, load
+
+        try:
+            return load(inline=self.smpp, path=self.smpp_file)
+        except SmppConfigError as exc:
+            raise ConfigError(str(exc)) from exc
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

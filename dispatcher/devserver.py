@@ -168,6 +168,12 @@ def commands(settings: Settings) -> dict[str, list[str]]:
             str(settings.var_path / "celerybeat-schedule"),
         ],
         "flower": flower,
+        # SMPP binds live in their own process, apart from the send workers.
+        **(
+            {"smpp-connector": [_bin("dispatcher"), "smpp-connector"]}
+            if "smpp" in {settings.provider, *settings.channel_providers.values()}
+            else {}
+        ),
     }
 
 

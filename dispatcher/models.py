@@ -3,6 +3,7 @@
 from dispatcher.accounts.models import Account, ApiKey
 from dispatcher.batches.models import Attempt, Batch, Recipient, SharedSender, StatusEvent
 from dispatcher.db import Base
+from dispatcher.inbound.models import InboundMessage, InboundNumber, InboundWebhook
 from dispatcher.receipts.models import PendingReceipt
 from dispatcher.webhooks.models import Callback, Endpoint
 
@@ -14,6 +15,9 @@ __all__ = [
     "Batch",
     "Callback",
     "Endpoint",
+    "InboundMessage",
+    "InboundNumber",
+    "InboundWebhook",
     "PendingReceipt",
     "Recipient",
     "SharedSender",

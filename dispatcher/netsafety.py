@@ -18,14 +18,17 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 __all__ = [
     "CheckedURL",
+    "ResolveTimeout",
     "UnsafeURL",
+    "bounded",
     "check_url",
     "default_resolve",
     "parse_allowlist",
@@ -74,6 +77,38 @@ def default_resolve(host: str) -> list[str]:
     """Resolve ``host`` to its IP address strings with the system resolver."""
     infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class ResolveTimeout(OSError):
+    """A DNS lookup did not finish within its bound."""
+
+
+def bounded(resolve: Callable[[str], list[str]], seconds: float) -> Callable[[str], list[str]]:
+    """``resolve`` limited to ``seconds`` per lookup (ResolveTimeout when it takes longer)."""
+    if not seconds > 0:
+        raise ValueError("the resolve timeout must be > 0")
+
+    def lookup(host: str) -> list[str]:
+        # getaddrinfo has no timeout of its own and cannot be interrupted, so it runs
+        # on a daemon thread we stop waiting for; the caller is free after ``seconds``.
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["addresses"] = resolve(host)
+            except BaseException as exc:  # handed to the caller below
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, name="resolve", daemon=True)
+        thread.start()
+        thread.join(seconds)
+        if thread.is_alive():
+            raise ResolveTimeout(f"no answer within {seconds:g} s")
+        if "error" in box:
+            raise box["error"]
+        return list(box["addresses"])
+
+    return lookup
 
 
 def _ip_literal(host: str) -> IPAddress | None:

@@ -71,6 +71,7 @@ class Runtime:
             read_timeout=self.settings.callback_read_timeout,
             max_response_bytes=self.settings.callback_max_response_bytes,
             allow=self.settings.callback_allowlist,
+            resolve_timeout=self.settings.callback_resolve_timeout,
         )
 
     def dispose(self) -> None:

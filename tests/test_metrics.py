@@ -319,7 +319,7 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
 
 
 def test_callback_outcomes_are_counted_by_a_real_delivery(fresh: Runtime) -> None:
-    from dispatcher.webhooks import service as webhooks
+    from dispatcher.webhooks import delivery
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -335,10 +335,11 @@ def test_callback_outcomes_are_counted_by_a_real_delivery(fresh: Runtime) -> Non
         session.execute(insert(Callback), [ok, failing])
     before = scrape()
     try:
-        counts = webhooks.deliver(
+        counts = delivery.deliver(
             factory=fresh.sessions,
             settings=fresh.settings,
             sender=fresh.webhook_sender,
+            gate=delivery.gate_for(redis_client=fresh.redis, settings=fresh.settings),
             callback_ids=["cb-ok", "cb-fail"],
         )
     finally:

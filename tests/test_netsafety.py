@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from dispatcher.netsafety import (
     CheckedURL,
     UnsafeURL,
+    bounded,
     check_url,
     default_resolve,
     parse_allowlist,
@@ -297,3 +300,33 @@ def test_parse_allowlist_result_feeds_check_url() -> None:
 def test_parse_allowlist_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError):
         parse_allowlist(f"127.0.0.1,{text}")
+
+
+# --- bounded DNS -----------------------------------------------------------------------
+
+
+def test_bounded_resolve_gives_up_after_its_timeout() -> None:
+    release = threading.Event()
+
+    def hanging(host: str) -> list[str]:
+        release.wait(timeout=10)  # a resolver that never answers (bounded for the test)
+        return ["93.184.216.34"]
+
+    lookup = bounded(hanging, 0.2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(UnsafeURL, match=r"cannot resolve host 'slow\.example': no answer"):
+            resolve_checked("https://slow.example/hook", resolve=lookup)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert 0.2 <= took < 1.5
+
+
+def test_bounded_resolve_passes_answers_and_errors_through() -> None:
+    lookup = bounded(fake_dns({"ok.example": ["93.184.216.34"]}), 2.0)
+    assert lookup("ok.example") == ["93.184.216.34"]
+    with pytest.raises(OSError):
+        lookup("missing.example")
+    with pytest.raises(ValueError, match="timeout"):
+        bounded(no_dns, 0)

@@ -24,6 +24,7 @@ QUEUES = {
     "simulator_receipts": "dispatch",
     "sweep_receipts": "dispatch",
     "promote_callbacks": "callbacks",
+    "purge_retention": "dispatch",
 }
 
 
@@ -82,6 +83,10 @@ def create_celery(settings: Settings | None = None) -> Celery:
             },
             "expire-due": {"task": "expire_due", "schedule": 30.0},
             "simulator-receipts": {"task": "simulator_receipts", "schedule": 1.0},
+            "purge-retention": {
+                "task": "purge_retention",
+                "schedule": settings.retention_interval,
+            },
             "sweep-receipts": {"task": "sweep_receipts", "schedule": 5.0},
         },
     )

@@ -13,11 +13,13 @@ import redis
 from celery import Task, shared_task
 from sqlalchemy.exc import OperationalError
 
+from dispatcher import retention
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
 from dispatcher.receipts import service as receipts
 from dispatcher.runtime import Runtime
-from dispatcher.webhooks import service as webhooks
+from dispatcher.webhooks import delivery
+from dispatcher.webhooks import scheduling as callback_scheduling
 
 RETRYABLE = (OperationalError, redis.ConnectionError, redis.TimeoutError)
 
@@ -125,10 +127,11 @@ def sweep_receipts(self: DispatcherTask) -> dict[str, int]:
 @task(name="deliver_callbacks")
 def deliver_callbacks(self: DispatcherTask, callback_ids: list[str]) -> dict[str, int]:
     rt = self.runtime
-    return webhooks.deliver(
+    return delivery.deliver(
         factory=rt.sessions,
         settings=rt.settings,
         sender=rt.webhook_sender,
+        gate=delivery.gate_for(redis_client=rt.redis, settings=rt.settings),
         callback_ids=callback_ids,
     )
 
@@ -137,4 +140,15 @@ def deliver_callbacks(self: DispatcherTask, callback_ids: list[str]) -> dict[str
 def promote_callbacks(self: DispatcherTask) -> int:
     rt = self.runtime
     with transaction(rt.sessions) as session:
-        return webhooks.promote_due(session=session, settings=rt.settings, now=utcnow())
+        return callback_scheduling.promote_due(
+            session=session,
+            settings=rt.settings,
+            now=utcnow(),
+            gate=delivery.gate_for(redis_client=rt.redis, settings=rt.settings),
+        )
+
+
+@task(name="purge_retention")
+def purge_retention(self: DispatcherTask) -> dict[str, int]:
+    rt = self.runtime
+    return retention.purge(factory=rt.sessions, settings=rt.settings, now=utcnow()).as_dict()

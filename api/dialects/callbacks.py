@@ -15,7 +15,7 @@ from api.dialects.mplus.dump import iso
 from api.errors import register_on
 from api.fields import Text, path_ref
 from dispatcher.db import utcnow
-from dispatcher.webhooks import service
+from dispatcher.webhooks import queries
 from dispatcher.webhooks.models import Callback, Endpoint
 
 blueprint = Blueprint("callbacks", __name__, url_prefix="/callbacks")
@@ -30,13 +30,13 @@ class ListQuery(Schema):
 
     key = fields.String()
     state = fields.String(
-        load_default=None, validate=validate.OneOf([s.value for s in service.CallbackState])
+        load_default=None, validate=validate.OneOf([s.value for s in queries.CallbackState])
     )
     page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
     page_size = fields.Integer(
         load_default=100,
         data_key="pageSize",
-        validate=validate.Range(min=1, max=service.MAX_PAGE_SIZE),
+        validate=validate.Range(min=1, max=queries.MAX_PAGE_SIZE),
     )
 
 
@@ -90,7 +90,7 @@ def dump_endpoint(e: Endpoint) -> dict[str, Any]:
 @blueprint.get("")
 def list_callbacks() -> dict[str, Any]:
     query = ListQuery().load(request.args)
-    rows, total = service.list_callbacks(
+    rows, total = queries.list_callbacks(
         session=ctx.session(),
         account_id=ctx.account().id,
         state=query["state"],
@@ -108,7 +108,7 @@ def list_callbacks() -> dict[str, Any]:
 @blueprint.post("/<callback_id>/retry")
 def retry_callback(callback_id: str) -> dict[str, Any]:
     KeyQuery().load(request.args)
-    callback = service.retry_callback(
+    callback = queries.retry_callback(
         session=ctx.session(),
         account_id=ctx.account().id,
         callback_id=path_ref(callback_id, what="callback"),
@@ -120,7 +120,7 @@ def retry_callback(callback_id: str) -> dict[str, Any]:
 @blueprint.get("/endpoints")
 def list_endpoints() -> dict[str, Any]:
     KeyQuery().load(request.args)
-    rows = service.list_endpoints(session=ctx.session(), account_id=ctx.account().id)
+    rows = queries.list_endpoints(session=ctx.session(), account_id=ctx.account().id)
     return {"endpoints": [dump_endpoint(e) for e in rows]}
 
 
@@ -129,7 +129,7 @@ def enable_endpoint() -> dict[str, Any]:
     KeyQuery().load(request.args)
     account = ctx.account()
     data = EnableBody().load(ctx.json_body())
-    released = service.enable_endpoint(
+    released = queries.enable_endpoint(
         session=ctx.session(),
         account_id=account.id,
         url=data["url"],

@@ -19,7 +19,7 @@ from dispatcher import metrics, outbox
 from dispatcher.batches.models import Batch, Recipient, StatusEvent
 from dispatcher.db import new_id
 from dispatcher.states import RecipientStatus
-from dispatcher.webhooks import payloads
+from dispatcher.webhooks.builders import callbacks_for
 from dispatcher.webhooks.models import Callback
 
 # What a bulk UPDATE ... RETURNING must return for Change.from_row.
@@ -90,7 +90,7 @@ def record(
         ],
     )
     metrics.status_changed(session=session, batch=batch, status=status, changes=changes, at=at)
-    callbacks = payloads.callbacks_for(batch=batch, status=status, changes=changes, at=at)
+    callbacks = callbacks_for(batch=batch, status=status, changes=changes, at=at)
     if not callbacks:
         return []
     rows = [

@@ -23,6 +23,8 @@ class Batch(Base):
         # The scheduler's promotion query: due batches by status and time.
         Index("ix_batches_status_send_at", "status", "send_at"),
         Index("ix_batches_account_created", "account_id", "created_at"),
+        # The retention purge: finished batches, oldest first.
+        Index("ix_batches_status_completed", "status", "completed_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

@@ -39,6 +39,9 @@ class OutboundMessage:
     attempt: int = 1
     # A WhatsApp template to send instead of ``body`` (the batch's ``whatsapp_template``).
     template: dict[str, Any] | None = None
+    # For routing per account and a carrier-side validity period (SMPP).
+    account_id: str | None = None
+    expire_at: datetime | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -65,6 +68,8 @@ class Receipt:
     error_text: str | None = None
     # The carrier's time of the final state (SMPP "done date"), if it gives one.
     done_at: datetime | None = None
+    # The carrier's own word for the state (SMPP stat and err, e.g. UNDELIV:034).
+    carrier_status: str | None = None
 
 
 class Provider(ABC):

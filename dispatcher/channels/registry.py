@@ -13,7 +13,7 @@ import requests
 from dispatcher.channels.base import Provider
 from dispatcher.config import Settings
 
-NAMES = frozenset({"simulator", "http", "rbm", "whatsapp_cloud", "twilio"})
+NAMES = frozenset({"simulator", "http", "smpp", "rbm", "whatsapp_cloud", "twilio"})
 
 
 def _session() -> requests.Session:
@@ -38,6 +38,10 @@ def build(name: str, *, settings: Settings, redis_client: Any) -> Provider:
             connect_timeout=settings.http_connect_timeout,
             read_timeout=settings.http_read_timeout,
         )
+    if name == "smpp":
+        from dispatcher.channels.smpp.provider import SmppProvider
+
+        return SmppProvider(redis_client=redis_client, config=settings.smpp_config())
     if name == "rbm":
         from dispatcher.channels.rbm import RbmProvider, ServiceAccountTokens
 

@@ -150,6 +150,8 @@ def send_recipients(
                 body=row.body or batch.body,
                 attempt=row.attempts,
                 template=batch.options.get("whatsapp_template"),
+                account_id=batch.account_id,
+                expire_at=batch.expire_at,
             )
             for row in claimed
         ]
@@ -306,6 +308,8 @@ def reclaim_stale(
             sender=batch.sender,
             body=rec.body or batch.body,
             attempt=rec.attempts,
+            account_id=batch.account_id,
+            expire_at=batch.expire_at,
         )
         found, ref = provider.lookup(message) if provider else (Lookup.UNKNOWN, None)
         to, values = RECLAIMED[found]

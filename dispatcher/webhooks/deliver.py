@@ -14,6 +14,11 @@ Two defences beyond the SSRF check itself:
 * A wall-clock budget (``total_timeout``). Connect/read timeouts apply per socket
   operation, so a receiver dripping its answer a byte at a time could hold a
   worker forever; a watchdog shuts the attempt's socket down when the budget runs out.
+  DNS resolution has its own, shorter bound (``resolve_timeout``).
+
+Connections are kept alive and reused per (scheme, host, port, checked addresses):
+a pooled connection only ever goes to addresses that the current attempt's own
+check produced, so reuse never weakens the pinning.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -47,6 +54,8 @@ __all__ = ["DeliveryResult", "WebhookSender", "next_delay", "parse_retry_after"]
 MAX_RETRY_AFTER = 86400.0
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
 _CHUNK = 1024
+# Pools kept per sender (LRU): one per (scheme, host, port, checked addresses).
+_MAX_POOLS = 256
 _NETWORK_ERRORS = (
     requests.RequestException,
     urllib3.exceptions.HTTPError,
@@ -100,25 +109,69 @@ def _new_session() -> requests.Session:
     return session
 
 
+class _Watchdog:
+    """One thread that expires every budget of a sender when its time is up.
+
+    All budgets of a sender last the same time, so deadlines arrive in the order
+    the budgets were made: the oldest live budget is always the next to expire.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._live: OrderedDict[int, _Budget] = OrderedDict()
+        self._thread: threading.Thread | None = None
+
+    def add(self, budget: _Budget) -> None:
+        """Expire ``budget`` at its deadline unless it is discarded first."""
+        with self._cond:
+            self._live[id(budget)] = budget
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="webhook-watchdog", daemon=True
+                )
+                self._thread.start()
+            if len(self._live) == 1:
+                # Only a first budget changes the next deadline: later ones expire after
+                # it, so the watchdog is not woken for them (a wake-up per POST costs).
+                self._cond.notify()
+
+    def discard(self, budget: _Budget) -> None:
+        """Forget ``budget`` (its attempt is over)."""
+        with self._cond:
+            self._live.pop(id(budget), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._live:
+                    self._cond.wait()
+                budget = next(iter(self._live.values()))
+                delay = budget.remaining()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                self._live.pop(id(budget), None)
+            budget.expire()
+
+
 class _Budget:
     """The wall-clock limit of one POST.
 
-    A timer shuts down every socket the attempt opened once the limit passes,
+    The watchdog shuts down every socket the attempt used once the limit passes,
     so a read blocked on a dripping receiver returns at once; connects are
     clamped to the time left. Socket timeouts alone cannot do this: they bound
     each read, not their sum.
     """
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, watchdog: _Watchdog) -> None:
         self.seconds = seconds
         self._deadline = time.monotonic() + seconds
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._expired = False
         self._closed = False
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        self._watchdog = watchdog
+        watchdog.add(self)
 
     @property
     def expired(self) -> bool:
@@ -134,7 +187,7 @@ class _Budget:
         """Shut ``sock`` down when the budget runs out (at once if it already has)."""
         # A duplicate descriptor of the same connection: TLS wrapping detaches
         # ``sock`` itself, and shutdown() acts on the connection, not the descriptor.
-        dup = sock.dup()
+        dup = socket.fromfd(sock.fileno(), sock.family, sock.type, sock.proto)
         with self._lock:
             if self._closed:
                 dup.close()
@@ -144,7 +197,8 @@ class _Budget:
                 with contextlib.suppress(OSError):
                     dup.shutdown(socket.SHUT_RDWR)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """Shut down every watched socket (called by the watchdog)."""
         with self._lock:
             if self._closed:
                 return
@@ -154,8 +208,8 @@ class _Budget:
                     dup.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        """Stop the timer and release the duplicated descriptors."""
-        self._timer.cancel()
+        """Leave the watchdog and release the duplicated descriptors."""
+        self._watchdog.discard(self)
         with self._lock:
             self._closed = True
             sockets, self._sockets = self._sockets, []
@@ -163,12 +217,20 @@ class _Budget:
                 dup.close()
 
 
+# The budget of the attempt running on this thread: pooled connections outlive
+# attempts, so each request looks up the budget it must report its socket to.
+_attempt = threading.local()
+
+
+def _current_budget() -> _Budget | None:
+    return getattr(_attempt, "budget", None)
+
+
 @dataclass(frozen=True)
 class _Pin:
-    """Where one POST may connect: the checked URL's addresses, within a budget."""
+    """Where a pool's connections may go: a checked URL's addresses."""
 
     checked: netsafety.CheckedURL
-    budget: _Budget
 
 
 def _connect_pinned(conn: HTTPConnection, pin: _Pin | None) -> socket.socket:
@@ -183,12 +245,15 @@ def _connect_pinned(conn: HTTPConnection, pin: _Pin | None) -> socket.socket:
         targets = (conn.host,)
     else:
         raise NewConnectionError(conn, "connection host differs from the checked URL")
+    budget = _current_budget()
+    if budget is None:  # fail closed: every attempt runs inside WebhookSender.post
+        raise NewConnectionError(conn, "refusing a connection outside a delivery attempt")
     last: Exception | None = None
     for target in targets:
-        remaining = pin.budget.remaining()
+        remaining = budget.remaining()
         if remaining <= 0:
             raise ConnectTimeoutError(
-                conn, f"total time limit ({pin.budget.seconds:g} s) spent before connecting"
+                conn, f"total time limit ({budget.seconds:g} s) spent before connecting"
             )
         timeout = conn.timeout
         limit = min(timeout, remaining) if isinstance(timeout, (int, float)) else remaining
@@ -209,13 +274,20 @@ def _connect_pinned(conn: HTTPConnection, pin: _Pin | None) -> socket.socket:
             continue
         sys.audit("http.client.connect", conn, target, conn.port)
         try:
-            pin.budget.watch(sock)
+            budget.watch(sock)
         except OSError:  # no descriptor left to duplicate: no unwatched connection either
             sock.close()
             raise
         return sock
     assert last is not None
     raise last
+
+
+def _watch_reused(conn: HTTPConnection) -> None:
+    """Put a kept-alive connection's socket under the current attempt's budget."""
+    budget = _current_budget()
+    if conn.sock is not None and budget is not None:
+        budget.watch(conn.sock)
 
 
 class _PinnedHTTPConnection(HTTPConnection):
@@ -228,6 +300,11 @@ class _PinnedHTTPConnection(HTTPConnection):
     def _new_conn(self) -> socket.socket:
         return _connect_pinned(self, self._pin)
 
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        """Send a request, the reused socket (if any) watched by this attempt's budget."""
+        _watch_reused(self)
+        super().request(*args, **kwargs)
+
 
 class _PinnedHTTPSConnection(HTTPSConnection):
     """As _PinnedHTTPConnection; SNI and certificate checks still use the URL's hostname."""
@@ -239,6 +316,11 @@ class _PinnedHTTPSConnection(HTTPSConnection):
     def _new_conn(self) -> socket.socket:
         return _connect_pinned(self, self._pin)
 
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        """Send a request, the reused socket (if any) watched by this attempt's budget."""
+        _watch_reused(self)
+        super().request(*args, **kwargs)
+
 
 class _PinnedHTTPConnectionPool(HTTPConnectionPool):
     ConnectionCls = _PinnedHTTPConnection
@@ -249,11 +331,12 @@ class _PinnedHTTPSConnectionPool(HTTPSConnectionPool):
 
 
 class _PinnedAdapter(HTTPAdapter):
-    """Transport for a single POST: connects only where ``pin`` says, never via a proxy."""
+    """Transport to one checked address set: connects only where ``pin`` says, never via a
+    proxy, and keeps up to ``maxsize`` connections alive for the next attempts."""
 
-    def __init__(self, pin: _Pin) -> None:
+    def __init__(self, pin: _Pin, maxsize: int) -> None:
         self._pin = pin
-        super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
+        super().__init__(pool_connections=1, pool_maxsize=maxsize, max_retries=0)
 
     def init_poolmanager(
         self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
@@ -298,7 +381,10 @@ class WebhookSender:
         max_response_bytes: int = 4096,
         allow: Collection[str] = (),
         resolve: Callable[[str], list[str]] = netsafety.default_resolve,
+        resolve_timeout: float = 2.0,
         user_agent: str = "Dispatcher-Webhooks/1",
+        pool_size: int = 8,
+        lanes: int = 64,
     ) -> None:
         """Configure timeouts, response cap, SSRF allow-list and HTTP session.
 
@@ -306,7 +392,9 @@ class WebhookSender:
         headers and the capped body read) in wall-clock seconds. ``session``
         supplies request defaults and TLS settings (``verify``, ``cert``); the
         connection itself is always made by the sender, pinned to the checked
-        addresses and never through a proxy.
+        addresses and never through a proxy. ``resolve_timeout`` bounds one DNS
+        lookup; ``pool_size`` is how many idle connections are kept per address
+        set, and ``lanes`` how many deliveries :meth:`submit` runs at once.
         """
         if max_response_bytes < 0:
             raise ValueError("max_response_bytes must be >= 0")
@@ -318,13 +406,53 @@ class WebhookSender:
         self._total_timeout = float(total_timeout)
         self._max_response_bytes = max_response_bytes
         self._allow = tuple(allow)
-        self._resolve = resolve
+        self._resolve = netsafety.bounded(resolve, resolve_timeout)
         self._user_agent = user_agent
+        self._pool_size = pool_size
+        self._lanes = lanes
+        self._lock = threading.Lock()
+        self._adapters: OrderedDict[tuple[Any, ...], _PinnedAdapter] = OrderedDict()
+        self._watchdog = _Watchdog()
+        self._executor: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
-        """Close the HTTP session if this sender created it."""
+        """Close the kept-alive connections, and the HTTP session if this sender created it."""
+        with self._lock:
+            adapters, self._adapters = list(self._adapters.values()), OrderedDict()
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+        for adapter in adapters:
+            adapter.close()
         if self._owns_session:
             self._session.close()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run ``fn`` on one of the sender's delivery threads (created on first use)."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self._lanes, thread_name_prefix="webhook-lane"
+                )
+            executor = self._executor
+        return executor.submit(fn, *args, **kwargs)
+
+    def _adapter(self, checked: netsafety.CheckedURL) -> _PinnedAdapter:
+        """The kept-alive transport for ``checked``'s exact address set."""
+        key = (checked.scheme, checked.host, checked.port, checked.addresses)
+        evicted: _PinnedAdapter | None = None
+        with self._lock:
+            adapter = self._adapters.get(key)
+            if adapter is None:
+                adapter = _PinnedAdapter(_Pin(checked), self._pool_size)
+                self._adapters[key] = adapter
+                if len(self._adapters) > _MAX_POOLS:
+                    _, evicted = self._adapters.popitem(last=False)
+            else:
+                self._adapters.move_to_end(key)
+        if evicted is not None:
+            evicted.close()
+        return adapter
 
     def __enter__(self) -> WebhookSender:
         """Return self for use as a context manager."""
@@ -337,10 +465,12 @@ class WebhookSender:
     def post(self, *, url: str, body: bytes, headers: Mapping[str, str]) -> DeliveryResult:
         """POST ``body`` to ``url`` once and report the outcome without raising."""
         # Started before the DNS lookup, so a slow resolver spends the budget too.
-        budget = _Budget(self._total_timeout)
+        budget = _Budget(self._total_timeout, self._watchdog)
+        _attempt.budget = budget
         try:
             return self._post(url=url, body=body, headers=headers, budget=budget)
         finally:
+            _attempt.budget = None
             budget.close()
 
     def _post(
@@ -358,7 +488,7 @@ class WebhookSender:
             del send_headers[name]
         send_headers["Content-Type"] = "application/json"
 
-        adapter = _PinnedAdapter(_Pin(checked, budget))
+        adapter = self._adapter(checked)
         try:
             request = self._session.prepare_request(
                 requests.Request("POST", url, data=body, headers=send_headers)
@@ -389,8 +519,6 @@ class WebhookSender:
                 return _out_of_time(budget)
             # The class only: messages can quote the peer's bytes (a bad status line).
             return DeliveryResult(False, None, type(exc).__name__, None, "")
-        finally:
-            adapter.close()
 
         if 200 <= status < 300:
             return DeliveryResult(True, status, None, None, excerpt)

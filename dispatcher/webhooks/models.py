@@ -21,7 +21,8 @@ class Callback(Base):
     # Also the webhook-id header: retries of one event reuse it.
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     account_id: Mapped[str] = mapped_column(String(36))
-    batch_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # Indexed for the retention purge, which removes a batch's callbacks with it.
+    batch_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
     recipient_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     event_type: Mapped[str] = mapped_column(String(48))
     url: Mapped[str] = mapped_column(String(2048))

@@ -1,12 +1,12 @@
 """What a status change looks like to the client, per dialect.
 
 The native (Messaging Plus) payload is one JSON object per recipient event;
-other dialects register their own builder in BUILDERS.
+``builders.BUILDERS`` says which builder each dialect uses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -59,19 +59,3 @@ def native(
         }
         out.append(PendingCallback(batch.callback_url, payload["type"], payload, c.recipient_id))
     return out
-
-
-Builder = Callable[..., list[PendingCallback]]
-BUILDERS: dict[str, Builder] = {"mplus": native, "message": native}
-
-
-def callbacks_for(
-    *, batch: Batch, status: RecipientStatus, changes: Sequence[Change], at: datetime
-) -> list[PendingCallback]:
-    """The callbacks a change produces, in the batch's dialect."""
-    builder = BUILDERS.get(batch.dialect, native)
-    return builder(batch=batch, status=status, changes=changes, at=at)
-
-
-# Dialect builders register themselves into BUILDERS when imported.
-from dispatcher.webhooks import sinch as _sinch  # noqa: E402, F401

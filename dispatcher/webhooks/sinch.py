@@ -20,7 +20,6 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import object_session
 
 from dispatcher.states import RecipientStatus
-from dispatcher.webhooks import payloads
 from dispatcher.webhooks.payloads import PendingCallback, iso
 
 if TYPE_CHECKING:
@@ -219,6 +218,3 @@ def callbacks(
     outcomes = outcomes_of(session, batch.id)
     payload = summary(batch=batch, outcomes=outcomes, full=mode == "full")
     return [PendingCallback(batch.callback_url, payload["type"], payload, None)]
-
-
-payloads.BUILDERS["sinch"] = callbacks

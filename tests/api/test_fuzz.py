@@ -277,6 +277,11 @@ def valid_request(endpoint: str) -> Valid:
             None, {"type": "full", "status": "Queued,Delivered", "code": "400,0"}
         ),
         "sinch.recipient_delivery_report": Valid(),
+        "sinch_inbounds.list_inbounds": Valid(
+            None,
+            {"page": "0", "page_size": "10", "to": "447700,Shop", "start_date": later(-1)},
+        ),
+        "sinch_inbounds.get_inbound": Valid(),
     }
     return table[endpoint]
 
@@ -313,6 +318,8 @@ ENDPOINTS = [
     "sinch.delivery_feedback",
     "sinch.delivery_report",
     "sinch.recipient_delivery_report",
+    "sinch_inbounds.list_inbounds",
+    "sinch_inbounds.get_inbound",
 ]
 WITH_BODY = [e for e in ENDPOINTS if valid_request(e).body is not None]
 WITH_QUERY = [e for e in ENDPOINTS if valid_request(e).query]
@@ -625,7 +632,7 @@ def dialect_of(app: Flask, method: str, path: str) -> str:
         )
     except HTTPException:
         return "native"  # routing errors are answered app-wide
-    return "sinch" if str(endpoint).startswith("sinch.") else "native"
+    return "sinch" if str(endpoint).startswith(("sinch.", "sinch_inbounds.")) else "native"
 
 
 def assert_well_formed(world: World, call: Call, response: TestResponse) -> None:
@@ -795,6 +802,7 @@ def test_random_requests(world: World, endpoint: str, data: st.DataObject) -> No
         "recipient": [A, "447700900002", quoted(A)],
         "provider": ["http"],
         "callback_id": [str(uuid.uuid4())],
+        "inbound_id": [str(uuid.uuid4())],
         "filename": ["openapi.json", "a/b.txt"],
     }
     params = {

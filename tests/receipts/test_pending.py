@@ -311,7 +311,7 @@ def test_no_receipt_by_the_deadline_makes_it_unknown_and_the_sinch_summary_fires
             settings=settings,
             now=sent_at + timedelta(seconds=settings.receipt_deadline + 1),
         )
-    # At least: other tests' sent messages share the database and may be overdue too.
+    # The database is shared with other tests: their old `sent` rows may be swept too.
     assert swept.unknown >= 1
     assert states(sessions, batch_id) == {delivered.to: R.DELIVERED, silent.to: R.UNKNOWN}
     assert event_trail(sessions, silent.id) == ["queued", "sent", "unknown"]

@@ -733,3 +733,139 @@ def test_next_delay_rejects_bad_arguments() -> None:
         next_delay(attempt=0, schedule=SCHEDULE, retry_after=None)
     with pytest.raises(ValueError):
         next_delay(attempt=1, schedule=SCHEDULE, retry_after=None, jitter=1.5)
+
+
+# --- kept-alive connections -------------------------------------------------------------
+
+
+class KeepAliveHandler(BaseHTTPRequestHandler):
+    """Answers 204 over HTTP/1.1 (keeps the connection open) and counts connections."""
+
+    protocol_version = "HTTP/1.1"
+    server: KeepAliveServer
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep test output quiet."""
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections += 1
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        with self.server.lock:
+            self.server.posts += 1
+        self.send_response(204)
+        self.end_headers()
+
+
+class KeepAliveServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        super().__init__((host, port), KeepAliveHandler)
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.posts = 0
+
+
+@pytest.fixture
+def keep_alive() -> Iterator[Callable[..., KeepAliveServer]]:
+    running: list[tuple[KeepAliveServer, threading.Thread]] = []
+
+    def start(host: str = "127.0.0.1", port: int = 0) -> KeepAliveServer:
+        srv = KeepAliveServer(host, port)
+        thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        running.append((srv, thread))
+        return srv
+
+    try:
+        yield start
+    finally:
+        for srv, thread in running:
+            srv.shutdown()
+            srv.server_close()
+            thread.join(timeout=5)
+
+
+def test_posts_to_one_endpoint_reuse_one_connection(
+    keep_alive: Callable[..., KeepAliveServer], dialled: list[tuple[str, int]]
+) -> None:
+    srv = keep_alive()
+    port = srv.server_address[1]
+    with WebhookSender(allow=LOCAL) as s:
+        results = [
+            s.post(url=f"http://127.0.0.1:{port}/hook?n={i}", body=b"{}", headers={})
+            for i in range(5)
+        ]
+    assert [r.status for r in results] == [204] * 5
+    assert (srv.connections, srv.posts) == (1, 5)
+    assert dialled == [("127.0.0.1", port)]
+
+
+def test_a_kept_connection_is_only_reused_for_the_same_checked_address(
+    keep_alive: Callable[..., KeepAliveServer], dialled: list[tuple[str, int]]
+) -> None:
+    """Each attempt checks the name again; a new answer means a new connection to it."""
+    first = keep_alive("127.0.0.2")
+    port = first.server_address[1]
+    second = keep_alive("127.0.0.3", port)
+    answers = iter([["127.0.0.2"], ["127.0.0.3"], ["127.0.0.2"]])
+    with WebhookSender(allow=("127.0.0.2", "127.0.0.3"), resolve=lambda host: next(answers)) as s:
+        results = [
+            s.post(url=f"http://{REBIND_HOST}:{port}/hook", body=b"{}", headers={})
+            for _ in range(3)
+        ]
+    assert all(r.ok for r in results)
+    assert (first.posts, second.posts) == (2, 1)
+    assert (first.connections, second.connections) == (1, 1)  # the third reused the first
+    assert dialled == [("127.0.0.2", port), ("127.0.0.3", port)]
+
+
+def test_the_total_timeout_also_bounds_a_reused_connection() -> None:
+    """The second request on a kept-alive connection drips: its own budget cuts it off."""
+    accepted: list[socket.socket] = []
+    hung_up = threading.Event()
+    stop = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(2)
+        listener.settimeout(5)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            accepted.append(conn)
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    conn.recv(65536)
+                    for byte in b"HTTP/1.1 200 OK\r\n" + ENDLESS_HEADER:
+                        if stop.wait(DRIP_INTERVAL):
+                            return
+                        conn.sendall(bytes([byte]))
+                except OSError:
+                    hung_up.set()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with WebhookSender(
+            allow=LOCAL, connect_timeout=1.0, read_timeout=1.0, total_timeout=BUDGET
+        ) as s:
+            first = s.post(url=f"http://127.0.0.1:{port}/a", body=b"{}", headers={})
+            started = time.monotonic()
+            second = s.post(url=f"http://127.0.0.1:{port}/b", body=b"{}", headers={})
+            took = time.monotonic() - started
+        assert hung_up.wait(timeout=5)  # the client really let go of the connection
+        stop.set()
+        thread.join(timeout=5)
+    assert first.status == 204
+    assert second == DeliveryResult(
+        False, None, "total timeout: no complete answer within 1.5 s", None, ""
+    )
+    assert BUDGET - 0.1 <= took < BUDGET + 1.0
+    assert len(accepted) == 1

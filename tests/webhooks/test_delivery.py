@@ -1,9 +1,12 @@
-"""Callback delivery service against SQLite and a real HTTP receiver on 127.0.0.1."""
+"""Callback delivery, scheduling and queries against SQLite/PostgreSQL, real Redis and a
+real HTTP receiver on 127.0.0.1."""
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,9 +26,11 @@ from dispatcher.config import Settings
 from dispatcher.db import make_engine, make_session_factory, new_id, transaction, utcnow
 from dispatcher.errors import Conflict, NotFound, ValidationError
 from dispatcher.models import Base
-from dispatcher.webhooks import service, sign
+from dispatcher.webhooks import delivery, queries, scheduling, sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender
+from dispatcher.webhooks.limits import EndpointGate, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint
+from tests.conftest import wait_for
 
 SCHEDULE = (1.0, 2.0, 3.0)
 JITTER = 0.1  # next_delay's default jitter fraction
@@ -151,8 +157,8 @@ class Recorder:
     def __init__(self) -> None:
         self.messages: list[outbox.Message] = []
 
-    def publish(self, messages: list[outbox.Message]) -> None:
-        self.messages.extend(messages)
+    def publish(self, messages: list[outbox.Message | outbox.Revoke]) -> None:
+        self.messages.extend(m for m in messages if isinstance(m, outbox.Message))
 
     def callback_ids(self) -> list[list[str]]:
         return [m.kwargs["callback_ids"] for m in self.messages]
@@ -166,12 +172,14 @@ class Env:
     published: Recorder
     account_id: str
     secret: str
+    gate: EndpointGate
 
     def deliver(self, sender: WebhookSender, *ids: str) -> dict[str, int]:
-        counts = service.deliver(
+        counts = delivery.deliver(
             factory=self.factory,
             settings=self.settings,
             sender=sender,
+            gate=self.gate,
             callback_ids=list(ids),
             clock=self.clock,
         )
@@ -202,7 +210,7 @@ def _database(kind: str, tmp_path: Path) -> tuple[str, dict[str, Any]]:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
+def env(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> Iterator[Env]:
     url, options = _database(request.param, tmp_path)
     schema = options.pop("_schema", None)
     settings = Settings(
@@ -213,6 +221,8 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
         callback_batch_size=2,
         schedule_horizon=300.0,
         requeue_after=600.0,
+        # Tests read outcomes from deliver()'s counts: let it wait for its POSTs.
+        callback_task_wait=30.0,
     )
     engine = make_engine(settings.database_url, **options)
     if schema is not None:
@@ -224,9 +234,12 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
     outbox.install(factory, published)
     with transaction(factory) as session:
         account = accounts.create_account(session=session, name="acme")
+    client = redis.Redis.from_url(redis_url)
+    gate = delivery.gate_for(redis_client=client, settings=settings)
     try:
-        yield Env(factory, settings, Clock(), published, account.id, account.webhook_secret)
+        yield Env(factory, settings, Clock(), published, account.id, account.webhook_secret, gate)
     finally:
+        client.close()
         if schema is not None:
             with engine.begin() as conn:
                 conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
@@ -288,7 +301,7 @@ def test_success_is_delivered_signed_with_every_active_secret(
     [seen] = receiver.requests()
     assert seen.headers["webhook-id"] == cid
     assert seen.verified_with == receiver.secrets  # both signatures during the rotation
-    assert seen.body == service.body_of(env.get(cid).payload)
+    assert seen.body == delivery.body_of(env.get(cid).payload)
     assert seen.body == '{"text":"héllo","to":"+447700900123","type":"message.delivered"}'.encode()
     row = env.get(cid)
     assert (row.state, row.attempts, row.last_status, row.last_error) == ("delivered", 1, 200, None)
@@ -348,7 +361,7 @@ def test_endpoint_that_never_recovers_goes_dead_then_replays(
     assert len(receiver.requests()) == 4
 
     with transaction(env.factory) as session:
-        replayed = service.retry_callback(
+        replayed = queries.retry_callback(
             session=session, account_id=env.account_id, callback_id=cid, now=env.clock.now
         )
         assert replayed.state == "pending"
@@ -437,7 +450,7 @@ def test_last_error_never_holds_what_the_receiver_sent(
         env.clock.now = row.next_attempt_at
     assert stored == [(500, "HTTP 500"), (302, "HTTP 302"), (None, "ConnectionError")]
     with env.factory() as session:
-        listed, _ = service.list_callbacks(session=session, account_id=env.account_id)
+        listed, _ = queries.list_callbacks(session=session, account_id=env.account_id)
     assert [c.last_error for c in listed] == ["ConnectionError"]
 
 
@@ -452,7 +465,7 @@ def test_last_error_never_holds_what_the_receiver_sent(
     ],
 )
 def test_error_text_is_status_or_generic_reason(result: DeliveryResult, stored: str) -> None:
-    assert service._error_text(result) == stored
+    assert delivery._error_text(result) == stored
 
 
 def test_disabled_endpoint_holds_callbacks_until_enabled(
@@ -484,11 +497,11 @@ def test_disabled_endpoint_holds_callbacks_until_enabled(
     assert env.deliver(sender, fresh) == {"held": 1}
     assert len(receiver.requests()) == 2
     with env.factory() as session:
-        [listed] = service.list_endpoints(session=session, account_id=env.account_id)
+        [listed] = queries.list_endpoints(session=session, account_id=env.account_id)
         assert listed.url == url and listed.disabled_at is not None
 
     with transaction(env.factory) as session:
-        released = service.enable_endpoint(
+        released = queries.enable_endpoint(
             session=session, account_id=env.account_id, url=url, now=env.clock.now
         )
     assert released == 3
@@ -514,6 +527,109 @@ def test_private_address_is_refused_without_a_request(env: Env, receiver: Receiv
     assert receiver.requests() == []
 
 
+# --- isolation: limits, breaker, slow endpoints ----------------------------------------
+
+
+class Blackhole:
+    """A TCP endpoint that accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)  # the kernel completes handshakes; nobody reads
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[Blackhole]:
+    hole = Blackhole()
+    try:
+        yield hole
+    finally:
+        hole.close()
+
+
+def assert_untried(row: Callback, start: datetime, at_least: float, at_most: float) -> None:
+    """Deferred: pending, unattempted, due again between the bounds, for the scheduler."""
+    assert (row.state, row.attempts, row.enqueued_at) == ("pending", 0, None)
+    waited = (row.next_attempt_at - start).total_seconds()
+    assert at_least <= waited <= at_most
+
+
+def test_an_endpoint_at_its_limit_defers_durably_without_posting(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    url = receiver.url("/hook")
+    key = endpoint_key(env.account_id, url)
+    taken = env.gate.acquire(key, env.settings.callback_endpoint_concurrency)
+    assert len(taken.tokens) == env.settings.callback_endpoint_concurrency
+    cid = add_callback(env, url)
+
+    assert env.deliver(sender, cid) == {"deferred": 1}
+    assert_untried(env.get(cid), env.clock.now, delivery.BUSY_DELAY, 1.5 * delivery.BUSY_DELAY)
+    assert receiver.requests() == []
+
+    for token in taken.tokens:
+        env.gate.release(key, token)
+    env.clock.now = env.get(cid).next_attempt_at
+    assert env.deliver(sender, cid) == {"delivered": 1}
+
+
+def test_an_open_breaker_keeps_callbacks_until_its_probe_gets_an_answer(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    url = receiver.url("/hook")
+    key = endpoint_key(env.account_id, url)
+    for _ in range(env.settings.callback_breaker_failures):
+        env.gate.report(key, ok=False, probe=False)  # as many unanswered attempts
+    ids = [add_callback(env, url) for _ in range(3)]
+
+    assert env.deliver(sender, *ids) == {"deferred": 3}
+    cooldown = env.settings.callback_breaker_cooldown
+    for cid in ids:
+        assert_untried(env.get(cid), env.clock.now, cooldown - 1, cooldown)
+    assert receiver.requests() == []
+
+
+def test_a_blackholed_endpoint_does_not_hold_the_task_or_other_endpoints(
+    env: Env, receiver: Receiver, blackhole: Blackhole
+) -> None:
+    settings = env.settings.replace(callback_task_wait=0.5)
+    stuck = [add_callback(env, blackhole.url) for _ in range(2 * delivery.LANES_PER_TASK)]
+    other = add_callback(env, receiver.url("/hook"))
+    with WebhookSender(allow=("127.0.0.1",), connect_timeout=1.0, read_timeout=1.0) as sender:
+        started = time.monotonic()
+        counts = delivery.deliver(
+            factory=env.factory,
+            settings=settings,
+            sender=sender,
+            gate=env.gate,
+            callback_ids=[*stuck, other],
+            clock=env.clock,
+        )
+        took = time.monotonic() - started
+        # The task came back after its short wait; the other endpoint was served meanwhile.
+        assert {k: v for k, v in counts.items() if v} == {"delivered": 1, "in_flight": len(stuck)}
+        assert took < 1.0
+        assert env.get(other).state == "delivered"
+
+        # The blackholed lanes record their own outcomes once their POSTs time out:
+        # one attempt per lane, the rest of each lane put back untried.
+        def settled() -> list[Callback] | None:
+            rows = [env.get(cid) for cid in stuck]
+            return rows if all(r.state == "pending" for r in rows) else None
+
+        rows = wait_for(settled, timeout=10)
+    tried = [r for r in rows if r.attempts == 1]
+    assert len(tried) == delivery.LANES_PER_TASK
+    assert all(r.last_error == "ReadTimeout" for r in tried)
+    assert all(r.attempts == 0 and r.last_error is None for r in rows if r not in tried)
+    assert [s.path for s in receiver.requests()] == ["/hook"]
+
+
 # --- dead letters and tenants ----------------------------------------------------------
 
 
@@ -526,25 +642,25 @@ def test_list_and_retry_are_tenant_isolated(env: Env) -> None:
     theirs_dead = add_callback(env, url, account_id=other, state="dead")
 
     with transaction(env.factory) as session:
-        rows, total = service.list_callbacks(
+        rows, total = queries.list_callbacks(
             session=session, account_id=env.account_id, page=1, page_size=2
         )
         assert total == 3 and len(rows) == 2
-        rest, _ = service.list_callbacks(
+        rest, _ = queries.list_callbacks(
             session=session, account_id=env.account_id, page=2, page_size=2
         )
         assert {r.id for r in rows + rest} == {mine_dead, mine_done, mine_pending}
-        dead, total = service.list_callbacks(
+        dead, total = queries.list_callbacks(
             session=session, account_id=env.account_id, state="dead", page=1, page_size=10
         )
         assert [r.id for r in dead] == [mine_dead] and total == 1
         with pytest.raises(ValidationError):
-            service.list_callbacks(
+            queries.list_callbacks(
                 session=session, account_id=env.account_id, state="lost", page=1, page_size=10
             )
 
         def retry(callback_id: str) -> Callback:
-            return service.retry_callback(
+            return queries.retry_callback(
                 session=session,
                 account_id=env.account_id,
                 callback_id=callback_id,
@@ -582,7 +698,7 @@ def test_promote_due_publishes_due_and_lost_not_far_future(env: Env) -> None:
     add_callback(env, url, enqueued_at=None, state="dead")
 
     with transaction(env.factory) as session:
-        count = service.promote_due(session=session, settings=env.settings, now=now)
+        count = scheduling.promote_due(session=session, settings=env.settings, now=now)
     assert count == 5
 
     immediate = [m for m in env.published.messages if m.eta is None]
@@ -597,13 +713,13 @@ def test_promote_due_publishes_due_and_lost_not_far_future(env: Env) -> None:
     assert env.get(in_flight).enqueued_at == now - timedelta(seconds=10)
 
     with transaction(env.factory) as session:
-        assert service.promote_due(session=session, settings=env.settings, now=now) == 0
+        assert scheduling.promote_due(session=session, settings=env.settings, now=now) == 0
     assert len(env.published.messages) == 3
 
 
 def test_promote_due_reclaims_claims_past_the_lease(env: Env) -> None:
     now = env.clock.now
-    lease = service.delivery_lease(env.settings)
+    lease = scheduling.delivery_lease(env.settings)
     url = "https://example.com/hook"
     orphan = add_callback(
         env, url, state="delivering", attempts=1, next_attempt_at=now - lease - timedelta(seconds=1)
@@ -620,7 +736,7 @@ def test_promote_due_reclaims_claims_past_the_lease(env: Env) -> None:
     )
 
     with transaction(env.factory) as session:
-        assert service.promote_due(session=session, settings=env.settings, now=now) == 1
+        assert scheduling.promote_due(session=session, settings=env.settings, now=now) == 1
     assert env.published.callback_ids() == [[orphan]]
     row = env.get(orphan)
     assert (row.state, row.attempts, row.enqueued_at) == ("pending", 1, now)
@@ -634,9 +750,29 @@ def test_a_callback_whose_publish_was_lost_goes_out_within_a_minute(env: Env) ->
     now = env.clock.now
     cid = add_callback(env, "https://example.com/hook", enqueued_at=now, next_attempt_at=now)
     with transaction(env.factory) as session:
-        service.promote_due(session=session, settings=env.settings, now=now)
+        scheduling.promote_due(session=session, settings=env.settings, now=now)
     assert not any(cid in m.kwargs["callback_ids"] for m in env.published.messages)
     later = now + timedelta(seconds=env.settings.callback_requeue_after + 1)
     with transaction(env.factory) as session:
-        service.promote_due(session=session, settings=env.settings, now=later)
+        scheduling.promote_due(session=session, settings=env.settings, now=later)
     assert any(cid in m.kwargs["callback_ids"] for m in env.published.messages)
+
+
+def test_promote_keeps_a_held_endpoints_callbacks_in_the_database(
+    env: Env, receiver: Receiver
+) -> None:
+    held_url, open_url = receiver.url("/held"), "http://127.0.0.2:9/open"
+    key = endpoint_key(env.account_id, held_url)
+    for _ in range(env.settings.callback_breaker_failures):
+        env.gate.report(key, ok=False, probe=False)
+    held = add_callback(env, held_url, enqueued_at=None)
+    free = add_callback(env, open_url, enqueued_at=None)
+    now = env.clock.now
+    with transaction(env.factory) as session:
+        count = scheduling.promote_due(
+            session=session, settings=env.settings, now=now, gate=env.gate
+        )
+    assert count == 1
+    assert env.published.callback_ids() == [[free]]  # only the free endpoint's
+    cooldown = env.settings.callback_breaker_cooldown
+    assert_untried(env.get(held), now, cooldown - 1, cooldown)

@@ -1,0 +1,84 @@
+"""Sinch inbounds: ``GET /xms/v1/{service_plan_id}/inbounds`` and ``/inbounds/{inbound_id}``.
+
+Inbound (MO) messages in Sinch's ``mo_text`` shape, filtered as Sinch filters
+them: ``to`` (comma-separated), ``start_date`` (default: 24 hours ago),
+``end_date``, ``page`` and ``page_size``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from flask import Blueprint, request
+from marshmallow import Schema, fields, post_load, validate
+
+from api import context as ctx
+from api.dialects.sinch.errors import register_on
+from api.dialects.sinch.schemas import SinchTime, Strict
+from api.dialects.sinch.views import _authorise, _plan
+from api.fields import Text, Timestamp, path_ref
+from dispatcher.db import utcnow
+from dispatcher.inbound import service
+from dispatcher.inbound.models import InboundMessage
+
+blueprint = Blueprint("sinch_inbounds", __name__, url_prefix="/xms/v1/<service_plan_id>/inbounds")
+register_on(blueprint)
+blueprint.url_value_preprocessor(_plan)
+blueprint.before_request(_authorise)
+
+
+class InboundQuery(Strict):
+    page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
+    page_size = fields.Integer(load_default=30, validate=validate.Range(min=1, max=100))
+    to = Text(load_default=None, validate=validate.Length(max=4096))
+    start_date = Timestamp(load_default=None)
+    end_date = Timestamp(load_default=None)
+
+    @post_load
+    def _numbers(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        raw = data.pop("to")
+        data["to"] = [n.strip() for n in raw.split(",") if n.strip()] if raw else []
+        return data
+
+
+class Inbound(Schema):
+    type = fields.Constant("mo_text")
+    id = fields.String()
+    sender = fields.String(data_key="from")
+    to = fields.String()
+    body = fields.String()
+    received_at = SinchTime()
+
+
+class InboundPage(Schema):
+    page = fields.Integer()
+    page_size = fields.Integer()
+    count = fields.Integer()
+    inbounds = fields.List(fields.Nested(Inbound))
+
+
+@blueprint.get("")
+def list_inbounds() -> dict[str, Any]:
+    query = InboundQuery().load(request.args)
+    rows, total = service.list_inbounds(
+        session=ctx.session(),
+        account_id=ctx.account().id,
+        to=query["to"],
+        start=query["start_date"] or utcnow() - timedelta(hours=24),
+        end=query["end_date"],
+        page=query["page"],
+        page_size=query["page_size"],
+    )
+    page = {"page": query["page"], "page_size": len(rows), "count": total, "inbounds": rows}
+    return InboundPage().dump(page)
+
+
+@blueprint.get("/<inbound_id>")
+def get_inbound(inbound_id: str) -> dict[str, Any]:
+    row: InboundMessage = service.get_inbound(
+        session=ctx.session(),
+        account_id=ctx.account().id,
+        inbound_id=path_ref(inbound_id, what="inbound message"),
+    )
+    return Inbound().dump(row)

@@ -1,0 +1,637 @@
+"""The SMPP connector: a long-lived process that holds the binds.
+
+One asyncio loop keeps every configured connection bound (transceiver, or a
+transmitter and a receiver), reconnecting with backoff. It takes hand-off
+requests from Redis (``handoff.py``), submits them windowed (several
+``submit_sm`` outstanding per bind, throughput per connection from the global
+limiter) and answers with each ``submit_sm_resp``. It reads ``deliver_sm``
+continuously, whether or not anything is being sent: receipts go to the
+receipts service, other messages (MO) to the inbound service, through a
+:class:`Sink`. Design and measurements: docs/smpp.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Protocol
+
+import redis
+import redis.asyncio as aioredis
+import smpp34
+
+from dispatcher import metrics
+from dispatcher.channels.base import Outcome, Receipt
+from dispatcher.channels.smpp import errors, handoff, pdu
+from dispatcher.channels.smpp.config import Carrier, Connection, SmppConfig
+from dispatcher.db import utcnow
+from dispatcher.ratelimit import Limit, RateLimiter
+
+logger = logging.getLogger(__name__)
+
+FLUSH_EVERY = 1.0
+FLUSH_SIZE = 500
+MO_PARTS_TTL = 3600
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A mobile-originated message, reassembled and decoded."""
+
+    carrier: str
+    connection: str
+    sender: str
+    to: str
+    body: str
+    received_at: datetime
+    data_coding: int
+
+
+class Sink(Protocol):
+    """Where the connector's receipts and inbound messages go (the database, in production)."""
+
+    def receipts(self, receipts: Sequence[Receipt]) -> None:
+        """Apply receipts, or keep them durably until their messages' outcomes are recorded."""
+
+    def inbound(self, messages: Sequence[Inbound]) -> None:
+        """Store inbound messages and their webhooks."""
+
+
+@dataclass
+class Stats:
+    binds_up: int = 0
+    bind_failures: int = 0
+    submits: int = 0
+    throttled: int = 0
+    unknown: int = 0
+    in_flight: int = 0
+    window_peak: int = 0
+    receipts: int = 0
+    inbound: int = 0
+
+    def as_mapping(self) -> Any:
+        """For HSET (typed loosely: redis-py's mapping type is invariant in its keys)."""
+        return {k: int(v) for k, v in vars(self).items()}
+
+
+def _utc() -> datetime:
+    return utcnow()
+
+
+def receipt_from(event: Any) -> Receipt | None:
+    """A receipt from a deliver_sm: TLVs first, the text's fields otherwise."""
+    tlvs = {t.tag: t for t in event.tlvs}
+    text = pdu.decode_text(event.short_message, event.data_coding, alphabet="ascii")
+    fields = pdu.parse_receipt_text(text)
+    ref_tlv = tlvs.get(pdu.TLV_RECEIPTED_MESSAGE_ID)
+    state_tlv = tlvs.get(pdu.TLV_MESSAGE_STATE)
+    ref = (ref_tlv.as_string() or "").rstrip("\x00") if ref_tlv else fields.get("id", "")
+    stat = fields.get("stat", "").upper()
+    if state_tlv is not None and state_tlv.as_int() in pdu.MESSAGE_STATES:
+        stat = pdu.MESSAGE_STATES[int(state_tlv.as_int() or 0)]
+    status = pdu.STAT_STATUS.get(stat)
+    if not ref or status is None:
+        return None
+    err = fields.get("err") or None
+    failed = status in ("failed", "expired")
+    return Receipt(
+        provider_message_id=ref,
+        status=status,
+        error_code=(f"smpp_{stat.lower()}" if failed else None),
+        error_text=(f"{stat} err:{err}" if failed and err else stat if failed else None),
+        done_at=pdu.parse_receipt_date(fields.get("done date")),
+        carrier_status=stat if err is None else f"{stat}:{err}",
+    )
+
+
+def _source_number(addr: str, ton: int) -> str:
+    if ton == 1 or (addr.isdigit() and len(addr) > 8):
+        return "+" + addr.lstrip("+")
+    return addr
+
+
+class Link:
+    """One connection: its binds, its window and its pause after throttling."""
+
+    def __init__(self, conn: Connection, carrier: Carrier, owner: Connector) -> None:
+        self.conn = conn
+        self.carrier = carrier
+        self.owner = owner
+        self.tx: Any = None
+        self.clients: dict[str, Any] = {}
+        self.window = asyncio.Semaphore(conn.window)
+        self.paused_until = 0.0
+        self.pause = owner.config.throttle_pause
+        self.stats = Stats()
+        self.reference = itertools.count(1)
+
+    @property
+    def kinds(self) -> list[str]:
+        return ["TRX"] if self.conn.bind == "transceiver" else ["TX", "RX"]
+
+    async def keep_bound(self, kind: str) -> None:
+        """Bind, read until the session ends, bind again with backoff; until stopped."""
+        delay = self.owner.config.reconnect_min
+        while not self.owner.stopping.is_set():
+            client = smpp34.Client(
+                host=self.conn.host,
+                port=self.conn.port,
+                system_id=self.conn.system_id,
+                password=self.conn.password,
+                bind_type=kind,
+                system_type=self.conn.system_type,
+                tls=self.conn.tls,
+                window_size=self.conn.window,
+                connect_timeout_ms=5000,
+            )
+            try:
+                smsc = await asyncio.wait_for(client.connect(), 10)
+            except (smpp34.SmppError, OSError, TimeoutError) as exc:
+                self.stats.bind_failures += 1
+                metrics.carrier_connection(provider="smpp", connection=self.conn.name, up=False)
+                logger.warning(
+                    "smpp %s: %s bind to %s:%s failed (%s); next try in %.1fs",
+                    self.conn.name,
+                    kind,
+                    self.conn.host,
+                    self.conn.port,
+                    type(exc).__name__ if not isinstance(exc, smpp34.SmppError) else exc,
+                    delay,
+                )
+                await self.owner.sleep_or_stop(delay)
+                delay = min(delay * 2, self.owner.config.reconnect_max)
+                continue
+            delay = self.owner.config.reconnect_min
+            logger.info(
+                "smpp %s: %s bound to %s:%s", self.conn.name, kind, self.conn.host, self.conn.port
+            )
+            self.clients[kind] = client
+            self.stats.binds_up += 1
+            metrics.carrier_connection(provider="smpp", connection=self.conn.name, up=True)
+            if kind in ("TRX", "TX"):
+                self.tx = smsc
+                await self.owner.mark_alive(self)
+            try:
+                await self.read(smsc)
+            finally:
+                self.stats.binds_up -= 1
+                metrics.carrier_connection(provider="smpp", connection=self.conn.name, up=False)
+                self.clients.pop(kind, None)
+                if kind in ("TRX", "TX"):
+                    self.tx = None
+                    await self.owner.mark_down(self)
+                logger.warning("smpp %s: %s bind lost", self.conn.name, kind)
+                with contextlib.suppress(Exception):
+                    await client.stop()
+
+    async def read(self, smsc: Any) -> None:
+        stop = asyncio.ensure_future(self.owner.stopping.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(smsc.next())
+                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(smsc.unbind(), 2)
+                    return
+                event = nxt.result()
+                if isinstance(event, smpp34.Disconnected):
+                    return
+                await self.owner.on_deliver(self, event)
+        finally:
+            stop.cancel()
+
+    async def wait_ready(self, deadline: float) -> bool:
+        """Wait out a throttling pause; False if it lasts past ``deadline`` or the bind is gone."""
+        while True:
+            if self.tx is None:
+                return False
+            wait = self.paused_until - time.monotonic()
+            if wait <= 0:
+                return True
+            if time.time() + wait > deadline:
+                return False
+            await asyncio.sleep(wait)
+
+    def throttled(self) -> float:
+        """Slow down: pause this connection, longer each time in a row."""
+        self.stats.throttled += 1
+        pause = self.pause
+        self.paused_until = max(self.paused_until, time.monotonic() + pause)
+        self.pause = min(pause * 2, 30.0)
+        return pause
+
+    async def submit_item(self, item: handoff.Item, deadline: float) -> handoff.Answer:
+        """Submit every part of one message; the first part's message_id is the provider id."""
+        sender = pdu.source_address(
+            item.sender, rules=self.carrier.source_rules, short_code_max=self.carrier.short_code_max
+        )
+        dest = pdu.destination_address(item.to)
+        alphabet = self.carrier.alphabet
+        encoded = pdu.encode_body(
+            item.body,
+            reference=next(self.reference),
+            alphabet=alphabet,
+            data_coding=self.carrier.data_coding,
+        )
+        expire = datetime.fromisoformat(item.expire_at) if item.expire_at else None
+        validity = pdu.validity_period(expire, now=_utc())
+        ids: list[str] = []
+        for payload in encoded.payloads:
+            async with self.window:
+                if not await self.wait_ready(deadline) or time.time() > deadline:
+                    if not ids:
+                        return handoff.Answer(
+                            "transient",
+                            code="not_sent",
+                            text="connection busy or down",
+                            retry_after=self.pause,
+                        )
+                    return self._partial(ids)
+                await self.owner.take_token(self)
+                smsc = self.tx
+                if smsc is None:
+                    return (
+                        self._partial(ids)
+                        if ids
+                        else handoff.Answer(
+                            "transient", code="not_sent", text="bind lost", retry_after=1.0
+                        )
+                    )
+                token = self.owner.submit_started()
+                self.stats.in_flight += 1
+                self.stats.window_peak = max(self.stats.window_peak, self.stats.in_flight)
+                try:
+                    resp = await asyncio.wait_for(
+                        smsc.submit_sm(
+                            dest.addr,
+                            payload,
+                            source_addr=sender.addr,
+                            source_addr_ton=sender.ton,
+                            source_addr_npi=sender.npi,
+                            dest_addr_ton=dest.ton,
+                            dest_addr_npi=dest.npi,
+                            esm_class=encoded.esm_class,
+                            registered_delivery=1 if self.carrier.registered_delivery else 0,
+                            validity_period=validity,
+                            data_coding=encoded.data_coding,
+                        ),
+                        self.owner.config.response_timeout,
+                    )
+                except (smpp34.SmppError, TimeoutError, OSError) as exc:
+                    # No submit_sm_resp: the SMSC may or may not have it. Never resend.
+                    if not isinstance(exc, TimeoutError) and self.tx is smsc:
+                        # The session is gone: no further submit may start on it.
+                        self.tx = None
+                    self.stats.unknown += 1
+                    self.owner.submit_done(token)
+                    return handoff.Answer("unknown", code="outcome_unknown")
+                finally:
+                    self.stats.in_flight -= 1
+                self.stats.submits += 1
+                if resp.command_status == errors.ESME_ROK and len(encoded.payloads) > 1:
+                    # Known as a part before any receipt for it is looked at (see flush).
+                    message_id = resp.message_id or ""
+                    main = ids[0] if ids else message_id
+                    await self.owner.remember_part(message_id, main, len(encoded.payloads))
+                self.owner.submit_done(token)
+                status = resp.command_status
+                if status != errors.ESME_ROK:
+                    if ids:
+                        return self._partial(ids)
+                    outcome = errors.classify(status)
+                    retry = self.throttled() if status in errors.THROTTLING else None
+                    return handoff.Answer(
+                        outcome.value,
+                        code=errors.name(status),
+                        text=f"submit_sm_resp {errors.name(status)}",
+                        retry_after=retry,
+                    )
+                self.pause = self.owner.config.throttle_pause
+                ids.append(resp.message_id or "")
+        return handoff.Answer(Outcome.ACCEPTED.value, message_id=ids[0])
+
+    def _partial(self, ids: list[str]) -> handoff.Answer:
+        # Some parts went out: sending again would repeat them on the handset.
+        return handoff.Answer(
+            Outcome.RECIPIENT.value,
+            code="partial_submit",
+            text=f"{len(ids)} part(s) accepted, then the rest failed; not re-sent",
+        )
+
+
+class Connector:
+    def __init__(
+        self,
+        *,
+        config: SmppConfig,
+        redis_url: str,
+        sink: Sink,
+        limiter: RateLimiter | None = None,
+        carriers: Sequence[str] | None = None,
+        max_requests: int = 8,
+    ) -> None:
+        self.config = config
+        self.redis_url = redis_url
+        self.sink = sink
+        self.limiter = limiter
+        names = carriers or list(config.carriers)
+        self.links: list[Link] = []
+        self.stopping = asyncio.Event()
+        for name in names:
+            carrier = config.carriers[name]
+            for conn in carrier.connections:
+                self.links.append(Link(conn, carrier, self))
+        self.max_requests = max_requests
+        self.part_of: dict[str, str] = {}
+        self._inflight: dict[int, float] = {}
+        self._tokens = itertools.count()
+        self._receipts: list[tuple[float, Receipt]] = []
+        # Receipts translated (parts folded) and waiting for the sink.
+        self._outgoing: list[Receipt] = []
+        self._inbound: list[Inbound] = []
+        self._wake = asyncio.Event()
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(redis_url)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Hold the binds and serve requests until :meth:`stop`."""
+        self._loop = asyncio.get_running_loop()
+        tasks = [
+            asyncio.ensure_future(link.keep_bound(kind))
+            for link in self.links
+            for kind in link.kinds
+        ]
+        tasks += [asyncio.ensure_future(self.serve(link)) for link in self.links]
+        tasks.append(asyncio.ensure_future(self.flush_loop()))
+        tasks.append(asyncio.ensure_future(self.heartbeat()))
+        try:
+            await self.stopping.wait()
+        finally:
+            await asyncio.wait(tasks, timeout=self.config.response_timeout + 5)
+            for t in tasks:
+                t.cancel()
+            await self.flush(final=True)
+            for link in self.links:
+                await self.mark_down(link)
+            await self.redis.aclose()
+
+    def stop(self) -> None:
+        """Stop serving (from any thread): finish what is in flight, unbind, exit run()."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop:
+                loop.call_soon_threadsafe(self.stop)
+                return
+        self.stopping.set()
+        self._wake.set()
+
+    async def sleep_or_stop(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def mark_alive(self, link: Link) -> None:
+        await self.redis.set(handoff.alive_key(link.conn.name), "1", ex=handoff.ALIVE_TTL)
+
+    async def mark_down(self, link: Link) -> None:
+        with contextlib.suppress(redis.RedisError):
+            await self.redis.delete(handoff.alive_key(link.conn.name))
+
+    async def heartbeat(self) -> None:
+        while not self.stopping.is_set():
+            pipe = self.redis.pipeline(transaction=False)
+            for link in self.links:
+                if link.tx is not None:
+                    pipe.set(handoff.alive_key(link.conn.name), "1", ex=handoff.ALIVE_TTL)
+                pipe.hset(handoff.stats_key(link.conn.name), mapping=link.stats.as_mapping())
+            with contextlib.suppress(redis.RedisError):
+                await pipe.execute()
+            await self.sleep_or_stop(1.0)
+
+    # -- sending ---------------------------------------------------------------
+
+    async def serve(self, link: Link) -> None:
+        """Take requests for the link's carrier while its transmitter is bound."""
+        running: set[asyncio.Future[None]] = set()
+        key = handoff.queue_key(link.conn.carrier)
+        while not self.stopping.is_set():
+            if link.tx is None or len(running) >= self.max_requests:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                got = await self.redis.blpop([key], timeout=1)
+            except redis.RedisError as exc:
+                logger.warning("smpp %s: redis: %s", link.conn.name, exc)
+                await self.sleep_or_stop(1.0)
+                continue
+            if got is None:
+                continue
+            task = asyncio.ensure_future(self.handle(link, got[1]))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if running:
+            await asyncio.wait(running)
+
+    async def handle(self, link: Link, raw: bytes | str) -> None:
+        request = json.loads(raw)
+        items = [handoff.Item(**i) for i in request["items"]]
+        deadline = float(request["deadline"])
+        pipe = self.redis.pipeline(transaction=False)
+        for item in items:
+            pipe.set(handoff.ledger_key(item.key), handoff.PENDING, ex=handoff.LEDGER_TTL)
+        await pipe.execute()
+        answers = await asyncio.gather(*(link.submit_item(i, deadline) for i in items))
+        pipe = self.redis.pipeline(transaction=False)
+        for item, answer in zip(items, answers, strict=True):
+            if answer.outcome == Outcome.ACCEPTED.value:
+                value = handoff.accepted(answer.message_id or "")
+            elif answer.outcome in ("unknown",) or answer.code == "partial_submit":
+                value = handoff.UNKNOWN
+            else:
+                value = handoff.NOT_SENT
+            pipe.set(handoff.ledger_key(item.key), value, ex=handoff.LEDGER_TTL)
+        reply = handoff.reply_key(request["id"])
+        pipe.rpush(reply, json.dumps({"answers": [a.as_json() for a in answers]}))
+        pipe.expire(reply, 120)
+        await pipe.execute()
+
+    async def take_token(self, link: Link) -> None:
+        if self.limiter is None or not link.conn.throughput:
+            return
+        delay = await asyncio.to_thread(
+            self.limiter.reserve, [Limit(link.conn.limit_key, link.conn.throughput)], 1
+        )
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def submit_started(self) -> int:
+        token = next(self._tokens)
+        self._inflight[token] = time.monotonic()
+        return token
+
+    def submit_done(self, token: int) -> None:
+        self._inflight.pop(token, None)
+
+    async def remember_part(self, part: str, main: str, total: int) -> None:
+        """Map a part's id to its message's (the first part's), for receipts that come per part."""
+        self.part_of[part] = main
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(handoff.part_key(part), main, ex=handoff.LEDGER_TTL)
+        if part == main:
+            pipe.set(handoff.left_key(main), total, ex=handoff.LEDGER_TTL)
+        await pipe.execute()
+
+    # -- receiving -------------------------------------------------------------
+
+    async def on_deliver(self, link: Link, event: Any) -> None:
+        kind = event.esm_class & pdu.ESM_TYPE_MASK
+        if kind in (0x04, 0x20):
+            receipt = receipt_from(event)
+            if receipt is None:
+                logger.warning("smpp %s: unreadable receipt ignored", link.conn.name)
+                return
+            link.stats.receipts += 1
+            self._receipts.append((time.monotonic(), receipt))
+        else:
+            message = await self.reassemble(link, event)
+            if message is None:
+                return
+            link.stats.inbound += 1
+            self._inbound.append(message)
+        if len(self._receipts) + len(self._inbound) >= FLUSH_SIZE:
+            self._wake.set()
+
+    async def reassemble(self, link: Link, event: Any) -> Inbound | None:
+        """An MO's text; parts of a concatenated one wait in Redis until all have come."""
+        body = event.short_message
+        if not body:
+            for t in event.tlvs:
+                if t.tag == pdu.TLV_MESSAGE_PAYLOAD:
+                    body = t.value
+        concat, payload = pdu.split_udh(body, event.esm_class)
+        text = pdu.decode_text(payload, event.data_coding, alphabet=link.carrier.alphabet)
+        sender = _source_number(event.source_addr, event.source_addr_ton)
+        to = _source_number(event.destination_addr, event.dest_addr_ton)
+        if concat is not None and concat.total > 1:
+            key = f"{handoff.PREFIX}mo:{link.conn.carrier}:{sender}:{to}:{concat.reference}"
+            pipe = self.redis.pipeline()
+            pipe.hset(key, str(concat.number), text)
+            pipe.expire(key, MO_PARTS_TTL)
+            pipe.hgetall(key)
+            got = (await pipe.execute())[-1]
+            if len(got) < concat.total:
+                return None
+            await self.redis.delete(key)
+            parts = {int(k): v.decode() for k, v in got.items()}
+            text = "".join(parts[n] for n in sorted(parts))
+        return Inbound(
+            carrier=link.conn.carrier,
+            connection=link.conn.name,
+            sender=sender,
+            to=to,
+            body=text,
+            received_at=_utc(),
+            data_coding=event.data_coding,
+        )
+
+    async def flush_loop(self) -> None:
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FLUSH_EVERY)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:
+                # The database may be down for a moment: everything stays buffered.
+                logger.exception("smpp: storing receipts or inbound messages failed; will retry")
+                await self.sleep_or_stop(1.0)
+
+    async def flush(self, *, final: bool = False) -> None:
+        """Hand buffered receipts and inbound messages to the sink."""
+        if self._inbound:
+            messages, self._inbound = self._inbound, []
+            try:
+                await asyncio.to_thread(self.sink.inbound, messages)
+            except Exception:
+                self._inbound[:0] = messages
+                raise
+        # A receipt is translated only once every submit that began before it arrived
+        # has its submit_sm_resp: only then is a part's id known to be a part's.
+        oldest = min(self._inflight.values(), default=None)
+        ready: list[Receipt] = []
+        keep: list[tuple[float, Receipt]] = []
+        for at, r in self._receipts:
+            if final or oldest is None or at < oldest:
+                ready.append(r)
+            else:
+                keep.append((at, r))
+        self._receipts = keep
+        mains = await self.parts_of([r.provider_message_id for r in ready])
+        for r, main in zip(ready, mains, strict=True):
+            translated = await self.translate(r, main)
+            if translated is not None:
+                self._outgoing.append(translated)
+        if not self._outgoing:
+            return
+        batch, self._outgoing = self._outgoing, []
+        try:
+            await asyncio.to_thread(self.sink.receipts, batch)
+        except Exception:
+            self._outgoing[:0] = batch
+            raise
+
+    async def parts_of(self, refs: list[str]) -> list[str | None]:
+        """For each id, the id of the message it is a part of (None: not a part)."""
+        known = [self.part_of.get(ref) for ref in refs]
+        unknown = [ref for ref, main in zip(refs, known, strict=True) if main is None]
+        if not unknown:
+            return known
+        raw = await self.redis.mget([handoff.part_key(r) for r in unknown])
+        found = {
+            ref: value.decode() if isinstance(value, bytes) else value
+            for ref, value in zip(unknown, raw, strict=True)
+        }
+        return [main or found.get(ref) for ref, main in zip(refs, known, strict=True)]
+
+    async def translate(self, receipt: Receipt, main: str | None) -> Receipt | None:
+        """A part's receipt as its message's: failure at once, delivery once every part is."""
+        if receipt.status == "enroute":
+            return None
+        if main is None:
+            return receipt
+        if receipt.status == "delivered":
+            left = await self.redis.decr(handoff.left_key(main))
+            if left > 0:
+                return None
+        return replace(receipt, provider_message_id=main)
+
+
+def run_forever(connector: Connector, *, install_signals: bool = True) -> None:
+    """Run the connector until SIGTERM or SIGINT (the ``dispatcher smpp-connector`` process)."""
+    import signal
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, connector.stop)
+        await connector.run()
+
+    asyncio.run(main())
+
+
+__all__ = ["Connector", "Inbound", "Sink", "receipt_from", "run_forever"]

@@ -1,0 +1,183 @@
+"""The ``smpp`` provider: hands messages to the connector process through Redis.
+
+Send workers hold no SMPP bind: binds live in the connector (see
+``connector.py`` and docs/smpp.md), which answers ``enquire_link`` and
+``deliver_sm`` whether or not a task is running. ``send_many`` routes each
+message to a carrier with a live connection, pushes one request per carrier
+and waits, bounded, for the answers. A message whose submit may have reached
+the SMSC without its ``submit_sm_resp`` is never reported as safe to resend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import redis
+
+from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
+from dispatcher.channels.smpp import handoff
+from dispatcher.channels.smpp.config import SmppConfig
+from dispatcher.routes import RouteTable
+
+logger = logging.getLogger(__name__)
+
+# The connector stops starting submits this long before the worker stops waiting.
+MARGIN = 2.0
+# Seconds per blocking read of the reply (below Runtime.redis's 10 s socket timeout).
+BLOCK_SLICE = 5.0
+UNKNOWN_TEXT = "no submit_sm_resp before the bind was lost; not re-sent to avoid a duplicate"
+
+
+def _unknown() -> SendResult:
+    return SendResult(Outcome.RECIPIENT, error_code="outcome_unknown", error_text=UNKNOWN_TEXT)
+
+
+class SmppProvider(Provider):
+    name = "smpp"
+    handoff_group = 200
+
+    def __init__(
+        self,
+        *,
+        redis_client: redis.Redis,
+        config: SmppConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis_client
+        self.config = config
+        self.routes = RouteTable(config.routes)
+        self.clock = clock
+
+    def live_carriers(self) -> set[str]:
+        """Carriers with at least one connection bound for sending right now."""
+        conns = self.config.connections
+        flags = self.redis.mget([handoff.alive_key(c.name) for c in conns]) if conns else []
+        return {c.carrier for c, flag in zip(conns, flags, strict=True) if flag}
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        return self.send_many([message])[0]
+
+    def send_many(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
+        results: list[SendResult | None] = [None] * len(messages)
+        live = self.live_carriers()
+        by_carrier: dict[str, list[int]] = defaultdict(list)
+        for i, m in enumerate(messages):
+            routes = self.routes.candidates(channel=m.channel, to=m.to, account_id=m.account_id)
+            if not routes:
+                results[i] = SendResult(
+                    Outcome.CHANNEL, error_code="no_route", error_text=f"no SMPP route for {m.to}"
+                )
+                continue
+            carrier = next((r.carrier for r in routes if r.carrier in live), None)
+            if carrier is None:
+                results[i] = SendResult(
+                    Outcome.TRANSIENT,
+                    error_code="no_live_bind",
+                    error_text="no connection of any route is bound",
+                    retry_after=5.0,
+                )
+                continue
+            by_carrier[carrier].append(i)
+        pending = {
+            carrier: self._push(carrier, [messages[i] for i in idx])
+            for carrier, idx in by_carrier.items()
+        }
+        for carrier, (request_id, payload, give_up) in pending.items():
+            answers = self._wait(carrier, request_id, payload, give_up)
+            for i, answer in zip(by_carrier[carrier], answers, strict=True):
+                results[i] = answer
+        return [r if r is not None else _unknown() for r in results]
+
+    def _push(self, carrier: str, messages: list[OutboundMessage]) -> tuple[str, str, float]:
+        request_id = uuid.uuid4().hex
+        now = self.clock()
+        give_up = now + self.config.request_timeout
+        payload = json.dumps(
+            {
+                "id": request_id,
+                # The connector starts no submit after this (a late one could send twice).
+                "deadline": give_up - self.config.response_timeout - MARGIN,
+                "items": [
+                    handoff.Item(
+                        key=m.idempotency_key,
+                        to=m.to,
+                        sender=m.sender,
+                        body=m.body,
+                        expire_at=m.expire_at.isoformat() if m.expire_at else None,
+                    ).__dict__
+                    for m in messages
+                ],
+            }
+        )
+        self.redis.rpush(handoff.queue_key(carrier), payload)
+        return request_id, payload, give_up
+
+    def _wait(
+        self, carrier: str, request_id: str, payload: str, give_up: float
+    ) -> list[SendResult]:
+        items = json.loads(payload)["items"]
+        got = None
+        while got is None and self.clock() < give_up:
+            # In slices: a blocking read longer than the client's socket timeout would fail.
+            wait = min(BLOCK_SLICE, max(0.1, give_up - self.clock()))
+            got = self.redis.blpop([handoff.reply_key(request_id)], timeout=wait)
+        if got is not None:
+            answers = json.loads(got[1])["answers"]
+            return [_result(handoff.Answer(**a)) for a in answers]
+        if self.redis.lrem(handoff.queue_key(carrier), 1, payload):
+            # Nobody took it: nothing was sent, trying again later is safe.
+            logger.warning("smpp: no connector took a request for carrier %s", carrier)
+            return [
+                SendResult(
+                    Outcome.TRANSIENT,
+                    error_code="connector_timeout",
+                    error_text="no connector answered in time",
+                    retry_after=5.0,
+                )
+                for _ in items
+            ]
+        # Taken but never answered (the connector died): the ledger says what it knows.
+        return [self._from_ledger(item["key"]) for item in items]
+
+    def _from_ledger(self, key: str) -> SendResult:
+        found, ref = self._ledger(key)
+        if found is Lookup.ACCEPTED:
+            return SendResult(Outcome.ACCEPTED, provider_message_id=ref)
+        if found is Lookup.NOT_FOUND:
+            return SendResult(
+                Outcome.TRANSIENT, error_code="connector_lost", error_text="connector lost"
+            )
+        return _unknown()
+
+    def _ledger(self, key: str) -> tuple[Lookup, str | None]:
+        raw = self.redis.get(handoff.ledger_key(key))
+        value = raw.decode() if isinstance(raw, bytes) else raw
+        if value is None or value == handoff.NOT_SENT:
+            return Lookup.NOT_FOUND, None
+        if value.startswith("a:"):
+            return Lookup.ACCEPTED, value[2:]
+        return Lookup.UNKNOWN, None
+
+    def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
+        return self._ledger(message.idempotency_key)
+
+
+def _result(answer: handoff.Answer) -> SendResult:
+    if answer.outcome == "unknown":
+        return SendResult(
+            Outcome.RECIPIENT,
+            error_code="outcome_unknown",
+            error_text=answer.text or UNKNOWN_TEXT,
+        )
+    return SendResult(
+        Outcome(answer.outcome),
+        provider_message_id=answer.message_id,
+        error_code=answer.code,
+        error_text=answer.text,
+        retry_after=answer.retry_after,
+    )

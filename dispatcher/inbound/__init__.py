@@ -1,0 +1,1 @@
+"""Inbound (mobile-originated) messages: numbers, storage, webhooks, listing."""

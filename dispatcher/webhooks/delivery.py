@@ -1,0 +1,697 @@
+"""Delivering callbacks: claim a group, POST it over per-endpoint lanes, record the outcomes.
+
+A ``deliver_callbacks`` task claims all its due callbacks in one transaction, POSTs
+them on lanes (sender threads, each going through one endpoint's callbacks over a
+kept-alive connection) and records what came back in one transaction. Every state
+change is a conditional update, so a redelivered or duplicated task never POSTs a
+callback twice at the same time.
+
+Isolation (one endpoint cannot stall the others):
+
+* an endpoint gets lanes from :class:`~dispatcher.webhooks.limits.EndpointGate`
+  (a Redis semaphore and circuit breaker shared by every worker); callbacks it cannot
+  take now, at its limit or while its breaker is open, are deferred durably through
+  ``next_attempt_at``, never kept waiting in a worker;
+* the task waits for its lanes only ``callback_task_wait`` seconds: a lane still
+  busy then (a receiver that accepts and never answers) finishes in the background
+  and records its own outcomes, and the worker takes its next task;
+* a lane stops at the first attempt that got no answer, and after LANE_BUDGET
+  seconds; callbacks it did not try go back to pending, unattempted;
+* the breaker opens after ``callback_breaker_failures`` unanswered attempts in a
+  row, holds the endpoint's callbacks (deferred, kept) for its cooldown, then lets
+  one probe through: an answer closes it, none reopens it for twice as long.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dispatcher import metrics
+from dispatcher.accounts.models import Account
+from dispatcher.config import Settings
+from dispatcher.db import transaction, utcnow
+from dispatcher.states import CallbackState
+from dispatcher.webhooks import sign
+from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
+from dispatcher.webhooks.limits import EndpointGate, endpoint_key
+from dispatcher.webhooks.models import Callback, Endpoint
+from dispatcher.webhooks.scheduling import chunks, count, sources
+
+__all__ = ["OUTCOMES", "body_of", "deliver", "gate_for"]
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = (
+    "delivered",
+    "retry",
+    "dead",
+    "held",
+    "deferred",
+    "in_flight",
+    "skipped",
+    "not_due",
+    "stale",
+)
+# Lanes one task opens per endpoint, at most (the endpoint's limit caps them all).
+LANES_PER_TASK = 8
+# Callbacks claimed (and recorded) together: small enough that a round to a healthy
+# endpoint ends well within callback_task_wait, large enough to save transactions.
+ROUND = 200
+# A lane takes no new callback after this long; the rest go back to pending.
+LANE_BUDGET = 20.0
+# A callback whose endpoint is at its concurrency limit is tried again after this, or
+# after as long as the endpoint's oldest slot has been held, up to MAX_BUSY_DELAY.
+BUSY_DELAY = 1.0
+MAX_BUSY_DELAY = 15.0
+_ERROR_LEN = 500  # Callback.last_error is String(500)
+
+S = CallbackState
+
+
+def body_of(payload: dict[str, Any]) -> bytes:
+    """The canonical JSON bytes a payload is POSTed (and signed) as."""
+    # Sorted keys: PostgreSQL's JSONB reorders keys, and every retry of one
+    # webhook-id must carry byte-identical content.
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode(
+        "utf-8"
+    )
+
+
+def gate_for(*, redis_client: Any, settings: Settings) -> EndpointGate:
+    """The endpoint gate configured by ``settings``."""
+    # A slot outlives the longest a lane can hold it: its budget plus one whole POST.
+    lease = LANE_BUDGET + 2 * (settings.callback_connect_timeout + settings.callback_read_timeout)
+    return EndpointGate(
+        redis_client,
+        limit=settings.callback_endpoint_concurrency,
+        lease=max(60.0, lease),
+        failures=settings.callback_breaker_failures,
+        cooldown=settings.callback_breaker_cooldown,
+        max_cooldown=max(settings.callback_breaker_cooldown, 600.0),
+    )
+
+
+def _error_text(result: DeliveryResult) -> str:
+    """What to store as last_error for a failed attempt: the status or a short generic reason.
+
+    last_error reaches the client (GET /callbacks ``lastError``) and the receiver
+    may be an internal service, so nothing the receiver sent (body, headers) is
+    ever stored: an answer is "HTTP <status>", anything else the sender's own
+    reason (an exception class, "unsafe URL: ...", the total timeout).
+    """
+    if result.status is not None:
+        return f"HTTP {result.status}"
+    return (result.error or "delivery failed")[:_ERROR_LEN]
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    """A callback this task won the right to POST."""
+
+    id: str
+    attempt: int
+    account_id: str
+    url: str
+    body: bytes
+    secrets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Done:
+    """What became of a claimed callback; ``result`` None: not tried, to go back to pending."""
+
+    claimed: _Claimed
+    result: DeliveryResult | None
+
+
+@dataclass
+class _Lane:
+    """Callbacks to one endpoint, POSTed one after another under one gate slot."""
+
+    key: str
+    token: str
+    probe: bool
+    counting: bool  # the breaker has failures on record: report the next answer
+    items: list[_Claimed]
+
+
+class _Collector:
+    """Gathers lane outcomes for the task until it stops waiting; later lanes record alone."""
+
+    def __init__(self, lanes: Sequence[_Lane]) -> None:
+        self._cond = threading.Condition()
+        self._left = len(lanes)
+        self._left_items = sum(len(lane.items) for lane in lanes)
+        self._done: list[_Done] = []
+        self._closed = False
+
+    def hand_in(self, done: list[_Done], items: int) -> bool:
+        """Give a finished lane's outcomes to the task; False if it stopped waiting."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._done.extend(done)
+            self._left -= 1
+            self._left_items -= items
+            self._cond.notify_all()
+            return True
+
+    def close(self, timeout: float) -> tuple[list[_Done], int]:
+        """Wait up to ``timeout`` for the lanes; returns their outcomes and the callbacks
+        still in flight (their lanes will record them)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._left == 0, timeout=timeout)
+            self._closed = True
+            return self._done, self._left_items
+
+
+def deliver(
+    *,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    sender: WebhookSender,
+    gate: EndpointGate,
+    callback_ids: Sequence[str],
+    clock: Callable[[], datetime] = utcnow,
+) -> dict[str, int]:
+    """Claim, POST and record the due callbacks among ``callback_ids``; counts per outcome.
+
+    Works in rounds of at most ROUND callbacks (one claim and one record transaction
+    each) until ``callback_task_wait`` is spent; what is left then goes back to the
+    scheduler, so a task never holds a worker much longer than that.
+    """
+    counts = dict.fromkeys(OUTCOMES, 0)
+    deadline = time.monotonic() + settings.callback_task_wait
+    left = list(dict.fromkeys(callback_ids))
+    first = True
+    while left:
+        if not first and time.monotonic() >= deadline:
+            with transaction(factory) as session:
+                counts["deferred"] += _requeue(session, left)
+            break
+        first = False
+        done, left = _round(
+            factory=factory,
+            settings=settings,
+            sender=sender,
+            gate=gate,
+            ids=left,
+            clock=clock,
+            counts=counts,
+            deadline=deadline,
+        )
+        if not done and left:
+            # A round outlived the wait (a slow endpoint): leave the rest to the scheduler.
+            with transaction(factory) as session:
+                counts["deferred"] += _requeue(session, left)
+            break
+    metrics.callbacks_delivered(counts)
+    return counts
+
+
+def _round(
+    *,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    sender: WebhookSender,
+    gate: EndpointGate,
+    ids: list[str],
+    clock: Callable[[], datetime],
+    counts: dict[str, int],
+    deadline: float,
+) -> tuple[bool, list[str]]:
+    """One claim of up to ROUND callbacks, their POSTs and one record. Returns whether
+    every lane finished by the deadline (late ones record their own outcomes) and the
+    ids left for the next round."""
+    acquired: list[tuple[str, str]] = []
+    try:
+        with transaction(factory) as session:
+            lanes, left = _claim(
+                session=session, gate=gate, ids=ids, now=clock(), counts=counts, acquired=acquired
+            )
+    except BaseException:
+        # The claim did not commit: give the slots back rather than wait for their lease.
+        for key, token in acquired:
+            gate.release(key, token)
+        raise
+    if not lanes:
+        return True, left
+    collector = _Collector(lanes)
+    for lane in lanes:
+        sender.submit(
+            _run_lane,
+            lane=lane,
+            factory=factory,
+            settings=settings,
+            sender=sender,
+            gate=gate,
+            clock=clock,
+            collector=collector,
+        )
+    done, in_flight = collector.close(max(0.0, deadline - time.monotonic()))
+    counts["in_flight"] += in_flight
+    if done:
+        with transaction(factory) as session:
+            _record(session=session, settings=settings, done=done, now=clock(), counts=counts)
+    return in_flight == 0, left
+
+
+def _requeue(session: Session, ids: Sequence[str]) -> int:
+    """Hand callbacks this task did not get to back to the scheduler; returns how many."""
+    moved = 0
+    for group in chunks(ids, 500):
+        moved += count(
+            session,
+            update(Callback)
+            .where(Callback.id.in_(group), Callback.state == S.PENDING)
+            .values(enqueued_at=None)
+            .execution_options(synchronize_session=False),
+        )
+    return moved
+
+
+# --- claim ----------------------------------------------------------------------------
+
+
+def _claim(
+    *,
+    session: Session,
+    gate: EndpointGate,
+    ids: list[str],
+    now: datetime,
+    counts: dict[str, int],
+    acquired: list[tuple[str, str]],
+) -> tuple[list[_Lane], list[str]]:
+    """Claim up to ROUND callbacks that are due and allowed, defer or hold those that are
+    not; returns the lanes to run and the allowed ids left for the next round."""
+    rows = {
+        r.id: r
+        for group in chunks(ids, 500)
+        for r in session.execute(
+            select(
+                Callback.id,
+                Callback.account_id,
+                Callback.url,
+                Callback.state,
+                Callback.next_attempt_at,
+            ).where(Callback.id.in_(group))
+        )
+    }
+    due = []
+    early = []
+    for callback_id in ids:
+        row = rows.get(callback_id)
+        if row is None or row.state != S.PENDING:
+            counts["skipped"] += 1  # unknown, or already claimed, delivered, dead or held
+        elif row.next_attempt_at > now:
+            early.append(callback_id)
+        else:
+            due.append(row)
+    if early:
+        # Early or stale tasks: the scheduler publishes these again when they are due.
+        session.execute(
+            update(Callback)
+            .where(
+                Callback.id.in_(early),
+                Callback.state == S.PENDING,
+                Callback.next_attempt_at > now,
+            )
+            .values(enqueued_at=None)
+            .execution_options(synchronize_session=False)
+        )
+        counts["not_due"] += len(early)
+    if not due:
+        return [], []
+
+    disabled = _disabled(session, {(r.account_id, r.url) for r in due})
+    held = [r.id for r in due if (r.account_id, r.url) in disabled]
+    if held:
+        moved = count(
+            session,
+            update(Callback)
+            .where(Callback.id.in_(held), Callback.state.in_(sources(S.HELD)))
+            .values(state=S.HELD, enqueued_at=None)
+            .execution_options(synchronize_session=False),
+        )
+        counts["held"] += moved
+        counts["skipped"] += len(held) - moved
+
+    by_endpoint: dict[str, list[Any]] = defaultdict(list)
+    for r in due:
+        if (r.account_id, r.url) not in disabled:
+            by_endpoint[endpoint_key(r.account_id, r.url)].append(r)
+    grants = {}
+    for key, group in by_endpoint.items():
+        grant = gate.acquire(key, min(LANES_PER_TASK, len(group)))
+        acquired.extend((key, token) for token in grant.tokens)
+        if grant.tokens:
+            grants[key] = grant
+            continue
+        # At its limit or held by the breaker: try again later, durably and unattempted.
+        # An endpoint whose slots have been busy for long is slow: look again later.
+        busy = min(max(BUSY_DELAY, grant.busy), MAX_BUSY_DELAY)
+        delay = grant.wait or busy * (1 + random.random() / 2)
+        counts["deferred"] += _defer(
+            session, [r.id for r in group], until=now + timedelta(seconds=delay), now=now
+        )
+
+    allowed = [r.id for key in grants for r in by_endpoint[key]]
+    wanted, left = allowed[:ROUND], allowed[ROUND:]
+    claimed = {
+        c.id: c
+        for group in chunks(wanted, 500)
+        for c in session.execute(
+            update(Callback)
+            .where(
+                Callback.id.in_(group),
+                Callback.state.in_(sources(S.DELIVERING)),
+                Callback.next_attempt_at <= now,
+            )
+            # next_attempt_at doubles as the claim time while delivering (the lease start).
+            .values(state=S.DELIVERING, attempts=Callback.attempts + 1, next_attempt_at=now)
+            .returning(Callback.id, Callback.attempts, Callback.payload)
+            .execution_options(synchronize_session=False)
+        )
+    }
+    counts["skipped"] += len(wanted) - len(claimed)  # another worker won those claims
+    secrets = _secrets(session, {r.account_id for key in grants for r in by_endpoint[key]})
+
+    lanes = []
+    for key, grant in grants.items():
+        items = [
+            _Claimed(
+                r.id,
+                claimed[r.id].attempts,
+                r.account_id,
+                r.url,
+                body_of(claimed[r.id].payload),
+                secrets.get(r.account_id, ()),
+            )
+            for r in by_endpoint[key]
+            if r.id in claimed
+        ]
+        used = min(len(grant.tokens), len(items))
+        for token in grant.tokens[used:]:
+            gate.release(key, token)
+        for i, token in enumerate(grant.tokens[:used]):
+            # Round robin keeps each lane's share in the order the callbacks came.
+            lanes.append(_Lane(key, token, grant.probe, grant.counting, items[i::used]))
+    return lanes, left
+
+
+def _disabled(session: Session, endpoints: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (account, url) endpoints are disabled."""
+    if not endpoints:
+        return set()
+    rows = session.execute(
+        select(Endpoint.account_id, Endpoint.url).where(
+            Endpoint.account_id.in_({a for a, _ in endpoints}),
+            Endpoint.disabled_at.is_not(None),
+        )
+    )
+    return {(a, u) for a, u in rows if (a, u) in endpoints}
+
+
+def _secrets(session: Session, account_ids: set[str]) -> dict[str, tuple[str, ...]]:
+    """The active webhook secrets of each account."""
+    if not account_ids:
+        return {}
+    accounts = session.scalars(select(Account).where(Account.id.in_(account_ids)))
+    return {a.id: tuple(a.webhook_secrets) for a in accounts}
+
+
+def _defer(session: Session, ids: Sequence[str], *, until: datetime, now: datetime) -> int:
+    """Move due pending callbacks to ``until``, unattempted; returns how many moved."""
+    moved = 0
+    for group in chunks(ids, 500):
+        moved += count(
+            session,
+            update(Callback)
+            .where(
+                Callback.id.in_(group),
+                Callback.state == S.PENDING,
+                Callback.next_attempt_at <= now,
+            )
+            # enqueued_at cleared: the scheduler publishes them when due.
+            .values(next_attempt_at=until, enqueued_at=None)
+            .execution_options(synchronize_session=False),
+        )
+    return moved
+
+
+# --- POST -----------------------------------------------------------------------------
+
+
+def _run_lane(
+    *,
+    lane: _Lane,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    sender: WebhookSender,
+    gate: EndpointGate,
+    clock: Callable[[], datetime],
+    collector: _Collector,
+) -> None:
+    """POST a lane's callbacks in order, then hand the outcomes in (or record them)."""
+    done: list[_Done] = []
+    try:
+        done = _post_lane(lane=lane, sender=sender, gate=gate)
+    except Exception:
+        # Not swallowed: what was not POSTed stays 'delivering' until the lease
+        # passes and the scheduler returns it to pending.
+        log.exception("callback lane failed; its unfinished callbacks wait for the lease")
+    finally:
+        gate.release(lane.key, lane.token)
+    if collector.hand_in(done, len(lane.items)):
+        return
+    try:
+        with transaction(factory) as session:
+            _record(session=session, settings=settings, done=done, now=clock(), counts=None)
+    except Exception:
+        log.exception("recording a late callback lane failed; the lease will reclaim it")
+
+
+def _post_lane(*, lane: _Lane, sender: WebhookSender, gate: EndpointGate) -> list[_Done]:
+    """The lane's attempts; stops at the first unanswered one, when the breaker opens
+    or after LANE_BUDGET, leaving the rest untried."""
+    done: list[_Done] = []
+    started = time.monotonic()
+    for i, item in enumerate(lane.items):
+        if i and time.monotonic() - started > LANE_BUDGET:
+            break
+        result = _post(sender, item)
+        done.append(_Done(item, result))
+        # The breaker counts attempts that got no answer (refused, timed out, DNS):
+        # those are what hold a worker. An endpoint that answers, even with an
+        # error, costs only its answer time; its retries follow the schedule.
+        answered = result.status is not None
+        if answered and not lane.counting:
+            continue  # nothing to reset: no Redis round trip for a healthy endpoint
+        # Only a half-open lane's first attempt is the probe; once it has closed the
+        # breaker, the rest count as ordinary attempts.
+        open_for = gate.report(lane.key, ok=answered, probe=lane.probe and i == 0)
+        lane.counting = not answered
+        if not answered or open_for > 0:
+            break
+    done.extend(_Done(item, None) for item in lane.items[len(done) :])
+    return done
+
+
+def _post(sender: WebhookSender, item: _Claimed) -> DeliveryResult:
+    """Sign and POST one callback."""
+    if not item.secrets:
+        return DeliveryResult(False, None, "account has no webhook secret", None, "")
+    headers = sign.headers(
+        secrets=item.secrets, msg_id=item.id, timestamp=int(time.time()), body=item.body
+    )
+    return sender.post(url=item.url, body=item.body, headers=headers)
+
+
+# --- record ---------------------------------------------------------------------------
+
+
+def _record(
+    *,
+    session: Session,
+    settings: Settings,
+    done: Iterable[_Done],
+    now: datetime,
+    counts: dict[str, int] | None,
+) -> None:
+    """Store the outcomes of a group of attempts and update the endpoints' health."""
+    tally = counts if counts is not None else dict.fromkeys(OUTCOMES, 0)
+    ok: dict[tuple[int, int | None], list[str]] = defaultdict(list)
+    untried: dict[int, list[str]] = defaultdict(list)
+    failed: list[_Done] = []
+    healthy: set[tuple[str, str]] = set()
+    for d in done:
+        c = d.claimed
+        if d.result is None:
+            untried[c.attempt].append(c.id)
+        elif d.result.ok:
+            ok[(c.attempt, d.result.status)].append(c.id)
+            healthy.add((c.account_id, c.url))
+        else:
+            failed.append(d)
+
+    # Matching the attempt number: if our lease was reclaimed and the callback
+    # claimed again, that newer attempt owns the row and this result is dropped.
+    for (attempt, status), ids in ok.items():
+        moved = _update_ours(
+            session,
+            ids,
+            attempt,
+            state=S.DELIVERED,
+            delivered_at=now,
+            last_status=status,
+            last_error=None,
+            enqueued_at=None,
+        )
+        tally["delivered"] += moved
+        tally["stale"] += len(ids) - moved
+    for attempt, ids in untried.items():
+        moved = _update_ours(
+            session,
+            ids,
+            attempt,
+            state=S.PENDING,
+            attempts=attempt - 1,
+            next_attempt_at=now + timedelta(seconds=BUSY_DELAY),
+            enqueued_at=None,
+        )
+        tally["deferred"] += moved
+        tally["stale"] += len(ids) - moved
+    for account_id, url in healthy:
+        session.execute(
+            update(Endpoint)
+            .where(
+                Endpoint.account_id == account_id,
+                Endpoint.url == url,
+                Endpoint.failing_since.is_not(None),
+            )
+            .values(failing_since=None)
+        )
+
+    outcome: dict[str, str] = {}
+    failing: set[tuple[str, str]] = set()
+    for d in failed:
+        assert d.result is not None
+        c = d.claimed
+        delay = next_delay(
+            attempt=c.attempt,
+            schedule=settings.callback_retry_schedule,
+            retry_after=d.result.retry_after,
+        )
+        if delay is None:
+            values: dict[str, Any] = {"state": S.DEAD}
+            result = "dead"
+        else:
+            # The scheduler publishes it when due: a durable timer, not a countdown.
+            values = {
+                "state": S.PENDING,
+                "next_attempt_at": now + timedelta(seconds=delay),
+                "enqueued_at": None,
+            }
+            result = "retry"
+        moved = _update_ours(
+            session,
+            [c.id],
+            c.attempt,
+            last_status=d.result.status,
+            last_error=_error_text(d.result),
+            **values,
+        )
+        if not moved:
+            tally["stale"] += 1
+            continue
+        outcome[c.id] = result
+        failing.add((c.account_id, c.url))
+    for account_id, url in failing - healthy:
+        if _endpoint_failed(
+            session=session, settings=settings, account_id=account_id, url=url, now=now
+        ):
+            for callback_id in _hold_pending(session=session, account_id=account_id, url=url):
+                if outcome.get(callback_id) == "retry":
+                    outcome[callback_id] = "held"
+    for result in outcome.values():
+        tally[result] += 1
+
+
+def _update_ours(session: Session, ids: Sequence[str], attempt: int, **values: Any) -> int:
+    """Update the rows still claimed by this attempt; returns how many."""
+    return count(
+        session,
+        update(Callback)
+        .where(
+            Callback.id.in_(ids),
+            Callback.state == S.DELIVERING,
+            Callback.attempts == attempt,
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False),
+    )
+
+
+def _endpoint(*, session: Session, account_id: str, url: str) -> Endpoint:
+    """The endpoint row for account+url, created (race-safely) if missing."""
+    endpoint = session.get(Endpoint, (account_id, url), with_for_update=True)
+    if endpoint is not None:
+        return endpoint
+    try:
+        with session.begin_nested():
+            session.add(Endpoint(account_id=account_id, url=url))
+    except IntegrityError:
+        pass  # another worker created it first
+    endpoint = session.get(
+        Endpoint, (account_id, url), with_for_update=True, populate_existing=True
+    )
+    assert endpoint is not None
+    return endpoint
+
+
+def _endpoint_failed(
+    *, session: Session, settings: Settings, account_id: str, url: str, now: datetime
+) -> bool:
+    """Note a failed attempt on the endpoint; returns True if it is (now) disabled."""
+    endpoint = _endpoint(session=session, account_id=account_id, url=url)
+    if endpoint.disabled_at is not None:
+        return True
+    if endpoint.failing_since is None:
+        endpoint.failing_since = now
+    elif now - endpoint.failing_since > timedelta(seconds=settings.callback_disable_after):
+        endpoint.disabled_at = now
+    session.flush()
+    return endpoint.disabled_at is not None
+
+
+def _hold_pending(*, session: Session, account_id: str, url: str) -> set[str]:
+    """Move the endpoint's pending callbacks to held; returns their ids."""
+    rows = (
+        session.execute(
+            update(Callback)
+            .where(
+                Callback.account_id == account_id,
+                Callback.url == url,
+                Callback.state.in_(sources(S.HELD)),
+            )
+            .values(state=S.HELD, enqueued_at=None)
+            .returning(Callback.id)
+            .execution_options(synchronize_session=False)
+        )
+        .scalars()
+        .all()
+    )
+    return set(rows)

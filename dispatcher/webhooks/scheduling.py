@@ -1,0 +1,180 @@
+"""When callbacks go out: publishing due ones, and reclaiming claims whose worker died.
+
+Retry times are the ``next_attempt_at`` column, never long Celery countdowns: the
+scheduler's ``promote_callbacks`` task publishes what is due within the horizon.
+While a row is ``delivering``, ``next_attempt_at`` holds the moment it was claimed:
+the lease start used here to reclaim rows whose worker died mid-POST.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Executable, select, update
+from sqlalchemy.orm import Session
+
+from dispatcher import outbox
+from dispatcher.config import Settings
+from dispatcher.states import CALLBACK_TRANSITIONS, CallbackState
+from dispatcher.webhooks.limits import EndpointGate, endpoint_key
+from dispatcher.webhooks.models import Callback
+
+__all__ = ["TASK", "delivery_lease", "promote_due", "publish"]
+
+TASK = "deliver_callbacks"
+# Floor of the lease after which a 'delivering' row is presumed orphaned.
+MIN_LEASE = 300.0
+
+S = CallbackState
+
+
+def sources(new: CallbackState) -> tuple[str, ...]:
+    """The states a callback may move to ``new`` from (for conditional updates)."""
+    return tuple(s.value for s, nxt in CALLBACK_TRANSITIONS.items() if new in nxt)
+
+
+def chunks(items: Sequence[str], size: int) -> list[list[str]]:
+    """``items`` cut into lists of at most ``size``."""
+    size = max(1, size)
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def count(session: Session, statement: Executable) -> int:
+    """Execute an UPDATE and return how many rows it changed."""
+    return int(cast(CursorResult[Any], session.execute(statement)).rowcount)
+
+
+def delivery_lease(settings: Settings) -> timedelta:
+    """How long a claim lasts before promote_due presumes the worker died."""
+    # One POST is bounded by the sender's timeouts (connect, status line, a few
+    # capped body reads), and a lane stops taking callbacks after LANE_BUDGET; the
+    # lease stays well above both so a slow but live worker is never overtaken.
+    worst = 10 * (settings.callback_connect_timeout + settings.callback_read_timeout)
+    return timedelta(seconds=max(MIN_LEASE, worst))
+
+
+def publish(
+    session: Session, ids: Sequence[str], *, size: int, eta: datetime | None = None
+) -> None:
+    """Defer deliver tasks for ``ids`` (published after commit), ``size`` per task."""
+    for group in chunks(ids, size):
+        outbox.defer(session, outbox.Message(TASK, {"callback_ids": group}, eta=eta))
+
+
+def promote_due(
+    *,
+    session: Session,
+    settings: Settings,
+    now: datetime,
+    gate: EndpointGate | None = None,
+    limit: int = 5000,
+) -> int:
+    """Reclaim orphaned claims, then publish callbacks due within the horizon (or lost).
+
+    With a ``gate``, due callbacks of an endpoint its breaker holds, or whose slots are
+    all taken, are moved on in the database instead of published: a held endpoint's
+    backlog never floods the queue that every tenant's callbacks share.
+    """
+    _reclaim_stale(session=session, settings=settings, now=now)
+    horizon = now + timedelta(seconds=settings.schedule_horizon)
+    lost = now - timedelta(seconds=settings.callback_requeue_after)
+    rows = session.execute(
+        select(Callback.id, Callback.next_attempt_at, Callback.account_id, Callback.url)
+        .where(
+            Callback.state == S.PENDING,
+            Callback.next_attempt_at <= horizon,
+            (Callback.enqueued_at.is_(None)) | (Callback.enqueued_at < lost),
+        )
+        .order_by(Callback.next_attempt_at, Callback.created_at)
+        .limit(limit)
+    ).all()
+    if not rows:
+        return 0
+    if gate is not None:
+        rows = _hold_back(session=session, gate=gate, rows=rows, now=now)
+        if not rows:
+            session.flush()
+            return 0
+    for ids in chunks([r.id for r in rows], 500):
+        session.execute(
+            update(Callback)
+            .where(Callback.id.in_(ids))
+            .values(enqueued_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    publish(
+        session, [r.id for r in rows if r.next_attempt_at <= now], size=settings.callback_batch_size
+    )
+    # Future retries share one task per whole second: the ETA is the second rounded
+    # up, so every callback in the group is due by the time the task runs.
+    later: dict[datetime, list[str]] = {}
+    for r in rows:
+        if r.next_attempt_at > now:
+            later.setdefault(_ceil_second(r.next_attempt_at), []).append(r.id)
+    for eta, group in later.items():
+        publish(session, group, size=settings.callback_batch_size, eta=eta)
+    session.flush()
+    return len(rows)
+
+
+def _hold_back(
+    *, session: Session, gate: EndpointGate, rows: Sequence[Any], now: datetime
+) -> list[Any]:
+    """Move due callbacks of held or saturated endpoints on; returns the rows to publish."""
+    by_key: dict[str, list[Any]] = {}
+    for r in rows:
+        if r.next_attempt_at <= now:
+            by_key.setdefault(endpoint_key(r.account_id, r.url), []).append(r)
+    held: set[str] = set()
+    for key, group in by_key.items():
+        wait, busy = gate.held_for(key)
+        # Saturated (every slot taken): hold them back about as long as the slots
+        # have been busy, so a slow endpoint's backlog is looked at less and less often.
+        delay = wait or (min(max(busy, 1.0), 15.0) if busy > 0 else 0.0)
+        if not delay:
+            continue
+        ids = [r.id for r in group]
+        held.update(ids)
+        for part in chunks(ids, 500):
+            session.execute(
+                update(Callback)
+                .where(Callback.id.in_(part), Callback.state == S.PENDING)
+                .values(next_attempt_at=now + timedelta(seconds=delay), enqueued_at=None)
+                .execution_options(synchronize_session=False)
+            )
+    return [r for r in rows if r.id not in held]
+
+
+def _ceil_second(at: datetime) -> datetime:
+    """``at`` rounded up to a whole second."""
+    whole = at.replace(microsecond=0)
+    return whole if whole == at else whole + timedelta(seconds=1)
+
+
+def _reclaim_stale(*, session: Session, settings: Settings, now: datetime) -> int:
+    """Return 'delivering' rows past their lease to pending (or dead once out of retries)."""
+    cutoff = now - delivery_lease(settings)
+    stale = (
+        Callback.state == S.DELIVERING,
+        Callback.next_attempt_at < cutoff,
+    )
+    error = "worker lost during delivery; the receiver may have seen this webhook-id"
+    # A callback that keeps killing its worker must still run out of attempts.
+    out_of_tries = Callback.attempts > len(settings.callback_retry_schedule)
+    dead = count(
+        session,
+        update(Callback)
+        .where(*stale, out_of_tries)
+        .values(state=S.DEAD, last_error=error)
+        .execution_options(synchronize_session=False),
+    )
+    retried = count(
+        session,
+        update(Callback)
+        .where(*stale)
+        .values(state=S.PENDING, next_attempt_at=now, enqueued_at=None, last_error=error)
+        .execution_options(synchronize_session=False),
+    )
+    return dead + retried

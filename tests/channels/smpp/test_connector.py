@@ -1,0 +1,320 @@
+"""The connector and provider against smpp34's SMSC on 127.0.0.1, scripted per test.
+
+The connector runs on its own event loop (a thread here; its own process in
+test_system.py); the provider talks to it through the real Redis, as a send
+worker does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+
+import pytest
+import redis
+
+from dispatcher.channels.base import Lookup, OutboundMessage, Outcome
+from dispatcher.channels.smpp import errors, pdu
+from dispatcher.channels.smpp.handoff import stats_key
+from dispatcher.channels.smpp.provider import SmppProvider
+from dispatcher.channels.smpp.smsc import Action, LocalSmsc, Submit, running
+from dispatcher.sms import parts
+from tests.channels.smpp.conftest import (
+    PASSWORD,
+    RecordingSink,
+    connector_running,
+    smpp_config,
+    wait_live,
+)
+from tests.conftest import free_port, wait_for
+
+
+def message(i: int, body: str = "hello", *, to: str | None = None) -> OutboundMessage:
+    return OutboundMessage(
+        recipient_id=f"rcp-{i}",
+        channel="sms",
+        to=to or f"+4477009{i:05d}",
+        sender="Dispatcher",
+        body=body,
+    )
+
+
+def test_text_arrives_byte_exact_in_gsm7_and_ucs2(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    config = smpp_config({"local": [port]})
+    record = RecordingSink()
+    bodies = {
+        "gsm": "Price: 5€ {ok} [x] ~^|\\ @£$¥",
+        "ucs2": "Привет, €5 {ok} 😀",
+        "emoji": "😀👍🏽",
+    }
+    with running(LocalSmsc(port=port)) as smsc, connector_running(config, redis_url, record):
+        provider = SmppProvider(redis_client=smpp_redis, config=config)
+        wait_live(provider, "local")
+        messages = [message(i, body) for i, body in enumerate(bodies.values())]
+        results = provider.send_many(messages)
+        assert [r.outcome for r in results] == [Outcome.ACCEPTED] * 3
+        by_dest = {s.destination_addr: s for s in smsc.submits}
+    gsm, ucs2, emoji = (by_dest[m.to.lstrip("+")] for m in messages)
+    assert gsm.data_coding == 0
+    assert gsm.short_message == (
+        b"Price: 5\x1b\x65 \x1b\x28ok\x1b\x29 \x1b\x3cx\x1b\x3e \x1b\x3d\x1b\x14\x1b\x40\x1b\x2f "
+        b"\x00\x01\x02\x03"
+    )
+    assert ucs2.data_coding == 8
+    assert ucs2.short_message == bodies["ucs2"].encode("utf-16-be")
+    assert emoji.short_message == b"\xd8\x3d\xde\x00\xd8\x3d\xdc\x4d\xd8\x3c\xdf\xfd"
+    for s in (gsm, ucs2, emoji):
+        assert (s.source_addr, s.source_addr_ton, s.source_addr_npi) == ("Dispatcher", 5, 0)
+        assert (s.dest_addr_ton, s.dest_addr_npi) == (1, 1)
+        assert s.registered_delivery == 1
+        assert s.system_id == "local"
+    # The provider id is the SMSC's message_id.
+    assert {r.provider_message_id for r in results} == set(smsc.accepted)
+
+
+def test_long_messages_reassemble_in_order_on_the_smsc(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    config = smpp_config({"local": [port]}, window=8)
+    bodies = [
+        "".join(f"{i:04d} GSM part text € " for i in range(40)),
+        "".join(f"{i:03d} юникод 😀 " for i in range(30)),
+        "x" * 161,
+    ]
+    record = RecordingSink()
+    with running(LocalSmsc(port=port)) as smsc, connector_running(config, redis_url, record):
+        provider = SmppProvider(redis_client=smpp_redis, config=config)
+        wait_live(provider, "local")
+        messages = [message(i, b) for i, b in enumerate(bodies)]
+        results = provider.send_many(messages)
+        assert all(r.outcome is Outcome.ACCEPTED for r in results)
+        # One receipt per message, however many parts it had.
+        wait_for(lambda: len(record.receipts) == 3)
+        submits = list(smsc.submits)
+    grouped: dict[str, list[tuple[pdu.Concat, str]]] = defaultdict(list)
+    for s in submits:
+        concat, text = s.text()
+        assert concat is not None
+        grouped[s.destination_addr].append((concat, text))
+    for m, body in zip(messages, bodies, strict=True):
+        got = grouped[m.to.lstrip("+")]
+        assert len(got) == parts.analyse(body).parts
+        assert {c.reference for c, _ in got} == {got[0][0].reference}
+        assert sorted(c.number for c, _ in got) == list(range(1, len(got) + 1))
+        assert "".join(t for _, t in sorted(got, key=lambda ct: ct[0].number)) == body
+    assert {r.provider_message_id for r in record.receipts} == {
+        r.provider_message_id for r in results
+    }
+
+
+@pytest.mark.parametrize("tlvs", [True, False], ids=["tlvs", "text-only"])
+def test_every_receipt_is_applied_before_or_after_the_resp(
+    tlvs: bool, port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    stats = ["DELIVRD", "EXPIRED", "DELETED", "UNDELIV", "ACCEPTD", "UNKNOWN", "REJECTD"]
+
+    def script(s: Submit) -> Action:
+        i = int(s.destination_addr[-5:])
+        return Action(receipt=stats[i % len(stats)], receipt_first=i % 2 == 0)
+
+    config = smpp_config({"local": [port]})
+    record = RecordingSink()
+    with (
+        running(LocalSmsc(port=port, script=script, receipt_tlvs=tlvs)),
+        connector_running(config, redis_url, record),
+    ):
+        provider = SmppProvider(redis_client=smpp_redis, config=config)
+        wait_live(provider, "local")
+        results = provider.send_many([message(i) for i in range(14)])
+        wait_for(lambda: len(record.receipts) == 14)
+    by_id = {r.provider_message_id: r for r in record.receipts}
+    for i, result in enumerate(results):
+        receipt = by_id[result.provider_message_id or ""]
+        stat = stats[i % len(stats)]
+        assert receipt.status == pdu.STAT_STATUS[stat]
+        assert (receipt.carrier_status or "").startswith(stat)
+        assert receipt.done_at is not None
+        if receipt.status != "delivered":
+            assert receipt.error_code == f"smpp_{stat.lower()}"
+
+
+def test_throttling_slows_the_connection_and_loses_nothing(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    throttled: set[str] = set()
+
+    def script(s: Submit) -> Action:
+        # Every third destination is throttled once, then accepted.
+        if int(s.destination_addr[-5:]) % 3 == 0 and s.destination_addr not in throttled:
+            throttled.add(s.destination_addr)
+            return Action(status=errors.ESME_RTHROTTLED)
+        return Action(receipt=None)
+
+    config = smpp_config({"local": [port]}, window=4)
+    record = RecordingSink()
+    messages = [message(i) for i in range(12)]
+    with running(LocalSmsc(port=port, script=script)) as smsc:
+        with connector_running(config, redis_url, record):
+            provider = SmppProvider(redis_client=smpp_redis, config=config)
+            wait_live(provider, "local")
+            started = time.monotonic()
+            results = provider.send_many(messages)
+            transient = [
+                m for m, r in zip(messages, results, strict=True) if r.outcome is Outcome.TRANSIENT
+            ]
+            assert len(transient) == 4
+            assert all(r.retry_after for r in results if r.outcome is Outcome.TRANSIENT)
+            assert {r.error_code for r in results if r.outcome is Outcome.TRANSIENT} == {
+                "ESME_RTHROTTLED"
+            }
+            # The worker tries those again later; this time they go through.
+            again = provider.send_many(transient)
+            assert all(r.outcome is Outcome.ACCEPTED for r in again)
+            elapsed = time.monotonic() - started
+            counters = wait_for(lambda: smpp_redis.hgetall(stats_key("local-0")) or None)
+        accepted = Counter(s.destination_addr for s in smsc.accepted.values())
+    # Throttled submits paused the connection (0.3 s, doubling) instead of pressing on.
+    assert elapsed >= 0.3
+    assert int(counters[b"throttled"]) >= 1
+    assert accepted == Counter(m.to.lstrip("+") for m in messages)
+
+
+def test_a_connection_dropped_mid_window_sends_nothing_twice(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    def script(s: Submit) -> Action:
+        # Two answered, two never answered, then the SMSC drops the session.
+        if s.seq in (3, 4):
+            return Action(hold=True)
+        if s.seq == 5:
+            return Action(drop=True)
+        return Action(receipt=None)
+
+    config = smpp_config({"local": [port]}, window=4)
+    record = RecordingSink()
+    messages = [message(i) for i in range(10)]
+    with running(LocalSmsc(port=port, script=script)) as smsc:
+        with connector_running(config, redis_url, record):
+            provider = SmppProvider(redis_client=smpp_redis, config=config)
+            wait_live(provider, "local")
+            first = provider.send_many(messages)
+            outcomes = Counter(r.outcome for r in first)
+            unknown = [
+                m for m, r in zip(messages, first, strict=True) if r.error_code == "outcome_unknown"
+            ]
+            # Held and dropped submits are never reported as safe to send again; at
+            # most a window's worth can be in that state.
+            assert 3 <= len(unknown) <= 4
+            assert all(
+                r.outcome is Outcome.RECIPIENT for r in first if r.error_code == "outcome_unknown"
+            )
+            assert all(provider.lookup(m)[0] is Lookup.UNKNOWN for m in unknown)
+            # What the worker would try again (transient) goes out once the bind is back.
+            retry = [
+                m for m, r in zip(messages, first, strict=True) if r.outcome is Outcome.TRANSIENT
+            ]
+            assert outcomes[Outcome.ACCEPTED] + len(unknown) + len(retry) == 10
+            wait_live(provider, "local")
+            second = provider.send_many(retry)
+            assert all(r.outcome is Outcome.ACCEPTED for r in second)
+            for m, r in [*zip(messages, first, strict=True), *zip(retry, second, strict=True)]:
+                if r.outcome is Outcome.ACCEPTED:
+                    assert provider.lookup(m) == (Lookup.ACCEPTED, r.provider_message_id)
+        smsc.release_held()
+        per_destination = Counter(s.destination_addr for s in smsc.submits)
+    assert set(per_destination.values()) == {1}
+    assert len(per_destination) == 10
+
+
+def test_a_connection_that_cannot_bind_is_reported_retried_and_never_logs_its_password(
+    redis_url: str, smpp_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    config = smpp_config({"local": [port]})
+    record = RecordingSink()
+    caplog.set_level(logging.INFO)
+    with connector_running(config, redis_url, record):
+        provider = SmppProvider(redis_client=smpp_redis, config=config)
+        wait_for(lambda: int(smpp_redis.hget(stats_key("local-0"), "bind_failures") or 0) >= 2)
+        (result,) = provider.send_many([message(1)])
+        assert result.outcome is Outcome.TRANSIENT
+        assert result.error_code == "no_live_bind"
+        with running(LocalSmsc(port=port)):
+            wait_live(provider, "local")
+            (result,) = provider.send_many([message(1)])
+            assert result.outcome is Outcome.ACCEPTED
+    assert "bind to 127.0.0.1" in caplog.text
+    assert PASSWORD not in caplog.text
+
+
+def test_a_route_with_no_live_bind_fails_over_to_the_next(
+    redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    dead, live = free_port(), free_port()
+    config = smpp_config(
+        {"primary": [dead], "backup": [live]},
+        routes=[
+            {"prefix": "+44", "carrier": "primary"},
+            {"prefix": "+44", "carrier": "backup"},
+            {"prefix": "+1", "carrier": "primary"},
+        ],
+    )
+    record = RecordingSink()
+    with running(LocalSmsc(port=live)) as smsc, connector_running(config, redis_url, record):
+        provider = SmppProvider(redis_client=smpp_redis, config=config)
+        wait_live(provider, "backup")
+        uk, us, fr = provider.send_many(
+            [message(1), message(2, to="+15550100"), message(3, to="+33612345678")]
+        )
+        assert uk.outcome is Outcome.ACCEPTED
+        assert smsc.submits[0].system_id == "backup"
+        # The only route for +1 is down: later, not now; +33 has no route: next channel.
+        assert (us.outcome, us.error_code) == (Outcome.TRANSIENT, "no_live_bind")
+        assert (fr.outcome, fr.error_code) == (Outcome.CHANNEL, "no_route")
+
+
+def test_inbound_messages_are_decoded_and_reassembled(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    config = smpp_config({"local": [port]})
+    record = RecordingSink()
+    long_text = "Ответ 😀 " * 30
+    with running(LocalSmsc(port=port)) as smsc, connector_running(config, redis_url, record):
+        provider = SmppProvider(redis_client=smpp_redis, config=config)
+        wait_live(provider, "local")
+        assert (
+            smsc.call(smsc.send_mo(source="+447700900001", destination="Dispatcher", text="Hi €{"))
+            == 1
+        )
+        assert (
+            smsc.call(smsc.send_mo(source="+447700900002", destination="447700", text=long_text))
+            > 1
+        )
+        wait_for(lambda: len(record.inbound) == 2)
+    short, long = sorted(record.inbound, key=lambda m: m.sender)
+    assert (short.sender, short.to, short.body) == ("+447700900001", "Dispatcher", "Hi €{")
+    assert (long.sender, long.body, long.data_coding) == ("+447700900002", long_text, 8)
+
+
+def test_transmitter_and_receiver_binds_submit_through_the_transmitter(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    # smpp34 1.5.0's server answers a receiver session's deliver_sm_resp with
+    # generic_nack, so receipts over a separate receiver bind are not tested
+    # against it (see docs/smpp.md); the binds and the submit path are.
+    config = smpp_config({"local": [port]}, bind="transmitter_receiver")
+    record = RecordingSink()
+    smsc = LocalSmsc(port=port, script=lambda _: Action(receipt=None))
+    with running(smsc), connector_running(config, redis_url, record):
+        provider = SmppProvider(redis_client=smpp_redis, config=config)
+        wait_live(provider, "local")
+        wait_for(lambda: len(smsc.binds) == 2)
+        (result,) = provider.send_many([message(1)])
+        assert result.outcome is Outcome.ACCEPTED
+        sessions = {sid: e.can_receive for sid, e in smsc.sessions.items()}
+    assert sorted(sessions.values()) == [False, True]
+    submit = smsc.accepted[result.provider_message_id or ""]
+    assert sessions[submit.session_id] is False

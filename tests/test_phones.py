@@ -1,0 +1,70 @@
+"""E.164 parsing: the fast path for "+digits" agrees with phonenumbers.parse everywhere."""
+
+from __future__ import annotations
+
+import phonenumbers
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dispatcher.phones import InvalidNumber, _parse_plus_digits, to_e164
+
+
+def _slow(text: str) -> str:
+    """to_e164 as it was: phonenumbers.parse for everything."""
+    try:
+        number = phonenumbers.parse(text, None)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidNumber(text) from exc
+    if not phonenumbers.is_possible_number(number):
+        raise InvalidNumber(text)
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _outcome(fn: object, text: str) -> str:
+    try:
+        return fn(text)  # type: ignore[operator]
+    except InvalidNumber:
+        return "invalid"
+
+
+# Country codes of 1-3 digits, national prefixes, Italian leading zeros, short and long.
+TRICKY = [
+    "+447700900123",
+    "+4407700900123",
+    "+44",
+    "+4",
+    "+1",
+    "+12025550143",
+    "+112025550143",
+    "+390612345678",
+    "+3906123456",
+    "+39312345678",
+    "+79161234567",
+    "+8801234567",
+    "+80012345678",
+    "+97912345678",
+    "+882123456789",
+    "+0123456789",
+    "+999123456",
+    "+2250712345678",
+    "+54911234567890",
+    "+5491123456789",
+    "+61041234567",
+    "+123456789012345678",
+]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_fast_path_agrees_on_known_cases(text: str) -> None:
+    assert _outcome(to_e164, text) == _outcome(_slow, text)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet="0123456789", min_size=1, max_size=19))
+def test_fast_path_agrees_on_any_digits(digits: str) -> None:
+    text = "+" + digits
+    assert _outcome(to_e164, text) == _outcome(_slow, text)
+    fast = _parse_plus_digits(digits)
+    if fast is not None:
+        assert fast == phonenumbers.parse(text, None)
