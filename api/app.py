@@ -67,6 +67,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     for module in (mplus, report, eightbyeight, sinch, callbacks, receipts, ops):
         app.register_blueprint(module.blueprint)
     app.register_blueprint(sinch.inbounds_blueprint)
+    from api.providers import BLUEPRINTS as provider_webhooks
+
+    for webhook in provider_webhooks:
+        app.register_blueprint(webhook)
     sinch_shape = (sinch_errors.handle_http, sinch_errors.handle_unexpected)
     register(app, by_prefix={"/xms/": sinch_shape})
     return app

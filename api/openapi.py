@@ -39,9 +39,11 @@ class NativeError(Schema):
 
 
 class DlrReply(Schema):
-    """POST /dlr/{provider}: how many receipts were applied and how many ignored."""
+    """Receipts and status webhooks: how many were applied, kept until their send is
+    recorded (pending), and ignored (unknown, stale or repeated)."""
 
     applied = fields.Integer(required=True)
+    pending = fields.Integer(required=True)
     ignored = fields.Integer(required=True)
 
 
@@ -300,6 +302,43 @@ OPERATIONS = (
         "Database, Redis and a worker on every queue",
         replies={200: "Health"},
         **OPS,
+    ),
+    Op(
+        "post",
+        "/providers/rbm/events",
+        "rbmEvents",
+        "Google RBM events (verified with X-Goog-Signature)",
+        "providers",
+        replies={200: "DlrReply"},
+        security=(),
+    ),
+    Op(
+        "get",
+        "/providers/whatsapp/webhook",
+        "whatsappVerify",
+        "WhatsApp webhook verification (hub.mode, hub.verify_token, hub.challenge)",
+        "providers",
+        replies={200: None},
+        reply_type="text/plain",
+        security=(),
+    ),
+    Op(
+        "post",
+        "/providers/whatsapp/webhook",
+        "whatsappStatuses",
+        "WhatsApp statuses (verified with X-Hub-Signature-256)",
+        "providers",
+        replies={200: "DlrReply"},
+        security=(),
+    ),
+    Op(
+        "post",
+        "/providers/twilio/status",
+        "twilioStatus",
+        "Twilio StatusCallback (verified with X-Twilio-Signature)",
+        "providers",
+        replies={200: "DlrReply"},
+        security=(),
     ),
     Op(
         "get",

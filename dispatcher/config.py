@@ -57,6 +57,13 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _read_secret(path: str, name: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{PREFIX}{name.upper()}_FILE: cannot read {path}") from exc
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "str": str,
     "int": int,
@@ -144,6 +151,28 @@ class Settings:
     # A receipt matching no sent message yet is kept this long for its message's
     # outcome to be recorded (must exceed send_lease: reclaim settles within it).
     receipt_retention: float = 3600.0
+    # Provider per channel by name ({"rcs": "rbm", "sms": "twilio"}); channels not
+    # named use ``provider``. A route table can pick the same names.
+    channel_providers: dict[str, str] = field(default_factory=dict)
+    # Where vendors reach this API (Twilio's StatusCallback and its signature).
+    public_base_url: str = ""
+    # Google RCS Business Messaging (secrets: the key file, the webhook client token).
+    rbm_agent_id: str = ""
+    rbm_service_account_file: str = ""
+    rbm_api_url: str = "https://rcsbusinessmessaging.googleapis.com"
+    rbm_client_token: str = field(default="", repr=False)
+    # Meta WhatsApp Cloud API: {phone number id: token}, {sender: phone number id}.
+    whatsapp_api_url: str = "https://graph.facebook.com/v21.0"
+    whatsapp_phone_number_id: str = ""
+    whatsapp_senders: dict[str, str] = field(default_factory=dict)
+    whatsapp_tokens: dict[str, str] = field(default_factory=dict, repr=False)
+    whatsapp_app_secret: str = field(default="", repr=False)
+    whatsapp_verify_token: str = field(default="", repr=False)
+    # Twilio Messaging.
+    twilio_api_url: str = "https://api.twilio.com"
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = field(default="", repr=False)
+    twilio_messaging_service_sid: str = ""
 
     # Callbacks (webhooks).
     callback_retry_schedule: tuple[float, ...] = (
@@ -306,11 +335,16 @@ class Settings:
             steps = getattr(self, name)
             if not steps or any(not math.isfinite(s) or s <= 0 for s in steps):
                 raise ConfigError(f"{PREFIX}{name.upper()} must list positive delays")
-        if self.provider not in {"simulator", "http", "smpp"}:
-            raise ConfigError(
-                f"{PREFIX}PROVIDER must be simulator, http or smpp, not {self.provider!r}"
-            )
-        if self.provider == "smpp":
+        from dispatcher.channels.registry import NAMES
+
+        for channel, name in {"": self.provider, **self.channel_providers}.items():
+            if name not in NAMES:
+                where = f"CHANNEL_PROVIDERS[{channel}]" if channel else "PROVIDER"
+                raise ConfigError(f"{PREFIX}{where} must be one of {sorted(NAMES)}, not {name!r}")
+        unknown = sorted(set(self.channel_providers) - set(self.channels))
+        if unknown:
+            raise ConfigError(f"{PREFIX}CHANNEL_PROVIDERS names unknown channels {unknown}")
+        if "smpp" in {self.provider, *self.channel_providers.values()}:
             self.smpp_config()
 
     def smpp_config(self) -> Any:
@@ -330,6 +364,9 @@ class Settings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(PREFIX + f.name.upper())
+            if raw is None and env.get(PREFIX + f.name.upper() + "_FILE"):
+                # Secrets may live in a file the environment names (Docker/K8s secrets).
+                raw = _read_secret(env[PREFIX + f.name.upper() + "_FILE"], f.name)
             if raw is None:
                 continue
             kind = str(hints[f.name]).replace("typing.", "")

@@ -178,7 +178,7 @@ def commands(settings: Settings) -> dict[str, list[str]]:
         # SMPP binds live in their own process, apart from the send workers.
         **(
             {"smpp-connector": [_bin("dispatcher"), "smpp-connector"]}
-            if settings.provider == "smpp"
+            if "smpp" in {settings.provider, *settings.channel_providers.values()}
             else {}
         ),
     }

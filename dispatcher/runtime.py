@@ -51,28 +51,17 @@ class Runtime:
 
     @cached_property
     def providers(self) -> dict[str, Provider]:
-        """The provider delivering each configured channel."""
-        provider: Provider
-        if self.settings.provider == "simulator":
-            from dispatcher.channels.simulator import Simulator
+        """The provider delivering each configured channel (one instance per provider name)."""
+        from dispatcher.channels import registry
 
-            provider = Simulator(redis_client=self.redis, rules=self.settings.simulator)
-        elif self.settings.provider == "http":
-            from dispatcher.channels.http import HttpProvider
-
-            provider = HttpProvider(
-                url=self.settings.http_provider_url,
-                token=self.settings.http_provider_token,
-                connect_timeout=self.settings.http_connect_timeout,
-                read_timeout=self.settings.http_read_timeout,
-            )
-        elif self.settings.provider == "smpp":
-            from dispatcher.channels.smpp.provider import SmppProvider
-
-            provider = SmppProvider(redis_client=self.redis, config=self.settings.smpp_config())
-        else:
-            raise ValueError(f"unknown provider {self.settings.provider!r}")
-        return {channel: provider for channel in self.settings.channels}
+        built: dict[str, Provider] = {}
+        out: dict[str, Provider] = {}
+        for channel in self.settings.channels:
+            name = self.settings.channel_providers.get(channel, self.settings.provider)
+            if name not in built:
+                built[name] = registry.build(name, settings=self.settings, redis_client=self.redis)
+            out[channel] = built[name]
+        return out
 
     @cached_property
     def webhook_sender(self) -> WebhookSender:

@@ -36,6 +36,8 @@ class RecipientStatus(StrEnum):
     # Accepted by the carrier, but no receipt came by the deadline (or a lost worker's
     # hand-off cannot be looked up): final, and says so rather than guessing.
     UNKNOWN = "unknown"
+    # Opened by the user (RCS, WhatsApp): reported after delivered, or instead of it.
+    READ = "read"
 
 
 B, R = BatchStatus, RecipientStatus
@@ -59,16 +61,19 @@ RECIPIENT_TRANSITIONS: dict[RecipientStatus, frozenset[RecipientStatus]] = {
     R.SENDING: frozenset({R.SENT, R.QUEUED, R.FAILED, R.EXPIRED, R.UNKNOWN}),
     # A receipt may still fail or expire a message the carrier accepted; none by the
     # receipt deadline makes it unknown.
-    R.SENT: frozenset({R.DELIVERED, R.FAILED, R.EXPIRED, R.UNKNOWN}),
-    R.DELIVERED: frozenset(),
+    # sent -> read: a read report that overtook the delivery report (it implies delivery).
+    R.SENT: frozenset({R.DELIVERED, R.FAILED, R.EXPIRED, R.UNKNOWN, R.READ}),
+    # Final for the batch, yet a channel that reports reading moves it on once more.
+    R.DELIVERED: frozenset({R.READ}),
     R.FAILED: frozenset(),
     R.EXPIRED: frozenset(),
     R.CANCELLED: frozenset(),
     R.REJECTED: frozenset(),
     R.UNKNOWN: frozenset(),
+    R.READ: frozenset(),
 }
 
-FINAL_RECIPIENT = frozenset(s for s, nxt in RECIPIENT_TRANSITIONS.items() if not nxt)
+FINAL_RECIPIENT = frozenset(s for s, nxt in RECIPIENT_TRANSITIONS.items() if not nxt - {R.READ})
 # Not yet claimed by a worker: what a cancel may still stop.
 CANCELLABLE_RECIPIENT = frozenset({R.SCHEDULED, R.QUEUED})
 OPEN_BATCH = frozenset({B.SCHEDULED, B.QUEUED, B.SENDING})

@@ -50,7 +50,15 @@ RECIPIENT_LEGAL = {
     (R.QUEUED, R.CANCELLED),
 }
 BATCH_FINAL = {B.COMPLETED, B.CANCELLED, B.EXPIRED}
-RECIPIENT_FINAL = {R.DELIVERED, R.FAILED, R.EXPIRED, R.CANCELLED, R.REJECTED, R.UNKNOWN}
+RECIPIENT_FINAL = {
+    R.DELIVERED,
+    R.FAILED,
+    R.EXPIRED,
+    R.CANCELLED,
+    R.REJECTED,
+    R.UNKNOWN,
+    R.READ,
+}
 
 
 def edges(table: Mapping[Any, frozenset[Any]]) -> set[tuple[Any, Any]]:
@@ -92,17 +100,26 @@ def test_extra_moves_are_only_the_documented_ones() -> None:
         (R.SENDING, R.EXPIRED),
         (R.SENDING, R.UNKNOWN),
         (R.SENT, R.UNKNOWN),
+        # A channel that reports reading (RCS, WhatsApp): after delivered, or overtaking it.
+        (R.SENT, R.READ),
+        (R.DELIVERED, R.READ),
     }
 
 
 def test_finals_have_no_exits() -> None:
     assert {s for s, nxt in BATCH_TRANSITIONS.items() if not nxt} == BATCH_FINAL
-    assert {s for s, nxt in RECIPIENT_TRANSITIONS.items() if not nxt} == RECIPIENT_FINAL
+    # Delivered is final for its batch; its one way on is to read.
+    assert {s for s, nxt in RECIPIENT_TRANSITIONS.items() if not nxt} == RECIPIENT_FINAL - {
+        R.DELIVERED
+    }
+    assert RECIPIENT_TRANSITIONS[R.DELIVERED] == {R.READ}
     assert FINAL_RECIPIENT == RECIPIENT_FINAL
     for final, target in product(BATCH_FINAL, BatchStatus):
         with pytest.raises(IllegalTransition):
             check_batch(final, target)
     for r_final, r_target in product(RECIPIENT_FINAL, RecipientStatus):
+        if (r_final, r_target) == (R.DELIVERED, R.READ):
+            continue
         with pytest.raises(IllegalTransition):
             check_recipient(r_final, r_target)
 

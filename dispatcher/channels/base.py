@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 
 class Outcome(StrEnum):
@@ -36,6 +37,8 @@ class OutboundMessage:
     body: str
     # 1 for the first attempt on this channel.
     attempt: int = 1
+    # A WhatsApp template to send instead of ``body`` (the batch's ``whatsapp_template``).
+    template: dict[str, Any] | None = None
     # For routing per account and a carrier-side validity period (SMPP).
     account_id: str | None = None
     expire_at: datetime | None = None
@@ -57,7 +60,7 @@ class SendResult:
 
 @dataclass(frozen=True)
 class Receipt:
-    """A carrier's word on a message it accepted: delivered, failed or expired."""
+    """A carrier's word on a message it accepted: delivered, failed, expired or read."""
 
     provider_message_id: str
     status: str

@@ -204,6 +204,7 @@ def send_recipients(
                 sender=batch.sender,
                 body=row.body or batch.body,
                 attempt=row.attempts,
+                template=batch.options.get("whatsapp_template"),
                 account_id=batch.account_id,
                 expire_at=batch.expire_at,
             )

@@ -26,7 +26,7 @@ from dispatcher.batches.transitions import transition_recipients
 from dispatcher.channels.base import Receipt
 from dispatcher.config import Settings
 from dispatcher.receipts.models import PendingReceipt
-from dispatcher.states import RecipientStatus
+from dispatcher.states import RECIPIENT_TRANSITIONS, RecipientStatus
 
 __all__ = [
     "RECEIPT_STATUSES",
@@ -45,7 +45,11 @@ RECEIPT_STATUSES = {
     "delivered": R.DELIVERED,
     "failed": R.FAILED,
     "expired": R.EXPIRED,
+    "read": R.READ,
 }
+# Where a receipt may move a message from: only ``sent``, but a read report also
+# follows a delivered one (and a late delivery report after it changes nothing).
+SOURCES = {R.READ: (R.SENT, R.DELIVERED)}
 NO_RECEIPT = ("no_receipt", "no delivery receipt came within the receipt deadline")
 
 
@@ -85,14 +89,15 @@ def _apply(
 ) -> set[str]:
     """Apply receipts to ``sent`` messages of ``provider``; returns the ids that matched.
 
-    One conditional UPDATE per outcome: only a ``sent`` message takes a receipt, so
-    final messages and late or repeated receipts change nothing, and two
-    carriers' retries racing on one message cannot both apply.
+    One conditional UPDATE per outcome: only a ``sent`` message takes a receipt
+    (a ``delivered`` one takes ``read`` too), so final messages and late or
+    repeated receipts change nothing, and two carriers' retries racing on one
+    message cannot both apply. At most one receipt per message id.
     """
     groups: dict[tuple[RecipientStatus, str | None, str | None], list[str]] = defaultdict(list)
     for receipt in receipts:
         new = RECEIPT_STATUSES[receipt.status]
-        if new is R.DELIVERED:
+        if new in (R.DELIVERED, R.READ):
             groups[(new, None, None)].append(receipt.provider_message_id)
         else:
             code: str | None = receipt.error_code or new.value
@@ -102,7 +107,7 @@ def _apply(
         moved = transition_recipients(
             session=session,
             to=new,
-            current=(R.SENT,),
+            current=SOURCES.get(new, (R.SENT,)),
             where=[Recipient.provider_message_id.in_(refs), _of(provider)],
             values={"error_code": error_code, "error_text": text},
             at=now,
@@ -111,16 +116,40 @@ def _apply(
     return matched
 
 
-def _first_each(receipts: Iterable[Receipt]) -> tuple[list[Receipt], int]:
-    """The first receipt per message id (a carrier's word does not change), and how many repeats."""
-    first: dict[str, Receipt] = {}
-    repeats = 0
+def _chains(receipts: Iterable[Receipt]) -> dict[str, list[Receipt]]:
+    """Per message id, its receipts in order, each a legal move from the one before.
+
+    A carrier's word does not change (``delivered`` then ``failed`` keeps the first,
+    a repeat is dropped), but it may go on: ``delivered`` then ``read`` keeps both.
+    """
+    chains: dict[str, list[Receipt]] = {}
     for r in receipts:
-        if r.provider_message_id in first:
-            repeats += 1
-        else:
-            first[r.provider_message_id] = r
-    return list(first.values()), repeats
+        chain = chains.setdefault(r.provider_message_id, [])
+        new = RECEIPT_STATUSES[r.status]
+        if not chain or new in RECIPIENT_TRANSITIONS[RECEIPT_STATUSES[chain[-1].status]]:
+            chain.append(r)
+    return chains
+
+
+def _apply_chains(
+    *, session: Session, provider: str, chains: dict[str, list[Receipt]], now: datetime
+) -> tuple[int, set[str]]:
+    """Apply each chain in order (its first receipts together, then its second ones...).
+
+    Returns how many receipts applied and the ids of the messages they moved.
+    """
+    applied = 0
+    matched: set[str] = set()
+    for step in range(max((len(c) for c in chains.values()), default=0)):
+        moved = _apply(
+            session=session,
+            provider=provider,
+            receipts=[c[step] for c in chains.values() if len(c) > step],
+            now=now,
+        )
+        applied += len(moved)
+        matched |= moved
+    return applied, matched
 
 
 def accept(
@@ -131,10 +160,9 @@ def accept(
     A receipt for a message that is already final (or repeated in ``receipts``)
     is ignored. Nothing is lost once the caller commits: answer the carrier after that.
     """
-    known = [r for r in receipts if r.status in RECEIPT_STATUSES]
-    firsts, repeats = _first_each(known)
-    matched = _apply(session=session, provider=provider, receipts=firsts, now=now)
-    rest = [r for r in firsts if r.provider_message_id not in matched]
+    chains = _chains(r for r in receipts if r.status in RECEIPT_STATUSES)
+    applied, matched = _apply_chains(session=session, provider=provider, chains=chains, now=now)
+    rest = [r for ref, chain in chains.items() if ref not in matched for r in chain]
     # A message that carries the id but is not sent is final already: a late receipt.
     final = (
         set(
@@ -163,19 +191,20 @@ def accept(
             for r in keep
         )
         session.flush()
-    ignored = len(receipts) - len(known) + repeats + len(final)
-    metrics.receipts("applied", len(matched))
+    ignored = len(receipts) - applied - len(keep)
+    metrics.receipts("applied", applied)
     metrics.receipts("waiting", len(keep))
     metrics.receipts("unmatched", ignored)
-    return Accepted(applied=len(matched), pending=len(keep), ignored=ignored)
+    return Accepted(applied=applied, pending=len(keep), ignored=ignored)
 
 
 def settle(*, session: Session, provider: str, refs: Iterable[str], now: datetime) -> int:
     """Apply the stored receipts of messages just recorded as sent; returns how many applied.
 
     Called in the transaction that wrote ``sent`` with these ids, so the receipt
-    lands with the outcome. Stored receipts for these ids are then spent (the
-    first applies, any later one could only have been ignored).
+    lands with the outcome, and in the order they came (``delivered``, then
+    ``read``). Stored receipts for these ids are then spent (any not applied
+    could only have been ignored).
     """
     refs = list(refs)
     if not refs:
@@ -193,19 +222,19 @@ def settle(*, session: Session, provider: str, refs: Iterable[str], now: datetim
 def _settle_rows(
     *, session: Session, provider: str, stored: Sequence[PendingReceipt], now: datetime
 ) -> int:
-    firsts, _ = _first_each(
+    chains = _chains(
         Receipt(p.provider_message_id, p.status, p.error_code, p.error_text, p.done_at)
         for p in stored
     )
-    matched = _apply(session=session, provider=provider, receipts=firsts, now=now)
-    metrics.receipts("applied", len(matched))
+    applied, matched = _apply_chains(session=session, provider=provider, chains=chains, now=now)
+    metrics.receipts("applied", applied)
     if matched:
         session.execute(
             delete(PendingReceipt).where(
                 PendingReceipt.id.in_([p.id for p in stored if p.provider_message_id in matched])
             )
         )
-    return len(matched)
+    return applied
 
 
 def sweep(*, session: Session, settings: Settings, now: datetime, limit: int = 1000) -> Swept:
@@ -223,7 +252,13 @@ def sweep(*, session: Session, settings: Settings, now: datetime, limit: int = 1
             (Recipient.provider_message_id == PendingReceipt.provider_message_id)
             & or_(Recipient.provider == PendingReceipt.provider, Recipient.provider.is_(None)),
         )
-        .where(Recipient.status == R.SENT)
+        .where(
+            or_(
+                Recipient.status == R.SENT,
+                # A read may still follow a delivery that was applied meanwhile.
+                (Recipient.status == R.DELIVERED) & (PendingReceipt.status == "read"),
+            )
+        )
         .order_by(PendingReceipt.id)
         .limit(limit)
     ).scalars()

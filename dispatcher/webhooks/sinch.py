@@ -41,6 +41,8 @@ _BY_STATE: dict[RecipientStatus, tuple[str, int]] = {
     R.SENDING: ("Queued", 400),
     R.SENT: ("Dispatched", 401),
     R.DELIVERED: ("Delivered", 0),
+    # Sinch's SMS delivery reports have no read status: a read message stays Delivered.
+    R.READ: ("Delivered", 0),
     R.CANCELLED: ("Cancelled", 407),
     R.EXPIRED: ("Expired", 406),
     R.REJECTED: ("Aborted", 408),
@@ -203,7 +205,8 @@ def callbacks(
 ) -> list[PendingCallback]:
     """Sinch callbacks for a status change, as the batch's ``delivery_report`` asks."""
     mode = batch.options.get("delivery_report", "none")
-    if not batch.callback_url or mode == "none":
+    # Delivered was reported already; Sinch has nothing more to say of a read one.
+    if not batch.callback_url or mode == "none" or status is R.READ:
         return []
     if mode in ("per_recipient", "per_recipient_final"):
         out = []

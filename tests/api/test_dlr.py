@@ -255,6 +255,16 @@ def test_two_receipts_for_one_message_in_one_request_apply_the_first(
     assert events(api, m) == ["delivered"]
 
 
+def test_delivered_then_read_in_one_request_both_apply_in_order(api: Api, tenant: Tenant) -> None:
+    (m,) = sent_messages(api, tenant)
+
+    reply = api.post([{"id": m.ref, "status": "delivered"}, {"id": m.ref, "status": "read"}])
+
+    assert reply.get_json() == {"applied": 2, "pending": 0, "ignored": 0}
+    assert recipient(api, m).status == R.READ
+    assert events(api, m) == ["delivered", "read"]
+
+
 def test_a_mixed_request_counts_applied_and_ignored(api: Api, tenant: Tenant) -> None:
     done, fresh = sent_messages(api, tenant, 2)
     api.post({"id": done.ref, "status": "delivered"})
@@ -364,7 +374,7 @@ def _valid(m: Sent) -> dict[str, Any]:
     [
         (lambda m: {"status": "delivered"}, "id"),
         (lambda m: {"id": m.ref}, "status"),
-        (lambda m: {"id": m.ref, "status": "read"}, "status"),
+        (lambda m: {"id": m.ref, "status": "seen"}, "status"),
         (lambda m: {"id": m.ref, "status": "DELIVERED"}, "status"),
         (lambda m: {"id": m.ref, "status": None}, "status"),
         (lambda m: {"id": "", "status": "delivered"}, "id"),
@@ -375,7 +385,7 @@ def _valid(m: Sent) -> dict[str, Any]:
         (lambda m: {**_valid(m), "error": {"text": "x" * 501}}, "error.text"),
         (lambda m: {**_valid(m), "error": {"reason": "x"}}, "error.reason"),
         (lambda m: {**_valid(m), "timestamp": "2024-01-01T00:00:00Z"}, "timestamp"),
-        (lambda m: [_valid(m), {"id": "other", "status": "read"}], "1.status"),
+        (lambda m: [_valid(m), {"id": "other", "status": "seen"}], "1.status"),
         (lambda m: [_valid(m), "nope"], "1"),
         (lambda m: [], "receipts"),
         (lambda m: [_valid(m)] * 1001, "receipts"),

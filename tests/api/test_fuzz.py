@@ -93,7 +93,17 @@ class World:
 @pytest.fixture()
 def client(settings: Settings, publisher: RecordingPublisher) -> Iterator[FlaskClient]:
     """The API with a receipt secret for /dlr/http, so carrier bodies get past auth too."""
-    rt = Runtime(settings.replace(dlr_secrets={"http": SECRET}), publisher)
+    rt = Runtime(
+        settings.replace(
+            dlr_secrets={"http": SECRET},
+            # The vendor webhooks exist only with their secrets: configured, they are fuzzed.
+            rbm_client_token=SECRET,
+            whatsapp_app_secret=SECRET,
+            whatsapp_verify_token=SECRET,
+            twilio_auth_token=SECRET,
+        ),
+        publisher,
+    )
     yield create_app(rt.settings, runtime=rt).test_client()
     rt.dispose()
 
@@ -235,6 +245,17 @@ def valid_request(endpoint: str) -> Valid:
         "ops.health_check": Valid(),
         "ops.live": Valid(),
         "ops.ready": Valid(),
+        "rbm_webhook.events": Valid(
+            {
+                "message": {"data": "eyJldmVudFR5cGUiOiAiUkVBRCJ9", "messageId": "1"},
+                "subscription": "s",
+            }
+        ),
+        "whatsapp_webhook.verify": Valid(
+            None, {"hub.mode": "subscribe", "hub.verify_token": SECRET, "hub.challenge": "123"}
+        ),
+        "whatsapp_webhook.notify": Valid({"object": "whatsapp_business_account", "entry": []}),
+        "twilio_webhook.status": Valid({"MessageSid": "SM1", "MessageStatus": "delivered"}),
         "ops.metrics": Valid(),
         "ops.openapi_document": Valid(),
         "ops.docs": Valid(),
@@ -318,6 +339,10 @@ ENDPOINTS = [
     "ops.health_check",
     "ops.live",
     "ops.ready",
+    "rbm_webhook.events",
+    "whatsapp_webhook.verify",
+    "whatsapp_webhook.notify",
+    "twilio_webhook.status",
     "ops.metrics",
     "ops.openapi_document",
     "ops.docs",

@@ -112,6 +112,9 @@ def batch_of(data: dict[str, Any], *, allow_multi: bool) -> service.NewBatch:
         send_at=data["send_at"],
         client_id=data["id"],
         max_parts=None if allow_multi else 1,
+        options=(
+            {"whatsapp_template": data["whatsapp_template"]} if data["whatsapp_template"] else {}
+        ),
     )
 
 

@@ -107,6 +107,25 @@ class BatchQuery(MessageQuery):
     allow_multi = fields.Boolean(load_default=False, data_key="allowMulti")
 
 
+class WhatsAppTemplateSchema(Schema):
+    """A WhatsApp message template, sent instead of ``message`` on the whatsapp channel.
+
+    Business-initiated WhatsApp messages outside the 24-hour window must be approved
+    templates; ``message`` still goes to every other channel (the SMS fallback).
+    """
+
+    class Meta:
+        unknown = RAISE
+
+    name = Text(required=True, validate=validate.Regexp(r"^[a-z0-9_]{1,512}$"))
+    language = Text(required=True, validate=validate.Regexp(r"^[a-z]{2,3}(_[A-Za-z]{2,4})?$"))
+    parameters = fields.List(
+        Text(validate=validate.Length(min=1, max=1024)),
+        load_default=list,
+        validate=validate.Length(max=100),
+    )
+
+
 class BatchSchema(SettingsSchema):
     """Body of POST /batch (Messaging Plus API "Add Batch")."""
 
@@ -118,6 +137,7 @@ class BatchSchema(SettingsSchema):
     send_at = Timestamp(load_default=None)
     channel = fields.String(load_default=None)
     fallback_channels = fields.List(fields.String(), load_default=list)
+    whatsapp_template = fields.Nested(WhatsAppTemplateSchema, load_default=None)
 
     def limit(self, settings: Settings) -> None:
         body, count = settings.max_body_length, settings.max_destinations
@@ -139,6 +159,12 @@ class BatchSchema(SettingsSchema):
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
         if data.get("callback") is not None:
             check_callback(self.settings, data["callback"], field="callback")
+        chain = [
+            data.get("channel") or self.settings.default_channel,
+            *data.get("fallback_channels", []),
+        ]
+        if data.get("whatsapp_template") and "whatsapp" not in chain:
+            raise ValidationError("needs whatsapp among the channels", "whatsapp_template")
         self.check_send_at(data)
 
     @post_load

@@ -21,7 +21,7 @@ from dispatcher.sms import parts
 from dispatcher.states import RecipientStatus
 from dispatcher.webhooks import sinch
 
-_REPORTED = (RecipientStatus.DELIVERED, RecipientStatus.FAILED)
+_REPORTED = (RecipientStatus.DELIVERED, RecipientStatus.READ, RecipientStatus.FAILED)
 
 
 def recipient_report(batch: Batch, rec: Recipient) -> dict[str, Any]:

@@ -1,0 +1,91 @@
+"""Sorting a provider's failure answers into the engine's three classes, code and text kept.
+
+Each provider has a table from its own error codes to an Outcome (transient:
+retry at a durable time; channel: fall back to the next channel now;
+recipient: fail). What a table does not name is decided by the HTTP status.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import time
+from collections.abc import Mapping
+
+import requests
+
+from dispatcher.channels.base import Outcome, SendResult
+
+# A carrier asking for more than a day is capped: the expiry decides beyond that.
+MAX_RETRY_AFTER = 24 * 3600.0
+# Recipient.error_code and error_text column widths.
+CODE_WIDTH = 32
+TEXT_WIDTH = 500
+
+
+def retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), capped."""
+    value = (headers.get("Retry-After") or "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
+
+
+def by_status(status: int) -> Outcome:
+    """The class of an HTTP answer no provider table names."""
+    if 200 <= status < 300:
+        return Outcome.ACCEPTED
+    if status in (408, 425, 429) or status >= 500:
+        return Outcome.TRANSIENT
+    # 401/403 are our credentials or the operator's account, not the recipient's fault.
+    if status in (401, 403):
+        return Outcome.TRANSIENT
+    return Outcome.RECIPIENT
+
+
+def classify(table: Mapping[int, Outcome], code: int | None, status: int) -> Outcome:
+    """The provider's named class for ``code``, else the HTTP status decides."""
+    if code is not None and code in table:
+        return table[code]
+    return by_status(status)
+
+
+def failure(
+    outcome: Outcome,
+    *,
+    code: str,
+    text: str | None,
+    retry_after: float | None = None,
+) -> SendResult:
+    """A SendResult for a refused hand-off, code and text cut to their columns."""
+    return SendResult(
+        outcome,
+        error_code=code[:CODE_WIDTH],
+        error_text=(text or "")[:TEXT_WIDTH] or None,
+        retry_after=retry_after,
+    )
+
+
+def network(exc: requests.RequestException) -> SendResult:
+    """A transport failure: transient, named by its kind only (URLs may carry ids)."""
+    return failure(Outcome.TRANSIENT, code="network", text=type(exc).__name__)
+
+
+def reply_json(response: requests.Response) -> object:
+    """The reply's JSON, or None when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        return None

@@ -1,0 +1,85 @@
+"""Providers by name: what Settings can select per channel (and a route table by name).
+
+``build(name, settings=, redis_client=)`` makes one provider from the settings;
+the runtime builds each name once and maps channels to them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+from dispatcher.channels.base import Provider
+from dispatcher.config import Settings
+
+NAMES = frozenset({"simulator", "http", "smpp", "rbm", "whatsapp_cloud", "twilio"})
+
+
+def _session() -> requests.Session:
+    session = requests.Session()
+    session.headers["User-Agent"] = "Dispatcher/1"
+    return session
+
+
+def build(name: str, *, settings: Settings, redis_client: Any) -> Provider:
+    """The provider called ``name``, configured from ``settings``."""
+    timeout = (settings.http_connect_timeout, settings.http_read_timeout)
+    if name == "simulator":
+        from dispatcher.channels.simulator import Simulator
+
+        return Simulator(redis_client=redis_client, rules=settings.simulator)
+    if name == "http":
+        from dispatcher.channels.http import HttpProvider
+
+        return HttpProvider(
+            url=settings.http_provider_url,
+            token=settings.http_provider_token,
+            connect_timeout=settings.http_connect_timeout,
+            read_timeout=settings.http_read_timeout,
+        )
+    if name == "smpp":
+        from dispatcher.channels.smpp.provider import SmppProvider
+
+        return SmppProvider(redis_client=redis_client, config=settings.smpp_config())
+    if name == "rbm":
+        from dispatcher.channels.rbm import RbmProvider, ServiceAccountTokens
+
+        if not settings.rbm_service_account_file:
+            raise ValueError("the rbm provider needs DISPATCHER_RBM_SERVICE_ACCOUNT_FILE")
+        session = _session()
+        tokens = ServiceAccountTokens.from_file(
+            settings.rbm_service_account_file, session=session, timeout=timeout
+        )
+        return RbmProvider(
+            agent_id=settings.rbm_agent_id,
+            tokens=tokens,
+            api_url=settings.rbm_api_url,
+            session=session,
+            timeout=timeout,
+        )
+    if name == "whatsapp_cloud":
+        from dispatcher.channels.whatsapp_cloud import WhatsAppCloudProvider
+
+        return WhatsAppCloudProvider(
+            tokens=settings.whatsapp_tokens,
+            phone_number_id=settings.whatsapp_phone_number_id,
+            senders=settings.whatsapp_senders,
+            api_url=settings.whatsapp_api_url,
+            session=_session(),
+            timeout=timeout,
+        )
+    if name == "twilio":
+        from dispatcher.channels.twilio import STATUS_PATH, TwilioProvider
+
+        base = settings.public_base_url.rstrip("/")
+        return TwilioProvider(
+            account_sid=settings.twilio_account_sid,
+            auth_token=settings.twilio_auth_token,
+            status_callback=f"{base}{STATUS_PATH}" if base else "",
+            messaging_service_sid=settings.twilio_messaging_service_sid,
+            api_url=settings.twilio_api_url,
+            session=_session(),
+            timeout=timeout,
+        )
+    raise ValueError(f"unknown provider {name!r}")
