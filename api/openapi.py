@@ -193,7 +193,7 @@ OPERATIONS = (
         "mplus",
         "MplusBatch",
         "MplusBatchQuery",
-        {200: "MplusCreated"},
+        {200: "MplusCreated|MplusDryRun"},
         links=BATCH_LINKS,
     ),
     Op(
@@ -597,6 +597,10 @@ def _operation(
         reply: dict[str, Any] = {"description": "OK"}
         if schema in PLAIN_REPLIES:
             reply["content"] = {op.reply_type: {"schema": PLAIN_REPLIES[schema]}}
+        elif schema and "|" in schema:
+            # One of several shapes (a batch, or a dry run's analysis with ?dryRun=true).
+            refs = [{"$ref": f"#/components/schemas/{name}"} for name in schema.split("|")]
+            reply["content"] = {op.reply_type: {"schema": {"oneOf": refs}}}
         elif schema:
             reply["content"] = {op.reply_type: {"schema": schemas[schema]}}
         elif op.reply_type != "application/json":
