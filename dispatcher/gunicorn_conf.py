@@ -7,7 +7,8 @@ when a worker exits.
 The request-head limits sit above the app's own (api/errors.py), so an over-long
 target or header block is answered by the app in the dialect's JSON shape rather
 than by gunicorn's HTML page. 8190 is the most gunicorn allows for a request line
-short of "unlimited", which it would read into memory without bound.
+short of "unlimited", which it would read into memory without bound; beyond it,
+api/gunicorn_worker.py answers in the native JSON shape.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from dispatcher.config import Settings
 _settings = Settings.from_env()
 
 limit_request_line = 8190
+# Over these limits gunicorn refuses before the app sees the request: this worker
+# answers in the native JSON shape instead of gunicorn's HTML page.
+worker_class = "api.gunicorn_worker.JsonErrorWorker"
 limit_request_fields = 200
 limit_request_field_size = 32 * 1024
 

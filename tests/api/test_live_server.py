@@ -69,6 +69,14 @@ def test_a_long_request_target_is_answered_in_the_dialects_shape(
     assert sinch.json()["code"] == "uri_too_long"
 
 
+def test_a_request_line_over_gunicorns_limit_is_json_not_html(live: Live, tenant: Tenant) -> None:
+    long = "a" * 9000  # over gunicorn's 8190: refused before the app sees it
+    response = requests.get(f"{live.url}/batch/x?pad={long}", headers=tenant.auth, timeout=10)
+    assert response.status_code == 414
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json()["code"] == 1414
+
+
 def test_too_many_header_fields_is_a_431_in_the_dialects_shape(live: Live, tenant: Tenant) -> None:
     headers = {**tenant.auth, **{f"X-Pad-{i}": "x" for i in range(150)}}
     response = requests.get(f"{live.url}/batch/x", headers=headers, timeout=10)
