@@ -115,32 +115,28 @@ def dispatch_batch(self: DispatcherTask, session: Session, batch_id: str) -> int
     )
 
 
-@task(TaskName.SEND_CHUNK)
-def send_chunk(self: DispatcherTask, batch_id: str, start: int, end: int) -> dict[str, Any]:
-    rt = self.runtime
+def _send(rt: Runtime, *, batch_id: str, **which: Any) -> dict[str, Any]:
+    """One send task: a chunk's seq range or a list of recipient ids."""
     return sending.send_recipients(
         factory=rt.sessions,
         settings=rt.settings,
         providers=rt.providers,
         limiter=rt.limiter,
         batch_id=batch_id,
-        seq_range=(start, end),
+        **which,
     ).as_dict()
+
+
+@task(TaskName.SEND_CHUNK)
+def send_chunk(self: DispatcherTask, batch_id: str, start: int, end: int) -> dict[str, Any]:
+    return _send(self.runtime, batch_id=batch_id, seq_range=(start, end))
 
 
 @task(TaskName.SEND_RECIPIENTS)
 def send_recipients(
     self: DispatcherTask, batch_id: str, recipient_ids: list[str]
 ) -> dict[str, Any]:
-    rt = self.runtime
-    return sending.send_recipients(
-        factory=rt.sessions,
-        settings=rt.settings,
-        providers=rt.providers,
-        limiter=rt.limiter,
-        batch_id=batch_id,
-        recipient_ids=recipient_ids,
-    ).as_dict()
+    return _send(self.runtime, batch_id=batch_id, recipient_ids=recipient_ids)
 
 
 @transactional(TaskName.PROMOTE_DUE)

@@ -287,6 +287,23 @@ def promote_if_due(*, session: Session, settings: Settings, batch: Batch, now: d
     return True
 
 
+def follow_send_at(*, session: Session, settings: Settings, batch: Batch, now: datetime) -> None:
+    """A queued batch whose send_at moved: back to the database if beyond the horizon, else
+    a dispatch task at the new time (an older task finds nothing to do: dispatch re-checks)."""
+    if batch.send_at > now + timedelta(seconds=settings.schedule_horizon):
+        batch.status = check_batch(batch.status, BatchStatus.SCHEDULED)
+        batch.enqueued_at = None
+    else:
+        batch.enqueued_at = now
+        outbox.defer(
+            session,
+            outbox.Message(
+                outbox.TaskName.DISPATCH_BATCH, {"batch_id": batch.id}, eta=batch.send_at
+            ),
+        )
+    session.flush()
+
+
 def assign_shared_sender(
     *,
     session: Session,

@@ -17,7 +17,6 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, delete, update
 from sqlalchemy.orm import Session
 
-from dispatcher import outbox
 from dispatcher.accounts.models import Account
 from dispatcher.batches.models import Batch, Recipient
 from dispatcher.batches.queries import destinations_of
@@ -25,6 +24,7 @@ from dispatcher.batches.service import (
     NewBatch,
     fingerprint,
     fit_parts,
+    follow_send_at,
     get_batch,
     insert_recipients,
     promote_if_due,
@@ -33,7 +33,7 @@ from dispatcher.batches.transitions import transition_recipients
 from dispatcher.config import Settings
 from dispatcher.db import utcnow
 from dispatcher.errors import Conflict, ValidationError
-from dispatcher.states import BatchStatus, RecipientStatus, check_batch
+from dispatcher.states import BatchStatus, RecipientStatus
 
 NOT_STARTED = (BatchStatus.SCHEDULED, BatchStatus.QUEUED)
 # Sinch: expire_at defaults to, and may be at most, 3 days after send_at.
@@ -153,22 +153,8 @@ def _replace_recipients(
 
 def _reschedule(session: Session, settings: Settings, batch: Batch, now: datetime) -> None:
     """Make the broker's view follow a changed send_at."""
-    horizon = now + timedelta(seconds=settings.schedule_horizon)
     if batch.status == BatchStatus.QUEUED:
-        if batch.send_at > horizon:
-            # Its dispatch task re-checks send_at too; this just frees it early.
-            batch.status = check_batch(batch.status, BatchStatus.SCHEDULED)
-            batch.enqueued_at = None
-        else:
-            # An earlier send_at needs an earlier task; the old one finds nothing to do.
-            batch.enqueued_at = now
-            outbox.defer(
-                session,
-                outbox.Message(
-                    outbox.TaskName.DISPATCH_BATCH, {"batch_id": batch.id}, eta=batch.send_at
-                ),
-            )
-        session.flush()
+        follow_send_at(session=session, settings=settings, batch=batch, now=now)
     else:
         promote_if_due(session=session, settings=settings, batch=batch, now=now)
 

@@ -15,11 +15,11 @@ from sqlalchemy.orm import Session
 
 from dispatcher import outbox
 from dispatcher.batches.models import Batch, Recipient
-from dispatcher.batches.service import promote_if_due
+from dispatcher.batches.service import follow_send_at, promote_if_due
 from dispatcher.batches.transitions import transition_batch, transition_recipients
 from dispatcher.config import Settings
 from dispatcher.outbox import TaskName, chunk_ranges
-from dispatcher.states import BatchStatus, RecipientStatus, check_batch
+from dispatcher.states import BatchStatus, RecipientStatus
 
 IN_FLIGHT = (RecipientStatus.SCHEDULED, RecipientStatus.QUEUED, RecipientStatus.SENDING)
 
@@ -31,16 +31,7 @@ def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: 
         return 0
     if batch.send_at > now + timedelta(seconds=1):
         # Rescheduled after its task was published: wait again, in the database if far.
-        if batch.send_at > now + timedelta(seconds=settings.schedule_horizon):
-            batch.status = check_batch(batch.status, BatchStatus.SCHEDULED)
-            batch.enqueued_at = None
-        else:
-            batch.enqueued_at = now
-            outbox.defer(
-                session,
-                outbox.Message(TaskName.DISPATCH_BATCH, {"batch_id": batch.id}, eta=batch.send_at),
-            )
-        session.flush()
+        follow_send_at(session=session, settings=settings, batch=batch, now=now)
         return 0
     moved = transition_batch(
         session=session,

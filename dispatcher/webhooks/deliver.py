@@ -306,20 +306,8 @@ class _PinnedHTTPConnection(HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _PinnedHTTPSConnection(HTTPSConnection):
+class _PinnedHTTPSConnection(_PinnedHTTPConnection, HTTPSConnection):
     """As _PinnedHTTPConnection; SNI and certificate checks still use the URL's hostname."""
-
-    def __init__(self, *args: Any, pin: _Pin | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._pin = pin
-
-    def _new_conn(self) -> socket.socket:
-        return _connect_pinned(self, self._pin)
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        """Send a request, the reused socket (if any) watched by this attempt's budget."""
-        _watch_reused(self)
-        super().request(*args, **kwargs)
 
 
 class _PinnedHTTPConnectionPool(HTTPConnectionPool):
