@@ -33,7 +33,8 @@ def is_group_id(text: str) -> bool:
 
 def get_group(*, session: Session, account_id: str, group_id: str) -> Group:
     """The account's group, or NotFound (another account's group is not found either)."""
-    group = session.get(Group, group_id)
+    # Checked before any query: a malformed id (a NUL byte, say) is simply not found.
+    group = session.get(Group, group_id) if is_group_id(group_id) else None
     if group is None or group.account_id != account_id:
         raise NotFound(f"group {group_id} not found")
     return group
