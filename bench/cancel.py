@@ -29,10 +29,7 @@ def cancel_mode(system: System, out: Out) -> None:
     system.configure()
     system.migrate_and_account(rate=None)
     api = system.start_api(args.api_workers)
-    for i in range(args.worker_processes):
-        system.start_worker(
-            f"send{i}", app="workers.main", queues="dispatch,send", concurrency=args.concurrency
-        )
+    system.start_send_workers()
     beat = system.start_beat()
     system.wait_ready([*system.workers(), beat, api])
     time.sleep(2)

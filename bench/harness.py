@@ -301,6 +301,16 @@ class System:
             return self.start(name, argv, role=role, wrapped=True)
         return self.start(name, argv, role=role)
 
+    def start_send_workers(self) -> None:
+        """``--worker-processes`` send workers on dispatch,send, ``--concurrency`` pool each."""
+        for i in range(self.args.worker_processes):
+            self.start_worker(
+                f"send{i}",
+                app="workers.main",
+                queues="dispatch,send",
+                concurrency=self.args.concurrency,
+            )
+
     def start_beat(self) -> BenchChild:
         return self.start(
             "beat",

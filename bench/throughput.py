@@ -122,10 +122,7 @@ def throughput(system: System, out: Out) -> None:
     noop_rate = noop_reference(system, out) if args.noop_tasks > 0 else None
 
     api = system.start_api(args.api_workers)
-    for i in range(args.worker_processes):
-        system.start_worker(
-            f"send{i}", app="workers.main", queues="dispatch,send", concurrency=args.concurrency
-        )
+    system.start_send_workers()
     if args.callbacks:
         system.start_worker(
             "callbacks", app="workers.main", queues="callbacks", concurrency=2, role="callbacks"
