@@ -7,7 +7,7 @@ import json
 import random
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -230,9 +230,11 @@ def insert_recipients(
     now: datetime,
     client_id: str | None = None,
     rejected: Mapping[int, str] | None = None,
+    reported: Collection[int] = (),
 ) -> int:
     """Write one ``scheduled`` row per destination, seq 0..n-1 (chunks are seq ranges);
-    those in ``rejected`` are written ``rejected`` with their error code, and reported."""
+    those in ``rejected`` are written ``rejected`` with their error code, and reported
+    (unless in ``reported``: an update keeps a rejection it reported before)."""
     refused = rejected or {}
     body_parts = parts.analyse(batch.body).parts
     rows = [
@@ -264,10 +266,16 @@ def insert_recipients(
                 str(rows[seq]["id"]), destinations[seq], batch.channels[0], client_id, code
             )
             for seq, code in sorted(refused.items())
+            if seq not in reported
         ]
-        events.record(
-            session=session, batch=batch, status=RecipientStatus.REJECTED, changes=changes, at=now
-        )
+        if changes:
+            events.record(
+                session=session,
+                batch=batch,
+                status=RecipientStatus.REJECTED,
+                changes=changes,
+                at=now,
+            )
     return len(rows)
 
 

@@ -9,12 +9,12 @@ the batch has started and the caller gets a Conflict naming why.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, update
+from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher.accounts.models import Account
@@ -33,6 +33,7 @@ from dispatcher.batches.transitions import transition_recipients
 from dispatcher.config import Settings
 from dispatcher.db import utcnow
 from dispatcher.errors import Conflict, ValidationError
+from dispatcher.sms import parts
 from dispatcher.states import BatchStatus, RecipientStatus
 
 NOT_STARTED = (BatchStatus.SCHEDULED, BatchStatus.QUEUED)
@@ -70,15 +71,14 @@ def render(
     parameters: Mapping[str, Mapping[str, str]] | None,
     *,
     max_length: int,
-    unmatched: dict[int, str] | None = None,
+    unmatched: dict[int, str],
 ) -> list[str] | None:
     """Per-recipient bodies with ``${name}`` replaced (recipient's value, else ``default``).
 
-    None when there are no parameters. A placeholder with neither a value for a
-    recipient nor a default is a ValidationError naming the recipient, unless
-    ``unmatched`` is given: then that recipient's index is recorded there with
+    None when there are no parameters. A recipient with a placeholder that has
+    neither a value nor a default is recorded in ``unmatched`` with
     ``parameter_missing`` (Sinch fails only that message). A rendered body longer
-    than ``max_length`` is always a ValidationError.
+    than ``max_length`` is a ValidationError.
     """
     if not parameters:
         return None
@@ -89,14 +89,10 @@ def render(
         for name in used:
             mapping = parameters[name]
             value = mapping.get(to, mapping.get("default"))
-            if value is None and unmatched is not None:
-                unmatched[index] = "parameter_missing"
-                continue
             if value is None:
-                raise ValidationError(
-                    f"parameter {name!r} has no value for {to} and no default", field="parameters"
-                )
-            values[name] = value
+                unmatched[index] = "parameter_missing"
+            else:
+                values[name] = value
         rendered = _substitute(body, values) if used else body
         # Values repeat per placeholder: without a cap a small request could expand
         # into gigabytes of bodies (500 placeholders x 2,000 characters x 1,000 numbers).
@@ -108,6 +104,47 @@ def render(
             )
         out.append(rendered)
     return out
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """Per-recipient bodies (None: every recipient gets the batch's) and who fails alone."""
+
+    bodies: list[str] | None
+    # Destination index -> error code (parameter_missing, parts_limit).
+    rejected: dict[int, str]
+    # The part limit left for fit_parts, which then only truncates (truncate_concat).
+    max_parts: int | None
+
+
+def fit_recipients(
+    *,
+    body: str,
+    destinations: Sequence[str],
+    options: Mapping[str, Any],
+    max_length: int,
+) -> Fitted:
+    """Render parameters and apply the part limit as Sinch does on send, replace and update.
+
+    A recipient whose parameter has no value, or whose message needs more than
+    ``max_number_of_message_parts`` (without ``truncate_concat``), fails alone; the
+    rest of the batch goes on. ``options`` are the batch's Sinch fields.
+    """
+    if options.get("type") == "mt_binary":
+        return Fitted(None, {}, None)
+    max_parts = options.get("max_number_of_message_parts")
+    rejected: dict[int, str] = {}
+    bodies = render(
+        body, destinations, options.get("parameters"), max_length=max_length, unmatched=rejected
+    )
+    if max_parts is None or options.get("truncate_concat"):
+        return Fitted(bodies, rejected, max_parts)
+    for i, text in enumerate(bodies or [body]):
+        if i not in rejected and parts.analyse(text).parts > max_parts:
+            rejected[i] = "parts_limit"
+    if bodies is None and rejected:  # one body for all, over the limit: all fail
+        rejected = dict.fromkeys(range(len(destinations)), "parts_limit")
+    return Fitted(bodies, rejected, None)
 
 
 def _substitute(body: str, values: Mapping[str, str]) -> str:
@@ -137,6 +174,7 @@ def _replace_recipients(
     destinations: Sequence[str],
     bodies: Sequence[str] | None,
     rejected: Mapping[int, str] | None = None,
+    reported: Collection[int] = (),
 ) -> None:
     # Nothing was sent, queued for a worker or reported for an unstarted batch's
     # recipients, so they are rewritten whole: seq stays 0..n-1, which chunking needs.
@@ -148,7 +186,18 @@ def _replace_recipients(
         bodies=bodies,
         now=utcnow(),
         rejected=rejected,
+        reported=reported,
     )
+
+
+def _rejections(session: Session, batch_id: str) -> dict[str, str]:
+    """The batch's recipients rejected at intake, by number, with their codes."""
+    rows = session.execute(
+        select(Recipient.to, Recipient.error_code).where(
+            Recipient.batch_id == batch_id, Recipient.status == RecipientStatus.REJECTED
+        )
+    )
+    return {to: code or "" for to, code in rows}
 
 
 def _reschedule(session: Session, settings: Settings, batch: Batch, now: datetime) -> None:
@@ -199,30 +248,32 @@ def update_batch(
         batch.send_at, batch.expire_at = times.send_at, times.expire_at
         options["default_expiry"] = times.default_expiry
     batch.options = options
-    bodies = (
-        None
-        if options.get("type") == "mt_binary"
-        else render(
-            batch.body,
-            destinations,
-            options.get("parameters"),
-            max_length=settings.max_body_length,
-        )
+    fitted = fit_recipients(
+        body=batch.body,
+        destinations=destinations,
+        options=options,
+        max_length=settings.max_body_length,
     )
+    # A rejection already reported is final: it stays, with its code and no second
+    # callback, whatever the update changes; new failures are reported as on send.
+    earlier = _rejections(session, batch.id)
+    kept = {i: earlier[to] for i, to in enumerate(destinations) if to in earlier}
     new = fit_parts(
         NewBatch(
             sender=batch.sender,
             body=batch.body,
             destinations=destinations,
             channels=batch.channels,
-            bodies=bodies,
-            max_parts=options.get("max_number_of_message_parts"),
+            bodies=fitted.bodies,
+            max_parts=fitted.max_parts,
             truncate=bool(options.get("truncate_concat")),
         )
     )
     batch.body = new.body
     batch.modified_at = now
-    _replace_recipients(session, batch, destinations, new.bodies)
+    _replace_recipients(
+        session, batch, destinations, new.bodies, {**fitted.rejected, **kept}, kept.keys()
+    )
     session.flush()
     _reschedule(session, settings, batch, now)
     return batch

@@ -342,3 +342,49 @@ def test_inbounds_list_and_get(
     with pytest.raises(SmsException) as exc:
         sdk(base_url, other_tenant).inbounds.get(inbound_id=stored.id)
     assert error_of(exc)[0] == 404
+
+
+def test_update_fails_recipients_alone_as_send_does(
+    base_url: str, tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    sms = sdk(base_url, tenant)
+    batch = sms.batches.send_sms(
+        to=[A, B],
+        from_="Acme",
+        body="Hi ${name}",
+        parameters={"name": {A: "Ann", B: "Bob"}},
+        send_at=datetime.now(UTC) + timedelta(hours=1),
+        delivery_report="per_recipient",
+        event_destination_target="http://127.0.0.1:9/cb",
+    )
+    # C has no value and there is no default: only C fails (405), the update stands.
+    updated = sms.batches.update_sms(batch_id=batch.id, to_add=[C])
+    assert sorted(updated.to) == [A, B, C]
+    # B's message now needs two parts: only B fails (411). C's failure was reported and
+    # stays as it was, without a second callback.
+    sms.batches.update_sms(
+        batch_id=batch.id,
+        parameters={"name": {A: "Ann", B: "B" * 200, C: "Cy"}},
+        max_number_of_message_parts=1,
+    )
+    report = sms.delivery_reports.get(batch_id=batch.id, report_type="full")
+    by_code = {s.code: (s.status, s.recipients) for s in report.statuses}
+    assert by_code == {400: ("Queued", [A]), 405: ("Aborted", [C]), 411: ("Aborted", [B])}
+    sent = [c.payload for c in callbacks(sessions, batch.id)]
+    assert sorted((p["recipient"], p["code"], p["status"]) for p in sent) == [
+        (B, 411, "Aborted"),
+        (C, 405, "Aborted"),
+    ]
+    one = sms.delivery_reports.get_for_number(batch_id=batch.id, recipient=B)
+    assert (one.status, one.code) == ("Aborted", 411)
+    # truncate_concat cuts instead: nobody else fails.
+    cut = sms.batches.update_sms(
+        batch_id=batch.id, body="x" * 200, parameters={}, truncate_concat=True
+    )
+    assert len(cut.body) == 160
+    report = sms.delivery_reports.get(batch_id=batch.id, report_type="full")
+    assert {(s.code, tuple(s.recipients)) for s in report.statuses} == {
+        (400, (A,)),
+        (405, (C,)),
+        (411, (B,)),
+    }

@@ -195,7 +195,16 @@ class UpdateSchema(Limited):
     NUMBERS = ("to_add", "to_remove")
     TEXTS = ("body",)
 
-    type = fields.String(allow_none=True, validate=validate.OneOf(("mt_text",)))
+    type = fields.String(
+        allow_none=True,
+        validate=validate.OneOf(
+            ("mt_text",),
+            error="only mt_text batches can be updated (mt_binary: replace the batch; "
+            "mt_media: Dispatcher has no MMS channel)",
+        ),
+    )
+    # The SDK's update_binary sends it: accepted here so the type's refusal is the one shown.
+    udh = Text(allow_none=True, load_only=True)
     sender = Text(allow_none=True, data_key="from", validate=validate.Length(min=1, max=64))
     body = Text(allow_none=True)
     to_add = fields.List(Destination(), allow_none=True)
@@ -221,10 +230,13 @@ class UpdateSchema(Limited):
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
         if data.get("callback_url") is not None:
             check_callback(self.settings, data["callback_url"], field="callback_url")
+        if data.get("udh") is not None:
+            raise ValidationError("is only allowed when type is mt_binary", "udh")
 
     @post_load
     def _resets(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
         data.pop("type", None)
+        data.pop("udh", None)
         clearable = ("callback_url", "client_reference", "delivery_report")
         out = {k: v for k, v in data.items() if v is not None or k in clearable}
         if "delivery_report" in out and out["delivery_report"] is None:

@@ -24,7 +24,6 @@ from dispatcher.batches import queries, service, updates
 from dispatcher.batches.service import NewBatch
 from dispatcher.db import utcnow
 from dispatcher.groups import service as groups
-from dispatcher.sms import parts
 from dispatcher.states import OPEN_BATCH
 from dispatcher.webhooks import sinch
 
@@ -77,26 +76,14 @@ def _new_batch(data: dict[str, Any]) -> NewBatch:
             400, CONSTRAINT, f"to: {len(to)} recipients with the groups; at most {most}"
         )
     times = updates.window(send_at=data["send_at"], expire_at=data["expire_at"], now=utcnow())
-    binary = data["type"] == "mt_binary"
     options = {name: data[name] for name in OPTIONS}
     options["default_expiry"] = times.default_expiry
-    limit = ctx.settings().max_body_length
-    # Sinch fails only the recipients a parameter has no value for, or whose message
-    # needs more parts than allowed: the rest of the batch is sent.
-    rejected: dict[int, str] = {}
-    bodies = (
-        None
-        if binary
-        else updates.render(
-            data["body"], to, data["parameters"], max_length=limit, unmatched=rejected
-        )
+    fitted = updates.fit_recipients(
+        body=data["body"],
+        destinations=to,
+        options=options,
+        max_length=ctx.settings().max_body_length,
     )
-    max_parts = None if binary else data["max_number_of_message_parts"]
-    if max_parts is not None and not data["truncate_concat"]:
-        for i, text in enumerate(bodies or [data["body"]] * len(to)):
-            if i not in rejected and parts.analyse(text).parts > max_parts:
-                rejected[i] = "parts_limit"
-        max_parts = None  # every body left fits
     return NewBatch(
         sender=sender,
         body=data["body"],
@@ -107,10 +94,10 @@ def _new_batch(data: dict[str, Any]) -> NewBatch:
         expire_at=times.expire_at,
         dialect="sinch",
         options=options,
-        bodies=bodies,
-        max_parts=max_parts,
+        bodies=fitted.bodies,
+        max_parts=fitted.max_parts,
         truncate=bool(data["truncate_concat"]),
-        rejected=rejected or None,
+        rejected=fitted.rejected or None,
     )
 
 
