@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import ColumnElement, func, insert, select
 from sqlalchemy.orm import Session
 
 from dispatcher import outbox
 from dispatcher.accounts.models import Account
-from dispatcher.batches.models import SharedSender
+from dispatcher.batches.models import Batch, Recipient, SharedSender
 from dispatcher.db import new_id
 from dispatcher.errors import NotFound, ValidationError
 from dispatcher.inbound.models import InboundMessage, InboundNumber, InboundWebhook
@@ -179,9 +179,13 @@ def list_inbounds(
     end: datetime | None = None,
     page: int = 0,
     page_size: int = 30,
+    client_reference: str | None = None,
 ) -> tuple[list[InboundMessage], int]:
-    """One page of an account's inbound messages, newest first, and how many match."""
+    """One page of an account's inbound messages, newest first, and how many match;
+    with ``client_reference``, only replies to a batch that carried it."""
     where = [InboundMessage.account_id == account_id]
+    if client_reference is not None:
+        where.append(replied_reference() == client_reference)
     if to:
         where.append(InboundMessage.to.in_({n for t in to for n in (t, normalise(t))}))
     if start is not None:
@@ -197,6 +201,26 @@ def list_inbounds(
         .limit(page_size)
     ).all()
     return list(rows), int(total.scalar_one())
+
+
+def replied_reference() -> ColumnElement[str | None]:
+    """The client_reference of the message an inbound replies to: the account's latest
+    message sent to the inbound's sender from the number (or code) it was sent to."""
+    return (
+        select(Batch.options["client_reference"].as_string())
+        .join(Recipient, Recipient.batch_id == Batch.id)
+        .where(
+            Batch.account_id == InboundMessage.account_id,
+            # Numbers may be written with or without + on either side.
+            func.ltrim(Batch.sender, "+") == func.ltrim(InboundMessage.to, "+"),
+            func.ltrim(Recipient.to, "+") == func.ltrim(InboundMessage.sender, "+"),
+            Recipient.sent_at <= InboundMessage.received_at,
+        )
+        .order_by(Recipient.sent_at.desc())
+        .limit(1)
+        .correlate(InboundMessage)
+        .scalar_subquery()
+    )
 
 
 def get_inbound(*, session: Session, account_id: str, inbound_id: str) -> InboundMessage:

@@ -388,3 +388,50 @@ def test_update_fails_recipients_alone_as_send_does(
         (405, (C,)),
         (411, (B,)),
     }
+
+
+def test_inbounds_list_takes_every_filter_the_sdk_sends(
+    base_url: str, tenant: Tenant, sessions: sessionmaker[Session], runtime: Runtime
+) -> None:
+    number = "+447711" + str(abs(hash(tenant.id)))[:6]
+    sms = sdk(base_url, tenant)
+
+    def reply(sender: str, at: datetime) -> str:
+        with transaction(sessions) as session:
+            (row,) = inbound.store_many(
+                session=session,
+                messages=[inbound.NewInbound(sender, number, "Yes", "smsc", "main", at)],
+                now=utcnow(),
+            )
+            return row.id
+
+    def sent(to: str, ref: str | None, sender: str = number) -> None:
+        batch = sms.batches.send_sms(to=[to], from_=sender, body="Hi", client_reference=ref)
+        start_sending(sessions, runtime.settings, batch.id)
+        mark_sent(sessions, batch.id, [to])
+
+    with transaction(sessions) as session:
+        inbound.assign_number(session=session, number=number, account_id=tenant.id)
+    sent(A, "ref-x")
+    first = reply(A, utcnow())
+    # A later message to A (from the number written without +) is what A's next reply answers.
+    sent(A, "ref-y", sender=number[1:])
+    second = reply(A, utcnow())
+    unprompted = reply(B, utcnow())
+    sent(C, "ref-x")
+    assert [m.id for m in sms.inbounds.list(client_reference="ref-x").content()] == [first]
+    (answer,) = sms.inbounds.list(client_reference="ref-y").content()
+    assert (answer.id, answer.client_reference) == (second, "ref-y")
+    assert sms.inbounds.list(client_reference="ref-z").content() == []
+
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    every = list(
+        sms.inbounds.list(
+            to=[number, "+447700900999"], start_date=start, end_date=start + timedelta(hours=1)
+        ).iterator()
+    )
+    assert {m.id for m in every} == {first, second, unprompted}
+    assert all(m.client_reference is None for m in every)
+    assert sms.inbounds.list(end_date=start).content() == []
+    page = sms.inbounds.list(page=1, page_size=2)
+    assert len(page.content()) == 1 and page.result.count == 3

@@ -2,7 +2,8 @@
 
 Inbound (MO) messages in Sinch's ``mo_text`` shape, filtered as Sinch filters
 them: ``to`` (comma-separated), ``start_date`` (default: 24 hours ago),
-``end_date``, ``page`` and ``page_size``.
+``end_date``, ``page``, ``page_size`` and ``client_reference`` (replies to a batch
+that carried it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from marshmallow import Schema, fields, post_load, validate
 from api import context as ctx
 from api.dialects.sinch.errors import register_on
 from api.dialects.sinch.plan import _authorise, _plan
-from api.dialects.sinch.schemas import SinchTime, Strict
+from api.dialects.sinch.schemas import QUERY_REFERENCE_MAX, SinchTime, Strict
 from api.fields import Text, Timestamp, path_ref
 from dispatcher.db import utcnow
 from dispatcher.inbound import service
@@ -34,6 +35,7 @@ class InboundQuery(Strict):
     to = Text(load_default=None, validate=validate.Length(max=4096))
     start_date = Timestamp(load_default=None)
     end_date = Timestamp(load_default=None)
+    client_reference = Text(load_default=None, validate=validate.Length(max=QUERY_REFERENCE_MAX))
 
     @post_load
     def _numbers(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
@@ -49,6 +51,8 @@ class Inbound(Schema):
     to = fields.String()
     body = fields.String()
     received_at = SinchTime()
+    # Only on inbounds listed with the client_reference filter: the reference they reply to.
+    client_reference = fields.String()
 
 
 class InboundPage(Schema):
@@ -69,9 +73,15 @@ def list_inbounds() -> dict[str, Any]:
         end=query["end_date"],
         page=query["page"],
         page_size=query["page_size"],
+        client_reference=query["client_reference"],
     )
-    page = {"page": query["page"], "page_size": len(rows), "count": total, "inbounds": rows}
-    return InboundPage().dump(page)
+    reply: dict[str, Any] = InboundPage().dump(
+        {"page": query["page"], "page_size": len(rows), "count": total, "inbounds": rows}
+    )
+    if query["client_reference"] is not None:  # what every listed inbound replies to
+        for item in reply["inbounds"]:
+            item["client_reference"] = query["client_reference"]
+    return reply
 
 
 @blueprint.get("/<inbound_id>")
