@@ -150,7 +150,12 @@ class SendSchema(Limited, Nullable):
     to = fields.List(Destination(), required=True)
     sender = Text(load_default=None, data_key="from", validate=validate.Length(min=1, max=64))
     body = Text(required=True)
-    type = fields.String(load_default="mt_text", validate=validate.OneOf(TYPES))
+    type = fields.String(
+        load_default="mt_text",
+        validate=validate.OneOf(
+            TYPES, error="must be one of {choices} (mt_media: Dispatcher has no MMS channel)"
+        ),
+    )
     udh = Text(load_default=None)
     delivery_report = fields.String(load_default="none", validate=validate.OneOf(DELIVERY_REPORTS))
     send_at = Timestamp(load_default=None)
@@ -199,8 +204,8 @@ class UpdateSchema(Limited):
         allow_none=True,
         validate=validate.OneOf(
             ("mt_text",),
-            error="only mt_text batches can be updated (mt_binary: replace the batch; "
-            "mt_media: Dispatcher has no MMS channel)",
+            error="only mt_text batches can be updated: an mt_binary batch is sent or "
+            "replaced whole, and Dispatcher has no MMS channel (mt_media)",
         ),
     )
     # The SDK's update_binary sends it: accepted here so the type's refusal is the one shown.
