@@ -108,13 +108,13 @@ def render(
 
 @dataclass(frozen=True)
 class Fitted:
-    """Per-recipient bodies (None: every recipient gets the batch's) and who fails alone."""
+    """The batch body and per-recipient bodies (None: all get ``body``), cut to the part
+    limit where ``truncate_concat`` asks, and who fails alone."""
 
+    body: str
     bodies: list[str] | None
     # Destination index -> error code (parameter_missing, parts_limit).
     rejected: dict[int, str]
-    # The part limit left for fit_parts, which then only truncates (truncate_concat).
-    max_parts: int | None
 
 
 def fit_recipients(
@@ -127,24 +127,27 @@ def fit_recipients(
     """Render parameters and apply the part limit as Sinch does on send, replace and update.
 
     A recipient whose parameter has no value, or whose message needs more than
-    ``max_number_of_message_parts`` (without ``truncate_concat``), fails alone; the
-    rest of the batch goes on. ``options`` are the batch's Sinch fields.
+    ``max_number_of_message_parts`` (without ``truncate_concat``, which cuts instead),
+    fails alone; the rest of the batch goes on. ``options`` are the batch's Sinch fields.
     """
     if options.get("type") == "mt_binary":
-        return Fitted(None, {}, None)
-    max_parts = options.get("max_number_of_message_parts")
+        return Fitted(body, None, {})
+    limit = options.get("max_number_of_message_parts")
     rejected: dict[int, str] = {}
     bodies = render(
         body, destinations, options.get("parameters"), max_length=max_length, unmatched=rejected
     )
-    if max_parts is None or options.get("truncate_concat"):
-        return Fitted(bodies, rejected, max_parts)
+    if limit is None:
+        return Fitted(body, bodies, rejected)
+    if options.get("truncate_concat"):
+        cut = None if bodies is None else [parts.truncate(b, max_parts=limit) for b in bodies]
+        return Fitted(parts.truncate(body, max_parts=limit), cut, rejected)
     for i, text in enumerate(bodies or [body]):
-        if i not in rejected and parts.analyse(text).parts > max_parts:
+        if i not in rejected and parts.analyse(text).parts > limit:
             rejected[i] = "parts_limit"
     if bodies is None and rejected:  # one body for all, over the limit: all fail
         rejected = dict.fromkeys(range(len(destinations)), "parts_limit")
-    return Fitted(bodies, rejected, None)
+    return Fitted(body, bodies, rejected)
 
 
 def _substitute(body: str, values: Mapping[str, str]) -> str:
@@ -168,16 +171,21 @@ def _claim_unstarted(session: Session, batch: Batch, now: datetime) -> None:
         )
 
 
-def _replace_recipients(
+def _rewrite(
     session: Session,
+    settings: Settings,
     batch: Batch,
+    now: datetime,
     destinations: Sequence[str],
     bodies: Sequence[str] | None,
-    rejected: Mapping[int, str] | None = None,
+    rejected: Mapping[int, str] | None,
     reported: Collection[int] = (),
-) -> None:
+) -> Batch:
+    """Write the changed batch's recipients again and make the broker follow its send_at."""
+    batch.modified_at = now
     # Nothing was sent, queued for a worker or reported for an unstarted batch's
-    # recipients, so they are rewritten whole: seq stays 0..n-1, which chunking needs.
+    # recipients (but rejections, which ``reported`` keeps quiet), so they are rewritten
+    # whole: seq stays 0..n-1, which chunking needs.
     session.execute(delete(Recipient).where(Recipient.batch_id == batch.id))
     batch.recipient_count = insert_recipients(
         session=session,
@@ -188,6 +196,12 @@ def _replace_recipients(
         rejected=rejected,
         reported=reported,
     )
+    session.flush()
+    if batch.status == BatchStatus.QUEUED:
+        follow_send_at(session=session, settings=settings, batch=batch, now=now)
+    else:
+        promote_if_due(session=session, settings=settings, batch=batch, now=now)
+    return batch
 
 
 def _rejections(session: Session, batch_id: str) -> dict[str, str]:
@@ -198,14 +212,6 @@ def _rejections(session: Session, batch_id: str) -> dict[str, str]:
         )
     )
     return {to: code or "" for to, code in rows}
-
-
-def _reschedule(session: Session, settings: Settings, batch: Batch, now: datetime) -> None:
-    """Make the broker's view follow a changed send_at."""
-    if batch.status == BatchStatus.QUEUED:
-        follow_send_at(session=session, settings=settings, batch=batch, now=now)
-    else:
-        promote_if_due(session=session, settings=settings, batch=batch, now=now)
 
 
 def update_batch(
@@ -258,25 +264,17 @@ def update_batch(
     # callback, whatever the update changes; new failures are reported as on send.
     earlier = _rejections(session, batch.id)
     kept = {i: earlier[to] for i, to in enumerate(destinations) if to in earlier}
-    new = fit_parts(
-        NewBatch(
-            sender=batch.sender,
-            body=batch.body,
-            destinations=destinations,
-            channels=batch.channels,
-            bodies=fitted.bodies,
-            max_parts=fitted.max_parts,
-            truncate=bool(options.get("truncate_concat")),
-        )
+    batch.body = fitted.body
+    return _rewrite(
+        session,
+        settings,
+        batch,
+        now,
+        destinations,
+        fitted.bodies,
+        {**fitted.rejected, **kept},
+        reported=kept.keys(),
     )
-    batch.body = new.body
-    batch.modified_at = now
-    _replace_recipients(
-        session, batch, destinations, new.bodies, {**fitted.rejected, **kept}, kept.keys()
-    )
-    session.flush()
-    _reschedule(session, settings, batch, now)
-    return batch
 
 
 def replace_batch(
@@ -296,11 +294,7 @@ def replace_batch(
     batch.callback_url = new.callback_url
     batch.send_at, batch.expire_at = times.send_at, times.expire_at
     batch.options = {**new.options, "default_expiry": times.default_expiry}
-    batch.modified_at = now
-    _replace_recipients(session, batch, new.destinations, new.bodies, new.rejected)
-    session.flush()
-    _reschedule(session, settings, batch, now)
-    return batch
+    return _rewrite(session, settings, batch, now, new.destinations, new.bodies, new.rejected)
 
 
 def record_feedback(

@@ -86,7 +86,7 @@ def _new_batch(data: dict[str, Any]) -> NewBatch:
     )
     return NewBatch(
         sender=sender,
-        body=data["body"],
+        body=fitted.body,
         destinations=to,
         channels=["sms"],
         callback_url=data["callback_url"] or account.default_callback_url,
@@ -95,8 +95,6 @@ def _new_batch(data: dict[str, Any]) -> NewBatch:
         dialect="sinch",
         options=options,
         bodies=fitted.bodies,
-        max_parts=fitted.max_parts,
-        truncate=bool(data["truncate_concat"]),
         rejected=fitted.rejected or None,
     )
 
@@ -143,7 +141,7 @@ def list_batches() -> dict[str, Any]:
 def dry_run() -> dict[str, Any]:
     query = schemas.DryRunQuery().load(request.args)
     data = schemas.SendSchema(settings=ctx.settings()).load(json_body())
-    new = service.fit_parts(_new_batch(data))
+    new = _new_batch(data)
     bodies = list(new.bodies or [new.body] * len(new.destinations))
     if data["type"] == "mt_binary":
         per = [(to, body, 1, "BINARY") for to, body in zip(new.destinations, bodies, strict=True)]
