@@ -82,6 +82,8 @@ class EndpointReply(Schema):
 
 
 class EndpointList(Schema):
+    """GET /callbacks/endpoints: the account's callback URLs."""
+
     endpoints = fields.List(fields.Nested(EndpointReply), required=True)
 
 

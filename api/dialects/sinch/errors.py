@@ -11,6 +11,8 @@ shape: 409 ``conflict`` (a concurrent request stored the same row; retry), 503
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from flask import Blueprint, Response, jsonify
 from marshmallow import ValidationError as SchemaError
@@ -116,12 +118,19 @@ def handle_unexpected(exc: Exception) -> Response:
     return error_response(500, "internal_error", "internal error")
 
 
+# Most specific first is not needed: Flask picks the handler of the nearest class.
+HANDLERS: dict[type[Exception], Callable[[Any], Response]] = {
+    SinchError: handle_sinch,
+    errors.DispatcherError: handle_domain,
+    SchemaError: handle_schema,
+    HTTPException: handle_http,
+    IntegrityError: handle_integrity,
+    OperationalError: handle_operational,
+    Exception: handle_unexpected,
+}
+
+
 def register_on(blueprint: Blueprint) -> None:
     """Install the Sinch error shape on the blueprint."""
-    blueprint.register_error_handler(SinchError, handle_sinch)
-    blueprint.register_error_handler(errors.DispatcherError, handle_domain)
-    blueprint.register_error_handler(SchemaError, handle_schema)
-    blueprint.register_error_handler(HTTPException, handle_http)
-    blueprint.register_error_handler(IntegrityError, handle_integrity)
-    blueprint.register_error_handler(OperationalError, handle_operational)
-    blueprint.register_error_handler(Exception, handle_unexpected)
+    for cls, handler in HANDLERS.items():
+        blueprint.register_error_handler(cls, handler)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import ValidationError, fields, validate, validates_schema
 
-from api.dialects.sinch.schemas import Reply, SinchTime, Strict
+from api.dialects.sinch.schemas import Paged, Reply, SinchPage, SinchTime, Strict
 from api.fields import Phone, Text
 from dispatcher.groups.service import MAX_MEMBERS
 
@@ -55,9 +55,8 @@ class GroupUpdateSchema(Strict):
         _unsupported(data)
 
 
-class GroupListQuery(Strict):
-    page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
-    page_size = fields.Integer(load_default=30, validate=validate.Range(min=1, max=100))
+class GroupListQuery(Paged):
+    """GET .../groups."""
 
 
 class GroupReply(Reply):
@@ -71,8 +70,5 @@ class GroupReply(Reply):
     child_groups = fields.List(fields.String(), required=True)
 
 
-class GroupPage(Schema):
-    page = fields.Integer(required=True)
-    page_size = fields.Integer(required=True)
-    count = fields.Integer(required=True)
+class GroupPage(SinchPage):
     groups = fields.List(fields.Nested(GroupReply), required=True)

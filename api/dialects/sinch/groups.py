@@ -12,8 +12,14 @@ from flask import Response, request
 from api import context as ctx
 from api.dialects.sinch import group_schemas as schemas
 from api.dialects.sinch.plan import blueprint, json_body
+from api.dialects.sinch.schemas import page_of
 from dispatcher.groups import service
 from dispatcher.groups.models import Group
+
+
+def _owner() -> dict[str, Any]:
+    """Whose groups: every group service call is scoped to the calling account."""
+    return {"session": ctx.session(), "account_id": ctx.account().id}
 
 
 def _fields(group: Group, size: int) -> dict[str, Any]:
@@ -36,8 +42,7 @@ def _reply(group: Group) -> dict[str, Any]:
 def create_group() -> tuple[dict[str, Any], int]:
     data = schemas.GroupSchema().load(json_body())
     group = service.create_group(
-        session=ctx.session(),
-        account_id=ctx.account().id,
+        **_owner(),
         name=data["name"],
         members=data["members"] or [],
     )
@@ -48,35 +53,26 @@ def create_group() -> tuple[dict[str, Any], int]:
 def list_groups() -> dict[str, Any]:
     query = schemas.GroupListQuery().load(request.args)
     rows, total = service.list_groups(
-        session=ctx.session(),
-        account_id=ctx.account().id,
+        **_owner(),
         page=query["page"],
         page_size=query["page_size"],
     )
     sizes = service.sizes_of(session=ctx.session(), group_ids=[g.id for g in rows])
     return schemas.GroupPage().dump(
-        {
-            "page": query["page"],
-            "page_size": len(rows),
-            "count": total,
-            "groups": [_fields(g, sizes[g.id]) for g in rows],
-        }
+        page_of(query, total, "groups", [_fields(g, sizes[g.id]) for g in rows])
     )
 
 
 @blueprint.get("/groups/<group_id>")
 def get_group(group_id: str) -> dict[str, Any]:
-    return _reply(
-        service.get_group(session=ctx.session(), account_id=ctx.account().id, group_id=group_id)
-    )
+    return _reply(service.get_group(**_owner(), group_id=group_id))
 
 
 @blueprint.put("/groups/<group_id>")
 def replace_group(group_id: str) -> dict[str, Any]:
     data = schemas.GroupSchema().load(json_body())
     group = service.replace_group(
-        session=ctx.session(),
-        account_id=ctx.account().id,
+        **_owner(),
         group_id=group_id,
         name=data["name"],
         members=data["members"] or [],
@@ -88,8 +84,7 @@ def replace_group(group_id: str) -> dict[str, Any]:
 def update_group(group_id: str) -> dict[str, Any]:
     data = schemas.GroupUpdateSchema().load(json_body())
     group = service.update_group(
-        session=ctx.session(),
-        account_id=ctx.account().id,
+        **_owner(),
         group_id=group_id,
         fields={"name": data["name"]} if "name" in data else {},
         add=data["add"] or (),
@@ -102,11 +97,11 @@ def update_group(group_id: str) -> dict[str, Any]:
 
 @blueprint.delete("/groups/<group_id>")
 def delete_group(group_id: str) -> Response:
-    service.delete_group(session=ctx.session(), account_id=ctx.account().id, group_id=group_id)
+    service.delete_group(**_owner(), group_id=group_id)
     return Response(status=204)
 
 
 @blueprint.get("/groups/<group_id>/members")
 def list_members(group_id: str) -> list[str]:
-    group = service.get_group(session=ctx.session(), account_id=ctx.account().id, group_id=group_id)
+    group = service.get_group(**_owner(), group_id=group_id)
     return service.members_of(session=ctx.session(), group_id=group.id)

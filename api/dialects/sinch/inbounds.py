@@ -17,7 +17,13 @@ from marshmallow import Schema, fields, post_load, validate
 from api import context as ctx
 from api.dialects.sinch.errors import register_on
 from api.dialects.sinch.plan import _authorise, _plan
-from api.dialects.sinch.schemas import QUERY_REFERENCE_MAX, SinchTime, Strict
+from api.dialects.sinch.schemas import (
+    QUERY_REFERENCE_MAX,
+    Paged,
+    SinchPage,
+    SinchTime,
+    page_of,
+)
 from api.fields import Text, Timestamp, path_ref
 from dispatcher.db import utcnow
 from dispatcher.inbound import service
@@ -29,18 +35,19 @@ blueprint.url_value_preprocessor(_plan)
 blueprint.before_request(_authorise)
 
 
-class InboundQuery(Strict):
-    page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
-    page_size = fields.Integer(load_default=30, validate=validate.Range(min=1, max=100))
+class InboundQuery(Paged):
+    """GET .../inbounds, loaded as list_inbounds' arguments."""
+
     to = Text(load_default=None, validate=validate.Length(max=4096))
-    start_date = Timestamp(load_default=None)
-    end_date = Timestamp(load_default=None)
+    start = Timestamp(load_default=None, data_key="start_date")
+    end = Timestamp(load_default=None, data_key="end_date")
     client_reference = Text(load_default=None, validate=validate.Length(max=QUERY_REFERENCE_MAX))
 
     @post_load
-    def _numbers(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+    def _arguments(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
         raw = data.pop("to")
         data["to"] = [n.strip() for n in raw.split(",") if n.strip()] if raw else []
+        data["start"] = data["start"] or utcnow() - timedelta(hours=24)  # Sinch's default
         return data
 
 
@@ -55,29 +62,15 @@ class Inbound(Schema):
     client_reference = fields.String()
 
 
-class InboundPage(Schema):
-    page = fields.Integer()
-    page_size = fields.Integer()
-    count = fields.Integer()
+class InboundPage(SinchPage):
     inbounds = fields.List(fields.Nested(Inbound))
 
 
 @blueprint.get("")
 def list_inbounds() -> dict[str, Any]:
     query = InboundQuery().load(request.args)
-    rows, total = service.list_inbounds(
-        session=ctx.session(),
-        account_id=ctx.account().id,
-        to=query["to"],
-        start=query["start_date"] or utcnow() - timedelta(hours=24),
-        end=query["end_date"],
-        page=query["page"],
-        page_size=query["page_size"],
-        client_reference=query["client_reference"],
-    )
-    reply: dict[str, Any] = InboundPage().dump(
-        {"page": query["page"], "page_size": len(rows), "count": total, "inbounds": rows}
-    )
+    rows, total = service.list_inbounds(session=ctx.session(), account_id=ctx.account().id, **query)
+    reply: dict[str, Any] = InboundPage().dump(page_of(query, total, "inbounds", rows))
     if query["client_reference"] is not None:  # what every listed inbound replies to
         for item in reply["inbounds"]:
             item["client_reference"] = query["client_reference"]

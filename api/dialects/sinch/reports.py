@@ -61,10 +61,7 @@ def list_delivery_reports() -> dict[str, Any]:
         page_size=query["page_size"],
     )
     return schemas.DeliveryReportPage().dump(
-        {
-            "page": query["page"],
-            "page_size": len(rows),
-            "count": total,
-            "delivery_reports": [recipient_report(r.batch, r.recipient) for r in rows],
-        }
+        schemas.page_of(
+            query, total, "delivery_reports", [recipient_report(r.batch, r.recipient) for r in rows]
+        )
     )

@@ -91,6 +91,16 @@ class Nullable(Schema):
         return data
 
 
+def callback_url_field(**kwargs: Any) -> Text:
+    """``callback_url`` of send, replace and update: a URL of at most 2,048 characters."""
+    return Text(validate=validate.Length(max=2048), metadata={"format": "uri"}, **kwargs)
+
+
+def reference_field(**kwargs: Any) -> Text:
+    """``client_reference`` of send, replace and update: at most 2,048 characters."""
+    return Text(validate=validate.Length(max=2048), **kwargs)
+
+
 class Parameters(fields.Dict):
     """``{"name": {"<msisdn>": "value", "default": "value"}}``; msisdn keys normalised to E.164."""
 
@@ -160,10 +170,8 @@ class SendSchema(Limited, Nullable):
     delivery_report = fields.String(load_default="none", validate=validate.OneOf(DELIVERY_REPORTS))
     send_at = Timestamp(load_default=None)
     expire_at = Timestamp(load_default=None)
-    callback_url = Text(
-        load_default=None, validate=validate.Length(max=2048), metadata={"format": "uri"}
-    )
-    client_reference = Text(load_default=None, validate=validate.Length(max=2048))
+    callback_url = callback_url_field(load_default=None)
+    client_reference = reference_field(load_default=None)
     feedback_enabled = fields.Boolean(load_default=False)
     flash_message = fields.Boolean(load_default=False)
     truncate_concat = fields.Boolean(load_default=None)
@@ -217,10 +225,8 @@ class UpdateSchema(Limited):
     delivery_report = fields.String(allow_none=True, validate=validate.OneOf(DELIVERY_REPORTS))
     send_at = Timestamp(allow_none=True)
     expire_at = Timestamp(allow_none=True)
-    callback_url = Text(
-        allow_none=True, validate=validate.Length(max=2048), metadata={"format": "uri"}
-    )
-    client_reference = Text(allow_none=True, validate=validate.Length(max=2048))
+    callback_url = callback_url_field(allow_none=True)
+    client_reference = reference_field(allow_none=True)
     feedback_enabled = fields.Boolean(allow_none=True)
     parameters = Parameters(allow_none=True)
     from_ton = fields.Integer(allow_none=True, validate=validate.Range(min=0, max=6))
@@ -249,6 +255,13 @@ class UpdateSchema(Limited):
         return out
 
 
+class Paged(Strict):
+    """``page`` (from 0) and ``page_size`` of every Sinch listing."""
+
+    page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
+    page_size = fields.Integer(load_default=30, validate=validate.Range(min=1, max=100))
+
+
 class DryRunQuery(Strict):
     per_recipient = fields.Boolean(load_default=False)
     number_of_recipients = fields.Integer(
@@ -256,9 +269,7 @@ class DryRunQuery(Strict):
     )
 
 
-class ListQuery(Strict):
-    page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
-    page_size = fields.Integer(load_default=30, validate=validate.Range(min=1, max=100))
+class ListQuery(Paged):
     sender = fields.List(Text(), load_default=None, data_key="from")
     start_date = Timestamp(load_default=None)
     end_date = Timestamp(load_default=None)
@@ -311,11 +322,9 @@ class ReportQuery(Strict):
     batch_id = Text(load_default=None)
 
 
-class ReportListQuery(Strict):
+class ReportListQuery(Paged):
     """GET .../delivery_reports: recipient reports of the account's batches, newest first."""
 
-    page = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
-    page_size = fields.Integer(load_default=30, validate=validate.Range(min=1, max=100))
     start_date = Timestamp(load_default=None)
     end_date = Timestamp(load_default=None)
     status = CommaList(StatusName(), load_default=None)
@@ -346,6 +355,19 @@ class Reply(Schema):
     @post_dump
     def _drop_unset(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
         return {k: v for k, v in data.items() if v is not None or k not in self.OPTIONAL}
+
+
+class SinchPage(Schema):
+    """Where a page of a Sinch listing sits: its number, how many on it, how many in all."""
+
+    page = fields.Integer(required=True)
+    page_size = fields.Integer(required=True)
+    count = fields.Integer(required=True)
+
+
+def page_of(query: dict[str, Any], total: int, name: str, items: list[Any]) -> dict[str, Any]:
+    """A page of ``items`` as Sinch lists them (``page_size`` is how many are on this one)."""
+    return {"page": query["page"], "page_size": len(items), "count": total, name: items}
 
 
 class BatchReply(Reply):
@@ -385,14 +407,15 @@ class BatchReply(Reply):
     from_npi = fields.Integer()
 
 
-class BatchPage(Schema):
-    page = fields.Integer(required=True)
-    page_size = fields.Integer(required=True)
-    count = fields.Integer(required=True)
+class BatchPage(SinchPage):
+    """GET .../batches: a page of batches."""
+
     batches = fields.List(fields.Nested(BatchReply), required=True)
 
 
 class DryRunRecipient(Schema):
+    """One recipient of a dry run's ``per_recipient`` list: its rendered body and parts."""
+
     recipient = fields.String(required=True)
     number_of_parts = fields.Integer(required=True)
     body = fields.String(required=True)
@@ -447,10 +470,7 @@ class ErrorReply(Schema):
     text = fields.String(required=True)
 
 
-class DeliveryReportPage(Schema):
+class DeliveryReportPage(SinchPage):
     """GET .../delivery_reports: a page of recipient delivery reports."""
 
-    page = fields.Integer(required=True)
-    page_size = fields.Integer(required=True)
-    count = fields.Integer(required=True)
     delivery_reports = fields.List(fields.Nested(RecipientDeliveryReport), required=True)

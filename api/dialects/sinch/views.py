@@ -128,12 +128,7 @@ def list_batches() -> dict[str, Any]:
     )
     to = queries.destinations_of(session=ctx.session(), batch_ids=[b.id for b in rows])
     return schemas.BatchPage().dump(
-        {
-            "page": query["page"],
-            "page_size": len(rows),
-            "count": total,
-            "batches": [batch_object(b, to[b.id]) for b in rows],
-        }
+        schemas.page_of(query, total, "batches", [batch_object(b, to[b.id]) for b in rows])
     )
 
 
