@@ -38,7 +38,16 @@ blueprint.before_request(_authorise)
 class InboundQuery(Paged):
     """GET .../inbounds, loaded as list_inbounds' arguments."""
 
-    to = Text(load_default=None, validate=validate.Length(max=4096))
+    # Numbers and short codes only, and few enough that the longest query (with a
+    # client_reference in the worst percent-encoding) stays under the server's request
+    # line limit, where a refusal could only come in the native shape.
+    to = Text(
+        load_default=None,
+        validate=[
+            validate.Length(max=600),
+            validate.Regexp(r"^[0-9+, ]*$", error="numbers or short codes, comma-separated"),
+        ],
+    )
     start = Timestamp(load_default=None, data_key="start_date")
     end = Timestamp(load_default=None, data_key="end_date")
     client_reference = Text(load_default=None, validate=validate.Length(max=QUERY_REFERENCE_MAX))
