@@ -41,6 +41,11 @@ def test_cli_sets_and_clears_the_plan_defaults(
     # A batch's own values win over the plan's.
     own = created(client, tenant, callback_url="http://127.0.0.1:9/own")
     assert (own["from"], own["callback_url"]) == ("12345", "http://127.0.0.1:9/own")
+    # Cleared by an update (older SDKs send null), it falls back to the plan's again.
+    cleared = client.post(
+        url(tenant, f"/{own['id']}"), json={"callback_url": None}, headers=tenant.auth
+    )
+    assert cleared.get_json()["callback_url"] == "http://127.0.0.1:9/plan"
 
     plan(settings, tenant.id, "--no-default-originator", "--callback-signing", "standard")
     with sessions() as session:

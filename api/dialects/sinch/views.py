@@ -178,20 +178,28 @@ _UPDATE_OPTIONS = (
 )
 
 
+def _changes(data: dict[str, Any]) -> dict[str, Any]:
+    """A loaded UpdateSchema as update_batch's fields; a cleared callback_url falls back
+    to the service plan's, as on send."""
+    fields: dict[str, Any] = {
+        k: data[k] for k in ("sender", "body", "send_at", "expire_at") if k in data
+    }
+    if "callback_url" in data:
+        fields["callback_url"] = data["callback_url"] or ctx.account().default_callback_url
+    fields["options"] = {k: data[k] for k in _UPDATE_OPTIONS if k in data}
+    return fields
+
+
 @blueprint.post("/batches/<batch_id>")
 def update_batch(batch_id: str) -> dict[str, Any]:
     data = schemas.UpdateSchema(settings=ctx.settings()).load(json_body())
-    fields = {
-        k: data[k] for k in ("sender", "body", "send_at", "expire_at", "callback_url") if k in data
-    }
-    fields["options"] = {k: data[k] for k in _UPDATE_OPTIONS if k in data}
     expand = partial(groups.expand, session=ctx.session(), account_id=ctx.account().id)
     batch = updates.update_batch(
         session=ctx.session(),
         settings=ctx.settings(),
         account=ctx.account(),
         batch_id=batch_ref(batch_id),
-        fields=fields,
+        fields=_changes(data),
         to_add=expand(entries=data.get("to_add", ())),
         to_remove=expand(entries=data.get("to_remove", ())),
     )
