@@ -58,9 +58,15 @@ class SendResult:
     retry_after: float | None = None
 
 
+# A receipt status: the channel could not carry a message it had accepted (WhatsApp's
+# 131026 as a failed status, say). The recipient goes on to its next channel, or fails.
+CHANNEL_FAILED = "channel_failed"
+
+
 @dataclass(frozen=True)
 class Receipt:
-    """A carrier's word on a message it accepted: delivered, failed, expired or read."""
+    """A carrier's word on a message it accepted: delivered, failed, expired, read or
+    channel_failed (``CHANNEL_FAILED``)."""
 
     provider_message_id: str
     status: str

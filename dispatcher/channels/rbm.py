@@ -28,6 +28,7 @@ import requests
 
 from dispatcher.channels import errors
 from dispatcher.channels.base import (
+    CHANNEL_FAILED,
     Lookup,
     OutboundMessage,
     Outcome,
@@ -153,6 +154,7 @@ class RbmProvider(Provider):
         agent_id: str,
         tokens: ServiceAccountTokens,
         api_url: str = DEFAULT_API_URL,
+        ttl: float = 0.0,
         session: requests.Session,
         timeout: tuple[float, float],
     ) -> None:
@@ -161,6 +163,7 @@ class RbmProvider(Provider):
         self.agent_id = agent_id
         self.tokens = tokens
         self.api_url = api_url.rstrip("/")
+        self.ttl = ttl
         self.session = session
         self.timeout = timeout
 
@@ -200,10 +203,14 @@ class RbmProvider(Provider):
         if fresh:
             self.tokens.invalidate(token)
             token = self.tokens.get()
+        body: dict[str, Any] = {"contentMessage": {"text": message.body}}
+        if self.ttl:
+            # Revoked undelivered after this: TTL_EXPIRATION_REVOKED, then the next channel.
+            body["ttl"] = f"{self.ttl:.0f}s"
         return self.session.post(
             f"{self.api_url}/v1/phones/{message.to}/agentMessages",
             params={"messageId": message.recipient_id, "agentId": self.agent_id},
-            json={"contentMessage": {"text": message.body}},
+            json=body,
             headers={"Authorization": f"Bearer {token}"},
             timeout=self.timeout,
             allow_redirects=False,
@@ -220,8 +227,9 @@ class RbmProvider(Provider):
 EVENT_STATUSES = {
     "DELIVERED": ("delivered", None),
     "READ": ("read", None),
-    # The message's TTL passed and RBM took it back undelivered.
-    "TTL_EXPIRATION_REVOKED": ("expired", "rbm_ttl_revoked"),
+    # The message's TTL passed and RBM took it back undelivered: Google's advice is to
+    # send it through another channel, so it falls back like a 404 at send time.
+    "TTL_EXPIRATION_REVOKED": (CHANNEL_FAILED, "rbm_ttl_revoked"),
 }
 
 

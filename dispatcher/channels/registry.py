@@ -55,6 +55,7 @@ def build(name: str, *, settings: Settings, redis_client: Any) -> Provider:
             agent_id=settings.rbm_agent_id,
             tokens=tokens,
             api_url=settings.rbm_api_url,
+            ttl=settings.rbm_ttl,
             session=session,
             timeout=timeout,
         )

@@ -19,7 +19,14 @@ from collections.abc import Iterable, Mapping
 import requests
 
 from dispatcher.channels import errors
-from dispatcher.channels.base import OutboundMessage, Outcome, Provider, Receipt, SendResult
+from dispatcher.channels.base import (
+    CHANNEL_FAILED,
+    OutboundMessage,
+    Outcome,
+    Provider,
+    Receipt,
+    SendResult,
+)
 
 DEFAULT_API_URL = "https://api.twilio.com"
 STATUS_PATH = "/providers/twilio/status"
@@ -37,6 +44,7 @@ CODES: dict[int, Outcome] = {
     63003: C,  # WhatsApp: the To address is not on the channel
     63016: C,  # WhatsApp: outside the 24 h window and not a template
     63024: C,  # WhatsApp: invalid message recipient
+    63032: C,  # WhatsApp: the user's number is part of an experiment (Meta's 130472)
     21211: R,  # invalid To number
     21610: R,  # recipient replied STOP
     21614: R,  # To is not a mobile number
@@ -145,9 +153,12 @@ def receipt_from_callback(form: Mapping[str, str]) -> Receipt | None:
     if status != "failed":
         return Receipt(ref[:100], status)
     code = form.get("ErrorCode") or ""
+    # A code that refuses the channel at send time (63016 outside the WhatsApp window,
+    # 63003 not on WhatsApp) refuses it here too: fall back to the next channel.
+    channel = code.isdigit() and CODES.get(int(code)) is Outcome.CHANNEL
     return Receipt(
         ref[:100],
-        "failed",
+        CHANNEL_FAILED if channel else "failed",
         f"twilio_{code}"[:32] if code else "twilio_failed",
         (form.get("ErrorMessage") or form.get("MessageStatus") or "")[:500] or None,
     )

@@ -21,7 +21,14 @@ from typing import Any
 import requests
 
 from dispatcher.channels import errors
-from dispatcher.channels.base import OutboundMessage, Outcome, Provider, Receipt, SendResult
+from dispatcher.channels.base import (
+    CHANNEL_FAILED,
+    OutboundMessage,
+    Outcome,
+    Provider,
+    Receipt,
+    SendResult,
+)
 
 DEFAULT_API_URL = "https://graph.facebook.com/v21.0"
 # The Cloud API's maximum for a text message body.
@@ -203,9 +210,11 @@ def _receipt(item: object) -> Receipt | None:
     data = first.get("error_data")
     details = data.get("details") if isinstance(data, dict) else None
     code = first.get("code")
+    # A code that refuses the channel at send time refuses it here too: fall back.
+    channel = isinstance(code, int) and CODES.get(code) is Outcome.CHANNEL
     return Receipt(
         ref[:100],
-        "failed",
+        CHANNEL_FAILED if channel else "failed",
         f"whatsapp_{code}"[:32] if isinstance(code, int) else "whatsapp_failed",
         str(details or first.get("message") or first.get("title") or "")[:500] or None,
     )
