@@ -19,14 +19,7 @@ from collections.abc import Iterable, Mapping
 import requests
 
 from dispatcher.channels import errors
-from dispatcher.channels.base import (
-    CHANNEL_FAILED,
-    OutboundMessage,
-    Outcome,
-    Provider,
-    Receipt,
-    SendResult,
-)
+from dispatcher.channels.base import OutboundMessage, Outcome, Provider, Receipt, SendResult
 
 DEFAULT_API_URL = "https://api.twilio.com"
 STATUS_PATH = "/providers/twilio/status"
@@ -155,10 +148,9 @@ def receipt_from_callback(form: Mapping[str, str]) -> Receipt | None:
     code = form.get("ErrorCode") or ""
     # A code that refuses the channel at send time (63016 outside the WhatsApp window,
     # 63003 not on WhatsApp) refuses it here too: fall back to the next channel.
-    channel = code.isdigit() and CODES.get(int(code)) is Outcome.CHANNEL
-    return Receipt(
-        ref[:100],
-        CHANNEL_FAILED if channel else "failed",
-        f"twilio_{code}"[:32] if code else "twilio_failed",
-        (form.get("ErrorMessage") or form.get("MessageStatus") or "")[:500] or None,
+    return errors.late_failure(
+        ref,
+        CODES.get(int(code)) if code.isdigit() else None,
+        code=f"twilio_{code}" if code else "twilio_failed",
+        text=form.get("ErrorMessage") or form.get("MessageStatus"),
     )

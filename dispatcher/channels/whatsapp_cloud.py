@@ -21,14 +21,7 @@ from typing import Any
 import requests
 
 from dispatcher.channels import errors
-from dispatcher.channels.base import (
-    CHANNEL_FAILED,
-    OutboundMessage,
-    Outcome,
-    Provider,
-    Receipt,
-    SendResult,
-)
+from dispatcher.channels.base import OutboundMessage, Outcome, Provider, Receipt, SendResult
 
 DEFAULT_API_URL = "https://graph.facebook.com/v21.0"
 # The Cloud API's maximum for a text message body.
@@ -124,13 +117,12 @@ class WhatsAppCloudProvider(Provider):
         }
         if message.template:
             payload.update(type="template", template=template_payload(message.template))
-        elif len(message.body) > MAX_TEXT:
-            return errors.failure(
-                Outcome.CHANNEL,
-                code="whatsapp_text_too_long",
-                text=f"WhatsApp text messages hold at most {MAX_TEXT} characters",
-            )
         else:
+            refused = errors.too_long(
+                message.body, limit=MAX_TEXT, code="whatsapp_text_too_long", service="WhatsApp"
+            )
+            if refused is not None:
+                return refused
             payload.update(type="text", text={"preview_url": False, "body": message.body})
         try:
             response = self.session.post(
@@ -209,12 +201,11 @@ def _receipt(item: object) -> Receipt | None:
     first = errs[0] if isinstance(errs, list) and errs and isinstance(errs[0], dict) else {}
     data = first.get("error_data")
     details = data.get("details") if isinstance(data, dict) else None
-    code = first.get("code")
+    code = first.get("code") if isinstance(first.get("code"), int) else None
     # A code that refuses the channel at send time refuses it here too: fall back.
-    channel = isinstance(code, int) and CODES.get(code) is Outcome.CHANNEL
-    return Receipt(
-        ref[:100],
-        CHANNEL_FAILED if channel else "failed",
-        f"whatsapp_{code}"[:32] if isinstance(code, int) else "whatsapp_failed",
-        str(details or first.get("message") or first.get("title") or "")[:500] or None,
+    return errors.late_failure(
+        ref,
+        CODES.get(code) if code is not None else None,
+        code=f"whatsapp_{code}" if code is not None else "whatsapp_failed",
+        text=str(details or first.get("message") or first.get("title") or ""),
     )

@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import ColumnElement, insert, select, update
@@ -137,18 +138,9 @@ def _fall_back_in(
             )
         else:
             fail[row.id] = {"error_code": failure.error_code, "error_text": failure.error_text}
-    failed = transition_recipients(
-        session=session, to=R.FAILED, current=(R.SENT,), each=fail, at=now, batch=batch
-    )
-    queued = transition_recipients(
-        session=session,
-        to=R.QUEUED,
-        current=(R.SENT,),
-        each=requeue,
-        at=now,
-        batch=batch,
-        record=False,
-    )
+    move = partial(transition_recipients, session=session, current=(R.SENT,), at=now, batch=batch)
+    failed = move(to=R.FAILED, each=fail)
+    queued = move(to=R.QUEUED, each=requeue, record=False)
     by_id = {row.id: row for row in rows}
     # Reported under the channel that failed, with its code: the client sees that
     # attempt end, then the next channel's own events.
