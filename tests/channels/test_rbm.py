@@ -12,7 +12,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from dispatcher.channels.base import OutboundMessage, Outcome
+from dispatcher.channels.base import Lookup, OutboundMessage, Outcome
 from dispatcher.channels.rbm import MAX_TEXT, RbmProvider, ServiceAccountTokens
 from dispatcher.channels.simulator import Simulator
 from dispatcher.states import RecipientStatus
@@ -97,6 +97,8 @@ def test_a_repeated_hand_off_is_the_same_acceptance(provider: RbmProvider, rbm: 
     assert (first.outcome, again.outcome) == (Outcome.ACCEPTED, Outcome.ACCEPTED)
     assert again.provider_message_id == "rec-7"
     assert len(rbm.accepted) == 1
+    # So a hand-off a lost worker may have made is made again (reclaim's answer).
+    assert provider.lookup(message(rid="rec-7")) == (Lookup.NOT_FOUND, None)
 
 
 def test_the_token_is_cached_and_refreshed_before_it_expires(
