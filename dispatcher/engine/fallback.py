@@ -17,12 +17,12 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, select, update
+from sqlalchemy import ColumnElement, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from dispatcher import outbox
 from dispatcher.batches import events
-from dispatcher.batches.models import Attempt, Batch, Recipient
+from dispatcher.batches.models import LATE_CHANNEL_FAILURE, Attempt, Batch, Recipient
 from dispatcher.batches.transitions import transition_batch, transition_recipients
 from dispatcher.outbox import TaskName
 from dispatcher.states import BatchStatus, RecipientStatus
@@ -30,8 +30,6 @@ from dispatcher.states import BatchStatus, RecipientStatus
 R, B = RecipientStatus, BatchStatus
 # What the recipients of a stopped batch become when they would be queued again.
 STOPPED = {B.CANCELLED: R.CANCELLED, B.EXPIRED: R.EXPIRED}
-# The Attempt outcome of a channel failure reported by a receipt (not by the send call).
-LATE = "receipt:channel"
 
 
 @dataclass(frozen=True)
@@ -159,7 +157,7 @@ def _fall_back_in(
                 {
                     "recipient_id": row.id,
                     "channel": row.channel,
-                    "outcome": LATE,
+                    "outcome": LATE_CHANNEL_FAILURE,
                     "error_code": by_ref[row.provider_message_id].error_code,
                     "error": by_ref[row.provider_message_id].error_text,
                     "provider_message_id": row.provider_message_id,
@@ -195,4 +193,19 @@ def _send_again(
     outbox.defer(
         session,
         outbox.Message(TaskName.SEND_RECIPIENTS, {"batch_id": batch.id, "recipient_ids": ids}),
+    )
+
+
+def moved_on(*, session: Session, refs: Sequence[str]) -> set[str]:
+    """Which of ``refs`` name a rich message that a late failure moved on from."""
+    if not refs:
+        return set()
+    return set(
+        session.scalars(
+            select(Attempt.provider_message_id).where(
+                # Literal, so that SQLite and PostgreSQL can use the partial index.
+                text(f"attempts.outcome = '{LATE_CHANNEL_FAILURE}'"),
+                Attempt.provider_message_id.in_(list(refs)),
+            )
+        )
     )

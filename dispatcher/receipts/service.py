@@ -196,6 +196,11 @@ def accept(
         if rest
         else set()
     )
+    # A rich message that a late failure moved on from: its later word changes nothing.
+    final |= fallback.moved_on(
+        session=session,
+        refs=[r.provider_message_id for r in rest if r.provider_message_id not in final],
+    )
     keep = [r for r in rest if r.provider_message_id not in final]
     if keep:
         session.add_all(
