@@ -17,7 +17,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, select, text, update
+from sqlalchemy import ColumnElement, insert, literal_column, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher import outbox
@@ -177,6 +177,7 @@ def _send_again(
 ) -> None:
     """Hand recipients just queued again to the send path, unless their batch is over."""
     if now >= batch.expire_at and batch_status not in STOPPED:
+        # Too late to send: expired, as a stopped batch's recipients are.
         batch_status = B.EXPIRED
     if stop_requeued(session=session, batch=batch, batch_status=batch_status, ids=ids, now=now):
         return
@@ -203,8 +204,8 @@ def moved_on(*, session: Session, refs: Sequence[str]) -> set[str]:
     return set(
         session.scalars(
             select(Attempt.provider_message_id).where(
-                # Literal, so that SQLite and PostgreSQL can use the partial index.
-                text(f"attempts.outcome = '{LATE_CHANNEL_FAILURE}'"),
+                # A literal, not a parameter: so the planners can use the partial index.
+                Attempt.outcome == literal_column(f"'{LATE_CHANNEL_FAILURE}'"),
                 Attempt.provider_message_id.in_(list(refs)),
             )
         )
