@@ -8,6 +8,7 @@ SMS through the send path, as a refusal at send time does.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -358,3 +359,27 @@ def test_the_fallback_waits_its_turn_behind_the_accounts_earlier_work(
     [rec] = live.recipients(batch_id)
     assert rec.status == R.QUEUED and rec.next_attempt_at is not None
     assert twilio.seen == []
+
+
+def test_no_secret_shows_in_logs_metrics_or_replies(
+    live_factory: Callable[..., Live],
+    tenant: Tenant,
+    providers: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    live = live_factory(
+        whatsapp_app_secret=APP_SECRET, twilio_auth_token=TOKEN, metrics_token="metrics-0123"
+    )
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    [rec] = live.recipients(batch_id)
+    replies = [
+        failed(live, str(rec.provider_message_id)).text,
+        notify(hook(live), [], app_secret="wrong-secret").text,
+    ]
+    live.send(providers, batch_id)
+    scrape = live.client.get("/metrics", headers={"Authorization": "Bearer metrics-0123"})
+    assert scrape.status_code == 200
+    seen = "\n".join([*replies, scrape.get_data(as_text=True), caplog.text])
+    for secret in (APP_SECRET, TOKEN, "EAAG-token"):
+        assert secret not in seen
