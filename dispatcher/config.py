@@ -211,14 +211,14 @@ class Settings:
     # in the background (they record their own outcome).
     callback_task_wait: float = 2.0
 
-    # Retention: finished batches older than this many days are purged with their
-    # recipients, attempts, events and callbacks (0 keeps everything). Also how long
-    # a client id stays taken (an idempotent retry returns the original batch).
-    retention_days: float = 0.0
-    # Rows deleted per purge transaction (short ones: sending goes on in between).
-    retention_chunk: int = 500
-    # Seconds between purge runs.
+    # Retention: a purge runs every retention_interval seconds; it deletes finished
+    # batches older than retention_days with their recipients, attempts, events and
+    # callbacks (0 keeps everything), which is also how long a client id stays taken
+    # (an idempotent retry returns the original batch), retention_chunk rows per
+    # transaction (short ones: sending goes on in between).
     retention_interval: float = HOUR
+    retention_days: float = 0.0
+    retention_chunk: int = 500
 
     # Observability (see the README's "Observability").
     # Bearer token for the API's /metrics; empty: /metrics answers 404.
