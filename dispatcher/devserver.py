@@ -198,7 +198,7 @@ def serve(settings: Settings) -> int:
         stopping.set()
 
     def start(name: str, argv: list[str]) -> None:
-        child = sup.start(name, argv, env=env)
+        child = sup.add(Child(name, argv, env=env))
         print(f"[dispatcher] started {name} (pid {child.pid})", flush=True)
 
     def _stopping(child: Child) -> None:

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import dataclass_transform
 
 from sqlalchemy import ColumnElement, delete, or_, select
 from sqlalchemy.orm import Session
@@ -56,30 +57,32 @@ SOURCES = {R.READ: (R.SENT, R.DELIVERED)}
 NO_RECEIPT = ("no_receipt", "no delivery receipt came within the receipt deadline")
 
 
-@dataclass(frozen=True)
-class Accepted:
-    """What became of a set of receipts: applied now, kept for later, or ignored."""
+@dataclass_transform(frozen_default=True)
+class _Tally:
+    """Frozen counts, one field per outcome; ``as_dict`` is their JSON-safe form."""
+
+    def __init_subclass__(cls) -> None:
+        dataclass(frozen=True)(cls)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+class Accepted(_Tally):
+    """Receipts applied now, kept for later, or ignored (a carrier's reply: counts only,
+    since receipts cross tenants)."""
 
     applied: int = 0
     pending: int = 0
     ignored: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        """The reply to a carrier (counts only: receipts cross tenants)."""
-        return {"applied": self.applied, "pending": self.pending, "ignored": self.ignored}
 
-
-@dataclass(frozen=True)
-class Swept:
-    """One sweep: late matches applied, stored receipts dropped, messages made unknown."""
+class Swept(_Tally):
+    """One sweep: late matches applied, stored receipts dropped (lost), messages made unknown."""
 
     applied: int = 0
     dropped: int = 0
     unknown: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """JSON-safe form (Celery task results; ``dropped`` is the lost-receipt counter)."""
-        return {"applied": self.applied, "dropped": self.dropped, "unknown": self.unknown}
 
 
 def _of(provider: str) -> ColumnElement[bool]:
