@@ -48,13 +48,17 @@ def session(sessions: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def test_insert_many_writes_rows_shared_values_and_scalar_defaults(session: Session) -> None:
-    insert_many(session, _ROWS, rows={"id": ["a", "b", "c"], "n": range(3)}, same={"tag": "t"})
+    rows = {"id": ["a", "b", "c"], "n": range(3), "note": [None, "x", None]}
+    insert_many(session, _ROWS, rows=rows, same={"tag": "t"})
+    insert_many(session, _ROWS, rows={"id": ["d", "e"], "note": [None, None]}, same={"n": 9})
     insert_many(session, _ROWS, rows={"id": []}, same={})
-    rows = session.execute(select(_ROWS).order_by(_ROWS.c.n)).all()
-    assert [tuple(r) for r in rows] == [
+    written = session.execute(select(_ROWS).order_by(_ROWS.c.id)).all()
+    assert [tuple(r) for r in written] == [
         ("a", 0, "t", "plain", None),
-        ("b", 1, "t", "plain", None),
+        ("b", 1, "t", "plain", "x"),
         ("c", 2, "t", "plain", None),
+        ("d", 9, None, "plain", None),
+        ("e", 9, None, "plain", None),
     ]
 
 
