@@ -190,15 +190,22 @@ def _changes(data: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def _unstarted(batch_id: str) -> dict[str, Any]:
+    """The calling account's batch ``batch_id``, as the services that change one take it."""
+    return {
+        "session": ctx.session(),
+        "settings": ctx.settings(),
+        "account": ctx.account(),
+        "batch_id": batch_ref(batch_id),
+    }
+
+
 @blueprint.post("/batches/<batch_id>")
 def update_batch(batch_id: str) -> dict[str, Any]:
     data = schemas.UpdateSchema(settings=ctx.settings()).load(json_body())
     expand = partial(groups.expand, session=ctx.session(), account_id=ctx.account().id)
     batch = updates.update_batch(
-        session=ctx.session(),
-        settings=ctx.settings(),
-        account=ctx.account(),
-        batch_id=batch_ref(batch_id),
+        **_unstarted(batch_id),
         fields=_changes(data),
         to_add=expand(entries=data.get("to_add", ())),
         to_remove=expand(entries=data.get("to_remove", ())),
@@ -210,10 +217,7 @@ def update_batch(batch_id: str) -> dict[str, Any]:
 def replace_batch(batch_id: str) -> dict[str, Any]:
     data = _sendable(schemas.SendSchema(settings=ctx.settings()).load(json_body()))
     batch = updates.replace_batch(
-        session=ctx.session(),
-        settings=ctx.settings(),
-        account=ctx.account(),
-        batch_id=batch_ref(batch_id),
+        **_unstarted(batch_id),
         new=_new_batch(data),
     )
     return _reply(batch)
