@@ -28,6 +28,7 @@ from dispatcher.runtime import Runtime
 from dispatcher.webhooks import delivery
 from dispatcher.webhooks.deliver import WebhookSender
 from tests.factories import Tenant
+from tests.helpers import wait_for
 from tests.helpers.sinch import A, B, C, callbacks, mark_sent, receipt, start_sending
 
 D = "+447700900004"
@@ -257,7 +258,10 @@ def test_service_plan_defaults_and_sinch_signature(
             factory=sessions, settings=runtime.settings, sender=sender, gate=gate, callback_ids=ids
         )
     client.close()
-    assert counts["delivered"] == len(ids) == len(seen)
+    # On a loaded machine a POST may outlive the task's wait: its lane records it later.
+    assert counts["delivered"] + counts["in_flight"] == len(ids)
+    wait_for(lambda: all(c.state == "delivered" for c in callbacks(sessions, batch.id)))
+    assert len(seen) == len(ids)
 
     headers, body = seen[0]
     assert sms.sinch_events(tenant.webhook_secret).validate_authentication_header(headers, body)
