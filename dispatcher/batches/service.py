@@ -234,7 +234,11 @@ def insert_recipients(
     """Write one ``scheduled`` row per destination, seq 0..n-1 (chunks are seq ranges);
     those in ``rejected`` are written ``rejected`` with their error code, and reported."""
     refused = rejected or {}
-    body_parts = parts.analyse(batch.body).parts
+    body_parts = (
+        parts.binary_parts(batch.body, udh=batch.options["udh"])
+        if batch.options.get("type") == "mt_binary"
+        else parts.analyse(batch.body).parts
+    )
     rows = [
         {
             "id": str(uuid.uuid4()),

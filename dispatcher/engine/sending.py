@@ -25,7 +25,14 @@ from dispatcher import metrics, outbox
 from dispatcher.accounts.models import Account
 from dispatcher.batches.models import Attempt, Batch, Recipient
 from dispatcher.batches.transitions import claim_recipients, transition_recipients
-from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
+from dispatcher.channels.base import (
+    Lookup,
+    OutboundMessage,
+    Outcome,
+    Provider,
+    SendResult,
+    SmsOptions,
+)
 from dispatcher.config import Settings
 from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.engine import recording
@@ -196,6 +203,7 @@ def send_recipients(
                 continue  # the candidates were taken or cancelled meanwhile: read again
             break
         report.claimed += len(claimed)
+        sms = SmsOptions.of_batch(batch.options)
         messages = [
             OutboundMessage(
                 recipient_id=row.id,
@@ -207,6 +215,7 @@ def send_recipients(
                 template=batch.options.get("whatsapp_template"),
                 account_id=batch.account_id,
                 expire_at=batch.expire_at,
+                sms=sms,
             )
             for row in claimed
         ]

@@ -268,6 +268,16 @@ class LocalSmsc:
 
     # -- running in a thread (tests, the bench) ----------------------------------
 
+    def post_mo(self, **mo: Any) -> None:
+        """Send an MO (``send_mo``'s arguments) without waiting for its deliver_sm_resp.
+
+        smpp34's server does not take a receiver session's deliver_sm_resp (it answers
+        generic_nack, ESME_RINVCMDID) and fails the deliver_sm after its own timeout,
+        though the ESME got the message: over a receiver bind nothing can be awaited.
+        """
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(lambda: self._spawn(self.send_mo(**mo)))
+
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
         """Run ``coro`` on the SMSC's loop from another thread."""
         assert self._loop is not None

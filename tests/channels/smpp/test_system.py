@@ -7,6 +7,7 @@ callback workers. SQLite, real Redis, a real webhook receiver on 127.0.0.1.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import threading
@@ -266,3 +267,34 @@ def test_an_inbound_message_reaches_the_webhook_and_the_inbounds_list(
     # Another account sees none of it.
     other = api.get(f"/xms/v1/{shared.id}/inbounds/{item['id']}", headers=shared.auth)
     assert other.status_code == 404
+
+
+def test_a_sinch_binary_flash_batch_reaches_the_smsc_as_binary(
+    processes: None, api: FlaskClient, live: Runtime, smsc: LocalSmsc
+) -> None:
+    tenant = Tenant(live.sessions)
+    data, udh = bytes(range(100, 230)), "050003CC0201"
+    reply = api.post(
+        f"/xms/v1/{tenant.id}/batches",
+        json={
+            "from": "12345",
+            "to": ["+447700955501"],
+            "type": "mt_binary",
+            "body": base64.b64encode(data).decode(),
+            "udh": udh,
+            "flash_message": True,
+            "from_ton": 6,
+            "from_npi": 0,
+        },
+        headers=tenant.auth,
+    )
+    assert reply.status_code == 201, reply.get_json()
+    batch_id = reply.get_json()["id"]
+    wait_for(lambda: [r.status for r in recipients(live.sessions, batch_id)] == [R.DELIVERED])
+    (submit,) = [s for s in smsc.submits if s.destination_addr == "447700955501"]
+    # 8-bit class 0, UDHI, the UDH as given ahead of the data; the batch's TON/NPI.
+    assert (submit.data_coding, submit.esm_class) == (0x14, 0x40)
+    assert submit.short_message == bytes.fromhex(udh) + data
+    assert (submit.source_addr, submit.source_addr_ton, submit.source_addr_npi) == ("12345", 6, 0)
+    # 136 octets with the UDH: one part, as Sinch counts binary (140 per part).
+    assert [r.parts for r in recipients(live.sessions, batch_id)] == [1]
