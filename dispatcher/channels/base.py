@@ -18,6 +18,9 @@ class Outcome(StrEnum):
     CHANNEL = "channel"
     # No channel will: the recipient fails.
     RECIPIENT = "recipient"
+    # Handed over, but whether the carrier took it cannot be known (SMPP: no
+    # submit_sm_resp came): final as "unknown", never sent again.
+    UNKNOWN = "unknown"
 
 
 class Lookup(StrEnum):

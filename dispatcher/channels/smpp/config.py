@@ -45,11 +45,6 @@ class Connection:
     # Messages (submit_sm) per second across every connector, 0 for no limit.
     throughput: float = 0.0
 
-    @property
-    def limit_key(self) -> str:
-        """The rate limiter's key for this connection (shared by every host)."""
-        return f"smpp:{self.name}"
-
 
 @dataclass(frozen=True)
 class Carrier:

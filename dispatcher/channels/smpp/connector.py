@@ -19,10 +19,10 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import redis
 import redis.asyncio as aioredis
@@ -36,6 +36,7 @@ from dispatcher.db import utcnow
 from dispatcher.ratelimit import Limit, RateLimiter
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FLUSH_EVERY = 1.0
 FLUSH_SIZE = 500
@@ -491,9 +492,9 @@ class Connector:
     async def take_token(self, link: Link) -> None:
         if self.limiter is None or not link.conn.throughput:
             return
-        delay = await asyncio.to_thread(
-            self.limiter.reserve, [Limit(link.conn.limit_key, link.conn.throughput)], 1
-        )
+        # One key per connection, shared by every connector process and host.
+        limit = Limit(f"smpp:{link.conn.name}", link.conn.throughput)
+        delay = await asyncio.to_thread(self.limiter.reserve, [limit], 1)
         if delay > 0:
             await asyncio.sleep(delay)
 
@@ -581,13 +582,7 @@ class Connector:
 
     async def flush(self, *, final: bool = False) -> None:
         """Hand buffered receipts and inbound messages to the sink."""
-        if self._inbound:
-            messages, self._inbound = self._inbound, []
-            try:
-                await asyncio.to_thread(self.sink.inbound, messages)
-            except Exception:
-                self._inbound[:0] = messages
-                raise
+        await _drain(self._inbound, self.sink.inbound)
         # A receipt is translated only once every submit that began before it arrived
         # has its submit_sm_resp: only then is a part's id known to be a part's.
         oldest = min(self._inflight.values(), default=None)
@@ -604,14 +599,7 @@ class Connector:
             translated = await self.translate(r, main)
             if translated is not None:
                 self._outgoing.append(translated)
-        if not self._outgoing:
-            return
-        batch, self._outgoing = self._outgoing, []
-        try:
-            await asyncio.to_thread(self.sink.receipts, batch)
-        except Exception:
-            self._outgoing[:0] = batch
-            raise
+        await _drain(self._outgoing, self.sink.receipts)
 
     async def parts_of(self, refs: list[str]) -> list[str | None]:
         """For each id, the id of the message it is a part of (None: not a part)."""
@@ -637,6 +625,20 @@ class Connector:
             if left > 0:
                 return None
         return replace(receipt, provider_message_id=main)
+
+
+async def _drain(buffer: list[T], deliver: Callable[[list[T]], None]) -> None:
+    """Hand what ``buffer`` holds to ``deliver`` (in a thread: it writes the database);
+    if that fails, put it back ahead of what arrived meanwhile."""
+    if not buffer:
+        return
+    batch = list(buffer)
+    buffer.clear()
+    try:
+        await asyncio.to_thread(deliver, batch)
+    except Exception:
+        buffer[:0] = batch
+        raise
 
 
 def run_forever(connector: Connector, *, install_signals: bool = True) -> None:

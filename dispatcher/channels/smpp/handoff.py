@@ -44,8 +44,8 @@ UNKNOWN_TEXT = "no submit_sm_resp (bind lost or response timeout); not re-sent t
 
 
 def unknown(text: str = UNKNOWN_TEXT) -> SendResult:
-    """A submit that may have reached the SMSC: the recipient fails and is never resent."""
-    return SendResult(Outcome.RECIPIENT, error_code="outcome_unknown", error_text=text)
+    """A submit that may have reached the SMSC: final as unknown, never resent."""
+    return SendResult(Outcome.UNKNOWN, error_code="outcome_unknown", error_text=text)
 
 
 def accepted(message_id: str) -> str:

@@ -93,6 +93,7 @@ class LocalSmsc:
     binds: list[str] = field(default_factory=list)
     sessions: dict[str, Any] = field(default_factory=dict)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    _references: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _held: list[Any] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _server: Any = None
@@ -240,7 +241,6 @@ class LocalSmsc:
         destination: str,
         text: str,
         system_id: str | None = None,
-        reference: int = 7,
     ) -> int:
         """Send a mobile-originated message (split and concatenated if long); returns parts."""
         esme = (
@@ -250,7 +250,8 @@ class LocalSmsc:
         )
         if esme is None:
             raise RuntimeError("no ESME bound to receive")
-        encoded = pdu.encode_body(text, reference=reference)
+        # Each long MO has its own reference, as a handset gives it.
+        encoded = pdu.encode_body(text, reference=next(self._references) & 0xFF)
         for payload in encoded.payloads:
             resp = await esme.deliver_sm(
                 destination,

@@ -253,7 +253,7 @@ def test_a_connection_dropped_mid_window_sends_nothing_twice(
             # most a window's worth can be in that state.
             assert 3 <= len(unknown) <= 4
             assert all(
-                r.outcome is Outcome.RECIPIENT for r in first if r.error_code == "outcome_unknown"
+                r.outcome is Outcome.UNKNOWN for r in first if r.error_code == "outcome_unknown"
             )
             assert all(provider.lookup(m)[0] is Lookup.UNKNOWN for m in unknown)
             # What the worker would try again (transient) goes out once the bind is back.

@@ -79,7 +79,13 @@ class _Hook(BaseHTTPRequestHandler):
         self.end_headers()
 
 
+# The SMSC never answers submits to this number (the response timer settles them).
+SILENT = "447700966601"
+
+
 def script(s: Submit) -> Action:
+    if s.destination_addr == SILENT:
+        return Action(hold=True)
     # Half the receipts reach the connector before its submit_sm_resp does.
     return Action(receipt_first=s.seq % 2 == 0)
 
@@ -298,3 +304,30 @@ def test_a_sinch_binary_flash_batch_reaches_the_smsc_as_binary(
     assert (submit.source_addr, submit.source_addr_ton, submit.source_addr_npi) == ("12345", 6, 0)
     # 136 octets with the UDH: one part, as Sinch counts binary (140 per part).
     assert [r.parts for r in recipients(live.sessions, batch_id)] == [1]
+
+
+def test_a_submit_without_resp_ends_unknown_and_is_never_sent_again(
+    processes: None, api: FlaskClient, live: Runtime, smsc: LocalSmsc
+) -> None:
+    tenant = Tenant(live.sessions)
+    reply = api.post(
+        f"/xms/v1/{tenant.id}/batches",
+        json={"from": "Dispatcher", "to": ["+" + SILENT, "+447700966602"], "body": "Hi"},
+        headers=tenant.auth,
+    )
+    assert reply.status_code == 201, reply.get_json()
+    batch_id = reply.get_json()["id"]
+
+    def settled() -> dict[str, Recipient] | None:
+        rows = {r.to: r for r in recipients(live.sessions, batch_id)}
+        done = (
+            rows["+" + SILENT].status == R.UNKNOWN and rows["+447700966602"].status == R.DELIVERED
+        )
+        return rows if done else None
+
+    # No submit_sm_resp within response_timeout (3 s): final as unknown, not failed.
+    rows = wait_for(settled, timeout=30)
+    assert rows["+" + SILENT].error_code == "outcome_unknown"
+    # unknown is final (no transition leaves it): one submit, never a second.
+    assert [s.destination_addr for s in smsc.submits].count(SILENT) == 1
+    smsc.release_held()
