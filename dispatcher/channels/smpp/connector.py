@@ -31,6 +31,7 @@ import smpp34
 from dispatcher import metrics
 from dispatcher.channels.base import Outcome, Receipt, SendResult
 from dispatcher.channels.smpp import errors, handoff, pdu
+from dispatcher.channels.smpp.aio import run_until
 from dispatcher.channels.smpp.config import Carrier, Connection, SmppConfig
 from dispatcher.db import utcnow
 from dispatcher.ratelimit import Limit, RateLimiter
@@ -234,22 +235,16 @@ class Link:
                     await client.stop()
 
     async def read(self, smsc: Any) -> None:
-        stop = asyncio.ensure_future(self.owner.stopping.wait())
-        try:
-            while True:
-                nxt = asyncio.ensure_future(smsc.next())
-                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(smsc.unbind(), 2)
-                    return
-                event = nxt.result()
-                if isinstance(event, smpp34.Disconnected):
-                    return
-                await self.owner.on_deliver(self, event)
-        finally:
-            stop.cancel()
+        """Take every deliver_sm until the session ends; unbind when the connector stops."""
+
+        async def pump() -> None:
+            while not isinstance(event := await smsc.next(), smpp34.Disconnected):
+                # Shielded: a stop never cuts an MO's parts off half-stored.
+                await asyncio.shield(self.owner.on_deliver(self, event))
+
+        if await run_until(pump(), self.owner.stopping):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(smsc.unbind(), 2)
 
     async def wait_ready(self, deadline: float) -> bool:
         """Wait out a throttling pause; False if it lasts past ``deadline`` or the bind is gone."""
@@ -296,8 +291,9 @@ class Link:
                 self.stats.window_peak = max(self.stats.window_peak, self.stats.in_flight)
                 self.stats.outstanding_sum += self.stats.in_flight
                 try:
-                    resp = await asyncio.wait_for(
-                        smsc.submit_sm(
+                    # asyncio.timeout, not wait_for: no task per submit.
+                    async with asyncio.timeout(self.owner.config.response_timeout):
+                        resp = await smsc.submit_sm(
                             dest.addr,
                             payload,
                             source_addr=sender.addr,
@@ -309,9 +305,7 @@ class Link:
                             registered_delivery=1 if self.carrier.registered_delivery else 0,
                             validity_period=validity,
                             data_coding=encoded.data_coding,
-                        ),
-                        self.owner.config.response_timeout,
-                    )
+                        )
                 except (smpp34.SmppError, TimeoutError, OSError) as exc:
                     # No submit_sm_resp: the SMSC may or may not have it. Never resend.
                     if not isinstance(exc, TimeoutError) and self.tx is smsc:

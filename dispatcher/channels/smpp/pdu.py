@@ -314,9 +314,10 @@ def parse_receipt_date(value: str | None) -> datetime | None:
     """``YYMMDDhhmm`` or ``YYMMDDhhmmss`` (UTC) as a naive UTC datetime; None if unreadable."""
     if not value or not value.isdigit() or len(value) not in (10, 12):
         return None
+    # Slices, not strptime: one per receipt, and strptime was a visible share of the CPU.
+    fields = [int(value[i : i + 2]) for i in range(0, len(value), 2)]
     try:
-        fmt = "%y%m%d%H%M%S" if len(value) == 12 else "%y%m%d%H%M"
-        return datetime.strptime(value, fmt)
+        return datetime((2000 if fields[0] < 69 else 1900) + fields[0], *fields[1:])
     except ValueError:
         return None
 

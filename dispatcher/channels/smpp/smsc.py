@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import smpp34
 
 from dispatcher.channels.smpp import pdu
+from dispatcher.channels.smpp.aio import run_until
 from dispatcher.db import utcnow
 
 logger = logging.getLogger(__name__)
@@ -107,17 +108,14 @@ class LocalSmsc:
         self._server = smpp34.Server(host=self.host, port=self.port, system_id=self.system_id)
         await self._server.start()
         logger.info("local SMSC listening on %s:%s", self.host, self.port)
-        stop = asyncio.ensure_future(self._stopped.wait())
-        try:
+
+        async def pump() -> None:
             while True:
-                nxt = asyncio.ensure_future(self._server.next())
-                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    break
-                self._on_event(nxt.result())
+                self._on_event(await self._server.next())
+
+        try:
+            await run_until(pump(), self._stopped)
         finally:
-            stop.cancel()
             for task in list(self._tasks):
                 task.cancel()
             for esme in list(self.sessions.values()):
