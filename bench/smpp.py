@@ -101,11 +101,11 @@ def report(system: System, out: Out) -> None:
         return
     # The connector writes its counters every second.
     time.sleep(1.5)
-    client = redis.Redis.from_url(system.redis_url)
+    client = redis.Redis.from_url(system.redis_url, decode_responses=True)
     try:
         per = {
             connection(i): {
-                k.decode(): int(v)
+                str(k): int(v)
                 for k, v in client.hgetall(f"dispatcher:smpp:stats:{connection(i)}").items()
             }
             for i in range(args.smpp_binds)

@@ -315,9 +315,11 @@ def parse_receipt_date(value: str | None) -> datetime | None:
     if not value or not value.isdigit() or len(value) not in (10, 12):
         return None
     # Slices, not strptime: one per receipt, and strptime was a visible share of the CPU.
-    fields = [int(value[i : i + 2]) for i in range(0, len(value), 2)]
+    yy, month, day, hour, minute, second = (
+        int(value[i : i + 2]) if i < len(value) else 0 for i in range(0, 12, 2)
+    )
     try:
-        return datetime((2000 if fields[0] < 69 else 1900) + fields[0], *fields[1:])
+        return datetime((2000 if yy < 69 else 1900) + yy, month, day, hour, minute, second)
     except ValueError:
         return None
 
