@@ -41,6 +41,7 @@ def test_every_process_of_make_run_has_a_service_with_the_same_entry_point() -> 
         "postgres",
         "migrate",
         "api",
+        "dispatch-worker",
         "send-worker",
         "callback-worker",
         "beat",
@@ -48,7 +49,15 @@ def test_every_process_of_make_run_has_a_service_with_the_same_entry_point() -> 
         "smpp-connector",
     } <= set(services)
     local = commands(Settings(provider="smpp", smpp=SMPP))
-    for name in ("api", "send-worker", "callback-worker", "beat", "flower", "smpp-connector"):
+    for name in (
+        "api",
+        "dispatch-worker",
+        "send-worker",
+        "callback-worker",
+        "beat",
+        "flower",
+        "smpp-connector",
+    ):
         ours = [Path(w).name for w in local[name]]
         theirs = words(services[name]["command"])
         # Same program and the same app / queues (flags for ports and sizes may differ).
@@ -56,7 +65,8 @@ def test_every_process_of_make_run_has_a_service_with_the_same_entry_point() -> 
         for token in (
             "api.wsgi:app",
             "workers.main",
-            "dispatch,send",
+            "dispatch",
+            "send",
             "callbacks",
             "beat",
             "smpp-connector",
@@ -72,7 +82,7 @@ def test_production_settings_persist_and_authenticate() -> None:
     assert "--basic-auth" in " ".join(words(services["flower"]["command"]))
     text = (ROOT / "docker-compose.yml").read_text()
     assert "POSTGRES_PASSWORD:?" in text  # no default password in the repo
-    for name in ("send-worker", "callback-worker"):
+    for name in ("dispatch-worker", "send-worker", "callback-worker"):
         assert "container_name" not in services[name]  # so --scale works
 
 
