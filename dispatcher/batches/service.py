@@ -56,20 +56,6 @@ class NewBatch:
 
 
 @dataclass(frozen=True)
-class NewMessage:
-    """One entry of a Messaging Plus /message request: a batch of one recipient."""
-
-    to: str
-    body: str
-    sender: str | None
-    shared_sender: bool
-    channels: Sequence[str]
-    callback_url: str | None = None
-    send_at: datetime | None = None
-    client_id: str | None = None
-
-
-@dataclass(frozen=True)
 class Intake:
     """The outcome of an intake: the batch, and whether this call created it."""
 
@@ -342,6 +328,35 @@ def assign_shared_sender(
     return sender
 
 
+@dataclass(frozen=True)
+class NewMessage:
+    """One entry of a Messaging Plus /message request: a batch of one recipient."""
+
+    to: str
+    body: str
+    sender: str | None
+    shared_sender: bool
+    channels: Sequence[str]
+    callback_url: str | None = None
+    send_at: datetime | None = None
+    client_id: str | None = None
+
+    def as_batch(self, sender: str) -> NewBatch:
+        """The one-recipient batch this message is, sent from ``sender``."""
+        return NewBatch(
+            sender=sender,
+            body=self.body,
+            destinations=[self.to],
+            channels=self.channels,
+            callback_url=self.callback_url,
+            send_at=self.send_at,
+            client_id=self.client_id,
+            dialect="message",
+            client_message_id=self.client_id,
+            options={"from_type": "shared" if self.shared_sender else "custom"},
+        )
+
+
 def create_messages(
     *,
     session: Session,
@@ -365,18 +380,7 @@ def create_messages(
         else:
             assert m.sender is not None
             sender = m.sender
-        new = NewBatch(
-            sender=sender,
-            body=m.body,
-            destinations=[m.to],
-            channels=m.channels,
-            callback_url=m.callback_url,
-            send_at=m.send_at,
-            client_id=m.client_id,
-            dialect="message",
-            client_message_id=m.client_id,
-            options={"from_type": "shared" if m.shared_sender else "custom"},
-        )
+        new = m.as_batch(sender)
         if dry_run:
             fit_parts(new)
             out.append((m, sender, None))
