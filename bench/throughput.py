@@ -154,6 +154,7 @@ def throughput(system: System, out: Out) -> None:
         request_p50_s=round(percentile(req, 50) or 0, 4),
         request_p95_s=round(percentile(req, 95) or 0, 4),
         request_max_s=round(req[-1], 4) if req else None,
+        during_intake=intake.cpu(),
     )
     log(f"intake: {intake.accepted} recipients in {intake_s:.2f}s")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Table, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -251,9 +251,11 @@ def insert_recipients(
             for seq in range(count)
         ]
         rows["error_code"] = [refused.get(seq) for seq in range(count)]
+    table = Recipient.__table__
+    assert isinstance(table, Table)
     insert_many(
         session,
-        Recipient.__table__,
+        table,
         rows=rows,
         same={key: value for key, value in same.items() if key not in rows},
     )
