@@ -230,6 +230,11 @@ def update_batch(
     """Change an unstarted batch: ``fields`` among sender, body, send_at, expire_at,
     callback_url, options (merged); numbers added/removed; per-recipient bodies re-rendered."""
     batch = get_batch(session=session, account=account, batch_id=batch_id)
+    if batch.options.get("type") == "mt_binary":
+        # Its body is base64 checked together with its udh: a text update would send garbage.
+        raise ValidationError(
+            "an mt_binary batch cannot be updated; replace it (PUT) instead", field="type"
+        )
     now = utcnow()
     _claim_unstarted(session, batch, now)
     current = destinations_of(session=session, batch_ids=[batch.id])[batch.id]

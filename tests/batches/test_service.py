@@ -378,3 +378,30 @@ def test_update_that_would_leave_no_recipient_is_refused(
             to_remove=[a],
         )
     assert [r.to for r in _recipients(sessions, batch_id)] == [a]
+
+
+def test_update_of_a_binary_batch_is_refused_and_changes_nothing(
+    sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    account = _account(sessions)
+    a, b = numbers(2)
+    with transaction(sessions) as session:
+        batch_id = make_batch(
+            session,
+            settings=settings,
+            account=account,
+            destinations=[a],
+            body="SGVsbG8=",
+            options={"type": "mt_binary", "udh": "050003010201"},
+        ).id
+    with pytest.raises(ValidationError, match="mt_binary"), transaction(sessions) as session:
+        updates.update_batch(
+            session=session,
+            settings=settings,
+            account=account,
+            batch_id=batch_id,
+            fields={"body": "text now"},
+            to_add=[b],
+        )
+    assert _batch(sessions, batch_id).body == "SGVsbG8="
+    assert [r.to for r in _recipients(sessions, batch_id)] == [a]
