@@ -166,6 +166,9 @@ class Settings:
     rbm_service_account_file: str = ""
     rbm_api_url: str = "https://rcsbusinessmessaging.googleapis.com"
     rbm_client_token: str = field(default="", repr=False)
+    # Seconds RBM keeps trying an RCS message before revoking it; its revocation event
+    # then falls back to the next channel (0: RBM's own limit, about 30 days).
+    rbm_ttl: float = 0.0
     # Meta WhatsApp Cloud API: {phone number id: token}, {sender: phone number id}.
     whatsapp_api_url: str = "https://graph.facebook.com/v21.0"
     whatsapp_phone_number_id: str = ""
@@ -322,6 +325,7 @@ class Settings:
             "min_send_at_lead": self.min_send_at_lead,
             "default_account_rate": self.default_account_rate,
             "retention_days": self.retention_days,
+            "rbm_ttl": self.rbm_ttl,
             **{f"channel_rates[{k}]": v for k, v in self.channel_rates.items()},
         }
         for name, value in rates.items():

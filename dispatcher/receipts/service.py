@@ -24,8 +24,9 @@ from sqlalchemy.orm import Session
 from dispatcher import metrics
 from dispatcher.batches.models import Recipient
 from dispatcher.batches.transitions import transition_recipients
-from dispatcher.channels.base import Receipt
+from dispatcher.channels.base import CHANNEL_FAILED, Receipt
 from dispatcher.config import Settings
+from dispatcher.engine import fallback
 from dispatcher.receipts.models import PendingReceipt
 from dispatcher.states import RECIPIENT_TRANSITIONS, RecipientStatus
 
@@ -47,6 +48,8 @@ RECEIPT_STATUSES = {
     "failed": R.FAILED,
     "expired": R.EXPIRED,
     "read": R.READ,
+    # Failed for its channel: the next channel of the recipient's list (failed if none).
+    CHANNEL_FAILED: R.FAILED,
 }
 # Where a receipt may move a message from: only ``sent``, but a read report also
 # follows a delivered one (and a late delivery report after it changes nothing).
@@ -98,9 +101,18 @@ def _apply(
     message cannot both apply. At most one receipt per message id.
     """
     groups: dict[tuple[RecipientStatus, str | None, str | None], list[str]] = defaultdict(list)
+    late: list[fallback.Failure] = []
     for receipt in receipts:
         new = RECEIPT_STATUSES[receipt.status]
-        if new in (R.DELIVERED, R.READ):
+        if receipt.status == CHANNEL_FAILED:
+            late.append(
+                fallback.Failure(
+                    receipt.provider_message_id,
+                    receipt.error_code or CHANNEL_FAILED,
+                    receipt.error_text,
+                )
+            )
+        elif new in (R.DELIVERED, R.READ):
             groups[(new, None, None)].append(receipt.provider_message_id)
         else:
             code: str | None = receipt.error_code or new.value
@@ -116,6 +128,14 @@ def _apply(
             at=now,
         )
         matched.update(m.provider_message_id for m in moved if m.provider_message_id)
+    if late:
+        refs = [f.provider_message_id for f in late]
+        matched |= fallback.fall_back(
+            session=session,
+            where=[Recipient.provider_message_id.in_(refs), _of(provider)],
+            failures=late,
+            now=now,
+        )
     return matched
 
 
@@ -178,6 +198,11 @@ def accept(
         )
         if rest
         else set()
+    )
+    # A rich message that a late failure moved on from: its later word changes nothing.
+    final |= fallback.moved_on(
+        session=session,
+        refs=[r.provider_message_id for r in rest if r.provider_message_id not in final],
     )
     keep = [r for r in rest if r.provider_message_id not in final]
     if keep:
