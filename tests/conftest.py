@@ -18,11 +18,12 @@ import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import create_engine, make_url
+from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from dispatcher.config import Settings
+from dispatcher.db import make_engine
 from dispatcher.devserver import redis_server_command
 from dispatcher.migrate import upgrade
 from dispatcher.runtime import Runtime
@@ -127,11 +128,21 @@ def publisher() -> RecordingPublisher:
     return RecordingPublisher()
 
 
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Iterator[Engine]:
+    """The database engine of ``settings``, shared by the tests' runtimes: SQLAlchemy caches
+    compiled statements per engine, and a fresh engine per test compiled each one again."""
+    shared = make_engine(settings.database_url)
+    yield shared
+    shared.dispose()
+
+
 @pytest.fixture()
-def runtime(settings: Settings, publisher: RecordingPublisher) -> Iterator[Runtime]:
+def runtime(settings: Settings, publisher: RecordingPublisher, engine: Engine) -> Iterator[Runtime]:
     rt = Runtime(settings, publisher)
+    rt.__dict__["engine"] = engine  # the value of its cached_property: built, not yet used
     yield rt
-    rt.dispose()
+    rt.dispose()  # closes the pool's connections, as before; the statement cache stays
 
 
 @pytest.fixture()
