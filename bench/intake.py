@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -45,6 +46,7 @@ class Intake:
         self.started = 0.0
         self.finished = 0.0
         self.started_wall = 0.0
+        self.bodies: list[bytes] = []
 
     def _take(self) -> tuple[int, int] | None:
         with self.lock:
@@ -54,27 +56,29 @@ class Intake:
             self.next += 1
             return index, self.batches[index]
 
+    def _body(self, index: int, size: int) -> bytes:
+        body: dict[str, Any] = {
+            "from": "Dispatcher",
+            "message": "Benchmark message",
+            "destinations": numbers(self.first_batch + index, self.system.args.batch_size)[:size],
+        }
+        if self.send_at:
+            body["send_at"] = self.send_at
+        if self.system.callback_url:
+            body["callback"] = self.system.callback_url
+        return json.dumps(body).encode()
+
     def _run(self) -> None:
+        # One kept-alive session per thread; bodies were serialised before the clock started.
         session = requests.Session()
         session.headers["Authorization"] = f"Bearer {self.system.api_key}"
+        session.headers["Content-Type"] = "application/json"
         url = self.system.api_base + "/batch?allowMulti=true"
-        callback = self.system.callback_url
         while (item := self._take()) is not None:
             index, size = item
-            body: dict[str, Any] = {
-                "from": "Dispatcher",
-                "message": "Benchmark message",
-                "destinations": numbers(self.first_batch + index, self.system.args.batch_size)[
-                    :size
-                ],
-            }
-            if self.send_at:
-                body["send_at"] = self.send_at
-            if callback:
-                body["callback"] = callback
             t0 = time.monotonic()
             try:
-                reply = session.post(url, json=body, timeout=120)
+                reply = session.post(url, data=self.bodies[index], timeout=120)
             except requests.RequestException as exc:
                 with self.lock:
                     self.errors.append(f"batch {index}: {exc}")
@@ -90,6 +94,8 @@ class Intake:
         session.close()
 
     def run(self) -> None:
+        # The client's own work stays out of the figure: what is timed is the API.
+        self.bodies = [self._body(i, size) for i, size in enumerate(self.batches)]
         self.started_wall = time.time()
         self.started = time.monotonic()
         pool = [

@@ -310,9 +310,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="scheduled mode: send_at of the due backlog, seconds after its intake starts",
     )
     p.add_argument(
-        "--dispatch-worker",
+        "--shared-dispatch",
         action="store_true",
-        help="scheduled mode: a separate `-Q dispatch -c 1` worker; the send worker: `-Q send`",
+        help="no `-Q dispatch -c 1` worker: send workers consume dispatch,send (the old layout)",
     )
     p.add_argument(
         "--cancel-batches", type=int, default=20, help="cancel mode: 1,000-recipient batches"

@@ -31,18 +31,19 @@ def test_every_process_of_make_run_has_a_service_with_the_same_entry_point() -> 
         "postgres",
         "migrate",
         "api",
+        "dispatch-worker",
         "send-worker",
         "callback-worker",
         "beat",
         "flower",
     } <= set(services)
     local = commands(Settings())
-    for name in ("api", "send-worker", "callback-worker", "beat", "flower"):
+    for name in ("api", "dispatch-worker", "send-worker", "callback-worker", "beat", "flower"):
         ours = [Path(w).name for w in local[name]]
         theirs = words(services[name]["command"])
         # Same program and the same app / queues (flags for ports and sizes may differ).
         assert theirs[0] == ours[0], name
-        for token in ("api.wsgi:app", "workers.main", "dispatch,send", "callbacks", "beat"):
+        for token in ("api.wsgi:app", "workers.main", "dispatch", "send", "callbacks", "beat"):
             if token in ours:
                 assert token in theirs, (name, token)
     assert words(services["migrate"]["command"]) == ["dispatcher", "db", "upgrade"]
@@ -54,7 +55,7 @@ def test_production_settings_persist_and_authenticate() -> None:
     assert "--basic-auth" in " ".join(words(services["flower"]["command"]))
     text = (ROOT / "docker-compose.yml").read_text()
     assert "POSTGRES_PASSWORD:?" in text  # no default password in the repo
-    for name in ("send-worker", "callback-worker"):
+    for name in ("dispatch-worker", "send-worker", "callback-worker"):
         assert "container_name" not in services[name]  # so --scale works
 
 

@@ -58,9 +58,15 @@ class SendResult:
     retry_after: float | None = None
 
 
+# A receipt status: the channel could not carry a message it had accepted (WhatsApp's
+# 131026 as a failed status, say). The recipient goes on to its next channel, or fails.
+CHANNEL_FAILED = "channel_failed"
+
+
 @dataclass(frozen=True)
 class Receipt:
-    """A carrier's word on a message it accepted: delivered, failed, expired or read."""
+    """A carrier's word on a message it accepted: delivered, failed, expired, read or
+    channel_failed (``CHANNEL_FAILED``)."""
 
     provider_message_id: str
     status: str
@@ -79,6 +85,9 @@ class Provider(ABC):
     # Hand-offs between two checks of the lease deadline: 1 unless sending is
     # in-process and instant (a network call can take its whole timeout).
     handoff_group: int = 1
+    # The far side takes a repeated hand-off as the same acceptance (an idempotent
+    # message id), so one a lost worker may or may not have made is simply made again.
+    resend_safe: bool = False
 
     @abstractmethod
     def send(self, message: OutboundMessage) -> SendResult:
@@ -90,4 +99,4 @@ class Provider(ABC):
 
     def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
         """Whether a hand-off of ``message`` was accepted, with the provider's id if so."""
-        return Lookup.UNKNOWN, None
+        return (Lookup.NOT_FOUND if self.resend_safe else Lookup.UNKNOWN), None
