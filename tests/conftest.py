@@ -6,6 +6,11 @@ import those, never this module or each other.
 Databases: every test that takes ``settings`` runs on SQLite and, when
 DISPATCHER_TEST_POSTGRES_URL is set (``make test`` starts a throw-away
 PostgreSQL), on PostgreSQL too. In CI the PostgreSQL run is required.
+
+Processes: ``make test`` runs pytest-xdist workers; each has its own Redis, SQLite
+files and PostgreSQL database, so tests never share state across processes. Within
+one process the API app and the database engine of ``settings`` are shared by the
+tests (each test still gets its own runtime, publisher and connections).
 """
 
 from __future__ import annotations
