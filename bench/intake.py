@@ -10,6 +10,7 @@ from typing import Any
 import requests
 
 from bench.harness import BenchError, System
+from bench.sampler import ProcSampler
 
 
 def numbers(batch_index: int, size: int) -> list[str]:
@@ -47,6 +48,21 @@ class Intake:
         self.finished = 0.0
         self.started_wall = 0.0
         self.bodies: list[bytes] = []
+        # The sampler's figures over the intake alone (CPU by role, the machine's noise).
+        self.usage: dict[str, Any] = {}
+
+    def cpu(self) -> dict[str, Any]:
+        """CPU during the intake: the API's per recipient (the figure that holds under
+        load), by role, and what the rest of the machine used (``foreign_cpu_pct``)."""
+        by_role = self.usage.get("cpu_s_by_role", {})
+        per = 1e6 / max(self.accepted, 1)
+        return {
+            "api_cpu_us_per_recipient": round(by_role.get("api", 0.0) * per, 1),
+            "client_cpu_us_per_recipient": round(by_role.get("bench", 0.0) * per, 1),
+            "cpu_s_by_role": by_role,
+            "machine_busy_pct": self.usage.get("machine_busy_pct"),
+            "foreign_cpu_pct": self.usage.get("foreign_cpu_pct"),
+        }
 
     def _take(self) -> tuple[int, int] | None:
         with self.lock:
@@ -96,6 +112,8 @@ class Intake:
     def run(self) -> None:
         # The client's own work stays out of the figure: what is timed is the API.
         self.bodies = [self._body(i, size) for i, size in enumerate(self.batches)]
+        sampler = ProcSampler(self.system.sampled)
+        sampler.start()
         self.started_wall = time.time()
         self.started = time.monotonic()
         pool = [
@@ -107,6 +125,8 @@ class Intake:
         for t in pool:
             t.join()
         self.finished = time.monotonic()
+        sampler.finish()
+        self.usage = sampler.result(self.accepted)
         if self.errors:
             raise BenchError("intake failed: " + "; ".join(self.errors[:3]))
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Table, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -234,7 +234,11 @@ def insert_recipients(
         "error_code": None,
         "channel_index": 0,
         "channel": batch.channels[0],
-        "parts": parts.analyse(batch.body).parts,
+        "parts": (
+            parts.binary_parts(batch.body, udh=batch.options["udh"])
+            if batch.options.get("type") == "mt_binary"
+            else parts.analyse(batch.body).parts
+        ),
         "created_at": now,
         "updated_at": now,
     }
@@ -247,9 +251,11 @@ def insert_recipients(
             for seq in range(count)
         ]
         rows["error_code"] = [refused.get(seq) for seq in range(count)]
+    table = Recipient.__table__
+    assert isinstance(table, Table)
     insert_many(
         session,
-        Recipient.__table__,
+        table,
         rows=rows,
         same={key: value for key, value in same.items() if key not in rows},
     )
