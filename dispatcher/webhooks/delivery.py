@@ -48,7 +48,7 @@ from dispatcher.webhooks import sign, sinch_sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
 from dispatcher.webhooks.limits import EndpointGate, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint
-from dispatcher.webhooks.scheduling import chunks, count, sources
+from dispatcher.webhooks.scheduling import chunks, count, publish, sources
 
 __all__ = ["OUTCOMES", "body_of", "deliver", "gate_for"]
 
@@ -60,6 +60,7 @@ OUTCOMES = (
     "dead",
     "held",
     "deferred",
+    "republished",
     "in_flight",
     "skipped",
     "not_due",
@@ -69,7 +70,9 @@ OUTCOMES = (
 LANES_PER_TASK = 8
 # Callbacks claimed (and recorded) together: small enough that a round to a healthy
 # endpoint ends well within callback_task_wait, large enough to save transactions.
-ROUND = 200
+ROUND = 400
+# Past its wait, a task still waits for lanes that finish a POST at least this often.
+STALL = 0.5
 # A lane takes no new callback after this long; the rest go back to pending.
 LANE_BUDGET = 20.0
 # A callback whose endpoint is at its concurrency limit is tried again after this, or
@@ -159,23 +162,49 @@ class _Collector:
         self._left_items = sum(len(lane.items) for lane in lanes)
         self._done: list[_Done] = []
         self._closed = False
+        started = time.monotonic()
+        # When each unfinished lane last finished a POST (or started).
+        self._moved = {id(lane): started for lane in lanes}
 
-    def hand_in(self, done: list[_Done], items: int) -> bool:
+    def moved(self, lane: _Lane) -> None:
+        """Note that ``lane`` finished one more POST."""
+        with self._cond:
+            self._moved[id(lane)] = time.monotonic()
+
+    def hand_in(self, lane: _Lane, done: list[_Done]) -> bool:
         """Give a finished lane's outcomes to the task; False if it stopped waiting."""
         with self._cond:
             if self._closed:
                 return False
             self._done.extend(done)
             self._left -= 1
-            self._left_items -= items
+            self._left_items -= len(lane.items)
+            self._moved.pop(id(lane), None)
             self._cond.notify_all()
             return True
 
-    def close(self, timeout: float) -> tuple[list[_Done], int]:
-        """Wait up to ``timeout`` for the lanes; returns their outcomes and the callbacks
-        still in flight (their lanes will record them)."""
+    def close(self, *, deadline: float, stall: float, limit: float) -> tuple[list[_Done], int]:
+        """Wait for the lanes; returns their outcomes and the callbacks still in flight
+        (their lanes will record them).
+
+        Until ``deadline`` the task waits whatever the lanes do. After it, it waits only
+        while every unfinished lane keeps finishing a POST at least every ``stall``
+        seconds (a healthy endpoint with a long round), and never past ``limit``: a lane
+        stuck on one slow POST is left to finish in the background.
+        """
         with self._cond:
-            self._cond.wait_for(lambda: self._left == 0, timeout=timeout)
+            while self._left:
+                now = time.monotonic()
+                if now >= limit:
+                    break
+                if now >= deadline:
+                    oldest = min(self._moved.values())
+                    if now - oldest >= stall:
+                        break
+                    wake = min(oldest + stall, limit)
+                else:
+                    wake = deadline
+                self._cond.wait(max(0.001, wake - now))
             self._closed = True
             return self._done, self._left_items
 
@@ -191,66 +220,82 @@ def deliver(
 ) -> dict[str, int]:
     """Claim, POST and record the due callbacks among ``callback_ids``; counts per outcome.
 
-    Works in rounds of at most ROUND callbacks (one claim and one record transaction
-    each) until ``callback_task_wait`` is spent; what is left then goes back to the
-    scheduler, so a task never holds a worker much longer than that.
+    Works in rounds of at most ROUND callbacks until ``callback_task_wait`` is spent;
+    one transaction records a round and claims the next. What is left then is published
+    again as a new task (behind what other tenants queued meanwhile), or, after a round
+    whose lanes did not finish (a slow endpoint), handed back to the scheduler, so a
+    task never holds a worker much longer than that.
     """
     counts = dict.fromkeys(OUTCOMES, 0)
     deadline = time.monotonic() + settings.callback_task_wait
     left = list(dict.fromkeys(callback_ids))
-    first = True
-    while left:
-        if not first and time.monotonic() >= deadline:
+    outcomes: list[_Done] = []
+    claimed_once = slow = False
+    while left or outcomes:
+        lanes: list[_Lane] = []
+        acquired: list[tuple[str, str]] = []
+        try:
             with transaction(factory) as session:
-                counts["deferred"] += _requeue(session, left)
-            break
-        first = False
-        done, left = _round(
-            factory=factory,
-            settings=settings,
-            sender=sender,
-            gate=gate,
-            ids=left,
-            clock=clock,
-            counts=counts,
-            deadline=deadline,
-        )
-        if not done and left:
-            # A round outlived the wait (a slow endpoint): leave the rest to the scheduler.
-            with transaction(factory) as session:
-                counts["deferred"] += _requeue(session, left)
-            break
+                if outcomes:
+                    _record(
+                        session=session,
+                        settings=settings,
+                        done=outcomes,
+                        now=clock(),
+                        counts=counts,
+                    )
+                if not left:
+                    pass
+                elif slow:
+                    counts["deferred"] += _requeue(session, left)
+                    left = []
+                elif claimed_once and time.monotonic() >= deadline:
+                    counts["republished"] += _republish(session, left, now=clock())
+                    left = []
+                else:
+                    lanes, left = _claim(
+                        session=session,
+                        gate=gate,
+                        ids=left,
+                        now=clock(),
+                        counts=counts,
+                        acquired=acquired,
+                    )
+                    claimed_once = True
+        except BaseException:
+            # The claim did not commit: give the slots back rather than wait for their lease.
+            for key, token in acquired:
+                gate.release(key, token)
+            raise
+        outcomes = []
+        if lanes:
+            outcomes, in_flight = _run_round(
+                lanes=lanes,
+                factory=factory,
+                settings=settings,
+                sender=sender,
+                gate=gate,
+                clock=clock,
+                deadline=deadline,
+            )
+            counts["in_flight"] += in_flight
+            slow = in_flight > 0
     metrics.callbacks_delivered(counts)
     return counts
 
 
-def _round(
+def _run_round(
     *,
+    lanes: list[_Lane],
     factory: sessionmaker[Session],
     settings: Settings,
     sender: WebhookSender,
     gate: EndpointGate,
-    ids: list[str],
     clock: Callable[[], datetime],
-    counts: dict[str, int],
     deadline: float,
-) -> tuple[bool, list[str]]:
-    """One claim of up to ROUND callbacks, their POSTs and one record. Returns whether
-    every lane finished by the deadline (late ones record their own outcomes) and the
-    ids left for the next round."""
-    acquired: list[tuple[str, str]] = []
-    try:
-        with transaction(factory) as session:
-            lanes, left = _claim(
-                session=session, gate=gate, ids=ids, now=clock(), counts=counts, acquired=acquired
-            )
-    except BaseException:
-        # The claim did not commit: give the slots back rather than wait for their lease.
-        for key, token in acquired:
-            gate.release(key, token)
-        raise
-    if not lanes:
-        return True, left
+) -> tuple[list[_Done], int]:
+    """POST one round's lanes; returns the outcomes the task is to record and how many
+    callbacks are still in flight (their lanes record them when they finish)."""
     collector = _Collector(lanes)
     for lane in lanes:
         sender.submit(
@@ -263,12 +308,25 @@ def _round(
             clock=clock,
             collector=collector,
         )
-    done, in_flight = collector.close(max(0.0, deadline - time.monotonic()))
-    counts["in_flight"] += in_flight
-    if done:
-        with transaction(factory) as session:
-            _record(session=session, settings=settings, done=done, now=clock(), counts=counts)
-    return in_flight == 0, left
+    wait = settings.callback_task_wait
+    # Never past the limit, however well the lanes move: other tasks are waiting.
+    limit = deadline + max(2 * wait, 4 * STALL)
+    return collector.close(deadline=deadline, stall=max(STALL, wait / 4), limit=limit)
+
+
+def _republish(session: Session, ids: Sequence[str], *, now: datetime) -> int:
+    """Publish callbacks this task did not get to as new tasks (after commit); returns how many."""
+    moved: list[str] = []
+    for group in chunks(ids, 500):
+        moved += session.scalars(
+            update(Callback)
+            .where(Callback.id.in_(group), Callback.state == S.PENDING)
+            .values(enqueued_at=now)
+            .returning(Callback.id)
+            .execution_options(synchronize_session=False)
+        ).all()
+    publish(session, moved, size=ROUND)
+    return len(moved)
 
 
 def _requeue(session: Session, ids: Sequence[str]) -> int:
@@ -472,14 +530,14 @@ def _run_lane(
     """POST a lane's callbacks in order, then hand the outcomes in (or record them)."""
     done: list[_Done] = []
     try:
-        done = _post_lane(lane=lane, sender=sender, gate=gate)
+        done = _post_lane(lane=lane, sender=sender, gate=gate, moved=collector.moved)
     except Exception:
         # Not swallowed: what was not POSTed stays 'delivering' until the lease
         # passes and the scheduler returns it to pending.
         log.exception("callback lane failed; its unfinished callbacks wait for the lease")
     finally:
         gate.release(lane.key, lane.token)
-    if collector.hand_in(done, len(lane.items)):
+    if collector.hand_in(lane, done):
         return
     try:
         with transaction(factory) as session:
@@ -488,7 +546,9 @@ def _run_lane(
         log.exception("recording a late callback lane failed; the lease will reclaim it")
 
 
-def _post_lane(*, lane: _Lane, sender: WebhookSender, gate: EndpointGate) -> list[_Done]:
+def _post_lane(
+    *, lane: _Lane, sender: WebhookSender, gate: EndpointGate, moved: Callable[[_Lane], None]
+) -> list[_Done]:
     """The lane's attempts; stops at the first unanswered one, when the breaker opens
     or after LANE_BUDGET, leaving the rest untried."""
     done: list[_Done] = []
@@ -498,6 +558,7 @@ def _post_lane(*, lane: _Lane, sender: WebhookSender, gate: EndpointGate) -> lis
             break
         result = _post(sender, item)
         done.append(_Done(item, result))
+        moved(lane)
         # The breaker counts attempts that got no answer (refused, timed out, DNS):
         # those are what hold a worker. An endpoint that answers, even with an
         # error, costs only its answer time; its retries follow the schedule.
