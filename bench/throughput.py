@@ -244,8 +244,12 @@ def callback_figures(
     per_recipient = 2 if args.receipt_delay >= args.timeout else 3
     want = per_recipient * recipients
     deadline = time.monotonic() + args.timeout
-    while system.sink.received < want and time.monotonic() < deadline:
+    last_log = time.monotonic()
+    while (got := system.sink.received) < want and time.monotonic() < deadline:
         system.check_alive()
+        if time.monotonic() - last_log >= 5:
+            log(f"callbacks: {got}/{want} received")
+            last_log = time.monotonic()
         time.sleep(0.5)
     sampler.finish()
     stats = system.sink.stats()

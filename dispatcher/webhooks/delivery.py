@@ -29,6 +29,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ LANES_PER_TASK = 8
 ROUND = 400
 # Past its wait, a task still waits for lanes that finish a POST at least this often.
 STALL = 0.5
+# Late lanes' outcomes that no task has recorded with its own are recorded after this.
+LATE_FLUSH = 1.0
 # A lane takes no new callback after this long; the rest go back to pending.
 LANE_BUDGET = 20.0
 # A callback whose endpoint is at its concurrency limit is tried again after this, or
@@ -209,6 +212,62 @@ class _Collector:
             return self._done, self._left_items
 
 
+class _LateOutcomes:
+    """Outcomes of lanes that finished after their task stopped waiting, recorded together.
+
+    The next transaction of any task of this process records them with its own round;
+    what no task takes within LATE_FLUSH seconds is recorded by a timer. Either way many
+    late lanes cost one transaction, not one each.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done: list[_Done] = []
+        self._timer: threading.Timer | None = None
+        self._record: Callable[[list[_Done]], None] | None = None
+
+    def add(self, done: list[_Done], record: Callable[[list[_Done]], None]) -> None:
+        """Keep ``done`` for the next transaction; ``record`` writes them if none comes."""
+        with self._lock:
+            self._done.extend(done)
+            self._record = record
+            if self._timer is None:
+                self._timer = threading.Timer(LATE_FLUSH, self._flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def take(self) -> list[_Done]:
+        """The outcomes waiting to be recorded (the caller records them)."""
+        with self._lock:
+            done, self._done = self._done, []
+            return done
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            done, self._done = self._done, []
+            record = self._record
+        if not done or record is None:
+            return
+        try:
+            record(done)
+        except Exception:
+            log.exception("recording late callback outcomes failed; the lease will reclaim them")
+
+
+# One buffer per database (session factory) in this process.
+_late: weakref.WeakKeyDictionary[sessionmaker[Session], _LateOutcomes] = weakref.WeakKeyDictionary()
+_late_lock = threading.Lock()
+
+
+def _late_for(factory: sessionmaker[Session]) -> _LateOutcomes:
+    with _late_lock:
+        late = _late.get(factory)
+        if late is None:
+            late = _late[factory] = _LateOutcomes()
+        return late
+
+
 def deliver(
     *,
     factory: sessionmaker[Session],
@@ -236,6 +295,7 @@ def deliver(
         acquired: list[tuple[str, str]] = []
         try:
             with transaction(factory) as session:
+                outcomes += _late_for(factory).take()
                 if outcomes:
                     _record(
                         session=session,
@@ -539,11 +599,12 @@ def _run_lane(
         gate.release(lane.key, lane.token)
     if collector.hand_in(lane, done):
         return
-    try:
+
+    def record(late: list[_Done]) -> None:
         with transaction(factory) as session:
-            _record(session=session, settings=settings, done=done, now=clock(), counts=None)
-    except Exception:
-        log.exception("recording a late callback lane failed; the lease will reclaim it")
+            _record(session=session, settings=settings, done=late, now=clock(), counts=None)
+
+    _late_for(factory).add(done, record)
 
 
 def _post_lane(
