@@ -43,11 +43,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from dispatcher import metrics
 from dispatcher.accounts.models import Account
 from dispatcher.config import Settings
-from dispatcher.db import transaction, utcnow
+from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.states import CallbackState
 from dispatcher.webhooks import sign, sinch_sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
-from dispatcher.webhooks.limits import EndpointGate, endpoint_key
+from dispatcher.webhooks.limits import EndpointGate, Grant, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint
 from dispatcher.webhooks.scheduling import chunks, count, publish, sources
 
@@ -291,9 +291,21 @@ def deliver(
     outcomes: list[_Done] = []
     claimed_once = slow = False
     while left or outcomes:
-        lanes: list[_Lane] = []
+        plan: _Plan | None = None
+        claimed: dict[str, Any] = {}
         acquired: list[tuple[str, str]] = []
         try:
+            if left and not slow and not (claimed_once and time.monotonic() >= deadline):
+                plan = _look(
+                    factory=factory,
+                    gate=gate,
+                    ids=left,
+                    now=clock(),
+                    counts=counts,
+                    acquired=acquired,
+                )
+                claimed_once = True
+            # One write transaction: the last round's outcomes, then this round's claims.
             with transaction(factory) as session:
                 outcomes += _late_for(factory).take()
                 if outcomes:
@@ -304,29 +316,21 @@ def deliver(
                         now=clock(),
                         counts=counts,
                     )
-                if not left:
-                    pass
-                elif slow:
+                if plan is not None:
+                    claimed = _claim(session=session, plan=plan, counts=counts)
+                    left = plan.left
+                elif left and slow:
                     counts["deferred"] += _requeue(session, left)
                     left = []
-                elif claimed_once and time.monotonic() >= deadline:
+                elif left:
                     counts["republished"] += _republish(session, left, now=clock())
                     left = []
-                else:
-                    lanes, left = _claim(
-                        session=session,
-                        gate=gate,
-                        ids=left,
-                        now=clock(),
-                        counts=counts,
-                        acquired=acquired,
-                    )
-                    claimed_once = True
         except BaseException:
             # The claim did not commit: give the slots back rather than wait for their lease.
             for key, token in acquired:
                 gate.release(key, token)
             raise
+        lanes = _lanes(plan=plan, claimed=claimed, gate=gate) if plan is not None else []
         outcomes = []
         if lanes:
             outcomes, in_flight = _run_round(
@@ -406,74 +410,71 @@ def _requeue(session: Session, ids: Sequence[str]) -> int:
 # --- claim ----------------------------------------------------------------------------
 
 
-def _claim(
+@dataclass
+class _Plan:
+    """A round decided from a read and the gate, before any write lock is taken."""
+
+    now: datetime
+    early: list[str]  # not due yet: back to the scheduler
+    held: list[str]  # their endpoint is disabled
+    deferred: dict[datetime, list[str]]  # endpoint at its limit or held by the breaker
+    grants: dict[str, Grant]  # endpoint key -> the lanes it got
+    by_endpoint: dict[str, list[Any]]  # endpoint key -> due rows, in order
+    wanted: list[str]  # to claim this round
+    left: list[str]  # allowed, for the next round
+    secrets: dict[str, tuple[str, ...]]
+    sinch_secrets: dict[str, str]
+
+
+def _look(
     *,
-    session: Session,
+    factory: sessionmaker[Session],
     gate: EndpointGate,
     ids: list[str],
     now: datetime,
     counts: dict[str, int],
     acquired: list[tuple[str, str]],
-) -> tuple[list[_Lane], list[str]]:
-    """Claim up to ROUND callbacks that are due and allowed, defer or hold those that are
-    not; returns the lanes to run and the allowed ids left for the next round."""
-    rows = {
-        r.id: r
-        for group in chunks(ids, 500)
-        for r in session.execute(
-            select(
-                Callback.id,
-                Callback.account_id,
-                Callback.url,
-                Callback.state,
-                Callback.next_attempt_at,
-            ).where(Callback.id.in_(group))
-        )
-    }
-    due = []
-    early = []
-    for callback_id in ids:
-        row = rows.get(callback_id)
-        if row is None or row.state != S.PENDING:
-            counts["skipped"] += 1  # unknown, or already claimed, delivered, dead or held
-        elif row.next_attempt_at > now:
-            early.append(callback_id)
-        else:
-            due.append(row)
-    if early:
-        # Early or stale tasks: the scheduler publishes these again when they are due.
-        session.execute(
-            update(Callback)
-            .where(
-                Callback.id.in_(early),
-                Callback.state == S.PENDING,
-                Callback.next_attempt_at > now,
+) -> _Plan:
+    """Read what is due among ``ids`` and take the endpoints' lanes; no write lock held."""
+    with read_transaction(factory) as session:
+        rows = {
+            r.id: r
+            for group in chunks(ids, 500)
+            for r in session.execute(
+                select(
+                    Callback.id,
+                    Callback.account_id,
+                    Callback.url,
+                    Callback.state,
+                    Callback.next_attempt_at,
+                ).where(Callback.id.in_(group))
             )
-            .values(enqueued_at=None)
-            .execution_options(synchronize_session=False)
-        )
-        counts["not_due"] += len(early)
-    if not due:
-        return [], []
+        }
+        due = []
+        early = []
+        for callback_id in ids:
+            row = rows.get(callback_id)
+            if row is None or row.state != S.PENDING:
+                counts["skipped"] += 1  # unknown, or already claimed, delivered, dead or held
+            elif row.next_attempt_at > now:
+                early.append(callback_id)
+            else:
+                due.append(row)
+        disabled = _disabled(session, {(r.account_id, r.url) for r in due})
+        accounts = {r.account_id for r in due if (r.account_id, r.url) not in disabled}
+        secrets = _secrets(session, accounts)
+        sinch_secrets = sinch_sign.secrets_of(session, list(secrets))
 
-    disabled = _disabled(session, {(r.account_id, r.url) for r in due})
-    held = [r.id for r in due if (r.account_id, r.url) in disabled]
-    if held:
-        moved = count(
-            session,
-            update(Callback)
-            .where(Callback.id.in_(held), Callback.state.in_(sources(S.HELD)))
-            .values(state=S.HELD, enqueued_at=None)
-            .execution_options(synchronize_session=False),
-        )
-        counts["held"] += moved
-        counts["skipped"] += len(held) - moved
-
+    keys: dict[tuple[str, str], str] = {}
     by_endpoint: dict[str, list[Any]] = defaultdict(list)
     for r in due:
         if (r.account_id, r.url) not in disabled:
-            by_endpoint[endpoint_key(r.account_id, r.url)].append(r)
+            key = keys.get((r.account_id, r.url))
+            if key is None:
+                key = keys[(r.account_id, r.url)] = endpoint_key(r.account_id, r.url)
+            by_endpoint[key].append(r)
     grants = {}
+    deferred: dict[datetime, list[str]] = {}
     for key, group in by_endpoint.items():
         grant = gate.acquire(key, min(LANES_PER_TASK, len(group)))
         acquired.extend((key, token) for token in grant.tokens)
@@ -484,15 +485,57 @@ def _claim(
         # An endpoint whose slots have been busy for long is slow: look again later.
         busy = min(max(BUSY_DELAY, grant.busy), MAX_BUSY_DELAY)
         delay = grant.wait or busy * (1 + random.random() / 2)
-        counts["deferred"] += _defer(
-            session, [r.id for r in group], until=now + timedelta(seconds=delay), now=now
-        )
-
+        deferred[now + timedelta(seconds=delay)] = [r.id for r in group]
     allowed = [r.id for key in grants for r in by_endpoint[key]]
-    wanted, left = allowed[:ROUND], allowed[ROUND:]
+    return _Plan(
+        now=now,
+        early=early,
+        held=[r.id for r in due if (r.account_id, r.url) in disabled],
+        deferred=deferred,
+        grants=grants,
+        by_endpoint=by_endpoint,
+        wanted=allowed[:ROUND],
+        left=allowed[ROUND:],
+        secrets=secrets,
+        sinch_secrets=sinch_secrets,
+    )
+
+
+def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str, Any]:
+    """Carry out ``plan``'s writes: claim what it wants, defer or hold the rest; returns
+    the claimed rows (id, attempts, payload) by id."""
+    now = plan.now
+    if plan.early:
+        # Early or stale tasks: the scheduler publishes these again when they are due.
+        for group in chunks(plan.early, 500):
+            session.execute(
+                update(Callback)
+                .where(
+                    Callback.id.in_(group),
+                    Callback.state == S.PENDING,
+                    Callback.next_attempt_at > now,
+                )
+                .values(enqueued_at=None)
+                .execution_options(synchronize_session=False)
+            )
+        counts["not_due"] += len(plan.early)
+    if plan.held:
+        moved = 0
+        for group in chunks(plan.held, 500):
+            moved += count(
+                session,
+                update(Callback)
+                .where(Callback.id.in_(group), Callback.state.in_(sources(S.HELD)))
+                .values(state=S.HELD, enqueued_at=None)
+                .execution_options(synchronize_session=False),
+            )
+        counts["held"] += moved
+        counts["skipped"] += len(plan.held) - moved
+    for until, ids in plan.deferred.items():
+        counts["deferred"] += _defer(session, ids, until=until, now=now)
     claimed = {
         c.id: c
-        for group in chunks(wanted, 500)
+        for group in chunks(plan.wanted, 500)
         for c in session.execute(
             update(Callback)
             .where(
@@ -506,12 +549,14 @@ def _claim(
             .execution_options(synchronize_session=False)
         )
     }
-    counts["skipped"] += len(wanted) - len(claimed)  # another worker won those claims
-    secrets = _secrets(session, {r.account_id for key in grants for r in by_endpoint[key]})
-    sinch_secrets = sinch_sign.secrets_of(session, list(secrets))
+    counts["skipped"] += len(plan.wanted) - len(claimed)  # another worker won those claims
+    return claimed
 
+
+def _lanes(*, plan: _Plan, claimed: dict[str, Any], gate: EndpointGate) -> list[_Lane]:
+    """The lanes to run for what was claimed; slots left unused go back to the gate."""
     lanes = []
-    for key, grant in grants.items():
+    for key, grant in plan.grants.items():
         items = [
             _Claimed(
                 r.id,
@@ -519,10 +564,10 @@ def _claim(
                 r.account_id,
                 r.url,
                 body_of(claimed[r.id].payload),
-                secrets.get(r.account_id, ()),
-                sinch_secrets.get(r.account_id),
+                plan.secrets.get(r.account_id, ()),
+                plan.sinch_secrets.get(r.account_id),
             )
-            for r in by_endpoint[key]
+            for r in plan.by_endpoint[key]
             if r.id in claimed
         ]
         used = min(len(grant.tokens), len(items))
@@ -531,7 +576,7 @@ def _claim(
         for i, token in enumerate(grant.tokens[:used]):
             # Round robin keeps each lane's share in the order the callbacks came.
             lanes.append(_Lane(key, token, grant.probe, grant.counting, items[i::used]))
-    return lanes, left
+    return lanes
 
 
 def _disabled(session: Session, endpoints: set[tuple[str, str]]) -> set[tuple[str, str]]:
