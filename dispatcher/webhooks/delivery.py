@@ -71,7 +71,7 @@ OUTCOMES = (
 LANES_PER_TASK = 8
 # Callbacks claimed (and recorded) together: small enough that a round to a healthy
 # endpoint ends well within callback_task_wait, large enough to save transactions.
-ROUND = 400
+ROUND = 500
 # Past its wait, a task still waits for lanes that finish a POST at least this often.
 STALL = 0.5
 # Late lanes' outcomes that no task has recorded with its own are recorded after this.
@@ -121,6 +121,17 @@ def _error_text(result: DeliveryResult) -> str:
     if result.status is not None:
         return f"HTTP {result.status}"
     return (result.error or "delivery failed")[:_ERROR_LEN]
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every part of one deliver() run works with (lanes outlive the task with it)."""
+
+    factory: sessionmaker[Session]
+    settings: Settings
+    sender: WebhookSender
+    gate: EndpointGate
+    clock: Callable[[], datetime]
 
 
 @dataclass(frozen=True)
@@ -286,6 +297,7 @@ def deliver(
     task never holds a worker much longer than that.
     """
     counts = dict.fromkeys(OUTCOMES, 0)
+    run = _Run(factory, settings, sender, gate, clock)
     deadline = time.monotonic() + settings.callback_task_wait
     left = list(dict.fromkeys(callback_ids))
     outcomes: list[_Done] = []
@@ -333,46 +345,20 @@ def deliver(
         lanes = _lanes(plan=plan, claimed=claimed, gate=gate) if plan is not None else []
         outcomes = []
         if lanes:
-            outcomes, in_flight = _run_round(
-                lanes=lanes,
-                factory=factory,
-                settings=settings,
-                sender=sender,
-                gate=gate,
-                clock=clock,
-                deadline=deadline,
-            )
+            outcomes, in_flight = _run_round(run, lanes=lanes, deadline=deadline)
             counts["in_flight"] += in_flight
             slow = in_flight > 0
     metrics.callbacks_delivered(counts)
     return counts
 
 
-def _run_round(
-    *,
-    lanes: list[_Lane],
-    factory: sessionmaker[Session],
-    settings: Settings,
-    sender: WebhookSender,
-    gate: EndpointGate,
-    clock: Callable[[], datetime],
-    deadline: float,
-) -> tuple[list[_Done], int]:
+def _run_round(run: _Run, *, lanes: list[_Lane], deadline: float) -> tuple[list[_Done], int]:
     """POST one round's lanes; returns the outcomes the task is to record and how many
     callbacks are still in flight (their lanes record them when they finish)."""
     collector = _Collector(lanes)
     for lane in lanes:
-        sender.submit(
-            _run_lane,
-            lane=lane,
-            factory=factory,
-            settings=settings,
-            sender=sender,
-            gate=gate,
-            clock=clock,
-            collector=collector,
-        )
-    wait = settings.callback_task_wait
+        run.sender.submit(_run_lane, run, lane=lane, collector=collector)
+    wait = run.settings.callback_task_wait
     # Never past the limit, however well the lanes move: other tasks are waiting.
     limit = deadline + max(2 * wait, 4 * STALL)
     return collector.close(deadline=deadline, stall=max(STALL, wait / 4), limit=limit)
@@ -622,20 +608,12 @@ def _defer(session: Session, ids: Sequence[str], *, until: datetime, now: dateti
 # --- POST -----------------------------------------------------------------------------
 
 
-def _run_lane(
-    *,
-    lane: _Lane,
-    factory: sessionmaker[Session],
-    settings: Settings,
-    sender: WebhookSender,
-    gate: EndpointGate,
-    clock: Callable[[], datetime],
-    collector: _Collector,
-) -> None:
+def _run_lane(run: _Run, *, lane: _Lane, collector: _Collector) -> None:
     """POST a lane's callbacks in order, then hand the outcomes in (or record them)."""
     done: list[_Done] = []
+    gate = run.gate
     try:
-        done = _post_lane(lane=lane, sender=sender, gate=gate, moved=collector.moved)
+        done = _post_lane(lane=lane, sender=run.sender, gate=gate, moved=collector.moved)
     except Exception:
         # Not swallowed: what was not POSTed stays 'delivering' until the lease
         # passes and the scheduler returns it to pending.
@@ -646,10 +624,10 @@ def _run_lane(
         return
 
     def record(late: list[_Done]) -> None:
-        with transaction(factory) as session:
-            _record(session=session, settings=settings, done=late, now=clock(), counts=None)
+        with transaction(run.factory) as session:
+            _record(session=session, settings=run.settings, done=late, now=run.clock(), counts=None)
 
-    _late_for(factory).add(done, record)
+    _late_for(run.factory).add(done, record)
 
 
 def _post_lane(
