@@ -368,13 +368,17 @@ def _republish(session: Session, ids: Sequence[str], *, now: datetime) -> int:
     """Publish callbacks this task did not get to as new tasks (after commit); returns how many."""
     moved: list[str] = []
     for group in chunks(ids, 500):
-        moved += session.scalars(
-            update(Callback)
-            .where(Callback.id.in_(group), Callback.state == S.PENDING)
-            .values(enqueued_at=now)
-            .returning(Callback.id)
-            .execution_options(synchronize_session=False)
-        ).all()
+        moved += (
+            session.connection()
+            .scalars(
+                update(Callback)
+                .where(Callback.id.in_(group), Callback.state == S.PENDING)
+                .values(enqueued_at=now)
+                .returning(Callback.id)
+                .execution_options(synchronize_session=False)
+            )
+            .all()
+        )
     publish(session, moved, size=ROUND)
     return len(moved)
 
@@ -426,7 +430,7 @@ def _look(
         rows = {
             r.id: r
             for group in chunks(ids, 500)
-            for r in session.execute(
+            for r in session.connection().execute(
                 select(
                     Callback.id,
                     Callback.account_id,
@@ -494,7 +498,7 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
     if plan.early:
         # Early or stale tasks: the scheduler publishes these again when they are due.
         for group in chunks(plan.early, 500):
-            session.execute(
+            session.connection().execute(
                 update(Callback)
                 .where(
                     Callback.id.in_(group),
@@ -522,7 +526,7 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
     claimed = {
         c.id: c
         for group in chunks(plan.wanted, 500)
-        for c in session.execute(
+        for c in session.connection().execute(
             update(Callback)
             .where(
                 Callback.id.in_(group),
@@ -582,8 +586,15 @@ def _secrets(session: Session, account_ids: set[str]) -> dict[str, tuple[str, ..
     """The active webhook secrets of each account."""
     if not account_ids:
         return {}
-    accounts = session.scalars(select(Account).where(Account.id.in_(account_ids)))
-    return {a.id: tuple(a.webhook_secrets) for a in accounts}
+    rows = session.connection().execute(
+        select(Account.id, Account.webhook_secret, Account.previous_webhook_secret).where(
+            Account.id.in_(account_ids)
+        )
+    )
+    # Newest first, as Account.webhook_secrets gives them.
+    return {
+        r.id: tuple(s for s in (r.webhook_secret, r.previous_webhook_secret) if s) for r in rows
+    }
 
 
 def _defer(session: Session, ids: Sequence[str], *, until: datetime, now: datetime) -> int:
@@ -725,7 +736,7 @@ def _record(
         tally["deferred"] += moved
         tally["stale"] += len(ids) - moved
     for account_id, url in healthy:
-        session.execute(
+        session.connection().execute(
             update(Endpoint)
             .where(
                 Endpoint.account_id == account_id,

@@ -43,7 +43,8 @@ def chunks(items: Sequence[str], size: int) -> list[list[str]]:
 
 def count(session: Session, statement: Executable) -> int:
     """Execute an UPDATE and return how many rows it changed."""
-    return int(cast(CursorResult[Any], session.execute(statement)).rowcount)
+    # On the connection: a bulk UPDATE needs none of the ORM's per-statement work.
+    return int(cast(CursorResult[Any], session.connection().execute(statement)).rowcount)
 
 
 def delivery_lease(settings: Settings) -> timedelta:
