@@ -427,6 +427,7 @@ def _look(
 ) -> _Plan:
     """Read what is due among ``ids`` and take the endpoints' lanes; no write lock held."""
     with read_transaction(factory) as session:
+        # Compared in SQL: no timestamp is parsed per row.
         rows = {
             r.id: r
             for group in chunks(ids, 500)
@@ -435,18 +436,17 @@ def _look(
                     Callback.id,
                     Callback.account_id,
                     Callback.url,
-                    Callback.state,
-                    Callback.next_attempt_at,
-                ).where(Callback.id.in_(group))
+                    (Callback.next_attempt_at > now).label("early"),
+                ).where(Callback.id.in_(group), Callback.state == S.PENDING)
             )
         }
         due = []
         early = []
         for callback_id in ids:
             row = rows.get(callback_id)
-            if row is None or row.state != S.PENDING:
+            if row is None:
                 counts["skipped"] += 1  # unknown, or already claimed, delivered, dead or held
-            elif row.next_attempt_at > now:
+            elif row.early:
                 early.append(callback_id)
             else:
                 due.append(row)
