@@ -5,6 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
+# Test processes for `make test` (pytest-xdist; 0 runs in this process). Each has its own
+# Redis, SQLite and PostgreSQL database; a test file stays in one process (its module
+# fixtures, real workers included, start once).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: help venv run test test-sqlite lint format bench bench-rate bench-smpp smsc clean prometheus
 
@@ -25,16 +30,16 @@ run: $(STAMP) ## Start the whole system on 127.0.0.1 (embedded Redis, SQLite, AP
 test: $(STAMP) ## Run the suite (plus PostgreSQL when its binaries exist; required when CI=true)
 	@if [ "$$CI" = "true" ]; then $(MAKE) --no-print-directory prometheus; fi
 	@if $(PY) scripts/pgtest.py available; then \
-	  $(PY) scripts/pgtest.py run -- $(PY) -m pytest $(PYTEST_ARGS); \
+	  $(PY) scripts/pgtest.py run -- $(PYTEST) $(PYTEST_ARGS); \
 	elif [ "$$CI" = "true" ]; then \
 	  echo "CI=true: PostgreSQL binaries are required (initdb on PATH or /usr/lib/postgresql)"; exit 1; \
 	else \
 	  echo "PostgreSQL binaries not found: running on SQLite only"; \
-	  $(PY) -m pytest $(PYTEST_ARGS); \
+	  $(PYTEST) $(PYTEST_ARGS); \
 	fi
 
 test-sqlite: $(STAMP) ## Run the suite on SQLite only
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff check + format check + mypy
 	$(VENV)/bin/ruff check .
@@ -64,7 +69,7 @@ smsc: $(STAMP) ## A local SMSC on 127.0.0.1:2775 (receipts after 1 s, replies as
 	$(VENV)/bin/dispatcher smsc --port 2775
 
 bench-smpp: $(STAMP) ## SMPP (local SMSC) vs simulator, end to end; prints JSON lines
-	$(PY) bench/smpp.py
+	$(PY) -m bench.throughput --provider smpp
 
 clean: ## Remove the venv and local state (var/)
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

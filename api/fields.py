@@ -71,6 +71,37 @@ class Phone(fields.String):
             raise ValidationError(str(exc)) from exc
 
 
+class Phones(fields.List):
+    """A list of numbers (a batch's destinations), checked in one pass.
+
+    The same rules, messages and errors by index as ``List(Phone())``, but a string
+    item goes straight to the item field's conversion (for a string, all that
+    marshmallow's per-item ``deserialize`` does besides): intake's hottest loop.
+    """
+
+    def __init__(self, inner: Phone | None = None, **kwargs: Any) -> None:
+        super().__init__(inner or Phone(), **kwargs)
+        assert not self.inner.validators, "item validators would be skipped"
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[Any]:
+        if not isinstance(value, list):
+            return super()._deserialize(value, attr, data, **kwargs)
+        convert = self.inner._deserialize
+        result: list[Any] = []
+        errors: dict[int, Any] = {}
+        for index, each in enumerate(value):
+            try:
+                if isinstance(each, str):
+                    result.append(convert(each, attr, data))
+                else:
+                    result.append(self.inner.deserialize(each, **kwargs))
+            except ValidationError as error:
+                errors[index] = error.messages
+        if errors:
+            raise ValidationError(errors, valid_data=result)
+        return result
+
+
 class Timestamp(fields.DateTime):
     """ISO 8601; a value without a zone is UTC (Messaging Plus says GMT); stored naive UTC."""
 

@@ -302,12 +302,20 @@ class System:
         return self.start(name, argv, role=role)
 
     def start_send_workers(self) -> None:
-        """``--worker-processes`` send workers on dispatch,send, ``--concurrency`` pool each."""
+        """The default deployment: one ``-Q dispatch -c 1`` worker for fan-out and the sweeps,
+        and ``--worker-processes`` send workers on ``-Q send`` with ``--concurrency`` each.
+
+        ``--shared-dispatch``: the send workers consume ``dispatch,send`` and there is no
+        dispatch worker (the layout before dispatch had its own worker).
+        """
+        shared = self.args.shared_dispatch
+        if not shared:
+            self.start_worker("dispatch0", app="workers.main", queues="dispatch", concurrency=1)
         for i in range(self.args.worker_processes):
             self.start_worker(
                 f"send{i}",
                 app="workers.main",
-                queues="dispatch,send",
+                queues="dispatch,send" if shared else "send",
                 concurrency=self.args.concurrency,
             )
 

@@ -40,12 +40,7 @@ def scheduled_mode(system: System, out: Out) -> None:
     system.configure()
     system.migrate_and_account(rate=None)
     api = system.start_api(args.api_workers)
-    if args.dispatch_worker:
-        # Fan-out on its own worker: chunk tasks do not wait behind every due dispatch.
-        system.start_worker("dispatch0", app="workers.main", queues="dispatch", concurrency=1)
-        system.start_worker("send0", app="workers.main", queues="send", concurrency=2)
-    else:
-        system.start_worker("send0", app="workers.main", queues="dispatch,send", concurrency=2)
+    system.start_send_workers()
     beat = system.start_beat()
     system.wait_ready([*system.workers(), beat, api])
     time.sleep(2)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,9 +17,75 @@ from dispatcher.db import make_engine, make_session_factory, transaction
 if TYPE_CHECKING:
     from dispatcher.backlog import Progress
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 
-def _sessions(settings: Settings) -> sessionmaker[Session]:
-    return make_session_factory(make_engine(settings.database_url))
+
+@contextmanager
+def _sessions(settings: Settings, *, publish: bool) -> Iterator[sessionmaker[Session]]:
+    """Sessions on an engine disposed afterwards (no connection left to GC).
+
+    With ``publish`` they are the workers' runtime's: their commits publish the tasks they
+    queued to the broker, as the API's do (a callback replayed or released would otherwise
+    wait for the sweep's requeue_after).
+    """
+    if publish:
+        from workers.celery_app import create_celery
+
+        app = create_celery(settings)
+        try:
+            yield app.runtime.sessions
+        finally:
+            app.runtime.dispose()
+            app.close()
+        return
+    engine = make_engine(settings.database_url)
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _transaction(settings: Settings, *, publish: bool = False) -> Iterator[Session]:
+    """One transaction of its own (see ``_sessions`` for ``publish``)."""
+    with _sessions(settings, publish=publish) as sessions, transaction(sessions) as session:
+        yield session
+
+
+def _db_command(
+    group: click.Group, name: str, *arguments: str, publish: bool = False
+) -> Callable[[Callable[..., str]], click.Command]:
+    """Declare ``group``'s command ``name`` taking ``arguments``, run in one transaction.
+
+    The function gets ``session`` (and ``settings`` when it takes them) besides its
+    parameters and returns its report, printed once the transaction has committed.
+    """
+
+    def declare(fn: Callable[..., str]) -> click.Command:
+        wants_settings = "settings" in inspect.signature(fn).parameters
+
+        @functools.wraps(fn)
+        @click.pass_obj
+        def command(settings: Settings, **params: Any) -> None:
+            if wants_settings:
+                params["settings"] = settings
+            with _transaction(settings, publish=publish) as session:
+                report = fn(session=session, **params)
+            click.echo(report)
+
+        for argument in reversed(arguments):
+            command = click.argument(argument)(command)
+        return group.command(name)(command)
+
+    return declare
+
+
+def _seconds(
+    flag: str, low: float, high: float, *, default: float, help: str
+) -> Callable[[_F], _F]:
+    """An option of a duration in seconds, from ``low`` to ``high``."""
+    kind = click.FloatRange(low, high)
+    return click.option(flag, type=kind, default=default, show_default=True, help=help)
 
 
 class _Group(click.Group):
@@ -60,60 +128,55 @@ def accounts() -> None:
     """Accounts (tenants)."""
 
 
-@accounts.command("create")
-@click.argument("name")
+@_db_command(accounts, "create", "name")
 @click.option("--rate", type=float, default=None, help="Messages per second (default: configured).")
 @click.option("--with-key/--no-key", default=True, help="Also issue an API key.")
-@click.pass_obj
-def accounts_create(settings: Settings, name: str, rate: float | None, with_key: bool) -> None:
+def accounts_create(*, session: Session, name: str, rate: float | None, with_key: bool) -> str:
     """Create an account; prints its id, webhook secret and (once) an API key."""
     from dispatcher.accounts import service
 
-    with transaction(_sessions(settings)) as session:
-        account = service.create_account(session=session, name=name, rate_limit=rate)
-        key = service.create_key(session=session, account_id=account.id) if with_key else None
-    click.echo(f"account id:      {account.id}")
-    click.echo(f"webhook secret:  {account.webhook_secret}")
-    if key:
-        click.echo(f"api key:         {key.key}   (shown once; store it now)")
+    account = service.create_account(session=session, name=name, rate_limit=rate)
+    lines = [f"account id:      {account.id}", f"webhook secret:  {account.webhook_secret}"]
+    if with_key:
+        key = service.create_key(session=session, account_id=account.id)
+        lines.append(f"api key:         {key.key}   (shown once; store it now)")
+    return "\n".join(lines)
 
 
-@accounts.command("show")
-@click.argument("account_id")
-@click.pass_obj
-def accounts_show(settings: Settings, account_id: str) -> None:
+@_db_command(accounts, "show", "account_id")
+def accounts_show(*, session: Session, settings: Settings, account_id: str) -> str:
     """Show an account, its webhook secrets and its keys (prefixes only)."""
     from dispatcher.accounts import service
 
-    with transaction(_sessions(settings)) as session:
-        account = service.get_account(session=session, account_id=account_id)
-        keys = service.list_keys(session=session, account_id=account_id)
-        click.echo(f"account id:      {account.id}\nname:            {account.name}")
-        click.echo(f"rate limit:      {account.rate_limit or settings.default_account_rate}/s")
-        click.echo(f"webhook secret:  {account.webhook_secret}")
-        if account.previous_webhook_secret:
-            click.echo(f"previous secret: {account.previous_webhook_secret} (rotation in progress)")
-        for k in keys:
-            state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
-            click.echo(f"key {k.id}  {k.prefix}…  {state}")
+    account = service.get_account(session=session, account_id=account_id)
+    lines = [
+        f"account id:      {account.id}",
+        f"name:            {account.name}",
+        f"rate limit:      {account.rate_limit or settings.default_account_rate}/s",
+        f"webhook secret:  {account.webhook_secret}",
+    ]
+    if account.previous_webhook_secret:
+        lines.append(f"previous secret: {account.previous_webhook_secret} (rotation in progress)")
+    for k in service.list_keys(session=session, account_id=account_id):
+        state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
+        lines.append(f"key {k.id}  {k.prefix}…  {state}")
+    return "\n".join(lines)
 
 
-@accounts.command("rotate-secret")
-@click.argument("account_id")
+@_db_command(accounts, "rotate-secret", "account_id")
 @click.option("--finish", is_flag=True, help="Drop the previous secret (end the rotation).")
-@click.pass_obj
-def accounts_rotate(settings: Settings, account_id: str, finish: bool) -> None:
+def accounts_rotate(*, session: Session, account_id: str, finish: bool) -> str:
     """Rotate the webhook signing secret (both are used until --finish)."""
     from dispatcher.accounts import service
 
-    with transaction(_sessions(settings)) as session:
-        if finish:
-            account = service.finish_rotation(session=session, account_id=account_id)
-        else:
-            account = service.rotate_webhook_secret(session=session, account_id=account_id)
-    click.echo(f"webhook secret:  {account.webhook_secret}")
+    if finish:
+        account = service.finish_rotation(session=session, account_id=account_id)
+    else:
+        account = service.rotate_webhook_secret(session=session, account_id=account_id)
+    report = f"webhook secret:  {account.webhook_secret}"
     if account.previous_webhook_secret:
-        click.echo(f"previous secret: {account.previous_webhook_secret} (still signing)")
+        report += f"\nprevious secret: {account.previous_webhook_secret} (still signing)"
+    return report
 
 
 @accounts.command("plan")
@@ -156,16 +219,11 @@ def accounts_plan(
         changes["default_callback_url"] = None if no_default_callback_url else default_callback_url
     if callback_signing is not None:
         changes["callback_signing"] = callback_signing
-    factory = _sessions(settings)
-    try:
-        with transaction(factory) as session:
-            account = service.set_plan(session=session, account_id=account_id, **changes)
-            click.echo(f"default originator:   {account.default_originator or '-'}")
-            click.echo(f"default callback URL: {account.default_callback_url or '-'}")
-            click.echo(f"callback signing:     {account.callback_signing}")
-    finally:
-        # Close the pool's connections now, not whenever the engine is collected.
-        factory.kw["bind"].dispose()
+    with _transaction(settings) as session:
+        account = service.set_plan(session=session, account_id=account_id, **changes)
+        click.echo(f"default originator:   {account.default_originator or '-'}")
+        click.echo(f"default callback URL: {account.default_callback_url or '-'}")
+        click.echo(f"callback signing:     {account.callback_signing}")
 
 
 @main.group()
@@ -173,29 +231,22 @@ def keys() -> None:
     """API keys."""
 
 
-@keys.command("create")
-@click.argument("account_id")
-@click.pass_obj
-def keys_create(settings: Settings, account_id: str) -> None:
+@_db_command(keys, "create", "account_id")
+def keys_create(*, session: Session, account_id: str) -> str:
     """Issue an API key for ACCOUNT_ID (printed once; only its hash is stored)."""
     from dispatcher.accounts import service
 
-    with transaction(_sessions(settings)) as session:
-        key = service.create_key(session=session, account_id=account_id)
-    click.echo(f"key id:   {key.id}")
-    click.echo(f"api key:  {key.key}   (shown once; store it now)")
+    key = service.create_key(session=session, account_id=account_id)
+    return f"key id:   {key.id}\napi key:  {key.key}   (shown once; store it now)"
 
 
-@keys.command("revoke")
-@click.argument("key")
-@click.pass_obj
-def keys_revoke(settings: Settings, key: str) -> None:
+@_db_command(keys, "revoke", "key")
+def keys_revoke(*, session: Session, key: str) -> str:
     """Revoke an API key, given its id or the key itself."""
     from dispatcher.accounts import service
 
-    with transaction(_sessions(settings)) as session:
-        row = service.revoke_key(session=session, key_id=key)
-    click.echo(f"revoked key {row.id} ({row.prefix}…)")
+    row = service.revoke_key(session=session, key_id=key)
+    return f"revoked key {row.id} ({row.prefix}…)"
 
 
 @main.command("run")
@@ -210,31 +261,6 @@ def run(settings: Settings) -> None:
 @main.group()
 def callbacks() -> None:
     """Webhook callbacks: dead letters, replay, endpoints."""
-
-
-@contextmanager
-def _publishing(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Sessions whose commits publish their tasks to the broker, as the API's do."""
-    # The replay and the endpoint release publish deliver_callbacks after commit;
-    # without a broker they would wait for the sweep's requeue_after.
-    from workers.celery_app import create_celery
-
-    app = create_celery(settings)
-    try:
-        yield app.runtime.sessions
-    finally:
-        app.runtime.dispose()
-        app.close()
-
-
-@contextmanager
-def _reading(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Sessions on an engine that is disposed afterwards (no connection left to GC)."""
-    engine = make_engine(settings.database_url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
 
 
 @callbacks.command("list")
@@ -254,7 +280,7 @@ def callbacks_list(
     """List ACCOUNT_ID's callbacks, newest first."""
     from dispatcher.webhooks import queries
 
-    with _reading(settings) as sessions, transaction(sessions) as session:
+    with _transaction(settings) as session:
         rows, total = queries.list_callbacks(
             session=session, account_id=account_id, state=state, page=page, page_size=page_size
         )
@@ -267,40 +293,32 @@ def callbacks_list(
     click.echo(f"{len(rows)} of {total} callback(s), page {page}")
 
 
-@callbacks.command("retry")
-@click.argument("account_id")
-@click.argument("callback_id")
-@click.pass_obj
-def callbacks_retry(settings: Settings, account_id: str, callback_id: str) -> None:
+@_db_command(callbacks, "retry", "account_id", "callback_id", publish=True)
+def callbacks_retry(*, session: Session, account_id: str, callback_id: str) -> str:
     """Replay a dead or held callback of ACCOUNT_ID now."""
     from dispatcher.db import utcnow
     from dispatcher.webhooks import queries
 
-    with _publishing(settings) as sessions, transaction(sessions) as session:
-        queries.retry_callback(
-            session=session, account_id=account_id, callback_id=callback_id, now=utcnow()
-        )
-    click.echo(f"callback {callback_id} queued for delivery")
+    queries.retry_callback(
+        session=session, account_id=account_id, callback_id=callback_id, now=utcnow()
+    )
+    return f"callback {callback_id} queued for delivery"
 
 
-@callbacks.command("enable")
-@click.argument("account_id")
-@click.argument("url")
-@click.pass_obj
-def callbacks_enable(settings: Settings, account_id: str, url: str) -> None:
+@_db_command(callbacks, "enable", "account_id", "url", publish=True)
+def callbacks_enable(*, session: Session, settings: Settings, account_id: str, url: str) -> str:
     """Re-enable ACCOUNT_ID's disabled callback URL and release its held callbacks."""
     from dispatcher.db import utcnow
     from dispatcher.webhooks import queries
 
-    with _publishing(settings) as sessions, transaction(sessions) as session:
-        released = queries.enable_endpoint(
-            session=session,
-            account_id=account_id,
-            url=url,
-            now=utcnow(),
-            batch_size=settings.callback_batch_size,
-        )
-    click.echo(f"endpoint {url} enabled; {released} held callback(s) released")
+    released = queries.enable_endpoint(
+        session=session,
+        account_id=account_id,
+        url=url,
+        now=utcnow(),
+        batch_size=settings.callback_batch_size,
+    )
+    return f"endpoint {url} enabled; {released} held callback(s) released"
 
 
 # -- SMPP: the connector, a local SMSC, routes, inbound numbers -------------------
@@ -423,17 +441,13 @@ def numbers() -> None:
     """Dedicated numbers that receive inbound messages."""
 
 
-@numbers.command("assign")
-@click.argument("number")
-@click.argument("account_id")
-@click.pass_obj
-def numbers_assign(settings: Settings, number: str, account_id: str) -> None:
+@_db_command(numbers, "assign", "number", "account_id")
+def numbers_assign(*, session: Session, number: str, account_id: str) -> str:
     """Give NUMBER to ACCOUNT_ID: its inbound messages belong to that account."""
     from dispatcher.inbound import service
 
-    with transaction(_sessions(settings)) as session:
-        service.assign_number(session=session, number=number, account_id=account_id)
-    click.echo(f"{number} -> account {account_id}")
+    service.assign_number(session=session, number=number, account_id=account_id)
+    return f"{number} -> account {account_id}"
 
 
 @main.group()
@@ -441,37 +455,29 @@ def inbound() -> None:
     """Inbound (MO) messages."""
 
 
-@inbound.command("webhook")
-@click.argument("account_id")
-@click.argument("url")
+@_db_command(inbound, "webhook", "account_id", "url")
 @click.option("--dialect", type=click.Choice(["sinch", "native"]), default="native")
-@click.pass_obj
-def inbound_webhook(settings: Settings, account_id: str, url: str, dialect: str) -> None:
+def inbound_webhook(
+    *, session: Session, settings: Settings, account_id: str, url: str, dialect: str
+) -> str:
     """Post ACCOUNT_ID's inbound messages to URL (signed like every callback)."""
     from dispatcher.inbound import service
 
-    with transaction(_sessions(settings)) as session:
-        service.set_webhook(
-            session=session,
-            account_id=account_id,
-            url=url,
-            dialect=dialect,
-            allow=settings.callback_allowlist,
-        )
-    click.echo(f"inbound messages of {account_id} -> {url} ({dialect})")
+    service.set_webhook(
+        session=session,
+        account_id=account_id,
+        url=url,
+        dialect=dialect,
+        allow=settings.callback_allowlist,
+    )
+    return f"inbound messages of {account_id} -> {url} ({dialect})"
 
 
 # --- capacity and progress ------------------------------------------------------------
 
 
 @main.command("status")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(0.1, 30.0),
-    default=1.0,
-    show_default=True,
-    help="Seconds to wait for workers to answer.",
-)
+@_seconds("--timeout", 0.1, 30.0, default=1.0, help="Seconds to wait for workers to answer.")
 @click.pass_obj
 def status(settings: Settings, timeout: float) -> None:
     """Queues, workers, throughput over the last minute, and the largest backlogs."""
@@ -487,7 +493,7 @@ def status(settings: Settings, timeout: float) -> None:
         client.close()
     workers = _workers_by_queue(settings, timeout)
     now = utcnow()
-    with _reading(settings) as sessions, transaction(sessions) as session:
+    with _transaction(settings) as session:
         snap = backlog.snapshot(session=session, now=now)
         rates = backlog.rates(session=session, now=now)
         biggest = backlog.largest_backlogs(session=session, now=now)
@@ -547,7 +553,7 @@ def _progress_line(p: Progress, width: int = 30) -> str:
 def _load_progress(settings: Settings, batch_id: str) -> Progress:
     from dispatcher import backlog
 
-    with _reading(settings) as sessions, transaction(sessions) as session:
+    with _transaction(settings) as session:
         found = backlog.progress(session=session, batch_id=batch_id)
     if found is None:
         raise click.ClickException(f"batch {batch_id} not found")
@@ -570,20 +576,8 @@ def batches_show(settings: Settings, batch_id: str) -> None:
 
 @batches.command("watch")
 @click.argument("batch_id")
-@click.option(
-    "--interval",
-    type=click.FloatRange(0.2, 60.0),
-    default=1.0,
-    show_default=True,
-    help="Seconds between refreshes.",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(1.0, 86400.0),
-    default=3600.0,
-    show_default=True,
-    help="Give up after this many seconds.",
-)
+@_seconds("--interval", 0.2, 60.0, default=1.0, help="Seconds between refreshes.")
+@_seconds("--timeout", 1.0, 86400.0, default=3600.0, help="Give up after this many seconds.")
 @click.pass_obj
 def batches_watch(settings: Settings, batch_id: str, interval: float, timeout: float) -> None:
     """Live progress by status until the batch is final (or --timeout)."""

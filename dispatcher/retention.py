@@ -131,13 +131,9 @@ def purge(
         batch_ids = purgeable_batches(session=session, before=before, limit=max_batches)
     for batch_id in batch_ids:
         while True:
+            chunk = settings.retention_chunk
             with transaction(factory) as session:
-                deleted = purge_step(
-                    session=session,
-                    batch_id=batch_id,
-                    before=before,
-                    chunk=settings.retention_chunk,
-                )
+                deleted = purge_step(session=session, batch_id=batch_id, before=before, chunk=chunk)
             for table, count in deleted.items():
                 report.add(table, count)
             if not deleted or "batches" in deleted:

@@ -47,7 +47,9 @@ BATCH_TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
     # queued -> scheduled: send_at moved beyond the horizon after promotion.
     B.QUEUED: frozenset({B.SCHEDULED, B.SENDING, B.CANCELLED, B.EXPIRED}),
     B.SENDING: frozenset({B.COMPLETED, B.CANCELLED, B.EXPIRED}),
-    B.COMPLETED: frozenset(),
+    # completed -> sending: a late channel failure queued a sent recipient on its next
+    # channel (the one way out, taken only by dispatcher/engine/fallback.py).
+    B.COMPLETED: frozenset({B.SENDING}),
     B.CANCELLED: frozenset(),
     B.EXPIRED: frozenset(),
 }
@@ -62,7 +64,9 @@ RECIPIENT_TRANSITIONS: dict[RecipientStatus, frozenset[RecipientStatus]] = {
     # A receipt may still fail or expire a message the carrier accepted; none by the
     # receipt deadline makes it unknown.
     # sent -> read: a read report that overtook the delivery report (it implies delivery).
-    R.SENT: frozenset({R.DELIVERED, R.FAILED, R.EXPIRED, R.UNKNOWN, R.READ}),
+    # sent -> queued: the channel's webhook says it could not carry the message after
+    # accepting it (late fallback to the next channel; dispatcher/engine/fallback.py).
+    R.SENT: frozenset({R.DELIVERED, R.FAILED, R.EXPIRED, R.UNKNOWN, R.READ, R.QUEUED}),
     # Final for the batch, yet a channel that reports reading moves it on once more.
     R.DELIVERED: frozenset({R.READ}),
     R.FAILED: frozenset(),

@@ -115,19 +115,9 @@ class Supervisor:
         self.children: list[Child] = []
 
     def add(self, child: Child) -> Child:
+        """Take ``child`` (just started) into this run."""
         self.children.append(child)
         return child
-
-    def start(
-        self,
-        name: str,
-        argv: list[str],
-        *,
-        env: Mapping[str, str],
-        log: Path | None = None,
-        cwd: Path | None = None,
-    ) -> Child:
-        return self.add(Child(name, argv, env=env, log=log, cwd=cwd))
 
     def dead(self) -> Child | None:
         """The first child that has exited, if any."""

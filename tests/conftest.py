@@ -16,7 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
@@ -59,18 +61,48 @@ def _postgres_url() -> str:
         if os.environ.get("CI") == "true":
             pytest.fail("CI=true but DISPATCHER_TEST_POSTGRES_URL is not set: run `make test`")
         pytest.skip("no PostgreSQL for this run (make test starts one when binaries exist)")
-    return url
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return _own_database(url, worker) if worker else url
+
+
+def _own_database(url: str, worker: str) -> str:
+    """A fresh database for one xdist worker on the same server: workers run at the same
+    time, and a sweep in one must not see (or claim) the other's rows."""
+    base = make_url(url)
+    name = f"{base.database}_{worker}"
+    engine = create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    finally:
+        engine.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def migrated() -> dict[str, str]:
+    """The databases migrated so far, by kind. Under xdist a worker runs its files one by
+    one, each file's SQLite tests then its PostgreSQL ones, so ``database_url`` is set up
+    again at every switch: the database stays the one made first."""
+    return {}
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+def database_url(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    migrated: dict[str, str],
+) -> str:
     """A migrated database: SQLite always, PostgreSQL when available."""
-    if request.param == "postgres":
-        url = _postgres_url()
-    else:
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'dispatcher.db'}"
-    upgrade(Settings(database_url=url))
-    return url
+    if request.param not in migrated:
+        if request.param == "postgres":
+            url = _postgres_url()
+        else:
+            url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'dispatcher.db'}"
+        upgrade(Settings(database_url=url))
+        migrated[request.param] = url
+    return migrated[request.param]
 
 
 @pytest.fixture(scope="session")
@@ -107,9 +139,23 @@ def sessions(runtime: Runtime) -> sessionmaker[Session]:
     return runtime.sessions
 
 
+@pytest.fixture(scope="session")
+def api_app(settings: Settings) -> Iterator[Flask]:
+    """The API for ``settings``, built once: building one compiles every URL rule (about
+    40 ms, a third of a short API test). The app holds no state of its own but the
+    runtime, which ``client`` sets to the test's own."""
+    holder = Runtime(settings, RecordingPublisher())
+    yield create_app(settings, runtime=holder)
+    holder.dispose()
+
+
 @pytest.fixture()
-def client(runtime: Runtime) -> FlaskClient:
-    return create_app(runtime.settings, runtime=runtime).test_client()
+def client(runtime: Runtime, settings: Settings, api_app: Flask) -> FlaskClient:
+    """The API on the test's runtime (its own publisher and connections)."""
+    if runtime.settings is not settings:  # a module's own runtime: an app of its own
+        return create_app(runtime.settings, runtime=runtime).test_client()
+    api_app.extensions["dispatcher"] = runtime
+    return api_app.test_client()
 
 
 @pytest.fixture()

@@ -14,6 +14,16 @@ from dispatcher.config import Settings
 from dispatcher.devserver import commands
 
 ROOT = Path(__file__).resolve().parents[1]
+# With the smpp provider, make run also starts the connector.
+SMPP = {
+    "carriers": {
+        "c": {
+            "connections": [
+                {"name": "c1", "host": "smsc", "port": 2775, "system_id": "s", "password": "p"}
+            ]
+        }
+    }
+}
 
 
 def compose() -> dict:  # type: ignore[type-arg]
@@ -31,18 +41,36 @@ def test_every_process_of_make_run_has_a_service_with_the_same_entry_point() -> 
         "postgres",
         "migrate",
         "api",
+        "dispatch-worker",
         "send-worker",
         "callback-worker",
         "beat",
         "flower",
+        "smpp-connector",
     } <= set(services)
-    local = commands(Settings())
-    for name in ("api", "send-worker", "callback-worker", "beat", "flower"):
+    local = commands(Settings(provider="smpp", smpp=SMPP))
+    for name in (
+        "api",
+        "dispatch-worker",
+        "send-worker",
+        "callback-worker",
+        "beat",
+        "flower",
+        "smpp-connector",
+    ):
         ours = [Path(w).name for w in local[name]]
         theirs = words(services[name]["command"])
         # Same program and the same app / queues (flags for ports and sizes may differ).
         assert theirs[0] == ours[0], name
-        for token in ("api.wsgi:app", "workers.main", "dispatch,send", "callbacks", "beat"):
+        for token in (
+            "api.wsgi:app",
+            "workers.main",
+            "dispatch",
+            "send",
+            "callbacks",
+            "beat",
+            "smpp-connector",
+        ):
             if token in ours:
                 assert token in theirs, (name, token)
     assert words(services["migrate"]["command"]) == ["dispatcher", "db", "upgrade"]
@@ -54,7 +82,7 @@ def test_production_settings_persist_and_authenticate() -> None:
     assert "--basic-auth" in " ".join(words(services["flower"]["command"]))
     text = (ROOT / "docker-compose.yml").read_text()
     assert "POSTGRES_PASSWORD:?" in text  # no default password in the repo
-    for name in ("send-worker", "callback-worker"):
+    for name in ("dispatch-worker", "send-worker", "callback-worker"):
         assert "container_name" not in services[name]  # so --scale works
 
 

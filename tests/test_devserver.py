@@ -89,7 +89,7 @@ def test_run_serves_the_readme_example_and_sigint_stops_every_process(tmp_path: 
             for line in lines
             if (m := re.search(r"started [\w-]+ \(pid (\d+)\)", line))
         ]
-        assert len(started) == 6  # redis, api, two workers, beat, flower
+        assert len(started) == 7  # redis, api, three workers, beat, flower
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=90)

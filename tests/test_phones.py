@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.phones import InvalidNumber, _parse_plus_digits, to_e164
+from dispatcher.phones import InvalidNumber, split_plus_digits, to_e164
 
 
 def _slow(text: str) -> str:
@@ -65,6 +65,19 @@ def test_fast_path_agrees_on_known_cases(text: str) -> None:
 def test_fast_path_agrees_on_any_digits(digits: str) -> None:
     text = "+" + digits
     assert _outcome(to_e164, text) == _outcome(_slow, text)
-    fast = _parse_plus_digits(digits)
+    fast = split_plus_digits(digits)
     if fast is not None:
-        assert fast == phonenumbers.parse(text, None)
+        number = phonenumbers.parse(text, None)
+        national = phonenumbers.national_significant_number(number)
+        assert fast == (number.country_code, national, phonenumbers.is_possible_number(number))
+
+
+def test_fast_path_agrees_for_every_calling_code() -> None:
+    # National prefixes, carrier codes and transform rules differ per plan: every
+    # calling code, with nationals of every length that start like a prefix might.
+    starts = ("0", "00", "1", "15", "8", "9", "7")
+    for cc in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+        for start in starts:
+            for length in range(1, 16):
+                text = f"+{cc}{(start + '2345678901234567')[:length]}"
+                assert _outcome(to_e164, text) == _outcome(_slow, text), text

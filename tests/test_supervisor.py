@@ -76,11 +76,11 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) 
 def test_the_supervisor_stops_newest_first_and_reports_a_dead_child(tmp_path: Path) -> None:
     sup = Supervisor(grace=10)
     sleeper = [sys.executable, "-c", "import signal; signal.pause()"]
-    first = sup.start("first", sleeper, env=os.environ, log=tmp_path / "first.log")
-    quitter = sup.start(
-        "quitter", [sys.executable, "-c", "pass"], env=os.environ, log=tmp_path / "q.log"
+    first = sup.add(Child("first", sleeper, env=os.environ, log=tmp_path / "first.log"))
+    quitter = sup.add(
+        Child("quitter", [sys.executable, "-c", "pass"], env=os.environ, log=tmp_path / "q.log")
     )
-    last = sup.start("last", sleeper, env=os.environ, log=tmp_path / "last.log")
+    last = sup.add(Child("last", sleeper, env=os.environ, log=tmp_path / "last.log"))
     assert sup.watch(lambda: False, poll=0.05) is quitter
     order: list[str] = []
     sup.stop(on_stop=lambda c: order.append(c.name))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import DateTime, Insert, String, insert, literal, select
 from sqlalchemy.orm import Session
 
 from dispatcher import metrics, outbox
@@ -69,26 +69,35 @@ def record(
     status: RecipientStatus,
     changes: Sequence[Change],
     at: datetime,
+    copy: bool = False,
 ) -> list[str]:
-    """Write the status events and callback rows for ``changes``; returns callback ids."""
+    """Write the status events and callback rows for ``changes``; returns callback ids.
+
+    ``copy``: the recipients' rows hold the changes' values now (the caller just moved
+    them), so the events are copied from them in one INSERT ... SELECT instead of
+    sending every row's values over.
+    """
     if not changes:
         return []
-    # Core executemany: no ORM bookkeeping for rows nobody loads back.
-    session.connection().execute(
-        insert(StatusEvent),
-        [
-            {
-                "recipient_id": c.recipient_id,
-                "batch_id": batch.id,
-                "status": status.value,
-                "channel": c.channel,
-                "error_code": c.error_code,
-                "error_text": c.error_text,
-                "at": at,
-            }
-            for c in changes
-        ],
-    )
+    if copy:
+        session.connection().execute(_copy_events(status, at, [c.recipient_id for c in changes]))
+    else:
+        # Core executemany: no ORM bookkeeping for rows nobody loads back.
+        session.connection().execute(
+            insert(StatusEvent),
+            [
+                {
+                    "recipient_id": c.recipient_id,
+                    "batch_id": batch.id,
+                    "status": status.value,
+                    "channel": c.channel,
+                    "error_code": c.error_code,
+                    "error_text": c.error_text,
+                    "at": at,
+                }
+                for c in changes
+            ],
+        )
     metrics.status_changed(session=session, batch=batch, status=status, changes=changes, at=at)
     callbacks = callbacks_for(batch=batch, status=status, changes=changes, at=at)
     if not callbacks:
@@ -114,3 +123,18 @@ def record(
     ids = [str(row["id"]) for row in rows]
     outbox.defer(session, outbox.Message(outbox.TaskName.DELIVER_CALLBACKS, {"callback_ids": ids}))
     return ids
+
+
+def _copy_events(status: RecipientStatus, at: datetime, ids: list[str]) -> Insert:
+    """INSERT ... SELECT of one status event per recipient in ``ids``, from its row."""
+    columns = ("recipient_id", "batch_id", "status", "channel", "error_code", "error_text", "at")
+    rows = select(
+        Recipient.id,
+        Recipient.batch_id,
+        literal(status.value, String),
+        Recipient.channel,
+        Recipient.error_code,
+        Recipient.error_text,
+        literal(at, DateTime),
+    ).where(Recipient.id.in_(ids))
+    return insert(StatusEvent).from_select(columns, rows)

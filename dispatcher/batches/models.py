@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dispatcher.db import Base, new_id, utcnow
@@ -94,15 +104,32 @@ class Recipient(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+# The outcome of an Attempt row that a late channel failure wrote (engine/fallback.py).
+LATE_CHANNEL_FAILURE = "receipt:channel"
+_LATE = text(f"outcome = '{LATE_CHANNEL_FAILURE}'")
+
+
 class Attempt(Base):
     """One hand-off of a recipient to a provider on one channel, and its outcome."""
 
     __tablename__ = "attempts"
+    __table_args__ = (
+        # The rich messages a late failure moved on from: their later receipts are
+        # acknowledged as ignored. Partial, so no other attempt pays for it.
+        Index(
+            "ix_attempts_late_ref",
+            "provider_message_id",
+            sqlite_where=_LATE,
+            postgresql_where=_LATE,
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     recipient_id: Mapped[str] = mapped_column(String(36), index=True)
     channel: Mapped[str] = mapped_column(String(16))
     outcome: Mapped[str] = mapped_column(String(32))
+    # The provider's code (e.g. whatsapp_131026) and text of a refusal or a late failure.
+    error_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error: Mapped[str | None] = mapped_column(String(500), nullable=True)
     provider_message_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
     at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -8,11 +8,11 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, or_, select
+from sqlalchemy import Table, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -22,7 +22,7 @@ from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient, SharedSender
 from dispatcher.batches.transitions import transition_batch, transition_recipients
 from dispatcher.config import Settings
-from dispatcher.db import utcnow
+from dispatcher.db import insert_many, new_ids, utcnow
 from dispatcher.errors import Conflict, NotFound, ValidationError
 from dispatcher.sms import parts
 from dispatcher.sms.parts import PartInfo
@@ -53,20 +53,6 @@ class NewBatch:
     # Destination index -> error code: recipients refused at intake (written as
     # rejected, with their callbacks) while the rest of the batch goes on, as Sinch does.
     rejected: Mapping[int, str] | None = None
-
-
-@dataclass(frozen=True)
-class NewMessage:
-    """One entry of a Messaging Plus /message request: a batch of one recipient."""
-
-    to: str
-    body: str
-    sender: str | None
-    shared_sender: bool
-    channels: Sequence[str]
-    callback_url: str | None = None
-    send_at: datetime | None = None
-    client_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +94,8 @@ def fit_parts(new: NewBatch) -> NewBatch:
 
 def fingerprint(new: NewBatch) -> str:
     """A stable digest of the request, to tell an idempotent retry from a conflicting reuse."""
-    data = asdict(new)
+    # Shallow: asdict() deep-copies every destination, and the JSON text is the same.
+    data = {f.name: getattr(new, f.name) for f in fields(new)}
     data["destinations"] = list(new.destinations)
     text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
@@ -234,41 +221,54 @@ def insert_recipients(
     """Write one ``scheduled`` row per destination, seq 0..n-1 (chunks are seq ranges);
     those in ``rejected`` are written ``rejected`` with their error code, and reported."""
     refused = rejected or {}
-    body_parts = parts.analyse(batch.body).parts
-    rows = [
-        {
-            "id": str(uuid.uuid4()),
-            "batch_id": batch.id,
-            "account_id": batch.account_id,
-            "seq": seq,
-            "to": to,
-            # Stored only where it differs from the batch's (Sinch parameters).
-            "body": bodies[seq] if bodies is not None and bodies[seq] != batch.body else None,
-            "client_id": client_id,
-            "status": RecipientStatus.REJECTED if seq in refused else RecipientStatus.SCHEDULED,
-            "error_code": refused.get(seq),
-            "channel_index": 0,
-            "channel": batch.channels[0],
-            "parts": parts.analyse(bodies[seq]).parts if bodies is not None else body_parts,
-            "created_at": now,
-            "updated_at": now,
-        }
-        for seq, to in enumerate(destinations)
-    ]
-    if rows:
-        session.execute(insert(Recipient), rows)
+    count = len(destinations)
+    ids = new_ids(count)
+    rows: dict[str, Sequence[Any]] = {"id": ids, "seq": range(count), "to": destinations}
+    same: dict[str, Any] = {
+        "batch_id": batch.id,
+        "account_id": batch.account_id,
+        # Stored only where it differs from the batch's (Sinch parameters).
+        "body": None,
+        "client_id": client_id,
+        "status": RecipientStatus.SCHEDULED,
+        "error_code": None,
+        "channel_index": 0,
+        "channel": batch.channels[0],
+        "parts": (
+            parts.binary_parts(batch.body, udh=batch.options["udh"])
+            if batch.options.get("type") == "mt_binary"
+            else parts.analyse(batch.body).parts
+        ),
+        "created_at": now,
+        "updated_at": now,
+    }
+    if bodies is not None:
+        rows["body"] = [body if body != batch.body else None for body in bodies]
+        rows["parts"] = [parts.analyse(body).parts for body in bodies]
+    if refused:
+        rows["status"] = [
+            RecipientStatus.REJECTED if seq in refused else RecipientStatus.SCHEDULED
+            for seq in range(count)
+        ]
+        rows["error_code"] = [refused.get(seq) for seq in range(count)]
+    table = Recipient.__table__
+    assert isinstance(table, Table)
+    insert_many(
+        session,
+        table,
+        rows=rows,
+        same={key: value for key, value in same.items() if key not in rows},
+    )
     if refused:
         # Their first and final status: an event and callbacks like any other change.
         changes = [
-            events.Change(
-                str(rows[seq]["id"]), destinations[seq], batch.channels[0], client_id, code
-            )
+            events.Change(ids[seq], destinations[seq], batch.channels[0], client_id, code)
             for seq, code in sorted(refused.items())
         ]
         events.record(
             session=session, batch=batch, status=RecipientStatus.REJECTED, changes=changes, at=now
         )
-    return len(rows)
+    return count
 
 
 def promote_if_due(*, session: Session, settings: Settings, batch: Batch, now: datetime) -> bool:
@@ -332,6 +332,35 @@ def assign_shared_sender(
     return sender
 
 
+@dataclass(frozen=True)
+class NewMessage:
+    """One entry of a Messaging Plus /message request: a batch of one recipient."""
+
+    to: str
+    body: str
+    sender: str | None
+    shared_sender: bool
+    channels: Sequence[str]
+    callback_url: str | None = None
+    send_at: datetime | None = None
+    client_id: str | None = None
+
+    def as_batch(self, sender: str) -> NewBatch:
+        """The one-recipient batch this message is, sent from ``sender``."""
+        return NewBatch(
+            sender=sender,
+            body=self.body,
+            destinations=[self.to],
+            channels=self.channels,
+            callback_url=self.callback_url,
+            send_at=self.send_at,
+            client_id=self.client_id,
+            dialect="message",
+            client_message_id=self.client_id,
+            options={"from_type": "shared" if self.shared_sender else "custom"},
+        )
+
+
 def create_messages(
     *,
     session: Session,
@@ -355,18 +384,7 @@ def create_messages(
         else:
             assert m.sender is not None
             sender = m.sender
-        new = NewBatch(
-            sender=sender,
-            body=m.body,
-            destinations=[m.to],
-            channels=m.channels,
-            callback_url=m.callback_url,
-            send_at=m.send_at,
-            client_id=m.client_id,
-            dialect="message",
-            client_message_id=m.client_id,
-            options={"from_type": "shared" if m.shared_sender else "custom"},
-        )
+        new = m.as_batch(sender)
         if dry_run:
             fit_parts(new)
             out.append((m, sender, None))

@@ -56,17 +56,18 @@ def transition_recipients(
     """
     sources = guard(to, current)
     conditions = [*where, Recipient.status.in_(sources)]
+    common = dict(values or {})
     if ids is not None:
         conditions.append(Recipient.id.in_(list(ids)))
     if each:
         conditions.append(Recipient.id.in_(list(each)))
-        _write_each(session, each, sources)
+        common |= _write_each(session, each, sources)
     elif each is not None:
         return []
     rows = session.execute(
         update(Recipient)
         .where(*conditions)
-        .values(status=to, updated_at=at, **(values or {}))
+        .values(status=to, updated_at=at, **common)
         .returning(Recipient.batch_id, Recipient.provider_message_id, *events.CHANGE_COLUMNS)
     ).all()
     moved = [Moved(row[0], row[1], events.Change.from_row(row[2:])) for row in rows]
@@ -78,7 +79,10 @@ def transition_recipients(
             owner = batch if batch is not None and batch.id == batch_id else None
             owner = owner or session.get(Batch, batch_id)
             assert owner is not None
-            events.record(session=session, batch=owner, status=to, changes=changes, at=at)
+            # The rows hold just what their events say: copied inside the database.
+            events.record(
+                session=session, batch=owner, status=to, changes=changes, at=at, copy=True
+            )
     return moved
 
 
@@ -101,7 +105,9 @@ def claim_recipients(
             update(Recipient)
             .where(*where, Recipient.status.in_(sources))
             .values(status=RecipientStatus.SENDING, updated_at=at, **values)
-            .returning(*returning)
+            .returning(*returning),
+            # Nothing of these rows is loaded in a worker's session: no ORM bookkeeping.
+            execution_options={"synchronize_session": False},
         ).all()
     )
 
@@ -110,11 +116,17 @@ def _write_each(
     session: Session,
     each: Mapping[str, Mapping[str, Any]],
     sources: Sequence[RecipientStatus],
-) -> None:
-    """Per-row values, in one executemany, before the status moves (so RETURNING sees them)."""
-    keys = list(next(iter(each.values())))
+) -> dict[str, Any]:
+    """Per-row values, in one executemany, before the status moves (so RETURNING sees them).
+
+    Returns the values every row shares, for the status UPDATE to set: only what
+    differs goes row by row (for a sent group, the provider's message id).
+    """
+    rows = list(each.values())
+    shared = {k: v for k, v in rows[0].items() if all(r[k] == v for r in rows[1:])}
+    keys = [k for k in rows[0] if k not in shared]
     if not keys:
-        return
+        return shared
     params = [{"_rid": rid, **{f"_v_{k}": v[k] for k in keys}} for rid, v in each.items()]
     session.connection().execute(
         recipients_table.update()
@@ -126,6 +138,7 @@ def _write_each(
         .values({k: bindparam(f"_v_{k}") for k in keys}),
         params,
     )
+    return shared
 
 
 def transition_batch(

@@ -38,7 +38,6 @@ from dispatcher.states import BatchStatus, RecipientStatus
 NOT_STARTED = (BatchStatus.SCHEDULED, BatchStatus.QUEUED)
 # Sinch: expire_at defaults to, and may be at most, 3 days after send_at.
 MAX_EXPIRY = timedelta(days=3)
-PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,10 @@ def window(*, send_at: datetime | None, expire_at: datetime | None, now: datetim
     if expire_at > (send_at or start) + MAX_EXPIRY:
         raise ValidationError("expire_at must be at most 3 days after send_at", field="expire_at")
     return Window(start, expire_at, False)
+
+
+# A Sinch parameter in a body: ``${name}``.
+PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
 
 
 def render(

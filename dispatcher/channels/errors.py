@@ -14,13 +14,15 @@ from collections.abc import Mapping
 
 import requests
 
-from dispatcher.channels.base import Outcome, SendResult
+from dispatcher.channels.base import CHANNEL_FAILED, Outcome, Receipt, SendResult
 
 # A carrier asking for more than a day is capped: the expiry decides beyond that.
 MAX_RETRY_AFTER = 24 * 3600.0
 # Recipient.error_code and error_text column widths.
 CODE_WIDTH = 32
 TEXT_WIDTH = 500
+# Recipient.provider_message_id column width.
+REF_WIDTH = 100
 
 
 def retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
@@ -75,6 +77,30 @@ def failure(
         error_code=code[:CODE_WIDTH],
         error_text=(text or "")[:TEXT_WIDTH] or None,
         retry_after=retry_after,
+    )
+
+
+def too_long(body: str, *, limit: int, code: str, service: str) -> SendResult | None:
+    """A channel refusal of text over the service's limit (the next channel carries it
+    whole, never split into several bubbles); None when it fits."""
+    if len(body) <= limit:
+        return None
+    return failure(
+        Outcome.CHANNEL, code=code, text=f"{service} text messages hold at most {limit} characters"
+    )
+
+
+def late_failure(ref: str, outcome: Outcome | None, *, code: str, text: str | None) -> Receipt:
+    """A failure a status webhook reports after the send was accepted, code and text cut.
+
+    The provider's ``outcome`` for its code decides: a channel failure (131026, 63016...)
+    becomes ``channel_failed`` and the recipient falls back; anything else fails it.
+    """
+    return Receipt(
+        ref[:REF_WIDTH],
+        CHANNEL_FAILED if outcome is Outcome.CHANNEL else "failed",
+        code[:CODE_WIDTH],
+        (text or "")[:TEXT_WIDTH] or None,
     )
 
 

@@ -27,14 +27,7 @@ import jwt
 import requests
 
 from dispatcher.channels import errors
-from dispatcher.channels.base import (
-    Lookup,
-    OutboundMessage,
-    Outcome,
-    Provider,
-    Receipt,
-    SendResult,
-)
+from dispatcher.channels.base import OutboundMessage, Outcome, Provider, Receipt, SendResult
 
 SCOPE = "https://www.googleapis.com/auth/rcsbusinessmessaging"
 DEFAULT_API_URL = "https://rcsbusinessmessaging.googleapis.com"
@@ -146,6 +139,9 @@ class ServiceAccountTokens:
 
 class RbmProvider(Provider):
     name = "rbm"
+    # A lost hand-off is sent again: the same messageId is refused as ALREADY_EXISTS
+    # (counted as accepted) if it had reached RBM.
+    resend_safe = True
 
     def __init__(
         self,
@@ -153,6 +149,7 @@ class RbmProvider(Provider):
         agent_id: str,
         tokens: ServiceAccountTokens,
         api_url: str = DEFAULT_API_URL,
+        ttl: float = 0.0,
         session: requests.Session,
         timeout: tuple[float, float],
     ) -> None:
@@ -161,16 +158,16 @@ class RbmProvider(Provider):
         self.agent_id = agent_id
         self.tokens = tokens
         self.api_url = api_url.rstrip("/")
+        self.ttl = ttl
         self.session = session
         self.timeout = timeout
 
     def send(self, message: OutboundMessage) -> SendResult:
-        if len(message.body) > MAX_TEXT:
-            return errors.failure(
-                Outcome.CHANNEL,
-                code="rbm_text_too_long",
-                text=f"RBM text messages hold at most {MAX_TEXT} characters",
-            )
+        refused = errors.too_long(
+            message.body, limit=MAX_TEXT, code="rbm_text_too_long", service="RBM"
+        )
+        if refused is not None:
+            return refused
         try:
             response = self._post(message)
             if response.status_code == 401:
@@ -200,29 +197,26 @@ class RbmProvider(Provider):
         if fresh:
             self.tokens.invalidate(token)
             token = self.tokens.get()
+        body: dict[str, Any] = {"contentMessage": {"text": message.body}}
+        if self.ttl:
+            # Revoked undelivered after this: TTL_EXPIRATION_REVOKED, then the next channel.
+            body["ttl"] = f"{self.ttl:.0f}s"
         return self.session.post(
             f"{self.api_url}/v1/phones/{message.to}/agentMessages",
             params={"messageId": message.recipient_id, "agentId": self.agent_id},
-            json={"contentMessage": {"text": message.body}},
+            json=body,
             headers={"Authorization": f"Bearer {token}"},
             timeout=self.timeout,
             allow_redirects=False,
         )
 
-    def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
-        # Sending again is safe: the same messageId is refused as ALREADY_EXISTS
-        # (counted as accepted) if the lost hand-off had reached RBM.
-        return Lookup.NOT_FOUND, None
 
-
-# Events that say something of a message's fate (Google's "Receive events" page);
-# IS_TYPING, user messages and the like concern no message sent here.
-EVENT_STATUSES = {
-    "DELIVERED": ("delivered", None),
-    "READ": ("read", None),
-    # The message's TTL passed and RBM took it back undelivered.
-    "TTL_EXPIRATION_REVOKED": ("expired", "rbm_ttl_revoked"),
-}
+# Events that report a message's delivery (Google's "Receive events" page); IS_TYPING,
+# user messages and the like concern no message sent here.
+EVENT_STATUSES = {"DELIVERED": "delivered", "READ": "read"}
+# The message's TTL passed and RBM took it back undelivered: Google's advice is to send
+# it through another channel, so it falls back as a 404 at send time does.
+REVOKED = "TTL_EXPIRATION_REVOKED"
 
 
 def signature_ok(client_token: str, data: bytes, presented: str) -> bool:
@@ -237,7 +231,11 @@ def receipts_from_event(event: object) -> list[Receipt]:
         return []
     kind = event.get("eventType")
     ref = event.get("messageId")
-    if kind not in EVENT_STATUSES or not isinstance(ref, str) or not ref:
+    if not isinstance(ref, str) or not ref:
         return []
-    status, code = EVENT_STATUSES[kind]
-    return [Receipt(ref[:100], status, code, "revoked by RBM after its TTL" if code else None)]
+    if kind == REVOKED:
+        text = "revoked by RBM after its TTL, undelivered"
+        return [errors.late_failure(ref, Outcome.CHANNEL, code="rbm_ttl_revoked", text=text)]
+    if kind not in EVENT_STATUSES:
+        return []
+    return [Receipt(ref[:100], EVENT_STATUSES[kind])]

@@ -14,17 +14,25 @@ from dispatcher.channels.base import Provider
 from dispatcher.config import Settings
 
 NAMES = frozenset({"simulator", "http", "smpp", "rbm", "whatsapp_cloud", "twilio"})
+# Providers that send binary SMS (8-bit data and a UDH): the others carry text only.
+BINARY = frozenset({"smpp"})
 
 
-def _session() -> requests.Session:
+def carries_binary(settings: Settings, channel: str) -> bool:
+    """Whether the provider ``settings`` name for ``channel`` sends binary SMS as binary."""
+    return settings.channel_providers.get(channel, settings.provider) in BINARY
+
+
+def _vendor(settings: Settings, api_url: str) -> dict[str, Any]:
+    """What every vendor's HTTP provider takes: its API's URL, a session of its own, timeouts."""
     session = requests.Session()
     session.headers["User-Agent"] = "Dispatcher/1"
-    return session
+    timeout = (settings.http_connect_timeout, settings.http_read_timeout)
+    return {"api_url": api_url, "session": session, "timeout": timeout}
 
 
 def build(name: str, *, settings: Settings, redis_client: Any) -> Provider:
     """The provider called ``name``, configured from ``settings``."""
-    timeout = (settings.http_connect_timeout, settings.http_read_timeout)
     if name == "simulator":
         from dispatcher.channels.simulator import Simulator
 
@@ -47,16 +55,12 @@ def build(name: str, *, settings: Settings, redis_client: Any) -> Provider:
 
         if not settings.rbm_service_account_file:
             raise ValueError("the rbm provider needs DISPATCHER_RBM_SERVICE_ACCOUNT_FILE")
-        session = _session()
+        vendor = _vendor(settings, settings.rbm_api_url)
         tokens = ServiceAccountTokens.from_file(
-            settings.rbm_service_account_file, session=session, timeout=timeout
+            settings.rbm_service_account_file, session=vendor["session"], timeout=vendor["timeout"]
         )
         return RbmProvider(
-            agent_id=settings.rbm_agent_id,
-            tokens=tokens,
-            api_url=settings.rbm_api_url,
-            session=session,
-            timeout=timeout,
+            agent_id=settings.rbm_agent_id, tokens=tokens, ttl=settings.rbm_ttl, **vendor
         )
     if name == "whatsapp_cloud":
         from dispatcher.channels.whatsapp_cloud import WhatsAppCloudProvider
@@ -65,9 +69,7 @@ def build(name: str, *, settings: Settings, redis_client: Any) -> Provider:
             tokens=settings.whatsapp_tokens,
             phone_number_id=settings.whatsapp_phone_number_id,
             senders=settings.whatsapp_senders,
-            api_url=settings.whatsapp_api_url,
-            session=_session(),
-            timeout=timeout,
+            **_vendor(settings, settings.whatsapp_api_url),
         )
     if name == "twilio":
         from dispatcher.channels.twilio import STATUS_PATH, TwilioProvider
@@ -78,8 +80,6 @@ def build(name: str, *, settings: Settings, redis_client: Any) -> Provider:
             auth_token=settings.twilio_auth_token,
             status_callback=f"{base}{STATUS_PATH}" if base else "",
             messaging_service_sid=settings.twilio_messaging_service_sid,
-            api_url=settings.twilio_api_url,
-            session=_session(),
-            timeout=timeout,
+            **_vendor(settings, settings.twilio_api_url),
         )
     raise ValueError(f"unknown provider {name!r}")

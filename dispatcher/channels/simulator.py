@@ -39,6 +39,19 @@ LEDGER = "dispatcher:sim:accepted"
 HANDOFFS = "dispatcher:sim:handoffs"
 RECEIPTS = "dispatcher:sim:receipts"
 
+# KEYS: handoffs, ledger, receipts. ARGV: the receipts' due time, then per message its
+# idempotency key, provider message id and receipt ("" for both unless accepted).
+RECORD_HANDOFFS = """
+for i = 2, #ARGV, 3 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], 1)
+  if ARGV[i + 2] ~= '' then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    redis.call('ZADD', KEYS[3], ARGV[1], ARGV[i + 2])
+  end
+end
+return 0
+"""
+
 
 def _compile(patterns: Sequence[str]) -> list[re.Pattern[str]]:
     return [re.compile(p) for p in patterns]
@@ -69,6 +82,7 @@ class Simulator(Provider):
         self.fail_rate = {ch: float(v) for ch, v in rules.get("fail_rate", {}).items()}
         self.sleep = sleep
         self.clock = clock
+        self._record = redis_client.register_script(RECORD_HANDOFFS)
 
     def _decide(self, m: OutboundMessage) -> SendResult:
         if any(p.search(m.to) for p in self.invalid):
@@ -94,25 +108,30 @@ class Simulator(Provider):
 
     def send_many(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
         results = []
-        pipe = self.redis.pipeline(transaction=False)
-        due = self.clock() + self.receipt_delay
+        # One script call records the whole group in the ledger: one round trip and one
+        # command to build, where a pipeline of three commands per message was a quarter
+        # of a send worker's time.
+        entries: list[str] = []
         for m in messages:
             if self.latency:
                 self.sleep(self.latency)
             result = self._decide(m)
             results.append(result)
-            pipe.hincrby(HANDOFFS, m.idempotency_key, 1)
+            receipt = ""
             if result.outcome is Outcome.ACCEPTED:
-                pipe.hset(LEDGER, m.idempotency_key, result.provider_message_id or "")
                 failed = any(p.search(m.to) for p in self.undeliverable)
-                receipt = Receipt(
-                    provider_message_id=result.provider_message_id or "",
-                    status="failed" if failed else "delivered",
-                    error_code="undeliverable" if failed else None,
-                    error_text="handset unreachable" if failed else None,
+                receipt = json.dumps(
+                    Receipt(
+                        provider_message_id=result.provider_message_id or "",
+                        status="failed" if failed else "delivered",
+                        error_code="undeliverable" if failed else None,
+                        error_text="handset unreachable" if failed else None,
+                    ).__dict__
                 )
-                pipe.zadd(RECEIPTS, {json.dumps(receipt.__dict__): due})
-        pipe.execute()
+            entries += (m.idempotency_key, result.provider_message_id or "", receipt)
+        if entries:
+            due = self.clock() + self.receipt_delay
+            self._record(keys=[HANDOFFS, LEDGER, RECEIPTS], args=[due, *entries])
         return results
 
     def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:

@@ -37,6 +37,7 @@ CODES: dict[int, Outcome] = {
     63003: C,  # WhatsApp: the To address is not on the channel
     63016: C,  # WhatsApp: outside the 24 h window and not a template
     63024: C,  # WhatsApp: invalid message recipient
+    63032: C,  # WhatsApp: the user's number is part of an experiment (Meta's 130472)
     21211: R,  # invalid To number
     21610: R,  # recipient replied STOP
     21614: R,  # To is not a mobile number
@@ -145,9 +146,11 @@ def receipt_from_callback(form: Mapping[str, str]) -> Receipt | None:
     if status != "failed":
         return Receipt(ref[:100], status)
     code = form.get("ErrorCode") or ""
-    return Receipt(
-        ref[:100],
-        "failed",
-        f"twilio_{code}"[:32] if code else "twilio_failed",
-        (form.get("ErrorMessage") or form.get("MessageStatus") or "")[:500] or None,
+    # A code that refuses the channel at send time (63016 outside the WhatsApp window,
+    # 63003 not on WhatsApp) refuses it here too: fall back to the next channel.
+    return errors.late_failure(
+        ref,
+        CODES.get(int(code)) if code.isdigit() else None,
+        code=f"twilio_{code}" if code else "twilio_failed",
+        text=form.get("ErrorMessage") or form.get("MessageStatus"),
     )

@@ -117,13 +117,12 @@ class WhatsAppCloudProvider(Provider):
         }
         if message.template:
             payload.update(type="template", template=template_payload(message.template))
-        elif len(message.body) > MAX_TEXT:
-            return errors.failure(
-                Outcome.CHANNEL,
-                code="whatsapp_text_too_long",
-                text=f"WhatsApp text messages hold at most {MAX_TEXT} characters",
-            )
         else:
+            refused = errors.too_long(
+                message.body, limit=MAX_TEXT, code="whatsapp_text_too_long", service="WhatsApp"
+            )
+            if refused is not None:
+                return refused
             payload.update(type="text", text={"preview_url": False, "body": message.body})
         try:
             response = self.session.post(
@@ -202,10 +201,11 @@ def _receipt(item: object) -> Receipt | None:
     first = errs[0] if isinstance(errs, list) and errs and isinstance(errs[0], dict) else {}
     data = first.get("error_data")
     details = data.get("details") if isinstance(data, dict) else None
-    code = first.get("code")
-    return Receipt(
-        ref[:100],
-        "failed",
-        f"whatsapp_{code}"[:32] if isinstance(code, int) else "whatsapp_failed",
-        str(details or first.get("message") or first.get("title") or "")[:500] or None,
+    code = first.get("code") if isinstance(first.get("code"), int) else None
+    # A code that refuses the channel at send time refuses it here too: fall back.
+    return errors.late_failure(
+        ref,
+        CODES.get(code) if code is not None else None,
+        code=f"whatsapp_{code}" if code is not None else "whatsapp_failed",
+        text=str(details or first.get("message") or first.get("title") or ""),
     )

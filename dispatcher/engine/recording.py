@@ -21,12 +21,13 @@ from dispatcher.batches.models import Attempt, Batch
 from dispatcher.batches.transitions import transition_recipients
 from dispatcher.channels.base import Outcome, SendResult
 from dispatcher.config import Settings
+from dispatcher.engine.fallback import requeue_values, stop_requeued
 from dispatcher.receipts import service as receipts
-from dispatcher.states import BatchStatus, RecipientStatus
+from dispatcher.states import RecipientStatus
 
 R = RecipientStatus
 # The order groups are written in (the batch row is always taken first).
-ORDER = (R.SENT, R.QUEUED, R.FAILED, R.EXPIRED)
+ORDER = (R.SENT, R.QUEUED, R.FAILED, R.EXPIRED, R.UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def decide(
         return Decision(
             row.id,
             R.QUEUED,
-            _requeue(row.channel_index, row.channel, row.attempts - 1, None, now, None, None),
+            requeue_values(row.channel_index, row.channel, row.attempts - 1, None, now, None, None),
             report=False,
             again=True,
         )
@@ -79,6 +80,7 @@ def decide(
         "recipient_id": row.id,
         "channel": row.channel,
         "outcome": result.outcome.value,
+        "error_code": result.error_code,
         "error": result.error_text,
         "provider_message_id": result.provider_message_id,
         "at": now,
@@ -100,35 +102,16 @@ def decide(
         at = now + timedelta(seconds=delay)
         if at >= expire_at:
             return Decision(row.id, R.EXPIRED, failure, report=True, attempt=attempt)
-        values = _requeue(row.channel_index, row.channel, row.attempts, at, None, code, text)
+        values = requeue_values(row.channel_index, row.channel, row.attempts, at, None, code, text)
         return Decision(row.id, R.QUEUED, values, report=False, attempt=attempt)
+    if result.outcome is Outcome.UNKNOWN:
+        return Decision(row.id, R.UNKNOWN, failure, report=True, attempt=attempt)
     if result.outcome is Outcome.CHANNEL and row.channel_index + 1 < len(channels):
         nxt = row.channel_index + 1
         # Immediate fallback: the running chunk picks it up again, so it stays enqueued.
-        values = _requeue(nxt, channels[nxt], 0, None, now, code, text)
+        values = requeue_values(nxt, channels[nxt], 0, None, now, code, text)
         return Decision(row.id, R.QUEUED, values, report=False, again=True, attempt=attempt)
     return Decision(row.id, R.FAILED, failure, report=True, attempt=attempt)
-
-
-def _requeue(
-    index: int,
-    channel: str,
-    attempts: int,
-    next_at: datetime | None,
-    enqueued_at: datetime | None,
-    code: str | None,
-    text: str | None,
-) -> dict[str, Any]:
-    return {
-        "channel_index": index,
-        "channel": channel,
-        "attempts": attempts,
-        "next_attempt_at": next_at,
-        "enqueued_at": enqueued_at,
-        "claimed_at": None,
-        "error_code": code,
-        "error_text": text,
-    }
 
 
 def apply(*, session: Session, batch: Batch, decisions: Sequence[Decision], now: datetime) -> int:
@@ -168,19 +151,15 @@ def apply(*, session: Session, batch: Batch, decisions: Sequence[Decision], now:
                 provider = each[m.change.recipient_id]["provider"]
                 if provider and m.provider_message_id:
                     sent_by[provider].append(m.provider_message_id)
-        stopped = batch_status in (BatchStatus.CANCELLED, BatchStatus.EXPIRED)
-        if status is R.QUEUED and stopped and moved:
-            # The batch stopped while these were out: queued again just now, they are
-            # cancelled (or expired) in the same transaction instead of tried again.
-            stop = R.CANCELLED if batch_status == BatchStatus.CANCELLED else R.EXPIRED
-            transition_recipients(
-                session=session,
-                to=stop,
-                current=(R.QUEUED,),
-                ids=[m.change.recipient_id for m in moved],
-                at=now,
-                batch=batch,
-            )
+        # The batch stopped while these were out: queued again just now, they are
+        # cancelled (or expired) in the same transaction instead of tried again.
+        if status is R.QUEUED and stop_requeued(
+            session=session,
+            batch=batch,
+            batch_status=batch_status,
+            ids=[m.change.recipient_id for m in moved],
+            now=now,
+        ):
             again = set()
     for provider, refs in sent_by.items():
         receipts.settle(session=session, provider=provider, refs=refs, now=now)

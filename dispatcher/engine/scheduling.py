@@ -37,6 +37,8 @@ def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: 
         session=session,
         batch_id=batch.id,
         to=BatchStatus.SENDING,
+        # Never a completed batch: only a late fallback re-opens one (engine/fallback.py).
+        current=(BatchStatus.SCHEDULED, BatchStatus.QUEUED),
         # Re-checked in the same statement: an update that moved send_at later
         # and committed after the read above must not let the batch go early.
         where=[Batch.send_at <= now + timedelta(seconds=1)],

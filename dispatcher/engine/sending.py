@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,7 +25,14 @@ from dispatcher import metrics, outbox
 from dispatcher.accounts.models import Account
 from dispatcher.batches.models import Attempt, Batch, Recipient
 from dispatcher.batches.transitions import claim_recipients, transition_recipients
-from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
+from dispatcher.channels.base import (
+    Lookup,
+    OutboundMessage,
+    Outcome,
+    Provider,
+    SendResult,
+    SmsOptions,
+)
 from dispatcher.config import Settings
 from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.engine import recording
@@ -196,20 +203,7 @@ def send_recipients(
                 continue  # the candidates were taken or cancelled meanwhile: read again
             break
         report.claimed += len(claimed)
-        messages = [
-            OutboundMessage(
-                recipient_id=row.id,
-                channel=row.channel,
-                to=row.to,
-                sender=batch.sender,
-                body=row.body or batch.body,
-                attempt=row.attempts,
-                template=batch.options.get("whatsapp_template"),
-                account_id=batch.account_id,
-                expire_at=batch.expire_at,
-            )
-            for row in claimed
-        ]
+        messages = [outbound(row, batch) for row in claimed]
         results = _hand_over(
             providers, messages, deadline=time.monotonic() + settings.send_lease / 2
         )
@@ -219,14 +213,7 @@ def send_recipients(
         last = len(claimed) < limit
         with transaction(factory) as session:
             again = record_results(
-                session=session,
-                settings=settings,
-                batch=batch,
-                channels=batch.channels,
-                providers=providers,
-                claimed=claimed,
-                results=results,
-                now=clock(),
+                session, settings, providers, batch, zip(claimed, results, strict=True), clock()
             )
             if last and not again:
                 complete_if_done(session=session, batch_id=batch_id, now=clock())
@@ -421,18 +408,31 @@ def _hand_over(
     return results
 
 
+def outbound(row: Any, batch: Batch) -> OutboundMessage:
+    """The message for a recipient (a claimed row or a loaded one) of ``batch``."""
+    return OutboundMessage(
+        recipient_id=row.id,
+        channel=row.channel,
+        to=row.to,
+        sender=batch.sender,
+        body=row.body or batch.body,
+        attempt=row.attempts,
+        template=batch.options.get("whatsapp_template"),
+        account_id=batch.account_id,
+        expire_at=batch.expire_at,
+        sms=SmsOptions.of_batch(batch.options),
+    )
+
+
 def record_results(
-    *,
     session: Session,
     settings: Settings,
-    batch: Batch,
-    channels: Sequence[str],
     providers: Mapping[str, Provider],
-    claimed: Sequence[Any],
-    results: Sequence[SendResult | None],
+    batch: Batch,
+    handed: Iterable[tuple[Any, SendResult | None]],
     now: datetime,
 ) -> int:
-    """Record each hand-off's outcome: sent, retry later, fall back, or fail.
+    """Record each hand-off's outcome (claimed row, result): sent, retry later, fall back, or fail.
 
     A None result was never handed over (lease deadline): it is queued again as it was.
     Returns how many are queued to be tried again at once (fallbacks, deferred).
@@ -441,13 +441,13 @@ def record_results(
         recording.decide(
             row,
             result,
-            channels=channels,
+            channels=batch.channels,
             expire_at=batch.expire_at,
             settings=settings,
             now=now,
             provider=_provider_name(providers, row.channel),
         )
-        for row, result in zip(claimed, results, strict=True)
+        for row, result in handed
     ]
     return recording.apply(session=session, batch=batch, decisions=decisions, now=now)
 
@@ -485,17 +485,7 @@ def reclaim_stale(
     counts: dict[str, int] = defaultdict(int)
     for rec, batch in stale:
         provider = providers.get(rec.channel)
-        message = OutboundMessage(
-            recipient_id=rec.id,
-            channel=rec.channel,
-            to=rec.to,
-            sender=batch.sender,
-            body=rec.body or batch.body,
-            attempt=rec.attempts,
-            account_id=batch.account_id,
-            expire_at=batch.expire_at,
-        )
-        found, ref = provider.lookup(message) if provider else (Lookup.UNKNOWN, None)
+        found, ref = provider.lookup(outbound(rec, batch)) if provider else (Lookup.UNKNOWN, None)
         to, values = RECLAIMED[found]
         if found is Lookup.ACCEPTED:
             values = {

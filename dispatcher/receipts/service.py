@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import dataclass_transform
 
 from sqlalchemy import ColumnElement, delete, or_, select
 from sqlalchemy.orm import Session
@@ -23,8 +24,9 @@ from sqlalchemy.orm import Session
 from dispatcher import metrics
 from dispatcher.batches.models import Recipient
 from dispatcher.batches.transitions import transition_recipients
-from dispatcher.channels.base import Receipt
+from dispatcher.channels.base import CHANNEL_FAILED, Receipt
 from dispatcher.config import Settings
+from dispatcher.engine import fallback
 from dispatcher.receipts.models import PendingReceipt
 from dispatcher.states import RECIPIENT_TRANSITIONS, RecipientStatus
 
@@ -46,6 +48,8 @@ RECEIPT_STATUSES = {
     "failed": R.FAILED,
     "expired": R.EXPIRED,
     "read": R.READ,
+    # Failed for its channel: the next channel of the recipient's list (failed if none).
+    CHANNEL_FAILED: R.FAILED,
 }
 # Where a receipt may move a message from: only ``sent``, but a read report also
 # follows a delivered one (and a late delivery report after it changes nothing).
@@ -53,30 +57,32 @@ SOURCES = {R.READ: (R.SENT, R.DELIVERED)}
 NO_RECEIPT = ("no_receipt", "no delivery receipt came within the receipt deadline")
 
 
-@dataclass(frozen=True)
-class Accepted:
-    """What became of a set of receipts: applied now, kept for later, or ignored."""
+@dataclass_transform(frozen_default=True)
+class _Tally:
+    """Frozen counts, one field per outcome; ``as_dict`` is their JSON-safe form."""
+
+    def __init_subclass__(cls) -> None:
+        dataclass(frozen=True)(cls)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+class Accepted(_Tally):
+    """Receipts applied now, kept for later, or ignored (a carrier's reply: counts only,
+    since receipts cross tenants)."""
 
     applied: int = 0
     pending: int = 0
     ignored: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        """The reply to a carrier (counts only: receipts cross tenants)."""
-        return {"applied": self.applied, "pending": self.pending, "ignored": self.ignored}
 
-
-@dataclass(frozen=True)
-class Swept:
-    """One sweep: late matches applied, stored receipts dropped, messages made unknown."""
+class Swept(_Tally):
+    """One sweep: late matches applied, stored receipts dropped (lost), messages made unknown."""
 
     applied: int = 0
     dropped: int = 0
     unknown: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """JSON-safe form (Celery task results; ``dropped`` is the lost-receipt counter)."""
-        return {"applied": self.applied, "dropped": self.dropped, "unknown": self.unknown}
 
 
 def _of(provider: str) -> ColumnElement[bool]:
@@ -95,9 +101,18 @@ def _apply(
     message cannot both apply. At most one receipt per message id.
     """
     groups: dict[tuple[RecipientStatus, str | None, str | None], list[str]] = defaultdict(list)
+    late: list[fallback.Failure] = []
     for receipt in receipts:
         new = RECEIPT_STATUSES[receipt.status]
-        if new in (R.DELIVERED, R.READ):
+        if receipt.status == CHANNEL_FAILED:
+            late.append(
+                fallback.Failure(
+                    receipt.provider_message_id,
+                    receipt.error_code or CHANNEL_FAILED,
+                    receipt.error_text,
+                )
+            )
+        elif new in (R.DELIVERED, R.READ):
             groups[(new, None, None)].append(receipt.provider_message_id)
         else:
             code: str | None = receipt.error_code or new.value
@@ -113,6 +128,14 @@ def _apply(
             at=now,
         )
         matched.update(m.provider_message_id for m in moved if m.provider_message_id)
+    if late:
+        refs = [f.provider_message_id for f in late]
+        matched |= fallback.fall_back(
+            session=session,
+            where=[Recipient.provider_message_id.in_(refs), _of(provider)],
+            failures=late,
+            now=now,
+        )
     return matched
 
 
@@ -175,6 +198,11 @@ def accept(
         )
         if rest
         else set()
+    )
+    # A rich message that a late failure moved on from: its later word changes nothing.
+    final |= fallback.moved_on(
+        session=session,
+        refs=[r.provider_message_id for r in rest if r.provider_message_id not in final],
     )
     keep = [r for r in rest if r.provider_message_id not in final]
     if keep:

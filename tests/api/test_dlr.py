@@ -425,3 +425,15 @@ def test_nothing_is_written_by_a_refused_request(api: Api, tenant: Tenant) -> No
             )
             == 0
         )
+
+
+def test_a_channel_failure_with_no_channel_left_fails_with_its_code(
+    api: Api, tenant: Tenant
+) -> None:
+    [m] = sent_messages(api, tenant)
+    error = {"code": "EC9", "text": "no route on this channel"}
+    reply = api.post({"id": m.ref, "status": "channel_failed", "error": error})
+    assert reply.get_json() == {"applied": 1, "pending": 0, "ignored": 0}
+    row = recipient(api, m)
+    assert (row.status, row.error_code, row.error_text) == (R.FAILED, *error.values())
+    assert events(api, m)[-1] == "failed"

@@ -6,7 +6,8 @@ services write and publish, called as the views call them.
 
 from __future__ import annotations
 
-from datetime import timedelta
+import uuid
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -77,6 +78,28 @@ def _tasks(publisher: RecordingPublisher) -> list[tuple[str, dict[str, object]]]
 # --- create ------------------------------------------------------------------------------
 
 
+def test_fingerprints_never_change() -> None:
+    # Stored with every batch: an idempotent retry after an upgrade must still match.
+    full = new_batch(
+        sender="Shop",
+        body="Hi {name}",
+        destinations=["+447700900001", "+447700900002"],
+        channels=("sms", "whatsapp"),
+        callback_url="https://example.com/cb",
+        send_at=datetime(2030, 1, 2, 3, 4, 5),
+        client_id="c1",
+        options={"from_type": "custom", "nested": {"b": [1, 2]}},
+        bodies=["Hi A", "Hi B"],
+        max_parts=2,
+        rejected={1: "404"},
+    )
+    plain = new_batch(destinations=("+447700900003",))
+    assert (service.fingerprint(full), service.fingerprint(plain)) == (
+        "573a8ccfa48eebcdd634cf57321befb34f1d171e811d4a41aa3524a82eb94dcb",
+        "6063c88dbd27faaaf606ec0d3381d57468852ad3dbf385914e8d5fafd91cf4d2",
+    )
+
+
 def test_create_writes_the_batch_and_one_scheduled_row_per_recipient_in_order(
     sessions: sessionmaker[Session], settings: Settings, publisher: RecordingPublisher
 ) -> None:
@@ -101,6 +124,17 @@ def test_create_writes_the_batch_and_one_scheduled_row_per_recipient_in_order(
     assert [(r.seq, r.to, r.status, r.channel) for r in rows] == [
         (i, to, R.SCHEDULED, "sms") for i, to in enumerate(destinations)
     ]
+    # Every other column as the model's defaults would have it (one executemany writes them).
+    assert {
+        (r.account_id, r.body, r.client_id, r.error_code, r.channel_index, r.attempts, r.parts)
+        for r in rows
+    } == {(account.id, None, None, None, 0, 0, 1)}
+    assert {(r.created_at, r.updated_at) for r in rows} == {(batch.created_at, batch.created_at)}
+    assert {(r.next_attempt_at, r.claimed_at, r.sent_at, r.provider) for r in rows} == {
+        (None, None, None, None)
+    }
+    assert len({r.id for r in rows}) == 5
+    assert {uuid.UUID(r.id).version for r in rows} == {7}
     # Due in a day: beyond the horizon, so nothing is handed to the broker yet.
     assert _tasks(publisher) == []
 

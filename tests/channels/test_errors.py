@@ -1,4 +1,5 @@
-"""The shared classification helpers: Retry-After in both of its forms, and the fallbacks."""
+"""The shared classification helpers: Retry-After in both of its forms, the fallbacks, and
+which webhook failures are a channel's (late fallback) and which the recipient's."""
 
 from __future__ import annotations
 
@@ -6,8 +7,17 @@ import email.utils
 
 import pytest
 
-from dispatcher.channels.base import Outcome
-from dispatcher.channels.errors import MAX_RETRY_AFTER, by_status, classify, failure, retry_after
+from dispatcher.channels import twilio, whatsapp_cloud
+from dispatcher.channels.base import CHANNEL_FAILED, Outcome, Receipt
+from dispatcher.channels.errors import (
+    MAX_RETRY_AFTER,
+    by_status,
+    classify,
+    failure,
+    late_failure,
+    retry_after,
+    too_long,
+)
 
 NOW = 1_800_000_000.0
 
@@ -58,3 +68,57 @@ def test_code_and_text_are_cut_to_their_columns() -> None:
     result = failure(Outcome.RECIPIENT, code="x" * 40, text="y" * 600)
     assert len(result.error_code or "") == 32 and len(result.error_text or "") == 500
     assert failure(Outcome.RECIPIENT, code="c", text="").error_text is None
+
+
+def test_a_late_failure_is_a_channel_failure_only_for_a_channel_code() -> None:
+    channel = late_failure("m" * 120, Outcome.CHANNEL, code="c" * 40, text="t" * 600)
+    assert channel.status == CHANNEL_FAILED
+    assert (len(channel.provider_message_id), len(channel.error_code or "")) == (100, 32)
+    assert len(channel.error_text or "") == 500
+    for outcome in (Outcome.RECIPIENT, Outcome.TRANSIENT, None):
+        assert late_failure("m", outcome, code="c", text="").status == "failed"
+    assert late_failure("m", None, code="c", text="").error_text is None
+
+
+def test_text_over_a_limit_is_a_channel_refusal() -> None:
+    assert too_long("x" * 10, limit=10, code="c", service="S") is None
+    refused = too_long("x" * 11, limit=10, code="c", service="S")
+    assert refused is not None and refused.outcome is Outcome.CHANNEL
+    assert refused.error_text == "S text messages hold at most 10 characters"
+
+
+@pytest.mark.parametrize(
+    ("form", "receipt"),
+    [
+        ({"MessageStatus": "read"}, Receipt("SM1", "read")),
+        ({"MessageStatus": "delivered"}, Receipt("SM1", "delivered")),
+        (
+            {"MessageStatus": "undelivered", "ErrorCode": "63016"},
+            ("channel_failed", "twilio_63016"),
+        ),
+        ({"MessageStatus": "failed", "ErrorCode": "63003"}, ("channel_failed", "twilio_63003")),
+        ({"MessageStatus": "undelivered", "ErrorCode": "30003"}, ("failed", "twilio_30003")),
+        ({"MessageStatus": "failed"}, ("failed", "twilio_failed")),
+        ({"MessageStatus": "sent"}, None),
+    ],
+)
+def test_twilio_statuses_become_receipts(form: dict[str, str], receipt: object) -> None:
+    got = twilio.receipt_from_callback({"MessageSid": "SM1", **form})
+    if isinstance(receipt, tuple):
+        assert got is not None and (got.status, got.error_code) == receipt
+    else:
+        assert got == receipt
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [(131026, "channel_failed"), (131047, "channel_failed"), (131021, "failed")]
+)
+def test_whatsapp_failed_statuses_fall_back_only_for_channel_codes(code: int, status: str) -> None:
+    item = {"id": "wamid.1", "status": "failed", "errors": [{"code": code, "title": "t"}]}
+    body = {"entry": [{"changes": [{"value": {"statuses": [item]}}]}]}
+    [receipt] = whatsapp_cloud.receipts_from_notification(body)
+    assert (receipt.status, receipt.error_code, receipt.error_text) == (
+        status,
+        f"whatsapp_{code}",
+        "t",
+    )

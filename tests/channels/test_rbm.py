@@ -12,7 +12,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from dispatcher.channels.base import OutboundMessage, Outcome
+from dispatcher.channels.base import Lookup, OutboundMessage, Outcome
 from dispatcher.channels.rbm import MAX_TEXT, RbmProvider, ServiceAccountTokens
 from dispatcher.channels.simulator import Simulator
 from dispatcher.states import RecipientStatus
@@ -97,6 +97,8 @@ def test_a_repeated_hand_off_is_the_same_acceptance(provider: RbmProvider, rbm: 
     assert (first.outcome, again.outcome) == (Outcome.ACCEPTED, Outcome.ACCEPTED)
     assert again.provider_message_id == "rec-7"
     assert len(rbm.accepted) == 1
+    # So a hand-off a lost worker may have made is made again (reclaim's answer).
+    assert provider.lookup(message(rid="rec-7")) == (Lookup.NOT_FOUND, None)
 
 
 def test_the_token_is_cached_and_refreshed_before_it_expires(
@@ -308,3 +310,40 @@ def test_an_event_that_arrives_before_the_send_returns_is_applied(
     wait_for(lambda: live.recipients(batch_id)[0].status == R.DELIVERED, timeout=3)
     # Matched by (provider, id): the provider's name is what the send recorded.
     assert live.recipients(batch_id)[0].provider == "rbm"
+
+
+def test_a_ttl_asks_rbm_to_revoke_an_undelivered_message(rbm: Rbm, provider: RbmProvider) -> None:
+    provider.ttl = 600.0
+    assert provider.send(message(rid="rec-ttl")).outcome is Outcome.ACCEPTED
+    assert rbm.requests_to("/agentMessages")[-1].json() == {
+        "contentMessage": {"text": "hi"},
+        "ttl": "600s",
+    }
+
+
+def test_a_message_revoked_after_its_ttl_falls_back_to_sms(
+    live: Live, tenant: Tenant, provider: RbmProvider
+) -> None:
+    batch_id = live.queued_batch(
+        tenant, ["+447700900001"], channel="rcs", fallback_channels=["sms"]
+    )
+    sms = Simulator(redis_client=live.runtime.redis, rules={})
+    live.send({"rcs": provider, "sms": sms}, batch_id)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel) == (R.SENT, "rcs")
+    reply = push(hook(live), event("TTL_EXPIRATION_REVOKED", rec.id), client_token=CLIENT_TOKEN)
+    assert counts(reply) == (1, 0)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel, rec.error_code) == (R.QUEUED, "sms", "rbm_ttl_revoked")
+    # A delivery report for the revoked message, or the revocation again: nothing moves.
+    for kind in ("DELIVERED", "TTL_EXPIRATION_REVOKED"):
+        assert counts(push(hook(live), event(kind, rec.id), client_token=CLIENT_TOKEN)) == (0, 1)
+    live.send({"rcs": provider, "sms": sms}, batch_id)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel) == (R.SENT, "sms")
+    assert [a[:2] for a in live.attempts(rec.id)] == [
+        ("rcs", "accepted"),
+        ("rcs", "receipt:channel"),
+        ("sms", "accepted"),
+    ]
+    assert live.events(rec.id)[-3:] == ["sent", "queued", "sent"]

@@ -140,3 +140,42 @@ def test_each_channel_goes_to_its_vendor_and_falls_back_by_their_answers(
     assert final == {RCS: R.READ, WHATSAPP: R.DELIVERED, SMS: R.DELIVERED}
     body = api.client.get(f"/batch/{batch_id}", headers=tenant.auth).get_json()
     assert body["status"] == "completed"
+
+
+def test_a_late_whatsapp_failure_goes_out_on_sms_through_the_workers(
+    api: Live, vendors: tuple[Rbm, WhatsApp, Twilio]
+) -> None:
+    _rbm, _meta, twilio = vendors
+    number = "+447700900504"
+    tenant = Tenant(api.sessions)
+    reply = api.client.post(
+        "/batch",
+        json={
+            "from": "Dispatcher",
+            "message": "hello",
+            "destinations": [number],
+            "channel": "whatsapp",
+            "fallback_channels": ["sms"],
+        },
+        headers=tenant.auth,
+    )
+    assert reply.status_code == 200, reply.get_json()
+    batch_id = reply.get_json()["identifier"]
+    wait_for(lambda: api.recipients(batch_id)[0].status == R.SENT, timeout=60)
+    [rec] = api.recipients(batch_id)
+    assert rec.channel == "whatsapp"
+    sms_before = len(twilio.requests_to("/Messages.json"))
+    hook = api.runtime.settings.public_base_url + "/providers/whatsapp/webhook"
+    failed = status(str(rec.provider_message_id), "failed", code=131047)
+    assert counts(notify(hook, [failed], app_secret=APP_SECRET)) == (1, 0)
+    # The worker takes the task the webhook published and hands the message to Twilio.
+    wait_for(
+        lambda: (
+            (api.recipients(batch_id)[0].status, api.recipients(batch_id)[0].channel)
+            == (R.SENT, "sms")
+        ),
+        timeout=60,
+    )
+    assert len(twilio.requests_to("/Messages.json")) == sms_before + 1
+    body = api.client.get(f"/batch/{batch_id}", headers=tenant.auth).get_json()
+    assert body["status"] == "completed"

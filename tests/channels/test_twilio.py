@@ -274,3 +274,36 @@ def test_a_callback_that_arrives_before_the_send_returns_is_applied(
     wait_for(lambda: live.recipients(batch_id)[0].status == R.DELIVERED, timeout=3)
     # Matched by (provider, id): the provider's name is what the send recorded.
     assert live.recipients(batch_id)[0].provider == "twilio"
+
+
+@pytest.mark.parametrize(
+    ("code", "channel_left"), [("63016", True), ("63003", True), ("63016", False)]
+)
+def test_a_whatsapp_channel_error_in_a_status_callback_falls_back_to_sms(
+    live: Live,
+    tenant: Tenant,
+    provider: TwilioProvider,
+    twilio: Twilio,
+    code: str,
+    channel_left: bool,
+) -> None:
+    fallback = ["sms"] if channel_left else []
+    batch_id = live.queued_batch(
+        tenant, ["+447700900006"], channel="whatsapp", fallback_channels=fallback
+    )
+    live.send({"whatsapp": provider, "sms": provider}, batch_id)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel) == (R.SENT, "whatsapp")
+    params = status_params(rec.provider_message_id, "undelivered", account_sid=SID, error_code=code)
+    assert counts(callback(hook(live), params, auth_token=TOKEN)) == (1, 0)
+    # Twilio repeats a callback it thinks was lost: nothing more happens.
+    assert counts(callback(hook(live), params, auth_token=TOKEN)) == (0, 1)
+    live.send({"whatsapp": provider, "sms": provider}, batch_id)
+    [rec] = live.recipients(batch_id)
+    if not channel_left:
+        assert (rec.status, rec.channel, rec.error_code) == (R.FAILED, "whatsapp", f"twilio_{code}")
+        assert len(twilio.seen) == 1
+        return
+    assert (rec.status, rec.channel) == (R.SENT, "sms")
+    assert [r.form()["To"] for r in twilio.seen] == [["whatsapp:+447700900006"], ["+447700900006"]]
+    assert live.events(rec.id)[-3:] == ["sent", "queued", "sent"]

@@ -33,7 +33,7 @@ def test_depends_on_waits_for_health_or_completion() -> None:
             assert rule == {"condition": expected}, (name, target)
             assert target in all_services
     # Nothing starts against an unmigrated database or a Redis that is not up.
-    for name in ("api", "send-worker", "callback-worker", "beat"):
+    for name in ("api", "dispatch-worker", "send-worker", "callback-worker", "beat"):
         depends = all_services[name]["depends_on"]
         assert set(depends) == {"migrate", "redis"}, name
 
@@ -46,7 +46,7 @@ def test_metrics_are_wired_for_prometheus_and_grafana() -> None:
         "deploy/prometheus/prometheus.yml" in mounted and "deploy/prometheus/alerts.yml" in mounted
     )
     assert any("deploy/grafana/dashboards" in v for v in grafana["volumes"])
-    for name in ("send-worker", "callback-worker"):
+    for name in ("dispatch-worker", "send-worker", "callback-worker"):
         env = all_services[name]["environment"]
         assert env["DISPATCHER_WORKER_METRICS_PORT"] == "9100"
         assert env["PROMETHEUS_MULTIPROC_DIR"]

@@ -334,14 +334,7 @@ def test_a_hand_off_failing_after_cancel_is_not_tried_again(
         batch = session.get(Batch, batch_id)
         assert batch is not None
         again = sending.record_results(
-            session=session,
-            settings=settings,
-            batch=batch,
-            channels=batch.channels,
-            providers={},
-            claimed=claimed,
-            results=[result],
-            now=utcnow(),
+            session, settings, {}, batch, zip(claimed, [result], strict=True), utcnow()
         )
     assert again == 0
     with sessions() as session:

@@ -100,16 +100,9 @@ def record(
     with transaction(sessions) as session:
         batch = session.get(Batch, batch_id)
         assert batch is not None
-        sending.record_results(
-            session=session,
-            settings=settings,
-            batch=batch,
-            channels=batch.channels,
-            providers={"sms": provider},
-            claimed=rows,
-            results=[SendResult(Outcome.ACCEPTED, provider_message_id=ref_of(r.id)) for r in rows],
-            now=utcnow(),
-        )
+        results = [SendResult(Outcome.ACCEPTED, provider_message_id=ref_of(r.id)) for r in rows]
+        handed = zip(rows, results, strict=True)
+        sending.record_results(session, settings, {"sms": provider}, batch, handed, utcnow())
         scheduling.complete_if_done(session=session, batch_id=batch_id, now=utcnow())
 
 

@@ -24,6 +24,7 @@ from api.fields import (
     NOT_BLANK,
     ClientUuid,
     Phone,
+    Phones,
     Text,
     Timestamp,
     check_callback,
@@ -131,7 +132,7 @@ class BatchSchema(SettingsSchema):
 
     sender = Text(required=True, data_key="from", validate=SENDER)
     message = Text(required=True)
-    destinations = fields.List(Phone(), required=True)
+    destinations = Phones(required=True)
     callback = Text(load_default=None, validate=URL, metadata={"format": "uri"})
     id = ClientUuid(load_default=None)
     send_at = Timestamp(load_default=None)

@@ -22,7 +22,7 @@ from marshmallow import (
     validates_schema,
 )
 
-from api.fields import NaiveUtc, Phone, Text, Timestamp, check_callback
+from api.fields import NaiveUtc, Phone, Phones, Text, Timestamp, check_callback
 from dispatcher.config import Settings
 from dispatcher.groups.service import is_group_id
 from dispatcher.webhooks.sinch import STATUSES
@@ -147,7 +147,7 @@ class SendSchema(Limited, Nullable):
     NUMBERS = ("to",)
     TEXTS = ("body",)
 
-    to = fields.List(Destination(), required=True)
+    to = Phones(Destination(), required=True)
     sender = Text(load_default=None, data_key="from", validate=validate.Length(min=1, max=64))
     body = Text(required=True)
     type = fields.String(load_default="mt_text", validate=validate.OneOf(TYPES))

@@ -1,7 +1,5 @@
 """Indexes for the retention purge: finished batches by completion time, callbacks by batch
 
-Revision ID: 0004_retention
-Revises: 0003_receipts_unknown
 Create Date: 2026-11-29 21:10:00
 """
 
@@ -9,8 +7,6 @@ from alembic import op
 
 revision = "0004_retention"
 down_revision = "0003_receipts_unknown"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

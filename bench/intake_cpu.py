@@ -1,0 +1,212 @@
+"""The API's CPU per recipient for POST /batch, measured in process (robust under load).
+
+Wall-clock intake rates swing with whatever else runs on the machine; the CPU
+time one request costs this process (``time.process_time``) barely does. This
+builds the real app (``api.app.create_app``) on a fresh, migrated database and
+posts ``--requests`` batches of ``--size`` destinations through Flask's test
+client, one after another, each with distinct numbers and a pre-serialised body.
+It prints one JSON line (``intake_cpu``): CPU and wall microseconds per
+recipient (median, best, worst), and with ``--stages`` the CPU per recipient of
+each step of the request (JSON parse, schema load, the service, the commit).
+
+    .venv/bin/python -m bench.intake_cpu                       # SQLite, 30 x 1,000
+    .venv/bin/python -m bench.intake_cpu --database postgres   # a throw-away PostgreSQL
+    .venv/bin/python -m bench.intake_cpu --profile 25          # + cProfile, top 25 (stderr)
+
+What it leaves out: gunicorn's HTTP parsing and socket I/O (a few us per
+recipient for a 20 kB body) and the publish of the dispatch task (the app gets
+a publisher that drops it: one message per batch, not per recipient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import os
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.harness import log, machine
+from bench.intake import numbers
+
+
+class _Dropped:
+    """A publisher that drops what the app publishes (no broker in this process)."""
+
+    def publish(self, messages: list[Any]) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _database(kind: str, tmp: Path) -> Iterator[str]:
+    if kind == "postgres":
+        from scripts.pgtest import running_postgres, unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise SystemExit(f"--database postgres: {reason}")
+        with running_postgres() as url:
+            yield url
+    else:
+        yield f"sqlite:///{tmp / 'dispatcher.db'}"
+
+
+def _bodies(count: int, size: int) -> list[bytes]:
+    return [
+        json.dumps(
+            {"from": "Dispatcher", "message": "Benchmark message", "destinations": numbers(i, size)}
+        ).encode()
+        for i in range(count)
+    ]
+
+
+def _stages(app: Any, body: bytes, key: str, size: int) -> dict[str, float]:
+    """CPU us per recipient of each step of one request, run outside the view."""
+    from api import context as ctx
+    from api.dialects.mplus import schemas
+    from api.dialects.mplus.dump import batch_of
+    from dispatcher.batches import service
+
+    out: dict[str, float] = {}
+    with app.test_request_context(
+        "/batch?allowMulti=true",
+        method="POST",
+        data=body,
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {key}"},
+    ):
+
+        def step(name: str, fn: Any) -> Any:
+            t0 = time.process_time()
+            value = fn()
+            out[name] = round((time.process_time() - t0) / size * 1e6, 2)
+            return value
+
+        account = step("authenticate", ctx.account)
+        raw = step("json_parse", ctx.json_body)
+        data = step("schema_load", lambda: schemas.BatchSchema(settings=ctx.settings()).load(raw))
+        new = batch_of(data, allow_multi=True)
+        session = ctx.session()
+        step(
+            "create_batch",
+            lambda: service.create_batch(
+                session=session, settings=ctx.settings(), account=account, new=new
+            ),
+        )
+        step("commit", session.commit)
+        session.close()
+        from flask import g
+
+        g.pop("db_session", None)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from api.app import create_app
+    from dispatcher.accounts import service as accounts
+    from dispatcher.config import Settings
+    from dispatcher.db import transaction
+    from dispatcher.migrate import upgrade
+    from dispatcher.runtime import Runtime
+
+    tmp = Path(tempfile.mkdtemp(prefix="dispatcher-intake-cpu-"))
+    try:
+        with _database(args.database, tmp) as url:
+            settings = Settings(
+                var_dir=str(tmp / "var"),
+                database_url=url,
+                redis_url="redis://127.0.0.1:1/0",  # never used: nothing here reaches Redis
+                embedded_redis=False,
+                min_send_at_lead=0,
+                default_account_rate=0,
+            )
+            settings.var_path.mkdir(parents=True, exist_ok=True)
+            upgrade(settings)
+            runtime = Runtime(settings, _Dropped())
+            with transaction(runtime.sessions) as session:
+                account = accounts.create_account(session=session, name="bench")
+                key = accounts.create_key(session=session, account_id=account.id).key
+            app = create_app(settings, runtime=runtime)
+            client = app.test_client()
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+            total = args.warmup + args.requests + (1 if args.stages else 0)
+            bodies = _bodies(total, args.size)
+            cpu: list[float] = []
+            wall: list[float] = []
+            profiler = cProfile.Profile() if args.profile else None
+            for i, body in enumerate(bodies[: args.warmup + args.requests]):
+                measured = i >= args.warmup
+                if profiler and measured:
+                    profiler.enable()
+                c0, w0 = time.process_time(), time.perf_counter()
+                reply = client.post("/batch?allowMulti=true", data=body, headers=headers)
+                c1, w1 = time.process_time(), time.perf_counter()
+                if profiler and measured:
+                    profiler.disable()
+                if reply.status_code != 200:
+                    raise SystemExit(f"POST /batch: {reply.status_code} {reply.get_data()[:300]!r}")
+                if measured:
+                    cpu.append((c1 - c0) / args.size * 1e6)
+                    wall.append((w1 - w0) / args.size * 1e6)
+            stages = _stages(app, bodies[-1], key, args.size) if args.stages else None
+            runtime.dispose()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if profiler:
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("cumulative").print_stats(args.profile)
+        stats.sort_stats("tottime").print_stats(args.profile)
+        print(text.getvalue(), file=sys.stderr)
+    result: dict[str, Any] = {
+        "metric": "intake_cpu",
+        "cpu_us_per_recipient": {
+            "median": round(statistics.median(cpu), 1),
+            "min": round(min(cpu), 1),
+            "max": round(max(cpu), 1),
+        },
+        "wall_us_per_recipient": {
+            "median": round(statistics.median(wall), 1),
+            "min": round(min(wall), 1),
+        },
+        "cpu_ceiling_recipients_per_s_per_core": round(1e6 / statistics.median(cpu)),
+        "stages_cpu_us_per_recipient": stages,
+        "params": {
+            "database": args.database,
+            "requests": args.requests,
+            "size": args.size,
+            "warmup": args.warmup,
+        },
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument("--requests", type=int, default=30, help="measured POST /batch requests")
+    p.add_argument("--size", type=int, default=1000, help="destinations per batch")
+    p.add_argument("--warmup", type=int, default=3, help="requests before measuring")
+    p.add_argument("--stages", action="store_true", help="CPU per step of one more request")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile, top N rows")
+    args = p.parse_args(argv)
+    log(f"intake_cpu: {args.requests} x {args.size} on {args.database}")
+    print(json.dumps(run(args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,385 @@
+"""Channel fallback after acceptance: a status webhook says the rich channel could not carry it.
+
+WhatsApp through Meta's Cloud API, SMS through Twilio, both stand-ins on 127.0.0.1,
+the webhooks signed as the vendors sign them. The recipient is ``sent`` on
+WhatsApp; a ``failed`` status with a channel code (131026, 131047) moves it on to
+SMS through the send path, as a refusal at send time does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import requests
+from sqlalchemy import select, update
+
+from dispatcher import outbox
+from dispatcher.batches.models import Batch, StatusEvent
+from dispatcher.channels.twilio import TwilioProvider
+from dispatcher.channels.whatsapp_cloud import WhatsAppCloudProvider
+from dispatcher.db import transaction, utcnow
+from dispatcher.engine.sending import send_recipients
+from dispatcher.states import BatchStatus, RecipientStatus
+from dispatcher.webhooks.models import Callback
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
+from tests.helpers.providers import Live, counts
+from tests.standins import Reply, Request
+from tests.standins.twilio import Twilio
+from tests.standins.whatsapp import ERRORS, WhatsApp, notify, status
+
+R, B = RecipientStatus, BatchStatus
+NUMBER_ID = "106540352242922"
+APP_SECRET = "meta-app-secret-0123456789"
+SID = "AC" + "0123456789abcdef" * 2
+TOKEN = "twilio-auth-token-0123456789abcdef"
+TO = "+447700900001"
+
+
+@pytest.fixture()
+def meta() -> Iterator[WhatsApp]:
+    with WhatsApp(tokens={NUMBER_ID: "EAAG-token"}) as stand_in:
+        yield stand_in  # type: ignore[misc]
+
+
+@pytest.fixture()
+def twilio() -> Iterator[Twilio]:
+    with Twilio(account_sid=SID, auth_token=TOKEN) as stand_in:
+        yield stand_in  # type: ignore[misc]
+
+
+@pytest.fixture()
+def live(live_factory: Callable[..., Live]) -> Live:
+    return live_factory(whatsapp_app_secret=APP_SECRET, twilio_auth_token=TOKEN)
+
+
+@pytest.fixture()
+def providers(meta: WhatsApp, twilio: Twilio) -> dict[str, Any]:
+    return {
+        "whatsapp": WhatsAppCloudProvider(
+            tokens={NUMBER_ID: "EAAG-token"},
+            phone_number_id=NUMBER_ID,
+            api_url=meta.api_url,
+            session=requests.Session(),
+            timeout=(3, 10),
+        ),
+        "sms": TwilioProvider(
+            account_sid=SID,
+            auth_token=TOKEN,
+            api_url=twilio.url,
+            session=requests.Session(),
+            timeout=(3, 10),
+        ),
+    }
+
+
+def hook(live: Live) -> str:
+    return f"{live.url}/providers/whatsapp/webhook"
+
+
+def failed(live: Live, ref: str, code: int = 131026) -> requests.Response:
+    reply = notify(hook(live), [status(ref, "failed", code=code)], app_secret=APP_SECRET)
+    assert reply.status_code == 200
+    return reply
+
+
+def sent_on_whatsapp(
+    live: Live, tenant: Tenant, providers: dict[str, Any], numbers: list[str], **body: Any
+) -> str:
+    """A batch whatsapp -> sms whose recipients WhatsApp accepted (sent)."""
+    body.setdefault("fallback_channels", ["sms"])
+    batch_id = live.queued_batch(tenant, numbers, channel="whatsapp", **body)
+    live.send(providers, batch_id)
+    assert all(r.status == R.SENT and r.channel == "whatsapp" for r in live.recipients(batch_id))
+    return batch_id
+
+
+def history(live: Live, recipient_id: str) -> list[tuple[str, str | None, str | None]]:
+    """(status, channel, error code) of each status event, in order."""
+    with live.sessions() as session:
+        return [
+            (e.status, e.channel, e.error_code)
+            for e in session.scalars(
+                select(StatusEvent)
+                .where(StatusEvent.recipient_id == recipient_id)
+                .order_by(StatusEvent.id)
+            )
+        ]
+
+
+def payloads(live: Live, recipient_id: str) -> list[dict[str, Any]]:
+    with live.sessions() as session:
+        return [
+            dict(c.payload)
+            for c in session.scalars(
+                select(Callback)
+                .where(Callback.recipient_id == recipient_id)
+                .order_by(Callback.created_at, Callback.event_type)
+            )
+        ]
+
+
+def published(publisher: RecordingPublisher, batch_id: str) -> list[list[str]]:
+    """The recipient ids of each send_recipients task published for the batch."""
+    return [
+        m.kwargs["recipient_ids"]
+        for m in publisher.messages
+        if isinstance(m, outbox.Message)
+        and m.task is outbox.TaskName.SEND_RECIPIENTS
+        and m.kwargs["batch_id"] == batch_id
+    ]
+
+
+def batch_status(live: Live, batch_id: str) -> BatchStatus:
+    with live.sessions() as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None
+        return batch.status
+
+
+@pytest.mark.parametrize("code", [131026, 131047])
+def test_a_late_channel_failure_moves_the_recipient_on_to_sms(
+    live: Live,
+    tenant: Tenant,
+    providers: dict[str, Any],
+    twilio: Twilio,
+    publisher: RecordingPublisher,
+    code: int,
+) -> None:
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO, "+447700900002"])
+    rec, other = live.recipients(batch_id)
+    # Every recipient handed over: the batch is completed until the webhook re-opens it.
+    assert batch_status(live, batch_id) is B.COMPLETED
+    assert counts(failed(live, str(rec.provider_message_id), code)) == (1, 0)
+
+    rec = live.recipients(batch_id)[0]
+    assert (rec.status, rec.channel, rec.channel_index) == (R.QUEUED, "sms", 1)
+    assert (rec.error_code, rec.error_text) == (f"whatsapp_{code}", f"{ERRORS[code]} (details)")
+    assert batch_status(live, batch_id) is B.SENDING
+    # Back in the send path as a fresh queued recipient: a send_recipients task of its own.
+    assert published(publisher, batch_id) == [[rec.id]]
+    assert twilio.seen == []
+
+    live.send(providers, batch_id)
+    rec, again = live.recipients(batch_id)
+    assert (rec.status, rec.channel, rec.provider) == (R.SENT, "sms", "twilio")
+    assert str(rec.provider_message_id).startswith("SM") and rec.error_code is None
+    assert [r.form()["To"] for r in twilio.seen] == [[TO]]
+    assert (again.status, again.channel) == (R.SENT, "whatsapp")
+    assert batch_status(live, batch_id) is B.COMPLETED
+    # The attempt keeps the provider's code and text; the client sees the rich attempt
+    # end (queued, under whatsapp, with its error), then the SMS one.
+    assert [a[:2] for a in live.attempts(rec.id)] == [
+        ("whatsapp", "accepted"),
+        ("whatsapp", "receipt:channel"),
+        ("sms", "accepted"),
+    ]
+    assert live.attempts(rec.id)[1][2] == f"{ERRORS[code]} (details)"
+    assert history(live, rec.id)[-3:] == [
+        ("sent", "whatsapp", None),
+        ("queued", "whatsapp", f"whatsapp_{code}"),
+        ("sent", "sms", None),
+    ]
+    sent_wa, requeued, sent_sms = payloads(live, rec.id)[-3:]
+    assert (sent_wa["type"], sent_wa["channel"]) == ("message.sent", "whatsapp")
+    assert (requeued["type"], requeued["channel"]) == ("message.queued", "whatsapp")
+    assert requeued["error"] == {"code": f"whatsapp_{code}", "text": f"{ERRORS[code]} (details)"}
+    assert (sent_sms["type"], sent_sms["channel"], sent_sms["error"]) == (
+        "message.sent",
+        "sms",
+        None,
+    )
+    assert history(live, other.id)[-1] == ("sent", "whatsapp", None)
+
+
+def test_no_channel_left_fails_the_recipient_with_the_code_kept(
+    live: Live, tenant: Tenant, providers: dict[str, Any], publisher: RecordingPublisher
+) -> None:
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO], fallback_channels=[])
+    [rec] = live.recipients(batch_id)
+    assert counts(failed(live, str(rec.provider_message_id))) == (1, 0)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel, rec.error_code) == (R.FAILED, "whatsapp", "whatsapp_131026")
+    assert history(live, rec.id)[-1] == ("failed", "whatsapp", "whatsapp_131026")
+    assert payloads(live, rec.id)[-1]["type"] == "message.failed"
+    assert live.attempts(rec.id)[-1][:2] == ("whatsapp", "receipt:channel")
+    assert published(publisher, batch_id) == []
+
+
+def test_a_failure_for_the_recipient_is_not_a_fallback(
+    live: Live, tenant: Tenant, providers: dict[str, Any]
+) -> None:
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    [rec] = live.recipients(batch_id)
+    failed(live, str(rec.provider_message_id), code=131021)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel, rec.error_code) == (R.FAILED, "whatsapp", "whatsapp_131021")
+
+
+def test_duplicate_and_late_statuses_change_nothing_and_sms_goes_once(
+    live: Live, tenant: Tenant, providers: dict[str, Any], twilio: Twilio
+) -> None:
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    [rec] = live.recipients(batch_id)
+    ref = str(rec.provider_message_id)
+    # Failed twice in one notification, then again: applied once.
+    reply = notify(
+        hook(live),
+        [status(ref, "failed", code=131026), status(ref, "failed", code=131026)],
+        app_secret=APP_SECRET,
+    )
+    assert counts(reply) == (1, 1)
+    before = history(live, rec.id)
+    for late in (status(ref, "failed", code=131047), status(ref, "delivered")):
+        assert counts(notify(hook(live), [late], app_secret=APP_SECRET)) == (0, 1)
+    assert history(live, rec.id) == before
+    live.send(providers, batch_id)
+    live.send(providers, batch_id)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel) == (R.SENT, "sms")
+    after_sms = history(live, rec.id)
+    # WhatsApp's late word on its own attempt, once the SMS went: nothing moves.
+    # Known by the attempt it ended, so acknowledged as ignored (not kept as early).
+    for late in (status(ref, "delivered"), status(ref, "read"), status(ref, "failed", code=131026)):
+        assert counts(notify(hook(live), [late], app_secret=APP_SECRET)) == (0, 1)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel) == (R.SENT, "sms")
+    assert history(live, rec.id) == after_sms
+    assert len(twilio.seen) == 1
+
+
+def test_an_out_of_order_failure_after_delivered_changes_nothing(
+    live: Live, tenant: Tenant, providers: dict[str, Any], publisher: RecordingPublisher
+) -> None:
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    [rec] = live.recipients(batch_id)
+    ref = str(rec.provider_message_id)
+    notify(hook(live), [status(ref, "delivered")], app_secret=APP_SECRET)
+    assert counts(failed(live, ref)) == (0, 1)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel) == (R.DELIVERED, "whatsapp")
+    assert published(publisher, batch_id) == []
+
+
+def test_cancel_stops_a_recipient_queued_again_by_a_late_failure(
+    live: Live, tenant: Tenant, providers: dict[str, Any], twilio: Twilio
+) -> None:
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    [rec] = live.recipients(batch_id)
+    failed(live, str(rec.provider_message_id))
+    reply = live.client.delete(f"/batch/{batch_id}", headers=tenant.auth)
+    assert reply.status_code == 200, reply.get_json()
+    assert reply.get_json()["cancelledCount"] == 1
+    live.send(providers, batch_id)
+    [rec] = live.recipients(batch_id)
+    assert rec.status == R.CANCELLED
+    assert twilio.seen == []
+
+
+def test_a_late_failure_in_a_cancelled_batch_is_cancelled_not_sent(
+    live: Live, tenant: Tenant, providers: dict[str, Any], twilio: Twilio
+) -> None:
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    # Another recipient still waits, so the batch is sending and can be cancelled.
+    with transaction(live.sessions) as session:
+        session.execute(update(Batch).where(Batch.id == batch_id).values(status=B.SENDING))
+    assert live.client.delete(f"/batch/{batch_id}", headers=tenant.auth).status_code == 200
+    [rec] = live.recipients(batch_id)
+    assert counts(failed(live, str(rec.provider_message_id))) == (1, 0)
+    [rec] = live.recipients(batch_id)
+    assert rec.status == R.CANCELLED
+    assert [s for s, _c, _e in history(live, rec.id)][-2:] == ["queued", "cancelled"]
+    assert twilio.seen == []
+
+
+def test_a_late_failure_past_expiry_expires_the_recipient(
+    live: Live, tenant: Tenant, providers: dict[str, Any], publisher: RecordingPublisher
+) -> None:
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    with transaction(live.sessions) as session:
+        past = utcnow() - timedelta(seconds=1)
+        session.execute(update(Batch).where(Batch.id == batch_id).values(expire_at=past))
+    [rec] = live.recipients(batch_id)
+    failed(live, str(rec.provider_message_id))
+    [rec] = live.recipients(batch_id)
+    assert rec.status == R.EXPIRED
+    assert batch_status(live, batch_id) is B.COMPLETED
+    assert published(publisher, batch_id) == []
+
+
+def test_a_failure_that_arrives_before_the_send_returns_falls_back(
+    live: Live, tenant: Tenant, providers: dict[str, Any], meta: WhatsApp, twilio: Twilio
+) -> None:
+    answers: list[dict[str, int]] = []
+
+    def fail_first(request: Request, reply: Reply) -> None:
+        ref = reply.body["messages"][0]["id"]
+        answers.append(failed(live, ref).json())
+
+    meta.before_reply = fail_first
+    batch_id = live.queued_batch(tenant, [TO], channel="whatsapp", fallback_channels=["sms"])
+    live.send(providers, batch_id)
+    # Kept while the send was in flight, applied in the transaction that recorded it.
+    assert answers == [{"applied": 0, "pending": 1, "ignored": 0}]
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel, rec.error_code) == (R.QUEUED, "sms", "whatsapp_131026")
+    live.send(providers, batch_id)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel) == (R.SENT, "sms")
+    assert [s for s, _c, _e in history(live, rec.id)][-3:] == ["sent", "queued", "sent"]
+    assert len(twilio.seen) == 1
+
+
+def test_the_fallback_waits_its_turn_behind_the_accounts_earlier_work(
+    live: Live, tenant: Tenant, providers: dict[str, Any], twilio: Twilio
+) -> None:
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    [rec] = live.recipients(batch_id)
+    # An earlier batch of the same account with 20 recipients still queued, at 2/s.
+    earlier = live.queued_batch(tenant, [f"+4477009011{i:02d}" for i in range(20)], channel="sms")
+    with transaction(live.sessions) as session:
+        before = utcnow() - timedelta(hours=1)
+        session.execute(update(Batch).where(Batch.id == earlier).values(send_at=before))
+    failed(live, str(rec.provider_message_id))
+    settings = live.runtime.settings.replace(default_account_rate=2.0)
+    report = send_recipients(
+        factory=live.sessions,
+        settings=settings,
+        providers=providers,
+        limiter=live.runtime.limiter,
+        batch_id=batch_id,
+        recipient_ids=[rec.id],
+    )
+    # Ten seconds of the account's rate are ahead of it: deferred, not sent out of turn.
+    assert (report.claimed, report.deferred) == (0, 1)
+    [rec] = live.recipients(batch_id)
+    assert rec.status == R.QUEUED and rec.next_attempt_at is not None
+    assert twilio.seen == []
+
+
+def test_no_secret_shows_in_logs_metrics_or_replies(
+    live_factory: Callable[..., Live],
+    tenant: Tenant,
+    providers: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    live = live_factory(
+        whatsapp_app_secret=APP_SECRET, twilio_auth_token=TOKEN, metrics_token="metrics-0123"
+    )
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    [rec] = live.recipients(batch_id)
+    replies = [
+        failed(live, str(rec.provider_message_id)).text,
+        notify(hook(live), [], app_secret="wrong-secret").text,
+    ]
+    live.send(providers, batch_id)
+    scrape = live.client.get("/metrics", headers={"Authorization": "Bearer metrics-0123"})
+    assert scrape.status_code == 200
+    seen = "\n".join([*replies, scrape.get_data(as_text=True), caplog.text])
+    for secret in (APP_SECRET, TOKEN, "EAAG-token"):
+        assert secret not in seen
