@@ -17,7 +17,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-import redis
 from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,7 +34,6 @@ from dispatcher.webhooks import sign
 from tests.channels.smpp.conftest import PASSWORD
 from tests.conftest import Tenant, free_port, make_settings, wait_for
 from tests.engine import system
-from workers.celery_app import create_celery
 
 pytestmark = pytest.mark.system
 R = RecipientStatus
@@ -130,11 +128,8 @@ def smpp_settings(
 
 @pytest.fixture(scope="module")
 def live(smpp_settings: Settings) -> Iterator[Runtime]:
-    app = create_celery(smpp_settings)
-    rt: Runtime = app.runtime  # type: ignore[attr-defined]
-    redis.Redis.from_url(smpp_settings.redis_url).flushdb()
-    yield rt
-    rt.dispose()
+    with system.runtime(smpp_settings) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")
