@@ -69,7 +69,7 @@ smsc: $(STAMP) ## A local SMSC on 127.0.0.1:2775 (receipts after 1 s, replies as
 	$(VENV)/bin/dispatcher smsc --port 2775
 
 bench-smpp: $(STAMP) ## SMPP (local SMSC) vs simulator, end to end; prints JSON lines
-	$(PY) bench/smpp.py
+	$(PY) -m bench.throughput --provider smpp
 
 clean: ## Remove the venv and local state (var/)
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -32,6 +32,7 @@ from typing import Any
 
 import redis
 
+from bench import smpp
 from bench.cancel import cancel_mode
 from bench.harness import (
     BenchError,
@@ -116,12 +117,14 @@ def throughput(system: System, out: Out) -> None:
         system.sink = CallbackSink()
         system.callback_url = system.sink.url
         overrides["callback_allowlist"] = ("127.0.0.1",)
+    overrides.update(smpp.overrides(system))
     system.configure(**overrides)
     system.migrate_and_account(rate=None)
 
     noop_rate = noop_reference(system, out) if args.noop_tasks > 0 else None
 
     api = system.start_api(args.api_workers)
+    smpp.start(system)
     system.start_send_workers()
     if args.callbacks:
         system.start_worker(
@@ -177,6 +180,7 @@ def throughput(system: System, out: Out) -> None:
         "log_errors": system.log_errors(),
     }
     out.emit("end_to_end_recipients_per_s", **result)
+    smpp.report(system, out)
     if noop_rate:
         out.emit(
             "ratio_e2e_to_noop",
@@ -333,6 +337,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--timeout", type=float, default=900.0, help="give up waiting after this many seconds"
     )
+    smpp.add_arguments(p)
     p.add_argument("--keep", action="store_true", help="keep the temp directory (logs, database)")
     p.add_argument(
         "--py-spy",
@@ -348,11 +353,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.noop_tasks = 0
     else:
         default = {"scheduled": 1_000_000, "cancel": 100_000}.get(args.mode, 100_000)
+        if args.provider == "smpp":
+            default = smpp.DEFAULT_RECIPIENTS
         args.recipients = args.recipients or default
         args.worker_processes = args.worker_processes or [1]
         args.concurrency = args.concurrency or 2
-    if len(args.worker_processes) > 1 and args.mode != "throughput":
-        p.error("a list of --worker-processes is for throughput mode only")
+    if (len(args.worker_processes) > 1 or args.provider == "smpp") and args.mode != "throughput":
+        p.error("a list of --worker-processes and --provider smpp are for throughput mode only")
     if args.py_spy:
         args.keep = True
     if args.recipients < 1 or args.batch_size < 1 or args.batch_size > 1000:
@@ -373,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = args.worker_processes
     if len(counts) == 1:
         args.worker_processes = counts[0]
-        return run_once(args)
+        return smpp.compare(args, run_once) if args.provider == "smpp" else run_once(args)
     scaling: list[dict[str, Any]] = []
     for n in counts:
         one = argparse.Namespace(**{**vars(args), "worker_processes": n})

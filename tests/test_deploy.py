@@ -14,6 +14,16 @@ from dispatcher.config import Settings
 from dispatcher.devserver import commands
 
 ROOT = Path(__file__).resolve().parents[1]
+# With the smpp provider, make run also starts the connector.
+SMPP = {
+    "carriers": {
+        "c": {
+            "connections": [
+                {"name": "c1", "host": "smsc", "port": 2775, "system_id": "s", "password": "p"}
+            ]
+        }
+    }
+}
 
 
 def compose() -> dict:  # type: ignore[type-arg]
@@ -36,14 +46,31 @@ def test_every_process_of_make_run_has_a_service_with_the_same_entry_point() -> 
         "callback-worker",
         "beat",
         "flower",
+        "smpp-connector",
     } <= set(services)
-    local = commands(Settings())
-    for name in ("api", "dispatch-worker", "send-worker", "callback-worker", "beat", "flower"):
+    local = commands(Settings(provider="smpp", smpp=SMPP))
+    for name in (
+        "api",
+        "dispatch-worker",
+        "send-worker",
+        "callback-worker",
+        "beat",
+        "flower",
+        "smpp-connector",
+    ):
         ours = [Path(w).name for w in local[name]]
         theirs = words(services[name]["command"])
         # Same program and the same app / queues (flags for ports and sizes may differ).
         assert theirs[0] == ours[0], name
-        for token in ("api.wsgi:app", "workers.main", "dispatch", "send", "callbacks", "beat"):
+        for token in (
+            "api.wsgi:app",
+            "workers.main",
+            "dispatch",
+            "send",
+            "callbacks",
+            "beat",
+            "smpp-connector",
+        ):
             if token in ours:
                 assert token in theirs, (name, token)
     assert words(services["migrate"]["command"]) == ["dispatcher", "db", "upgrade"]

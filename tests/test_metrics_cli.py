@@ -7,7 +7,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import redis
 from click.testing import CliRunner, Result
 from flask.testing import FlaskClient
 
@@ -20,7 +19,6 @@ from dispatcher.runtime import Runtime
 from tests.engine import system
 from tests.factories import Tenant
 from tests.helpers import RecordingPublisher, make_settings, wait_for
-from workers.celery_app import create_celery
 
 pytestmark = pytest.mark.system
 
@@ -36,11 +34,8 @@ def cli_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Se
 
 @pytest.fixture(scope="module")
 def live(cli_settings: Settings) -> Iterator[Runtime]:
-    app = create_celery(cli_settings)
-    rt: Runtime = app.runtime  # type: ignore[attr-defined]
-    redis.Redis.from_url(cli_settings.redis_url).flushdb()
-    yield rt
-    rt.dispose()
+    with system.runtime(cli_settings) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,11 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _family(tmp_path: Path, mode: str) -> Child:
+    """A child running FAMILY (``polite`` or ``stubborn`` about SIGTERM), logging its pids."""
+    return Child(mode, [sys.executable, "-c", FAMILY, mode], env=os.environ, log=tmp_path / "f.log")
+
+
 def _pids(child: Child) -> tuple[int, int]:
     line = wait_for(lambda: child.output().strip(), timeout=20)
     parent, kid = (int(p) for p in line.split())
@@ -46,12 +51,7 @@ def _pids(child: Child) -> tuple[int, int]:
 
 
 def test_a_child_and_its_own_children_get_one_group_and_stop_together(tmp_path: Path) -> None:
-    child = Child(
-        "family",
-        [sys.executable, "-c", FAMILY, "polite"],
-        env=os.environ,
-        log=tmp_path / "family.log",
-    )
+    child = _family(tmp_path, "polite")
     parent, kid = _pids(child)
     assert parent == child.pid
     assert os.getpgid(parent) == os.getpgid(kid) == child.pid != os.getpgid(0)
@@ -61,12 +61,7 @@ def test_a_child_and_its_own_children_get_one_group_and_stop_together(tmp_path: 
 
 
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
-    child = Child(
-        "stubborn",
-        [sys.executable, "-c", FAMILY, "stubborn"],
-        env=os.environ,
-        log=tmp_path / "stubborn.log",
-    )
+    child = _family(tmp_path, "stubborn")
     _, kid = _pids(child)
     assert child.stop(grace=0.5) is False
     assert child.returncode == -signal.SIGKILL

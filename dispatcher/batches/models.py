@@ -109,7 +109,15 @@ LATE_CHANNEL_FAILURE = "receipt:channel"
 _LATE = text(f"outcome = '{LATE_CHANNEL_FAILURE}'")
 
 
-class Attempt(Base):
+class _RecipientLog:
+    """An append-only row about one recipient: a serial id, the recipient, its time."""
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    recipient_id: Mapped[str] = mapped_column(String(36), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Attempt(_RecipientLog, Base):
     """One hand-off of a recipient to a provider on one channel, and its outcome."""
 
     __tablename__ = "attempts"
@@ -124,30 +132,24 @@ class Attempt(Base):
         ),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    recipient_id: Mapped[str] = mapped_column(String(36), index=True)
     channel: Mapped[str] = mapped_column(String(16))
     outcome: Mapped[str] = mapped_column(String(32))
     # The provider's code (e.g. whatsapp_131026) and text of a refusal or a late failure.
     error_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error: Mapped[str | None] = mapped_column(String(500), nullable=True)
     provider_message_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
-    at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class StatusEvent(Base):
+class StatusEvent(_RecipientLog, Base):
     """One recipient status change, as reported to the client."""
 
     __tablename__ = "status_events"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    recipient_id: Mapped[str] = mapped_column(String(36), index=True)
     batch_id: Mapped[str] = mapped_column(String(36), index=True)
     status: Mapped[str] = mapped_column(String(16))
     channel: Mapped[str | None] = mapped_column(String(16), nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error_text: Mapped[str | None] = mapped_column(String(500), nullable=True)
-    at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class SharedSender(Base):

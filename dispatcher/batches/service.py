@@ -234,7 +234,11 @@ def insert_recipients(
         "error_code": None,
         "channel_index": 0,
         "channel": batch.channels[0],
-        "parts": parts.analyse(batch.body).parts,
+        "parts": (
+            parts.binary_parts(batch.body, udh=batch.options["udh"])
+            if batch.options.get("type") == "mt_binary"
+            else parts.analyse(batch.body).parts
+        ),
         "created_at": now,
         "updated_at": now,
     }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -18,6 +18,9 @@ class Outcome(StrEnum):
     CHANNEL = "channel"
     # No channel will: the recipient fails.
     RECIPIENT = "recipient"
+    # Handed over, but whether the carrier took it cannot be known (SMPP: no
+    # submit_sm_resp came): final as "unknown", never sent again.
+    UNKNOWN = "unknown"
 
 
 class Lookup(StrEnum):
@@ -26,6 +29,33 @@ class Lookup(StrEnum):
     ACCEPTED = "accepted"
     NOT_FOUND = "not_found"
     UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class SmsOptions:
+    """How an SMS reaches the carrier beyond its text; providers that cannot, ignore it.
+
+    From a Sinch batch: ``mt_binary`` (the body is base64 of 8-bit data, ``udh`` the hex
+    user data header, length octet first), ``flash_message`` (class 0), ``from_ton`` and
+    ``from_npi`` (the source address's type and plan). Only the smpp provider carries
+    them; binary batches are refused at intake when no provider can (see registry).
+    """
+
+    udh: str | None = None
+    flash: bool = False
+    source_ton: int | None = None
+    source_npi: int | None = None
+
+    @classmethod
+    def of_batch(cls, options: Mapping[str, Any]) -> SmsOptions | None:
+        """The options a batch stored (Batch.options), or None when it set none."""
+        found = cls(
+            udh=options.get("udh") if options.get("type") == "mt_binary" else None,
+            flash=bool(options.get("flash_message")),
+            source_ton=options.get("from_ton"),
+            source_npi=options.get("from_npi"),
+        )
+        return None if found == cls() else found
 
 
 @dataclass(frozen=True)
@@ -42,6 +72,7 @@ class OutboundMessage:
     # For routing per account and a carrier-side validity period (SMPP).
     account_id: str | None = None
     expire_at: datetime | None = None
+    sms: SmsOptions | None = None
 
     @property
     def idempotency_key(self) -> str:

@@ -44,7 +44,8 @@ def classify(status: int, body: Any) -> Outcome:
     """The failure class of a carrier's reply."""
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         named = body["error"].get("class")
-        if named in {o.value for o in Outcome} and named != Outcome.ACCEPTED:
+        # An error reply is an answer: never "accepted", nor "unknown" (no answer came).
+        if named in {o.value for o in Outcome} - {Outcome.ACCEPTED, Outcome.UNKNOWN}:
             return Outcome(named)
     if 200 <= status < 300:
         return Outcome.ACCEPTED

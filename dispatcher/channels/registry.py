@@ -14,6 +14,13 @@ from dispatcher.channels.base import Provider
 from dispatcher.config import Settings
 
 NAMES = frozenset({"simulator", "http", "smpp", "rbm", "whatsapp_cloud", "twilio"})
+# Providers that send binary SMS (8-bit data and a UDH): the others carry text only.
+BINARY = frozenset({"smpp"})
+
+
+def carries_binary(settings: Settings, channel: str) -> bool:
+    """Whether the provider ``settings`` name for ``channel`` sends binary SMS as binary."""
+    return settings.channel_providers.get(channel, settings.provider) in BINARY
 
 
 def _vendor(settings: Settings, api_url: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from dispatcher.states import RecipientStatus
 
 R = RecipientStatus
 # The order groups are written in (the batch row is always taken first).
-ORDER = (R.SENT, R.QUEUED, R.FAILED, R.EXPIRED)
+ORDER = (R.SENT, R.QUEUED, R.FAILED, R.EXPIRED, R.UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,8 @@ def decide(
             return Decision(row.id, R.EXPIRED, failure, report=True, attempt=attempt)
         values = requeue_values(row.channel_index, row.channel, row.attempts, at, None, code, text)
         return Decision(row.id, R.QUEUED, values, report=False, attempt=attempt)
+    if result.outcome is Outcome.UNKNOWN:
+        return Decision(row.id, R.UNKNOWN, failure, report=True, attempt=attempt)
     if result.outcome is Outcome.CHANNEL and row.channel_index + 1 < len(channels):
         nxt = row.channel_index + 1
         # Immediate fallback: the running chunk picks it up again, so it stays enqueued.

@@ -25,7 +25,14 @@ from dispatcher import metrics, outbox
 from dispatcher.accounts.models import Account
 from dispatcher.batches.models import Attempt, Batch, Recipient
 from dispatcher.batches.transitions import claim_recipients, transition_recipients
-from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
+from dispatcher.channels.base import (
+    Lookup,
+    OutboundMessage,
+    Outcome,
+    Provider,
+    SendResult,
+    SmsOptions,
+)
 from dispatcher.config import Settings
 from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.engine import recording
@@ -413,6 +420,7 @@ def outbound(row: Any, batch: Batch) -> OutboundMessage:
         template=batch.options.get("whatsapp_template"),
         account_id=batch.account_id,
         expire_at=batch.expire_at,
+        sms=SmsOptions.of_batch(batch.options),
     )
 
 

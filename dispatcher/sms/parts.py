@@ -18,6 +18,7 @@ into the single character the pair encodes (the UTF-16 bytes are identical).
 
 from __future__ import annotations
 
+import base64
 import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ __all__ = [
     "Encoding",
     "PartInfo",
     "analyse",
+    "binary_parts",
     "split",
     "truncate",
 ]
@@ -146,6 +148,16 @@ def analyse(body: str) -> PartInfo:
     """Detect the encoding of ``body`` and count its length and SMS parts."""
     body, encoding, heavy = _scan(body)
     return _info(len(body), heavy, encoding)
+
+
+# A binary SMS carries 140 octets of user data per part, its UDH included.
+BINARY_OCTETS = 140
+
+
+def binary_parts(body: str, *, udh: str) -> int:
+    """Parts of a binary message (base64 ``body``, hex ``udh``), as Sinch counts them."""
+    octets = len(base64.b64decode(body)) + len(udh) // 2
+    return max(1, -(-octets // BINARY_OCTETS))
 
 
 def split(body: str) -> list[str]:

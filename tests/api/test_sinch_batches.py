@@ -142,9 +142,9 @@ def test_mt_binary_validated_then_refused_until_a_provider_carries_it(
     client: FlaskClient, tenant: Tenant
 ) -> None:
     refused = send(client, tenant, type="mt_binary", body="SGVsbG8=", udh="050003CC0201")
-    assert "no configured provider carries binary" in assert_error(
-        refused, 400, "syntax_constraint_violation"
-    )
+    assert "carries text only" in assert_error(refused, 400, "syntax_constraint_violation")
+    # Refused with nothing written.
+    assert client.get(url(tenant), headers=tenant.auth).get_json()["count"] == 0
     dry = client.post(
         url(tenant, "/dry_run"),
         json={"from": "1", "to": [A], "type": "mt_binary", "body": "SGVsbG8=", "udh": "0500"},

@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import outbox
@@ -23,6 +23,7 @@ from dispatcher.errors import Conflict, NotFound, ValidationError
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import make_account, make_batch, new_batch, numbers
 from tests.helpers import RecordingPublisher
+from tests.helpers.reads import account_rows, recipients
 
 R = RecipientStatus
 
@@ -34,31 +35,11 @@ def _account(sessions: sessionmaker[Session], name: str = "svc") -> Account:
     return account
 
 
-def _recipients(sessions: sessionmaker[Session], batch_id: str) -> list[Recipient]:
-    with sessions() as session:
-        return list(
-            session.scalars(
-                select(Recipient).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
-            )
-        )
-
-
 def _batch(sessions: sessionmaker[Session], batch_id: str) -> Batch:
     with sessions() as session:
         batch = session.get(Batch, batch_id)
         assert batch is not None
         return batch
-
-
-def _counts(sessions: sessionmaker[Session], account_id: str) -> tuple[int, int]:
-    with sessions() as session:
-        batches = session.scalar(
-            select(func.count()).select_from(Batch).where(Batch.account_id == account_id)
-        )
-        recipients = session.scalar(
-            select(func.count()).select_from(Recipient).where(Recipient.account_id == account_id)
-        )
-    return int(batches or 0), int(recipients or 0)
 
 
 def _events(sessions: sessionmaker[Session], batch_id: str) -> list[tuple[str, str]]:
@@ -120,7 +101,7 @@ def test_create_writes_the_batch_and_one_scheduled_row_per_recipient_in_order(
         BatchStatus.SCHEDULED,
         5,
     )
-    rows = _recipients(sessions, batch_id)
+    rows = recipients(sessions, batch_id)
     assert [(r.seq, r.to, r.status, r.channel) for r in rows] == [
         (i, to, R.SCHEDULED, "sms") for i, to in enumerate(destinations)
     ]
@@ -171,7 +152,7 @@ def test_create_with_a_client_id_is_idempotent_and_a_different_body_conflicts(
             account=account,
             new=new_batch(recipients=3, client_id="order-17", body="another body"),
         )
-    assert _counts(sessions, account.id) == (1, 3)
+    assert account_rows(sessions, account.id) == (1, 3)
 
 
 def test_create_refuses_an_expiry_before_the_send_time_and_writes_nothing(
@@ -187,7 +168,7 @@ def test_create_refuses_an_expiry_before_the_send_time_and_writes_nothing(
             new=new_batch(send_at=send_at, expire_at=send_at - timedelta(minutes=1)),
         )
     assert refused.value.field == "expire_at"
-    assert _counts(sessions, account.id) == (0, 0)
+    assert account_rows(sessions, account.id) == (0, 0)
 
 
 # --- cancel ------------------------------------------------------------------------------
@@ -204,7 +185,7 @@ def test_cancel_moves_every_unclaimed_recipient_records_events_and_revokes_tasks
             session=session, account=account, batch_id=batch_id, chunk_size=settings.chunk_size
         )
         assert (batch.status, cancelled) == (BatchStatus.CANCELLED, 4)
-    rows = _recipients(sessions, batch_id)
+    rows = recipients(sessions, batch_id)
     assert {r.status for r in rows} == {R.CANCELLED}
     assert _events(sessions, batch_id) == sorted((r.id, "cancelled") for r in rows)
     assert _batch(sessions, batch_id).completed_at is not None
@@ -234,7 +215,7 @@ def test_cancel_of_a_sending_batch_leaves_claimed_and_sent_recipients_alone(
     with transaction(sessions) as session:
         _, cancelled = service.cancel_batch(session=session, account=account, batch_id=batch_id)
     assert cancelled == 2
-    assert [r.status for r in _recipients(sessions, batch_id)] == [
+    assert [r.status for r in recipients(sessions, batch_id)] == [
         R.SENDING,
         R.SENT,
         R.CANCELLED,
@@ -256,7 +237,7 @@ def test_cancel_of_an_ended_batch_conflicts_and_changes_nothing(
     with pytest.raises(Conflict), transaction(sessions) as session:
         service.cancel_batch(session=session, account=account, batch_id=batch_id)
     assert _batch(sessions, batch_id).status == status
-    assert {r.status for r in _recipients(sessions, batch_id)} == {R.SCHEDULED}
+    assert {r.status for r in recipients(sessions, batch_id)} == {R.SCHEDULED}
     assert _events(sessions, batch_id) == []
 
 
@@ -297,7 +278,7 @@ def test_update_adds_and_removes_numbers_and_keeps_seq_dense(
             to_remove=[b],
         )
         assert batch.recipient_count == 3
-    rows = _recipients(sessions, batch_id)
+    rows = recipients(sessions, batch_id)
     assert [(r.seq, r.to, r.status) for r in rows] == [
         (0, a, R.SCHEDULED),
         (1, c, R.SCHEDULED),
@@ -358,7 +339,7 @@ def test_update_of_a_started_batch_conflicts_and_changes_nothing(
             to_add=[b],
         )
     assert _batch(sessions, batch_id).body == "hello"
-    assert [(r.to, r.status) for r in _recipients(sessions, batch_id)] == [(a, R.QUEUED)]
+    assert [(r.to, r.status) for r in recipients(sessions, batch_id)] == [(a, R.QUEUED)]
 
 
 def test_update_that_would_leave_no_recipient_is_refused(
@@ -377,4 +358,4 @@ def test_update_that_would_leave_no_recipient_is_refused(
             fields={},
             to_remove=[a],
         )
-    assert [r.to for r in _recipients(sessions, batch_id)] == [a]
+    assert [r.to for r in recipients(sessions, batch_id)] == [a]

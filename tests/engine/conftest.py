@@ -6,14 +6,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.config import Settings
 from dispatcher.runtime import Runtime
 from tests.engine import system
 from tests.helpers import make_settings
-from workers.celery_app import create_celery
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +31,8 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def live(sys_settings: Settings) -> Iterator[Runtime]:
     """The runtime of the test process, publishing to the real broker."""
-    app = create_celery(sys_settings)
-    rt: Runtime = app.runtime  # type: ignore[attr-defined]
-    # Leftovers of an earlier module (ETA tasks of other settings) must not leak in.
-    redis.Redis.from_url(sys_settings.redis_url).flushdb()
-    yield rt
-    rt.dispose()
+    with system.runtime(sys_settings) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")

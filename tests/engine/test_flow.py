@@ -29,6 +29,7 @@ from tests.engine import system
 from tests.factories import Tenant as Account
 from tests.helpers import wait_for
 from tests.helpers.engine import numbers, send
+from tests.helpers.reads import recipients
 
 pytestmark = pytest.mark.system
 R = RecipientStatus
@@ -43,15 +44,6 @@ def api(live: Runtime) -> FlaskClient:
 @pytest.fixture(scope="module")
 def ledger(live: Runtime) -> Simulator:
     return Simulator(redis_client=live.redis, rules={})
-
-
-def recipients(sessions: sessionmaker[Session], batch_id: str) -> list[Recipient]:
-    with sessions() as session:
-        return list(
-            session.scalars(
-                select(Recipient).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
-            )
-        )
 
 
 def all_in(sessions: sessionmaker[Session], batch_id: str, states: set[RecipientStatus]) -> bool:

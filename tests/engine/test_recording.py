@@ -120,6 +120,16 @@ CASES: list[tuple[str, Row, SendResult | None, datetime, R, dict[str, Any], bool
         True,
         False,
     ),
+    (
+        "outcome unknown (no submit_sm_resp): final, never tried again",
+        Row(channel_index=0),
+        SendResult(Outcome.UNKNOWN, error_code="outcome_unknown", error_text="no resp"),
+        FAR,
+        R.UNKNOWN,
+        {"error_code": "outcome_unknown", "claimed_at": None},
+        True,
+        False,
+    ),
 ]
 
 

@@ -42,6 +42,7 @@ from dispatcher.webhooks.models import Callback
 from tests.engine import system
 from tests.factories import Tenant
 from tests.helpers import RecordingPublisher, wait_for
+from tests.helpers.reads import callbacks
 
 pytestmark = pytest.mark.system
 HELD = -1  # the status logged for a request that was held and never answered
@@ -232,15 +233,6 @@ def later() -> str:
     return (utcnow() + timedelta(hours=1)).isoformat() + "Z"
 
 
-def callback_rows(sessions: sessionmaker[Session], batch_id: str) -> list[Callback]:
-    with sessions() as session:
-        return list(
-            session.scalars(
-                select(Callback).where(Callback.batch_id == batch_id).order_by(Callback.created_at)
-            )
-        )
-
-
 def event_count(sessions: sessionmaker[Session], batch_id: str) -> int:
     with sessions() as session:
         count = session.scalar(
@@ -253,7 +245,7 @@ def all_delivered(
     sessions: sessionmaker[Session], receiver: Receiver, url: str, batch_id: str, count: int
 ) -> bool:
     """``count`` callbacks exist for the batch, each delivered and answered 200."""
-    rows = callback_rows(sessions, batch_id)
+    rows = callbacks(sessions, batch_id)
     answered = {h.webhook_id for h in receiver.hits_for(url) if h.status == 200}
     return (
         len(rows) == count
@@ -316,7 +308,7 @@ def test_a_mixed_batch_reports_each_transition_once_signed(
         timeout=30,
     )
 
-    rows = callback_rows(live_sessions, batch_id)
+    rows = callbacks(live_sessions, batch_id)
     ok = assert_once_each(receiver, url, rows)
     assert all(h.status == 200 for h in receiver.hits_for(url))  # nothing needed a retry
     assert statuses_by_number(ok) == expected
@@ -343,7 +335,7 @@ def test_a_cancelled_batch_reports_one_cancelled_callback_per_recipient(
 
     assert reply.status_code == 200 and reply.get_json()["cancelledCount"] == 3
     wait_for(lambda: all_delivered(live_sessions, receiver, url, batch_id, 3), timeout=20)
-    ok = assert_once_each(receiver, url, callback_rows(live_sessions, batch_id))
+    ok = assert_once_each(receiver, url, callbacks(live_sessions, batch_id))
     assert statuses_by_number(ok) == {n: Counter(["cancelled"]) for n in destinations}
 
 
@@ -365,7 +357,7 @@ def test_an_expired_batch_reports_one_expired_callback_per_recipient(
         scheduling.expire_due(session=session, now=utcnow())
 
     wait_for(lambda: all_delivered(live_sessions, receiver, url, batch_id, 3), timeout=20)
-    ok = assert_once_each(receiver, url, callback_rows(live_sessions, batch_id))
+    ok = assert_once_each(receiver, url, callbacks(live_sessions, batch_id))
     assert statuses_by_number(ok) == {n: Counter(["expired"]) for n in destinations}
     with live_sessions() as session:
         batch = session.get(Batch, batch_id)
@@ -386,7 +378,7 @@ def test_a_receiver_that_recovers_gets_every_callback_under_its_first_webhook_id
 
     wait_for(lambda: all_delivered(live_sessions, receiver, url, batch_id, total), timeout=30)
 
-    rows = callback_rows(live_sessions, batch_id)
+    rows = callbacks(live_sessions, batch_id)
     ok = assert_once_each(receiver, url, rows)
     hits = receiver.hits_for(url)
     assert [h.status for h in hits].count(500) == failures
@@ -410,12 +402,12 @@ def test_a_receiver_that_never_recovers_ends_dead_and_a_replay_delivers(
     attempts = 1 + len(sys_settings.callback_retry_schedule)
 
     def all_dead() -> bool:
-        rows = callback_rows(live_sessions, batch_id)
+        rows = callbacks(live_sessions, batch_id)
         return len(rows) == 3 and all(r.state == "dead" for r in rows)
 
     wait_for(all_dead, timeout=30)
 
-    rows = callback_rows(live_sessions, batch_id)
+    rows = callbacks(live_sessions, batch_id)
     assert all(r.attempts == attempts and r.last_status == 500 for r in rows)
     hits = receiver.hits_for(url)
     assert Counter(h.webhook_id for h in hits) == Counter({r.id: attempts for r in rows})
@@ -429,7 +421,7 @@ def test_a_receiver_that_never_recovers_ends_dead_and_a_replay_delivers(
         assert reply.status_code == 200, reply.get_json()
 
     wait_for(lambda: all_delivered(live_sessions, receiver, url, batch_id, 3), timeout=20)
-    rows = callback_rows(live_sessions, batch_id)
+    rows = callbacks(live_sessions, batch_id)
     assert_once_each(receiver, url, rows)
     assert all(r.attempts == attempts + 1 for r in rows)
     assert api.post(f"/callbacks/{rows[0].id}/retry", headers=tenant.auth).status_code == 409
@@ -498,7 +490,7 @@ def test_a_callback_worker_killed_mid_delivery_loses_nothing(
     callback_workers.start()
 
     wait_for(lambda: all_delivered(live_sessions, receiver, url, batch_id, 3), timeout=30)
-    rows = callback_rows(live_sessions, batch_id)
+    rows = callbacks(live_sessions, batch_id)
     assert_once_each(receiver, url, rows)
     again = [h for h in receiver.hits_for(url) if h.webhook_id == held.webhook_id]
     assert [h.status for h in again] == [HELD, 200]  # the same webhook-id, redelivered
@@ -558,8 +550,8 @@ def test_a_blackholed_endpoint_does_not_delay_another_tenants_callbacks(
         # Loosely (shared CI machines): bench/callbacks_isolation.py measures it exactly.
         assert max(lags) < 10.0, sorted(lags)
 
-        wait_for(lambda: len(callback_rows(live_sessions, flood)) == 3000, timeout=60)
-        rows = callback_rows(live_sessions, flood)
+        wait_for(lambda: len(callbacks(live_sessions, flood)) == 3000, timeout=60)
+        rows = callbacks(live_sessions, flood)
         states = Counter(r.state for r in rows)
         # Kept, not dropped: all 3,000 rows are there, none delivered (the blackhole
         # never answers), dead only once the retry schedule ran out; and the breaker

@@ -6,13 +6,14 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.test import TestResponse
 
 from dispatcher.batches.models import Batch, Recipient
 from tests.factories import Tenant
 from tests.helpers import RecordingPublisher
+from tests.helpers.reads import account_rows as rows
 
 # The batch id of the documentation's example request.
 EXAMPLE_ID = "b2693dfe-0813-427a-bc2f-62b0e9292403"
@@ -22,18 +23,6 @@ ERROR_KEYS = {"code", "message", "errorId", "timestamp"}
 def stamp(at: datetime) -> str:
     """Naive UTC as the Messaging Plus documentation writes it (no fraction, ``Z``)."""
     return at.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def rows(sessions: sessionmaker[Session], account_id: str) -> tuple[int, int]:
-    """How many batches and recipients the account has."""
-    with sessions() as s:
-        batches = s.scalar(
-            select(func.count()).select_from(Batch).where(Batch.account_id == account_id)
-        )
-        recipients = s.scalar(
-            select(func.count()).select_from(Recipient).where(Recipient.account_id == account_id)
-        )
-    return int(batches or 0), int(recipients or 0)
 
 
 def load(sessions: sessionmaker[Session], batch_id: str) -> tuple[Batch, list[Recipient]]:

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from flask.testing import FlaskClient
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.batches.models import Batch, Recipient
@@ -16,7 +16,8 @@ from dispatcher.db import transaction, utcnow
 from dispatcher.engine.scheduling import complete_if_done, dispatch_batch
 from dispatcher.receipts.service import Receipt, accept
 from dispatcher.states import RecipientStatus
-from dispatcher.webhooks.models import Callback
+from tests.helpers.reads import callbacks as callbacks
+from tests.helpers.reads import recipients as recipients
 
 A, B, C = "+447700900001", "+447700900002", "+447700900003"
 
@@ -154,21 +155,3 @@ def receipt(
             now=utcnow(),
         )
         assert accepted.applied == 1
-
-
-def callbacks(sessions: sessionmaker[Session], batch_id: str) -> list[Callback]:
-    with sessions() as session:
-        return list(
-            session.scalars(
-                select(Callback).where(Callback.batch_id == batch_id).order_by(Callback.created_at)
-            )
-        )
-
-
-def recipients(sessions: sessionmaker[Session], batch_id: str) -> list[Recipient]:
-    with sessions() as session:
-        return list(
-            session.scalars(
-                select(Recipient).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
-            )
-        )

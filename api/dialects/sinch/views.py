@@ -22,6 +22,7 @@ from api.fields import batch_ref
 from dispatcher import errors
 from dispatcher.batches import queries, service, updates
 from dispatcher.batches.service import NewBatch
+from dispatcher.channels import registry
 from dispatcher.db import utcnow
 from dispatcher.groups import service as groups
 from dispatcher.sms import parts
@@ -46,14 +47,14 @@ OPTIONS = (
 
 def _sendable(data: dict[str, Any]) -> dict[str, Any]:
     """Refuse what no provider here can carry, rather than send it wrongly."""
-    if data["type"] == "mt_binary":
-        # The simulator and HTTP providers send text only: a binary body would go out
-        # as its base64 text and the udh would be lost. Dry runs still analyse it.
+    if data["type"] == "mt_binary" and not registry.carries_binary(ctx.settings(), "sms"):
+        # Only smpp sends 8-bit data with its UDH; the others would send the base64
+        # text and lose the udh. Dry runs still analyse it.
         raise SinchError(
             400,
             CONSTRAINT,
-            "type: mt_binary cannot be sent: no configured provider carries binary SMS "
-            "(udh and data_coding); send mt_text, or use dry_run to check a binary batch",
+            "type: mt_binary cannot be sent: the sms provider here carries text only "
+            "(binary SMS needs the smpp provider); send mt_text, or use dry_run to check it",
         )
     return data
 
@@ -159,7 +160,8 @@ def dry_run() -> dict[str, Any]:
     new = service.fit_parts(_new_batch(data))
     bodies = list(new.bodies or [new.body] * len(new.destinations))
     if data["type"] == "mt_binary":
-        per = [(to, body, 1, "BINARY") for to, body in zip(new.destinations, bodies, strict=True)]
+        n = parts.binary_parts(data["body"], udh=data["udh"])
+        per = [(to, body, n, "BINARY") for to, body in zip(new.destinations, bodies, strict=True)]
     else:
         report = service.analyse(new)
         per = [(to, body, i.parts, str(i.encoding)) for to, body, i in report.per_recipient]

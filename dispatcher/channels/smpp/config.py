@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,6 @@ class Connection:
     window: int = 10
     # Messages (submit_sm) per second across every connector, 0 for no limit.
     throughput: float = 0.0
-
-    @property
-    def limit_key(self) -> str:
-        """The rate limiter's key for this connection (shared by every host)."""
-        return f"smpp:{self.name}"
 
 
 @dataclass(frozen=True)
@@ -178,37 +173,25 @@ def _connection(raw: Any, carrier: str, where: str, env: Mapping[str, str]) -> C
     host = _require(raw, "host", str, where)
     if not host:
         raise SmppConfigError(f"{where}.host: required")
-    known = {
-        "name",
-        "host",
-        "port",
-        "tls",
-        "system_id",
-        "password",
-        "password_env",
-        "system_type",
-        "bind",
-        "window",
-        "throughput",
-    }
+    # Every field of Connection but the carrier (its key), and password_env.
+    known = {f.name for f in fields(Connection)} - {"carrier"} | {"password_env"}
     for key in raw:
         if key not in known:
             raise SmppConfigError(f"{where}.{key}: unknown setting")
-    return Connection(
-        name=name,
-        carrier=carrier,
-        host=host,
-        port=port,
-        system_id=system_id,
-        password=password,
-        system_type=system_type,
-        tls=_optional(raw, "tls", bool, False, where),
-        bind=bind,
-        window=window,
-        throughput=_positive(
-            _optional(raw, "throughput", (int, float), 0, where), f"{where}.throughput", zero=True
-        ),
-    )
+    throughput = _optional(raw, "throughput", (int, float), 0, where)
+    checked = {
+        "name": name,
+        "host": host,
+        "port": port,
+        "system_id": system_id,
+        "password": password,
+        "system_type": system_type,
+        "tls": _optional(raw, "tls", bool, False, where),
+        "bind": bind,
+        "window": window,
+        "throughput": _positive(throughput, f"{where}.throughput", zero=True),
+    }
+    return Connection(carrier=carrier, **checked)
 
 
 def _carrier(name: str, raw: Any, env: Mapping[str, str]) -> Carrier:

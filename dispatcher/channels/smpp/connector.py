@@ -13,28 +13,31 @@ receipts service, other messages (MO) to the inbound service, through a
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import redis
 import redis.asyncio as aioredis
 import smpp34
 
 from dispatcher import metrics
-from dispatcher.channels.base import Outcome, Receipt
+from dispatcher.channels.base import Outcome, Receipt, SendResult
 from dispatcher.channels.smpp import errors, handoff, pdu
+from dispatcher.channels.smpp.aio import run_until
 from dispatcher.channels.smpp.config import Carrier, Connection, SmppConfig
 from dispatcher.db import utcnow
 from dispatcher.ratelimit import Limit, RateLimiter
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FLUSH_EVERY = 1.0
 FLUSH_SIZE = 500
@@ -73,6 +76,8 @@ class Stats:
     unknown: int = 0
     in_flight: int = 0
     window_peak: int = 0
+    # Outstanding submits summed as each submit_sm goes out: / submits is the mean window use.
+    outstanding_sum: int = 0
     receipts: int = 0
     inbound: int = 0
 
@@ -108,6 +113,44 @@ def receipt_from(event: Any) -> Receipt | None:
         error_text=(f"{stat} err:{err}" if failed and err else stat if failed else None),
         done_at=pdu.parse_receipt_date(fields.get("done date")),
         carrier_status=stat if err is None else f"{stat}:{err}",
+    )
+
+
+def encode_item(item: handoff.Item, carrier: Carrier, reference: int) -> pdu.Encoded:
+    """The payloads of one message: text in the carrier's coding, or binary with its UDH;
+    class 0 when it asks for flash and its coding has a class-0 form."""
+    opts = item.options
+    if opts.udh is not None:
+        encoded = pdu.encode_binary(base64.b64decode(item.body), udh=bytes.fromhex(opts.udh))
+    else:
+        encoded = pdu.encode_body(
+            item.body,
+            reference=reference,
+            alphabet=carrier.alphabet,
+            data_coding=carrier.data_coding,
+        )
+    # 0x10 says GSM-7: a data_coding 0 that means Latin-1 or ASCII here cannot become it.
+    if opts.flash and (encoded.data_coding != pdu.DC_DEFAULT or carrier.alphabet == "gsm7"):
+        encoded = pdu.flash(encoded)
+    return encoded
+
+
+def source_of(item: handoff.Item, carrier: Carrier) -> pdu.Address:
+    """The source address by the carrier's rules; a batch's from_ton / from_npi win."""
+    found = pdu.source_address(
+        item.sender, rules=carrier.source_rules, short_code_max=carrier.short_code_max
+    )
+    opts = item.options
+    return pdu.Address(
+        found.addr,
+        found.ton if opts.source_ton is None else opts.source_ton,
+        found.npi if opts.source_npi is None else opts.source_npi,
+    )
+
+
+def _not_sent(text: str, retry_after: float) -> SendResult:
+    return SendResult(
+        Outcome.TRANSIENT, error_code="not_sent", error_text=text, retry_after=retry_after
     )
 
 
@@ -192,22 +235,16 @@ class Link:
                     await client.stop()
 
     async def read(self, smsc: Any) -> None:
-        stop = asyncio.ensure_future(self.owner.stopping.wait())
-        try:
-            while True:
-                nxt = asyncio.ensure_future(smsc.next())
-                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(smsc.unbind(), 2)
-                    return
-                event = nxt.result()
-                if isinstance(event, smpp34.Disconnected):
-                    return
-                await self.owner.on_deliver(self, event)
-        finally:
-            stop.cancel()
+        """Take every deliver_sm until the session ends; unbind when the connector stops."""
+
+        async def pump() -> None:
+            while not isinstance(event := await smsc.next(), smpp34.Disconnected):
+                # Shielded: a stop never cuts an MO's parts off half-stored.
+                await asyncio.shield(self.owner.on_deliver(self, event))
+
+        if await run_until(pump(), self.owner.stopping):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(smsc.unbind(), 2)
 
     async def wait_ready(self, deadline: float) -> bool:
         """Wait out a throttling pause; False if it lasts past ``deadline`` or the bind is gone."""
@@ -229,49 +266,34 @@ class Link:
         self.pause = min(pause * 2, 30.0)
         return pause
 
-    async def submit_item(self, item: handoff.Item, deadline: float) -> handoff.Answer:
+    async def submit_item(self, item: handoff.Item, deadline: float) -> SendResult:
         """Submit every part of one message; the first part's message_id is the provider id."""
-        sender = pdu.source_address(
-            item.sender, rules=self.carrier.source_rules, short_code_max=self.carrier.short_code_max
-        )
+        sender = source_of(item, self.carrier)
         dest = pdu.destination_address(item.to)
-        alphabet = self.carrier.alphabet
-        encoded = pdu.encode_body(
-            item.body,
-            reference=next(self.reference),
-            alphabet=alphabet,
-            data_coding=self.carrier.data_coding,
-        )
+        encoded = encode_item(item, self.carrier, next(self.reference) & 0xFF)
         expire = datetime.fromisoformat(item.expire_at) if item.expire_at else None
         validity = pdu.validity_period(expire, now=_utc())
         ids: list[str] = []
         for payload in encoded.payloads:
             async with self.window:
                 if not await self.wait_ready(deadline) or time.time() > deadline:
-                    if not ids:
-                        return handoff.Answer(
-                            "transient",
-                            code="not_sent",
-                            text="connection busy or down",
-                            retry_after=self.pause,
-                        )
-                    return self._partial(ids)
-                await self.owner.take_token(self)
-                smsc = self.tx
-                if smsc is None:
                     return (
                         self._partial(ids)
                         if ids
-                        else handoff.Answer(
-                            "transient", code="not_sent", text="bind lost", retry_after=1.0
-                        )
+                        else _not_sent("connection busy or down", self.pause)
                     )
+                await self.owner.take_token(self)
+                smsc = self.tx
+                if smsc is None:
+                    return self._partial(ids) if ids else _not_sent("bind lost", 1.0)
                 token = self.owner.submit_started()
                 self.stats.in_flight += 1
                 self.stats.window_peak = max(self.stats.window_peak, self.stats.in_flight)
+                self.stats.outstanding_sum += self.stats.in_flight
                 try:
-                    resp = await asyncio.wait_for(
-                        smsc.submit_sm(
+                    # asyncio.timeout, not wait_for: no task per submit.
+                    async with asyncio.timeout(self.owner.config.response_timeout):
+                        resp = await smsc.submit_sm(
                             dest.addr,
                             payload,
                             source_addr=sender.addr,
@@ -283,9 +305,7 @@ class Link:
                             registered_delivery=1 if self.carrier.registered_delivery else 0,
                             validity_period=validity,
                             data_coding=encoded.data_coding,
-                        ),
-                        self.owner.config.response_timeout,
-                    )
+                        )
                 except (smpp34.SmppError, TimeoutError, OSError) as exc:
                     # No submit_sm_resp: the SMSC may or may not have it. Never resend.
                     if not isinstance(exc, TimeoutError) and self.tx is smsc:
@@ -293,7 +313,7 @@ class Link:
                         self.tx = None
                     self.stats.unknown += 1
                     self.owner.submit_done(token)
-                    return handoff.Answer("unknown", code="outcome_unknown")
+                    return handoff.unknown()
                 finally:
                     self.stats.in_flight -= 1
                 self.stats.submits += 1
@@ -307,24 +327,22 @@ class Link:
                 if status != errors.ESME_ROK:
                     if ids:
                         return self._partial(ids)
-                    outcome = errors.classify(status)
-                    retry = self.throttled() if status in errors.THROTTLING else None
-                    return handoff.Answer(
-                        outcome.value,
-                        code=errors.name(status),
-                        text=f"submit_sm_resp {errors.name(status)}",
-                        retry_after=retry,
+                    return SendResult(
+                        errors.classify(status),
+                        error_code=errors.name(status),
+                        error_text=f"submit_sm_resp {errors.name(status)}",
+                        retry_after=self.throttled() if status in errors.THROTTLING else None,
                     )
                 self.pause = self.owner.config.throttle_pause
                 ids.append(resp.message_id or "")
-        return handoff.Answer(Outcome.ACCEPTED.value, message_id=ids[0])
+        return SendResult(Outcome.ACCEPTED, provider_message_id=ids[0])
 
-    def _partial(self, ids: list[str]) -> handoff.Answer:
+    def _partial(self, ids: list[str]) -> SendResult:
         # Some parts went out: sending again would repeat them on the handset.
-        return handoff.Answer(
-            Outcome.RECIPIENT.value,
-            code="partial_submit",
-            text=f"{len(ids)} part(s) accepted, then the rest failed; not re-sent",
+        return SendResult(
+            Outcome.RECIPIENT,
+            error_code="partial_submit",
+            error_text=f"{len(ids)} part(s) accepted, then the rest failed; not re-sent",
         )
 
 
@@ -457,24 +475,20 @@ class Connector:
         answers = await asyncio.gather(*(link.submit_item(i, deadline) for i in items))
         pipe = self.redis.pipeline(transaction=False)
         for item, answer in zip(items, answers, strict=True):
-            if answer.outcome == Outcome.ACCEPTED.value:
-                value = handoff.accepted(answer.message_id or "")
-            elif answer.outcome in ("unknown",) or answer.code == "partial_submit":
-                value = handoff.UNKNOWN
-            else:
-                value = handoff.NOT_SENT
-            pipe.set(handoff.ledger_key(item.key), value, ex=handoff.LEDGER_TTL)
+            pipe.set(
+                handoff.ledger_key(item.key), handoff.ledger_value(answer), ex=handoff.LEDGER_TTL
+            )
         reply = handoff.reply_key(request["id"])
-        pipe.rpush(reply, json.dumps({"answers": [a.as_json() for a in answers]}))
+        pipe.rpush(reply, json.dumps({"answers": [handoff.result_json(a) for a in answers]}))
         pipe.expire(reply, 120)
         await pipe.execute()
 
     async def take_token(self, link: Link) -> None:
         if self.limiter is None or not link.conn.throughput:
             return
-        delay = await asyncio.to_thread(
-            self.limiter.reserve, [Limit(link.conn.limit_key, link.conn.throughput)], 1
-        )
+        # One key per connection, shared by every connector process and host.
+        limit = Limit(f"smpp:{link.conn.name}", link.conn.throughput)
+        delay = await asyncio.to_thread(self.limiter.reserve, [limit], 1)
         if delay > 0:
             await asyncio.sleep(delay)
 
@@ -527,7 +541,7 @@ class Connector:
         sender = _source_number(event.source_addr, event.source_addr_ton)
         to = _source_number(event.destination_addr, event.dest_addr_ton)
         if concat is not None and concat.total > 1:
-            key = f"{handoff.PREFIX}mo:{link.conn.carrier}:{sender}:{to}:{concat.reference}"
+            key = handoff.key("mo", f"{link.conn.carrier}:{sender}:{to}:{concat.reference}")
             pipe = self.redis.pipeline()
             pipe.hset(key, str(concat.number), text)
             pipe.expire(key, MO_PARTS_TTL)
@@ -562,13 +576,7 @@ class Connector:
 
     async def flush(self, *, final: bool = False) -> None:
         """Hand buffered receipts and inbound messages to the sink."""
-        if self._inbound:
-            messages, self._inbound = self._inbound, []
-            try:
-                await asyncio.to_thread(self.sink.inbound, messages)
-            except Exception:
-                self._inbound[:0] = messages
-                raise
+        await _drain(self._inbound, self.sink.inbound)
         # A receipt is translated only once every submit that began before it arrived
         # has its submit_sm_resp: only then is a part's id known to be a part's.
         oldest = min(self._inflight.values(), default=None)
@@ -585,14 +593,7 @@ class Connector:
             translated = await self.translate(r, main)
             if translated is not None:
                 self._outgoing.append(translated)
-        if not self._outgoing:
-            return
-        batch, self._outgoing = self._outgoing, []
-        try:
-            await asyncio.to_thread(self.sink.receipts, batch)
-        except Exception:
-            self._outgoing[:0] = batch
-            raise
+        await _drain(self._outgoing, self.sink.receipts)
 
     async def parts_of(self, refs: list[str]) -> list[str | None]:
         """For each id, the id of the message it is a part of (None: not a part)."""
@@ -618,6 +619,20 @@ class Connector:
             if left > 0:
                 return None
         return replace(receipt, provider_message_id=main)
+
+
+async def _drain(buffer: list[T], deliver: Callable[[list[T]], None]) -> None:
+    """Hand what ``buffer`` holds to ``deliver`` (in a thread: it writes the database);
+    if that fails, put it back ahead of what arrived meanwhile."""
+    if not buffer:
+        return
+    batch = list(buffer)
+    buffer.clear()
+    try:
+        await asyncio.to_thread(deliver, batch)
+    except Exception:
+        buffer[:0] = batch
+        raise
 
 
 def run_forever(connector: Connector, *, install_signals: bool = True) -> None:

@@ -8,8 +8,11 @@ worker that stopped waiting (or died) can be answered later by ``lookup``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
+
+from dispatcher.channels.base import OutboundMessage, Outcome, SendResult, SmsOptions
 
 PREFIX = "dispatcher:smpp:"
 # A ledger entry outlives any receipt a carrier would still send.
@@ -17,64 +20,72 @@ LEDGER_TTL = 7 * 24 * 3600
 ALIVE_TTL = 3
 
 
-def queue_key(carrier: str) -> str:
-    return f"{PREFIX}q:{carrier}"
+def key(kind: str, name: str) -> str:
+    """One of the hand-off's Redis keys: ``dispatcher:smpp:<kind>:<name>``."""
+    return f"{PREFIX}{kind}:{name}"
 
 
-def reply_key(request_id: str) -> str:
-    return f"{PREFIX}r:{request_id}"
-
-
-def alive_key(connection: str) -> str:
-    return f"{PREFIX}alive:{connection}"
-
-
-def ledger_key(idempotency_key: str) -> str:
-    return f"{PREFIX}ledger:{idempotency_key}"
-
-
-def part_key(part_id: str) -> str:
-    return f"{PREFIX}part:{part_id}"
-
-
-def left_key(message_id: str) -> str:
-    return f"{PREFIX}left:{message_id}"
-
-
-def stats_key(connection: str) -> str:
-    return f"{PREFIX}stats:{connection}"
-
+# A carrier's request list, a request's reply, a bound connection's flag, a submit's
+# ledger entry, a part's message id, a message's parts not yet delivered, counters.
+queue_key = partial(key, "q")
+reply_key = partial(key, "r")
+alive_key = partial(key, "alive")
+ledger_key = partial(key, "ledger")
+part_key = partial(key, "part")
+left_key = partial(key, "left")
+stats_key = partial(key, "stats")
 
 # Ledger values: "p" a submit was about to go out (outcome unknown if nothing follows),
 # "a:<id>" accepted, "n" never sent, "u" sent but no submit_sm_resp came.
 PENDING, NOT_SENT, UNKNOWN = "p", "n", "u"
+# Error codes of a submit that may have reached the SMSC: never sent again.
+UNSETTLED = frozenset({"outcome_unknown", "partial_submit"})
+UNKNOWN_TEXT = "no submit_sm_resp (bind lost or response timeout); not re-sent to avoid a duplicate"
+
+
+def unknown(text: str = UNKNOWN_TEXT) -> SendResult:
+    """A submit that may have reached the SMSC: final as unknown, never resent."""
+    return SendResult(Outcome.UNKNOWN, error_code="outcome_unknown", error_text=text)
 
 
 def accepted(message_id: str) -> str:
     return f"a:{message_id}"
 
 
+def ledger_value(result: SendResult) -> str:
+    """What the ledger keeps of a request's result."""
+    if result.outcome is Outcome.ACCEPTED:
+        return accepted(result.provider_message_id or "")
+    return UNKNOWN if result.error_code in UNSETTLED else NOT_SENT
+
+
 @dataclass(frozen=True)
 class Item:
-    """One message of a request."""
+    """One message of a request, as JSON-safe values."""
 
     key: str
     to: str
     sender: str
     body: str
     expire_at: str | None = None
+    sms: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, m: OutboundMessage) -> Item:
+        expire = m.expire_at.isoformat() if m.expire_at else None
+        sms = asdict(m.sms) if m.sms else None
+        return cls(m.idempotency_key, m.to, m.sender, m.body, expire, sms)
+
+    @property
+    def options(self) -> SmsOptions:
+        return SmsOptions(**self.sms) if self.sms else SmsOptions()
 
 
-@dataclass(frozen=True)
-class Answer:
-    """What became of one item: outcome is accepted, transient, channel, recipient or unknown."""
+def result_json(result: SendResult) -> dict[str, Any]:
+    """A result as the connector answers it (the fields that are set)."""
+    return {k: v for k, v in asdict(result).items() if v is not None}
 
-    outcome: str
-    message_id: str | None = None
-    code: str | None = None
-    text: str | None = None
-    retry_after: float | None = None
 
-    def as_json(self) -> dict[str, Any]:
-        fields = ("outcome", "message_id", "code", "text", "retry_after")
-        return {k: v for k in fields if (v := getattr(self, k)) is not None}
+def result_of(raw: dict[str, Any]) -> SendResult:
+    """A result from the connector's answer."""
+    return SendResult(**{**raw, "outcome": Outcome(raw["outcome"])})

@@ -30,11 +30,6 @@ logger = logging.getLogger(__name__)
 MARGIN = 2.0
 # Seconds per blocking read of the reply (below Runtime.redis's 10 s socket timeout).
 BLOCK_SLICE = 5.0
-UNKNOWN_TEXT = "no submit_sm_resp before the bind was lost; not re-sent to avoid a duplicate"
-
-
-def _unknown() -> SendResult:
-    return SendResult(Outcome.RECIPIENT, error_code="outcome_unknown", error_text=UNKNOWN_TEXT)
 
 
 class SmppProvider(Provider):
@@ -91,7 +86,7 @@ class SmppProvider(Provider):
             answers = self._wait(carrier, request_id, payload, give_up)
             for i, answer in zip(by_carrier[carrier], answers, strict=True):
                 results[i] = answer
-        return [r if r is not None else _unknown() for r in results]
+        return [r if r is not None else handoff.unknown() for r in results]
 
     def _push(self, carrier: str, messages: list[OutboundMessage]) -> tuple[str, str, float]:
         request_id = uuid.uuid4().hex
@@ -102,16 +97,7 @@ class SmppProvider(Provider):
                 "id": request_id,
                 # The connector starts no submit after this (a late one could send twice).
                 "deadline": give_up - self.config.response_timeout - MARGIN,
-                "items": [
-                    handoff.Item(
-                        key=m.idempotency_key,
-                        to=m.to,
-                        sender=m.sender,
-                        body=m.body,
-                        expire_at=m.expire_at.isoformat() if m.expire_at else None,
-                    ).__dict__
-                    for m in messages
-                ],
+                "items": [handoff.Item.of(m).__dict__ for m in messages],
             }
         )
         self.redis.rpush(handoff.queue_key(carrier), payload)
@@ -127,8 +113,7 @@ class SmppProvider(Provider):
             wait = min(BLOCK_SLICE, max(0.1, give_up - self.clock()))
             got = self.redis.blpop([handoff.reply_key(request_id)], timeout=wait)
         if got is not None:
-            answers = json.loads(got[1])["answers"]
-            return [_result(handoff.Answer(**a)) for a in answers]
+            return [handoff.result_of(a) for a in json.loads(got[1])["answers"]]
         if self.redis.lrem(handoff.queue_key(carrier), 1, payload):
             # Nobody took it: nothing was sent, trying again later is safe.
             logger.warning("smpp: no connector took a request for carrier %s", carrier)
@@ -152,7 +137,7 @@ class SmppProvider(Provider):
             return SendResult(
                 Outcome.TRANSIENT, error_code="connector_lost", error_text="connector lost"
             )
-        return _unknown()
+        return handoff.unknown()
 
     def _ledger(self, key: str) -> tuple[Lookup, str | None]:
         raw = self.redis.get(handoff.ledger_key(key))
@@ -165,19 +150,3 @@ class SmppProvider(Provider):
 
     def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
         return self._ledger(message.idempotency_key)
-
-
-def _result(answer: handoff.Answer) -> SendResult:
-    if answer.outcome == "unknown":
-        return SendResult(
-            Outcome.RECIPIENT,
-            error_code="outcome_unknown",
-            error_text=answer.text or UNKNOWN_TEXT,
-        )
-    return SendResult(
-        Outcome(answer.outcome),
-        provider_message_id=answer.message_id,
-        error_code=answer.code,
-        error_text=answer.text,
-        retry_after=answer.retry_after,
-    )

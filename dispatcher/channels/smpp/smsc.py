@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import smpp34
 
 from dispatcher.channels.smpp import pdu
+from dispatcher.channels.smpp.aio import run_until
 from dispatcher.db import utcnow
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class LocalSmsc:
     binds: list[str] = field(default_factory=list)
     sessions: dict[str, Any] = field(default_factory=dict)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    _references: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _held: list[Any] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _server: Any = None
@@ -106,17 +108,14 @@ class LocalSmsc:
         self._server = smpp34.Server(host=self.host, port=self.port, system_id=self.system_id)
         await self._server.start()
         logger.info("local SMSC listening on %s:%s", self.host, self.port)
-        stop = asyncio.ensure_future(self._stopped.wait())
-        try:
+
+        async def pump() -> None:
             while True:
-                nxt = asyncio.ensure_future(self._server.next())
-                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    break
-                self._on_event(nxt.result())
+                self._on_event(await self._server.next())
+
+        try:
+            await run_until(pump(), self._stopped)
         finally:
-            stop.cancel()
             for task in list(self._tasks):
                 task.cancel()
             for esme in list(self.sessions.values()):
@@ -240,7 +239,6 @@ class LocalSmsc:
         destination: str,
         text: str,
         system_id: str | None = None,
-        reference: int = 7,
     ) -> int:
         """Send a mobile-originated message (split and concatenated if long); returns parts."""
         esme = (
@@ -250,7 +248,8 @@ class LocalSmsc:
         )
         if esme is None:
             raise RuntimeError("no ESME bound to receive")
-        encoded = pdu.encode_body(text, reference=reference)
+        # Each long MO has its own reference, as a handset gives it.
+        encoded = pdu.encode_body(text, reference=next(self._references) & 0xFF)
         for payload in encoded.payloads:
             resp = await esme.deliver_sm(
                 destination,
@@ -267,6 +266,16 @@ class LocalSmsc:
         return len(encoded.payloads)
 
     # -- running in a thread (tests, the bench) ----------------------------------
+
+    def post_mo(self, **mo: Any) -> None:
+        """Send an MO (``send_mo``'s arguments) without waiting for its deliver_sm_resp.
+
+        smpp34's server does not take a receiver session's deliver_sm_resp (it answers
+        generic_nack, ESME_RINVCMDID) and fails the deliver_sm after its own timeout,
+        though the ESME got the message: over a receiver bind nothing can be awaited.
+        """
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(lambda: self._spawn(self.send_mo(**mo)))
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
         """Run ``coro`` on the SMSC's loop from another thread."""

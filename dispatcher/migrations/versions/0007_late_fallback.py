@@ -1,17 +1,15 @@
 """attempts keep the provider's error code; the rich messages a late fallback left, indexed
 
-Revision ID: 0007_late_fallback
-Revises: 0006_sinch_groups_plans
 Create Date: 2026-11-30 00:00:00
 """
 
 import sqlalchemy as sa
 from alembic import op
 
+from dispatcher.migrations.shapes import string
+
 revision = "0007_late_fallback"
 down_revision = "0006_sinch_groups_plans"
-branch_labels = None
-depends_on = None
 
 
 LATE = sa.text("outcome = 'receipt:channel'")
@@ -19,7 +17,7 @@ LATE = sa.text("outcome = 'receipt:channel'")
 
 def upgrade() -> None:
     with op.batch_alter_table("attempts") as batch:
-        batch.add_column(sa.Column("error_code", sa.String(length=32), nullable=True))
+        batch.add_column(string("error_code", 32, nullable=True))
     op.create_index(
         "ix_attempts_late_ref",
         "attempts",

@@ -7,6 +7,7 @@ callback workers. SQLite, real Redis, a real webhook receiver on 127.0.0.1.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import threading
@@ -16,7 +17,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-import redis
 from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,7 +34,6 @@ from dispatcher.webhooks import sign
 from tests.channels.smpp.conftest import PASSWORD
 from tests.conftest import Tenant, free_port, make_settings, wait_for
 from tests.engine import system
-from workers.celery_app import create_celery
 
 pytestmark = pytest.mark.system
 R = RecipientStatus
@@ -78,7 +77,13 @@ class _Hook(BaseHTTPRequestHandler):
         self.end_headers()
 
 
+# The SMSC never answers submits to this number (the response timer settles them).
+SILENT = "447700966601"
+
+
 def script(s: Submit) -> Action:
+    if s.destination_addr == SILENT:
+        return Action(hold=True)
     # Half the receipts reach the connector before its submit_sm_resp does.
     return Action(receipt_first=s.seq % 2 == 0)
 
@@ -123,11 +128,8 @@ def smpp_settings(
 
 @pytest.fixture(scope="module")
 def live(smpp_settings: Settings) -> Iterator[Runtime]:
-    app = create_celery(smpp_settings)
-    rt: Runtime = app.runtime  # type: ignore[attr-defined]
-    redis.Redis.from_url(smpp_settings.redis_url).flushdb()
-    yield rt
-    rt.dispose()
+    with system.runtime(smpp_settings) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +268,61 @@ def test_an_inbound_message_reaches_the_webhook_and_the_inbounds_list(
     # Another account sees none of it.
     other = api.get(f"/xms/v1/{shared.id}/inbounds/{item['id']}", headers=shared.auth)
     assert other.status_code == 404
+
+
+def test_a_sinch_binary_flash_batch_reaches_the_smsc_as_binary(
+    processes: None, api: FlaskClient, live: Runtime, smsc: LocalSmsc
+) -> None:
+    tenant = Tenant(live.sessions)
+    data, udh = bytes(range(100, 230)), "050003CC0201"
+    reply = api.post(
+        f"/xms/v1/{tenant.id}/batches",
+        json={
+            "from": "12345",
+            "to": ["+447700955501"],
+            "type": "mt_binary",
+            "body": base64.b64encode(data).decode(),
+            "udh": udh,
+            "flash_message": True,
+            "from_ton": 6,
+            "from_npi": 0,
+        },
+        headers=tenant.auth,
+    )
+    assert reply.status_code == 201, reply.get_json()
+    batch_id = reply.get_json()["id"]
+    wait_for(lambda: [r.status for r in recipients(live.sessions, batch_id)] == [R.DELIVERED])
+    (submit,) = [s for s in smsc.submits if s.destination_addr == "447700955501"]
+    # 8-bit class 0, UDHI, the UDH as given ahead of the data; the batch's TON/NPI.
+    assert (submit.data_coding, submit.esm_class) == (0x14, 0x40)
+    assert submit.short_message == bytes.fromhex(udh) + data
+    assert (submit.source_addr, submit.source_addr_ton, submit.source_addr_npi) == ("12345", 6, 0)
+    # 136 octets with the UDH: one part, as Sinch counts binary (140 per part).
+    assert [r.parts for r in recipients(live.sessions, batch_id)] == [1]
+
+
+def test_a_submit_without_resp_ends_unknown_and_is_never_sent_again(
+    processes: None, api: FlaskClient, live: Runtime, smsc: LocalSmsc
+) -> None:
+    tenant = Tenant(live.sessions)
+    reply = api.post(
+        f"/xms/v1/{tenant.id}/batches",
+        json={"from": "Dispatcher", "to": ["+" + SILENT, "+447700966602"], "body": "Hi"},
+        headers=tenant.auth,
+    )
+    assert reply.status_code == 201, reply.get_json()
+    batch_id = reply.get_json()["id"]
+
+    def settled() -> dict[str, Recipient] | None:
+        rows = {r.to: r for r in recipients(live.sessions, batch_id)}
+        done = (
+            rows["+" + SILENT].status == R.UNKNOWN and rows["+447700966602"].status == R.DELIVERED
+        )
+        return rows if done else None
+
+    # No submit_sm_resp within response_timeout (3 s): final as unknown, not failed.
+    rows = wait_for(settled, timeout=30)
+    assert rows["+" + SILENT].error_code == "outcome_unknown"
+    # unknown is final (no transition leaves it): one submit, never a second.
+    assert [s.destination_addr for s in smsc.submits].count(SILENT) == 1
+    smsc.release_held()
