@@ -281,7 +281,7 @@ class System:
             "INFO",
             *WORKER_FLAGS,
         )
-        if self.args.py_spy and role == "worker":
+        if self.args.py_spy and role in ("worker", "callbacks"):
             out = self.tmp / f"py-spy-{name}.txt"
             argv = [
                 self.args.py_spy,

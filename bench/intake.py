@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from typing import Any
 
 import requests
 
-from bench.harness import BenchError, System
+from bench.harness import BenchError, System, free_port
 from bench.sampler import ProcSampler
 
 
@@ -137,34 +138,36 @@ def batch_sizes(total: int, size: int) -> list[int]:
 
 
 class CallbackSink:
-    """A webhook receiver in this process: answers 204 to every POST and counts them."""
+    """The callback receiver (bench/sink.py) in a process of its own, and its figures."""
 
-    def __init__(self) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    def __init__(self, system: System) -> None:
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = f"{self.base}/callback"
+        self.child = system.start(
+            "sink", [sys.executable, "-m", "bench.sink", "--port", str(port)], role="sink"
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.stats()
+                return
+            except requests.RequestException:
+                system.check_alive()
+                if time.monotonic() > deadline:
+                    raise BenchError("the callback sink did not answer within 30 s") from None
+                time.sleep(0.05)
 
-        sink = self
-        self.received = 0
-        self.lock = threading.Lock()
+    def stats(self) -> dict[str, Any]:
+        """``received``, ``first`` and ``last`` arrival (epoch s), ``per_second`` counts."""
+        reply = requests.get(self.base + "/stats", timeout=10)
+        reply.raise_for_status()
+        return dict(reply.json())
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as real receivers do
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                self.send_response(204)
-                self.end_headers()
-                with sink.lock:
-                    sink.received += 1
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/callback"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    @property
+    def received(self) -> int:
+        """Callback POSTs the sink has answered."""
+        return int(self.stats()["received"])
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        """Nothing to do here: the sink is a child the system stops with the others."""

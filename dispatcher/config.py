@@ -211,7 +211,8 @@ class Settings:
     # Bound on one DNS lookup of a callback host.
     callback_resolve_timeout: float = 2.0
     # How long a deliver task waits for its POSTs before leaving slow ones to finish
-    # in the background (they record their own outcome).
+    # in the background (their outcomes are recorded later); lanes that keep
+    # answering are waited for a little longer (delivery.py, _Collector.close).
     callback_task_wait: float = 2.0
 
     # Retention: a purge runs every retention_interval seconds; it deletes finished

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import os
 import random
+import select
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -36,14 +39,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
-import urllib3.exceptions
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-from urllib3.util.connection import create_connection
+import requests.certs
+from requests.utils import requote_uri
 
 from dispatcher import netsafety
 
@@ -56,13 +56,9 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503})
 _CHUNK = 1024
 # Pools kept per sender (LRU): one per (scheme, host, port, checked addresses).
 _MAX_POOLS = 256
-_NETWORK_ERRORS = (
-    requests.RequestException,
-    urllib3.exceptions.HTTPError,
-    OSError,
-    ValueError,
-    http.client.HTTPException,
-)
+_NETWORK_ERRORS = (OSError, ValueError, http.client.HTTPException)
+# Dialling goes through this name (tests watch what is dialled through it).
+create_connection = socket.create_connection
 
 
 @dataclass(frozen=True)
@@ -233,10 +229,19 @@ class _Pin:
     checked: netsafety.CheckedURL
 
 
-def _connect_pinned(conn: HTTPConnection, pin: _Pin | None) -> socket.socket:
+class _ConnectFailed(ConnectionError):
+    """No checked address took the connection (reported as ``ConnectionError``)."""
+
+
+class _ConnectTimedOut(TimeoutError):
+    """Connecting took longer than allowed (reported as ``ConnectTimeout``)."""
+
+
+def _connect_pinned(conn: _PinnedHTTPConnection) -> socket.socket:
     """Open the TCP connection for ``conn`` to a checked address, never re-resolving."""
-    if pin is None:  # fail closed: only _PinnedAdapter creates these connections
-        raise NewConnectionError(conn, "refusing a connection that was not SSRF-checked")
+    pin = conn.pin
+    if pin is None:  # fail closed: only the sender's pools create these connections
+        raise _ConnectFailed("refusing a connection that was not SSRF-checked")
     checked = pin.checked
     if checked.addresses:
         targets: tuple[str, ...] = checked.addresses
@@ -244,32 +249,26 @@ def _connect_pinned(conn: HTTPConnection, pin: _Pin | None) -> socket.socket:
         # An allow-listed hostname: the operator trusts whatever it resolves to.
         targets = (conn.host,)
     else:
-        raise NewConnectionError(conn, "connection host differs from the checked URL")
+        raise _ConnectFailed("connection host differs from the checked URL")
     budget = _current_budget()
     if budget is None:  # fail closed: every attempt runs inside WebhookSender.post
-        raise NewConnectionError(conn, "refusing a connection outside a delivery attempt")
+        raise _ConnectFailed("refusing a connection outside a delivery attempt")
     last: Exception | None = None
     for target in targets:
         remaining = budget.remaining()
         if remaining <= 0:
-            raise ConnectTimeoutError(
-                conn, f"total time limit ({budget.seconds:g} s) spent before connecting"
+            raise _ConnectTimedOut(
+                f"total time limit ({budget.seconds:g} s) spent before connecting"
             )
-        timeout = conn.timeout
-        limit = min(timeout, remaining) if isinstance(timeout, (int, float)) else remaining
+        limit = min(conn.connect_timeout, remaining)
         try:
-            sock = create_connection(
-                (target, conn.port),
-                limit,
-                source_address=conn.source_address,
-                socket_options=conn.socket_options,
-            )
+            sock = create_connection((target, conn.port), limit)
         except TimeoutError as exc:  # socket.timeout
-            last = ConnectTimeoutError(conn, f"connection to {target} timed out ({limit:g} s)")
+            last = _ConnectTimedOut(f"connection to {target} timed out ({limit:g} s)")
             last.__cause__ = exc
             continue
         except OSError as exc:
-            last = NewConnectionError(conn, f"failed to connect to {target}: {exc}")
+            last = _ConnectFailed(f"failed to connect to {target}: {exc}")
             last.__cause__ = exc
             continue
         sys.audit("http.client.connect", conn, target, conn.port)
@@ -278,76 +277,124 @@ def _connect_pinned(conn: HTTPConnection, pin: _Pin | None) -> socket.socket:
         except OSError:  # no descriptor left to duplicate: no unwatched connection either
             sock.close()
             raise
+        # Small requests: no waiting for the peer's delayed ACK (Nagle).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(conn.timeout)
         return sock
     assert last is not None
     raise last
 
 
-def _watch_reused(conn: HTTPConnection) -> None:
-    """Put a kept-alive connection's socket under the current attempt's budget."""
-    budget = _current_budget()
-    if conn.sock is not None and budget is not None:
-        budget.watch(conn.sock)
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection whose DNS step is replaced by the checked addresses.
+
+    ``timeout`` bounds each read and write; ``connect_timeout`` the connect."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        pin: _Pin | None,
+        connect_timeout: float,
+        read_timeout: float,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(host, port, timeout=read_timeout)
+        self.pin = pin
+        self.connect_timeout = connect_timeout
+        self.context = context
+
+    def connect(self) -> None:
+        """Connect to a checked address (and speak TLS to the URL's hostname)."""
+        sock = _connect_pinned(self)
+        if self.context is not None:
+            try:
+                # SNI and the certificate check use the URL's name, not the pinned IP.
+                sock = self.context.wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
+
+    def dropped(self) -> bool:
+        """Whether a kept-alive connection was closed (or written to) by the peer meanwhile."""
+        if self.sock is None:
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
 
-class _PinnedHTTPConnection(HTTPConnection):
-    """An HTTP connection whose DNS step is replaced by the checked addresses."""
-
-    def __init__(self, *args: Any, pin: _Pin | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._pin = pin
-
-    def _new_conn(self) -> socket.socket:
-        return _connect_pinned(self, self._pin)
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        """Send a request, the reused socket (if any) watched by this attempt's budget."""
-        _watch_reused(self)
-        super().request(*args, **kwargs)
-
-
-class _PinnedHTTPSConnection(_PinnedHTTPConnection, HTTPSConnection):
-    """As _PinnedHTTPConnection; SNI and certificate checks still use the URL's hostname."""
-
-
-class _PinnedHTTPConnectionPool(HTTPConnectionPool):
-    ConnectionCls = _PinnedHTTPConnection
-
-
-class _PinnedHTTPSConnectionPool(HTTPSConnectionPool):
-    ConnectionCls = _PinnedHTTPSConnection
-
-
-class _PinnedAdapter(HTTPAdapter):
-    """Transport to one checked address set: connects only where ``pin`` says, never via a
-    proxy, and keeps up to ``maxsize`` connections alive for the next attempts."""
+class _Pool:
+    """Idle kept-alive connections to one checked address set."""
 
     def __init__(self, pin: _Pin, maxsize: int) -> None:
-        self._pin = pin
-        super().__init__(pool_connections=1, pool_maxsize=maxsize, max_retries=0)
+        self.pin = pin
+        self.maxsize = maxsize
+        self._lock = threading.Lock()
+        self._idle: list[_PinnedHTTPConnection] = []
 
-    def init_poolmanager(
-        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
-    ) -> None:
-        """Create the pool manager with the pinning pool classes."""
-        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": _PinnedHTTPConnectionPool,
-            "https": _PinnedHTTPSConnectionPool,
-        }
+    def take(self) -> _PinnedHTTPConnection | None:
+        """An idle connection still open, or None."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                conn = self._idle.pop()
+            if not conn.dropped():
+                return conn
+            conn.close()
 
-    def get_connection_with_tls_context(
-        self,
-        request: requests.PreparedRequest,
-        verify: Any,
-        proxies: dict[str, str] | None = None,
-        cert: Any = None,
-    ) -> HTTPConnectionPool:
-        """The pool for ``request``, handing the pin to the connections it creates."""
-        # proxies are ignored: a proxy would resolve the name itself.
-        pool = super().get_connection_with_tls_context(request, verify, proxies=None, cert=cert)
-        pool.conn_kw["pin"] = self._pin
-        return pool
+    def give(self, conn: _PinnedHTTPConnection) -> None:
+        """Keep ``conn`` for the next attempt (or close it if the pool is full)."""
+        with self._lock:
+            if len(self._idle) < self.maxsize:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _tls_context(session: requests.Session) -> ssl.SSLContext:
+    """A client TLS context from the session's ``verify`` and ``cert`` (as requests reads them)."""
+    verify = session.verify
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        where = requests.certs.where() if verify is True else str(verify)
+        if os.path.isdir(where):
+            context = ssl.create_default_context(capath=where)
+        else:
+            context = ssl.create_default_context(cafile=where)
+    cert = session.cert
+    if isinstance(cert, str):
+        context.load_cert_chain(cert)
+    elif cert:
+        context.load_cert_chain(cert[0], cert[1])
+    return context
+
+
+def _error_name(exc: BaseException, *, connecting: bool) -> str:
+    """The short reason of a failed attempt, in the names requests used for them."""
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return "SSLError"
+    if isinstance(exc, _ConnectTimedOut) or (connecting and isinstance(exc, TimeoutError)):
+        return "ConnectTimeout"
+    if isinstance(exc, TimeoutError):
+        return "ReadTimeout"
+    if isinstance(exc, OSError | http.client.HTTPException):
+        return "ConnectionError"
+    return type(exc).__name__
 
 
 def _out_of_time(budget: _Budget) -> DeliveryResult:
@@ -399,19 +446,20 @@ class WebhookSender:
         self._pool_size = pool_size
         self._lanes = lanes
         self._lock = threading.Lock()
-        self._adapters: OrderedDict[tuple[Any, ...], _PinnedAdapter] = OrderedDict()
+        self._pools: OrderedDict[tuple[Any, ...], _Pool] = OrderedDict()
+        self._tls: ssl.SSLContext | None = None
         self._watchdog = _Watchdog()
         self._executor: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
         """Close the kept-alive connections, and the HTTP session if this sender created it."""
         with self._lock:
-            adapters, self._adapters = list(self._adapters.values()), OrderedDict()
+            pools, self._pools = list(self._pools.values()), OrderedDict()
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
-        for adapter in adapters:
-            adapter.close()
+        for pool in pools:
+            pool.close()
         if self._owns_session:
             self._session.close()
 
@@ -425,22 +473,29 @@ class WebhookSender:
             executor = self._executor
         return executor.submit(fn, *args, **kwargs)
 
-    def _adapter(self, checked: netsafety.CheckedURL) -> _PinnedAdapter:
-        """The kept-alive transport for ``checked``'s exact address set."""
+    def _pool(self, checked: netsafety.CheckedURL) -> _Pool:
+        """The kept-alive connections for ``checked``'s exact address set."""
         key = (checked.scheme, checked.host, checked.port, checked.addresses)
-        evicted: _PinnedAdapter | None = None
+        evicted: _Pool | None = None
         with self._lock:
-            adapter = self._adapters.get(key)
-            if adapter is None:
-                adapter = _PinnedAdapter(_Pin(checked), self._pool_size)
-                self._adapters[key] = adapter
-                if len(self._adapters) > _MAX_POOLS:
-                    _, evicted = self._adapters.popitem(last=False)
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = _Pool(_Pin(checked), self._pool_size)
+                self._pools[key] = pool
+                if len(self._pools) > _MAX_POOLS:
+                    _, evicted = self._pools.popitem(last=False)
             else:
-                self._adapters.move_to_end(key)
+                self._pools.move_to_end(key)
         if evicted is not None:
             evicted.close()
-        return adapter
+        return pool
+
+    def _context(self) -> ssl.SSLContext:
+        """The TLS context (built once, from the session's ``verify`` and ``cert``)."""
+        with self._lock:
+            if self._tls is None:
+                self._tls = _tls_context(self._session)
+            return self._tls
 
     def __enter__(self) -> WebhookSender:
         """Return self for use as a context manager."""
@@ -470,43 +525,58 @@ class WebhookSender:
         except netsafety.UnsafeURL as exc:
             return DeliveryResult(False, None, f"unsafe URL: {exc}", None, "")
 
-        send_headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
+        send_headers = dict(self._session.headers)
+        send_headers.update({"User-Agent": self._user_agent, "Accept-Encoding": "identity"})
         send_headers.update(headers)
-        for name in [k for k in send_headers if k.lower() == "content-type"]:
+        for name in [k for k in send_headers if k.lower() in ("content-type", "content-length")]:
             del send_headers[name]
         send_headers["Content-Type"] = "application/json"
 
-        adapter = self._adapter(checked)
+        pool = self._pool(checked)
+        conn = pool.take()
+        connecting = conn is None
         try:
-            request = self._session.prepare_request(
-                requests.Request("POST", url, data=body, headers=send_headers)
-            )
-            # The adapter never follows redirects (there is no session.send here):
-            # a 3xx is reported as a failure below.
-            with adapter.send(
-                request,
-                stream=True,
-                timeout=self._timeout,
-                verify=self._session.verify,
-                cert=self._session.cert,
-                proxies={},
-            ) as response:
-                if budget.expired:
-                    # http.client takes EOF inside the header block for its end, so
-                    # headers cut short by the watchdog can look like a whole answer.
-                    return _out_of_time(budget)
-                status = int(response.status_code)
-                excerpt = self._read_excerpt(response)
-                retry_after = (
-                    parse_retry_after(response.headers.get("Retry-After"))
-                    if status in _RETRY_AFTER_STATUSES
-                    else None
+            parts = urlsplit(requote_uri(url))
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            if conn is None:
+                conn = _PinnedHTTPConnection(
+                    parts.hostname or checked.host,
+                    checked.port,
+                    pin=pool.pin,
+                    connect_timeout=self._timeout[0],
+                    read_timeout=self._timeout[1],
+                    context=self._context() if checked.scheme == "https" else None,
                 )
+                conn.connect()
+                connecting = False
+            elif conn.sock is not None:
+                budget.watch(conn.sock)  # a kept connection answers to this attempt's budget
+            # No redirect is ever followed: a 3xx is reported as a failure below.
+            conn.request("POST", target, body=body, headers=send_headers)
+            response = conn.getresponse()
+            if budget.expired:
+                # http.client takes EOF inside the header block for its end, so
+                # headers cut short by the watchdog can look like a whole answer.
+                conn.close()
+                return _out_of_time(budget)
+            status = int(response.status)
+            excerpt = self._read_excerpt(response)
+            retry_after = (
+                parse_retry_after(response.getheader("Retry-After"))
+                if status in _RETRY_AFTER_STATUSES
+                else None
+            )
         except _NETWORK_ERRORS as exc:
+            if conn is not None:
+                conn.close()
             if budget.expired:
                 return _out_of_time(budget)
-            # The class only: messages can quote the peer's bytes (a bad status line).
-            return DeliveryResult(False, None, type(exc).__name__, None, "")
+            # A short name only: messages can quote the peer's bytes (a bad status line).
+            return DeliveryResult(False, None, _error_name(exc, connecting=connecting), None, "")
+        if response.isclosed() and not response.will_close and not budget.expired:
+            pool.give(conn)  # the whole answer was read: the connection can go again
+        else:
+            conn.close()
 
         if 200 <= status < 300:
             return DeliveryResult(True, status, None, None, excerpt)
@@ -514,22 +584,23 @@ class WebhookSender:
         redirect = ": redirect not followed" if 300 <= status < 400 else ""
         return DeliveryResult(False, status, f"HTTP {status}{redirect}", retry_after, excerpt)
 
-    def _read_excerpt(self, response: requests.Response) -> str:
+    def _read_excerpt(self, response: http.client.HTTPResponse) -> str:
         """Read at most max_response_bytes of the body and decode it leniently."""
         limit = self._max_response_bytes
-        if limit == 0:
-            return ""
         buf = bytearray()
         try:
-            for chunk in response.iter_content(chunk_size=min(_CHUNK, limit)):
-                buf += chunk
-                if len(buf) >= limit:
+            while len(buf) < limit and not response.isclosed():
+                chunk = response.read(min(_CHUNK, limit - len(buf)))
+                if not chunk:
                     break
+                buf += chunk
         except _NETWORK_ERRORS:
             # The status line already arrived, so the attempt's outcome is known;
             # a broken or slow body (cut off by the total budget at the latest)
             # only costs us the diagnostic excerpt.
             pass
+        if response.length == 0:
+            response.close()  # the whole body is read (a 204 has none): the connection is free
         return bytes(buf[:limit]).decode("utf-8", errors="replace")
 
 

@@ -29,6 +29,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -42,13 +43,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from dispatcher import metrics
 from dispatcher.accounts.models import Account
 from dispatcher.config import Settings
-from dispatcher.db import transaction, utcnow
+from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.states import CallbackState
 from dispatcher.webhooks import sign, sinch_sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
-from dispatcher.webhooks.limits import EndpointGate, endpoint_key
+from dispatcher.webhooks.limits import EndpointGate, Grant, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint
-from dispatcher.webhooks.scheduling import chunks, count, sources
+from dispatcher.webhooks.scheduling import chunks, count, publish, sources
 
 __all__ = ["OUTCOMES", "body_of", "deliver", "gate_for"]
 
@@ -60,6 +61,7 @@ OUTCOMES = (
     "dead",
     "held",
     "deferred",
+    "republished",
     "in_flight",
     "skipped",
     "not_due",
@@ -69,7 +71,11 @@ OUTCOMES = (
 LANES_PER_TASK = 8
 # Callbacks claimed (and recorded) together: small enough that a round to a healthy
 # endpoint ends well within callback_task_wait, large enough to save transactions.
-ROUND = 200
+ROUND = 500
+# Past its wait, a task still waits for lanes that finish a POST at least this often.
+STALL = 0.5
+# Late lanes' outcomes that no task has recorded with its own are recorded after this.
+LATE_FLUSH = 1.0
 # A lane takes no new callback after this long; the rest go back to pending.
 LANE_BUDGET = 20.0
 # A callback whose endpoint is at its concurrency limit is tried again after this, or
@@ -118,6 +124,17 @@ def _error_text(result: DeliveryResult) -> str:
 
 
 @dataclass(frozen=True)
+class _Run:
+    """What every part of one deliver() run works with (lanes outlive the task with it)."""
+
+    factory: sessionmaker[Session]
+    settings: Settings
+    sender: WebhookSender
+    gate: EndpointGate
+    clock: Callable[[], datetime]
+
+
+@dataclass(frozen=True)
 class _Claimed:
     """A callback this task won the right to POST."""
 
@@ -159,25 +176,107 @@ class _Collector:
         self._left_items = sum(len(lane.items) for lane in lanes)
         self._done: list[_Done] = []
         self._closed = False
+        started = time.monotonic()
+        # When each unfinished lane last finished a POST (or started).
+        self._moved = {id(lane): started for lane in lanes}
 
-    def hand_in(self, done: list[_Done], items: int) -> bool:
+    def moved(self, lane: _Lane) -> None:
+        """Note that ``lane`` finished one more POST."""
+        with self._cond:
+            self._moved[id(lane)] = time.monotonic()
+
+    def hand_in(self, lane: _Lane, done: list[_Done]) -> bool:
         """Give a finished lane's outcomes to the task; False if it stopped waiting."""
         with self._cond:
             if self._closed:
                 return False
             self._done.extend(done)
             self._left -= 1
-            self._left_items -= items
+            self._left_items -= len(lane.items)
+            self._moved.pop(id(lane), None)
             self._cond.notify_all()
             return True
 
-    def close(self, timeout: float) -> tuple[list[_Done], int]:
-        """Wait up to ``timeout`` for the lanes; returns their outcomes and the callbacks
-        still in flight (their lanes will record them)."""
+    def close(self, *, deadline: float, stall: float, limit: float) -> tuple[list[_Done], int]:
+        """Wait for the lanes; returns their outcomes and the callbacks still in flight
+        (their lanes will record them).
+
+        Until ``deadline`` the task waits whatever the lanes do. After it, it waits only
+        while every unfinished lane keeps finishing a POST at least every ``stall``
+        seconds (a healthy endpoint with a long round), and never past ``limit``: a lane
+        stuck on one slow POST is left to finish in the background.
+        """
         with self._cond:
-            self._cond.wait_for(lambda: self._left == 0, timeout=timeout)
+            while self._left:
+                now = time.monotonic()
+                if now >= limit:
+                    break
+                if now >= deadline:
+                    oldest = min(self._moved.values())
+                    if now - oldest >= stall:
+                        break
+                    wake = min(oldest + stall, limit)
+                else:
+                    wake = deadline
+                self._cond.wait(max(0.001, wake - now))
             self._closed = True
             return self._done, self._left_items
+
+
+class _LateOutcomes:
+    """Outcomes of lanes that finished after their task stopped waiting, recorded together.
+
+    The next transaction of any task of this process records them with its own round;
+    what no task takes within LATE_FLUSH seconds is recorded by a timer. Either way many
+    late lanes cost one transaction, not one each.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done: list[_Done] = []
+        self._timer: threading.Timer | None = None
+        self._record: Callable[[list[_Done]], None] | None = None
+
+    def add(self, done: list[_Done], record: Callable[[list[_Done]], None]) -> None:
+        """Keep ``done`` for the next transaction; ``record`` writes them if none comes."""
+        with self._lock:
+            self._done.extend(done)
+            self._record = record
+            if self._timer is None:
+                self._timer = threading.Timer(LATE_FLUSH, self._flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def take(self) -> list[_Done]:
+        """The outcomes waiting to be recorded (the caller records them)."""
+        with self._lock:
+            done, self._done = self._done, []
+            return done
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            done, self._done = self._done, []
+            record = self._record
+        if not done or record is None:
+            return
+        try:
+            record(done)
+        except Exception:
+            log.exception("recording late callback outcomes failed; the lease will reclaim them")
+
+
+# One buffer per database (session factory) in this process.
+_late: weakref.WeakKeyDictionary[sessionmaker[Session], _LateOutcomes] = weakref.WeakKeyDictionary()
+_late_lock = threading.Lock()
+
+
+def _late_for(factory: sessionmaker[Session]) -> _LateOutcomes:
+    with _late_lock:
+        late = _late.get(factory)
+        if late is None:
+            late = _late[factory] = _LateOutcomes()
+        return late
 
 
 def deliver(
@@ -191,84 +290,97 @@ def deliver(
 ) -> dict[str, int]:
     """Claim, POST and record the due callbacks among ``callback_ids``; counts per outcome.
 
-    Works in rounds of at most ROUND callbacks (one claim and one record transaction
-    each) until ``callback_task_wait`` is spent; what is left then goes back to the
-    scheduler, so a task never holds a worker much longer than that.
+    Works in rounds of at most ROUND callbacks until ``callback_task_wait`` is spent;
+    one transaction records a round and claims the next. What is left then is published
+    again as a new task (behind what other tenants queued meanwhile), or, after a round
+    whose lanes did not finish (a slow endpoint), handed back to the scheduler, so a
+    task never holds a worker much longer than that.
     """
     counts = dict.fromkeys(OUTCOMES, 0)
+    run = _Run(factory, settings, sender, gate, clock)
     deadline = time.monotonic() + settings.callback_task_wait
     left = list(dict.fromkeys(callback_ids))
-    first = True
-    while left:
-        if not first and time.monotonic() >= deadline:
+    outcomes: list[_Done] = []
+    claimed_once = slow = False
+    while left or outcomes:
+        plan: _Plan | None = None
+        claimed: dict[str, Any] = {}
+        acquired: list[tuple[str, str]] = []
+        try:
+            if left and not slow and not (claimed_once and time.monotonic() >= deadline):
+                plan = _look(
+                    factory=factory,
+                    gate=gate,
+                    ids=left,
+                    now=clock(),
+                    counts=counts,
+                    acquired=acquired,
+                )
+                claimed_once = True
+            # One write transaction: the last round's outcomes, then this round's claims.
             with transaction(factory) as session:
-                counts["deferred"] += _requeue(session, left)
-            break
-        first = False
-        done, left = _round(
-            factory=factory,
-            settings=settings,
-            sender=sender,
-            gate=gate,
-            ids=left,
-            clock=clock,
-            counts=counts,
-            deadline=deadline,
-        )
-        if not done and left:
-            # A round outlived the wait (a slow endpoint): leave the rest to the scheduler.
-            with transaction(factory) as session:
-                counts["deferred"] += _requeue(session, left)
-            break
+                outcomes += _late_for(factory).take()
+                if outcomes:
+                    _record(
+                        session=session,
+                        settings=settings,
+                        done=outcomes,
+                        now=clock(),
+                        counts=counts,
+                    )
+                if plan is not None:
+                    claimed = _claim(session=session, plan=plan, counts=counts)
+                    left = plan.left
+                elif left and slow:
+                    counts["deferred"] += _requeue(session, left)
+                    left = []
+                elif left:
+                    counts["republished"] += _republish(session, left, now=clock())
+                    left = []
+        except BaseException:
+            # The claim did not commit: give the slots back rather than wait for their lease.
+            for key, token in acquired:
+                gate.release(key, token)
+            raise
+        lanes = _lanes(plan=plan, claimed=claimed, gate=gate) if plan is not None else []
+        outcomes = []
+        if lanes:
+            outcomes, in_flight = _run_round(run, lanes=lanes, deadline=deadline)
+            counts["in_flight"] += in_flight
+            slow = in_flight > 0
     metrics.callbacks_delivered(counts)
     return counts
 
 
-def _round(
-    *,
-    factory: sessionmaker[Session],
-    settings: Settings,
-    sender: WebhookSender,
-    gate: EndpointGate,
-    ids: list[str],
-    clock: Callable[[], datetime],
-    counts: dict[str, int],
-    deadline: float,
-) -> tuple[bool, list[str]]:
-    """One claim of up to ROUND callbacks, their POSTs and one record. Returns whether
-    every lane finished by the deadline (late ones record their own outcomes) and the
-    ids left for the next round."""
-    acquired: list[tuple[str, str]] = []
-    try:
-        with transaction(factory) as session:
-            lanes, left = _claim(
-                session=session, gate=gate, ids=ids, now=clock(), counts=counts, acquired=acquired
-            )
-    except BaseException:
-        # The claim did not commit: give the slots back rather than wait for their lease.
-        for key, token in acquired:
-            gate.release(key, token)
-        raise
-    if not lanes:
-        return True, left
+def _run_round(run: _Run, *, lanes: list[_Lane], deadline: float) -> tuple[list[_Done], int]:
+    """POST one round's lanes; returns the outcomes the task is to record and how many
+    callbacks are still in flight (their lanes record them when they finish)."""
     collector = _Collector(lanes)
     for lane in lanes:
-        sender.submit(
-            _run_lane,
-            lane=lane,
-            factory=factory,
-            settings=settings,
-            sender=sender,
-            gate=gate,
-            clock=clock,
-            collector=collector,
+        run.sender.submit(_run_lane, run, lane=lane, collector=collector)
+    wait = run.settings.callback_task_wait
+    # Never past the limit, however well the lanes move: other tasks are waiting.
+    limit = deadline + max(2 * wait, 4 * STALL)
+    return collector.close(deadline=deadline, stall=max(STALL, wait / 4), limit=limit)
+
+
+def _republish(session: Session, ids: Sequence[str], *, now: datetime) -> int:
+    """Publish callbacks this task did not get to as new tasks (after commit); returns how many."""
+    moved: list[str] = []
+    for group in chunks(ids, 500):
+        moved += (
+            session.connection()
+            .scalars(
+                update(Callback)
+                .where(Callback.id.in_(group), Callback.state == S.PENDING)
+                .values(enqueued_at=now)
+                .returning(Callback.id)
+                .execution_options(synchronize_session=False)
+            )
+            .all()
         )
-    done, in_flight = collector.close(max(0.0, deadline - time.monotonic()))
-    counts["in_flight"] += in_flight
-    if done:
-        with transaction(factory) as session:
-            _record(session=session, settings=settings, done=done, now=clock(), counts=counts)
-    return in_flight == 0, left
+    publish(session, moved, size=ROUND)
+    return len(moved)
 
 
 def _requeue(session: Session, ids: Sequence[str]) -> int:
@@ -288,74 +400,71 @@ def _requeue(session: Session, ids: Sequence[str]) -> int:
 # --- claim ----------------------------------------------------------------------------
 
 
-def _claim(
+@dataclass
+class _Plan:
+    """A round decided from a read and the gate, before any write lock is taken."""
+
+    now: datetime
+    early: list[str]  # not due yet: back to the scheduler
+    held: list[str]  # their endpoint is disabled
+    deferred: dict[datetime, list[str]]  # endpoint at its limit or held by the breaker
+    grants: dict[str, Grant]  # endpoint key -> the lanes it got
+    by_endpoint: dict[str, list[Any]]  # endpoint key -> due rows, in order
+    wanted: list[str]  # to claim this round
+    left: list[str]  # allowed, for the next round
+    secrets: dict[str, tuple[str, ...]]
+    sinch_secrets: dict[str, str]
+
+
+def _look(
     *,
-    session: Session,
+    factory: sessionmaker[Session],
     gate: EndpointGate,
     ids: list[str],
     now: datetime,
     counts: dict[str, int],
     acquired: list[tuple[str, str]],
-) -> tuple[list[_Lane], list[str]]:
-    """Claim up to ROUND callbacks that are due and allowed, defer or hold those that are
-    not; returns the lanes to run and the allowed ids left for the next round."""
-    rows = {
-        r.id: r
-        for group in chunks(ids, 500)
-        for r in session.execute(
-            select(
-                Callback.id,
-                Callback.account_id,
-                Callback.url,
-                Callback.state,
-                Callback.next_attempt_at,
-            ).where(Callback.id.in_(group))
-        )
-    }
-    due = []
-    early = []
-    for callback_id in ids:
-        row = rows.get(callback_id)
-        if row is None or row.state != S.PENDING:
-            counts["skipped"] += 1  # unknown, or already claimed, delivered, dead or held
-        elif row.next_attempt_at > now:
-            early.append(callback_id)
-        else:
-            due.append(row)
-    if early:
-        # Early or stale tasks: the scheduler publishes these again when they are due.
-        session.execute(
-            update(Callback)
-            .where(
-                Callback.id.in_(early),
-                Callback.state == S.PENDING,
-                Callback.next_attempt_at > now,
+) -> _Plan:
+    """Read what is due among ``ids`` and take the endpoints' lanes; no write lock held."""
+    with read_transaction(factory) as session:
+        # Compared in SQL: no timestamp is parsed per row.
+        rows = {
+            r.id: r
+            for group in chunks(ids, 500)
+            for r in session.connection().execute(
+                select(
+                    Callback.id,
+                    Callback.account_id,
+                    Callback.url,
+                    (Callback.next_attempt_at > now).label("early"),
+                ).where(Callback.id.in_(group), Callback.state == S.PENDING)
             )
-            .values(enqueued_at=None)
-            .execution_options(synchronize_session=False)
-        )
-        counts["not_due"] += len(early)
-    if not due:
-        return [], []
+        }
+        due = []
+        early = []
+        for callback_id in ids:
+            row = rows.get(callback_id)
+            if row is None:
+                counts["skipped"] += 1  # unknown, or already claimed, delivered, dead or held
+            elif row.early:
+                early.append(callback_id)
+            else:
+                due.append(row)
+        disabled = _disabled(session, {(r.account_id, r.url) for r in due})
+        accounts = {r.account_id for r in due if (r.account_id, r.url) not in disabled}
+        secrets = _secrets(session, accounts)
+        sinch_secrets = sinch_sign.secrets_of(session, list(secrets))
 
-    disabled = _disabled(session, {(r.account_id, r.url) for r in due})
-    held = [r.id for r in due if (r.account_id, r.url) in disabled]
-    if held:
-        moved = count(
-            session,
-            update(Callback)
-            .where(Callback.id.in_(held), Callback.state.in_(sources(S.HELD)))
-            .values(state=S.HELD, enqueued_at=None)
-            .execution_options(synchronize_session=False),
-        )
-        counts["held"] += moved
-        counts["skipped"] += len(held) - moved
-
+    keys: dict[tuple[str, str], str] = {}
     by_endpoint: dict[str, list[Any]] = defaultdict(list)
     for r in due:
         if (r.account_id, r.url) not in disabled:
-            by_endpoint[endpoint_key(r.account_id, r.url)].append(r)
+            key = keys.get((r.account_id, r.url))
+            if key is None:
+                key = keys[(r.account_id, r.url)] = endpoint_key(r.account_id, r.url)
+            by_endpoint[key].append(r)
     grants = {}
+    deferred: dict[datetime, list[str]] = {}
     for key, group in by_endpoint.items():
         grant = gate.acquire(key, min(LANES_PER_TASK, len(group)))
         acquired.extend((key, token) for token in grant.tokens)
@@ -366,16 +475,58 @@ def _claim(
         # An endpoint whose slots have been busy for long is slow: look again later.
         busy = min(max(BUSY_DELAY, grant.busy), MAX_BUSY_DELAY)
         delay = grant.wait or busy * (1 + random.random() / 2)
-        counts["deferred"] += _defer(
-            session, [r.id for r in group], until=now + timedelta(seconds=delay), now=now
-        )
-
+        deferred[now + timedelta(seconds=delay)] = [r.id for r in group]
     allowed = [r.id for key in grants for r in by_endpoint[key]]
-    wanted, left = allowed[:ROUND], allowed[ROUND:]
+    return _Plan(
+        now=now,
+        early=early,
+        held=[r.id for r in due if (r.account_id, r.url) in disabled],
+        deferred=deferred,
+        grants=grants,
+        by_endpoint=by_endpoint,
+        wanted=allowed[:ROUND],
+        left=allowed[ROUND:],
+        secrets=secrets,
+        sinch_secrets=sinch_secrets,
+    )
+
+
+def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str, Any]:
+    """Carry out ``plan``'s writes: claim what it wants, defer or hold the rest; returns
+    the claimed rows (id, attempts, payload) by id."""
+    now = plan.now
+    if plan.early:
+        # Early or stale tasks: the scheduler publishes these again when they are due.
+        for group in chunks(plan.early, 500):
+            session.connection().execute(
+                update(Callback)
+                .where(
+                    Callback.id.in_(group),
+                    Callback.state == S.PENDING,
+                    Callback.next_attempt_at > now,
+                )
+                .values(enqueued_at=None)
+                .execution_options(synchronize_session=False)
+            )
+        counts["not_due"] += len(plan.early)
+    if plan.held:
+        moved = 0
+        for group in chunks(plan.held, 500):
+            moved += count(
+                session,
+                update(Callback)
+                .where(Callback.id.in_(group), Callback.state.in_(sources(S.HELD)))
+                .values(state=S.HELD, enqueued_at=None)
+                .execution_options(synchronize_session=False),
+            )
+        counts["held"] += moved
+        counts["skipped"] += len(plan.held) - moved
+    for until, ids in plan.deferred.items():
+        counts["deferred"] += _defer(session, ids, until=until, now=now)
     claimed = {
         c.id: c
-        for group in chunks(wanted, 500)
-        for c in session.execute(
+        for group in chunks(plan.wanted, 500)
+        for c in session.connection().execute(
             update(Callback)
             .where(
                 Callback.id.in_(group),
@@ -388,12 +539,14 @@ def _claim(
             .execution_options(synchronize_session=False)
         )
     }
-    counts["skipped"] += len(wanted) - len(claimed)  # another worker won those claims
-    secrets = _secrets(session, {r.account_id for key in grants for r in by_endpoint[key]})
-    sinch_secrets = sinch_sign.secrets_of(session, list(secrets))
+    counts["skipped"] += len(plan.wanted) - len(claimed)  # another worker won those claims
+    return claimed
 
+
+def _lanes(*, plan: _Plan, claimed: dict[str, Any], gate: EndpointGate) -> list[_Lane]:
+    """The lanes to run for what was claimed; slots left unused go back to the gate."""
     lanes = []
-    for key, grant in grants.items():
+    for key, grant in plan.grants.items():
         items = [
             _Claimed(
                 r.id,
@@ -401,10 +554,10 @@ def _claim(
                 r.account_id,
                 r.url,
                 body_of(claimed[r.id].payload),
-                secrets.get(r.account_id, ()),
-                sinch_secrets.get(r.account_id),
+                plan.secrets.get(r.account_id, ()),
+                plan.sinch_secrets.get(r.account_id),
             )
-            for r in by_endpoint[key]
+            for r in plan.by_endpoint[key]
             if r.id in claimed
         ]
         used = min(len(grant.tokens), len(items))
@@ -413,7 +566,7 @@ def _claim(
         for i, token in enumerate(grant.tokens[:used]):
             # Round robin keeps each lane's share in the order the callbacks came.
             lanes.append(_Lane(key, token, grant.probe, grant.counting, items[i::used]))
-    return lanes, left
+    return lanes
 
 
 def _disabled(session: Session, endpoints: set[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -433,8 +586,15 @@ def _secrets(session: Session, account_ids: set[str]) -> dict[str, tuple[str, ..
     """The active webhook secrets of each account."""
     if not account_ids:
         return {}
-    accounts = session.scalars(select(Account).where(Account.id.in_(account_ids)))
-    return {a.id: tuple(a.webhook_secrets) for a in accounts}
+    rows = session.connection().execute(
+        select(Account.id, Account.webhook_secret, Account.previous_webhook_secret).where(
+            Account.id.in_(account_ids)
+        )
+    )
+    # Newest first, as Account.webhook_secrets gives them.
+    return {
+        r.id: tuple(s for s in (r.webhook_secret, r.previous_webhook_secret) if s) for r in rows
+    }
 
 
 def _defer(session: Session, ids: Sequence[str], *, until: datetime, now: datetime) -> int:
@@ -459,36 +619,31 @@ def _defer(session: Session, ids: Sequence[str], *, until: datetime, now: dateti
 # --- POST -----------------------------------------------------------------------------
 
 
-def _run_lane(
-    *,
-    lane: _Lane,
-    factory: sessionmaker[Session],
-    settings: Settings,
-    sender: WebhookSender,
-    gate: EndpointGate,
-    clock: Callable[[], datetime],
-    collector: _Collector,
-) -> None:
+def _run_lane(run: _Run, *, lane: _Lane, collector: _Collector) -> None:
     """POST a lane's callbacks in order, then hand the outcomes in (or record them)."""
     done: list[_Done] = []
+    gate = run.gate
     try:
-        done = _post_lane(lane=lane, sender=sender, gate=gate)
+        done = _post_lane(lane=lane, sender=run.sender, gate=gate, moved=collector.moved)
     except Exception:
         # Not swallowed: what was not POSTed stays 'delivering' until the lease
         # passes and the scheduler returns it to pending.
         log.exception("callback lane failed; its unfinished callbacks wait for the lease")
     finally:
         gate.release(lane.key, lane.token)
-    if collector.hand_in(done, len(lane.items)):
+    if collector.hand_in(lane, done):
         return
-    try:
-        with transaction(factory) as session:
-            _record(session=session, settings=settings, done=done, now=clock(), counts=None)
-    except Exception:
-        log.exception("recording a late callback lane failed; the lease will reclaim it")
+
+    def record(late: list[_Done]) -> None:
+        with transaction(run.factory) as session:
+            _record(session=session, settings=run.settings, done=late, now=run.clock(), counts=None)
+
+    _late_for(run.factory).add(done, record)
 
 
-def _post_lane(*, lane: _Lane, sender: WebhookSender, gate: EndpointGate) -> list[_Done]:
+def _post_lane(
+    *, lane: _Lane, sender: WebhookSender, gate: EndpointGate, moved: Callable[[_Lane], None]
+) -> list[_Done]:
     """The lane's attempts; stops at the first unanswered one, when the breaker opens
     or after LANE_BUDGET, leaving the rest untried."""
     done: list[_Done] = []
@@ -498,6 +653,7 @@ def _post_lane(*, lane: _Lane, sender: WebhookSender, gate: EndpointGate) -> lis
             break
         result = _post(sender, item)
         done.append(_Done(item, result))
+        moved(lane)
         # The breaker counts attempts that got no answer (refused, timed out, DNS):
         # those are what hold a worker. An endpoint that answers, even with an
         # error, costs only its answer time; its retries follow the schedule.
@@ -580,7 +736,7 @@ def _record(
         tally["deferred"] += moved
         tally["stale"] += len(ids) - moved
     for account_id, url in healthy:
-        session.execute(
+        session.connection().execute(
             update(Endpoint)
             .where(
                 Endpoint.account_id == account_id,

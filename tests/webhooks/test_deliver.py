@@ -454,11 +454,11 @@ def test_allowlisted_hostname_is_resolved_normally(
 
 def test_unpinned_connection_fails_closed() -> None:
     """A pinned-pool connection built without a pin (a wiring bug) refuses to connect."""
-    from urllib3.exceptions import NewConnectionError
-
-    conn = deliver._PinnedHTTPConnection("127.0.0.1", 9)
-    with pytest.raises(NewConnectionError, match="not SSRF-checked"):
-        conn._new_conn()
+    conn = deliver._PinnedHTTPConnection(
+        "127.0.0.1", 9, pin=None, connect_timeout=1.0, read_timeout=1.0
+    )
+    with pytest.raises(ConnectionError, match="not SSRF-checked"):
+        conn.connect()
 
 
 # --- HTTPS: pinned to the checked IP, SNI and certificate check still use the name ------

@@ -630,6 +630,30 @@ def test_a_blackholed_endpoint_does_not_hold_the_task_or_other_endpoints(
     assert [s.path for s in receiver.requests()] == ["/hook"]
 
 
+def test_a_task_past_its_wait_finishes_a_moving_round_and_republishes_the_rest(
+    env: Env, receiver: Receiver, sender: WebhookSender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A healthy endpoint with more work than one wait: the round under way is finished
+    and recorded by the task, the rest goes back to the queue at once (not to the
+    scheduler's next sweep)."""
+    monkeypatch.setattr(delivery, "ROUND", 2)
+    settings = env.settings.replace(callback_task_wait=0.001)  # spent before the first POST
+    ids = [add_callback(env, receiver.url("/hook")) for _ in range(5)]
+    counts = delivery.deliver(
+        factory=env.factory,
+        settings=settings,
+        sender=sender,
+        gate=env.gate,
+        callback_ids=ids,
+        clock=env.clock,
+    )
+    assert {k: v for k, v in counts.items() if v} == {"delivered": 2, "republished": 3}
+    assert [env.get(cid).state for cid in ids] == ["delivered"] * 2 + ["pending"] * 3
+    assert all(env.get(cid).enqueued_at == env.clock.now for cid in ids[2:])
+    assert env.published.callback_ids() == [ids[2:4], ids[4:]]  # ROUND per task
+    assert len(receiver.requests("/hook")) == 2
+
+
 # --- dead letters and tenants ----------------------------------------------------------
 
 

@@ -1,0 +1,120 @@
+"""A callback receiver in a process of its own: answers 204 to every POST, counts arrivals.
+
+    python -m bench.sink --port 8080
+
+Cheap on purpose (one asyncio loop, no HTTP framework, keep-alive connections), so that
+a benchmark measures the callback worker, not its receiver. ``GET /stats`` answers JSON:
+``received`` (POSTs answered), ``first`` and ``last`` (their arrival times, epoch
+seconds) and ``per_second`` (arrivals per whole epoch second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import time
+from collections import Counter
+
+_NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
+_MAX_HEAD = 65536
+
+
+class Stats:
+    """What the sink has seen."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.first = 0.0
+        self.last = 0.0
+        self.per_second: Counter[int] = Counter()
+
+    def arrived(self) -> None:
+        now = time.time()
+        if not self.received:
+            self.first = now
+        self.received += 1
+        self.last = now
+        self.per_second[int(now)] += 1
+
+    def as_json(self) -> bytes:
+        return json.dumps(
+            {
+                "received": self.received,
+                "first": self.first,
+                "last": self.last,
+                "per_second": {str(k): v for k, v in sorted(self.per_second.items())},
+            }
+        ).encode()
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection: requests parsed by Content-Length only."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > _MAX_HEAD:
+                    self._close()
+                return
+            head = bytes(self.buf[:end]).decode("latin-1")
+            length = 0
+            for line in head.split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value.strip() or 0)
+            if len(self.buf) < end + 4 + length:
+                return  # the body is still coming
+            del self.buf[: end + 4 + length]
+            self._answer(head.split(" ", 2))
+
+    def _answer(self, request_line: list[str]) -> None:
+        assert self.transport is not None
+        if request_line[0] == "GET" and len(request_line) > 1 and request_line[1] == "/stats":
+            body = self.stats.as_json()
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            return
+        self.stats.arrived()
+        self.transport.write(_NO_CONTENT)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def serve(port: int) -> None:
+    stats = Stats()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Connection(stats), "127.0.0.1", port, backlog=512)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"sink listening on 127.0.0.1:{port}", flush=True)
+    async with server:
+        await stop.wait()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--port", type=int, required=True)
+    asyncio.run(serve(p.parse_args().port))
+
+
+if __name__ == "__main__":
+    main()
