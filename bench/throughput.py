@@ -324,7 +324,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--concurrency", type=int, help="-c of each worker process (throughput: 2; rate: 1)"
     )
     p.add_argument("--api-workers", type=int, default=2, help="gunicorn --workers")
-    p.add_argument("--intake-threads", type=int, default=2, help="client threads posting batches")
+    p.add_argument(
+        "--intake-threads",
+        type=int,
+        default=4,
+        help="client threads posting batches (more than --api-workers: a worker never waits"
+        " for the client between requests)",
+    )
     p.add_argument("--noop-tasks", type=int, default=5000, help="no-op reference tasks (0: skip)")
     p.add_argument("--rate", type=float, default=100.0, help="rate mode: the account's rate (/s)")
     p.add_argument(
