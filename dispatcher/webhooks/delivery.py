@@ -308,14 +308,7 @@ def deliver(
         acquired: list[tuple[str, str]] = []
         try:
             if left and not slow and not (claimed_once and time.monotonic() >= deadline):
-                plan = _look(
-                    factory=factory,
-                    gate=gate,
-                    ids=left,
-                    now=clock(),
-                    counts=counts,
-                    acquired=acquired,
-                )
+                plan = _look(run, ids=left, counts=counts, acquired=acquired)
                 claimed_once = True
             # One write transaction: the last round's outcomes, then this round's claims.
             with transaction(factory) as session:
@@ -417,16 +410,11 @@ class _Plan:
 
 
 def _look(
-    *,
-    factory: sessionmaker[Session],
-    gate: EndpointGate,
-    ids: list[str],
-    now: datetime,
-    counts: dict[str, int],
-    acquired: list[tuple[str, str]],
+    run: _Run, *, ids: list[str], counts: dict[str, int], acquired: list[tuple[str, str]]
 ) -> _Plan:
     """Read what is due among ``ids`` and take the endpoints' lanes; no write lock held."""
-    with read_transaction(factory) as session:
+    gate, now = run.gate, run.clock()
+    with read_transaction(run.factory) as session:
         # Compared in SQL: no timestamp is parsed per row.
         rows = {
             r.id: r
