@@ -87,11 +87,10 @@ class EndpointList(Schema):
     endpoints = fields.List(fields.Nested(EndpointReply), required=True)
 
 
-class Enabled(Schema):
-    """POST /callbacks/endpoints/enable: the URL, and how many held callbacks were released."""
+class Enabled(EndpointReply):
+    """POST /callbacks/endpoints/enable: the endpoint as it is now, and how many held
+    callbacks were released."""
 
-    url = fields.String(required=True)
-    enabled = fields.Boolean(required=True)
     released = fields.Integer(required=True)
 
 
@@ -175,4 +174,7 @@ def enable_endpoint() -> dict[str, Any]:
         now=utcnow(),
         batch_size=ctx.settings().callback_batch_size,
     )
-    return Enabled().dump({"url": data["url"], "enabled": True, "released": released})
+    # Just written by enable_endpoint: the session's identity map has it, no query.
+    endpoint = ctx.session().get(Endpoint, (account.id, data["url"]))
+    assert endpoint is not None
+    return Enabled().dump({**endpoint_fields(endpoint), "released": released})

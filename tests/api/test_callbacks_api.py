@@ -352,7 +352,13 @@ def test_enable_releases_the_held_callbacks_only(
     reply = client.post("/callbacks/endpoints/enable", json={"url": URL}, headers=tenant.auth)
 
     assert reply.status_code == 200, reply.get_json()
-    assert reply.get_json() == {"url": URL, "enabled": True, "released": 2}
+    assert reply.get_json() == {
+        "url": URL,
+        "enabled": True,
+        "failingSince": None,
+        "disabledAt": None,
+        "released": 2,
+    }
     row = endpoint(sessions, tenant)
     assert row.disabled_at is None and row.failing_since is None
     assert [load(sessions, c).state for c in held] == ["pending", "pending"]
