@@ -185,6 +185,18 @@ def list_inbounds(
     with ``client_reference``, only replies to a batch that carried it."""
     where = [InboundMessage.account_id == account_id]
     if client_reference is not None:
+        # First the cheap test (the sender got a message of a batch carrying the
+        # reference: the account's batches, then their recipients by batch_id), so the
+        # correlated lookup of the latest message runs only for those inbounds.
+        carrying = select(Batch.id).where(
+            Batch.account_id == account_id,
+            Batch.options["client_reference"].as_string() == client_reference,
+        )
+        where.append(
+            func.ltrim(InboundMessage.sender, "+").in_(
+                select(func.ltrim(Recipient.to, "+")).where(Recipient.batch_id.in_(carrying))
+            )
+        )
         where.append(replied_reference() == client_reference)
     if to:
         where.append(InboundMessage.to.in_({n for t in to for n in (t, normalise(t))}))

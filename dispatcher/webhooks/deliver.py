@@ -301,6 +301,9 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(host, port, timeout=read_timeout)
+        # The Host header leaves the scheme's own port out ("example.com", not
+        # "example.com:443"): receivers that route by exact Host match expect that.
+        self.default_port = http.client.HTTPS_PORT if context is not None else http.client.HTTP_PORT
         self.pin = pin
         self.connect_timeout = connect_timeout
         self.context = context

@@ -869,3 +869,26 @@ def test_the_total_timeout_also_bounds_a_reused_connection() -> None:
     )
     assert BUDGET - 0.1 <= took < BUDGET + 1.0
     assert len(accepted) == 1
+
+
+@pytest.mark.parametrize(
+    ("tls", "port", "host"),
+    [
+        (True, 443, "example.com"),
+        (False, 80, "example.com"),
+        (True, 8443, "example.com:8443"),
+        (False, 443, "example.com:443"),
+    ],
+)
+def test_host_header_leaves_out_only_the_schemes_own_port(tls: bool, port: int, host: str) -> None:
+    conn = deliver._PinnedHTTPConnection(
+        "example.com",
+        port,
+        pin=None,
+        connect_timeout=1,
+        read_timeout=1,
+        context=ssl.create_default_context() if tls else None,
+    )
+    conn.putrequest("POST", "/hook")  # buffered: nothing is sent or connected
+
+    assert f"Host: {host}".encode() in conn._buffer  # type: ignore[attr-defined]
