@@ -156,7 +156,7 @@ BINARY_OCTETS = 140
 
 def binary_parts(body: str, *, udh: str) -> int:
     """Parts of a binary message (base64 ``body``, hex ``udh``), as Sinch counts them."""
-    octets = len(base64.b64decode(body)) + len(udh) // 2
+    octets = len(base64.b64decode(body)) + len(bytes.fromhex(udh))  # hex may hold spaces
     return max(1, -(-octets // BINARY_OCTETS))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import random
 
@@ -13,6 +14,7 @@ from dispatcher.sms.parts import (
     Encoding,
     PartInfo,
     analyse,
+    binary_parts,
     split,
     truncate,
 )
@@ -266,3 +268,17 @@ def test_truncate_rejects_non_positive_max_parts(max_parts: int) -> None:
 def test_truncate_max_parts_is_keyword_only() -> None:
     with pytest.raises(TypeError):
         truncate("hello", 1)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("payload", "udh", "expected"),
+    [
+        (134, "050003cc0201", 1),  # 134 + 6 octets: one part of 140
+        (135, "050003cc0201", 2),
+        (134, "05 00 03 cc 02 01", 1),  # spaces between the hex octets count for nothing
+        (0, "", 1),
+    ],
+)
+def test_binary_parts_count_octets_with_the_udh(payload: int, udh: str, expected: int) -> None:
+    body = base64.b64encode(bytes(payload)).decode()
+    assert binary_parts(body, udh=udh) == expected
