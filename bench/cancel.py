@@ -24,15 +24,7 @@ from dispatcher.channels.simulator import HANDOFFS
 
 def cancel_mode(system: System, out: Out) -> None:
     args = system.args
-    system.start_redis()
-    system.start_database()
-    system.configure()
-    system.migrate_and_account(rate=None)
-    api = system.start_api(args.api_workers)
-    system.start_send_workers()
-    beat = system.start_beat()
-    system.wait_ready([*system.workers(), beat, api])
-    time.sleep(2)
+    system.start_sending_system()
 
     sampler = ProcSampler(system.sampled)
     sampler.start()

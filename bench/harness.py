@@ -319,6 +319,19 @@ class System:
                 concurrency=self.args.concurrency,
             )
 
+    def start_sending_system(self) -> None:
+        """Redis, the database, the API, the send workers and beat with default settings,
+        an account with no rate limit, all ready (the cancel and scheduled modes)."""
+        self.start_redis()
+        self.start_database()
+        self.configure()
+        self.migrate_and_account(rate=None)
+        api = self.start_api(self.args.api_workers)
+        self.start_send_workers()
+        beat = self.start_beat()
+        self.wait_ready([*self.workers(), beat, api])
+        time.sleep(2)
+
     def start_beat(self) -> BenchChild:
         return self.start(
             "beat",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import requests
@@ -103,13 +103,18 @@ class TestServer(ThreadingHTTPServer):
         self.state = ServerState()
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[..., TestServer]]:
-    """Start TestServers (``serve(host, port)``); all are stopped at teardown."""
-    running: list[tuple[TestServer, threading.Thread]] = []
+Server = TypeVar("Server", bound=ThreadingHTTPServer)
 
-    def start(host: str = "127.0.0.1", port: int = 0) -> TestServer:
-        srv = TestServer(host, port)
+
+def serving(
+    make: Callable[[str, int], Server], *, before_stop: Callable[[Server], None] | None = None
+) -> Iterator[Callable[..., Server]]:
+    """Yield ``start(host, port)``, which serves ``make(host, port)`` on a thread; every
+    server started is stopped when the generator is closed."""
+    running: list[tuple[Server, threading.Thread]] = []
+
+    def start(host: str = "127.0.0.1", port: int = 0) -> Server:
+        srv = make(host, port)
         thread = threading.Thread(
             target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -121,10 +126,17 @@ def serve() -> Iterator[Callable[..., TestServer]]:
         yield start
     finally:
         for srv, thread in running:
-            srv.state.release.set()
+            if before_stop is not None:
+                before_stop(srv)
             srv.shutdown()
             srv.server_close()
             thread.join(timeout=5)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., TestServer]]:
+    """Start TestServers (``serve(host, port)``); all are stopped at teardown."""
+    yield from serving(TestServer, before_stop=lambda srv: srv.state.release.set())
 
 
 @pytest.fixture
@@ -772,22 +784,7 @@ class KeepAliveServer(ThreadingHTTPServer):
 
 @pytest.fixture
 def keep_alive() -> Iterator[Callable[..., KeepAliveServer]]:
-    running: list[tuple[KeepAliveServer, threading.Thread]] = []
-
-    def start(host: str = "127.0.0.1", port: int = 0) -> KeepAliveServer:
-        srv = KeepAliveServer(host, port)
-        thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-        running.append((srv, thread))
-        return srv
-
-    try:
-        yield start
-    finally:
-        for srv, thread in running:
-            srv.shutdown()
-            srv.server_close()
-            thread.join(timeout=5)
+    yield from serving(KeepAliveServer)
 
 
 def test_posts_to_one_endpoint_reuse_one_connection(

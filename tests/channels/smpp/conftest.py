@@ -127,3 +127,12 @@ def connector_running(
 
 def wait_live(provider: SmppProvider, carrier: str, timeout: float = 10) -> None:
     wait_for(lambda: carrier in provider.live_carriers(), timeout=timeout)
+
+
+def live_provider(
+    smpp_redis: redis.Redis, config: SmppConfig, carrier: str = "local"
+) -> SmppProvider:
+    """A worker's SmppProvider, once ``carrier`` has a bound connection."""
+    provider = SmppProvider(redis_client=smpp_redis, config=config)
+    wait_live(provider, carrier)
+    return provider

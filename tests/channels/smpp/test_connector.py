@@ -26,6 +26,7 @@ from tests.channels.smpp.conftest import (
     PASSWORD,
     RecordingSink,
     connector_running,
+    live_provider,
     smpp_config,
     wait_live,
 )
@@ -53,8 +54,7 @@ def test_text_arrives_byte_exact_in_gsm7_and_ucs2(
         "emoji": "😀👍🏽",
     }
     with running(LocalSmsc(port=port)) as smsc, connector_running(config, redis_url, record):
-        provider = SmppProvider(redis_client=smpp_redis, config=config)
-        wait_live(provider, "local")
+        provider = live_provider(smpp_redis, config)
         messages = [message(i, body) for i, body in enumerate(bodies.values())]
         results = provider.send_many(messages)
         assert [r.outcome for r in results] == [Outcome.ACCEPTED] * 3
@@ -96,8 +96,7 @@ def test_binary_flash_and_source_ton_npi_reach_the_smsc_as_asked(
         running(LocalSmsc(port=port)) as smsc,
         connector_running(config, redis_url, RecordingSink()),
     ):
-        provider = SmppProvider(redis_client=smpp_redis, config=config)
-        wait_live(provider, "local")
+        provider = live_provider(smpp_redis, config)
         results = provider.send_many(messages)
         assert [r.outcome for r in results] == [Outcome.ACCEPTED] * len(asked)
         by_dest = {s.destination_addr: s for s in smsc.submits}
@@ -130,8 +129,7 @@ def test_long_messages_reassemble_in_order_on_the_smsc(
     ]
     record = RecordingSink()
     with running(LocalSmsc(port=port)) as smsc, connector_running(config, redis_url, record):
-        provider = SmppProvider(redis_client=smpp_redis, config=config)
-        wait_live(provider, "local")
+        provider = live_provider(smpp_redis, config)
         messages = [message(i, b) for i, b in enumerate(bodies)]
         results = provider.send_many(messages)
         assert all(r.outcome is Outcome.ACCEPTED for r in results)
@@ -170,8 +168,7 @@ def test_every_receipt_is_applied_before_or_after_the_resp(
         running(LocalSmsc(port=port, script=script, receipt_tlvs=tlvs)),
         connector_running(config, redis_url, record),
     ):
-        provider = SmppProvider(redis_client=smpp_redis, config=config)
-        wait_live(provider, "local")
+        provider = live_provider(smpp_redis, config)
         results = provider.send_many([message(i) for i in range(14)])
         wait_for(lambda: len(record.receipts) == 14)
     by_id = {r.provider_message_id: r for r in record.receipts}
@@ -202,8 +199,7 @@ def test_throttling_slows_the_connection_and_loses_nothing(
     messages = [message(i) for i in range(12)]
     with running(LocalSmsc(port=port, script=script)) as smsc:
         with connector_running(config, redis_url, record):
-            provider = SmppProvider(redis_client=smpp_redis, config=config)
-            wait_live(provider, "local")
+            provider = live_provider(smpp_redis, config)
             started = time.monotonic()
             results = provider.send_many(messages)
             transient = [
@@ -242,8 +238,7 @@ def test_a_connection_dropped_mid_window_sends_nothing_twice(
     messages = [message(i) for i in range(10)]
     with running(LocalSmsc(port=port, script=script)) as smsc:
         with connector_running(config, redis_url, record):
-            provider = SmppProvider(redis_client=smpp_redis, config=config)
-            wait_live(provider, "local")
+            provider = live_provider(smpp_redis, config)
             first = provider.send_many(messages)
             outcomes = Counter(r.outcome for r in first)
             unknown = [
@@ -308,8 +303,7 @@ def test_a_route_with_no_live_bind_fails_over_to_the_next(
     )
     record = RecordingSink()
     with running(LocalSmsc(port=live)) as smsc, connector_running(config, redis_url, record):
-        provider = SmppProvider(redis_client=smpp_redis, config=config)
-        wait_live(provider, "backup")
+        provider = live_provider(smpp_redis, config, "backup")
         uk, us, fr = provider.send_many(
             [message(1), message(2, to="+15550100"), message(3, to="+33612345678")]
         )
@@ -327,8 +321,7 @@ def test_inbound_messages_are_decoded_and_reassembled(
     record = RecordingSink()
     long_text = "Ответ 😀 " * 30
     with running(LocalSmsc(port=port)) as smsc, connector_running(config, redis_url, record):
-        provider = SmppProvider(redis_client=smpp_redis, config=config)
-        wait_live(provider, "local")
+        live_provider(smpp_redis, config)  # the bind is up, so MO can flow
         assert (
             smsc.call(smsc.send_mo(source="+447700900001", destination="Dispatcher", text="Hi €{"))
             == 1
@@ -354,8 +347,7 @@ def test_transmitter_and_receiver_binds_submit_on_one_and_read_receipts_and_mo_o
     record = RecordingSink()
     smsc = LocalSmsc(port=port)
     with running(smsc), connector_running(config, redis_url, record):
-        provider = SmppProvider(redis_client=smpp_redis, config=config)
-        wait_live(provider, "local")
+        provider = live_provider(smpp_redis, config)
         wait_for(lambda: len(smsc.binds) == 2)
         results = provider.send_many([message(i) for i in range(5)])
         assert all(r.outcome is Outcome.ACCEPTED for r in results)
