@@ -53,6 +53,22 @@ return 0
 """
 
 
+def _receipt_json(failed: bool) -> tuple[str, str]:
+    """A receipt's JSON around its message id (which comes first): one dumps per group kept."""
+    receipt = Receipt(
+        provider_message_id="",
+        status="failed" if failed else "delivered",
+        error_code="undeliverable" if failed else None,
+        error_text="handset unreachable" if failed else None,
+    )
+    head, tail = json.dumps(receipt.__dict__).split('""', 1)
+    return head, tail
+
+
+# By "undeliverable": the JSON before and after the message id.
+RECEIPT_JSON = {failed: _receipt_json(failed) for failed in (False, True)}
+
+
 def _compile(patterns: Sequence[str]) -> list[re.Pattern[str]]:
     return [re.compile(p) for p in patterns]
 
@@ -123,14 +139,8 @@ class Simulator(Provider):
             receipt = ""
             if result.outcome is Outcome.ACCEPTED:
                 failed = any(p.search(m.to) for p in self.undeliverable)
-                receipt = json.dumps(
-                    Receipt(
-                        provider_message_id=result.provider_message_id or "",
-                        status="failed" if failed else "delivered",
-                        error_code="undeliverable" if failed else None,
-                        error_text="handset unreachable" if failed else None,
-                    ).__dict__
-                )
+                head, tail = RECEIPT_JSON[failed]
+                receipt = head + json.dumps(result.provider_message_id or "") + tail
             entries += (m.idempotency_key, result.provider_message_id or "", receipt)
         if entries:
             due = self.clock() + self.receipt_delay

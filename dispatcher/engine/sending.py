@@ -203,7 +203,7 @@ def send_recipients(
                 continue  # the candidates were taken or cancelled meanwhile: read again
             break
         report.claimed += len(claimed)
-        messages = [outbound(row, batch) for row in claimed]
+        messages = outbound_many(claimed, batch)
         results = _hand_over(
             providers, messages, deadline=time.monotonic() + settings.send_lease / 2
         )
@@ -410,18 +410,29 @@ def _hand_over(
 
 def outbound(row: Any, batch: Batch) -> OutboundMessage:
     """The message for a recipient (a claimed row or a loaded one) of ``batch``."""
-    return OutboundMessage(
-        recipient_id=row.id,
-        channel=row.channel,
-        to=row.to,
-        sender=batch.sender,
-        body=row.body or batch.body,
-        attempt=row.attempts,
-        template=batch.options.get("whatsapp_template"),
-        account_id=batch.account_id,
-        expire_at=batch.expire_at,
-        sms=SmsOptions.of_batch(batch.options),
-    )
+    return outbound_many([row], batch)[0]
+
+
+def outbound_many(rows: Iterable[Any], batch: Batch) -> list[OutboundMessage]:
+    """The messages for recipients of ``batch``: what the batch gives them all is read once."""
+    sender, body, account_id, expire_at = batch.sender, batch.body, batch.account_id, batch.expire_at
+    template = batch.options.get("whatsapp_template")
+    sms = SmsOptions.of_batch(batch.options)
+    return [
+        OutboundMessage(
+            row.id,
+            row.channel,
+            row.to,
+            sender,
+            row.body or body,
+            row.attempts,
+            template,
+            account_id,
+            expire_at,
+            sms,
+        )
+        for row in rows
+    ]
 
 
 def record_results(
