@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import DateTime, String, insert, literal, select, update
 from sqlalchemy.orm import Session
@@ -30,9 +29,12 @@ R = RecipientStatus
 ORDER = (R.SENT, R.QUEUED, R.FAILED, R.EXPIRED, R.UNKNOWN)
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What to write for one claimed recipient: its next status and the columns that go with it."""
+class Decision(NamedTuple):
+    """What to write for one claimed recipient: its next status and the columns that go with it.
+
+    A named tuple, not a dataclass: one is made per recipient sent, and a frozen
+    dataclass's ``__init__`` cost more than the decision itself.
+    """
 
     recipient_id: str
     status: RecipientStatus

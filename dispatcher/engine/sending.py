@@ -448,15 +448,19 @@ def record_results(
     A None result was never handed over (lease deadline): it is queued again as it was.
     Returns how many are queued to be tried again at once (fallbacks, deferred).
     """
+    names: dict[str, str | None] = {}
+    channels, expire_at = batch.channels, batch.expire_at
     decisions = [
         recording.decide(
             row,
             result,
-            channels=batch.channels,
-            expire_at=batch.expire_at,
+            channels=channels,
+            expire_at=expire_at,
             settings=settings,
             now=now,
-            provider=_provider_name(providers, row.channel),
+            provider=names[row.channel]
+            if row.channel in names
+            else names.setdefault(row.channel, _provider_name(providers, row.channel)),
         )
         for row, result in handed
     ]
