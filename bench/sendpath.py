@@ -214,7 +214,7 @@ def main() -> None:
     p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     p.add_argument("--recipients", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--chunk-size", type=int, default=500)
+    p.add_argument("--chunk-size", type=int, default=Settings.chunk_size)
     p.add_argument("--callback-url", default=None, help="give the batches a callback URL")
     p.add_argument("--profile", default=None, help="write a cProfile of the timed parts here")
     print(json.dumps(run(p.parse_args())), flush=True)

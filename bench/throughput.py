@@ -50,6 +50,7 @@ from bench.intake import CallbackSink, Intake, batch_sizes
 from bench.rate import rate_mode
 from bench.sampler import ProcSampler
 from bench.scheduled import scheduled_mode
+from dispatcher.config import Settings
 
 
 def noop_reference(system: System, out: Out) -> float:
@@ -313,7 +314,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="recipients in total (throughput: 100000; rate: rate x (duration + 5))",
     )
     p.add_argument("--batch-size", type=int, default=1000, help="recipients per POST /batch")
-    p.add_argument("--chunk-size", type=int, default=500, help="Settings.chunk_size")
+    p.add_argument(
+        "--chunk-size", type=int, default=Settings.chunk_size, help="Settings.chunk_size"
+    )
     p.add_argument(
         "--worker-processes",
         type=_counts,

@@ -116,7 +116,7 @@ class Settings:
     schedule_horizon: float = 5 * MINUTE
     scheduler_interval: float = 2.0
     visibility_timeout: float = HOUR
-    chunk_size: int = 500
+    chunk_size: int = 1000
     send_lease: float = 5 * MINUTE
     # A sending batch with no progress this long has its queued recipients re-published.
     stall_after: float = 5 * MINUTE

@@ -415,21 +415,12 @@ def outbound(row: Any, batch: Batch) -> OutboundMessage:
 
 def outbound_many(rows: Iterable[Any], batch: Batch) -> list[OutboundMessage]:
     """The messages for recipients of ``batch``: what the batch gives them all is read once."""
-    sender, body, account_id, expire_at = batch.sender, batch.body, batch.account_id, batch.expire_at
-    template = batch.options.get("whatsapp_template")
-    sms = SmsOptions.of_batch(batch.options)
+    sender, body, options = batch.sender, batch.body, batch.options
+    shared = (options.get("whatsapp_template"), batch.account_id, batch.expire_at)
+    sms = SmsOptions.of_batch(options)
     return [
         OutboundMessage(
-            row.id,
-            row.channel,
-            row.to,
-            sender,
-            row.body or body,
-            row.attempts,
-            template,
-            account_id,
-            expire_at,
-            sms,
+            row.id, row.channel, row.to, sender, row.body or body, row.attempts, *shared, sms
         )
         for row in rows
     ]
