@@ -40,6 +40,7 @@ from dispatcher.engine import scheduling, sending
 from dispatcher.migrate import upgrade
 from dispatcher.outbox import Message, Revoke, TaskName
 from dispatcher.runtime import Runtime
+from workers.celery_app import settle_gc
 
 
 class Collect:
@@ -140,6 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 batch_ids.append(intake.batch.id)
         total = len(batch_ids) * args.batch_size
+        settle_gc()  # as a worker process does when it starts
         profile = cProfile.Profile() if args.profile else None
         cpu = {"dispatch": 0.0, "send": 0.0}
         wall = {"dispatch": 0.0, "send": 0.0}

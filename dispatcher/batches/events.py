@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from dispatcher import metrics, outbox
 from dispatcher.batches.models import Batch, Recipient, StatusEvent
-from dispatcher.db import new_id
+from dispatcher.db import new_id, one_of
 from dispatcher.states import RecipientStatus
 from dispatcher.webhooks.builders import callbacks_for
 from dispatcher.webhooks.models import Callback
@@ -136,5 +136,5 @@ def _copy_events(status: RecipientStatus, at: datetime, ids: list[str]) -> Inser
         Recipient.error_code,
         Recipient.error_text,
         literal(at, DateTime),
-    ).where(Recipient.id.in_(ids))
+    ).where(one_of(Recipient.id, ids))
     return insert(StatusEvent).from_select(columns, rows)

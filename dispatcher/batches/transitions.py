@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from dispatcher.batches import events
 from dispatcher.batches.models import Batch, Recipient
+from dispatcher.db import one_of
 from dispatcher.states import BatchStatus, RecipientStatus, batch_guard, guard
 
 recipients_table = cast(Table, Recipient.__table__)
@@ -60,7 +61,7 @@ def transition_recipients(
     if ids is not None:
         conditions.append(Recipient.id.in_(list(ids)))
     if each:
-        conditions.append(Recipient.id.in_(list(each)))
+        conditions.append(one_of(Recipient.id, each))
         common |= _write_each(session, each, sources)
     elif each is not None:
         return []

@@ -20,6 +20,7 @@ from dispatcher.batches.models import Attempt, Batch, Recipient
 from dispatcher.batches.transitions import transition_recipients
 from dispatcher.channels.base import Outcome, SendResult
 from dispatcher.config import Settings
+from dispatcher.db import one_of
 from dispatcher.engine.fallback import requeue_values, stop_requeued
 from dispatcher.receipts import service as receipts
 from dispatcher.states import RecipientStatus
@@ -191,6 +192,6 @@ def _copy_attempts(session: Session, ids: list[str], now: datetime) -> set[str]:
         literal(Outcome.ACCEPTED.value, String),
         Recipient.provider_message_id,
         literal(now, DateTime),
-    ).where(Recipient.id.in_(ids))
+    ).where(one_of(Recipient.id, ids))
     session.connection().execute(insert(Attempt).from_select(columns, rows))
     return set(ids)
