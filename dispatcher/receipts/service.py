@@ -26,6 +26,7 @@ from dispatcher.batches.models import Recipient
 from dispatcher.batches.transitions import transition_recipients
 from dispatcher.channels.base import CHANNEL_FAILED, Receipt
 from dispatcher.config import Settings
+from dispatcher.db import one_of
 from dispatcher.engine import fallback
 from dispatcher.receipts.models import PendingReceipt
 from dispatcher.states import RECIPIENT_TRANSITIONS, RecipientStatus
@@ -239,7 +240,9 @@ def settle(*, session: Session, provider: str, refs: Iterable[str], now: datetim
         return 0
     stored = session.scalars(
         select(PendingReceipt)
-        .where(PendingReceipt.provider == provider, PendingReceipt.provider_message_id.in_(refs))
+        .where(
+            PendingReceipt.provider == provider, one_of(PendingReceipt.provider_message_id, refs)
+        )
         .order_by(PendingReceipt.id)
     ).all()
     if not stored:
