@@ -18,7 +18,7 @@ import requests
 from sqlalchemy import select, update
 
 from dispatcher import outbox
-from dispatcher.batches.models import Attempt, Batch, StatusEvent
+from dispatcher.batches.models import Attempt, Batch, Recipient, StatusEvent
 from dispatcher.channels.base import CHANNEL_FAILED
 from dispatcher.channels.twilio import TwilioProvider
 from dispatcher.channels.whatsapp_cloud import WhatsAppCloudProvider
@@ -478,3 +478,38 @@ def test_an_sms_refused_after_a_late_fallback_reports_no_rich_message(
     assert (shown["status"], shown["providerMessageId"], shown["sentAt"]) == ("failed", None, None)
     assert late_word(live, "whatsapp_cloud", ref, "delivered") == receipts.Accepted(ignored=1)
     assert live.recipients(batch_id)[0].status == R.FAILED
+
+
+def test_the_receipt_deadline_does_not_catch_the_next_channels_send(
+    live: Live, tenant: Tenant, providers: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not live.runtime.settings.database_url.startswith("postgresql"):
+        pytest.skip("SQLite takes the write lock at BEGIN: nothing commits inside the sweep")
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    [rec] = live.recipients(batch_id)
+    deadline = live.runtime.settings.receipt_deadline
+    with transaction(live.sessions) as session:
+        overdue = utcnow() - timedelta(seconds=deadline + 60)
+        session.execute(update(Recipient).where(Recipient.id == rec.id).values(sent_at=overdue))
+    moves = receipts.transition_recipients
+
+    def moved_on_meanwhile(**kwargs: Any) -> Any:
+        # The sweep has read the WhatsApp message as overdue; before it writes, the late
+        # failure and the SMS send commit (two other transactions, as two workers would).
+        if kwargs["to"] is R.UNKNOWN and kwargs["ids"] == [rec.id]:
+            failed(live, str(rec.provider_message_id))
+            live.send(providers, batch_id)
+        return moves(**kwargs)
+
+    monkeypatch.setattr(receipts, "transition_recipients", moved_on_meanwhile)
+    with transaction(live.sessions) as session:
+        swept = receipts.sweep(session=session, settings=live.runtime.settings, now=utcnow())
+    assert swept.unknown == 0
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel, rec.provider, rec.error_code) == (
+        R.SENT,
+        "sms",
+        "twilio",
+        None,
+    )
+    assert [s for s, _c, _e in history(live, rec.id)][-3:] == ["sent", "queued", "sent"]
