@@ -293,7 +293,8 @@ def test_cancel_stops_a_recipient_queued_again_by_a_late_failure(
 ) -> None:
     batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
     [rec] = live.recipients(batch_id)
-    failed(live, str(rec.provider_message_id))
+    ref = str(rec.provider_message_id)
+    failed(live, ref)
     reply = live.client.delete(f"/batch/{batch_id}", headers=tenant.auth)
     assert reply.status_code == 200, reply.get_json()
     assert reply.get_json()["cancelledCount"] == 1
@@ -301,6 +302,11 @@ def test_cancel_stops_a_recipient_queued_again_by_a_late_failure(
     [rec] = live.recipients(batch_id)
     assert rec.status == R.CANCELLED
     assert twilio.seen == []
+    # WhatsApp's later word on the message it had changes nothing, and is not kept.
+    for word in LATE_WORDS:
+        assert late_word(live, "whatsapp_cloud", ref, word) == receipts.Accepted(ignored=1)
+    assert live.recipients(batch_id)[0].status == R.CANCELLED
+    assert kept(live, ref) == 0
 
 
 def test_a_late_failure_in_a_cancelled_batch_is_cancelled_not_sent(
