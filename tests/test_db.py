@@ -1,4 +1,4 @@
-"""Database plumbing: ids in bulk, and the executemany insert every intake writes through."""
+"""Database plumbing: ids in bulk, the executemany insert every intake writes through, one_of."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher.db import insert_many, new_ids
+from dispatcher.db import insert_many, new_ids, one_of
 
 _META = MetaData()
 _ROWS = Table(
@@ -65,3 +65,17 @@ def test_insert_many_writes_rows_shared_values_and_scalar_defaults(session: Sess
 def test_insert_many_refuses_to_share_a_computed_default(session: Session) -> None:
     with pytest.raises(ValueError, match=r"test_insert_many\.id"):
         insert_many(session, _ROWS, rows={"n": [1, 2]}, same={"tag": "t"})
+
+
+def test_one_of_matches_exactly_the_listed_values(session: Session) -> None:
+    ids = ["a", "b", "c'd", 'e"f', "g"]
+    insert_many(session, _ROWS, rows={"id": ids, "n": [1, 2, 3, 4, 5]}, same={"tag": "t"})
+
+    def matching(values: list[str]) -> list[int]:
+        found = session.scalars(select(_ROWS.c.n).where(one_of(_ROWS.c.id, values)))
+        return sorted(found)
+
+    # Quotes inside a value, values that match nothing, one statement for any count.
+    assert matching(["b", "c'd", 'e"f', "zz"]) == [2, 3, 4]
+    assert matching(["a"]) == [1]
+    assert matching([]) == []
