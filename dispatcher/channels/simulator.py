@@ -54,7 +54,7 @@ return 0
 
 
 def _receipt_json(failed: bool) -> tuple[str, str]:
-    """A receipt's JSON around its message id (which comes first): one dumps per group kept."""
+    """The JSON of a receipt before and after its message id (the first field), built once."""
     receipt = Receipt(
         provider_message_id="",
         status="failed" if failed else "delivered",
