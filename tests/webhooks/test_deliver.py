@@ -886,6 +886,6 @@ def test_host_header_leaves_out_only_the_schemes_own_port(tls: bool, port: int, 
         read_timeout=1,
         context=ssl.create_default_context() if tls else None,
     )
-    conn.putrequest("POST", "/hook")  # buffered: nothing is sent or connected
-
+    assert conn.host_header == host
+    conn.putrequest("POST", "/hook")  # what http.client itself would send (buffered)
     assert f"Host: {host}".encode() in conn._buffer  # type: ignore[attr-defined]
