@@ -66,6 +66,8 @@ _MAX_HEADERS = 100
 _MAX_ROUTES = 1024
 _legal_name = re.compile(rb"[^:\s][^:\r\n]*").fullmatch
 _illegal_value = re.compile(rb"\n(?![ \t])|\r(?![ \t\n])").search
+# Set by the sender alone, whatever headers a caller gives.
+_FRAMING = frozenset({"content-type", "content-length"})
 # Dialling goes through this name (tests watch what is dialled through it).
 create_connection = socket.create_connection
 
@@ -305,6 +307,13 @@ def _connect_pinned(conn: _PinnedHTTPConnection) -> socket.socket:
         return sock
     assert last is not None
     raise last
+
+
+def _header_line(name: str, value: str) -> str:
+    """``name: value``, with the checks http.client's putheader makes (nothing smuggled in)."""
+    if not _legal_name(name.encode("ascii")) or _illegal_value(value.encode("latin-1")):
+        raise ValueError(f"invalid header {name!r}")
+    return f"{name}: {value}"
 
 
 def _host_header(host: str, port: int, *, default_port: int) -> str:
@@ -576,6 +585,7 @@ class WebhookSender:
         self._tls: ssl.SSLContext | None = None
         self._watchdog = _Watchdog(self._total_timeout)
         self._routes: OrderedDict[str, _Route] = OrderedDict()
+        self._fixed: list[tuple[str, str]] | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
@@ -667,24 +677,33 @@ class WebhookSender:
                     self._routes.popitem(last=False)
         return route
 
+    def _fixed_headers(self) -> list[tuple[str, str]]:
+        """The session's default headers with ours, as (lower-cased name, line), checked
+        once (taken at first use, like the TLS settings)."""
+        with self._lock:
+            if self._fixed is None:
+                fixed = dict(self._session.headers)
+                fixed.update({"User-Agent": self._user_agent, "Accept-Encoding": "identity"})
+                self._fixed = [
+                    (name.lower(), _header_line(name, value))
+                    for name, value in fixed.items()
+                    if name.lower() not in _FRAMING
+                ]
+            return self._fixed
+
     def _head(
         self, *, conn: _PinnedHTTPConnection, target: str, body: bytes, headers: Mapping[str, str]
     ) -> bytes:
         """The request line and header block of one POST."""
-        send_headers = dict(self._session.headers)
-        send_headers.update({"User-Agent": self._user_agent, "Accept-Encoding": "identity"})
-        send_headers.update(headers)
-        for name in [k for k in send_headers if k.lower() in ("content-type", "content-length")]:
-            del send_headers[name]
-        send_headers["Content-Type"] = "application/json"
+        given = {name.lower() for name in headers}
         lines = [f"POST {target} HTTP/1.1", f"Host: {conn.host_header}"]
-        lines.append(f"Content-Length: {len(body)}")
-        for name, value in send_headers.items():
-            # The checks http.client's putheader makes: no header can be smuggled in.
-            if not _legal_name(name.encode("ascii")) or _illegal_value(value.encode("latin-1")):
-                raise ValueError(f"invalid header {name!r}")
-            lines.append(f"{name}: {value}")
-        lines += ("", "")
+        lines += [line for name, line in self._fixed_headers() if name not in given]
+        lines += [
+            _header_line(name, value)
+            for name, value in headers.items()
+            if name.lower() not in _FRAMING
+        ]
+        lines += ("Content-Type: application/json", f"Content-Length: {len(body)}", "", "")
         return "\r\n".join(lines).encode("latin-1")
 
     def _post(
