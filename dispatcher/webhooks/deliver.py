@@ -779,6 +779,9 @@ class WebhookSender:
 
     def _read_excerpt(self, response: http.client.HTTPResponse) -> str:
         """Read at most max_response_bytes of the body and decode it leniently."""
+        if response.length == 0:
+            response.close()  # no body (a 204, or Content-Length: 0): the connection is free
+            return ""
         limit = self._max_response_bytes
         buf = bytearray()
         try:
