@@ -356,7 +356,7 @@ class _Response(http.client.HTTPResponse):
         if self.headers is not None:
             return
         while True:
-            version, status, reason = self._read_status()  # type: ignore[attr-defined]
+            version, status, reason = self._read_status()
             if status != http.client.CONTINUE:
                 break
             _read_fields(self.fp)
@@ -368,11 +368,11 @@ class _Response(http.client.HTTPResponse):
             self.version = 11
         else:
             raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = _read_fields(self.fp)  # type: ignore[assignment]
+        self.headers = self.msg = _read_fields(self.fp)
         encoding = self.headers.get("transfer-encoding")
         self.chunked = bool(encoding and encoding.lower() == "chunked")
         self.chunk_left = None
-        self.will_close = self._check_close()  # type: ignore[attr-defined]
+        self.will_close = self._check_close()
         self.length = None
         length = self.headers.get("content-length")
         if length and not self.chunked:

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, Executable, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from dispatcher import outbox
 from dispatcher.config import Settings
@@ -41,7 +41,7 @@ def chunks(items: Sequence[str], size: int) -> list[list[str]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def by_id(column: ColumnElement[str]) -> ColumnElement[str]:
+def by_id(column: ColumnElement[str] | InstrumentedAttribute[str]) -> ColumnElement[str]:
     """``column`` in a form no index serves, for conditions beside ``id IN (...)``.
 
     Without statistics SQLite prefers the (state, next_attempt_at) index to the
