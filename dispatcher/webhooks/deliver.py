@@ -18,7 +18,9 @@ Two defences beyond the SSRF check itself:
 
 Connections are kept alive and reused per (scheme, host, port, checked addresses):
 a pooled connection only ever goes to addresses that the current attempt's own
-check produced, so reuse never weakens the pinning.
+check produced, so reuse never weakens the pinning. A URL whose check needs no DNS
+answer (an IP literal, an allow-listed name) checks the same way every time, so its
+result is kept per sender; a name is resolved and checked on every attempt.
 """
 
 from __future__ import annotations
