@@ -209,13 +209,14 @@ def _gate_path(database: str | None) -> str | None:
     return os.path.abspath(database) + "-gate"
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url``, with the SQLite settings multi-process writing needs."""
+def make_engine(url: str, *, write_gate: bool = True, **kwargs: Any) -> Engine:
+    """An engine for ``url``, with the SQLite settings multi-process writing needs
+    (``write_gate``: its writers pass the ``WriteGate``)."""
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"timeout": 30, "factory": GatedConnection}, **kwargs
         )
-        gate_path = _gate_path(engine.url.database)
+        gate_path = _gate_path(engine.url.database) if write_gate else None
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from dispatcher.db import GatedConnection, make_engine, make_session_factory, transaction
 
@@ -21,13 +21,7 @@ ROWS_PER_WRITE = 200
 
 def _writer(url: str, who: str, gated: bool, barrier: Any) -> None:
     """WRITES transactions, each a log row and ROWS_PER_WRITE filler rows (a few ms held)."""
-    engine = make_engine(url)
-    if not gated:
-
-        @event.listens_for(engine, "connect")
-        def _no_gate(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.gate = None
-
+    engine = make_engine(url, write_gate=gated)
     sessions = make_session_factory(engine)
     barrier.wait(timeout=60)
     filler = [{"who": who} for _ in range(ROWS_PER_WRITE)]
