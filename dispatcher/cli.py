@@ -346,7 +346,7 @@ def smpp_connector(settings: Settings, carriers: tuple[str, ...]) -> None:
     connector = Connector(
         config=config,
         redis_url=settings.redis_url,
-        sink=DatabaseSink(sessions=runtime.sessions),
+        sink=DatabaseSink(sessions=runtime.sessions, redis_client=runtime.redis),
         limiter=runtime.limiter,
         carriers=list(carriers) or None,
     )
