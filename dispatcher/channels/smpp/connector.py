@@ -31,6 +31,7 @@ import smpp34
 from dispatcher import metrics
 from dispatcher.channels.base import Outcome, Receipt, SendResult
 from dispatcher.channels.smpp import errors, handoff, pdu
+from dispatcher.channels.smpp import aio
 from dispatcher.channels.smpp.aio import run_until
 from dispatcher.channels.smpp.config import Carrier, Connection, SmppConfig
 from dispatcher.db import utcnow
@@ -646,7 +647,7 @@ def run_forever(connector: Connector, *, install_signals: bool = True) -> None:
                 loop.add_signal_handler(sig, connector.stop)
         await connector.run()
 
-    asyncio.run(main())
+    aio.run(main())
 
 
 __all__ = ["Connector", "Inbound", "Sink", "receipt_from", "run_forever"]
