@@ -87,7 +87,8 @@ class Item:
 
 def result_json(result: SendResult) -> dict[str, Any]:
     """A result as the connector answers it (the fields that are set)."""
-    return {k: v for k, v in asdict(result).items() if v is not None}
+    # vars, not asdict: asdict deep-copies every field, once per message.
+    return {k: v for k, v in vars(result).items() if v is not None}
 
 
 def result_of(raw: dict[str, Any]) -> SendResult:
