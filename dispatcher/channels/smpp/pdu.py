@@ -11,6 +11,7 @@ of ``submit_sm`` is exactly the part count Dispatcher computed and billed.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -335,6 +336,7 @@ def parse_receipt_date(value: str | None) -> datetime | None:
         return None
 
 
+@functools.lru_cache(maxsize=64)
 def receipt_date(at: datetime) -> str:
     """``YYMMDDhhmm`` as receipts carry it."""
     return at.astimezone(UTC).strftime("%y%m%d%H%M") if at.tzinfo else at.strftime("%y%m%d%H%M")

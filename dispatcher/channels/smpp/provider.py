@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import redis
 
@@ -160,7 +161,7 @@ class SmppProvider(Provider):
 
     def due_receipts(self, *, limit: int = 10) -> list[Receipt]:
         """Take up to ``limit`` groups of the receipts the connector read (for a worker)."""
-        groups = self.redis.lpop(handoff.RECEIPTS, limit)
+        groups = cast(list[bytes] | None, self.redis.lpop(handoff.RECEIPTS, limit))
         return [r for group in groups or () for r in handoff.receipts_of(group)]
 
     def requeue_receipts(self, receipts: Sequence[Receipt]) -> None:
