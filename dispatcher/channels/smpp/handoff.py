@@ -85,15 +85,15 @@ class Item:
         return SmsOptions(**self.sms) if self.sms else SmsOptions()
 
 
-def result_json(result: SendResult) -> dict[str, Any]:
-    """A result as the connector answers it (the fields that are set)."""
-    # vars, not asdict: asdict deep-copies every field, once per message.
-    return {k: v for k, v in vars(result).items() if v is not None}
+def result_json(result: SendResult) -> list[Any]:
+    """A result as the connector answers it: its fields in order, a list, not a mapping."""
+    r = result
+    return [r.outcome.value, r.provider_message_id, r.error_code, r.error_text, r.retry_after]
 
 
-def result_of(raw: dict[str, Any]) -> SendResult:
+def result_of(raw: list[Any]) -> SendResult:
     """A result from the connector's answer."""
-    return SendResult(**{**raw, "outcome": Outcome(raw["outcome"])})
+    return SendResult(Outcome(raw[0]), *raw[1:])
 
 
 def receipts_json(receipts: list[Receipt]) -> str:
