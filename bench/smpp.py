@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         " the ratio of their end-to-end rates (recipients: 20000 unless given)",
     )
     p.add_argument("--smpp-binds", type=int, default=1, help="smpp: connections (one bind each)")
-    p.add_argument("--smpp-window", type=int, default=10, help="smpp: outstanding submits/bind")
+    p.add_argument("--smpp-window", type=int, default=50, help="smpp: outstanding submits/bind")
 
 
 def connection(i: int) -> str:
