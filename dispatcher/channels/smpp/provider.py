@@ -16,21 +16,17 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import redis
 
-from dispatcher.channels.base import (
-    Lookup,
-    OutboundMessage,
-    Outcome,
-    Provider,
-    Receipt,
-    SendResult,
-)
+from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
 from dispatcher.channels.smpp import handoff
 from dispatcher.channels.smpp.config import SmppConfig
 from dispatcher.routes import RouteTable
+
+if TYPE_CHECKING:
+    from dispatcher.channels.base import Receipt
 
 logger = logging.getLogger(__name__)
 
