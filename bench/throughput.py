@@ -325,6 +325,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--api-workers", type=int, default=2, help="gunicorn --workers")
     p.add_argument(
+        "--no-write-gate",
+        action="store_true",
+        help="SQLite: writers poll in SQLite's busy handler (sqlite_write_gate=false), to compare",
+    )
+    p.add_argument(
         "--intake-threads",
         type=int,
         default=4,
