@@ -222,7 +222,7 @@ def connector_alone(args: argparse.Namespace) -> int:
             smsc_ms=round(1000 * cpu.get("smsc", 0.0) / n, 3),
             window=args.smpp_window,
             window_mean=round(int(stats.get("outstanding_sum", 0)) / max(accepted, 1), 2),
-            what="process CPU ms per message (connector: submit + receipt + database sink)",
+            what="process CPU ms per message (connector: submit, receipt read and queued)",
         )
         failed = False
     finally:
