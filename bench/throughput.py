@@ -131,7 +131,11 @@ def throughput(system: System, out: Out) -> None:
     system.start_send_workers()
     if args.callbacks:
         system.start_worker(
-            "callbacks", app="workers.main", queues="callbacks", concurrency=2, role="callbacks"
+            "callbacks",
+            app="workers.main",
+            queues="callbacks",
+            concurrency=args.callback_concurrency,
+            role="callbacks",
         )
     beat = system.start_beat()
     system.wait_ready([*system.workers(), beat, api])
@@ -328,6 +332,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--api-workers", type=int, default=2, help="gunicorn --workers")
     p.add_argument(
+        "--no-write-gate",
+        action="store_true",
+        help="SQLite: writers poll in SQLite's busy handler (sqlite_write_gate=false), to compare",
+    )
+    p.add_argument(
         "--intake-threads",
         type=int,
         default=4,
@@ -382,6 +391,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     smpp.add_arguments(p)
     p.add_argument("--keep", action="store_true", help="keep the temp directory (logs, database)")
+    p.add_argument(
+        "--callback-concurrency",
+        type=int,
+        default=Settings.callback_concurrency,
+        help="--callbacks: processes of the callback worker (default: as `dispatcher run`)",
+    )
     p.add_argument(
         "--py-spy",
         default="",
