@@ -68,7 +68,8 @@ def transition_recipients(
         update(Recipient)
         .where(*conditions)
         .values(status=to, updated_at=at, **common)
-        .returning(Recipient.batch_id, Recipient.provider_message_id, *events.CHANGE_COLUMNS)
+        .returning(Recipient.batch_id, Recipient.provider_message_id, *events.CHANGE_COLUMNS),
+        execution_options={"synchronize_session": _synchronize(session)},
     ).all()
     moved = [Moved(row[0], row[1], events.Change.from_row(row[2:])) for row in rows]
     if record and moved:
@@ -84,6 +85,16 @@ def transition_recipients(
                 session=session, batch=owner, status=to, changes=changes, at=at, copy=True
             )
     return moved
+
+
+def _synchronize(session: Session) -> str | bool:
+    """The ORM's synchronisation of a bulk UPDATE: none when no recipient is loaded.
+
+    Its "fetch" fallback (for criteria it cannot evaluate in Python, such as
+    ``= ANY(array)``) walks every returned row; a worker's session loads no recipient.
+    """
+    loaded = any(isinstance(o, Recipient) for o in session.identity_map.values())
+    return "auto" if loaded else False
 
 
 def claim_recipients(

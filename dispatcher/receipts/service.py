@@ -26,6 +26,7 @@ from dispatcher.batches.models import Recipient
 from dispatcher.batches.transitions import transition_recipients
 from dispatcher.channels.base import CHANNEL_FAILED, Receipt
 from dispatcher.config import Settings
+from dispatcher.db import one_of
 from dispatcher.engine import fallback
 from dispatcher.receipts.models import PendingReceipt
 from dispatcher.states import RECIPIENT_TRANSITIONS, RecipientStatus
@@ -123,7 +124,7 @@ def _apply(
             session=session,
             to=new,
             current=SOURCES.get(new, (R.SENT,)),
-            where=[Recipient.provider_message_id.in_(refs), _of(provider)],
+            where=[one_of(session, Recipient.provider_message_id, refs), _of(provider)],
             values={"error_code": error_code, "error_text": text},
             at=now,
         )
@@ -132,7 +133,7 @@ def _apply(
         refs = [f.provider_message_id for f in late]
         matched |= fallback.fall_back(
             session=session,
-            where=[Recipient.provider_message_id.in_(refs), _of(provider)],
+            where=[one_of(session, Recipient.provider_message_id, refs), _of(provider)],
             failures=late,
             now=now,
         )
@@ -187,12 +188,12 @@ def accept(
     applied, matched = _apply_chains(session=session, provider=provider, chains=chains, now=now)
     rest = [r for ref, chain in chains.items() if ref not in matched for r in chain]
     # A message that carries the id but is not sent is final already: a late receipt.
+    rest_refs = [r.provider_message_id for r in rest]
     final = (
         set(
             session.scalars(
                 select(Recipient.provider_message_id).where(
-                    Recipient.provider_message_id.in_([r.provider_message_id for r in rest]),
-                    _of(provider),
+                    one_of(session, Recipient.provider_message_id, rest_refs), _of(provider)
                 )
             )
         )
@@ -202,7 +203,7 @@ def accept(
     # A rich message that a late failure moved on from: its later word changes nothing.
     final |= fallback.moved_on(
         session=session,
-        refs=[r.provider_message_id for r in rest if r.provider_message_id not in final],
+        refs=[ref for ref in rest_refs if ref not in final],
     )
     keep = [r for r in rest if r.provider_message_id not in final]
     if keep:
@@ -239,7 +240,10 @@ def settle(*, session: Session, provider: str, refs: Iterable[str], now: datetim
         return 0
     stored = session.scalars(
         select(PendingReceipt)
-        .where(PendingReceipt.provider == provider, PendingReceipt.provider_message_id.in_(refs))
+        .where(
+            PendingReceipt.provider == provider,
+            one_of(session, PendingReceipt.provider_message_id, refs),
+        )
         .order_by(PendingReceipt.id)
     ).all()
     if not stored:
