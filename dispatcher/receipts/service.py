@@ -285,11 +285,13 @@ def sweep(*, session: Session, settings: Settings, now: datetime, limit: int = 1
             & or_(Recipient.provider == PendingReceipt.provider, Recipient.provider.is_(None)),
         )
         .where(
+            # Spelled out so the planners may use the partial index on message ids.
+            Recipient.provider_message_id.is_not(None),
             or_(
                 Recipient.status == R.SENT,
                 # A read may still follow a delivery that was applied meanwhile.
                 (Recipient.status == R.DELIVERED) & (PendingReceipt.status == "read"),
-            )
+            ),
         )
         .order_by(PendingReceipt.id)
         .limit(limit)

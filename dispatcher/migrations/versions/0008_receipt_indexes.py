@@ -1,0 +1,31 @@
+"""recipients' provider message id index: partial, only rows that carry one
+
+Create Date: 2026-11-30 02:20:00
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0008_receipt_indexes"
+down_revision = "0007_late_fallback"
+
+
+# Every lookup by message id (receipts, reclaims) is an equality or IN, which implies
+# this on both databases, also in PostgreSQL's generic plans for parameters.
+CARRIES_ONE = sa.text("provider_message_id IS NOT NULL")
+
+
+def upgrade() -> None:
+    op.drop_index("ix_recipients_provider_ref", table_name="recipients")
+    op.create_index(
+        "ix_recipients_provider_ref",
+        "recipients",
+        ["provider_message_id"],
+        sqlite_where=CARRIES_ONE,
+        postgresql_where=CARRIES_ONE,
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_recipients_provider_ref", table_name="recipients")
+    op.create_index("ix_recipients_provider_ref", "recipients", ["provider_message_id"])
