@@ -1,4 +1,4 @@
-"""recipients' provider message id index: partial, only rows that carry one
+"""recipients' provider message id index: partial; status events not indexed by recipient
 
 Create Date: 2026-11-30 02:20:00
 """
@@ -16,6 +16,8 @@ CARRIES_ONE = sa.text("provider_message_id IS NOT NULL")
 
 
 def upgrade() -> None:
+    # Nothing reads status events by recipient; the retention purge goes by batch.
+    op.drop_index("ix_status_events_recipient_id", table_name="status_events")
     op.drop_index("ix_recipients_provider_ref", table_name="recipients")
     op.create_index(
         "ix_recipients_provider_ref",
@@ -29,3 +31,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_recipients_provider_ref", table_name="recipients")
     op.create_index("ix_recipients_provider_ref", "recipients", ["provider_message_id"])
+    op.create_index("ix_status_events_recipient_id", "status_events", ["recipient_id"])
