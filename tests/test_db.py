@@ -1,4 +1,4 @@
-"""Database plumbing: ids in bulk, and the executemany insert every intake writes through."""
+"""Database plumbing: ids in bulk, the executemany insert every intake writes through, id lists."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher.db import insert_many, new_ids
+from dispatcher.db import insert_many, new_ids, one_of
 
 _META = MetaData()
 _ROWS = Table(
@@ -65,3 +65,15 @@ def test_insert_many_writes_rows_shared_values_and_scalar_defaults(session: Sess
 def test_insert_many_refuses_to_share_a_computed_default(session: Session) -> None:
     with pytest.raises(ValueError, match=r"test_insert_many\.id"):
         insert_many(session, _ROWS, rows={"n": [1, 2]}, same={"tag": "t"})
+
+
+def test_one_of_selects_the_rows_an_in_list_would(session: Session) -> None:
+    insert_many(session, _ROWS, rows={"id": ["a", "b", "c", "d"], "n": range(4)}, same={})
+
+    def ids(values: list[str]) -> list[str]:
+        found = session.scalars(select(_ROWS.c.id).where(one_of(session, _ROWS.c.id, values)))
+        return sorted(found)
+
+    assert ids(["b", "d", "zz"]) == ["b", "d"]
+    assert ids(["c"]) == ["c"]
+    assert ids([]) == []
