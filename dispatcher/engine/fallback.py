@@ -30,6 +30,11 @@ from dispatcher.states import BatchStatus, RecipientStatus
 R, B = RecipientStatus, BatchStatus
 # What the recipients of a stopped batch become when they would be queued again.
 STOPPED = {B.CANCELLED: R.CANCELLED, B.EXPIRED: R.EXPIRED}
+# What a recipient moved on from a sent message stops carrying: that message's id,
+# its provider and when it went (the attempt row keeps the id). So a receipt for
+# the old message can never match the next channel's send, and reports and inbound
+# replies do not show the old message as the current one.
+FORGET_SENT = {"provider_message_id": None, "provider": None, "sent_at": None}
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,7 @@ def _fall_back_in(
         failure = by_ref[row.provider_message_id]
         nxt = row.channel_index + 1
         if nxt < len(batch.channels):
-            requeue[row.id] = requeue_values(
+            requeue[row.id] = FORGET_SENT | requeue_values(
                 nxt, batch.channels[nxt], 0, None, now, failure.error_code, failure.error_text
             )
         else:

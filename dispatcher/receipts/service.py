@@ -315,11 +315,12 @@ def sweep(*, session: Session, settings: Settings, now: datetime, limit: int = 1
             len(expired),
             settings.receipt_retention,
         )
+    sent_before = Recipient.sent_at < now - timedelta(seconds=settings.receipt_deadline)
     overdue = session.scalars(
         select(Recipient.id)
         .where(
             Recipient.status == R.SENT,
-            Recipient.sent_at < now - timedelta(seconds=settings.receipt_deadline),
+            sent_before,
         )
         .limit(limit)
     ).all()
@@ -329,6 +330,9 @@ def sweep(*, session: Session, settings: Settings, now: datetime, limit: int = 1
             to=R.UNKNOWN,
             current=(R.SENT,),
             ids=overdue,
+            # Again in the UPDATE: one that a late fallback moved on and its next channel
+            # sent meanwhile (PostgreSQL lets that commit between the two) is not overdue.
+            where=[sent_before],
             values={"error_code": NO_RECEIPT[0], "error_text": NO_RECEIPT[1]},
             at=now,
         )

@@ -18,18 +18,21 @@ import requests
 from sqlalchemy import select, update
 
 from dispatcher import outbox
-from dispatcher.batches.models import Batch, StatusEvent
+from dispatcher.batches.models import Attempt, Batch, Recipient, StatusEvent
+from dispatcher.channels.base import CHANNEL_FAILED
 from dispatcher.channels.twilio import TwilioProvider
 from dispatcher.channels.whatsapp_cloud import WhatsAppCloudProvider
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine.sending import send_recipients
+from dispatcher.receipts import service as receipts
+from dispatcher.receipts.models import PendingReceipt
 from dispatcher.states import BatchStatus, RecipientStatus
 from dispatcher.webhooks.models import Callback
 from tests.factories import Tenant
 from tests.helpers import RecordingPublisher
 from tests.helpers.providers import Live, counts
 from tests.standins import Reply, Request
-from tests.standins.twilio import Twilio
+from tests.standins.twilio import Twilio, error
 from tests.standins.whatsapp import ERRORS, WhatsApp, notify, status
 
 R, B = RecipientStatus, BatchStatus
@@ -132,6 +135,26 @@ def published(publisher: RecordingPublisher, batch_id: str) -> list[list[str]]:
         and m.task is outbox.TaskName.SEND_RECIPIENTS
         and m.kwargs["batch_id"] == batch_id
     ]
+
+
+def late_word(live: Live, provider: str, ref: str, status: str) -> receipts.Accepted:
+    """A receipt for ``ref`` straight into the receipts service, as a webhook hands it over."""
+    with transaction(live.sessions) as session:
+        return receipts.accept(
+            session=session,
+            provider=provider,
+            receipts=[receipts.Receipt(ref, status, "63016" if status != "delivered" else None)],
+            now=utcnow(),
+        )
+
+
+def kept(live: Live, ref: str) -> int:
+    """How many receipts for ``ref`` are stored as early (waiting for their message)."""
+    with live.sessions() as session:
+        rows = session.scalars(
+            select(PendingReceipt.id).where(PendingReceipt.provider_message_id == ref)
+        )
+        return len(rows.all())
 
 
 def batch_status(live: Live, batch_id: str) -> BatchStatus:
@@ -270,7 +293,8 @@ def test_cancel_stops_a_recipient_queued_again_by_a_late_failure(
 ) -> None:
     batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
     [rec] = live.recipients(batch_id)
-    failed(live, str(rec.provider_message_id))
+    ref = str(rec.provider_message_id)
+    failed(live, ref)
     reply = live.client.delete(f"/batch/{batch_id}", headers=tenant.auth)
     assert reply.status_code == 200, reply.get_json()
     assert reply.get_json()["cancelledCount"] == 1
@@ -278,6 +302,11 @@ def test_cancel_stops_a_recipient_queued_again_by_a_late_failure(
     [rec] = live.recipients(batch_id)
     assert rec.status == R.CANCELLED
     assert twilio.seen == []
+    # WhatsApp's later word on the message it had changes nothing, and is not kept.
+    for word in LATE_WORDS:
+        assert late_word(live, "whatsapp_cloud", ref, word) == receipts.Accepted(ignored=1)
+    assert live.recipients(batch_id)[0].status == R.CANCELLED
+    assert kept(live, ref) == 0
 
 
 def test_a_late_failure_in_a_cancelled_batch_is_cancelled_not_sent(
@@ -383,3 +412,110 @@ def test_no_secret_shows_in_logs_metrics_or_replies(
     seen = "\n".join([*replies, scrape.get_data(as_text=True), caplog.text])
     for secret in (APP_SECRET, TOKEN, "EAAG-token"):
         assert secret not in seen
+
+
+LATE_WORDS = ("delivered", "read", "failed", "expired", CHANNEL_FAILED)
+
+
+def test_a_recipient_queued_again_forgets_the_rich_message_and_its_late_word_is_ignored(
+    live: Live, tenant: Tenant, providers: dict[str, Any]
+) -> None:
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    [rec] = live.recipients(batch_id)
+    ref, rich_sent_at = str(rec.provider_message_id), rec.sent_at
+    assert rec.provider == "whatsapp_cloud" and rich_sent_at is not None
+    failed(live, ref)
+    [rec] = live.recipients(batch_id)
+    # Queued on SMS: nothing of the WhatsApp message is left on the row...
+    assert (rec.status, rec.provider_message_id, rec.provider, rec.sent_at) == (
+        R.QUEUED,
+        None,
+        None,
+        None,
+    )
+    # ...its history is on the attempts.
+    with live.sessions() as session:
+        refs = session.execute(
+            select(Attempt.outcome, Attempt.provider_message_id)
+            .where(Attempt.recipient_id == rec.id)
+            .order_by(Attempt.id)
+        ).all()
+    assert [tuple(r) for r in refs] == [("accepted", ref), ("receipt:channel", ref)]
+    # While it waits for its SMS turn, the old message's word is known and ignored.
+    for word in LATE_WORDS:
+        assert late_word(live, "whatsapp_cloud", ref, word) == receipts.Accepted(ignored=1)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel) == (R.QUEUED, "sms")
+
+    live.send(providers, batch_id)
+    [rec] = live.recipients(batch_id)
+    sms = (R.SENT, "sms", "twilio", rec.provider_message_id, rec.sent_at)
+    assert str(rec.provider_message_id).startswith("SM")
+    assert rec.sent_at is not None and rec.sent_at >= rich_sent_at
+    trail = history(live, rec.id)
+    # Once the SMS went, no word on the old message (by any provider) moves the SMS send.
+    for provider in ("whatsapp_cloud", "twilio"):
+        for word in LATE_WORDS:
+            assert late_word(live, provider, ref, word) == receipts.Accepted(ignored=1)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel, rec.provider, rec.provider_message_id, rec.sent_at) == sms
+    assert history(live, rec.id) == trail
+    assert kept(live, ref) == 0
+    # The SMS's own receipt still lands.
+    assert late_word(live, "twilio", str(rec.provider_message_id), "delivered").applied == 1
+    assert live.recipients(batch_id)[0].status == R.DELIVERED
+
+
+def test_an_sms_refused_after_a_late_fallback_reports_no_rich_message(
+    live: Live, tenant: Tenant, providers: dict[str, Any], twilio: Twilio
+) -> None:
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    [rec] = live.recipients(batch_id)
+    ref = str(rec.provider_message_id)
+    failed(live, ref)
+    twilio.errors[TO] = error(400, 21211, "The 'To' number is not a valid phone number.")
+    live.send(providers, batch_id)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel, rec.error_code) == (R.FAILED, "sms", "twilio_21211")
+    assert (rec.provider_message_id, rec.provider, rec.sent_at) == (None, None, None)
+    reply = live.client.get(f"/batch/{batch_id}/messages", headers=tenant.auth)
+    assert reply.status_code == 200, reply.get_json()
+    [shown] = reply.get_json()["messages"]
+    assert (shown["status"], shown["providerMessageId"], shown["sentAt"]) == ("failed", None, None)
+    assert late_word(live, "whatsapp_cloud", ref, "delivered") == receipts.Accepted(ignored=1)
+    assert live.recipients(batch_id)[0].status == R.FAILED
+
+
+def test_the_receipt_deadline_does_not_catch_the_next_channels_send(
+    live: Live, tenant: Tenant, providers: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not live.runtime.settings.database_url.startswith("postgresql"):
+        pytest.skip("SQLite takes the write lock at BEGIN: nothing commits inside the sweep")
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    [rec] = live.recipients(batch_id)
+    deadline = live.runtime.settings.receipt_deadline
+    with transaction(live.sessions) as session:
+        overdue = utcnow() - timedelta(seconds=deadline + 60)
+        session.execute(update(Recipient).where(Recipient.id == rec.id).values(sent_at=overdue))
+    moves = receipts.transition_recipients
+
+    def moved_on_meanwhile(**kwargs: Any) -> Any:
+        # The sweep has read the WhatsApp message as overdue; before it writes, the late
+        # failure and the SMS send commit (two other transactions, as two workers would).
+        if kwargs["to"] is R.UNKNOWN and kwargs["ids"] == [rec.id]:
+            failed(live, str(rec.provider_message_id))
+            live.send(providers, batch_id)
+        return moves(**kwargs)
+
+    monkeypatch.setattr(receipts, "transition_recipients", moved_on_meanwhile)
+    with transaction(live.sessions) as session:
+        swept = receipts.sweep(session=session, settings=live.runtime.settings, now=utcnow())
+    assert swept.unknown == 0
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel, rec.provider, rec.error_code) == (
+        R.SENT,
+        "sms",
+        "twilio",
+        None,
+    )
+    assert [s for s, _c, _e in history(live, rec.id)][-3:] == ["sent", "queued", "sent"]

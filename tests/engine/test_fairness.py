@@ -177,7 +177,9 @@ def test_a_rate_limited_chunk_gives_its_process_back_after_its_time_slice(
     # About half a second of sending at 20/s, then the rest goes to the tail of the queue,
     # published with the claim of the last group (so the next task books the next slot).
     assert 0 < report.claimed < 40 and report.deferred_for == 0.0
-    assert took < 0.5 + settings.rate_max_wait + 1.0
+    # Given back well before the whole chunk's time at its rate (5 s): a loaded machine
+    # only stretches the slice's own work.
+    assert took < 100 / 20.0, took
     (message,) = chunk_messages(publisher)
     assert message.eta is None and message.kwargs == {"batch_id": batch_id, "start": 0, "end": 100}
     rows = queued_rows(sessions, batch_id)
@@ -242,6 +244,7 @@ def test_a_throttled_backlog_does_not_hold_the_send_pool(
             system.worker(settings, tmp_path, name="fair", concurrency=4),
             system.beat(settings, tmp_path),
         ):
+            a_posted = utcnow()
             a_batch = post(api, a.key, [f"+4477003{i:05d}" for i in range(A_COUNT)])
             # A's backlog is being worked on: every send process could now be taken by it.
             wait_for(lambda: len(sent_times(live.sessions, a_batch)) >= 10, timeout=30)
@@ -252,7 +255,8 @@ def test_a_throttled_backlog_does_not_hold_the_send_pool(
                 b_batch = post(api, b.key, [f"+44770020{i:04d}"], send_at=send_at.isoformat() + "Z")
                 times = wait_for(partial(sent_times, live.sessions, b_batch), timeout=20)
                 lags.append((times[0] - send_at).total_seconds())
-            a_sent = [t for t in sent_times(live.sessions, a_batch) if t >= started]
+            a_all = sent_times(live.sessions, a_batch)
+            a_sent = [t for t in a_all if t >= started]
             # Stop A's backlog, so that it does not run on into later tests.
             reply = api.delete(f"/batch/{a_batch}", headers=a.auth)
             assert reply.status_code == 200, reply.get_json()
@@ -262,8 +266,16 @@ def test_a_throttled_backlog_does_not_hold_the_send_pool(
     # measures it exactly).
     assert max(lags) < 5.0, lags
     # A kept going meanwhile, and no faster than its limit (bench/fairness.py measures
-    # how close to it; a loaded machine loses some slots).
+    # how close to it; a loaded machine loses some slots). Tokens are booked a group at
+    # a time from after the POST, each booking a group's time after the one before, and
+    # nothing goes before its slot: so A's k-th send is no sooner than that, however late
+    # any record was written.
     assert len(a_sent) >= 3, a_sent
-    span = (a_sent[-1] - a_sent[0]).total_seconds()
-    assert (len(a_sent) - 1) / span < A_RATE * 1.1, (len(a_sent), span)
+    group = sending.group_size(settings=settings, rate=A_RATE)
+    early = [
+        (k, t)
+        for k, t in enumerate(a_all)
+        if (t - a_posted).total_seconds() < (k - group + 1) / A_RATE * 0.98
+    ]
+    assert not early, (early[:3], len(a_all))
     print(f"\nB hand-off lag p50 {statistics.median(lags):.2f}s max {max(lags):.2f}s")
