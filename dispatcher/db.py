@@ -155,9 +155,10 @@ def one_of(session: Session, column: Any, values: Sequence[Any]) -> ColumnElemen
     driver caches it and the server prepares it once.
     """
     if session.get_bind().dialect.name == "postgresql":
-        return cast(
-            ColumnElement[bool], column == any_(bindparam(None, list(values), ARRAY(column.type)))
-        )
+        # Strings as varchar without a length: a cast to varchar(n) would cut a longer
+        # value, which could then match another row.
+        kind = String() if isinstance(column.type, String) else column.type
+        return cast(ColumnElement[bool], column == any_(bindparam(None, list(values), ARRAY(kind))))
     return cast(ColumnElement[bool], column.in_(list(values)))
 
 

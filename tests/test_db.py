@@ -77,3 +77,7 @@ def test_one_of_selects_the_rows_an_in_list_would(session: Session) -> None:
     assert ids(["b", "d", "zz"]) == ["b", "d"]
     assert ids(["c"]) == ["c"]
     assert ids([]) == []
+    # Longer than the column: matches nothing (it is not cut to the column's length).
+    insert_many(session, _ROWS, rows={"id": ["x" * 36], "n": [5]}, same={})
+    assert ids(["x" * 40]) == []
+    assert ids(["x" * 36]) == ["x" * 36]
