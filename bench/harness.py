@@ -236,6 +236,7 @@ class System:
             "min_send_at_lead": 0,
             "chunk_size": self.args.chunk_size,
             "send_concurrency": self.args.concurrency,
+            "sqlite_write_gate": not getattr(self.args, "no_write_gate", False),
         }
         values.update(overrides)
         self.settings = Settings(**values)

@@ -8,6 +8,10 @@ client, one after another, each with distinct numbers and a pre-serialised body.
 It prints one JSON line (``intake_cpu``): CPU and wall microseconds per
 recipient (median, best, worst), and with ``--stages`` the CPU per recipient of
 each step of the request (JSON parse, schema load, the service, the commit).
+On SQLite it also reports how long each request held the write lock (from
+``BEGIN IMMEDIATE`` to the end of ``COMMIT``, CPU and wall): while intake runs
+beside a send worker, that is the time the worker waits for it, and the rest of
+the request runs beside the worker.
 
     .venv/bin/python -m bench.intake_cpu                       # SQLite, 30 x 1,000
     .venv/bin/python -m bench.intake_cpu --database postgres   # a throw-away PostgreSQL
@@ -111,6 +115,42 @@ def _stages(app: Any, body: bytes, key: str, size: int) -> dict[str, float]:
     return out
 
 
+class _HoldTimer:
+    """CPU and wall seconds of each write transaction of this process (SQLite's gated
+    connections: from before ``BEGIN IMMEDIATE`` to after ``COMMIT``)."""
+
+    def __init__(self) -> None:
+        self.started: tuple[float, float] | None = None
+        self.held: list[tuple[float, float]] = []
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        from dispatcher.db import GatedConnection
+
+        begin, commit = GatedConnection.begin_write, GatedConnection.commit
+
+        def timed_begin(conn: GatedConnection) -> None:
+            self.started = (time.process_time(), time.perf_counter())
+            begin(conn)
+
+        def timed_commit(conn: GatedConnection) -> None:
+            try:
+                commit(conn)
+            finally:
+                if self.started is not None:
+                    c0, w0 = self.started
+                    self.held.append((time.process_time() - c0, time.perf_counter() - w0))
+                    self.started = None
+
+        GatedConnection.begin_write = timed_begin  # type: ignore[method-assign,assignment]
+        GatedConnection.commit = timed_commit  # type: ignore[method-assign,assignment]
+        try:
+            yield
+        finally:
+            GatedConnection.begin_write = begin  # type: ignore[method-assign]
+            GatedConnection.commit = commit  # type: ignore[method-assign]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from api.app import create_app
     from dispatcher.accounts import service as accounts
@@ -144,12 +184,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cpu: list[float] = []
             wall: list[float] = []
             profiler = cProfile.Profile() if args.profile else None
+            timer = _HoldTimer()
+            held: list[tuple[float, float]] = []
             for i, body in enumerate(bodies[: args.warmup + args.requests]):
                 measured = i >= args.warmup
                 if profiler and measured:
                     profiler.enable()
+                timer.held.clear()
                 c0, w0 = time.process_time(), time.perf_counter()
-                reply = client.post("/batch?allowMulti=true", data=body, headers=headers)
+                with timer.installed():
+                    reply = client.post("/batch?allowMulti=true", data=body, headers=headers)
                 c1, w1 = time.process_time(), time.perf_counter()
                 if profiler and measured:
                     profiler.disable()
@@ -158,6 +202,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if measured:
                     cpu.append((c1 - c0) / args.size * 1e6)
                     wall.append((w1 - w0) / args.size * 1e6)
+                    if timer.held:
+                        cpu_s, wall_s = (sum(x) for x in zip(*timer.held, strict=True))
+                        held.append((cpu_s / args.size * 1e6, wall_s / args.size * 1e6))
             stages = _stages(app, bodies[-1], key, args.size) if args.stages else None
             runtime.dispose()
     finally:
@@ -181,6 +228,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "cpu_ceiling_recipients_per_s_per_core": round(1e6 / statistics.median(cpu)),
         "stages_cpu_us_per_recipient": stages,
+        "write_lock_held_us_per_recipient": (
+            {
+                "cpu_median": round(statistics.median(c for c, _ in held), 1),
+                "wall_median": round(statistics.median(w for _, w in held), 1),
+                "wall_min": round(min(w for _, w in held), 1),
+            }
+            if held
+            else None
+        ),
         "params": {
             "database": args.database,
             "requests": args.requests,

@@ -50,6 +50,7 @@ from bench.intake import CallbackSink, Intake, batch_sizes
 from bench.rate import rate_mode
 from bench.sampler import ProcSampler
 from bench.scheduled import scheduled_mode
+from dispatcher.config import Settings
 
 
 def noop_reference(system: System, out: Out) -> float:
@@ -130,7 +131,11 @@ def throughput(system: System, out: Out) -> None:
     system.start_send_workers()
     if args.callbacks:
         system.start_worker(
-            "callbacks", app="workers.main", queues="callbacks", concurrency=2, role="callbacks"
+            "callbacks",
+            app="workers.main",
+            queues="callbacks",
+            concurrency=args.callback_concurrency,
+            role="callbacks",
         )
     beat = system.start_beat()
     system.wait_ready([*system.workers(), beat, api])
@@ -325,6 +330,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--api-workers", type=int, default=2, help="gunicorn --workers")
     p.add_argument(
+        "--no-write-gate",
+        action="store_true",
+        help="SQLite: writers poll in SQLite's busy handler (sqlite_write_gate=false), to compare",
+    )
+    p.add_argument(
         "--intake-threads",
         type=int,
         default=4,
@@ -379,6 +389,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     smpp.add_arguments(p)
     p.add_argument("--keep", action="store_true", help="keep the temp directory (logs, database)")
+    p.add_argument(
+        "--callback-concurrency",
+        type=int,
+        default=Settings.callback_concurrency,
+        help="--callbacks: processes of the callback worker (default: as `dispatcher run`)",
+    )
     p.add_argument(
         "--py-spy",
         default="",

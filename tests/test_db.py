@@ -81,3 +81,19 @@ def test_one_of_selects_the_rows_an_in_list_would(session: Session) -> None:
     insert_many(session, _ROWS, rows={"id": ["x" * 36], "n": [5]}, same={})
     assert ids(["x" * 40]) == []
     assert ids(["x" * 36]) == ["x" * 36]
+
+
+def test_insert_many_carries_every_text_exactly(session: Session) -> None:
+    # SQLite sends the rows as JSON (json_each): quotes, backslashes, non-ASCII and
+    # control characters come back as sent; a NUL goes through executemany instead.
+    texts = ['q"u\\te', "ï☃😀", "t\tn\n", "\\u0000", ""]
+    if session.get_bind().dialect.name == "sqlite":  # PostgreSQL's text holds no NUL
+        texts.append("n\x00x")
+    ids = [f"t{i}" for i in range(len(texts))]
+    insert_many(session, _ROWS, rows={"id": ids, "note": texts}, same={"n": 1})
+    insert_many(session, _ROWS, rows={"id": ["u"], "n": [2**31 - 1]}, same={"note": "☃"})
+    written = session.execute(select(_ROWS.c.id, _ROWS.c.n, _ROWS.c.note).order_by(_ROWS.c.id))
+    assert [tuple(r) for r in written] == [
+        *((f"t{i}", 1, note) for i, note in enumerate(texts)),
+        ("u", 2**31 - 1, "☃"),
+    ]

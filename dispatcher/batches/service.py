@@ -137,6 +137,32 @@ def _batch_id_for(session: Session, client_id: str | None) -> str:
     return str(uuid.uuid4())
 
 
+def _add_claiming_client_id(
+    *, session: Session, account: Account, batch: Batch, client_id: str
+) -> Batch | None:
+    """Write ``batch``, whose client id another request may be writing at the same time;
+    returns the batch that request wrote if it is the same one (an idempotent retry)."""
+    try:
+        with session.begin_nested():
+            session.add(batch)
+            session.flush()
+    except IntegrityError:
+        # A concurrent request won the race for this client id (or, rarely, for
+        # the batch id chosen from another tenant's UUID): settle it like a retry.
+        existing = _existing(session, account, client_id)
+        if existing is None:
+            batch.id = str(uuid.uuid4())
+            session.add(batch)
+            session.flush()
+        elif existing.fingerprint == batch.fingerprint:
+            return existing
+        else:
+            raise Conflict(
+                f"id {client_id!r} was already used for a different batch", field="id"
+            ) from None
+    return None
+
+
 def create_batch(
     *, session: Session, settings: Settings, account: Account, new: NewBatch
 ) -> Intake:
@@ -177,24 +203,21 @@ def create_batch(
         created_at=now,
         modified_at=now,
     )
-    try:
-        with session.begin_nested():
-            session.add(batch)
-            session.flush()
-    except IntegrityError:
-        # A concurrent request won the race for this client id (or, rarely, for
-        # the batch id chosen from another tenant's UUID): settle it like a retry.
-        existing = _existing(session, account, new.client_id) if new.client_id else None
-        if existing is None:
-            batch.id = str(uuid.uuid4())
-            session.add(batch)
-            session.flush()
-        elif existing.fingerprint == digest:
-            return Intake(batch=existing, created=False)
-        else:
-            raise Conflict(
-                f"id {new.client_id!r} was already used for a different batch", field="id"
-            ) from None
+    # Everything that needs no database is done before the first write: on SQLite the
+    # write lock is held from it to the commit, and sending waits for it meanwhile.
+    ids = new_ids(len(new.destinations))
+    if new.client_id is None:
+        # A fresh uuid4 cannot collide, so no savepoint; promoted before it is written,
+        # the batch is one INSERT rather than an INSERT and an UPDATE.
+        promote_if_due(session=session, settings=settings, batch=batch, now=now)
+        session.add(batch)
+        session.flush()
+    else:
+        settled = _add_claiming_client_id(
+            session=session, account=account, batch=batch, client_id=new.client_id
+        )
+        if settled is not None:
+            return Intake(batch=settled, created=False)
     insert_recipients(
         session=session,
         batch=batch,
@@ -203,8 +226,10 @@ def create_batch(
         client_id=new.client_message_id,
         now=now,
         rejected=new.rejected,
+        ids=ids,
     )
-    promote_if_due(session=session, settings=settings, batch=batch, now=now)
+    if new.client_id is not None:
+        promote_if_due(session=session, settings=settings, batch=batch, now=now)
     return Intake(batch=batch, created=True)
 
 
@@ -218,13 +243,15 @@ def insert_recipients(
     client_id: str | None = None,
     rejected: Mapping[int, str] | None = None,
     reported: Collection[int] = (),
+    ids: Sequence[str] | None = None,
 ) -> int:
     """Write one ``scheduled`` row per destination, seq 0..n-1 (chunks are seq ranges);
     those in ``rejected`` are written ``rejected`` with their error code, and reported
-    (unless in ``reported``: an update keeps a rejection it reported before)."""
+    (unless in ``reported``: an update keeps a rejection it reported before). ``ids``:
+    the rows' ids if made already (default: fresh ones)."""
     refused = rejected or {}
     count = len(destinations)
-    ids = new_ids(count)
+    ids = new_ids(count) if ids is None else ids
     rows: dict[str, Sequence[Any]] = {"id": ids, "seq": range(count), "to": destinations}
     same: dict[str, Any] = {
         "batch_id": batch.id,

@@ -18,7 +18,9 @@ Two defences beyond the SSRF check itself:
 
 Connections are kept alive and reused per (scheme, host, port, checked addresses):
 a pooled connection only ever goes to addresses that the current attempt's own
-check produced, so reuse never weakens the pinning.
+check produced, so reuse never weakens the pinning. A URL whose check needs no DNS
+answer (an IP literal, an allow-listed name) checks the same way every time, so its
+result is kept per sender; a name is resolved and checked on every attempt.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import contextlib
 import http.client
 import os
 import random
+import re
 import select
 import socket
 import ssl
@@ -57,6 +60,16 @@ _CHUNK = 1024
 # Pools kept per sender (LRU): one per (scheme, host, port, checked addresses).
 _MAX_POOLS = 256
 _NETWORK_ERRORS = (OSError, ValueError, http.client.HTTPException)
+# http.client's limits on a response's header block.
+_MAX_LINE = 65536
+_MAX_HEADERS = 100
+# Checked URLs whose check needed no DNS answer (an IP literal, an allow-listed name),
+# kept per sender: the same URL and allow-list always check the same way.
+_MAX_ROUTES = 1024
+_legal_name = re.compile(rb"[^:\s][^:\r\n]*").fullmatch
+_illegal_value = re.compile(rb"\n(?![ \t])|\r(?![ \t\n])").search
+# Set by the sender alone, whatever headers a caller gives.
+_FRAMING = frozenset({"content-type", "content-length"})
 # Dialling goes through this name (tests watch what is dialled through it).
 create_connection = socket.create_connection
 
@@ -108,11 +121,14 @@ def _new_session() -> requests.Session:
 class _Watchdog:
     """One thread that expires every budget of a sender when its time is up.
 
-    All budgets of a sender last the same time, so deadlines arrive in the order
-    the budgets were made: the oldest live budget is always the next to expire.
+    All budgets of a sender last the same ``seconds``, so deadlines arrive in the order
+    the budgets were made: the oldest live budget is always the next to expire. The
+    thread is never woken for a new budget: with none live it sleeps at most ``seconds``,
+    and any budget made meanwhile expires after that (a wake-up per POST costs).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
         self._cond = threading.Condition()
         self._live: OrderedDict[int, _Budget] = OrderedDict()
         self._thread: threading.Thread | None = None
@@ -126,10 +142,6 @@ class _Watchdog:
                     target=self._run, name="webhook-watchdog", daemon=True
                 )
                 self._thread.start()
-            if len(self._live) == 1:
-                # Only a first budget changes the next deadline: later ones expire after
-                # it, so the watchdog is not woken for them (a wake-up per POST costs).
-                self._cond.notify()
 
     def discard(self, budget: _Budget) -> None:
         """Forget ``budget`` (its attempt is over)."""
@@ -139,8 +151,9 @@ class _Watchdog:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._live:
-                    self._cond.wait()
+                if not self._live:
+                    self._cond.wait(self._seconds)
+                    continue
                 budget = next(iter(self._live.values()))
                 delay = budget.remaining()
                 if delay > 0:
@@ -153,7 +166,7 @@ class _Watchdog:
 class _Budget:
     """The wall-clock limit of one POST.
 
-    The watchdog shuts down every socket the attempt used once the limit passes,
+    The watchdog shuts down every connection the attempt used once the limit passes,
     so a read blocked on a dripping receiver returns at once; connects are
     clamped to the time left. Socket timeouts alone cannot do this: they bound
     each read, not their sum.
@@ -163,7 +176,7 @@ class _Budget:
         self.seconds = seconds
         self._deadline = time.monotonic() + seconds
         self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
+        self._sockets: list[socket.socket] = []  # owned by their connections
         self._expired = False
         self._closed = False
         self._watchdog = watchdog
@@ -179,19 +192,21 @@ class _Budget:
         """Seconds left (<= 0 once the budget is spent)."""
         return self._deadline - time.monotonic()
 
-    def watch(self, sock: socket.socket) -> None:
-        """Shut ``sock`` down when the budget runs out (at once if it already has)."""
-        # A duplicate descriptor of the same connection: TLS wrapping detaches
-        # ``sock`` itself, and shutdown() acts on the connection, not the descriptor.
-        dup = socket.fromfd(sock.fileno(), sock.family, sock.type, sock.proto)
+    def watch(self, watcher: socket.socket) -> None:
+        """Shut ``watcher`` (a connection's duplicate descriptor) down when the budget runs
+        out, at once if it already has. The connection owns and closes it."""
         with self._lock:
             if self._closed:
-                dup.close()
                 return
-            self._sockets.append(dup)
+            self._sockets.append(watcher)
             if self._expired:
                 with contextlib.suppress(OSError):
-                    dup.shutdown(socket.SHUT_RDWR)
+                    watcher.shutdown(socket.SHUT_RDWR)
+
+    def forget(self, watcher: socket.socket) -> None:
+        """Stop watching ``watcher`` (its connection is closed or handed on)."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._sockets.remove(watcher)
 
     def expire(self) -> None:
         """Shut down every watched socket (called by the watchdog)."""
@@ -204,13 +219,11 @@ class _Budget:
                     dup.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        """Leave the watchdog and release the duplicated descriptors."""
+        """Leave the watchdog and stop watching (the connections close their descriptors)."""
         self._watchdog.discard(self)
         with self._lock:
             self._closed = True
-            sockets, self._sockets = self._sockets, []
-            for dup in sockets:
-                dup.close()
+            self._sockets = []
 
 
 # The budget of the attempt running on this thread: pooled connections outlive
@@ -220,6 +233,15 @@ _attempt = threading.local()
 
 def _current_budget() -> _Budget | None:
     return getattr(_attempt, "budget", None)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """A checked URL: where to connect, the name to speak to and the request target."""
+
+    checked: netsafety.CheckedURL
+    host: str
+    target: str
 
 
 @dataclass(frozen=True)
@@ -273,16 +295,117 @@ def _connect_pinned(conn: _PinnedHTTPConnection) -> socket.socket:
             continue
         sys.audit("http.client.connect", conn, target, conn.port)
         try:
-            budget.watch(sock)
+            # A duplicate descriptor of the same connection, made once: TLS wrapping
+            # detaches ``sock`` itself, and shutdown() acts on the connection.
+            watcher = socket.fromfd(sock.fileno(), sock.family, sock.type, sock.proto)
         except OSError:  # no descriptor left to duplicate: no unwatched connection either
             sock.close()
             raise
+        conn.watcher = watcher
+        budget.watch(watcher)
         # Small requests: no waiting for the peer's delayed ACK (Nagle).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(conn.timeout)
         return sock
     assert last is not None
     raise last
+
+
+def _header_line(name: str, value: str) -> str:
+    """``name: value``, with the checks http.client's putheader makes (nothing smuggled in)."""
+    if not _legal_name(name.encode("ascii")) or _illegal_value(value.encode("latin-1")):
+        raise ValueError(f"invalid header {name!r}")
+    return f"{name}: {value}"
+
+
+def _host_header(host: str, port: int, *, default_port: int) -> str:
+    """The Host header http.client would send: the scheme's own port left out
+    ("example.com", not "example.com:443"), as receivers routing by exact Host expect."""
+    try:
+        name = host.encode("ascii")
+    except UnicodeEncodeError:
+        name = host.encode("idna")
+    if b":" in name:  # IPv6, in brackets and without a zone
+        name = b"[" + name.split(b"%", 1)[0] + b"]"
+    text = name.decode("ascii")
+    return text if port == default_port else f"{text}:{port}"
+
+
+class _Headers:
+    """A response's header fields by lower-cased name: what HTTPResponse reads of them."""
+
+    def __init__(self, fields: dict[str, list[str]]) -> None:
+        self._fields = fields
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self._fields.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str, failobj: Any = None) -> Any:
+        return self._fields.get(name.lower()) or failobj
+
+
+class _Response(http.client.HTTPResponse):
+    """An HTTP response whose header block is split into fields directly.
+
+    http.client parses every header block with the email package (a feed parser and a
+    Message per response): most of a POST's CPU on a fast receiver. The status line,
+    the 100-continue skip and the body framing (chunked, Content-Length, close) are
+    http.client's own, as are the line and count limits.
+    """
+
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()
+            if status != http.client.CONTINUE:
+                break
+            _read_fields(self.fp)
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = _read_fields(self.fp)
+        encoding = self.headers.get("transfer-encoding")
+        self.chunked = bool(encoding and encoding.lower() == "chunked")
+        self.chunk_left = None
+        self.will_close = self._check_close()
+        self.length = None
+        length = self.headers.get("content-length")
+        if length and not self.chunked:
+            with contextlib.suppress(ValueError):
+                self.length = int(length) if int(length) >= 0 else None
+        if status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or 100 <= status < 200:
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+
+def _read_fields(fp: Any) -> _Headers:
+    """Read a header block up to its empty line (http.client's limits) into fields."""
+    fields: dict[str, list[str]] = {}
+    last: list[str] | None = None
+    for _ in range(_MAX_HEADERS + 1):
+        line = fp.readline(_MAX_LINE + 1)
+        if len(line) > _MAX_LINE:
+            raise http.client.LineTooLong("header line")
+        if line in (b"\r\n", b"\n", b""):
+            return _Headers(fields)
+        text = line.decode("iso-8859-1")
+        if text[:1] in (" ", "\t") and last:  # obsolete line folding: continues the value
+            last[-1] = f"{last[-1]} {text.strip()}"
+            continue
+        name, colon, value = text.partition(":")
+        if not colon:
+            continue  # not a field (the email parser drops these too)
+        last = fields.setdefault(name.strip().lower(), [])
+        last.append(value.strip())
+    raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
@@ -301,12 +424,23 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(host, port, timeout=read_timeout)
-        # The Host header leaves the scheme's own port out ("example.com", not
-        # "example.com:443"): receivers that route by exact Host match expect that.
         self.default_port = http.client.HTTPS_PORT if context is not None else http.client.HTTP_PORT
         self.pin = pin
         self.connect_timeout = connect_timeout
         self.context = context
+        self.host_header = _host_header(self.host, self.port, default_port=self.default_port)
+        # Shut down by an attempt's budget when it runs out (see _Budget).
+        self.watcher: socket.socket | None = None
+
+    def close(self) -> None:
+        """Close the connection and its watched duplicate descriptor."""
+        super().close()
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            budget = _current_budget()
+            if budget is not None:
+                budget.forget(watcher)  # under the budget's lock: never shut down once closed
+            watcher.close()
 
     def connect(self) -> None:
         """Connect to a checked address (and speak TLS to the URL's hostname)."""
@@ -451,7 +585,9 @@ class WebhookSender:
         self._lock = threading.Lock()
         self._pools: OrderedDict[tuple[Any, ...], _Pool] = OrderedDict()
         self._tls: ssl.SSLContext | None = None
-        self._watchdog = _Watchdog()
+        self._watchdog = _Watchdog(self._total_timeout)
+        self._routes: OrderedDict[str, _Route] = OrderedDict()
+        self._fixed: list[tuple[str, str]] | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
@@ -519,31 +655,77 @@ class WebhookSender:
             _attempt.budget = None
             budget.close()
 
+    def _route(self, url: str) -> _Route:
+        """Check ``url`` (netsafety.UnsafeURL if refused): where this attempt may connect."""
+        route = self._routes.get(url)
+        if route is not None:
+            return route
+        resolved = False
+
+        def resolve(host: str) -> list[str]:
+            nonlocal resolved
+            resolved = True
+            return self._resolve(host)
+
+        checked = netsafety.resolve_checked(url, allow=self._allow, resolve=resolve)
+        parts = urlsplit(requote_uri(url))
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        route = _Route(checked, parts.hostname or checked.host, target)
+        if not resolved:
+            # No DNS answer went into the check: it comes out the same every time.
+            with self._lock:
+                self._routes[url] = route
+                if len(self._routes) > _MAX_ROUTES:
+                    self._routes.popitem(last=False)
+        return route
+
+    def _fixed_headers(self) -> list[tuple[str, str]]:
+        """The session's default headers with ours, as (lower-cased name, line), checked
+        once (taken at first use, like the TLS settings)."""
+        with self._lock:
+            if self._fixed is None:
+                fixed = dict(self._session.headers)
+                fixed.update({"User-Agent": self._user_agent, "Accept-Encoding": "identity"})
+                self._fixed = [
+                    (name.lower(), _header_line(name, value))
+                    for name, value in fixed.items()
+                    if name.lower() not in _FRAMING
+                ]
+            return self._fixed
+
+    def _head(
+        self, *, conn: _PinnedHTTPConnection, target: str, body: bytes, headers: Mapping[str, str]
+    ) -> bytes:
+        """The request line and header block of one POST."""
+        given = {name.lower() for name in headers}
+        lines = [f"POST {target} HTTP/1.1", f"Host: {conn.host_header}"]
+        lines += [line for name, line in self._fixed_headers() if name not in given]
+        lines += [
+            _header_line(name, value)
+            for name, value in headers.items()
+            if name.lower() not in _FRAMING
+        ]
+        lines += ("Content-Type: application/json", f"Content-Length: {len(body)}", "", "")
+        return "\r\n".join(lines).encode("latin-1")
+
     def _post(
         self, *, url: str, body: bytes, headers: Mapping[str, str], budget: _Budget
     ) -> DeliveryResult:
         try:
             # Checked on every attempt, and the connection goes to these very addresses.
-            checked = netsafety.resolve_checked(url, allow=self._allow, resolve=self._resolve)
+            route = self._route(url)
         except netsafety.UnsafeURL as exc:
             return DeliveryResult(False, None, f"unsafe URL: {exc}", None, "")
-
-        send_headers = dict(self._session.headers)
-        send_headers.update({"User-Agent": self._user_agent, "Accept-Encoding": "identity"})
-        send_headers.update(headers)
-        for name in [k for k in send_headers if k.lower() in ("content-type", "content-length")]:
-            del send_headers[name]
-        send_headers["Content-Type"] = "application/json"
+        checked = route.checked
 
         pool = self._pool(checked)
         conn = pool.take()
         connecting = conn is None
+        response: _Response | None = None
         try:
-            parts = urlsplit(requote_uri(url))
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             if conn is None:
                 conn = _PinnedHTTPConnection(
-                    parts.hostname or checked.host,
+                    route.host,
                     checked.port,
                     pin=pool.pin,
                     connect_timeout=self._timeout[0],
@@ -552,14 +734,19 @@ class WebhookSender:
                 )
                 conn.connect()
                 connecting = False
-            elif conn.sock is not None:
-                budget.watch(conn.sock)  # a kept connection answers to this attempt's budget
+            elif conn.watcher is not None:
+                budget.watch(conn.watcher)  # a kept connection answers to this attempt's budget
+            head = self._head(conn=conn, target=route.target, body=body, headers=headers)
+            assert conn.sock is not None
+            # One write: request line, headers and body (one packet for a small callback).
             # No redirect is ever followed: a 3xx is reported as a failure below.
-            conn.request("POST", target, body=body, headers=send_headers)
-            response = conn.getresponse()
+            conn.sock.sendall(head + body)
+            response = _Response(conn.sock, method="POST")
+            response.begin()
             if budget.expired:
                 # http.client takes EOF inside the header block for its end, so
                 # headers cut short by the watchdog can look like a whole answer.
+                response.close()
                 conn.close()
                 return _out_of_time(budget)
             status = int(response.status)
@@ -570,6 +757,8 @@ class WebhookSender:
                 else None
             )
         except _NETWORK_ERRORS as exc:
+            if response is not None:
+                response.close()
             if conn is not None:
                 conn.close()
             if budget.expired:
@@ -577,8 +766,11 @@ class WebhookSender:
             # A short name only: messages can quote the peer's bytes (a bad status line).
             return DeliveryResult(False, None, _error_name(exc, connecting=connecting), None, "")
         if response.isclosed() and not response.will_close and not budget.expired:
+            if conn.watcher is not None:
+                budget.forget(conn.watcher)  # another attempt's budget watches it next
             pool.give(conn)  # the whole answer was read: the connection can go again
         else:
+            response.close()
             conn.close()
 
         if 200 <= status < 300:
@@ -589,6 +781,9 @@ class WebhookSender:
 
     def _read_excerpt(self, response: http.client.HTTPResponse) -> str:
         """Read at most max_response_bytes of the body and decode it leniently."""
+        if response.length == 0:
+            response.close()  # no body (a 204, or Content-Length: 0): the connection is free
+            return ""
         limit = self._max_response_bytes
         buf = bytearray()
         try:

@@ -49,7 +49,7 @@ from dispatcher.webhooks import sign, sinch_sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
 from dispatcher.webhooks.limits import EndpointGate, Grant, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint
-from dispatcher.webhooks.scheduling import chunks, count, publish, sources
+from dispatcher.webhooks.scheduling import by_id, chunks, count, publish, sources
 
 __all__ = ["OUTCOMES", "body_of", "deliver", "gate_for"]
 
@@ -415,7 +415,8 @@ def _look(
     """Read what is due among ``ids`` and take the endpoints' lanes; no write lock held."""
     gate, now = run.gate, run.clock()
     with read_transaction(run.factory) as session:
-        # Compared in SQL: no timestamp is parsed per row.
+        # Compared in SQL: no timestamp is parsed per row. Looked up by id alone, the
+        # state checked here: SQLite would otherwise walk every pending callback.
         rows = {
             r.id: r
             for group in chunks(ids, 500)
@@ -424,9 +425,11 @@ def _look(
                     Callback.id,
                     Callback.account_id,
                     Callback.url,
+                    Callback.state,
                     (Callback.next_attempt_at > now).label("early"),
-                ).where(Callback.id.in_(group), Callback.state == S.PENDING)
+                ).where(Callback.id.in_(group))
             )
+            if r.state == S.PENDING
         }
         due = []
         early = []
@@ -518,7 +521,7 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
             update(Callback)
             .where(
                 Callback.id.in_(group),
-                Callback.state.in_(sources(S.DELIVERING)),
+                by_id(Callback.state).in_(sources(S.DELIVERING)),
                 Callback.next_attempt_at <= now,
             )
             # next_attempt_at doubles as the claim time while delivering (the lease start).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
+import functools
 import hmac
 import secrets as _secrets
 import time
@@ -32,6 +32,7 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(_secrets.token_bytes(_SECRET_BYTES)).decode("ascii")
 
 
+@functools.lru_cache(maxsize=1024)
 def _secret_key(secret: str) -> bytes:
     """Decode a ``whsec_`` secret into its raw HMAC key."""
     if not secret.startswith(SECRET_PREFIX):
@@ -48,7 +49,7 @@ def _secret_key(secret: str) -> bytes:
 def _signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     """Return the base64 HMAC-SHA256 over the Standard Webhooks signed content."""
     content = f"{msg_id}.{timestamp}.".encode() + body
-    return base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode("ascii")
+    return base64.b64encode(hmac.digest(key, content, "sha256")).decode("ascii")
 
 
 def sign(*, secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> str:

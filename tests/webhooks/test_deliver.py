@@ -886,6 +886,62 @@ def test_host_header_leaves_out_only_the_schemes_own_port(tls: bool, port: int, 
         read_timeout=1,
         context=ssl.create_default_context() if tls else None,
     )
-    conn.putrequest("POST", "/hook")  # buffered: nothing is sent or connected
-
+    assert conn.host_header == host
+    conn.putrequest("POST", "/hook")  # what http.client itself would send (buffered)
     assert f"Host: {host}".encode() in conn._buffer  # type: ignore[attr-defined]
+
+
+# --- response heads read without the email parser ----------------------------------------
+
+
+def test_response_heads_are_read_as_http_client_reads_them() -> None:
+    """100-continue skipped, a folded header joined, Connection: close honoured, chunked
+    bodies read to their end so the connection is kept."""
+    replies = [
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After:\r\n 120\r\n"
+        b"Connection: close\r\nContent-Length: 4\r\n\r\nbusy",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+    ]
+    connections: list[int] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.settimeout(5)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            while replies:
+                conn, _ = listener.accept()
+                connections.append(len(replies))
+                with conn:
+                    conn.settimeout(5)
+                    while replies:
+                        buf = b""
+                        while b"\r\n\r\n{}" not in buf:
+                            chunk = conn.recv(65536)
+                            if not chunk:
+                                break
+                            buf += chunk
+                        if not buf:
+                            break  # the client closed this connection
+                        reply = replies.pop(0)
+                        conn.sendall(reply)
+                        if b"Connection: close" in reply:
+                            break
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with WebhookSender(allow=LOCAL, connect_timeout=2, read_timeout=2) as s:
+            results = [
+                s.post(url=f"http://127.0.0.1:{port}/hook", body=b"{}", headers={})
+                for _ in range(3)
+            ]
+        thread.join(timeout=5)
+    assert results == [
+        DeliveryResult(False, 503, "HTTP 503", 120.0, "busy"),
+        DeliveryResult(True, 200, None, None, "ok"),
+        DeliveryResult(True, 204, None, None, ""),
+    ]
+    assert connections == [3, 2]  # a new connection after the close, then kept
