@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         " the ratio of their end-to-end rates (recipients: 20000 unless given)",
     )
     p.add_argument("--smpp-binds", type=int, default=1, help="smpp: connections (one bind each)")
-    p.add_argument("--smpp-window", type=int, default=10, help="smpp: outstanding submits/bind")
+    p.add_argument("--smpp-window", type=int, default=50, help="smpp: outstanding submits/bind")
 
 
 def connection(i: int) -> str:
@@ -149,3 +149,101 @@ def compare(args: argparse.Namespace, run_once: Callable[[argparse.Namespace], i
     )
     log(f"smpp {rates['smpp']}/s vs simulator {rates['simulator']}/s: ratio {ratio:.2f}")
     return 0
+
+
+# -- the connector alone: `python -m bench.smpp` ------------------------------------
+
+
+def connector_alone(args: argparse.Namespace) -> int:
+    """The local SMSC and the connector as children, fed by SmppProvider from threads
+    (no API, no Celery): CPU per message of the connector and the SMSC, for A/B runs."""
+    import concurrent.futures
+    import uuid
+
+    from bench.harness import Out
+    from bench.sampler import ProcSampler
+    from dispatcher.channels.base import OutboundMessage, Outcome
+    from dispatcher.channels.smpp.provider import SmppProvider
+
+    args.provider, args.mode = "smpp", "smpp-connector"
+    system = System(args)
+    failed = True
+    try:
+        system.start_redis()
+        system.configure(**overrides(system))
+        system.migrate_and_account(rate=None)
+        start(system)
+        assert system.settings is not None
+        config = system.settings.smpp_config()
+        sampler = ProcSampler(system.sampled)
+        sampler.start()
+        n, group = args.recipients, 200
+        started = time.monotonic()
+
+        def send(first: int) -> int:
+            client = redis.Redis.from_url(system.redis_url, socket_timeout=10)
+            provider = SmppProvider(redis_client=client, config=config)
+            messages = [
+                OutboundMessage(
+                    recipient_id=uuid.uuid4().hex,
+                    channel="sms",
+                    to=f"+4670{first + i:07d}",
+                    sender="Bench",
+                    body=f"Bench message {first + i}: the quick brown fox",
+                )
+                for i in range(min(group, n - first))
+            ]
+            results = provider.send_many(messages)
+            client.close()
+            return sum(r.outcome is Outcome.ACCEPTED for r in results)
+
+        with concurrent.futures.ThreadPoolExecutor(args.senders) as pool:
+            accepted = sum(pool.map(send, range(0, n, group)))
+        sent_s = time.monotonic() - started
+        client = redis.Redis.from_url(system.redis_url, decode_responses=True)
+        deadline = time.monotonic() + 120
+        while True:
+            stats = client.hgetall(f"dispatcher:smpp:stats:{connection(0)}")
+            if int(stats.get("receipts", 0)) >= accepted or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        # Receipts are flushed to the database once a second.
+        time.sleep(2.5)
+        sampler.finish()
+        cpu = sampler.cpu_by_role()
+        Out(args, {"recipients": n, "window": args.smpp_window}).emit(
+            "smpp_connector_cpu",
+            messages=n,
+            accepted=accepted,
+            receipts=int(stats.get("receipts", 0)),
+            send_s=round(sent_s, 2),
+            messages_per_s=round(n / sent_s, 1),
+            connector_ms=round(1000 * cpu.get("connector", 0.0) / n, 3),
+            smsc_ms=round(1000 * cpu.get("smsc", 0.0) / n, 3),
+            window=args.smpp_window,
+            window_mean=round(int(stats.get("outstanding_sum", 0)) / max(accepted, 1), 2),
+            what="process CPU ms per message (connector: submit, receipt read and queued)",
+        )
+        failed = False
+    finally:
+        system.stop()
+        system.cleanup(failed)
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=connector_alone.__doc__)
+    add_arguments(p)
+    p.add_argument("--recipients", type=int, default=10_000)
+    p.add_argument("--senders", type=int, default=4, help="threads handing off (as workers)")
+    p.add_argument("--receipt-delay", type=float, default=0.5)
+    p.add_argument("--py-spy", default=None)
+    p.add_argument("--database", default="sqlite")
+    p.add_argument("--chunk-size", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--keep", action="store_true")
+    return connector_alone(p.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -346,7 +346,7 @@ def smpp_connector(settings: Settings, carriers: tuple[str, ...]) -> None:
     connector = Connector(
         config=config,
         redis_url=settings.redis_url,
-        sink=DatabaseSink(sessions=runtime.sessions),
+        sink=DatabaseSink(sessions=runtime.sessions, redis_client=runtime.redis),
         limiter=runtime.limiter,
         carriers=list(carriers) or None,
     )
@@ -366,9 +366,9 @@ def smpp_connector(settings: Settings, carriers: tuple[str, ...]) -> None:
 @click.option("--text-receipts", is_flag=True, help="Receipts in the text only, without TLVs.")
 def smsc(host: str, port: int, receipt_delay: float, reply: bool, text_receipts: bool) -> None:
     """Run a local SMSC (smpp34's server) that accepts, sends receipts and replies."""
-    import asyncio
     import logging
 
+    from dispatcher.channels.smpp.aio import run
     from dispatcher.channels.smpp.smsc import LocalSmsc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -381,7 +381,7 @@ def smsc(host: str, port: int, receipt_delay: float, reply: bool, text_receipts:
     )
     click.echo(f"local SMSC on {host}:{port} (any system_id/password binds); Ctrl-C stops it")
     with suppress(KeyboardInterrupt):
-        asyncio.run(server.serve())
+        run(server.serve())
 
 
 @main.group()

@@ -159,17 +159,25 @@ def expire_due(self: DispatcherTask, session: Session) -> int:
 
 @task(TaskName.SIMULATOR_RECEIPTS)
 def simulator_receipts(self: DispatcherTask) -> dict[str, int]:
+    """Apply the receipts providers hold in Redis: the simulator's due ones, the SMPP
+    connector's (it reads them; applying them here keeps the database out of its loop)."""
     rt = self.runtime
-    simulator = next((p for p in rt.providers.values() if p.name == "simulator"), None)
-    if simulator is None:
-        return {}
-    due = simulator.due_receipts()  # type: ignore[attr-defined]
-    if not due:
-        return {}
-    with transaction(rt.sessions) as session:
-        return receipts.accept(
-            session=session, provider=simulator.name, receipts=due, now=utcnow()
-        ).as_dict()
+    done: dict[str, int] = {}
+    for provider in {p.name: p for p in rt.providers.values()}.values():
+        due = provider.due_receipts() if hasattr(provider, "due_receipts") else None
+        if not due:
+            continue
+        try:
+            with transaction(rt.sessions) as session:
+                counts = receipts.accept(
+                    session=session, provider=provider.name, receipts=due, now=utcnow()
+                ).as_dict()
+        except Exception:
+            if hasattr(provider, "requeue_receipts"):
+                provider.requeue_receipts(due)
+            raise
+        done = {k: done.get(k, 0) + counts.get(k, 0) for k in {*done, *counts}}
+    return done
 
 
 @transactional(TaskName.SWEEP_RECEIPTS)

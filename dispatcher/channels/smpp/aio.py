@@ -4,8 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop where it is installed (the asyncio default otherwise).
+
+    smpp34's core resolves every response and event from its own threads, so each
+    one is a ``call_soon_threadsafe``; asyncio's loop writes its wake-up pipe for
+    each, uvloop coalesces them. Measured: a third less CPU per message in the
+    connector (docs/smpp.md, Measurements).
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run`` on :func:`loop_factory`'s loop."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main)
 
 
 async def run_until(pump: Coroutine[Any, Any, None], stopping: asyncio.Event) -> bool:

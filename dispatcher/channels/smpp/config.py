@@ -41,7 +41,7 @@ class Connection:
     system_type: str = ""
     tls: bool = False
     bind: str = "transceiver"
-    window: int = 10
+    window: int = 50
     # Messages (submit_sm) per second across every connector, 0 for no limit.
     throughput: float = 0.0
 
@@ -167,7 +167,7 @@ def _connection(raw: Any, carrier: str, where: str, env: Mapping[str, str]) -> C
     bind = _optional(raw, "bind", str, "transceiver", where)
     if bind not in BIND_MODES:
         raise SmppConfigError(f"{where}.bind: one of {', '.join(BIND_MODES)}")
-    window = _optional(raw, "window", int, 10, where)
+    window = _optional(raw, "window", int, 50, where)
     if not 1 <= window <= 1000:
         raise SmppConfigError(f"{where}.window: 1 to 1000 outstanding submits")
     host = _require(raw, "host", str, where)

@@ -30,7 +30,7 @@ import smpp34
 
 from dispatcher import metrics
 from dispatcher.channels.base import Outcome, Receipt, SendResult
-from dispatcher.channels.smpp import errors, handoff, pdu
+from dispatcher.channels.smpp import aio, errors, handoff, pdu
 from dispatcher.channels.smpp.aio import run_until
 from dispatcher.channels.smpp.config import Carrier, Connection, SmppConfig
 from dispatcher.db import utcnow
@@ -42,6 +42,19 @@ T = TypeVar("T")
 FLUSH_EVERY = 1.0
 FLUSH_SIZE = 500
 MO_PARTS_TTL = 3600
+# KEYS: a request's reply key, then its messages' ledger keys. ARGV: the ledger TTL, the
+# reply ("" for none yet), then one ledger value per message. One command per request
+# instead of a SET each.
+LEDGER_SCRIPT = """
+local ttl = tonumber(ARGV[1])
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ttl)
+end
+if ARGV[2] ~= '' then
+  redis.call('RPUSH', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[1], 120)
+end
+"""
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,7 @@ class Link:
         self.pause = owner.config.throttle_pause
         self.stats = Stats()
         self.reference = itertools.count(1)
+        self._sources: dict[tuple[str, int | None, int | None], pdu.Address] = {}
 
     @property
     def kinds(self) -> list[str]:
@@ -239,8 +253,9 @@ class Link:
 
         async def pump() -> None:
             while not isinstance(event := await smsc.next(), smpp34.Disconnected):
-                # Shielded: a stop never cuts an MO's parts off half-stored.
-                await asyncio.shield(self.owner.on_deliver(self, event))
+                if not self.owner.on_receipt(self, event):
+                    # Shielded: a stop never cuts an MO's parts off half-stored.
+                    await asyncio.shield(self.owner.on_mo(self, event))
 
         if await run_until(pump(), self.owner.stopping):
             with contextlib.suppress(Exception):
@@ -266,9 +281,35 @@ class Link:
         self.pause = min(pause * 2, 30.0)
         return pause
 
+    async def submit_all(self, items: list[handoff.Item], deadline: float) -> list[SendResult]:
+        """Submit ``items`` windowed, in order; their results in the same order.
+
+        At most a window's worth of coroutines take the items in turn: not a task per
+        message, which cost more than the submit itself.
+        """
+        results: list[SendResult | None] = [None] * len(items)
+        todo = iter(enumerate(items))
+
+        async def runner() -> None:
+            for i, item in todo:
+                results[i] = await self.submit_item(item, deadline)
+
+        await asyncio.gather(*(runner() for _ in range(min(self.conn.window, len(items)))))
+        return [r if r is not None else handoff.unknown() for r in results]
+
+    def source(self, item: handoff.Item) -> pdu.Address:
+        opts = item.options
+        key = (item.sender, opts.source_ton, opts.source_npi)
+        found = self._sources.get(key)
+        if found is None:
+            if len(self._sources) > 4096:
+                self._sources.clear()
+            found = self._sources[key] = source_of(item, self.carrier)
+        return found
+
     async def submit_item(self, item: handoff.Item, deadline: float) -> SendResult:
         """Submit every part of one message; the first part's message_id is the provider id."""
-        sender = source_of(item, self.carrier)
+        sender = self.source(item)
         dest = pdu.destination_address(item.to)
         encoded = encode_item(item, self.carrier, next(self.reference) & 0xFF)
         expire = datetime.fromisoformat(item.expire_at) if item.expire_at else None
@@ -378,6 +419,7 @@ class Connector:
         self._inbound: list[Inbound] = []
         self._wake = asyncio.Event()
         self.redis: aioredis.Redis = aioredis.Redis.from_url(redis_url)
+        self._ledger = self.redis.register_script(LEDGER_SCRIPT)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -468,20 +510,13 @@ class Connector:
         request = json.loads(raw)
         items = [handoff.Item(**i) for i in request["items"]]
         deadline = float(request["deadline"])
-        pipe = self.redis.pipeline(transaction=False)
-        for item in items:
-            pipe.set(handoff.ledger_key(item.key), handoff.PENDING, ex=handoff.LEDGER_TTL)
-        await pipe.execute()
-        answers = await asyncio.gather(*(link.submit_item(i, deadline) for i in items))
-        pipe = self.redis.pipeline(transaction=False)
-        for item, answer in zip(items, answers, strict=True):
-            pipe.set(
-                handoff.ledger_key(item.key), handoff.ledger_value(answer), ex=handoff.LEDGER_TTL
-            )
-        reply = handoff.reply_key(request["id"])
-        pipe.rpush(reply, json.dumps({"answers": [handoff.result_json(a) for a in answers]}))
-        pipe.expire(reply, 120)
-        await pipe.execute()
+        keys = [handoff.reply_key(request["id"]), *(handoff.ledger_key(i.key) for i in items)]
+        await self._ledger(keys, [handoff.LEDGER_TTL, "", *[handoff.PENDING] * len(items)])
+        answers = await link.submit_all(items, deadline)
+        reply = json.dumps({"answers": [handoff.result_json(a) for a in answers]})
+        await self._ledger(
+            keys, [handoff.LEDGER_TTL, reply, *(handoff.ledger_value(a) for a in answers)]
+        )
 
     async def take_token(self, link: Link) -> None:
         if self.limiter is None or not link.conn.throughput:
@@ -511,21 +546,28 @@ class Connector:
 
     # -- receiving -------------------------------------------------------------
 
-    async def on_deliver(self, link: Link, event: Any) -> None:
-        kind = event.esm_class & pdu.ESM_TYPE_MASK
-        if kind in (0x04, 0x20):
-            receipt = receipt_from(event)
-            if receipt is None:
-                logger.warning("smpp %s: unreadable receipt ignored", link.conn.name)
-                return
-            link.stats.receipts += 1
-            self._receipts.append((time.monotonic(), receipt))
-        else:
-            message = await self.reassemble(link, event)
-            if message is None:
-                return
-            link.stats.inbound += 1
-            self._inbound.append(message)
+    def on_receipt(self, link: Link, event: Any) -> bool:
+        """Buffer a deliver_sm that is a receipt; False if it is not one (an MO)."""
+        if event.esm_class & pdu.ESM_TYPE_MASK not in (0x04, 0x20):
+            return False
+        receipt = receipt_from(event)
+        if receipt is None:
+            logger.warning("smpp %s: unreadable receipt ignored", link.conn.name)
+            return True
+        link.stats.receipts += 1
+        self._receipts.append((time.monotonic(), receipt))
+        self._flush_if_full()
+        return True
+
+    async def on_mo(self, link: Link, event: Any) -> None:
+        message = await self.reassemble(link, event)
+        if message is None:
+            return
+        link.stats.inbound += 1
+        self._inbound.append(message)
+        self._flush_if_full()
+
+    def _flush_if_full(self) -> None:
         if len(self._receipts) + len(self._inbound) >= FLUSH_SIZE:
             self._wake.set()
 
@@ -646,7 +688,7 @@ def run_forever(connector: Connector, *, install_signals: bool = True) -> None:
                 loop.add_signal_handler(sig, connector.stop)
         await connector.run()
 
-    asyncio.run(main())
+    aio.run(main())
 
 
 __all__ = ["Connector", "Inbound", "Sink", "receipt_from", "run_forever"]

@@ -8,11 +8,13 @@ worker that stopped waiting (or died) can be answered later by ``lookup``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from functools import partial
 from typing import Any
 
-from dispatcher.channels.base import OutboundMessage, Outcome, SendResult, SmsOptions
+from dispatcher.channels.base import OutboundMessage, Outcome, Receipt, SendResult, SmsOptions
 
 PREFIX = "dispatcher:smpp:"
 # A ledger entry outlives any receipt a carrier would still send.
@@ -34,6 +36,8 @@ ledger_key = partial(key, "ledger")
 part_key = partial(key, "part")
 left_key = partial(key, "left")
 stats_key = partial(key, "stats")
+# Receipts the connector has read, for a worker to apply (one JSON list per group).
+RECEIPTS = f"{PREFIX}receipts"
 
 # Ledger values: "p" a submit was about to go out (outcome unknown if nothing follows),
 # "a:<id>" accepted, "n" never sent, "u" sent but no submit_sm_resp came.
@@ -81,11 +85,37 @@ class Item:
         return SmsOptions(**self.sms) if self.sms else SmsOptions()
 
 
-def result_json(result: SendResult) -> dict[str, Any]:
-    """A result as the connector answers it (the fields that are set)."""
-    return {k: v for k, v in asdict(result).items() if v is not None}
+def result_json(result: SendResult) -> list[Any]:
+    """A result as the connector answers it: its fields in order, a list, not a mapping."""
+    r = result
+    return [r.outcome.value, r.provider_message_id, r.error_code, r.error_text, r.retry_after]
 
 
-def result_of(raw: dict[str, Any]) -> SendResult:
+def result_of(raw: list[Any]) -> SendResult:
     """A result from the connector's answer."""
-    return SendResult(**{**raw, "outcome": Outcome(raw["outcome"])})
+    return SendResult(Outcome(raw[0]), *raw[1:])
+
+
+def receipts_json(receipts: list[Receipt]) -> str:
+    """A group of receipts as one compact JSON list of field tuples (done_at as ISO text)."""
+    return json.dumps(
+        [
+            (
+                r.provider_message_id,
+                r.status,
+                r.error_code,
+                r.error_text,
+                r.done_at.isoformat() if r.done_at else None,
+                r.carrier_status,
+            )
+            for r in receipts
+        ]
+    )
+
+
+def receipts_of(raw: bytes | str) -> list[Receipt]:
+    """The receipts of one group written by :func:`receipts_json`."""
+    return [
+        Receipt(ref, status, code, text, datetime.fromisoformat(done) if done else None, carrier)
+        for ref, status, code, text, done, carrier in json.loads(raw)
+    ]

@@ -11,6 +11,7 @@ of ``submit_sm`` is exactly the part count Dispatcher computed and billed.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ GSM_EXTENSION_TABLE = {
 ESCAPE = 0x1B
 _ENCODE = {c: i for i, c in enumerate(GSM_BASIC_TABLE) if i != ESCAPE}
 _DECODE_EXT = {v: k for k, v in GSM_EXTENSION_TABLE.items()}
+# The ASCII characters of the basic table, and ASCII -> GSM-7 code as a bytes.translate table.
+_ASCII_BASIC = bytes(ord(c) for c in _ENCODE if c.isascii())
+_ASCII_TO_GSM = bytes(_ENCODE.get(chr(b), 0) for b in range(256))
 
 DC_DEFAULT = 0x00  # the SMSC's default alphabet (GSM-7 unless the SMSC says otherwise)
 DC_LATIN1 = 0x03
@@ -143,6 +147,14 @@ def encode_body(
     ``reference`` (0-255) tells this message's parts apart from another's at the handset.
     ``data_coding`` 8 sends every body as UCS-2 (a carrier that wants nothing else).
     """
+    if data_coding != DC_UCS2 and len(body) <= 160 and body.isascii():
+        # The usual message, one part of basic-table ASCII: two C-level translates
+        # instead of the part analysis and a loop per character.
+        raw = body.encode("ascii")
+        if not raw.translate(None, _ASCII_BASIC):
+            return Encoded(
+                DC_DEFAULT, 0, [raw.translate(_ASCII_TO_GSM) if alphabet == "gsm7" else raw]
+            )
     gsm = sms_parts.analyse(body).encoding is sms_parts.Encoding.GSM7
     if data_coding == DC_UCS2:
         gsm = False
@@ -324,6 +336,7 @@ def parse_receipt_date(value: str | None) -> datetime | None:
         return None
 
 
+@functools.lru_cache(maxsize=64)
 def receipt_date(at: datetime) -> str:
     """``YYMMDDhhmm`` as receipts carry it."""
     return at.astimezone(UTC).strftime("%y%m%d%H%M") if at.tzinfo else at.strftime("%y%m%d%H%M")

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, cast
 
 import redis
 
@@ -23,6 +24,9 @@ from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider,
 from dispatcher.channels.smpp import handoff
 from dispatcher.channels.smpp.config import SmppConfig
 from dispatcher.routes import RouteTable
+
+if TYPE_CHECKING:
+    from dispatcher.channels.base import Receipt
 
 logger = logging.getLogger(__name__)
 
@@ -150,3 +154,13 @@ class SmppProvider(Provider):
 
     def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
         return self._ledger(message.idempotency_key)
+
+    def due_receipts(self, *, limit: int = 10) -> list[Receipt]:
+        """Take up to ``limit`` groups of the receipts the connector read (for a worker)."""
+        groups = cast(list[bytes] | None, self.redis.lpop(handoff.RECEIPTS, limit))
+        return [r for group in groups or () for r in handoff.receipts_of(group)]
+
+    def requeue_receipts(self, receipts: Sequence[Receipt]) -> None:
+        """Put back receipts a worker could not apply, ahead of the rest."""
+        if receipts:
+            self.redis.lpush(handoff.RECEIPTS, handoff.receipts_json(list(receipts)))

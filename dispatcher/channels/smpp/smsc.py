@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -161,7 +161,39 @@ class LocalSmsc:
                 short_message=event.short_message,
             )
             self.submits.append(submit)
-            self._spawn(self._answer(event, submit, self.script(submit)))
+            action = self.script(submit)
+            if action.drop or action.hold or action.delay or action.receipt_first or self.reply:
+                self._spawn(self._answer(event, submit, action))
+            else:
+                self._answer_now(event, submit, action)
+
+    def _answer_now(self, event: Any, submit: Submit, action: Action) -> None:
+        """Answer at once, the receipt on a timer: no task per submit (the usual script)."""
+        if action.status:
+            event.reject(action.status)
+            return
+        message_id = f"{next(self._ids):010d}"
+        self.accepted[message_id] = submit
+        event.accept(message_id)
+        if submit.registered_delivery & 0x03 and action.receipt is not None:
+            assert self._loop is not None
+            self._loop.call_later(
+                action.receipt_delay or self.receipt_delay,
+                self._post_receipt,
+                submit,
+                message_id,
+                action,
+            )
+
+    def _post_receipt(self, submit: Submit, message_id: str, action: Action) -> None:
+        sent = self._receipt_call(submit, message_id, action)
+        if sent is not None:
+            asyncio.ensure_future(sent).add_done_callback(self._logged)
+
+    @staticmethod
+    def _logged(done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            logger.warning("local SMSC: %r", done.exception())
 
     async def _answer(self, event: Any, submit: Submit, action: Action) -> None:
         if action.drop:
@@ -205,8 +237,17 @@ class LocalSmsc:
         return None
 
     async def _receipt(self, submit: Submit, message_id: str, action: Action) -> None:
+        sent = self._receipt_call(submit, message_id, action)
+        if sent is not None:
+            await sent
+
+    def _receipt_call(
+        self, submit: Submit, message_id: str, action: Action
+    ) -> Awaitable[Any] | None:
+        """The receipt's deliver_sm, sent (None if no receiver is bound)."""
         stat = action.receipt or "DELIVRD"
-        now = utcnow()
+        # To the minute, as receipts carry it (and the date's text is cached per minute).
+        now = utcnow().replace(second=0, microsecond=0)
         text = pdu.receipt_text(message_id=message_id, stat=stat, submitted=now, done=now)
         tlvs = (
             [
@@ -221,8 +262,8 @@ class LocalSmsc:
             logger.warning(
                 "local SMSC: no receiver bound for %s; receipt dropped", submit.system_id
             )
-            return
-        await esme.deliver_sm(
+            return None
+        return esme.deliver_sm(
             submit.source_addr,
             text.encode(),
             source_addr=submit.destination_addr,

@@ -12,14 +12,18 @@ import logging
 import time
 from collections import Counter, defaultdict
 from dataclasses import replace
+from datetime import datetime
+from typing import cast
 
 import pytest
 import redis
+from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, SmsOptions
+from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Receipt, SmsOptions
 from dispatcher.channels.smpp import errors, pdu
 from dispatcher.channels.smpp.handoff import stats_key
 from dispatcher.channels.smpp.provider import SmppProvider
+from dispatcher.channels.smpp.sink import DatabaseSink
 from dispatcher.channels.smpp.smsc import Action, LocalSmsc, Submit, running
 from dispatcher.sms import parts
 from tests.channels.smpp.conftest import (
@@ -214,11 +218,14 @@ def test_throttling_slows_the_connection_and_loses_nothing(
             again = provider.send_many(transient)
             assert all(r.outcome is Outcome.ACCEPTED for r in again)
             elapsed = time.monotonic() - started
-            counters = wait_for(lambda: smpp_redis.hgetall(stats_key("local-0")) or None)
+            # The counters are written once a second: wait for a write after the throttling.
+            throttled_count = wait_for(
+                lambda: int(smpp_redis.hget(stats_key("local-0"), "throttled") or 0) or None
+            )
         accepted = Counter(s.destination_addr for s in smsc.accepted.values())
     # Throttled submits paused the connection (0.3 s, doubling) instead of pressing on.
     assert elapsed >= 0.3
-    assert int(counters[b"throttled"]) >= 1
+    assert throttled_count >= 1
     assert accepted == Counter(m.to.lstrip("+") for m in messages)
 
 
@@ -362,3 +369,31 @@ def test_transmitter_and_receiver_binds_submit_on_one_and_read_receipts_and_mo_o
         r.provider_message_id for r in results
     }
     assert (record.inbound[0].sender, record.inbound[0].body) == ("+447700900001", "Hi €")
+
+
+def test_receipts_reach_the_workers_through_redis_intact_in_order_and_are_put_back_on_failure(
+    smpp_redis: redis.Redis, port: int
+) -> None:
+    done = datetime(2026, 11, 30, 1, 2)
+    first = [
+        Receipt("0000000001", "delivered", done_at=done, carrier_status="DELIVRD"),
+        Receipt(
+            "0000000002",
+            "failed",
+            error_code="smpp_undeliv",
+            error_text="UNDELIV err:034",
+            done_at=None,
+            carrier_status="UNDELIV:034",
+        ),
+    ]
+    second = [Receipt("0000000003", "expired", done_at=done)]
+    # The connector's production sink queues them; receipts are the only thing it sends there.
+    sink = DatabaseSink(sessions=cast(sessionmaker[Session], None), redis_client=smpp_redis)
+    sink.receipts(first)
+    sink.receipts(second)
+    provider = SmppProvider(redis_client=smpp_redis, config=smpp_config({"local": [port]}))
+    assert provider.due_receipts(limit=1) == first
+    # A worker whose transaction failed puts them back ahead of what is still queued.
+    provider.requeue_receipts(first)
+    assert provider.due_receipts() == first + second
+    assert provider.due_receipts() == []
