@@ -16,11 +16,11 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 try:
     import fcntl
@@ -37,17 +37,14 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    TypeDecorator,
+    any_,
     bindparam,
     create_engine,
     event,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
-from sqlalchemy.sql.visitors import InternalTraversal
-from sqlalchemy.types import TypeEngine
 
 # Execution option marking a transaction that only reads (no write lock on SQLite).
 READ_ONLY = "dispatcher_read_only"
@@ -283,6 +280,22 @@ def read_transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
             session.rollback()
 
 
+def one_of(session: Session, column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
+    """``column IN (values)``; on PostgreSQL ``column = ANY(array)``, one parameter.
+
+    An IN list of n parameters is a new statement for every n: the driver parses its
+    placeholders and the server its text each time (a thousand of them are a large
+    part of applying a thousand receipts). One array keeps the text the same, so the
+    driver caches it and the server prepares it once.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        # Strings as varchar without a length: a cast to varchar(n) would cut a longer
+        # value, which could then match another row.
+        kind = String() if isinstance(column.type, String) else column.type
+        return cast(ColumnElement[bool], column == any_(bindparam(None, list(values), ARRAY(kind))))
+    return cast(ColumnElement[bool], column.in_(list(values)))
+
+
 @lru_cache(maxsize=64)
 def _insert_sql(
     table: Table, dialect: Dialect, names: tuple[str, ...]
@@ -429,58 +442,3 @@ def insert_many(
             dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=False)
         ]
     conn.exec_driver_sql(sql, params)
-
-
-class _Strings(TypeDecorator[list[str]]):
-    """A list of strings as one parameter: an array on PostgreSQL, JSON text elsewhere."""
-
-    impl = String
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name == "postgresql":
-            return dialect.type_descriptor(ARRAY(String))
-        return dialect.type_descriptor(String())
-
-    def process_bind_param(self, value: list[str] | None, dialect: Dialect) -> Any:
-        return value if dialect.name == "postgresql" else json.dumps(value)
-
-
-class OneOf(ColumnElement[bool]):
-    """``column IN (values)`` with the values as one parameter (see :func:`one_of`)."""
-
-    inherit_cache = True
-    type = Boolean()
-    _traverse_internals = [
-        ("column", InternalTraversal.dp_clauseelement),
-        ("values", InternalTraversal.dp_clauseelement),
-    ]
-
-    def __init__(self, column: ColumnElement[Any], values: list[str]) -> None:
-        self.column = column
-        self.values = bindparam(None, values, type_=_Strings(), unique=True)
-
-
-def one_of(column: Any, values: Iterable[str]) -> ColumnElement[bool]:
-    """``column IN (values)`` for many string values, sent as one parameter.
-
-    An expanding IN sends one parameter per value: SQLAlchemy renders and
-    processes each, psycopg parses the long statement anew every time (too long
-    for its cache) and PostgreSQL plans it anew. As ``= ANY(array)`` on
-    PostgreSQL and ``IN (SELECT value FROM json_each(text))`` on SQLite the
-    statement is the same whatever the count.
-    """
-    return OneOf(column, list(values))
-
-
-@compiles(OneOf, "postgresql")
-def _one_of_postgresql(element: OneOf, compiler: Any, **kw: Any) -> str:
-    return (
-        f"{compiler.process(element.column, **kw)} = ANY({compiler.process(element.values, **kw)})"
-    )
-
-
-@compiles(OneOf)
-def _one_of_default(element: OneOf, compiler: Any, **kw: Any) -> str:
-    column, values = compiler.process(element.column, **kw), compiler.process(element.values, **kw)
-    return f"{column} IN (SELECT value FROM json_each({values}))"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Insert, String, insert, literal, select
+from sqlalchemy import ColumnElement, DateTime, Insert, String, insert, literal, select
 from sqlalchemy.orm import Session
 
 from dispatcher import metrics, outbox
@@ -80,7 +80,8 @@ def record(
     if not changes:
         return []
     if copy:
-        session.connection().execute(_copy_events(status, at, [c.recipient_id for c in changes]))
+        moved = one_of(session, Recipient.id, [c.recipient_id for c in changes])
+        session.connection().execute(_copy_events(status, at, moved))
     else:
         # Core executemany: no ORM bookkeeping for rows nobody loads back.
         session.connection().execute(
@@ -125,8 +126,8 @@ def record(
     return ids
 
 
-def _copy_events(status: RecipientStatus, at: datetime, ids: list[str]) -> Insert:
-    """INSERT ... SELECT of one status event per recipient in ``ids``, from its row."""
+def _copy_events(status: RecipientStatus, at: datetime, moved: ColumnElement[bool]) -> Insert:
+    """INSERT ... SELECT of one status event per recipient that ``moved`` selects, from its row."""
     columns = ("recipient_id", "batch_id", "status", "channel", "error_code", "error_text", "at")
     rows = select(
         Recipient.id,
@@ -136,5 +137,5 @@ def _copy_events(status: RecipientStatus, at: datetime, ids: list[str]) -> Inser
         Recipient.error_code,
         Recipient.error_text,
         literal(at, DateTime),
-    ).where(one_of(Recipient.id, ids))
+    ).where(moved)
     return insert(StatusEvent).from_select(columns, rows)

@@ -63,12 +63,23 @@ class Batch(Base):
     progress_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
+# Rows that carry a provider message id (accepted once): receipts look them up by it.
+_CARRIES_REF = text("provider_message_id IS NOT NULL")
+
+
 class Recipient(Base):
     __tablename__ = "recipients"
     __table_args__ = (
         Index("ix_recipients_batch_seq", "batch_id", "seq"),
         Index("ix_recipients_status_next", "status", "next_attempt_at"),
-        Index("ix_recipients_provider_ref", "provider_message_id"),
+        # Partial: a row is written and moved three times before it carries an id, and
+        # every lookup by id (an equality or IN) implies it, on both databases.
+        Index(
+            "ix_recipients_provider_ref",
+            "provider_message_id",
+            sqlite_where=_CARRIES_REF,
+            postgresql_where=_CARRIES_REF,
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -145,6 +156,9 @@ class StatusEvent(_RecipientLog, Base):
 
     __tablename__ = "status_events"
 
+    # Not indexed: nothing reads events by recipient (the purge goes by batch), and
+    # three events per recipient paid for the index on every insert.
+    recipient_id: Mapped[str] = mapped_column(String(36))
     batch_id: Mapped[str] = mapped_column(String(36), index=True)
     status: Mapped[str] = mapped_column(String(16))
     channel: Mapped[str | None] = mapped_column(String(16), nullable=True)

@@ -72,16 +72,18 @@ def transition_recipients(
     common = dict(values or {})
     if ids is not None:
         conditions.append(Recipient.id.in_(list(ids)))
+    synchronize = _synchronize(session)
     if each:
         shared, keys = _split_each(each)
         common |= shared
-        source = _each_source(session, each, keys)
+        # Joined in only when nothing loaded needs the ORM's synchronisation.
+        source = None if synchronize else _each_source(session, each, keys)
         if source is not None:
             # The per-row values joined in: the same statement writes them.
             conditions.append(Recipient.id == source.c.id)
             common |= {key: source.c[key] for key in keys}
         else:
-            conditions.append(one_of(Recipient.id, each))
+            conditions.append(one_of(session, Recipient.id, list(each)))
             _write_each(session, each, keys, sources)
     elif each is not None:
         return []
@@ -90,8 +92,7 @@ def transition_recipients(
         .where(*conditions)
         .values(status=to, updated_at=at, **common)
         .returning(Recipient.batch_id, Recipient.provider_message_id, *events.CHANGE_COLUMNS),
-        # A joined source cannot be evaluated in Python; nothing of these rows is loaded.
-        execution_options={"synchronize_session": False} if each else {},
+        execution_options={"synchronize_session": synchronize},
     ).all()
     moved = [Moved(row[0], row[1], events.Change.from_row(row[2:])) for row in rows]
     if record and moved:
@@ -107,6 +108,16 @@ def transition_recipients(
                 session=session, batch=owner, status=to, changes=changes, at=at, copy=True
             )
     return moved
+
+
+def _synchronize(session: Session) -> str | bool:
+    """The ORM's synchronisation of a bulk UPDATE: none when no recipient is loaded.
+
+    Its "fetch" fallback (for criteria it cannot evaluate in Python, such as
+    ``= ANY(array)``) walks every returned row; a worker's session loads no recipient.
+    """
+    loaded = any(isinstance(o, Recipient) for o in session.identity_map.values())
+    return "auto" if loaded else False
 
 
 def claim_recipients(

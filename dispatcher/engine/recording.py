@@ -192,6 +192,6 @@ def _copy_attempts(session: Session, ids: list[str], now: datetime) -> set[str]:
         literal(Outcome.ACCEPTED.value, String),
         Recipient.provider_message_id,
         literal(now, DateTime),
-    ).where(one_of(Recipient.id, ids))
+    ).where(one_of(session, Recipient.id, ids))
     session.connection().execute(insert(Attempt).from_select(columns, rows))
     return set(ids)

@@ -62,3 +62,9 @@ def create_table(
     op.create_table(name, *items, sa.PrimaryKeyConstraint(*key))
     for index, columns in (indexes or {}).items():
         op.create_index(index, name, list(columns))
+
+
+def index(name: str, table: str, columns: Sequence[str], *, where: str | None = None) -> None:
+    """An index; with ``where``, partial with that predicate on both databases."""
+    predicate = sa.text(where) if where else None
+    op.create_index(name, table, list(columns), sqlite_where=predicate, postgresql_where=predicate)

@@ -124,7 +124,7 @@ def _apply(
             session=session,
             to=new,
             current=SOURCES.get(new, (R.SENT,)),
-            where=[Recipient.provider_message_id.in_(refs), _of(provider)],
+            where=[one_of(session, Recipient.provider_message_id, refs), _of(provider)],
             values={"error_code": error_code, "error_text": text},
             at=now,
         )
@@ -133,7 +133,7 @@ def _apply(
         refs = [f.provider_message_id for f in late]
         matched |= fallback.fall_back(
             session=session,
-            where=[Recipient.provider_message_id.in_(refs), _of(provider)],
+            where=[one_of(session, Recipient.provider_message_id, refs), _of(provider)],
             failures=late,
             now=now,
         )
@@ -188,12 +188,12 @@ def accept(
     applied, matched = _apply_chains(session=session, provider=provider, chains=chains, now=now)
     rest = [r for ref, chain in chains.items() if ref not in matched for r in chain]
     # A message that carries the id but is not sent is final already: a late receipt.
+    rest_refs = [r.provider_message_id for r in rest]
     final = (
         set(
             session.scalars(
                 select(Recipient.provider_message_id).where(
-                    Recipient.provider_message_id.in_([r.provider_message_id for r in rest]),
-                    _of(provider),
+                    one_of(session, Recipient.provider_message_id, rest_refs), _of(provider)
                 )
             )
         )
@@ -203,7 +203,7 @@ def accept(
     # A rich message that a late failure moved on from: its later word changes nothing.
     final |= fallback.moved_on(
         session=session,
-        refs=[r.provider_message_id for r in rest if r.provider_message_id not in final],
+        refs=[ref for ref in rest_refs if ref not in final],
     )
     keep = [r for r in rest if r.provider_message_id not in final]
     if keep:
@@ -241,7 +241,8 @@ def settle(*, session: Session, provider: str, refs: Iterable[str], now: datetim
     stored = session.scalars(
         select(PendingReceipt)
         .where(
-            PendingReceipt.provider == provider, one_of(PendingReceipt.provider_message_id, refs)
+            PendingReceipt.provider == provider,
+            one_of(session, PendingReceipt.provider_message_id, refs),
         )
         .order_by(PendingReceipt.id)
     ).all()
@@ -284,11 +285,13 @@ def sweep(*, session: Session, settings: Settings, now: datetime, limit: int = 1
             & or_(Recipient.provider == PendingReceipt.provider, Recipient.provider.is_(None)),
         )
         .where(
+            # Spelled out so the planners may use the partial index on message ids.
+            Recipient.provider_message_id.is_not(None),
             or_(
                 Recipient.status == R.SENT,
                 # A read may still follow a delivery that was applied meanwhile.
                 (Recipient.status == R.DELIVERED) & (PendingReceipt.status == "read"),
-            )
+            ),
         )
         .order_by(PendingReceipt.id)
         .limit(limit)

@@ -69,3 +69,19 @@ def test_receipts_come_due_after_the_delay_once(client: redis.Redis) -> None:
     due = {r.provider_message_id: r.status for r in sim.due_receipts()}
     assert due == {"sim-ok:sms": "delivered", "sim-bad:sms": "failed"}
     assert sim.due_receipts() == []
+
+
+def test_due_receipts_pop_the_oldest_due_up_to_the_limit(client: redis.Redis) -> None:
+    now = [1000.0]
+    sim = Simulator(redis_client=client, rules={"receipt_delay": 5}, clock=lambda: now[0])
+    for i in range(5):
+        sim.send(msg(f"+44770010000{i}", rid=f"r{i}"))
+        now[0] += 1  # r0 is due at 1005, r4 at 1009
+    now[0] = 1007.5
+    assert [r.provider_message_id for r in sim.due_receipts(limit=2)] == [
+        "sim-r0:sms",
+        "sim-r1:sms",
+    ]
+    assert [r.provider_message_id for r in sim.due_receipts(limit=2)] == ["sim-r2:sms"]
+    assert sim.due_receipts(limit=2) == []
+    assert client.zcard(RECEIPTS) == 2  # r3 and r4: not due yet, still kept
