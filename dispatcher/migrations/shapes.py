@@ -64,7 +64,25 @@ def create_table(
         op.create_index(index, name, list(columns))
 
 
-def index(name: str, table: str, columns: Sequence[str], *, where: str | None = None) -> None:
-    """An index; with ``where``, partial with that predicate on both databases."""
+def index(
+    name: str,
+    table: str,
+    columns: Sequence[str],
+    *,
+    where: str | None = None,
+    concurrently: bool = False,
+) -> None:
+    """An index; with ``where``, partial with that predicate on both databases.
+
+    ``concurrently`` builds it without blocking writes on PostgreSQL (outside a
+    transaction only: see ``autocommit_block``).
+    """
     predicate = sa.text(where) if where else None
-    op.create_index(name, table, list(columns), sqlite_where=predicate, postgresql_where=predicate)
+    op.create_index(
+        name,
+        table,
+        list(columns),
+        sqlite_where=predicate,
+        postgresql_where=predicate,
+        postgresql_concurrently=concurrently,
+    )
