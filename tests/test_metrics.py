@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,6 +32,32 @@ TOKEN = "s3cret-metrics-token"
 def scrape() -> str:
     body, _ = metrics.exposition()
     return body.decode()
+
+
+@pytest.mark.parametrize("amount", [0.0, 0.001, 0.003, 2.5, 29.9, 30.0, 45.0])
+def test_observe_many_equals_that_many_observes(amount: float) -> None:
+    def histogram() -> Histogram:
+        return Histogram("h", "h", registry=CollectorRegistry(), buckets=(0.001, 2.5, 30.0))
+
+    one_by_one, at_once = histogram(), histogram()
+    for _ in range(7):
+        one_by_one.observe(amount)
+    metrics.observe_many(at_once, amount, 7)
+    metrics.observe_many(at_once, amount, 0)
+
+    def samples(h: Histogram) -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels.get("le", "")): s.value
+            for m in h.collect()
+            for s in m.samples
+            if not s.name.endswith("_created")
+        }
+
+    got, want = samples(at_once), samples(one_by_one)
+    # The sum is amount * 7 at once, not seven additions: equal up to rounding.
+    assert got.pop(("h_sum", "")) == pytest.approx(want.pop(("h_sum", "")))
+    assert got == want
+    assert got[("h_count", "")] == 7
 
 
 def test_status_changes_count_on_commit_and_not_on_rollback(
