@@ -245,7 +245,13 @@ def make_engine(url: str, *, write_gate: bool = True, **kwargs: Any) -> Engine:
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.driver == "psycopg":
+        # Imported here: psycopg is needed only for PostgreSQL.
+        from dispatcher import pgarrays
+
+        event.listen(engine, "connect", lambda dbapi_conn, _record: pgarrays.install(dbapi_conn))
+    return engine
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

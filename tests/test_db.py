@@ -7,8 +7,21 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, select
+from psycopg.adapt import PyFormat
+from sqlalchemy import (
+    ARRAY,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    bindparam,
+    func,
+    select,
+)
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.types import TypeEngine
 
 from dispatcher.db import insert_many, new_ids, one_of
 
@@ -97,3 +110,24 @@ def test_insert_many_carries_every_text_exactly(session: Session) -> None:
         *((f"t{i}", 1, note) for i, note in enumerate(texts)),
         ("u", 2**31 - 1, "☃"),
     ]
+
+
+def test_text_arrays_carry_every_string_exactly(session: Session) -> None:
+    if session.get_bind().dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's array dumper")
+    from dispatcher.pgarrays import StrListDumper
+
+    # Every character the array syntax treats specially, and words it would read as NULL.
+    texts = ['q"u\\te', "a,b", "{x}", " pad ", "", "NULL", "null", "ï☃😀", "t\tn\n", "\\"]
+    raw = session.connection().connection.dbapi_connection
+    assert raw is not None
+    assert raw.adapters.get_dumper(list, PyFormat.TEXT) is StrListDumper
+
+    def unnest(values: list[object], type_: TypeEngine[object]) -> list[object]:
+        return list(session.scalars(select(func.unnest(bindparam("v", values, type_=type_)))))
+
+    assert unnest(texts, ARRAY(Text)) == texts
+    assert unnest([], ARRAY(Text)) == []
+    # Not all strings: psycopg's own dumping.
+    assert unnest(["a", None, "b"], ARRAY(Text)) == ["a", None, "b"]
+    assert unnest([3, 1, 2], ARRAY(Integer)) == [3, 1, 2]

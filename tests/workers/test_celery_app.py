@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from dispatcher import outbox
@@ -10,6 +14,8 @@ from dispatcher.outbox import QueueName, TaskName
 from dispatcher.runtime import Runtime
 from tests.conftest import RecordingPublisher
 from workers.celery_app import create_celery
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_task_name_is_a_registered_task_with_a_queue(settings: Settings) -> None:
@@ -64,3 +70,16 @@ def test_reset_after_fork_forgets_every_client(settings: Settings) -> None:
     assert runtime.settings is settings  # plain attributes stay
     runtime.dispose()
     client.close()
+
+
+def test_the_database_driver_is_imported_before_the_pool_forks() -> None:
+    # A fresh interpreter: this one imported psycopg long ago.
+    code = (
+        "import sys\n"
+        "from dispatcher.config import Settings\n"
+        "from workers.celery_app import preload_driver\n"
+        "assert 'psycopg' not in sys.modules\n"
+        "preload_driver(Settings(database_url='postgresql+psycopg://u@127.0.0.1:9/db'))\n"
+        "assert 'psycopg' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
