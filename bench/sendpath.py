@@ -20,8 +20,10 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,29 +107,34 @@ def database_url(stack: ExitStack, tmp: Path, kind: str) -> str:
     return f"sqlite:///{tmp / 'dispatcher.db'}"
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    with ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dispatcher-sendpath-")))
-        settings = Settings(
+class InProcess:
+    """A runtime of our own for an in-process bench: a real Redis and database, no Celery."""
+
+    def __init__(self, stack: ExitStack, args: argparse.Namespace, *, receipt_delay: float) -> None:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dispatcher-bench-")))
+        self.settings = Settings(
             var_dir=str(tmp / "var"),
             database_url=database_url(stack, tmp, args.database),
             redis_url=start_redis(stack, tmp),
             provider="simulator",
-            simulator={"latency_ms": 0, "receipt_delay": 3600},
+            simulator={"latency_ms": 0, "receipt_delay": receipt_delay},
             default_account_rate=0,
             min_send_at_lead=0,
             chunk_size=args.chunk_size,
         )
-        upgrade(settings)
-        postmaster = find_postmaster(settings.database_url)
-        publisher = Collect()
-        rt = Runtime(settings, publisher)
-        stack.callback(rt.dispose)
-        with transaction(rt.sessions) as session:
+        upgrade(self.settings)
+        self.postmaster = find_postmaster(self.settings.database_url)
+        self.publisher = Collect()
+        self.rt = Runtime(self.settings, self.publisher)
+        stack.callback(self.rt.dispose)
+
+    def write_batches(self, args: argparse.Namespace) -> list[str]:
+        """``args.recipients`` recipients in batches due now, written by the intake service."""
+        with transaction(self.rt.sessions) as session:
             account = accounts.create_account(session=session, name="bench")
         batch_ids = []
         for b in range(args.recipients // args.batch_size):
-            with transaction(rt.sessions) as session:
+            with transaction(self.rt.sessions) as session:
                 new = batches.NewBatch(
                     sender="Bench",
                     body="hello",
@@ -137,9 +144,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     callback_url=args.callback_url,
                 )
                 intake = batches.create_batch(
-                    session=session, settings=settings, account=account, new=new
+                    session=session, settings=self.settings, account=account, new=new
                 )
                 batch_ids.append(intake.batch.id)
+        return batch_ids
+
+    def send(self, batch_id: str, timed: Callable[[str, Callable[[], Any]], Any]) -> None:
+        """Fan the batch out, then send every chunk, each part through ``timed(part, call)``."""
+        rt, settings = self.rt, self.settings
+        self.publisher.messages.clear()
+
+        def fan_out() -> int:
+            with transaction(rt.sessions) as session:
+                return scheduling.dispatch_batch(
+                    session=session, settings=settings, batch_id=batch_id, now=utcnow()
+                )
+
+        timed("dispatch", fan_out)
+        chunks = [m for m in self.publisher.messages if m.task is TaskName.SEND_CHUNK]
+        for m in chunks:
+            timed(
+                "send",
+                partial(
+                    sending.send_recipients,
+                    factory=rt.sessions,
+                    settings=settings,
+                    providers=rt.providers,
+                    limiter=rt.limiter,
+                    batch_id=m.kwargs["batch_id"],
+                    seq_range=(m.kwargs["start"], m.kwargs["end"]),
+                ),
+            )
+
+    def statuses(self) -> tuple[dict[str, int], int]:
+        """Recipients by status, and how many status events there are."""
+        with read_transaction(self.rt.sessions) as session:
+            counted = select(Recipient.status, func.count()).group_by(Recipient.status)
+            statuses = {str(status): n for status, n in session.execute(counted).all()}
+            events = session.scalar(select(func.count()).select_from(StatusEvent)) or 0
+        return statuses, events
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with ExitStack() as stack:
+        bench = InProcess(stack, args, receipt_delay=3600)
+        postmaster = bench.postmaster
+        batch_ids = bench.write_batches(args)
         total = len(batch_ids) * args.batch_size
         settle_gc()  # as a worker process does when it starts
         profile = cProfile.Profile() if args.profile else None
@@ -162,33 +212,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 server[part] += server_cpu(postmaster) - d
 
         for batch_id in batch_ids:
-            publisher.messages.clear()
-
-            def fan_out(batch_id: str = batch_id) -> int:
-                with transaction(rt.sessions) as session:
-                    return scheduling.dispatch_batch(
-                        session=session, settings=settings, batch_id=batch_id, now=utcnow()
-                    )
-
-            timed("dispatch", fan_out)
-            chunks = [m for m in publisher.messages if m.task is TaskName.SEND_CHUNK]
-            for m in chunks:
-                kw = m.kwargs
-                timed(
-                    "send",
-                    lambda kw=kw: sending.send_recipients(
-                        factory=rt.sessions,
-                        settings=settings,
-                        providers=rt.providers,
-                        limiter=rt.limiter,
-                        batch_id=kw["batch_id"],
-                        seq_range=(kw["start"], kw["end"]),
-                    ),
-                )
-        with read_transaction(rt.sessions) as session:
-            counted = select(Recipient.status, func.count()).group_by(Recipient.status)
-            statuses = {str(status): n for status, n in session.execute(counted).all()}
-            events = session.scalar(select(func.count()).select_from(StatusEvent)) or 0
+            bench.send(batch_id, timed)
+        statuses, events = bench.statuses()
         if profile is not None:
             profile.dump_stats(args.profile)
         return {
