@@ -101,6 +101,23 @@ def sent_on_whatsapp(
     return batch_id
 
 
+def one_sent_on_whatsapp(
+    live: Live, tenant: Tenant, providers: dict[str, Any]
+) -> tuple[str, Recipient, str]:
+    """A one-recipient batch whatsapp -> sms, sent on WhatsApp: its id, the row, the message id."""
+    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
+    [rec] = live.recipients(batch_id)
+    return batch_id, rec, str(rec.provider_message_id)
+
+
+def sent_by_sms(live: Live, providers: dict[str, Any], batch_id: str) -> Recipient:
+    """Send the batch's queued work; its one recipient must now be sent by SMS."""
+    live.send(providers, batch_id)
+    [rec] = live.recipients(batch_id)
+    assert (rec.status, rec.channel) == (R.SENT, "sms")
+    return rec
+
+
 def history(live: Live, recipient_id: str) -> list[tuple[str, str | None, str | None]]:
     """(status, channel, error code) of each status event, in order."""
     with live.sessions() as session:
@@ -236,9 +253,8 @@ def test_no_channel_left_fails_the_recipient_with_the_code_kept(
 def test_a_failure_for_the_recipient_is_not_a_fallback(
     live: Live, tenant: Tenant, providers: dict[str, Any]
 ) -> None:
-    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
-    [rec] = live.recipients(batch_id)
-    failed(live, str(rec.provider_message_id), code=131021)
+    batch_id, _rec, ref = one_sent_on_whatsapp(live, tenant, providers)
+    failed(live, ref, code=131021)
     [rec] = live.recipients(batch_id)
     assert (rec.status, rec.channel, rec.error_code) == (R.FAILED, "whatsapp", "whatsapp_131021")
 
@@ -246,9 +262,7 @@ def test_a_failure_for_the_recipient_is_not_a_fallback(
 def test_duplicate_and_late_statuses_change_nothing_and_sms_goes_once(
     live: Live, tenant: Tenant, providers: dict[str, Any], twilio: Twilio
 ) -> None:
-    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
-    [rec] = live.recipients(batch_id)
-    ref = str(rec.provider_message_id)
+    batch_id, rec, ref = one_sent_on_whatsapp(live, tenant, providers)
     # Failed twice in one notification, then again: applied once.
     reply = notify(
         hook(live),
@@ -261,9 +275,7 @@ def test_duplicate_and_late_statuses_change_nothing_and_sms_goes_once(
         assert counts(notify(hook(live), [late], app_secret=APP_SECRET)) == (0, 1)
     assert history(live, rec.id) == before
     live.send(providers, batch_id)
-    live.send(providers, batch_id)
-    [rec] = live.recipients(batch_id)
-    assert (rec.status, rec.channel) == (R.SENT, "sms")
+    rec = sent_by_sms(live, providers, batch_id)
     after_sms = history(live, rec.id)
     # WhatsApp's late word on its own attempt, once the SMS went: nothing moves.
     # Known by the attempt it ended, so acknowledged as ignored (not kept as early).
@@ -278,9 +290,7 @@ def test_duplicate_and_late_statuses_change_nothing_and_sms_goes_once(
 def test_an_out_of_order_failure_after_delivered_changes_nothing(
     live: Live, tenant: Tenant, providers: dict[str, Any], publisher: RecordingPublisher
 ) -> None:
-    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
-    [rec] = live.recipients(batch_id)
-    ref = str(rec.provider_message_id)
+    batch_id, rec, ref = one_sent_on_whatsapp(live, tenant, providers)
     notify(hook(live), [status(ref, "delivered")], app_secret=APP_SECRET)
     assert counts(failed(live, ref)) == (0, 1)
     [rec] = live.recipients(batch_id)
@@ -291,9 +301,7 @@ def test_an_out_of_order_failure_after_delivered_changes_nothing(
 def test_cancel_stops_a_recipient_queued_again_by_a_late_failure(
     live: Live, tenant: Tenant, providers: dict[str, Any], twilio: Twilio
 ) -> None:
-    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
-    [rec] = live.recipients(batch_id)
-    ref = str(rec.provider_message_id)
+    batch_id, rec, ref = one_sent_on_whatsapp(live, tenant, providers)
     failed(live, ref)
     reply = live.client.delete(f"/batch/{batch_id}", headers=tenant.auth)
     assert reply.status_code == 200, reply.get_json()
@@ -356,9 +364,7 @@ def test_a_failure_that_arrives_before_the_send_returns_falls_back(
     assert answers == [{"applied": 0, "pending": 1, "ignored": 0}]
     [rec] = live.recipients(batch_id)
     assert (rec.status, rec.channel, rec.error_code) == (R.QUEUED, "sms", "whatsapp_131026")
-    live.send(providers, batch_id)
-    [rec] = live.recipients(batch_id)
-    assert (rec.status, rec.channel) == (R.SENT, "sms")
+    rec = sent_by_sms(live, providers, batch_id)
     assert [s for s, _c, _e in history(live, rec.id)][-3:] == ["sent", "queued", "sent"]
     assert len(twilio.seen) == 1
 
@@ -366,14 +372,13 @@ def test_a_failure_that_arrives_before_the_send_returns_falls_back(
 def test_the_fallback_waits_its_turn_behind_the_accounts_earlier_work(
     live: Live, tenant: Tenant, providers: dict[str, Any], twilio: Twilio
 ) -> None:
-    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
-    [rec] = live.recipients(batch_id)
+    batch_id, rec, ref = one_sent_on_whatsapp(live, tenant, providers)
     # An earlier batch of the same account with 20 recipients still queued, at 2/s.
     earlier = live.queued_batch(tenant, [f"+4477009011{i:02d}" for i in range(20)], channel="sms")
     with transaction(live.sessions) as session:
         before = utcnow() - timedelta(hours=1)
         session.execute(update(Batch).where(Batch.id == earlier).values(send_at=before))
-    failed(live, str(rec.provider_message_id))
+    failed(live, ref)
     settings = live.runtime.settings.replace(default_account_rate=2.0)
     report = send_recipients(
         factory=live.sessions,
@@ -400,10 +405,9 @@ def test_no_secret_shows_in_logs_metrics_or_replies(
     live = live_factory(
         whatsapp_app_secret=APP_SECRET, twilio_auth_token=TOKEN, metrics_token="metrics-0123"
     )
-    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
-    [rec] = live.recipients(batch_id)
+    batch_id, _rec, ref = one_sent_on_whatsapp(live, tenant, providers)
     replies = [
-        failed(live, str(rec.provider_message_id)).text,
+        failed(live, ref).text,
         notify(hook(live), [], app_secret="wrong-secret").text,
     ]
     live.send(providers, batch_id)
@@ -420,9 +424,8 @@ LATE_WORDS = ("delivered", "read", "failed", "expired", CHANNEL_FAILED)
 def test_a_recipient_queued_again_forgets_the_rich_message_and_its_late_word_is_ignored(
     live: Live, tenant: Tenant, providers: dict[str, Any]
 ) -> None:
-    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
-    [rec] = live.recipients(batch_id)
-    ref, rich_sent_at = str(rec.provider_message_id), rec.sent_at
+    batch_id, rec, ref = one_sent_on_whatsapp(live, tenant, providers)
+    rich_sent_at = rec.sent_at
     assert rec.provider == "whatsapp_cloud" and rich_sent_at is not None
     failed(live, ref)
     [rec] = live.recipients(batch_id)
@@ -469,9 +472,7 @@ def test_a_recipient_queued_again_forgets_the_rich_message_and_its_late_word_is_
 def test_an_sms_refused_after_a_late_fallback_reports_no_rich_message(
     live: Live, tenant: Tenant, providers: dict[str, Any], twilio: Twilio
 ) -> None:
-    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
-    [rec] = live.recipients(batch_id)
-    ref = str(rec.provider_message_id)
+    batch_id, rec, ref = one_sent_on_whatsapp(live, tenant, providers)
     failed(live, ref)
     twilio.errors[TO] = error(400, 21211, "The 'To' number is not a valid phone number.")
     live.send(providers, batch_id)
@@ -491,8 +492,7 @@ def test_the_receipt_deadline_does_not_catch_the_next_channels_send(
 ) -> None:
     if not live.runtime.settings.database_url.startswith("postgresql"):
         pytest.skip("SQLite takes the write lock at BEGIN: nothing commits inside the sweep")
-    batch_id = sent_on_whatsapp(live, tenant, providers, [TO])
-    [rec] = live.recipients(batch_id)
+    batch_id, rec, ref = one_sent_on_whatsapp(live, tenant, providers)
     deadline = live.runtime.settings.receipt_deadline
     with transaction(live.sessions) as session:
         overdue = utcnow() - timedelta(seconds=deadline + 60)
@@ -503,7 +503,7 @@ def test_the_receipt_deadline_does_not_catch_the_next_channels_send(
         # The sweep has read the WhatsApp message as overdue; before it writes, the late
         # failure and the SMS send commit (two other transactions, as two workers would).
         if kwargs["to"] is R.UNKNOWN and kwargs["ids"] == [rec.id]:
-            failed(live, str(rec.provider_message_id))
+            failed(live, ref)
             live.send(providers, batch_id)
         return moves(**kwargs)
 
