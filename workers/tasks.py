@@ -176,6 +176,8 @@ def simulator_receipts(self: DispatcherTask) -> dict[str, int]:
             if hasattr(provider, "requeue_receipts"):
                 provider.requeue_receipts(due)
             raise
+        if hasattr(provider, "receipts_applied"):
+            provider.receipts_applied()  # committed: the provider's claim on them can go
         done = {k: done.get(k, 0) + counts.get(k, 0) for k in {*done, *counts}}
     return done
 

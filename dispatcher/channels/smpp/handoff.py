@@ -38,6 +38,10 @@ left_key = partial(key, "left")
 stats_key = partial(key, "stats")
 # Receipts the connector has read, for a worker to apply (one JSON list per group).
 RECEIPTS = f"{PREFIX}receipts"
+# Groups a worker took and has not committed yet: one list per claim, and the claims by
+# when they were made. A claim older than any task can run was left by a killed worker.
+RECEIPT_CLAIMS = f"{PREFIX}receipts:claims"
+claim_key = partial(key, "receipts:claim")
 
 # Ledger values: "p" a submit was about to go out (outcome unknown if nothing follows),
 # "a:<id>" accepted, "n" never sent, "u" sent but no submit_sm_resp came.

@@ -36,6 +36,26 @@ MARGIN = 2.0
 BLOCK_SLICE = 5.0
 
 
+# A claim on receipt groups older than this was left by a killed worker (longer than
+# any task's hard time limit, so a live worker's claim is never taken from it).
+CLAIM_STALE_S = 15 * 60
+# Give stale claims back to the head of the list, then move up to ARGV[3] groups from
+# the list to this claim (KEYS[3]) and record it (ARGV[1] now, ARGV[2] stale before).
+CLAIM_RECEIPTS = """
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])) do
+  local groups = redis.call('LRANGE', key, 0, -1)
+  for i = #groups, 1, -1 do redis.call('LPUSH', KEYS[1], groups[i]) end
+  redis.call('DEL', key)
+  redis.call('ZREM', KEYS[2], key)
+end
+local groups = redis.call('LPOP', KEYS[1], ARGV[3])
+if not groups then return {} end
+redis.call('RPUSH', KEYS[3], unpack(groups))
+redis.call('ZADD', KEYS[2], ARGV[1], KEYS[3])
+return groups
+"""
+
+
 class SmppProvider(Provider):
     name = "smpp"
     handoff_group = 200
@@ -51,6 +71,8 @@ class SmppProvider(Provider):
         self.config = config
         self.routes = RouteTable(config.routes)
         self.clock = clock
+        self._claim_script = redis_client.register_script(CLAIM_RECEIPTS)
+        self._claim: str | None = None  # the receipt groups this process took last
 
     def live_carriers(self) -> set[str]:
         """Carriers with at least one connection bound for sending right now."""
@@ -156,11 +178,35 @@ class SmppProvider(Provider):
         return self._ledger(message.idempotency_key)
 
     def due_receipts(self, *, limit: int = 10) -> list[Receipt]:
-        """Take up to ``limit`` groups of the receipts the connector read (for a worker)."""
-        groups = cast(list[bytes] | None, self.redis.lpop(handoff.RECEIPTS, limit))
-        return [r for group in groups or () for r in handoff.receipts_of(group)]
+        """Claim up to ``limit`` groups of the receipts the connector read (for a worker).
+
+        They stay in Redis under this worker's claim until ``receipts_applied`` (after
+        the commit) or ``requeue_receipts``; a claim left by a killed worker is given
+        back to the head of the list once it is older than any task can run.
+        """
+        claim = handoff.claim_key(uuid.uuid4().hex)
+        now = self.clock()
+        groups = cast(
+            list[bytes],
+            self._claim_script(
+                keys=[handoff.RECEIPTS, handoff.RECEIPT_CLAIMS, claim],
+                args=[now, now - CLAIM_STALE_S, limit],
+            ),
+        )
+        self._claim = claim if groups else None
+        return [r for group in groups for r in handoff.receipts_of(group)]
+
+    def receipts_applied(self) -> None:
+        """The claimed receipts are committed: forget the claim."""
+        if self._claim is not None:
+            with self.redis.pipeline() as pipe:
+                pipe.delete(self._claim)
+                pipe.zrem(handoff.RECEIPT_CLAIMS, self._claim)
+                pipe.execute()
+            self._claim = None
 
     def requeue_receipts(self, receipts: Sequence[Receipt]) -> None:
         """Put back receipts a worker could not apply, ahead of the rest."""
         if receipts:
             self.redis.lpush(handoff.RECEIPTS, handoff.receipts_json(list(receipts)))
+        self.receipts_applied()

@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Receipt, SmsOptions
 from dispatcher.channels.smpp import errors, pdu
-from dispatcher.channels.smpp.handoff import stats_key
-from dispatcher.channels.smpp.provider import SmppProvider
+from dispatcher.channels.smpp.handoff import RECEIPT_CLAIMS, stats_key
+from dispatcher.channels.smpp.provider import CLAIM_STALE_S, SmppProvider
 from dispatcher.channels.smpp.sink import DatabaseSink
 from dispatcher.channels.smpp.smsc import Action, LocalSmsc, Submit, running
 from dispatcher.sms import parts
@@ -397,3 +397,34 @@ def test_receipts_reach_the_workers_through_redis_intact_in_order_and_are_put_ba
     provider.requeue_receipts(first)
     assert provider.due_receipts() == first + second
     assert provider.due_receipts() == []
+
+
+def test_receipts_taken_by_a_killed_worker_come_back_once_its_claim_is_stale(
+    smpp_redis: redis.Redis, port: int
+) -> None:
+    first = [Receipt("0000000011", "delivered", done_at=datetime(2026, 11, 30, 1, 2))]
+    second = [Receipt("0000000012", "expired", done_at=None)]
+    sink = DatabaseSink(sessions=cast(sessionmaker[Session], None), redis_client=smpp_redis)
+    sink.receipts(first)
+    sink.receipts(second)
+    now = [1_000_000.0]
+    config = smpp_config({"local": [port]})
+
+    def worker() -> SmppProvider:
+        return SmppProvider(redis_client=smpp_redis, config=config, clock=lambda: now[0])
+
+    killed, other = worker(), worker()
+    assert killed.due_receipts(limit=1) == first  # ...and the process dies before its commit
+    # While the claim may still be a live worker's, nobody else gets those receipts.
+    now[0] += CLAIM_STALE_S - 1
+    assert other.due_receipts(limit=1) == second
+    other.receipts_applied()
+    assert other.due_receipts() == []
+    # Older than any task can run: given back, ahead of anything queued since.
+    sink.receipts([Receipt("0000000013", "delivered", done_at=None)])
+    now[0] += 2
+    assert [r.provider_message_id for r in other.due_receipts()] == ["0000000011", "0000000013"]
+    other.receipts_applied()
+    now[0] += 2 * CLAIM_STALE_S
+    assert other.due_receipts() == []
+    assert smpp_redis.zcard(RECEIPT_CLAIMS) == 0
