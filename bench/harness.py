@@ -237,6 +237,8 @@ class System:
             "chunk_size": self.args.chunk_size,
             "send_concurrency": self.args.concurrency,
             "sqlite_write_gate": not getattr(self.args, "no_write_gate", False),
+            # Each process applies its own niceness (as under `dispatcher run`); --no-nice: none.
+            **({"process_nice": {}} if getattr(self.args, "no_nice", False) else {}),
         }
         values.update(overrides)
         self.settings = Settings(**values)
@@ -363,6 +365,9 @@ class System:
                 str(workers),
                 "--timeout",
                 "120",
+                # dispatcher run's gunicorn settings (its niceness hook among them).
+                "--config",
+                "python:dispatcher.gunicorn_conf",
                 "api.wsgi:app",
             ],
             role="api",
