@@ -343,6 +343,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " default, each process raising its own (dispatcher/priority.py)",
     )
     p.add_argument(
+        "--process-nice",
+        help="niceness by role instead of the default, as DISPATCHER_PROCESS_NICE (send=5,beat=2)",
+    )
+    p.add_argument(
         "--intake-threads",
         type=int,
         default=4,
