@@ -36,27 +36,26 @@ def _strings(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _rates(text: str) -> dict[str, float]:
-    rates: dict[str, float] = {}
+def _pairs(text: str, kind: Callable[[str], Any], what: str) -> dict[str, Any]:
+    """``name=value`` items, comma-separated, each value read with ``kind``."""
+    pairs: dict[str, Any] = {}
     for item in _strings(text):
         name, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"expected name=rate, got {item!r}")
-        rates[name.strip()] = float(value)
-    return rates
+            raise ConfigError(f"expected name={what}, got {item!r}")
+        pairs[name.strip()] = kind(value)
+    return pairs
+
+
+def _rates(text: str) -> dict[str, float]:
+    return _pairs(text, float, "rate")
 
 
 def _nice(text: str) -> dict[str, int]:
     """role=niceness pairs; "off" (or nothing) leaves every process as started."""
     if text.strip().lower() in {"", "off", "none"}:
         return {}
-    nice: dict[str, int] = {}
-    for item in _strings(text):
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"expected role=niceness, got {item!r}")
-        nice[name.strip()] = int(value)
-    return nice
+    return _pairs(text, int, "niceness")
 
 
 def _bool(text: str) -> bool:

@@ -66,7 +66,7 @@ def test_process_nice_default_lets_only_the_send_workers_yield() -> None:
         ("flower=3", "unknown roles ['flower']"),
         ("send=-1", "PROCESS_NICE[send] must be 0-19"),
         ("send=20", "PROCESS_NICE[send] must be 0-19"),
-        ("send", "expected role=niceness"),
+        ("send", "expected name=niceness"),
         ("send=fast", "DISPATCHER_PROCESS_NICE"),
     ],
 )
