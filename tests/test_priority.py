@@ -4,6 +4,7 @@ give themselves when started as `dispatcher run` starts them (read back from /pr
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -140,6 +141,9 @@ def test_a_session_leader_raises_its_autogroup_and_a_follower_leaves_it() -> Non
 def started(tmp_path: Path) -> Iterator[list[Child]]:
     children: list[Child] = []
     yield children
+    # All stop at once (each waits for its own warm shutdown otherwise).
+    for child in children:
+        child.kill_group(signal.SIGTERM)
     for child in reversed(children):
         child.stop()
 
