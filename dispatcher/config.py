@@ -116,7 +116,7 @@ class Settings:
     callback_concurrency: int = 2
     # CPU niceness each process gives itself by role (dispatcher/priority.py): on one
     # host the send workers yield to intake and callbacks. Only ever raised; "off": none.
-    process_nice: dict[str, int] = field(default_factory=lambda: {"send": 10})
+    process_nice: dict[str, int] = field(default_factory=lambda: {"send": 5})
     # /health/ready wants a worker on each queue whose heartbeat is at most this old.
     worker_seen_within: float = 30.0
 

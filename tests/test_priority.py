@@ -58,7 +58,7 @@ def test_process_nice_off_is_an_empty_mapping(off: str) -> None:
 
 
 def test_process_nice_default_lets_only_the_send_workers_yield() -> None:
-    assert Settings().process_nice == {"send": 10}
+    assert Settings().process_nice == {"send": 5}
 
 
 @pytest.mark.parametrize(
