@@ -117,9 +117,10 @@ class WriteGate:
     that holds the slot (or has just got the gate) while one does lets them go (the
     API writer, the only other writer that may wait for the slot, takes it), waits
     until that writer has the gate (``announce`` let go), and takes the slot back
-    before any other API writer can announce itself: each time it gives way, exactly
-    one API transaction goes first, and a client's request does not wait behind a
-    worker's 1,000-row transaction. A worker gives way at most ``YIELD_TURNS`` times per turn and not
+    while holding ``<db>-gate-back``, which the next API writer needs (shared) to
+    announce itself: each time it gives way, exactly one API transaction goes
+    first, and a client's request does not wait behind a worker's 1,000-row
+    transaction. A worker gives way at most ``YIELD_TURNS`` times per turn and not
     once it has waited ``YIELD_SECONDS``; then only the gate's holder goes before it,
     so heavy intake delays sending by a bounded amount and never stalls it. All
     waiting is in ``flock``: the kernel wakes the waiter, nobody polls.
@@ -148,10 +149,10 @@ class WriteGate:
         self._owner: Any = None
 
     def _files(self) -> tuple[int, ...]:
-        """This connection's descriptors: worker queue, API queue, announce, slot, gate."""
+        """This connection's descriptors: worker queue, API queue, back, announce, slot, gate."""
         if self._fds is None or self._pid != os.getpid():
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-            names = ("-queue", "-api", "-announce", "-slot", "")
+            names = ("-queue", "-api", "-back", "-announce", "-slot", "")
             self._fds = tuple(os.open(self.path + name, flags, 0o666) for name in names)
             self._pid = os.getpid()
         return self._fds
@@ -171,7 +172,7 @@ class WriteGate:
         if getattr(held, "count", 0):
             return
         try:
-            worker_queue, api_queue, announce, slot, gate = self._files()
+            worker_queue, api_queue, back, announce, slot, gate = self._files()
         except OSError:  # e.g. a read-only directory: SQLite's busy handler alone
             return
         started = time.monotonic()
@@ -180,7 +181,11 @@ class WriteGate:
         fcntl.flock(queue, fcntl.LOCK_EX)
         try:
             if priority:
-                fcntl.flock(announce, fcntl.LOCK_EX)
+                fcntl.flock(back, fcntl.LOCK_SH)
+                try:
+                    fcntl.flock(announce, fcntl.LOCK_EX)
+                finally:
+                    fcntl.flock(back, fcntl.LOCK_UN)
                 try:
                     fcntl.flock(slot, fcntl.LOCK_EX)
                     try:
@@ -192,7 +197,7 @@ class WriteGate:
             else:
                 fcntl.flock(slot, fcntl.LOCK_EX)
                 try:
-                    gave_way = self._worker_turn(announce, slot, gate, started)
+                    gave_way = self._worker_turn(back, announce, slot, gate, started)
                 finally:
                     fcntl.flock(slot, fcntl.LOCK_UN)
         finally:
@@ -206,7 +211,7 @@ class WriteGate:
         tally[2] = max(tally[2], waited)
         tally[3] += gave_way
 
-    def _worker_turn(self, announce: int, slot: int, gate: int, started: float) -> int:
+    def _worker_turn(self, back: int, announce: int, slot: int, gate: int, started: float) -> int:
         """A worker holding the slot: take the gate, letting each API writer that
         announces itself meanwhile go first, within the bounds; returns how many did."""
         turns = 0
@@ -223,15 +228,20 @@ class WriteGate:
 
         while True:
             while may_give_way():
-                fcntl.flock(slot, fcntl.LOCK_UN)
-                # Woken once that writer has the gate (and so has let the slot go). The
-                # slot is taken back before "announce" is let go: no other API writer
-                # can be waiting for it then, so it is free.
-                fcntl.flock(announce, fcntl.LOCK_SH)
+                # "back" keeps the next API writer from announcing itself (and taking
+                # the slot) before this worker has the slot again, however late it
+                # gets to wait for "announce" below.
+                fcntl.flock(back, fcntl.LOCK_EX)
                 try:
-                    fcntl.flock(slot, fcntl.LOCK_EX)
+                    fcntl.flock(slot, fcntl.LOCK_UN)
+                    # Woken once that writer has the gate (and so has let the slot go).
+                    fcntl.flock(announce, fcntl.LOCK_SH)
+                    try:
+                        fcntl.flock(slot, fcntl.LOCK_EX)
+                    finally:
+                        fcntl.flock(announce, fcntl.LOCK_UN)
                 finally:
-                    fcntl.flock(announce, fcntl.LOCK_UN)
+                    fcntl.flock(back, fcntl.LOCK_UN)
                 turns += 1
             fcntl.flock(gate, fcntl.LOCK_EX)
             # One that announced itself while this worker waited for the gate goes first

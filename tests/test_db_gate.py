@@ -152,7 +152,7 @@ def _api_writers_meet_a_waiting_worker(
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE turns (n INTEGER PRIMARY KEY, who TEXT)")
         conn.exec_driver_sql("CREATE TABLE filler (n INTEGER PRIMARY KEY, who TEXT)")
-    gate_files = [Path(f"{path}-gate{name}") for name in ("", "-queue", "-api", "-slot")]
+    gate_files = [Path(f"{path}-gate{name}") for name in ("", "-queue", "-api", "-back", "-slot")]
     spawn = multiprocessing.get_context("spawn")
     bounds = {"yield_turns": yield_turns, "yield_seconds": yield_seconds}
     children = []
