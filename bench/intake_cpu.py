@@ -9,13 +9,19 @@ It prints one JSON line (``intake_cpu``): CPU and wall microseconds per
 recipient (median, best, worst), and with ``--stages`` the CPU per recipient of
 each step of the request (JSON parse, schema load, the service, the commit).
 On SQLite it also reports how long each request held the write lock (from
-``BEGIN IMMEDIATE`` to the end of ``COMMIT``, CPU and wall): while intake runs
-beside a send worker, that is the time the worker waits for it, and the rest of
-the request runs beside the worker.
+``BEGIN IMMEDIATE``'s return to the end of ``COMMIT``, CPU and wall): while intake
+runs beside a send worker, that is the time the worker waits for it, and the rest
+of the request runs beside the worker; and how long it waited at the write gate
+(``gate_wait_us_per_recipient``). With ``--beside-sending N`` that worker is real:
+``--senders`` (2) processes fan out and send N batches of 1,000 of their own on
+the same database (the task bodies, as ``bench.sendpath`` calls them) while the
+requests are measured; ``--worker-gives-way 0`` makes them never let the API's
+writer go first (``WriteGate.YIELD_TURNS``), to compare.
 
     .venv/bin/python -m bench.intake_cpu                       # SQLite, 30 x 1,000
     .venv/bin/python -m bench.intake_cpu --database postgres   # a throw-away PostgreSQL
     .venv/bin/python -m bench.intake_cpu --profile 25          # + cProfile, top 25 (stderr)
+    .venv/bin/python -m bench.intake_cpu --beside-sending 60   # the gate's waits, beside sending
 
 What it leaves out: gunicorn's HTTP parsing and socket I/O (a few us per
 recipient for a 20 kB body) and the publish of the dispatch task (the app gets
@@ -117,7 +123,8 @@ def _stages(app: Any, body: bytes, key: str, size: int) -> dict[str, float]:
 
 class _HoldTimer:
     """CPU and wall seconds of each write transaction of this process (SQLite's gated
-    connections: from before ``BEGIN IMMEDIATE`` to after ``COMMIT``)."""
+    connections: from ``BEGIN IMMEDIATE``'s return, the lock taken, to after ``COMMIT``;
+    before 2026-11-30 06:00 UTC from before the gate, its wait included)."""
 
     def __init__(self) -> None:
         self.started: tuple[float, float] | None = None
@@ -130,8 +137,9 @@ class _HoldTimer:
         begin, commit = GatedConnection.begin_write, GatedConnection.commit
 
         def timed_begin(conn: GatedConnection, **options: Any) -> None:
-            self.started = (time.process_time(), time.perf_counter())
+            # From when the lock is ours: the wait at the gate before is counted apart.
             begin(conn, **options)
+            self.started = (time.process_time(), time.perf_counter())
 
         def timed_commit(conn: GatedConnection) -> None:
             try:
