@@ -98,6 +98,16 @@ def new_ids(count: int) -> list[str]:
     ]
 
 
+@contextmanager
+def _flocked(fd: int, *, shared: bool = False) -> Iterator[None]:
+    """Hold ``fd``'s flock lock (exclusive, or shared) for the block."""
+    fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 class WriteGate:
     """A fair turn at SQLite's single write lock, across processes (``flock`` files),
     where the API's writers go before a waiting worker for a bounded number of turns.
@@ -177,31 +187,18 @@ class WriteGate:
             return
         started = time.monotonic()
         gave_way = 0
-        queue = api_queue if priority else worker_queue
-        fcntl.flock(queue, fcntl.LOCK_EX)
-        try:
+        with _flocked(api_queue if priority else worker_queue):
             if priority:
-                fcntl.flock(back, fcntl.LOCK_SH)
-                try:
+                with _flocked(back, shared=True):
                     fcntl.flock(announce, fcntl.LOCK_EX)
-                finally:
-                    fcntl.flock(back, fcntl.LOCK_UN)
                 try:
-                    fcntl.flock(slot, fcntl.LOCK_EX)
-                    try:
+                    with _flocked(slot):
                         fcntl.flock(gate, fcntl.LOCK_EX)
-                    finally:
-                        fcntl.flock(slot, fcntl.LOCK_UN)
                 finally:
                     fcntl.flock(announce, fcntl.LOCK_UN)
             else:
-                fcntl.flock(slot, fcntl.LOCK_EX)
-                try:
+                with _flocked(slot):
                     gave_way = self._worker_turn(back, announce, slot, gate, started)
-                finally:
-                    fcntl.flock(slot, fcntl.LOCK_UN)
-        finally:
-            fcntl.flock(queue, fcntl.LOCK_UN)
         held.count = 1
         self._owner = held
         waited = time.monotonic() - started
@@ -231,17 +228,11 @@ class WriteGate:
                 # "back" keeps the next API writer from announcing itself (and taking
                 # the slot) before this worker has the slot again, however late it
                 # gets to wait for "announce" below.
-                fcntl.flock(back, fcntl.LOCK_EX)
-                try:
+                with _flocked(back):
                     fcntl.flock(slot, fcntl.LOCK_UN)
                     # Woken once that writer has the gate (and so has let the slot go).
-                    fcntl.flock(announce, fcntl.LOCK_SH)
-                    try:
+                    with _flocked(announce, shared=True):
                         fcntl.flock(slot, fcntl.LOCK_EX)
-                    finally:
-                        fcntl.flock(announce, fcntl.LOCK_UN)
-                finally:
-                    fcntl.flock(back, fcntl.LOCK_UN)
                 turns += 1
             fcntl.flock(gate, fcntl.LOCK_EX)
             # One that announced itself while this worker waited for the gate goes first
