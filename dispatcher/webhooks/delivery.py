@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Text, cast, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,7 +48,7 @@ from dispatcher.states import CallbackState
 from dispatcher.webhooks import sign, sinch_sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
 from dispatcher.webhooks.limits import EndpointGate, Grant, endpoint_key
-from dispatcher.webhooks.models import Callback, Endpoint
+from dispatcher.webhooks.models import Callback, Endpoint, body_text
 from dispatcher.webhooks.scheduling import by_id, chunks, count, publish, sources
 
 __all__ = ["OUTCOMES", "body_of", "deliver", "gate_for"]
@@ -89,11 +89,18 @@ S = CallbackState
 
 def body_of(payload: dict[str, Any]) -> bytes:
     """The canonical JSON bytes a payload is POSTed (and signed) as."""
-    # Sorted keys: PostgreSQL's JSONB reorders keys, and every retry of one
-    # webhook-id must carry byte-identical content.
-    return json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode(
-        "utf-8"
-    )
+    return body_text(payload).encode("utf-8")
+
+
+def _stored_body(text: str) -> bytes:
+    """The body of a callback from its stored payload text (canonical since written)."""
+    # Rows written before the column stored the canonical text have the default
+    # separators (a space after the first key's colon): encoded again, so every
+    # attempt of one webhook-id still carries byte-identical content.
+    colon = text.find('":')
+    if colon < 0 or text.startswith(" ", colon + 2):
+        return body_of(json.loads(text))
+    return text.encode("utf-8")
 
 
 def gate_for(*, redis_client: Any, settings: Settings) -> EndpointGate:
@@ -484,7 +491,7 @@ def _look(
 
 def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str, Any]:
     """Carry out ``plan``'s writes: claim what it wants, defer or hold the rest; returns
-    the claimed rows (id, attempts, payload) by id."""
+    the claimed rows (id, attempts, body text) by id."""
     now = plan.now
     if plan.early:
         # Early or stale tasks: the scheduler publishes these again when they are due.
@@ -526,7 +533,7 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
             )
             # next_attempt_at doubles as the claim time while delivering (the lease start).
             .values(state=S.DELIVERING, attempts=Callback.attempts + 1, next_attempt_at=now)
-            .returning(Callback.id, Callback.attempts, Callback.payload)
+            .returning(Callback.id, Callback.attempts, cast(Callback.payload, Text).label("body"))
             .execution_options(synchronize_session=False)
         )
     }
@@ -544,7 +551,7 @@ def _lanes(*, plan: _Plan, claimed: dict[str, Any], gate: EndpointGate) -> list[
                 claimed[r.id].attempts,
                 r.account_id,
                 r.url,
-                body_of(claimed[r.id].payload),
+                _stored_body(claimed[r.id].body),
                 plan.secrets.get(r.account_id, ()),
                 plan.sinch_secrets.get(r.account_id),
             )

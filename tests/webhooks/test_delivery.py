@@ -308,6 +308,22 @@ def test_success_is_delivered_signed_with_every_active_secret(
     assert row.delivered_at == env.clock.now
 
 
+def test_a_payload_stored_before_it_was_kept_canonical_is_sent_canonical(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    receiver.secrets = [env.secret]
+    cid = add_callback(env, receiver.url("/hook"))
+    stored = '{"type": "message.delivered", "to": "+447700900123", "text": "h\\u00e9llo"}'
+    with transaction(env.factory) as session:
+        # As the generic JSON column wrote payloads: default separators, keys unsorted.
+        session.execute(text("UPDATE callbacks SET payload = :p WHERE id = :id"), {"p": stored, "id": cid})
+
+    assert env.deliver(sender, cid) == {"delivered": 1}
+
+    [seen] = receiver.requests()
+    assert seen.body == '{"text":"héllo","to":"+447700900123","type":"message.delivered"}'.encode()
+
+
 def test_retries_reuse_webhook_id_follow_schedule_and_deliver_once(
     env: Env, receiver: Receiver, sender: WebhookSender
 ) -> None:
