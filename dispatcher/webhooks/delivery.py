@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import threading
 import time
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -69,6 +70,12 @@ OUTCOMES = (
 )
 # Lanes one task opens per endpoint, at most (the endpoint's limit caps them all).
 LANES_PER_TASK = 8
+# An endpoint gets as many lanes as finish its share of a round in about this long, at
+# the pace its last POSTs took: a fast receiver gets one or two (every further thread
+# costs GIL hand-offs, not time saved), a slow or unknown one up to LANES_PER_TASK.
+ROUND_TIME = 0.5
+# Endpoints whose pace a process remembers.
+_MAX_PACES = 4096
 # Callbacks claimed (and recorded) together: small enough that a round to a healthy
 # endpoint ends well within callback_task_wait, large enough to save transactions.
 ROUND = 500
@@ -273,6 +280,36 @@ class _LateOutcomes:
             log.exception("recording late callback outcomes failed; the lease will reclaim them")
 
 
+class _Pace:
+    """Seconds per POST that each endpoint's recent lanes took (in this process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds: OrderedDict[str, float] = OrderedDict()
+
+    def lanes(self, key: str, items: int) -> int:
+        """How many lanes ``items`` callbacks to endpoint ``key`` should get."""
+        most = min(LANES_PER_TASK, items)
+        seconds = self._seconds.get(key)
+        if seconds is None:
+            return most  # not measured yet: as many as allowed
+        return max(1, min(most, math.ceil(items * seconds / ROUND_TIME)))
+
+    def note(self, key: str, *, seconds: float, posts: int) -> None:
+        """A lane to ``key`` made ``posts`` POSTs in ``seconds``."""
+        if posts < 1:
+            return
+        pace = seconds / posts
+        with self._lock:
+            old = self._seconds.pop(key, None)
+            # Half the old pace: an endpoint that slows down gets its lanes back soon.
+            self._seconds[key] = pace if old is None else (old + pace) / 2
+            if len(self._seconds) > _MAX_PACES:
+                self._seconds.popitem(last=False)
+
+
+_pace = _Pace()
+
 # One buffer per database (session factory) in this process.
 _late: weakref.WeakKeyDictionary[sessionmaker[Session], _LateOutcomes] = weakref.WeakKeyDictionary()
 _late_lock = threading.Lock()
@@ -464,7 +501,7 @@ def _look(
     grants = {}
     deferred: dict[datetime, list[str]] = {}
     for key, group in by_endpoint.items():
-        grant = gate.acquire(key, min(LANES_PER_TASK, len(group)))
+        grant = gate.acquire(key, _pace.lanes(key, min(len(group), ROUND)))
         acquired.extend((key, token) for token in grant.tokens)
         if grant.tokens:
             grants[key] = grant
@@ -646,24 +683,27 @@ def _post_lane(
     or after LANE_BUDGET, leaving the rest untried."""
     done: list[_Done] = []
     started = time.monotonic()
-    for i, item in enumerate(lane.items):
-        if i and time.monotonic() - started > LANE_BUDGET:
-            break
-        result = _post(sender, item)
-        done.append(_Done(item, result))
-        moved(lane)
-        # The breaker counts attempts that got no answer (refused, timed out, DNS):
-        # those are what hold a worker. An endpoint that answers, even with an
-        # error, costs only its answer time; its retries follow the schedule.
-        answered = result.status is not None
-        if answered and not lane.counting:
-            continue  # nothing to reset: no Redis round trip for a healthy endpoint
-        # Only a half-open lane's first attempt is the probe; once it has closed the
-        # breaker, the rest count as ordinary attempts.
-        open_for = gate.report(lane.key, ok=answered, probe=lane.probe and i == 0)
-        lane.counting = not answered
-        if not answered or open_for > 0:
-            break
+    try:
+        for i, item in enumerate(lane.items):
+            if i and time.monotonic() - started > LANE_BUDGET:
+                break
+            result = _post(sender, item)
+            done.append(_Done(item, result))
+            moved(lane)
+            # The breaker counts attempts that got no answer (refused, timed out, DNS):
+            # those are what hold a worker. An endpoint that answers, even with an
+            # error, costs only its answer time; its retries follow the schedule.
+            answered = result.status is not None
+            if answered and not lane.counting:
+                continue  # nothing to reset: no Redis round trip for a healthy endpoint
+            # Only a half-open lane's first attempt is the probe; once it has closed the
+            # breaker, the rest count as ordinary attempts.
+            open_for = gate.report(lane.key, ok=answered, probe=lane.probe and i == 0)
+            lane.counting = not answered
+            if not answered or open_for > 0:
+                break
+    finally:
+        _pace.note(lane.key, seconds=time.monotonic() - started, posts=len(done))
     done.extend(_Done(item, None) for item in lane.items[len(done) :])
     return done
 

@@ -828,3 +828,16 @@ def test_promote_keeps_a_held_endpoints_callbacks_in_the_database(
     assert env.published.callback_ids() == [[free]]  # only the free endpoint's
     cooldown = env.settings.callback_breaker_cooldown
     assert_untried(env.get(held), now, cooldown - 1, cooldown)
+
+
+def test_an_endpoint_gets_the_lanes_its_pace_needs() -> None:
+    pace = delivery._Pace()
+    most = delivery.LANES_PER_TASK
+    assert pace.lanes("new", 500) == most  # never measured: as many as allowed
+    pace.note("fast", seconds=0.1, posts=500)  # 0.2 ms a POST: one lane does a round
+    assert pace.lanes("fast", 500) == 1
+    pace.note("slow", seconds=2.0, posts=20)  # 100 ms a POST
+    assert pace.lanes("slow", 500) == most
+    assert pace.lanes("slow", 12) == 3
+    pace.note("fast", seconds=10.0, posts=500)  # it slowed down: lanes come back at once
+    assert pace.lanes("fast", 500) == most
