@@ -354,20 +354,20 @@ class _Response(http.client.HTTPResponse):
     http.client's own, as are the line and count limits.
     """
 
-    def __init__(self, reader: Any) -> None:  # noqa: D107 (http.client's attributes)
+    def __init__(self, reader: Any) -> None:
         # The connection's own buffered reader, kept for its life: no file object per
         # response. It stays open when the response closes (see _close_conn).
         self.fp = reader
         self.debuglevel = 0
         self._method = "POST"
         self.headers = self.msg = None  # type: ignore[assignment]
-        self.version = self.status = self.reason = http.client._UNKNOWN  # type: ignore[attr-defined,assignment]
+        self.version = self.status = self.reason = http.client._UNKNOWN  # type: ignore[attr-defined]
         self.chunked = self.chunk_left = http.client._UNKNOWN  # type: ignore[attr-defined]
         self.length = self.will_close = http.client._UNKNOWN  # type: ignore[attr-defined]
 
     def _close_conn(self) -> None:
         # The answer is over: the reader belongs to the connection, which closes it.
-        self.fp = None
+        self.fp = None  # type: ignore[assignment]
 
     def begin(self) -> None:
         if self.headers is not None:

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dispatcher import metrics
 from dispatcher.accounts.models import Account
 from dispatcher.config import Settings
-from dispatcher.db import read_transaction, transaction, utcnow
+from dispatcher.db import one_of, read_transaction, transaction, utcnow
 from dispatcher.states import CallbackState
 from dispatcher.webhooks import sign, sinch_sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
@@ -148,7 +148,7 @@ class _Run:
     clock: Callable[[], datetime]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Claimed:
     """A callback this task won the right to POST."""
 
@@ -162,7 +162,7 @@ class _Claimed:
     sinch_secret: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Done:
     """What became of a claimed callback; ``result`` None: not tried, to go back to pending."""
 
@@ -471,7 +471,7 @@ def _look(
                     Callback.url,
                     Callback.state,
                     (Callback.next_attempt_at > now).label("early"),
-                ).where(Callback.id.in_(group))
+                ).where(one_of(session, Callback.id, group))
             )
             if r.state == S.PENDING
         }
@@ -564,7 +564,7 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
         for c in session.connection().execute(
             update(Callback)
             .where(
-                Callback.id.in_(group),
+                one_of(session, Callback.id, group),
                 by_id(Callback.state).in_(sources(S.DELIVERING)),
                 Callback.next_attempt_at <= now,
             )
@@ -835,7 +835,7 @@ def _update_ours(session: Session, ids: Sequence[str], attempt: int, **values: A
         session,
         update(Callback)
         .where(
-            Callback.id.in_(ids),
+            one_of(session, Callback.id, ids),
             Callback.state == S.DELIVERING,
             Callback.attempts == attempt,
         )

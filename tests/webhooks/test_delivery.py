@@ -316,7 +316,9 @@ def test_a_payload_stored_before_it_was_kept_canonical_is_sent_canonical(
     stored = '{"type": "message.delivered", "to": "+447700900123", "text": "h\\u00e9llo"}'
     with transaction(env.factory) as session:
         # As the generic JSON column wrote payloads: default separators, keys unsorted.
-        session.execute(text("UPDATE callbacks SET payload = :p WHERE id = :id"), {"p": stored, "id": cid})
+        session.execute(
+            text("UPDATE callbacks SET payload = :p WHERE id = :id"), {"p": stored, "id": cid}
+        )
 
     assert env.deliver(sender, cid) == {"delivered": 1}
 
