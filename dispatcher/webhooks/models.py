@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Dialect, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import JSON, Dialect, Index, Integer, String, TypeDecorator
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dispatcher.db import Base, new_id, utcnow
@@ -27,15 +28,24 @@ class Payload(TypeDecorator[dict[str, Any]]):
     and POSTs it, with no JSON decode and re-encode per attempt.
     """
 
-    impl = Text
+    impl = JSON  # the column's type (``json`` on PostgreSQL, cast to it when bound)
     cache_ok = True
 
-    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
-        return None if value is None else body_text(value)
+    # These two replace the JSON type's own processing instead of adding to it (which is
+    # why they are not process_bind_param/process_result_value): the text goes to the
+    # database as it is, serialised by us alone.
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], str | None]:
+        def process(value: Any) -> str | None:
+            return None if value is None else body_text(value)
 
-    def process_result_value(self, value: Any, dialect: Dialect) -> dict[str, Any] | None:
-        # psycopg hands a json column over decoded; SQLite gives its text.
-        return json.loads(value) if isinstance(value, str) else value
+        return process
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any]:
+        def process(value: Any) -> Any:
+            # psycopg hands a json column over decoded; SQLite gives its text.
+            return json.loads(value) if isinstance(value, str) else value
+
+        return process
 
 
 class Callback(Base):
