@@ -129,13 +129,14 @@ class _Watchdog:
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
-        self._cond = threading.Condition()
-        self._live: OrderedDict[int, _Budget] = OrderedDict()
+        # A plain lock, not a condition: nothing ever wakes the thread.
+        self._lock = threading.Lock()
+        self._live: dict[int, _Budget] = {}  # in the order made: the oldest first
         self._thread: threading.Thread | None = None
 
     def add(self, budget: _Budget) -> None:
         """Expire ``budget`` at its deadline unless it is discarded first."""
-        with self._cond:
+        with self._lock:
             self._live[id(budget)] = budget
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -145,21 +146,24 @@ class _Watchdog:
 
     def discard(self, budget: _Budget) -> None:
         """Forget ``budget`` (its attempt is over)."""
-        with self._cond:
+        with self._lock:
             self._live.pop(id(budget), None)
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                if not self._live:
-                    self._cond.wait(self._seconds)
+            with self._lock:
+                budget = next(iter(self._live.values()), None)
+            if budget is None:
+                time.sleep(self._seconds)
+                continue
+            delay = budget.remaining()
+            if delay > 0:
+                time.sleep(delay)
+                continue
+            with self._lock:
+                # Held here, so its id is no other budget's: gone means discarded.
+                if self._live.pop(id(budget), None) is None:
                     continue
-                budget = next(iter(self._live.values()))
-                delay = budget.remaining()
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                self._live.pop(id(budget), None)
             budget.expire()
 
 
@@ -185,8 +189,7 @@ class _Budget:
     @property
     def expired(self) -> bool:
         """Whether the watchdog fired."""
-        with self._lock:
-            return self._expired
+        return self._expired  # set once, under the lock, before any socket is shut
 
     def remaining(self) -> float:
         """Seconds left (<= 0 once the budget is spent)."""
@@ -205,8 +208,9 @@ class _Budget:
 
     def forget(self, watcher: socket.socket) -> None:
         """Stop watching ``watcher`` (its connection is closed or handed on)."""
-        with self._lock, contextlib.suppress(ValueError):
-            self._sockets.remove(watcher)
+        with self._lock:
+            if watcher in self._sockets:
+                self._sockets.remove(watcher)
 
     def expire(self) -> None:
         """Shut down every watched socket (called by the watchdog)."""
