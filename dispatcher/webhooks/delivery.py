@@ -37,14 +37,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, cast, select, update
+from sqlalchemy import ColumnElement, String, Text, any_, bindparam, cast, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import metrics
 from dispatcher.accounts.models import Account
 from dispatcher.config import Settings
-from dispatcher.db import one_of, read_transaction, transaction, utcnow
+from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.states import CallbackState
 from dispatcher.webhooks import sign, sinch_sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
@@ -471,7 +472,8 @@ def _look(
                     Callback.url,
                     Callback.state,
                     (Callback.next_attempt_at > now).label("early"),
-                ).where(one_of(session, Callback.id, group))
+                ).where(_among_ids(session)),
+                {"ids": group},
             )
             if r.state == S.PENDING
         }
@@ -564,14 +566,15 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
         for c in session.connection().execute(
             update(Callback)
             .where(
-                one_of(session, Callback.id, group),
+                _among_ids(session),
                 by_id(Callback.state).in_(sources(S.DELIVERING)),
                 Callback.next_attempt_at <= now,
             )
             # next_attempt_at doubles as the claim time while delivering (the lease start).
             .values(state=S.DELIVERING, attempts=Callback.attempts + 1, next_attempt_at=now)
             .returning(Callback.id, Callback.attempts, cast(Callback.payload, Text).label("body"))
-            .execution_options(synchronize_session=False)
+            .execution_options(synchronize_session=False),
+            {"ids": group},
         )
     }
     counts["skipped"] += len(plan.wanted) - len(claimed)  # another worker won those claims
@@ -831,17 +834,24 @@ def _record(
 
 def _update_ours(session: Session, ids: Sequence[str], attempt: int, **values: Any) -> int:
     """Update the rows still claimed by this attempt; returns how many."""
-    return count(
-        session,
+    statement = (
         update(Callback)
-        .where(
-            one_of(session, Callback.id, ids),
-            Callback.state == S.DELIVERING,
-            Callback.attempts == attempt,
-        )
+        .where(_among_ids(session), Callback.state == S.DELIVERING, Callback.attempts == attempt)
         .values(**values)
-        .execution_options(synchronize_session=False),
+        .execution_options(synchronize_session=False)
     )
+    return int(session.connection().execute(statement, {"ids": list(ids)}).rowcount)
+
+
+def _among_ids(session: Session) -> ColumnElement[bool]:
+    """``Callback.id`` among the ``ids`` parameter given at execution.
+
+    No bound value per id is built into the statement (an IN list of values coerces each
+    one, and a new list is a new statement); on PostgreSQL the ids go as one array.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return Callback.id == any_(bindparam("ids", type_=ARRAY(String())))
+    return Callback.id.in_(bindparam("ids", expanding=True))
 
 
 def _endpoint(*, session: Session, account_id: str, url: str) -> Endpoint:
