@@ -197,8 +197,9 @@ class _Collector:
 
     def moved(self, lane: _Lane) -> None:
         """Note that ``lane`` finished one more POST."""
-        with self._cond:
-            self._moved[id(lane)] = time.monotonic()
+        # No lock, once per POST: a store to the lane's own existing key (atomic under
+        # the GIL, never a resize), made by the lane's thread before it hands in.
+        self._moved[id(lane)] = time.monotonic()
 
     def hand_in(self, lane: _Lane, done: list[_Done]) -> bool:
         """Give a finished lane's outcomes to the task; False if it stopped waiting."""
