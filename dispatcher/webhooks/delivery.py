@@ -74,7 +74,7 @@ LANES_PER_TASK = 8
 # An endpoint gets as many lanes as finish its share of a round in about this long, at
 # the pace its last POSTs took: a fast receiver gets one or two (every further thread
 # costs GIL hand-offs, not time saved), a slow or unknown one up to LANES_PER_TASK.
-ROUND_TIME = 0.5
+ROUND_TIME = 1.0
 # Endpoints whose pace a process remembers.
 _MAX_PACES = 4096
 # Callbacks claimed (and recorded) together: small enough that a round to a healthy

@@ -840,6 +840,7 @@ def test_an_endpoint_gets_the_lanes_its_pace_needs() -> None:
     assert pace.lanes("fast", 500) == 1
     pace.note("slow", seconds=2.0, posts=20)  # 100 ms a POST
     assert pace.lanes("slow", 500) == most
-    assert pace.lanes("slow", 12) == 3
-    pace.note("fast", seconds=10.0, posts=500)  # it slowed down: lanes come back at once
+    assert delivery.ROUND_TIME == 1.0
+    assert pace.lanes("slow", 25) == 3  # 2.5 s of POSTs: three lanes end within a second
+    pace.note("fast", seconds=50.0, posts=500)  # it slowed to 100 ms: lanes come back at once
     assert pace.lanes("fast", 500) == most
