@@ -24,8 +24,8 @@ class StrListDumper(ListDumper):
         if not obj or self.delimiter != b"," or set(map(type, obj)) != {str}:
             return super().dump(obj)
         joined = '","'.join(obj)
-        if "\\" in joined or '"' in joined:
-            # Only then element by element (the joined text no longer says where each ends).
+        if "\\" in joined or joined.count('"') != 2 * (len(obj) - 1):
+            # An element holds one (the separators hold two quotes each): escape one by one.
             joined = '","'.join([s.replace("\\", "\\\\").replace('"', '\\"') for s in obj])
         encoding = self.connection.info.encoding if self.connection is not None else "utf-8"
         return ('{"' + joined + '"}').encode(encoding)

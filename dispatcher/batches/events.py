@@ -49,7 +49,7 @@ class Change(NamedTuple):
     @classmethod
     def from_row(cls, row: Any) -> Change:
         """From a row of CHANGE_COLUMNS."""
-        return cls._make(row)
+        return cls(*row)
 
     @classmethod
     def of(cls, recipient: Recipient) -> Change:

@@ -180,7 +180,7 @@ class Simulator(Provider):
             entries += (key, ref, failed)
         if entries:
             due = self.clock() + self.receipt_delay
-            args = [due, *RECEIPT_JSON, json.dumps(entries)]
+            args: list[str | float] = [due, *RECEIPT_JSON, json.dumps(entries)]
             self._record(keys=[HANDOFFS, LEDGER, RECEIPTS], args=args)
         return results
 
