@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from sqlalchemy import ColumnElement, DateTime, Insert, String, insert, literal, select
 from sqlalchemy.orm import Session
@@ -21,7 +21,7 @@ from dispatcher.states import RecipientStatus
 from dispatcher.webhooks.builders import callbacks_for
 from dispatcher.webhooks.models import Callback
 
-# What a bulk UPDATE ... RETURNING must return for Change.from_row.
+# What a bulk UPDATE ... RETURNING must return for a Change (in its fields' order).
 CHANGE_COLUMNS = (
     Recipient.id,
     Recipient.to,
@@ -45,11 +45,6 @@ class Change(NamedTuple):
     client_id: str | None = None
     error_code: str | None = None
     error_text: str | None = None
-
-    @classmethod
-    def from_row(cls, row: Any) -> Change:
-        """From a row of CHANGE_COLUMNS."""
-        return cls(*row)
 
     @classmethod
     def of(cls, recipient: Recipient) -> Change:

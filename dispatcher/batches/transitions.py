@@ -95,7 +95,7 @@ def transition_recipients(
         .returning(Recipient.batch_id, Recipient.provider_message_id, *events.CHANGE_COLUMNS),
         synchronize,
     )
-    moved = [Moved(row[0], row[1], events.Change.from_row(row[2:])) for row in rows]
+    moved = [Moved(row[0], row[1], events.Change(*row[2:])) for row in rows]
     if record and moved:
         by_batch: dict[str, list[events.Change]] = defaultdict(list)
         for m in moved:
