@@ -109,7 +109,7 @@ class Simulator(Provider):
         self.latency = float(rules.get("latency_ms", 0)) / 1000
         # The sender checks its lease between groups: small ones only when each message
         # takes time; without latency a chunk is one ledger call.
-        self.handoff_group = 50 if self.latency else 500
+        self.handoff_group = 50 if self.latency else 1000
         self.receipt_delay = float(rules.get("receipt_delay", 2.0))
         self.unreachable = {ch: _compile(p) for ch, p in rules.get("unreachable", {}).items()}
         self.invalid = _compile(rules.get("invalid", []))
