@@ -41,6 +41,8 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    func,
+    select,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
@@ -386,13 +388,19 @@ def one_of(session: Session, column: Any, values: Sequence[Any]) -> ColumnElemen
     An IN list of n parameters is a new statement for every n: the driver parses its
     placeholders and the server its text each time (a thousand of them are a large
     part of applying a thousand receipts). One array keeps the text the same, so the
-    driver caches it and the server prepares it once.
+    driver caches it and the server prepares it once. On SQLite, strings go as one
+    JSON array (``IN (SELECT value FROM json_each(?))``): SQLAlchemy coerced, rendered
+    and bound every element of an IN list, about 1.5 us each (2 us with SQLite's parse).
     """
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
         # Strings as varchar without a length: a cast to varchar(n) would cut a longer
         # value, which could then match another row.
         kind = String() if isinstance(column.type, String) else column.type
         return cast(ColumnElement[bool], column == any_(bindparam(None, list(values), ARRAY(kind))))
+    if dialect == "sqlite" and isinstance(column.type, String) and set(map(type, values)) <= {str}:
+        each = func.json_each(bindparam(None, json.dumps(list(values)))).table_valued("value")
+        return cast(ColumnElement[bool], column.in_(select(each.c.value)))
     return cast(ColumnElement[bool], column.in_(list(values)))
 
 

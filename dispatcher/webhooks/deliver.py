@@ -129,13 +129,14 @@ class _Watchdog:
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
-        self._cond = threading.Condition()
-        self._live: OrderedDict[int, _Budget] = OrderedDict()
+        # A plain lock, not a condition: nothing ever wakes the thread.
+        self._lock = threading.Lock()
+        self._live: dict[int, _Budget] = {}  # in the order made: the oldest first
         self._thread: threading.Thread | None = None
 
     def add(self, budget: _Budget) -> None:
         """Expire ``budget`` at its deadline unless it is discarded first."""
-        with self._cond:
+        with self._lock:
             self._live[id(budget)] = budget
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -145,21 +146,24 @@ class _Watchdog:
 
     def discard(self, budget: _Budget) -> None:
         """Forget ``budget`` (its attempt is over)."""
-        with self._cond:
+        with self._lock:
             self._live.pop(id(budget), None)
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                if not self._live:
-                    self._cond.wait(self._seconds)
+            with self._lock:
+                budget = next(iter(self._live.values()), None)
+            if budget is None:
+                time.sleep(self._seconds)
+                continue
+            delay = budget.remaining()
+            if delay > 0:
+                time.sleep(delay)
+                continue
+            with self._lock:
+                # Held here, so its id is no other budget's: gone means discarded.
+                if self._live.pop(id(budget), None) is None:
                     continue
-                budget = next(iter(self._live.values()))
-                delay = budget.remaining()
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                self._live.pop(id(budget), None)
             budget.expire()
 
 
@@ -185,8 +189,7 @@ class _Budget:
     @property
     def expired(self) -> bool:
         """Whether the watchdog fired."""
-        with self._lock:
-            return self._expired
+        return self._expired  # set once, under the lock, before any socket is shut
 
     def remaining(self) -> float:
         """Seconds left (<= 0 once the budget is spent)."""
@@ -205,8 +208,9 @@ class _Budget:
 
     def forget(self, watcher: socket.socket) -> None:
         """Stop watching ``watcher`` (its connection is closed or handed on)."""
-        with self._lock, contextlib.suppress(ValueError):
-            self._sockets.remove(watcher)
+        with self._lock:
+            if watcher in self._sockets:
+                self._sockets.remove(watcher)
 
     def expire(self) -> None:
         """Shut down every watched socket (called by the watchdog)."""
@@ -354,6 +358,21 @@ class _Response(http.client.HTTPResponse):
     http.client's own, as are the line and count limits.
     """
 
+    def __init__(self, reader: Any) -> None:
+        # The connection's own buffered reader, kept for its life: no file object per
+        # response. It stays open when the response closes (see _close_conn).
+        self.fp = reader
+        self.debuglevel = 0
+        self._method = "POST"
+        self.headers = self.msg = None  # type: ignore[assignment]
+        self.version = self.status = self.reason = http.client._UNKNOWN  # type: ignore[attr-defined]
+        self.chunked = self.chunk_left = http.client._UNKNOWN  # type: ignore[attr-defined]
+        self.length = self.will_close = http.client._UNKNOWN  # type: ignore[attr-defined]
+
+    def _close_conn(self) -> None:
+        # The answer is over: the reader belongs to the connection, which closes it.
+        self.fp = None  # type: ignore[assignment]
+
     def begin(self) -> None:
         if self.headers is not None:
             return
@@ -431,9 +450,14 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         self.host_header = _host_header(self.host, self.port, default_port=self.default_port)
         # Shut down by an attempt's budget when it runs out (see _Budget).
         self.watcher: socket.socket | None = None
+        # Every answer on this connection is read through this one buffered reader.
+        self.reader: Any = None
 
     def close(self) -> None:
-        """Close the connection and its watched duplicate descriptor."""
+        """Close the connection, its reader and its watched duplicate descriptor."""
+        reader, self.reader = self.reader, None
+        if reader is not None:
+            reader.close()  # the socket's descriptor closes only once its reader has
         super().close()
         watcher, self.watcher = self.watcher, None
         if watcher is not None:
@@ -453,6 +477,7 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
                 sock.close()
                 raise
         self.sock = sock
+        self.reader = sock.makefile("rb")
 
     def dropped(self) -> bool:
         """Whether a kept-alive connection was closed (or written to) by the peer meanwhile."""
@@ -587,6 +612,9 @@ class WebhookSender:
         self._tls: ssl.SSLContext | None = None
         self._watchdog = _Watchdog(self._total_timeout)
         self._routes: OrderedDict[str, _Route] = OrderedDict()
+        self._starts: OrderedDict[tuple[str, str, tuple[str, ...]], tuple[str, tuple[str, ...]]] = (
+            OrderedDict()
+        )
         self._fixed: list[tuple[str, str]] | None = None
         self._executor: ThreadPoolExecutor | None = None
 
@@ -697,16 +725,37 @@ class WebhookSender:
         self, *, conn: _PinnedHTTPConnection, target: str, body: bytes, headers: Mapping[str, str]
     ) -> bytes:
         """The request line and header block of one POST."""
-        given = {name.lower() for name in headers}
+        key = (conn.host_header, target, tuple(headers))
+        start = self._starts.get(key)
+        if start is None:
+            start = self._start(conn=conn, target=target, names=key[2])
+        text, names = start
+        lines = [text]
+        for name in names:
+            value = headers[name]
+            if "\r" in value or "\n" in value:  # what putheader refuses (folding it takes)
+                _header_line(name, value)
+            lines.append(f"{name}: {value}\r\n")
+        lines.append(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+        return "".join(lines).encode("latin-1")
+
+    def _start(
+        self, *, conn: _PinnedHTTPConnection, target: str, names: tuple[str, ...]
+    ) -> tuple[str, tuple[str, ...]]:
+        """The fixed part of a POST's head for these given header names (checked once),
+        and the names whose values each POST adds."""
+        given = {name.lower() for name in names}
         lines = [f"POST {target} HTTP/1.1", f"Host: {conn.host_header}"]
         lines += [line for name, line in self._fixed_headers() if name not in given]
-        lines += [
-            _header_line(name, value)
-            for name, value in headers.items()
-            if name.lower() not in _FRAMING
-        ]
-        lines += ("Content-Type: application/json", f"Content-Length: {len(body)}", "", "")
-        return "\r\n".join(lines).encode("latin-1")
+        kept = tuple(name for name in names if name.lower() not in _FRAMING)
+        for name in kept:
+            _header_line(name, "")  # the name; values are checked per POST
+        start = ("".join(f"{line}\r\n" for line in lines), kept)
+        with self._lock:
+            self._starts[(conn.host_header, target, names)] = start
+            if len(self._starts) > _MAX_ROUTES:
+                self._starts.popitem(last=False)
+        return start
 
     def _post(
         self, *, url: str, body: bytes, headers: Mapping[str, str], budget: _Budget
@@ -741,7 +790,7 @@ class WebhookSender:
             # One write: request line, headers and body (one packet for a small callback).
             # No redirect is ever followed: a 3xx is reported as a failure below.
             conn.sock.sendall(head + body)
-            response = _Response(conn.sock, method="POST")
+            response = _Response(conn.reader)
             response.begin()
             if budget.expired:
                 # http.client takes EOF inside the header block for its end, so

@@ -26,17 +26,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import threading
 import time
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, String, Text, any_, bindparam, cast, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,7 +50,7 @@ from dispatcher.states import CallbackState
 from dispatcher.webhooks import sign, sinch_sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
 from dispatcher.webhooks.limits import EndpointGate, Grant, endpoint_key
-from dispatcher.webhooks.models import Callback, Endpoint
+from dispatcher.webhooks.models import Callback, Endpoint, body_text
 from dispatcher.webhooks.scheduling import by_id, chunks, count, publish, sources
 
 __all__ = ["OUTCOMES", "body_of", "deliver", "gate_for"]
@@ -69,6 +71,12 @@ OUTCOMES = (
 )
 # Lanes one task opens per endpoint, at most (the endpoint's limit caps them all).
 LANES_PER_TASK = 8
+# An endpoint gets as many lanes as finish its share of a round in about this long, at
+# the pace its last POSTs took: a fast receiver gets one or two (every further thread
+# costs GIL hand-offs, not time saved), a slow or unknown one up to LANES_PER_TASK.
+ROUND_TIME = 1.0
+# Endpoints whose pace a process remembers.
+_MAX_PACES = 4096
 # Callbacks claimed (and recorded) together: small enough that a round to a healthy
 # endpoint ends well within callback_task_wait, large enough to save transactions.
 ROUND = 500
@@ -89,11 +97,18 @@ S = CallbackState
 
 def body_of(payload: dict[str, Any]) -> bytes:
     """The canonical JSON bytes a payload is POSTed (and signed) as."""
-    # Sorted keys: PostgreSQL's JSONB reorders keys, and every retry of one
-    # webhook-id must carry byte-identical content.
-    return json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode(
-        "utf-8"
-    )
+    return body_text(payload).encode("utf-8")
+
+
+def _stored_body(text: str) -> bytes:
+    """The body of a callback from its stored payload text (canonical since written)."""
+    # Rows written before the column stored the canonical text have the default
+    # separators (a space after the first key's colon): encoded again, so every
+    # attempt of one webhook-id still carries byte-identical content.
+    colon = text.find('":')
+    if colon < 0 or text.startswith(" ", colon + 2):
+        return body_of(json.loads(text))
+    return text.encode("utf-8")
 
 
 def gate_for(*, redis_client: Any, settings: Settings) -> EndpointGate:
@@ -134,7 +149,7 @@ class _Run:
     clock: Callable[[], datetime]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Claimed:
     """A callback this task won the right to POST."""
 
@@ -148,7 +163,7 @@ class _Claimed:
     sinch_secret: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Done:
     """What became of a claimed callback; ``result`` None: not tried, to go back to pending."""
 
@@ -182,8 +197,9 @@ class _Collector:
 
     def moved(self, lane: _Lane) -> None:
         """Note that ``lane`` finished one more POST."""
-        with self._cond:
-            self._moved[id(lane)] = time.monotonic()
+        # No lock, once per POST: a store to the lane's own existing key (atomic under
+        # the GIL, never a resize), made by the lane's thread before it hands in.
+        self._moved[id(lane)] = time.monotonic()
 
     def hand_in(self, lane: _Lane, done: list[_Done]) -> bool:
         """Give a finished lane's outcomes to the task; False if it stopped waiting."""
@@ -265,6 +281,36 @@ class _LateOutcomes:
         except Exception:
             log.exception("recording late callback outcomes failed; the lease will reclaim them")
 
+
+class _Pace:
+    """Seconds per POST that each endpoint's recent lanes took (in this process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds: OrderedDict[str, float] = OrderedDict()
+
+    def lanes(self, key: str, items: int) -> int:
+        """How many lanes ``items`` callbacks to endpoint ``key`` should get."""
+        most = min(LANES_PER_TASK, items)
+        seconds = self._seconds.get(key)
+        if seconds is None:
+            return most  # not measured yet: as many as allowed
+        return max(1, min(most, math.ceil(items * seconds / ROUND_TIME)))
+
+    def note(self, key: str, *, seconds: float, posts: int) -> None:
+        """A lane to ``key`` made ``posts`` POSTs in ``seconds``."""
+        if posts < 1:
+            return
+        pace = seconds / posts
+        with self._lock:
+            old = self._seconds.pop(key, None)
+            # Half the old pace: an endpoint that slows down gets its lanes back soon.
+            self._seconds[key] = pace if old is None else (old + pace) / 2
+            if len(self._seconds) > _MAX_PACES:
+                self._seconds.popitem(last=False)
+
+
+_pace = _Pace()
 
 # One buffer per database (session factory) in this process.
 _late: weakref.WeakKeyDictionary[sessionmaker[Session], _LateOutcomes] = weakref.WeakKeyDictionary()
@@ -427,7 +473,8 @@ def _look(
                     Callback.url,
                     Callback.state,
                     (Callback.next_attempt_at > now).label("early"),
-                ).where(Callback.id.in_(group))
+                ).where(_among_ids(session)),
+                {"ids": group},
             )
             if r.state == S.PENDING
         }
@@ -457,7 +504,7 @@ def _look(
     grants = {}
     deferred: dict[datetime, list[str]] = {}
     for key, group in by_endpoint.items():
-        grant = gate.acquire(key, min(LANES_PER_TASK, len(group)))
+        grant = gate.acquire(key, _pace.lanes(key, min(len(group), ROUND)))
         acquired.extend((key, token) for token in grant.tokens)
         if grant.tokens:
             grants[key] = grant
@@ -484,7 +531,7 @@ def _look(
 
 def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str, Any]:
     """Carry out ``plan``'s writes: claim what it wants, defer or hold the rest; returns
-    the claimed rows (id, attempts, payload) by id."""
+    the claimed rows (id, attempts, body text) by id."""
     now = plan.now
     if plan.early:
         # Early or stale tasks: the scheduler publishes these again when they are due.
@@ -520,14 +567,15 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
         for c in session.connection().execute(
             update(Callback)
             .where(
-                Callback.id.in_(group),
+                _among_ids(session),
                 by_id(Callback.state).in_(sources(S.DELIVERING)),
                 Callback.next_attempt_at <= now,
             )
             # next_attempt_at doubles as the claim time while delivering (the lease start).
             .values(state=S.DELIVERING, attempts=Callback.attempts + 1, next_attempt_at=now)
-            .returning(Callback.id, Callback.attempts, Callback.payload)
-            .execution_options(synchronize_session=False)
+            .returning(Callback.id, Callback.attempts, cast(Callback.payload, Text).label("body"))
+            .execution_options(synchronize_session=False),
+            {"ids": group},
         )
     }
     counts["skipped"] += len(plan.wanted) - len(claimed)  # another worker won those claims
@@ -544,7 +592,7 @@ def _lanes(*, plan: _Plan, claimed: dict[str, Any], gate: EndpointGate) -> list[
                 claimed[r.id].attempts,
                 r.account_id,
                 r.url,
-                body_of(claimed[r.id].payload),
+                _stored_body(claimed[r.id].body),
                 plan.secrets.get(r.account_id, ()),
                 plan.sinch_secrets.get(r.account_id),
             )
@@ -639,24 +687,27 @@ def _post_lane(
     or after LANE_BUDGET, leaving the rest untried."""
     done: list[_Done] = []
     started = time.monotonic()
-    for i, item in enumerate(lane.items):
-        if i and time.monotonic() - started > LANE_BUDGET:
-            break
-        result = _post(sender, item)
-        done.append(_Done(item, result))
-        moved(lane)
-        # The breaker counts attempts that got no answer (refused, timed out, DNS):
-        # those are what hold a worker. An endpoint that answers, even with an
-        # error, costs only its answer time; its retries follow the schedule.
-        answered = result.status is not None
-        if answered and not lane.counting:
-            continue  # nothing to reset: no Redis round trip for a healthy endpoint
-        # Only a half-open lane's first attempt is the probe; once it has closed the
-        # breaker, the rest count as ordinary attempts.
-        open_for = gate.report(lane.key, ok=answered, probe=lane.probe and i == 0)
-        lane.counting = not answered
-        if not answered or open_for > 0:
-            break
+    try:
+        for i, item in enumerate(lane.items):
+            if i and time.monotonic() - started > LANE_BUDGET:
+                break
+            result = _post(sender, item)
+            done.append(_Done(item, result))
+            moved(lane)
+            # The breaker counts attempts that got no answer (refused, timed out, DNS):
+            # those are what hold a worker. An endpoint that answers, even with an
+            # error, costs only its answer time; its retries follow the schedule.
+            answered = result.status is not None
+            if answered and not lane.counting:
+                continue  # nothing to reset: no Redis round trip for a healthy endpoint
+            # Only a half-open lane's first attempt is the probe; once it has closed the
+            # breaker, the rest count as ordinary attempts.
+            open_for = gate.report(lane.key, ok=answered, probe=lane.probe and i == 0)
+            lane.counting = not answered
+            if not answered or open_for > 0:
+                break
+    finally:
+        _pace.note(lane.key, seconds=time.monotonic() - started, posts=len(done))
     done.extend(_Done(item, None) for item in lane.items[len(done) :])
     return done
 
@@ -784,17 +835,24 @@ def _record(
 
 def _update_ours(session: Session, ids: Sequence[str], attempt: int, **values: Any) -> int:
     """Update the rows still claimed by this attempt; returns how many."""
-    return count(
-        session,
+    statement = (
         update(Callback)
-        .where(
-            Callback.id.in_(ids),
-            Callback.state == S.DELIVERING,
-            Callback.attempts == attempt,
-        )
+        .where(_among_ids(session), Callback.state == S.DELIVERING, Callback.attempts == attempt)
         .values(**values)
-        .execution_options(synchronize_session=False),
+        .execution_options(synchronize_session=False)
     )
+    return int(session.connection().execute(statement, {"ids": list(ids)}).rowcount)
+
+
+def _among_ids(session: Session) -> ColumnElement[bool]:
+    """``Callback.id`` among the ``ids`` parameter given at execution.
+
+    No bound value per id is built into the statement (an IN list of values coerces each
+    one, and a new list is a new statement); on PostgreSQL the ids go as one array.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return Callback.id == any_(bindparam("ids", type_=ARRAY(String())))
+    return Callback.id.in_(bindparam("ids", expanding=True))
 
 
 def _endpoint(*, session: Session, account_id: str, url: str) -> Endpoint:

@@ -308,6 +308,24 @@ def test_success_is_delivered_signed_with_every_active_secret(
     assert row.delivered_at == env.clock.now
 
 
+def test_a_payload_stored_before_it_was_kept_canonical_is_sent_canonical(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    receiver.secrets = [env.secret]
+    cid = add_callback(env, receiver.url("/hook"))
+    stored = '{"type": "message.delivered", "to": "+447700900123", "text": "h\\u00e9llo"}'
+    with transaction(env.factory) as session:
+        # As the generic JSON column wrote payloads: default separators, keys unsorted.
+        session.execute(
+            text("UPDATE callbacks SET payload = :p WHERE id = :id"), {"p": stored, "id": cid}
+        )
+
+    assert env.deliver(sender, cid) == {"delivered": 1}
+
+    [seen] = receiver.requests()
+    assert seen.body == '{"text":"héllo","to":"+447700900123","type":"message.delivered"}'.encode()
+
+
 def test_retries_reuse_webhook_id_follow_schedule_and_deliver_once(
     env: Env, receiver: Receiver, sender: WebhookSender
 ) -> None:
@@ -812,3 +830,17 @@ def test_promote_keeps_a_held_endpoints_callbacks_in_the_database(
     assert env.published.callback_ids() == [[free]]  # only the free endpoint's
     cooldown = env.settings.callback_breaker_cooldown
     assert_untried(env.get(held), now, cooldown - 1, cooldown)
+
+
+def test_an_endpoint_gets_the_lanes_its_pace_needs() -> None:
+    pace = delivery._Pace()
+    most = delivery.LANES_PER_TASK
+    assert pace.lanes("new", 500) == most  # never measured: as many as allowed
+    pace.note("fast", seconds=0.1, posts=500)  # 0.2 ms a POST: one lane does a round
+    assert pace.lanes("fast", 500) == 1
+    pace.note("slow", seconds=2.0, posts=20)  # 100 ms a POST
+    assert pace.lanes("slow", 500) == most
+    assert delivery.ROUND_TIME == 1.0
+    assert pace.lanes("slow", 25) == 3  # 2.5 s of POSTs: three lanes end within a second
+    pace.note("fast", seconds=50.0, posts=500)  # it slowed to 100 ms: lanes come back at once
+    assert pace.lanes("fast", 500) == most
