@@ -37,7 +37,9 @@ def upgrade() -> None:
     op.execute("ANALYZE sqlite_schema")
     _delete()
     for (table, index), stat in STATS.items():
-        op.execute(f"INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES ('{table}', '{index}', '{stat}')")
+        op.execute(
+            f"INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES ('{table}', '{index}', '{stat}')"
+        )
     # Connections read the statistics when they load the schema; this one does now.
     op.execute("ANALYZE sqlite_schema")
 
