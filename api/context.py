@@ -6,12 +6,13 @@ import json
 from typing import Any
 
 from flask import current_app, g, request
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from dispatcher.accounts import service as accounts
 from dispatcher.accounts.models import Account
 from dispatcher.config import Settings
-from dispatcher.db import begin_read_only, read_transaction
+from dispatcher.db import WRITE_PRIORITY, begin_read_only, read_transaction
 from dispatcher.errors import ValidationError
 from dispatcher.runtime import Runtime
 
@@ -30,12 +31,26 @@ def session() -> Session:
     """The request's session; its transaction is committed by the app after the view.
 
     GET and HEAD only read: on SQLite they must not take the single write lock.
+    Other requests write ahead of a waiting worker there (a client waits for the reply).
     """
     if "db_session" not in g:
-        g.db_session = runtime().sessions()
         if request.method in ("GET", "HEAD"):
+            g.db_session = runtime().sessions()
             begin_read_only(g.db_session)
+        else:
+            g.db_session = runtime().sessions(bind=_writer())
     return g.db_session
+
+
+def _writer() -> Engine:
+    """The runtime's engine, marked as the API's writer (``WriteGate``); made once per
+    engine (tests give an app another runtime)."""
+    engine = runtime().engine
+    cached: tuple[Engine, Engine] | None = current_app.extensions.get("dispatcher_writer")
+    if cached is None or cached[0] is not engine:
+        cached = (engine, engine.execution_options(**{WRITE_PRIORITY: True}))
+        current_app.extensions["dispatcher_writer"] = cached
+    return cached[1]
 
 
 def api_key() -> str | None:

@@ -12,7 +12,7 @@ from marshmallow import ValidationError, fields, validate
 from dispatcher import netsafety
 from dispatcher.config import Settings
 from dispatcher.errors import NotFound
-from dispatcher.phones import InvalidNumber, to_e164
+from dispatcher.phones import InvalidNumber, plain_e164, to_e164
 
 UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
 # ASCII only: str.isdigit() also accepts Arabic-Indic, fullwidth... digits, which
@@ -90,6 +90,11 @@ class Phones(fields.List):
         result: list[Any] = []
         errors: dict[int, Any] = {}
         for index, each in enumerate(value):
+            # Most numbers are already E.164: those take no exception handler, no call
+            # through the item field, no second look at their digits.
+            if isinstance(each, str) and (number := plain_e164(each)) is not None:
+                result.append(number)
+                continue
             try:
                 if isinstance(each, str):
                     result.append(convert(each, attr, data))

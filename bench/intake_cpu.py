@@ -9,13 +9,19 @@ It prints one JSON line (``intake_cpu``): CPU and wall microseconds per
 recipient (median, best, worst), and with ``--stages`` the CPU per recipient of
 each step of the request (JSON parse, schema load, the service, the commit).
 On SQLite it also reports how long each request held the write lock (from
-``BEGIN IMMEDIATE`` to the end of ``COMMIT``, CPU and wall): while intake runs
-beside a send worker, that is the time the worker waits for it, and the rest of
-the request runs beside the worker.
+``BEGIN IMMEDIATE``'s return to the end of ``COMMIT``, CPU and wall): while intake
+runs beside a send worker, that is the time the worker waits for it, and the rest
+of the request runs beside the worker; and how long it waited at the write gate
+(``gate_wait_us_per_recipient``). With ``--beside-sending N`` that worker is real:
+``--senders`` (2) processes fan out and send N batches of 1,000 of their own on
+the same database (the task bodies, as ``bench.sendpath`` calls them) while the
+requests are measured; ``--worker-gives-way 0`` makes them never let the API's
+writer go first (``WriteGate.YIELD_TURNS``), to compare.
 
     .venv/bin/python -m bench.intake_cpu                       # SQLite, 30 x 1,000
     .venv/bin/python -m bench.intake_cpu --database postgres   # a throw-away PostgreSQL
     .venv/bin/python -m bench.intake_cpu --profile 25          # + cProfile, top 25 (stderr)
+    .venv/bin/python -m bench.intake_cpu --beside-sending 60   # the gate's waits, beside sending
 
 What it leaves out: gunicorn's HTTP parsing and socket I/O (a few us per
 recipient for a 20 kB body) and the publish of the dispatch task (the app gets
@@ -117,7 +123,8 @@ def _stages(app: Any, body: bytes, key: str, size: int) -> dict[str, float]:
 
 class _HoldTimer:
     """CPU and wall seconds of each write transaction of this process (SQLite's gated
-    connections: from before ``BEGIN IMMEDIATE`` to after ``COMMIT``)."""
+    connections: from ``BEGIN IMMEDIATE``'s return, the lock taken, to after ``COMMIT``;
+    before 2026-11-30 06:00 UTC from before the gate, its wait included)."""
 
     def __init__(self) -> None:
         self.started: tuple[float, float] | None = None
@@ -129,9 +136,10 @@ class _HoldTimer:
 
         begin, commit = GatedConnection.begin_write, GatedConnection.commit
 
-        def timed_begin(conn: GatedConnection) -> None:
+        def timed_begin(conn: GatedConnection, **options: Any) -> None:
+            # From when the lock is ours: the wait at the gate before is counted apart.
+            begin(conn, **options)
             self.started = (time.process_time(), time.perf_counter())
-            begin(conn)
 
         def timed_commit(conn: GatedConnection) -> None:
             try:
@@ -151,11 +159,112 @@ class _HoldTimer:
             GatedConnection.commit = commit  # type: ignore[method-assign]
 
 
+def _sender(
+    settings: Any, batch_ids: list[str], gives_way: int, started: Any, stop: Any, out: Any
+) -> None:
+    """A send worker in its own process: fans out and sends ``batch_ids`` on the same
+    database (the real task bodies, as bench.sendpath calls them) until ``stop``."""
+    from bench.sendpath import Collect, InProcess
+    from dispatcher.db import WriteGate
+    from dispatcher.runtime import Runtime
+
+    WriteGate.YIELD_TURNS = gives_way
+    sender = InProcess.__new__(InProcess)  # its send() on this process's own runtime
+    sender.settings, sender.publisher = settings, Collect()
+    sender.rt = Runtime(settings, sender.publisher)
+    started.set()
+    c0, w0, sent = time.process_time(), time.perf_counter(), 0
+    for batch_id in batch_ids:
+        if stop.is_set():
+            break
+        sender.send(batch_id, lambda _part, call: call())
+        sent += 1
+    out.put(
+        {
+            "batches_sent": sent,
+            "cpu_s": round(time.process_time() - c0, 3),
+            "wall_s": round(time.perf_counter() - w0, 3),
+            "gate": WriteGate.stats()["worker"],
+        }
+    )
+    sender.rt.dispose()
+
+
+@contextlib.contextmanager
+def _beside_sending(args: argparse.Namespace, settings: Any, tmp: Path) -> Iterator[Any]:
+    """A sender process working through batches of its own while the block runs; yields
+    a callable that stops it and returns its figures."""
+    import multiprocessing
+    from contextlib import ExitStack
+    from datetime import timedelta
+
+    from bench.sendpath import start_redis
+    from dispatcher.accounts import service as accounts
+    from dispatcher.batches import service as batches
+    from dispatcher.db import transaction, utcnow
+    from dispatcher.runtime import Runtime
+
+    with ExitStack() as stack:
+        sending = settings.replace(
+            redis_url=start_redis(stack, tmp),
+            provider="simulator",
+            simulator={"latency_ms": 0, "receipt_delay": 3600},
+            chunk_size=1000,
+        )
+        runtime = Runtime(sending, _Dropped())
+        batch_ids = []
+        with transaction(runtime.sessions) as session:
+            account = accounts.create_account(session=session, name="sender")
+        for b in range(args.beside_sending):
+            with transaction(runtime.sessions) as session:
+                new = batches.NewBatch(
+                    sender="Bench",
+                    body="hello",
+                    destinations=[f"+4478{b:04d}{i:05d}" for i in range(1000)],
+                    channels=["sms"],
+                    send_at=utcnow() - timedelta(seconds=1),
+                )
+                batch_ids.append(
+                    batches.create_batch(
+                        session=session, settings=sending, account=account, new=new
+                    ).batch.id
+                )
+        runtime.dispose()
+        spawn = multiprocessing.get_context("spawn")
+        stop, out = spawn.Event(), spawn.Queue()
+        children = []
+        for n in range(args.senders):
+            started = spawn.Event()
+            mine = batch_ids[n :: args.senders]
+            gives_way = args.worker_gives_way
+            child = spawn.Process(
+                target=_sender, args=(sending, mine, gives_way, started, stop, out)
+            )
+            child.start()
+            children.append((child, started))
+        try:
+            if not all(started.wait(60) for _, started in children):
+                raise SystemExit("a sender process did not start")
+
+            def finish() -> list[dict[str, Any]]:
+                stop.set()
+                return [dict(out.get(timeout=120)) for _ in children]
+
+            yield finish
+        finally:
+            stop.set()
+            for child, _ in children:
+                child.join(timeout=60)
+                if child.is_alive():
+                    child.kill()
+                    child.join()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from api.app import create_app
     from dispatcher.accounts import service as accounts
     from dispatcher.config import Settings
-    from dispatcher.db import transaction
+    from dispatcher.db import WriteGate, transaction
     from dispatcher.migrate import upgrade
     from dispatcher.runtime import Runtime
 
@@ -183,14 +292,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bodies = _bodies(total, args.size)
             cpu: list[float] = []
             wall: list[float] = []
+            gate_wait: list[float] = []
             profiler = cProfile.Profile() if args.profile else None
             timer = _HoldTimer()
             held: list[tuple[float, float]] = []
+            beside = contextlib.ExitStack()
+            finish = (
+                beside.enter_context(_beside_sending(args, settings, tmp))
+                if args.beside_sending
+                else None
+            )
             for i, body in enumerate(bodies[: args.warmup + args.requests]):
                 measured = i >= args.warmup
                 if profiler and measured:
                     profiler.enable()
                 timer.held.clear()
+                waited = WriteGate.stats()["api"]["waited_s"]
                 c0, w0 = time.process_time(), time.perf_counter()
                 with timer.installed():
                     reply = client.post("/batch?allowMulti=true", data=body, headers=headers)
@@ -202,9 +319,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if measured:
                     cpu.append((c1 - c0) / args.size * 1e6)
                     wall.append((w1 - w0) / args.size * 1e6)
+                    waited = WriteGate.stats()["api"]["waited_s"] - waited
+                    gate_wait.append(waited / args.size * 1e6)
                     if timer.held:
                         cpu_s, wall_s = (sum(x) for x in zip(*timer.held, strict=True))
                         held.append((cpu_s / args.size * 1e6, wall_s / args.size * 1e6))
+            sender = finish() if finish else None
+            beside.close()
             stages = _stages(app, bodies[-1], key, args.size) if args.stages else None
             runtime.dispose()
     finally:
@@ -237,7 +358,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if held
             else None
         ),
+        # The API's wait at SQLite's write gate (WriteGate), per recipient of a request.
+        "gate_wait_us_per_recipient": {
+            "median": round(statistics.median(gate_wait), 1),
+            "mean": round(statistics.mean(gate_wait), 1),
+            "max": round(max(gate_wait), 1),
+        },
+        # --beside-sending: each sender process, its waits at the gate and how often it
+        # let the API go first.
+        "sender": sender,
         "params": {
+            "beside_sending": args.beside_sending,
+            "senders": args.senders,
+            "worker_gives_way": args.worker_gives_way,
             "database": args.database,
             "requests": args.requests,
             "size": args.size,
@@ -258,6 +391,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="requests before measuring")
     p.add_argument("--stages", action="store_true", help="CPU per step of one more request")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile, top N rows")
+    p.add_argument(
+        "--beside-sending",
+        type=int,
+        default=0,
+        metavar="BATCHES",
+        help="SQLite: a send worker process sends this many batches of 1,000 meanwhile",
+    )
+    p.add_argument(
+        "--worker-gives-way",
+        type=int,
+        default=4,
+        metavar="N",
+        help="the senders' WriteGate.YIELD_TURNS (0: they never let the API go first)",
+    )
+    p.add_argument(
+        "--senders", type=int, default=2, help="--beside-sending: sender processes (-c 2)"
+    )
     args = p.parse_args(argv)
     log(f"intake_cpu: {args.requests} x {args.size} on {args.database}")
     print(json.dumps(run(args)), flush=True)

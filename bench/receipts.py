@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bench.send(batch_id, lambda _part, call: call())  # untimed
         total = len(batch_ids) * args.batch_size
         simulator = next(p for p in rt.providers.values() if p.name == "simulator")
-        profile = cProfile.Profile() if args.profile else None
+        profile = cProfile.Profile(time.process_time) if args.profile else None
         server0, cpu0, wall0 = server_cpu(postmaster), time.process_time(), time.perf_counter()
         if profile is not None:
             profile.enable()

@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_ids = bench.write_batches(args)
         total = len(batch_ids) * args.batch_size
         settle_gc()  # as a worker process does when it starts
-        profile = cProfile.Profile() if args.profile else None
+        profile = cProfile.Profile(time.process_time) if args.profile else None
         cpu = {"dispatch": 0.0, "send": 0.0}
         wall = {"dispatch": 0.0, "send": 0.0}
         server = {"dispatch": 0.0, "send": 0.0}

@@ -127,6 +127,9 @@ def test_text_arrays_carry_every_string_exactly(session: Session) -> None:
         return list(session.scalars(select(func.unnest(bindparam("v", values, type_=type_)))))
 
     assert unnest(texts, ARRAY(Text)) == texts
+    # Quotes without a backslash, and strings with neither (joined as they are).
+    assert unnest(['say "hi"', "plain", '"'], ARRAY(Text)) == ['say "hi"', "plain", '"']
+    assert unnest(["a", "b:sms", ""], ARRAY(Text)) == ["a", "b:sms", ""]
     assert unnest([], ARRAY(Text)) == []
     # Not all strings: psycopg's own dumping.
     assert unnest(["a", None, "b"], ARRAY(Text)) == ["a", None, "b"]

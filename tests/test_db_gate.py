@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from dispatcher.db import GatedConnection, make_engine, make_session_factory, transaction
+from tests.helpers import wait_for
 
 WRITES = 40
 ROWS_PER_WRITE = 200
@@ -105,3 +106,105 @@ def test_a_thread_holding_the_gate_gets_the_busy_timeout_not_a_hang(tmp_path: Pa
     with engine.connect() as conn:
         assert [n for (n,) in conn.exec_driver_sql("SELECT n FROM t ORDER BY n")] == [1, 2]
     engine.dispose()
+
+
+def _write_once(
+    url: str, who: str, *, priority: bool, threads: int, yield_turns: int, yield_seconds: float
+) -> None:
+    """One transaction per thread (``who`` and filler rows), as the API's writer or not."""
+    from dispatcher.db import WRITE_PRIORITY, WriteGate
+
+    WriteGate.YIELD_TURNS, WriteGate.YIELD_SECONDS = yield_turns, yield_seconds
+    engine = make_engine(url)
+    if priority:
+        engine = engine.execution_options(**{WRITE_PRIORITY: True})
+    sessions = make_session_factory(engine)
+    filler = [{"who": who} for _ in range(ROWS_PER_WRITE)]
+
+    def write() -> None:
+        with transaction(sessions) as session:
+            session.execute(text("INSERT INTO turns (who) VALUES (:who)"), {"who": who})
+            session.execute(text("INSERT INTO filler (who) VALUES (:who)"), filler)
+
+    pool = [threading.Thread(target=write) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    engine.dispose()
+
+
+def _blocked_on(paths: list[Path]) -> int:
+    """flock requests now waiting for any of ``paths`` (Linux: /proc/locks)."""
+    inodes = {f":{path.stat().st_ino} " for path in paths if path.exists()}
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(1 for line in lines if "->" in line and any(i in line for i in inodes))
+
+
+def _api_writers_meet_a_waiting_worker(
+    tmp_path: Path, *, api_writers: int, yield_turns: int, yield_seconds: float
+) -> list[str]:
+    """This process holds the gate while a worker and then ``api_writers`` API writers
+    queue behind it; then it commits. The order of the commits that followed."""
+    path = tmp_path / "gate.db"
+    url = f"sqlite:///{path}"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE turns (n INTEGER PRIMARY KEY, who TEXT)")
+        conn.exec_driver_sql("CREATE TABLE filler (n INTEGER PRIMARY KEY, who TEXT)")
+    gate_files = [Path(f"{path}-gate{name}") for name in ("", "-queue", "-api", "-back", "-slot")]
+    spawn = multiprocessing.get_context("spawn")
+    bounds = {"yield_turns": yield_turns, "yield_seconds": yield_seconds}
+    children = []
+    try:
+        with engine.begin() as holder:
+            holder.exec_driver_sql("INSERT INTO turns (who) VALUES ('holder')")
+            worker = spawn.Process(
+                target=_write_once,
+                args=(url, "worker"),
+                kwargs={"priority": False, "threads": 1, **bounds},
+            )
+            worker.start()
+            children.append(worker)
+            wait_for(lambda: _blocked_on(gate_files) == 1, timeout=60)  # the worker, on the gate
+            api = spawn.Process(
+                target=_write_once,
+                args=(url, "api"),
+                kwargs={"priority": True, "threads": api_writers, **bounds},
+            )
+            api.start()
+            children.append(api)
+            # One API writer waits for the slot the worker holds, the others for their queue.
+            wait_for(lambda: _blocked_on(gate_files) == 1 + api_writers, timeout=60)
+        for child in children:
+            child.join(timeout=120)
+        assert [child.exitcode for child in children] == [0, 0]
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.kill()
+                child.join()
+    with engine.connect() as conn:
+        order = [who for (who,) in conn.exec_driver_sql("SELECT who FROM turns ORDER BY n")]
+    engine.dispose()
+    assert order[0] == "holder" and sorted(order[1:]) == ["api"] * api_writers + ["worker"]
+    return order[1:]
+
+
+def test_api_writers_go_before_a_waiting_worker_at_most_yield_turns_times(
+    tmp_path: Path,
+) -> None:
+    order = _api_writers_meet_a_waiting_worker(
+        tmp_path, api_writers=4, yield_turns=2, yield_seconds=60
+    )
+    # The worker gives way to the API writer waiting when the gate comes free, and to
+    # those that announce themselves in time, but to no more than yield_turns of them
+    # (with no bound it would go after all four).
+    assert 1 <= order.index("worker") <= 2, order
+
+
+def test_a_worker_that_waited_yield_seconds_gives_way_no_more(tmp_path: Path) -> None:
+    order = _api_writers_meet_a_waiting_worker(
+        tmp_path, api_writers=2, yield_turns=4, yield_seconds=0
+    )
+    assert order[0] == "worker", order

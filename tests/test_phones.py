@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.phones import InvalidNumber, split_plus_digits, to_e164
+from dispatcher.phones import InvalidNumber, plain_e164, split_plus_digits, to_e164
 
 
 def _slow(text: str) -> str:
@@ -81,3 +81,38 @@ def test_fast_path_agrees_for_every_calling_code() -> None:
             for length in range(1, 16):
                 text = f"+{cc}{(start + '2345678901234567')[:length]}"
                 assert _outcome(to_e164, text) == _outcome(_slow, text), text
+
+
+def _plain(text: str) -> str:
+    """plain_e164, or to_e164 where it declines (as the intake loop uses them)."""
+    return plain_e164(text) or to_e164(text)
+
+
+@pytest.mark.parametrize("text", TRICKY + [t[1:] for t in TRICKY] + [" +447700900123"])
+def test_plain_path_agrees_on_known_cases(text: str) -> None:
+    assert _outcome(_plain, text) == _outcome(to_e164, text)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet="0123456789", min_size=1, max_size=21), st.booleans())
+def test_plain_path_agrees_on_any_digits(digits: str, plus: bool) -> None:
+    text = ("+" if plus else "") + digits
+    assert _outcome(_plain, text) == _outcome(to_e164, text)
+
+
+def test_plain_path_agrees_for_every_calling_code() -> None:
+    starts = ("0", "00", "1", "15", "8", "9", "7")
+    for cc in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+        for start in starts:
+            for length in range(1, 16):
+                text = f"+{cc}{(start + '2345678901234567')[:length]}"
+                assert _outcome(_plain, text) == _outcome(to_e164, text), text
+
+
+def test_plain_path_takes_the_usual_numbers() -> None:
+    assert plain_e164("+447700900123") == plain_e164("447700900123") == "+447700900123"
+    assert plain_e164("+12025550143") == "+12025550143"
+    # A national prefix to strip, whitespace, too long: to_e164 decides.
+    assert plain_e164("+4407700900123") is None
+    assert plain_e164(" +447700900123") is None
+    assert plain_e164("+" + "4" * 20) is None

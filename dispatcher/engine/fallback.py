@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -151,7 +151,7 @@ def _fall_back_in(
         session=session,
         batch=batch,
         status=R.QUEUED,
-        changes=[replace(m.change, channel=by_id[m.change.recipient_id].channel) for m in queued],
+        changes=[m.change._replace(channel=by_id[m.change.recipient_id].channel) for m in queued],
         at=now,
     )
     moved = [by_id[m.change.recipient_id] for m in (*failed, *queued)]

@@ -44,8 +44,29 @@ class Decision(NamedTuple):
     report: bool
     # Queued to be tried again at once by the running task (fallback, never handed over).
     again: bool = False
-    # The Attempt row to write (None: never handed over).
-    attempt: Mapping[str, Any] | None = None
+    # What the hand-off answered on which channel, and when (None: never handed over).
+    result: SendResult | None = None
+    channel: str | None = None
+    at: datetime | None = None
+
+    @property
+    def attempt(self) -> dict[str, Any] | None:
+        """The Attempt row to write (None: never handed over).
+
+        Built only when written: a sent row's attempt is copied inside the database.
+        """
+        r = self.result
+        if r is None:
+            return None
+        return {
+            "recipient_id": self.recipient_id,
+            "channel": self.channel,
+            "outcome": r.outcome.value,
+            "error_code": r.error_code,
+            "error": r.error_text,
+            "provider_message_id": r.provider_message_id,
+            "at": self.at,
+        }
 
 
 def retry_delay(*, settings: Settings, attempt: int, retry_after: float | None) -> float:
@@ -79,15 +100,7 @@ def decide(
             report=False,
             again=True,
         )
-    attempt = {
-        "recipient_id": row.id,
-        "channel": row.channel,
-        "outcome": result.outcome.value,
-        "error_code": result.error_code,
-        "error": result.error_text,
-        "provider_message_id": result.provider_message_id,
-        "at": now,
-    }
+    tried = (result, row.channel, now)
     code, text = result.error_code, result.error_text
     if result.outcome is Outcome.ACCEPTED:
         values = {
@@ -98,23 +111,23 @@ def decide(
             "error_code": None,
             "error_text": None,
         }
-        return Decision(row.id, R.SENT, values, report=True, attempt=attempt)
+        return Decision(row.id, R.SENT, values, True, False, *tried)
     failure = {"claimed_at": None, "error_code": code, "error_text": text}
     if result.outcome is Outcome.TRANSIENT:
         delay = retry_delay(settings=settings, attempt=row.attempts, retry_after=result.retry_after)
         at = now + timedelta(seconds=delay)
         if at >= expire_at:
-            return Decision(row.id, R.EXPIRED, failure, report=True, attempt=attempt)
+            return Decision(row.id, R.EXPIRED, failure, True, False, *tried)
         values = requeue_values(row.channel_index, row.channel, row.attempts, at, None, code, text)
-        return Decision(row.id, R.QUEUED, values, report=False, attempt=attempt)
+        return Decision(row.id, R.QUEUED, values, False, False, *tried)
     if result.outcome is Outcome.UNKNOWN:
-        return Decision(row.id, R.UNKNOWN, failure, report=True, attempt=attempt)
+        return Decision(row.id, R.UNKNOWN, failure, True, False, *tried)
     if result.outcome is Outcome.CHANNEL and row.channel_index + 1 < len(channels):
         nxt = row.channel_index + 1
         # Immediate fallback: the running chunk picks it up again, so it stays enqueued.
         values = requeue_values(nxt, channels[nxt], 0, None, now, code, text)
-        return Decision(row.id, R.QUEUED, values, report=False, again=True, attempt=attempt)
-    return Decision(row.id, R.FAILED, failure, report=True, attempt=attempt)
+        return Decision(row.id, R.QUEUED, values, False, True, *tried)
+    return Decision(row.id, R.FAILED, failure, True, False, *tried)
 
 
 def apply(*, session: Session, batch: Batch, decisions: Sequence[Decision], now: datetime) -> int:
@@ -133,7 +146,7 @@ def apply(*, session: Session, batch: Batch, decisions: Sequence[Decision], now:
         groups[d.status][d.recipient_id] = d.values
     # A sent row's attempt is copied from the row once it moved (see _copy_attempts);
     # any other attempt, and that of a sent row that did not move, is written as is.
-    attempts = [d.attempt for d in decisions if d.attempt is not None and d.status is not R.SENT]
+    tried = [d for d in decisions if d.result is not None and d.status is not R.SENT]
     again = {d.recipient_id for d in decisions if d.again}
     sent_by: dict[str, list[str]] = defaultdict(list)
     for status in ORDER:
@@ -155,10 +168,10 @@ def apply(*, session: Session, batch: Batch, decisions: Sequence[Decision], now:
                 if provider and m.provider_message_id:
                     sent_by[provider].append(m.provider_message_id)
             copied = _copy_attempts(session, [m.change.recipient_id for m in moved], now)
-            attempts += [
-                d.attempt
+            tried += [
+                d
                 for d in decisions
-                if d.status is R.SENT and d.attempt is not None and d.recipient_id not in copied
+                if d.status is R.SENT and d.result is not None and d.recipient_id not in copied
             ]
         # The batch stopped while these were out: queued again just now, they are
         # cancelled (or expired) in the same transaction instead of tried again.
@@ -170,8 +183,9 @@ def apply(*, session: Session, batch: Batch, decisions: Sequence[Decision], now:
             now=now,
         ):
             again = set()
+    attempts = [a for d in tried if (a := d.attempt) is not None]
     if attempts:
-        session.connection().execute(insert(Attempt), [dict(a) for a in attempts])
+        session.connection().execute(insert(Attempt), attempts)
     for provider, refs in sent_by.items():
         receipts.settle(session=session, provider=provider, refs=refs, now=now)
     return len(again & set(groups.get(R.QUEUED, {})))

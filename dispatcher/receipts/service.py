@@ -55,6 +55,8 @@ RECEIPT_STATUSES = {
 # Where a receipt may move a message from: only ``sent``, but a read report also
 # follows a delivered one (and a late delivery report after it changes nothing).
 SOURCES = {R.READ: (R.SENT, R.DELIVERED)}
+# Receipts whose move clears the error columns, by status: their group in _apply.
+CLEAN = {s: (s, None, None) for s, to in RECEIPT_STATUSES.items() if to in (R.DELIVERED, R.READ)}
 NO_RECEIPT = ("no_receipt", "no delivery receipt came within the receipt deadline")
 
 
@@ -101,11 +103,14 @@ def _apply(
     repeated receipts change nothing, and two carriers' retries racing on one
     message cannot both apply. At most one receipt per message id.
     """
-    groups: dict[tuple[RecipientStatus, str | None, str | None], list[str]] = defaultdict(list)
+    # Keyed by the receipt's status text, not the enum: a StrEnum hashes in Python.
+    groups: dict[tuple[str, str | None, str | None], list[str]] = defaultdict(list)
     late: list[fallback.Failure] = []
     for receipt in receipts:
-        new = RECEIPT_STATUSES[receipt.status]
-        if receipt.status == CHANNEL_FAILED:
+        status = receipt.status
+        if status in CLEAN:
+            groups[CLEAN[status]].append(receipt.provider_message_id)
+        elif status == CHANNEL_FAILED:
             late.append(
                 fallback.Failure(
                     receipt.provider_message_id,
@@ -113,13 +118,12 @@ def _apply(
                     receipt.error_text,
                 )
             )
-        elif new in (R.DELIVERED, R.READ):
-            groups[(new, None, None)].append(receipt.provider_message_id)
         else:
-            code: str | None = receipt.error_code or new.value
-            groups[(new, code, receipt.error_text)].append(receipt.provider_message_id)
+            code = receipt.error_code or RECEIPT_STATUSES[status].value
+            groups[(status, code, receipt.error_text)].append(receipt.provider_message_id)
     matched: set[str] = set()
-    for (new, error_code, text), refs in groups.items():
+    for (status, error_code, text), refs in groups.items():
+        new = RECEIPT_STATUSES[status]
         moved = transition_recipients(
             session=session,
             to=new,
@@ -148,9 +152,12 @@ def _chains(receipts: Iterable[Receipt]) -> dict[str, list[Receipt]]:
     """
     chains: dict[str, list[Receipt]] = {}
     for r in receipts:
-        chain = chains.setdefault(r.provider_message_id, [])
-        new = RECEIPT_STATUSES[r.status]
-        if not chain or new in RECIPIENT_TRANSITIONS[RECEIPT_STATUSES[chain[-1].status]]:
+        chain = chains.get(r.provider_message_id)
+        if chain is None:
+            chains[r.provider_message_id] = [r]
+        elif (
+            RECEIPT_STATUSES[r.status] in RECIPIENT_TRANSITIONS[RECEIPT_STATUSES[chain[-1].status]]
+        ):
             chain.append(r)
     return chains
 

@@ -20,7 +20,7 @@ from api.app import create_app
 from dispatcher.batches import service
 from dispatcher.batches.models import Recipient
 from dispatcher.config import Settings
-from dispatcher.db import transaction, utcnow
+from dispatcher.db import WriteGate, transaction, utcnow
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import Tenant
@@ -772,3 +772,18 @@ def test_a_duplicate_id_racing_past_the_check_is_409_not_500(
     monkeypatch.setattr(service, "_existing", lambda *_args: None)
     refused(post(client, tenant, minimum(id=client_id)), 409, "retry")
     assert rows(sessions, tenant.id) == (1, 1)
+
+
+def test_intake_writes_ahead_of_workers_at_the_sqlite_write_gate(
+    client: FlaskClient, tenant: Tenant, settings: Settings
+) -> None:
+    # The API's writes pass SQLite's write gate as its priority writer (dispatcher/db.py,
+    # WriteGate); reads take no turn. PostgreSQL has no gate.
+    turns = 1 if settings.database_url.startswith("sqlite") else 0
+    before = WriteGate.stats()["api"]["turns"]
+    response = client.post(f"/batch?key={tenant.key}", json=minimum())
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert WriteGate.stats()["api"]["turns"] == before + turns
+    reply = client.get(f"/batch/{response.get_json()['identifier']}?key={tenant.key}")
+    assert reply.status_code == 200
+    assert WriteGate.stats()["api"]["turns"] == before + turns
