@@ -470,7 +470,7 @@ def _json_each_sql(
     )
 
 
-def _json_rows(columns: Sequence[Sequence[Any]]) -> str | None:
+def json_rows(columns: Sequence[Sequence[Any]]) -> str | None:
     """The rows as one JSON array of arrays, or None where JSON would not carry a value
     exactly (bytes, NaN, a NUL character: those go through executemany)."""
     try:
@@ -534,7 +534,7 @@ def insert_many(
             conn.exec_driver_sql(sql, [(*shared.values(), *arrays)])
             return
     if dialect.name == "sqlite":
-        text = _json_rows(list(varying.values()))
+        text = json_rows(list(varying.values()))
         if text is not None:
             sql = _json_each_sql(table, dialect, tuple(varying), tuple(shared))
             conn.exec_driver_sql(sql, (*shared.values(), text))

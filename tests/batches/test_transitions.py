@@ -1,0 +1,63 @@
+"""transition_recipients with per-row values (``each``): every value lands exactly on the
+row it names, only rows in an allowed status move (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dispatcher.batches.models import Recipient
+from dispatcher.batches.transitions import transition_recipients
+from dispatcher.config import Settings
+from dispatcher.db import transaction, utcnow
+from dispatcher.states import BatchStatus, RecipientStatus
+from tests.factories import make_account, make_batch
+
+R = RecipientStatus
+
+# Quotes, backslashes, JSON's own escapes, text beyond the BMP; a NUL goes another way.
+TEXTS = ["plain-1", 'quo"te\\back', "new\nline \u2028 \\u0041", "emoji \U0001f600 é"]
+
+
+@pytest.mark.parametrize("texts", [TEXTS, [*TEXTS, "nul\x00inside"]], ids=["json", "nul"])
+def test_per_row_values_land_on_their_rows_and_only_sending_ones_move(
+    sessions: sessionmaker[Session], settings: Settings, texts: list[str]
+) -> None:
+    if "\x00" in texts[-1] and not settings.database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's text holds no NUL")
+    with transaction(sessions) as session:
+        account = make_account(session, name="each")
+        batch = make_batch(
+            session,
+            settings=settings,
+            account=account,
+            status=BatchStatus.SENDING,
+            recipients=len(texts) + 1,
+            recipient_status=R.SENDING,
+        )
+        ids = list(
+            session.scalars(
+                select(Recipient.id).where(Recipient.batch_id == batch.id).order_by(Recipient.seq)
+            )
+        )
+        # One named row was cancelled meanwhile: it must not move or take its value.
+        session.execute(update(Recipient).where(Recipient.id == ids[0]).values(status=R.CANCELLED))
+    each = {
+        rid: {"provider_message_id": text, "provider": "sim"}
+        for rid, text in zip(ids, texts, strict=False)
+    }
+    with transaction(sessions) as session:
+        moved = transition_recipients(
+            session=session, to=R.SENT, at=utcnow(), each=each, current=[R.SENDING], record=False
+        )
+    assert sorted(m.change.recipient_id for m in moved) == sorted(ids[1 : len(texts)])
+    with sessions() as session:
+        rows = {
+            r.id: (r.status, r.provider_message_id, r.provider)
+            for r in session.scalars(select(Recipient).where(Recipient.batch_id == batch.id))
+        }
+    assert rows[ids[0]] == (R.CANCELLED, None, None)
+    for rid, text in zip(ids[1 : len(texts)], texts[1:], strict=True):
+        assert rows[rid] == (R.SENT, text, "sim")
+    assert rows[ids[-1]] == (R.SENDING, None, None)  # not named: not moved
