@@ -30,7 +30,7 @@ from sqlalchemy import Connection, Engine, bindparam, create_engine, inspect, te
 from sqlalchemy.pool import NullPool
 
 from bench.sampler import group_pids, parent_pid
-from dispatcher.config import Settings
+from dispatcher.config import PREFIX, Settings
 from dispatcher.devserver import redis_server_command
 from dispatcher.supervisor import ROOT, Child, Supervisor, child_env
 
@@ -149,6 +149,9 @@ class PgServer:
 # --------------------------------------------------------------------------- the system
 
 
+NICE_ENV = PREFIX + "PROCESS_NICE"
+
+
 class System:
     """Redis, a migrated SQLite database, gunicorn, Celery workers and beat, in a temp dir."""
 
@@ -237,10 +240,23 @@ class System:
             "chunk_size": self.args.chunk_size,
             "send_concurrency": self.args.concurrency,
             "sqlite_write_gate": not getattr(self.args, "no_write_gate", False),
+            # Each process applies its own niceness (as under `dispatcher run`); --no-nice: none.
+            **self.process_nice(),
         }
         values.update(overrides)
         self.settings = Settings(**values)
         return self.settings
+
+    def process_nice(self) -> dict[str, Any]:
+        """The process_nice override of --no-nice or --process-nice (none: the default)."""
+        if getattr(self.args, "no_nice", False):
+            return {"process_nice": {}}
+        text = getattr(self.args, "process_nice", None)
+        return (
+            {}
+            if text is None
+            else {"process_nice": Settings.from_env({NICE_ENV: text}).process_nice}
+        )
 
     def migrate_and_account(self, rate: float | None) -> None:
         from dispatcher.accounts import service as accounts
@@ -363,6 +379,9 @@ class System:
                 str(workers),
                 "--timeout",
                 "120",
+                # dispatcher run's gunicorn settings (its niceness hook among them).
+                "--config",
+                "python:dispatcher.gunicorn_conf",
                 "api.wsgi:app",
             ],
             role="api",

@@ -53,6 +53,17 @@ def parent_pid(pid: int) -> int:
         return 0
 
 
+def niceness(pid: int) -> str:
+    """A process's niceness and its autogroup's ("10 ag 10"), as the scheduler sees them."""
+    try:
+        nice = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16]
+    except (OSError, IndexError):
+        return "?"
+    with contextlib.suppress(OSError, IndexError):
+        return f"{nice} ag {Path(f'/proc/{pid}/autogroup').read_text().split()[-1]}"
+    return nice
+
+
 def rss_bytes(pid: int) -> int:
     try:
         import psutil
@@ -118,6 +129,8 @@ class ProcSampler(threading.Thread):
         self.rss_series: list[tuple[float, int]] = []
         self.cpu: dict[int, tuple[str, float]] = {}
         self.cpu_start: dict[int, float] = {}
+        # Niceness of each child's main process (dispatcher/priority.py), read once.
+        self.nice = {getattr(c, "name", c.role): niceness(c.pid) for c in self.children()}
         self.t0 = time.monotonic()
         self.t1 = self.t0
         self.busy0 = system_busy_s()
@@ -198,4 +211,5 @@ class ProcSampler(threading.Thread):
             "wall_s": round(wall, 2),
             "machine_busy_pct": round(100 * machine_busy / (wall * ncpu), 1),
             "foreign_cpu_pct": round(100 * max(machine_busy - ours, 0.0) / (wall * ncpu), 1),
+            "nice_by_process": self.nice,
         }

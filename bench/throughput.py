@@ -337,6 +337,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SQLite: writers poll in SQLite's busy handler (sqlite_write_gate=false), to compare",
     )
     p.add_argument(
+        "--no-nice",
+        action="store_true",
+        help="every process keeps its niceness (process_nice off); default: the setting's"
+        " default, each process raising its own (dispatcher/priority.py)",
+    )
+    p.add_argument(
+        "--process-nice",
+        help="niceness by role instead of the default, as DISPATCHER_PROCESS_NICE (send=5,beat=2)",
+    )
+    p.add_argument(
         "--intake-threads",
         type=int,
         default=4,

@@ -36,14 +36,26 @@ def _strings(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _rates(text: str) -> dict[str, float]:
-    rates: dict[str, float] = {}
+def _pairs(text: str, kind: Callable[[str], Any], what: str) -> dict[str, Any]:
+    """``name=value`` items, comma-separated, each value read with ``kind``."""
+    pairs: dict[str, Any] = {}
     for item in _strings(text):
         name, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"expected name=rate, got {item!r}")
-        rates[name.strip()] = float(value)
-    return rates
+            raise ConfigError(f"expected name={what}, got {item!r}")
+        pairs[name.strip()] = kind(value)
+    return pairs
+
+
+def _rates(text: str) -> dict[str, float]:
+    return _pairs(text, float, "rate")
+
+
+def _nice(text: str) -> dict[str, int]:
+    """role=niceness pairs; "off" (or nothing) leaves every process as started."""
+    if text.strip().lower() in {"", "off", "none"}:
+        return {}
+    return _pairs(text, int, "niceness")
 
 
 def _bool(text: str) -> bool:
@@ -77,6 +89,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "tuple[float, ...]": _floats,
     "tuple[str, ...]": _strings,
     "dict[str, float]": _rates,
+    "dict[str, int]": _nice,
     "dict[str, Any]": _json_object,
     "dict[str, str]": lambda text: {k: str(v) for k, v in _json_object(text).items()},
 }
@@ -101,6 +114,9 @@ class Settings:
     flower_basic_auth: str = ""
     send_concurrency: int = 2
     callback_concurrency: int = 2
+    # CPU niceness each process gives itself by role (dispatcher/priority.py): on one
+    # host the send workers yield to intake and callbacks. Only ever raised; "off": none.
+    process_nice: dict[str, int] = field(default_factory=lambda: {"send": 5})
     # /health/ready wants a worker on each queue whose heartbeat is at most this old.
     worker_seen_within: float = 30.0
 
@@ -338,6 +354,7 @@ class Settings:
         for name in ("api_port", "flower_port"):
             if not 1 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be a TCP port (1-65535)")
+        self._check_nice()
         if not 0 <= self.worker_metrics_port <= 65535:
             raise ConfigError(f"{PREFIX}WORKER_METRICS_PORT must be 0 (off) or a TCP port")
         if self.log_format not in {"json", "text"}:
@@ -359,6 +376,19 @@ class Settings:
             raise ConfigError(f"{PREFIX}CHANNEL_PROVIDERS names unknown channels {unknown}")
         if "smpp" in {self.provider, *self.channel_providers.values()}:
             self.smpp_config()
+
+    def _check_nice(self) -> None:
+        from dispatcher.priority import MAX_NICE, ROLES
+
+        unknown = sorted(set(self.process_nice) - set(ROLES))
+        if unknown:
+            raise ConfigError(f"{PREFIX}PROCESS_NICE names unknown roles {unknown}; known: {ROLES}")
+        for role, nice in self.process_nice.items():
+            if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= MAX_NICE:
+                raise ConfigError(
+                    f"{PREFIX}PROCESS_NICE[{role}] must be 0-{MAX_NICE} (processes only raise "
+                    f"their niceness, never lower it), not {nice!r}"
+                )
 
     def smpp_config(self) -> Any:
         """The checked SMPP configuration (ConfigError naming the field if it is wrong)."""
@@ -400,7 +430,7 @@ class Settings:
                 text = "true" if value else "false"
             elif isinstance(value, tuple):
                 text = ",".join(str(v) for v in value)
-            elif isinstance(value, dict) and f.name == "channel_rates":
+            elif isinstance(value, dict) and f.name in ("channel_rates", "process_nice"):
                 text = ",".join(f"{k}={v}" for k, v in value.items())
             elif isinstance(value, dict):
                 text = json.dumps(value)

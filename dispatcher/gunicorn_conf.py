@@ -1,6 +1,7 @@
 """gunicorn settings for the API (``gunicorn -c python:dispatcher.gunicorn_conf``).
 
-Logs in Dispatcher's format with an access line that never carries the query
+The API's CPU priority (``DISPATCHER_PROCESS_NICE``, dispatcher/priority.py),
+logs in Dispatcher's format with an access line that never carries the query
 string (API keys travel as ``?key=``), and multiprocess metrics cleaned up
 when a worker exits.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dispatcher import logs, metrics
+from dispatcher import logs, metrics, priority
 from dispatcher.config import Settings
 
 _settings = Settings.from_env()
@@ -30,6 +31,11 @@ limit_request_field_size = 32 * 1024
 accesslog = "-"
 access_log_format = logs.ACCESS_LOG_FORMAT
 logconfig_dict = logs.gunicorn_logconfig(_settings.log_format, _settings.log_level)
+
+
+def on_starting(_server: Any) -> None:
+    """The master, before any worker forks: the workers inherit the API's niceness."""
+    priority.apply("api", _settings.process_nice)
 
 
 def child_exit(_server: Any, worker: Any) -> None:

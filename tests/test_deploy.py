@@ -133,3 +133,44 @@ def test_gunicorn_runs_with_the_same_settings_everywhere() -> None:
     assert "python:dispatcher.gunicorn_conf" in local
     assert "python:dispatcher.gunicorn_conf" in words(compose()["services"]["api"]["command"])
     assert '"python:dispatcher.gunicorn_conf"' in (ROOT / "Dockerfile").read_text()
+
+
+# The kernel's CFS weight of a niceness (kernel/sched/core.c, sched_prio_to_weight), 0-19.
+CFS_WEIGHT = [
+    1024,
+    820,
+    655,
+    526,
+    423,
+    335,
+    272,
+    215,
+    172,
+    137,
+    110,
+    87,
+    70,
+    56,
+    45,
+    36,
+    29,
+    23,
+    18,
+    15,
+]
+
+
+def test_compose_cpu_shares_order_the_services_as_the_default_process_nice() -> None:
+    """Each container is its own cgroup, where niceness orders nothing between services:
+    the cgroup weight (cpu_shares, default 1024) carries the default niceness instead."""
+    services = compose()["services"]
+    roles = {
+        "api": "api",
+        "dispatch-worker": "dispatch",
+        "send-worker": "send",
+        "callback-worker": "callbacks",
+        "beat": "beat",
+    }
+    nice = Settings().process_nice
+    shares = {name: services[name].get("cpu_shares", 1024) for name in roles}
+    assert shares == {name: CFS_WEIGHT[nice.get(role, 0)] for name, role in roles.items()}

@@ -7,10 +7,10 @@ from datetime import UTC
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import beat_init, worker_init, worker_process_init
 from sqlalchemy.engine import make_url
 
-from dispatcher import outbox
+from dispatcher import outbox, priority
 from dispatcher.config import Settings
 from dispatcher.outbox import TaskName
 from dispatcher.runtime import Runtime
@@ -118,9 +118,18 @@ def create_celery(settings: Settings | None = None) -> Celery:
     app.steps["consumer"].add(Heartbeat)  # /health/ready's sign of life
 
     @worker_init.connect(weak=False)
-    def _before_fork(**_: Any) -> None:
-        # The main process, before the pool forks: the children inherit the modules.
+    def _before_fork(sender: Any, **_: Any) -> None:
+        # The main process, before the pool forks: the children inherit the modules
+        # and the niceness of the role its queues (-Q, already selected) give it.
+        if sender.app is app:
+            role = priority.role_of_queues(app.amqp.queues.consume_from, settings.process_nice)
+            priority.apply(role, settings.process_nice)
         preload_driver(settings)
+
+    @beat_init.connect(weak=False)
+    def _beat_starts(sender: Any, **_: Any) -> None:
+        if sender.app is app:
+            priority.apply("beat", settings.process_nice)
 
     @worker_process_init.connect(weak=False)
     def _after_fork(**_: Any) -> None:
