@@ -330,7 +330,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--concurrency", type=int, help="-c of each worker process (throughput: 2; rate: 1)"
     )
-    p.add_argument("--api-workers", type=int, default=2, help="gunicorn --workers")
+    p.add_argument(
+        "--api-workers",
+        type=int,
+        default=Settings().api_workers,
+        help="gunicorn --workers (default: DISPATCHER_API_WORKERS' default, as `dispatcher run`)",
+    )
     p.add_argument(
         "--no-write-gate",
         action="store_true",

@@ -112,11 +112,17 @@ class Settings:
     api_port: int = 8000
     flower_port: int = 5555
     flower_basic_auth: str = ""
+    # gunicorn workers under `dispatcher run`. Three on the 2-core embedded default: on
+    # SQLite an API process waits for the write lock part of each request, and a third
+    # lets one parse the next batch meanwhile (intake beside sending 29,000-33,000/s
+    # against 22,000-27,000/s with two, bench/README.md).
+    api_workers: int = 3
     send_concurrency: int = 2
     callback_concurrency: int = 2
-    # CPU niceness each process gives itself by role (dispatcher/priority.py): on one
-    # host the send workers yield to intake and callbacks. Only ever raised; "off": none.
-    process_nice: dict[str, int] = field(default_factory=lambda: {"send": 5})
+    # CPU niceness each process gives itself by role (dispatcher/priority.py), e.g.
+    # "send=5": on one host the send workers yield to intake and callbacks. Only ever
+    # raised. Off by default: the quiet A/B runs showed no gain (bench/README.md).
+    process_nice: dict[str, int] = field(default_factory=dict)
     # /health/ready wants a worker on each queue whose heartbeat is at most this old.
     worker_seen_within: float = 30.0
 
@@ -310,6 +316,7 @@ class Settings:
             "max_body_length",
             "max_request_bytes",
             "chunk_size",
+            "api_workers",
             "send_concurrency",
             "callback_concurrency",
             "callback_max_response_bytes",

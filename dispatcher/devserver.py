@@ -137,7 +137,7 @@ def commands(settings: Settings) -> dict[str, list[str]]:
             "--bind",
             f"{settings.api_host}:{settings.api_port}",
             "--workers",
-            "2",
+            str(settings.api_workers),
             "--config",
             "python:dispatcher.gunicorn_conf",
             "api.wsgi:app",

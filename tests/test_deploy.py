@@ -174,3 +174,10 @@ def test_compose_cpu_shares_order_the_services_as_the_default_process_nice() -> 
     nice = Settings().process_nice
     shares = {name: services[name].get("cpu_shares", 1024) for name in roles}
     assert shares == {name: CFS_WEIGHT[nice.get(role, 0)] for name, role in roles.items()}
+
+
+def test_make_run_starts_as_many_api_workers_as_the_setting_says() -> None:
+    assert Settings().api_workers == 3
+    for n in (1, 5):
+        api = commands(Settings(api_workers=n))["api"]
+        assert api[api.index("--workers") + 1] == str(n)

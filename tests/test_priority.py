@@ -57,8 +57,8 @@ def test_process_nice_off_is_an_empty_mapping(off: str) -> None:
     assert Settings.from_env(settings.to_env()).process_nice == {}
 
 
-def test_process_nice_default_lets_only_the_send_workers_yield() -> None:
-    assert Settings().process_nice == {"send": 5}
+def test_process_nice_is_off_by_default() -> None:
+    assert Settings().process_nice == {}
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_each_process_started_as_dispatcher_run_starts_it_takes_its_roles_nicene
     # The pool processes and gunicorn's workers inherit what their parent set.
     assert [nice_of(p) for p in (send.pid, *children_of(send.pid))] == [7, 7, 7]
     assert {nice_of(p) for p in (api.pid, *children_of(api.pid))} == {3}
-    assert len(children_of(api.pid)) == 2
+    assert len(children_of(api.pid)) == settings.api_workers
     assert nice_of(beat.pid) == 2
     # Not named: the dispatch worker keeps the niceness it was started with (this one's).
     assert {nice_of(p) for p in (dispatch.pid, *children_of(dispatch.pid))} == {
