@@ -109,6 +109,12 @@ class Receipt:
     carrier_status: str | None = None
 
 
+# A worker's claim on receipts it took from a provider's store and has not committed
+# yet, once older than this, was left by a killed worker: longer than any task's hard
+# time limit, so a live worker's claim is never taken from it (simulator and SMPP).
+RECEIPT_CLAIM_STALE_S = 15 * 60
+
+
 class Provider(ABC):
     """Delivers messages on one or more channels."""
 

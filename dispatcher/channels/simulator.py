@@ -21,12 +21,14 @@ import hashlib
 import json
 import re
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 
 from dispatcher.channels.base import (
+    RECEIPT_CLAIM_STALE_S,
     Lookup,
     OutboundMessage,
     Outcome,
@@ -38,6 +40,9 @@ from dispatcher.channels.base import (
 LEDGER = "dispatcher:sim:accepted"
 HANDOFFS = "dispatcher:sim:handoffs"
 RECEIPTS = "dispatcher:sim:receipts"
+# Receipts a worker took and has not committed yet: one sorted set per claim (their due
+# times kept), and the claims by when they were made.
+RECEIPT_CLAIMS = "dispatcher:sim:receipts:claims"
 
 # KEYS: handoffs, ledger, receipts. ARGV: the receipts' due time, the receipt JSON before
 # and after its message id (delivered, then failed), then one JSON array of every message's
@@ -58,13 +63,31 @@ end
 return 0
 """
 
-# KEYS: receipts. ARGV: now, limit. Pops the due receipts (the lowest scores, so the
-# first ranks) atomically, as one JSON array: one reply to parse, not one per receipt.
+# KEYS: receipts, claims, this claim. ARGV: now, limit, stale before. Gives claims left
+# by killed workers back, then moves the due receipts (the lowest scores, so the first
+# ranks) to this claim atomically and returns them as one JSON array: one reply to
+# parse, not one per receipt. They stay there until the worker's commit (or requeue).
 POP_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])) do
+  redis.call('ZUNIONSTORE', KEYS[1], 2, KEYS[1], key, 'AGGREGATE', 'MIN')
+  redis.call('DEL', key)
+  redis.call('ZREM', KEYS[2], key)
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
 if #due == 0 then return '[]' end
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #due - 1)
-return '[' .. table.concat(due, ',') .. ']'
+local members = {}
+for i = 1, #due, 2 do members[#members + 1] = due[i] end
+for i = 1, #due, 1000 do
+  local batch = {}
+  for j = i, math.min(i + 999, #due), 2 do
+    batch[#batch + 1] = due[j + 1]
+    batch[#batch + 1] = due[j]
+  end
+  redis.call('ZADD', KEYS[3], unpack(batch))
+end
+redis.call('ZADD', KEYS[2], ARGV[1], KEYS[3])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #members - 1)
+return '[' .. table.concat(members, ',') .. ']'
 """
 
 
@@ -125,6 +148,7 @@ class Simulator(Provider):
         self._plain: dict[str, bool] = {}
         self._record = redis_client.register_script(RECORD_HANDOFFS)
         self._pop_due = redis_client.register_script(POP_DUE)
+        self._claim: str | None = None  # the receipts this process took last
 
     def _no_rule_for(self, channel: str) -> bool:
         """Whether no rule can turn a message on ``channel`` away (then each is accepted)."""
@@ -191,10 +215,40 @@ class Simulator(Provider):
         return Lookup.ACCEPTED, found.decode() if isinstance(found, bytes) else str(found)
 
     def due_receipts(self, *, limit: int = 2000) -> list[Receipt]:
-        """Pop receipts whose delay has passed (at most ``limit``, the oldest first)."""
+        """Claim receipts whose delay has passed (at most ``limit``, the oldest first).
+
+        They stay in Redis under this worker's claim until ``receipts_applied`` (after
+        the commit) or ``requeue_receipts``; a claim left by a killed worker is given
+        back once it is older than any task can run.
+        """
         # One script: two pollers never take the same receipt.
-        found = self._pop_due(keys=[RECEIPTS], args=[self.clock(), limit])
-        return [Receipt(**r) for r in json.loads(found)]
+        claim = f"{RECEIPT_CLAIMS}:{uuid.uuid4().hex}"
+        now = self.clock()
+        found = self._pop_due(
+            keys=[RECEIPTS, RECEIPT_CLAIMS, claim], args=[now, limit, now - RECEIPT_CLAIM_STALE_S]
+        )
+        due = [Receipt(**r) for r in json.loads(found)]
+        self._claim = claim if due else None
+        return due
+
+    def receipts_applied(self) -> None:
+        """The claimed receipts are committed: forget the claim."""
+        if self._claim is not None:
+            with self.redis.pipeline() as pipe:
+                pipe.delete(self._claim)
+                pipe.zrem(RECEIPT_CLAIMS, self._claim)
+                pipe.execute()
+            self._claim = None
+
+    def requeue_receipts(self, receipts: Sequence[Receipt]) -> None:
+        """Give the claimed receipts back (the worker could not apply them), due as before."""
+        if self._claim is not None:
+            with self.redis.pipeline() as pipe:  # MULTI: all or nothing
+                pipe.zunionstore(RECEIPTS, [RECEIPTS, self._claim], aggregate="MIN")
+                pipe.delete(self._claim)
+                pipe.zrem(RECEIPT_CLAIMS, self._claim)
+                pipe.execute()
+            self._claim = None
 
     def handoffs(self) -> dict[str, int]:
         """Every idempotency key handed over, with how many times (for tests)."""

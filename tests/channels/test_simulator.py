@@ -7,8 +7,14 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from dispatcher.channels.base import Lookup, OutboundMessage, Outcome
-from dispatcher.channels.simulator import HANDOFFS, LEDGER, RECEIPTS, Simulator
+from dispatcher.channels.base import (
+    RECEIPT_CLAIM_STALE_S,
+    Lookup,
+    OutboundMessage,
+    Outcome,
+    Receipt,
+)
+from dispatcher.channels.simulator import HANDOFFS, LEDGER, RECEIPT_CLAIMS, RECEIPTS, Simulator
 
 RULES = {
     "unreachable": {"rcs": [r"^\+4477009"]},
@@ -22,9 +28,13 @@ RULES = {
 @pytest.fixture()
 def client(redis_url: str) -> Iterator[redis.Redis]:
     r = redis.Redis.from_url(redis_url)
-    r.delete(HANDOFFS, LEDGER, RECEIPTS)
+
+    def clear() -> None:
+        r.delete(HANDOFFS, LEDGER, RECEIPTS, RECEIPT_CLAIMS, *r.keys(f"{RECEIPT_CLAIMS}:*"))
+
+    clear()
     yield r
-    r.delete(HANDOFFS, LEDGER, RECEIPTS)
+    clear()
     r.close()
 
 
@@ -85,3 +95,50 @@ def test_due_receipts_pop_the_oldest_due_up_to_the_limit(client: redis.Redis) ->
     assert [r.provider_message_id for r in sim.due_receipts(limit=2)] == ["sim-r2:sms"]
     assert sim.due_receipts(limit=2) == []
     assert client.zcard(RECEIPTS) == 2  # r3 and r4: not due yet, still kept
+
+
+def ids(receipts: list[Receipt]) -> set[str]:
+    return {r.provider_message_id for r in receipts}
+
+
+def test_claimed_receipts_stay_in_redis_until_the_worker_commits(client: redis.Redis) -> None:
+    now = [1000.0]
+    sim = Simulator(redis_client=client, rules={"receipt_delay": 5}, clock=lambda: now[0])
+    sim.send_many([msg("+447700100001", rid="a"), msg("+447700100002", rid="b")])
+    now[0] += 5
+    assert ids(sim.due_receipts()) == {"sim-a:sms", "sim-b:sms"}
+    # The worker is killed before its commit: no other worker takes them meanwhile...
+    other = Simulator(redis_client=client, rules={"receipt_delay": 5}, clock=lambda: now[0])
+    now[0] += RECEIPT_CLAIM_STALE_S - 1
+    assert other.due_receipts() == []
+    # ...and once the claim is older than any task can run, they come back, once.
+    now[0] += 2
+    assert ids(other.due_receipts()) == {"sim-a:sms", "sim-b:sms"}
+    other.receipts_applied()
+    now[0] += 2 * RECEIPT_CLAIM_STALE_S
+    assert other.due_receipts() == []
+    assert client.zcard(RECEIPT_CLAIMS) == 0
+    assert client.zcard(RECEIPTS) == 0
+
+
+def test_requeued_receipts_are_due_again_at_once_and_keep_their_due_time(
+    client: redis.Redis,
+) -> None:
+    now = [1000.0]
+    sim = Simulator(redis_client=client, rules={"receipt_delay": 5}, clock=lambda: now[0])
+    sim.send(msg("+447700100001", rid="a"))
+    now[0] += 1
+    sim.send(msg("+447700100002", rid="b"))
+    now[0] += 10
+    due = sim.due_receipts()
+    assert ids(due) == {"sim-a:sms", "sim-b:sms"}
+    sim.requeue_receipts(due)  # e.g. the transaction failed
+    assert client.zcard(RECEIPT_CLAIMS) == 0
+    assert sorted(score for _, score in client.zrange(RECEIPTS, 0, -1, withscores=True)) == [
+        1005.0,
+        1006.0,
+    ]
+    assert [r.provider_message_id for r in sim.due_receipts()] == ["sim-a:sms", "sim-b:sms"]
+    sim.receipts_applied()
+    assert sim.due_receipts() == []
+    assert client.zcard(RECEIPT_CLAIMS) == 0

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, cast
 
 import redis
 
-from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
+from dispatcher.channels.base import (
+    RECEIPT_CLAIM_STALE_S,
+    Lookup,
+    OutboundMessage,
+    Outcome,
+    Provider,
+    SendResult,
+)
 from dispatcher.channels.smpp import handoff
 from dispatcher.channels.smpp.config import SmppConfig
 from dispatcher.routes import RouteTable
@@ -36,9 +43,7 @@ MARGIN = 2.0
 BLOCK_SLICE = 5.0
 
 
-# A claim on receipt groups older than this was left by a killed worker (longer than
-# any task's hard time limit, so a live worker's claim is never taken from it).
-CLAIM_STALE_S = 15 * 60
+CLAIM_STALE_S = RECEIPT_CLAIM_STALE_S
 # Give stale claims back to the head of the list, then move up to ARGV[3] groups from
 # the list to this claim (KEYS[3]) and record it (ARGV[1] now, ARGV[2] stale before).
 CLAIM_RECEIPTS = """
