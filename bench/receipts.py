@@ -21,8 +21,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from bench.harness import machine
-from bench.sendpath import InProcess, server_cpu
-from dispatcher.config import Settings
+from bench.sendpath import InProcess, arguments, server_cpu
 from dispatcher.db import transaction, utcnow
 from dispatcher.receipts import service as receipts
 
@@ -78,14 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
-    p.add_argument("--recipients", type=int, default=20000)
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--chunk-size", type=int, default=Settings.chunk_size)
-    p.add_argument("--callback-url", default=None, help="give the batches a callback URL")
-    p.add_argument("--profile", default=None, help="write a cProfile of the timed part here")
-    print(json.dumps(run(p.parse_args())), flush=True)
+    print(json.dumps(run(arguments(__doc__).parse_args())), flush=True)
 
 
 if __name__ == "__main__":

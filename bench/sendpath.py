@@ -236,15 +236,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options of the in-process benches (this one and bench.receipts)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     p.add_argument("--recipients", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--chunk-size", type=int, default=Settings.chunk_size)
     p.add_argument("--callback-url", default=None, help="give the batches a callback URL")
     p.add_argument("--profile", default=None, help="write a cProfile of the timed parts here")
-    print(json.dumps(run(p.parse_args())), flush=True)
+    return p
+
+
+def main() -> None:
+    print(json.dumps(run(arguments(__doc__).parse_args())), flush=True)
 
 
 if __name__ == "__main__":

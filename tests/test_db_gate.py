@@ -7,11 +7,14 @@ import itertools
 import multiprocessing
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from dispatcher.db import GatedConnection, make_engine, make_session_factory, transaction
 from tests.helpers import wait_for
@@ -20,47 +23,70 @@ WRITES = 40
 ROWS_PER_WRITE = 200
 
 
+def _write_turn(sessions: Any, who: str) -> None:
+    """One transaction: a log row and ROWS_PER_WRITE filler rows (a few ms held)."""
+    with transaction(sessions) as session:
+        session.execute(text("INSERT INTO turns (who) VALUES (:who)"), {"who": who})
+        session.execute(
+            text("INSERT INTO filler (who) VALUES (:who)"), [{"who": who}] * ROWS_PER_WRITE
+        )
+
+
 def _writer(url: str, who: str, gated: bool, barrier: Any) -> None:
-    """WRITES transactions, each a log row and ROWS_PER_WRITE filler rows (a few ms held)."""
+    """WRITES transactions, started together with the other writer."""
     engine = make_engine(url, write_gate=gated)
     sessions = make_session_factory(engine)
     barrier.wait(timeout=60)
-    filler = [{"who": who} for _ in range(ROWS_PER_WRITE)]
     for _ in range(WRITES):
-        with transaction(sessions) as session:
-            session.execute(text("INSERT INTO turns (who) VALUES (:who)"), {"who": who})
-            session.execute(text("INSERT INTO filler (who) VALUES (:who)"), filler)
+        _write_turn(sessions, who)
     engine.dispose()
 
 
-def _contend(tmp_path: Path, *, gated: bool) -> list[str]:
-    """Two writer processes started together; the order their transactions committed in."""
+def _gate_database(tmp_path: Path) -> tuple[Path, str, Engine]:
+    """A SQLite database with the tables the writers fill: its path, URL and engine."""
     path = tmp_path / "gate.db"
     url = f"sqlite:///{path}"
     engine = make_engine(url)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE turns (n INTEGER PRIMARY KEY, who TEXT)")
         conn.exec_driver_sql("CREATE TABLE filler (n INTEGER PRIMARY KEY, who TEXT)")
-    spawn = multiprocessing.get_context("spawn")
-    barrier = spawn.Barrier(2)
-    children = [
-        spawn.Process(target=_writer, args=(url, who, gated, barrier)) for who in ("a", "b")
-    ]
-    for child in children:
-        child.start()
+    return path, url, engine
+
+
+@contextmanager
+def _children() -> Iterator[list[BaseProcess]]:
+    """The processes the block starts: each must exit 0; any still running is killed."""
+    children: list[BaseProcess] = []
     try:
+        yield children
         for child in children:
             child.join(timeout=120)
-        assert [child.exitcode for child in children] == [0, 0]
+        assert [child.exitcode for child in children] == [0] * len(children)
     finally:
         for child in children:
             if child.is_alive():
                 child.kill()
                 child.join()
+
+
+def _committed(engine: Engine) -> list[str]:
+    """Who committed, in commit order (and the engine is done with)."""
     with engine.connect() as conn:
         order = [who for (who,) in conn.exec_driver_sql("SELECT who FROM turns ORDER BY n")]
     engine.dispose()
     return order
+
+
+def _contend(tmp_path: Path, *, gated: bool) -> list[str]:
+    """Two writer processes started together; the order their transactions committed in."""
+    _, url, engine = _gate_database(tmp_path)
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(2)
+    with _children() as children:
+        for who in ("a", "b"):
+            children.append(spawn.Process(target=_writer, args=(url, who, gated, barrier)))
+            children[-1].start()
+    return _committed(engine)
 
 
 def test_two_processes_take_turns_at_the_write_gate(tmp_path: Path) -> None:
@@ -119,14 +145,7 @@ def _write_once(
     if priority:
         engine = engine.execution_options(**{WRITE_PRIORITY: True})
     sessions = make_session_factory(engine)
-    filler = [{"who": who} for _ in range(ROWS_PER_WRITE)]
-
-    def write() -> None:
-        with transaction(sessions) as session:
-            session.execute(text("INSERT INTO turns (who) VALUES (:who)"), {"who": who})
-            session.execute(text("INSERT INTO filler (who) VALUES (:who)"), filler)
-
-    pool = [threading.Thread(target=write) for _ in range(threads)]
+    pool = [threading.Thread(target=_write_turn, args=(sessions, who)) for _ in range(threads)]
     for thread in pool:
         thread.start()
     for thread in pool:
@@ -146,47 +165,30 @@ def _api_writers_meet_a_waiting_worker(
 ) -> list[str]:
     """This process holds the gate while a worker and then ``api_writers`` API writers
     queue behind it; then it commits. The order of the commits that followed."""
-    path = tmp_path / "gate.db"
-    url = f"sqlite:///{path}"
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE turns (n INTEGER PRIMARY KEY, who TEXT)")
-        conn.exec_driver_sql("CREATE TABLE filler (n INTEGER PRIMARY KEY, who TEXT)")
+    path, url, engine = _gate_database(tmp_path)
     gate_files = [Path(f"{path}-gate{name}") for name in ("", "-queue", "-api", "-back", "-slot")]
     spawn = multiprocessing.get_context("spawn")
     bounds = {"yield_turns": yield_turns, "yield_seconds": yield_seconds}
-    children = []
-    try:
-        with engine.begin() as holder:
-            holder.exec_driver_sql("INSERT INTO turns (who) VALUES ('holder')")
-            worker = spawn.Process(
-                target=_write_once,
-                args=(url, "worker"),
-                kwargs={"priority": False, "threads": 1, **bounds},
-            )
-            worker.start()
-            children.append(worker)
-            wait_for(lambda: _blocked_on(gate_files) == 1, timeout=60)  # the worker, on the gate
-            api = spawn.Process(
-                target=_write_once,
-                args=(url, "api"),
-                kwargs={"priority": True, "threads": api_writers, **bounds},
-            )
-            api.start()
-            children.append(api)
-            # One API writer waits for the slot the worker holds, the others for their queue.
-            wait_for(lambda: _blocked_on(gate_files) == 1 + api_writers, timeout=60)
-        for child in children:
-            child.join(timeout=120)
-        assert [child.exitcode for child in children] == [0, 0]
-    finally:
-        for child in children:
-            if child.is_alive():
-                child.kill()
-                child.join()
-    with engine.connect() as conn:
-        order = [who for (who,) in conn.exec_driver_sql("SELECT who FROM turns ORDER BY n")]
-    engine.dispose()
+    with _children() as children, engine.begin() as holder:
+        holder.exec_driver_sql("INSERT INTO turns (who) VALUES ('holder')")
+        worker = spawn.Process(
+            target=_write_once,
+            args=(url, "worker"),
+            kwargs={"priority": False, "threads": 1, **bounds},
+        )
+        worker.start()
+        children.append(worker)
+        wait_for(lambda: _blocked_on(gate_files) == 1, timeout=60)  # the worker, on the gate
+        api = spawn.Process(
+            target=_write_once,
+            args=(url, "api"),
+            kwargs={"priority": True, "threads": api_writers, **bounds},
+        )
+        api.start()
+        children.append(api)
+        # One API writer waits for the slot the worker holds, the others for their queue.
+        wait_for(lambda: _blocked_on(gate_files) == 1 + api_writers, timeout=60)
+    order = _committed(engine)
     assert order[0] == "holder" and sorted(order[1:]) == ["api"] * api_writers + ["worker"]
     return order[1:]
 
