@@ -30,14 +30,16 @@ CHANGE_COLUMNS = (
     Recipient.client_id,
     Recipient.error_code,
     Recipient.error_text,
+    Recipient.batch_id,
+    Recipient.provider_message_id,
 )
 
 
 class Change(NamedTuple):
     """One recipient's move into a new status, with what the client is told of it.
 
-    A named tuple, not a frozen dataclass: one is made per recipient moved (twice
-    per recipient sent and delivered), and the dataclass's ``__init__`` cost more.
+    A named tuple, not a frozen dataclass: one is made per recipient moved (three
+    times per recipient sent and delivered), straight from a returned row.
     """
 
     recipient_id: str
@@ -46,6 +48,9 @@ class Change(NamedTuple):
     client_id: str | None = None
     error_code: str | None = None
     error_text: str | None = None
+    # Where it belongs and its message id, for the mover (not part of the event).
+    batch_id: str | None = None
+    provider_message_id: str | None = None
 
     @classmethod
     def of(cls, recipient: Recipient) -> Change:
@@ -57,6 +62,8 @@ class Change(NamedTuple):
             recipient.client_id,
             recipient.error_code,
             recipient.error_text,
+            recipient.batch_id,
+            recipient.provider_message_id,
         )
 
 
