@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import math
 import os
 import random
 import re
 import select
-import selectors
 import socket
 import ssl
 import sys
@@ -592,8 +592,10 @@ class Volley:
         self._sender = sender
         self._seconds = seconds
         self._watchdog = watchdog
-        self._selector = selectors.DefaultSelector()
+        # poll(): registering is no system call, and a wait is one (few sockets each).
+        self._poll = select.poll()
         self._flights: dict[Any, _Flight] = {}
+        self._keys: dict[int, Any] = {}  # descriptor -> key
         self._ready: deque[tuple[Any, DeliveryResult]] = deque()
 
     def __len__(self) -> int:
@@ -621,7 +623,9 @@ class Volley:
             self._ready.append((key, flight))
             return
         self._flights[key] = flight
-        self._selector.register(flight.conn.sock, selectors.EVENT_READ, key)
+        fd = flight.conn.sock.fileno()
+        self._keys[fd] = key
+        self._poll.register(fd, select.POLLIN)
 
     def fail(self, key: Any, result: DeliveryResult) -> None:
         """Give ``result`` for ``key`` through ``next`` without a POST (nothing to send)."""
@@ -638,13 +642,14 @@ class Volley:
             key, flight = min(self._flights.items(), key=lambda kv: kv[1].read_by)
             wait = flight.read_by - time.monotonic()
             if wait > 0:
-                events = self._selector.select(wait)
+                # Rounded up: a poll that returns early would only come round again.
+                events = self._poll.poll(math.ceil(wait * 1000))
                 if not events:
                     continue
-                key = events[0][0].data
+                key = self._keys[events[0][0]]
                 flight = self._flights[key]
             del self._flights[key]
-            self._selector.unregister(flight.conn.sock)
+            self._forget(flight)
             _attempt.budget = flight.budget
             try:
                 if wait > 0:
@@ -661,14 +666,19 @@ class Volley:
         flights, self._flights = list(self._flights.values()), {}
         self._ready.clear()
         for flight in flights:
-            self._selector.unregister(flight.conn.sock)
+            self._forget(flight)
             _attempt.budget = flight.budget
             try:
                 flight.conn.close()
             finally:
                 _attempt.budget = None
                 flight.budget.close()
-        self._selector.close()
+
+    def _forget(self, flight: _Flight) -> None:
+        """Stop waiting on ``flight``'s socket (still open)."""
+        fd = flight.conn.sock.fileno()
+        del self._keys[fd]
+        self._poll.unregister(fd)
 
 
 class WebhookSender:
