@@ -596,6 +596,7 @@ class Volley:
         self._poll = select.poll()
         self._flights: dict[Any, _Flight] = {}
         self._keys: dict[int, Any] = {}  # descriptor -> key
+        self._events: list[int] = []  # descriptors found readable, not yet read
         self._ready: deque[tuple[Any, DeliveryResult]] = deque()
 
     def __len__(self) -> int:
@@ -635,31 +636,36 @@ class Volley:
         """The next POST to finish, with its key (one must be in flight)."""
         if self._ready:
             return self._ready.popleft()
+        while self._events:  # sockets found readable by the last wait
+            key = self._keys.get(self._events.pop())
+            if key is not None:
+                return self._finish(key, answered=True)
         if not self._flights:
             raise LookupError("no POST in flight")
         while True:
             # Few in flight: the first to time out is found by looking at each.
             key, flight = min(self._flights.items(), key=lambda kv: kv[1].read_by)
             wait = flight.read_by - time.monotonic()
-            if wait > 0:
-                # Rounded up: a poll that returns early would only come round again.
-                events = self._poll.poll(math.ceil(wait * 1000))
-                if not events:
-                    continue
-                key = self._keys[events[0][0]]
-                flight = self._flights[key]
-            del self._flights[key]
-            self._forget(flight)
-            _attempt.budget = flight.budget
-            try:
-                if wait > 0:
-                    result = self._sender._answer(flight)
-                else:
-                    result = self._sender._timed_out(flight)
-            finally:
-                _attempt.budget = None
-                flight.budget.close()
-            return key, result
+            if wait <= 0:
+                return self._finish(key, answered=False)
+            # Rounded up: a poll that returns early would only come round again.
+            events = self._poll.poll(math.ceil(wait * 1000))
+            if events:
+                self._events = [fd for fd, _ in events]
+                return self._finish(self._keys[self._events.pop()], answered=True)
+
+    def _finish(self, key: Any, *, answered: bool) -> tuple[Any, DeliveryResult]:
+        """Read ``key``'s answer (``answered``: its socket is readable) or time it out."""
+        flight = self._flights.pop(key)
+        self._forget(flight)
+        _attempt.budget = flight.budget
+        try:
+            sender = self._sender
+            result = sender._answer(flight) if answered else sender._timed_out(flight)
+        finally:
+            _attempt.budget = None
+            flight.budget.close()
+        return key, result
 
     def close(self) -> None:
         """Drop the POSTs still in flight (their connections are closed)."""
