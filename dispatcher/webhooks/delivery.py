@@ -38,7 +38,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, Text, any_, bindparam, cast, select, update
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    Text,
+    TypeDecorator,
+    any_,
+    bindparam,
+    cast,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -866,15 +877,27 @@ def _update_ours(session: Session, ids: Sequence[str], attempt: int, **values: A
     return int(session.connection().execute(statement, {"ids": list(ids)}).rowcount)
 
 
-def _among_ids(session: Session) -> ColumnElement[bool]:
-    """``Callback.id`` among the ``ids`` parameter given at execution.
+class _JSONIds(TypeDecorator[Sequence[str]]):
+    """A list of ids bound as one JSON array (text), for SQLite's json_each."""
 
-    No bound value per id is built into the statement (an IN list of values coerces each
-    one, and a new list is a new statement); on PostgreSQL the ids go as one array.
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: Sequence[str] | None, dialect: Any) -> str | None:
+        return None if value is None else json.dumps(list(value))
+
+
+def _among_ids(session: Session) -> ColumnElement[bool]:
+    """``Callback.id`` among the ``ids`` parameter (a list) given at execution.
+
+    The ids go as one bound value: an array on PostgreSQL, a JSON array that json_each
+    unpacks on SQLite (still a primary key lookup per id). An IN list renders a bound
+    value per id on every execution: a fifth of a claim's CPU on 500 ids.
     """
     if session.get_bind().dialect.name == "postgresql":
         return Callback.id == any_(bindparam("ids", type_=ARRAY(String())))
-    return Callback.id.in_(bindparam("ids", expanding=True))
+    listed = func.json_each(bindparam("ids", type_=_JSONIds())).table_valued("value")
+    return Callback.id.in_(select(listed.c.value))
 
 
 def _endpoint(*, session: Session, account_id: str, url: str) -> Endpoint:
