@@ -95,8 +95,11 @@ IN_FLIGHT = 4
 # Endpoints whose pace a process remembers.
 _MAX_PACES = 4096
 # Callbacks claimed (and recorded) together: small enough that a round to a healthy
-# endpoint ends well within callback_task_wait, large enough to save transactions.
-ROUND = 500
+# endpoint ends well within callback_task_wait (1,000 POSTs in flight a few at a time
+# take well under a second of CPU), large enough that a status change's group (up to
+# 1,000 callbacks, a send chunk) is one round: one claim and one record transaction,
+# each a wait at SQLite's write lock behind the send worker's transactions.
+ROUND = 1000
 # Past its wait, a task still waits for lanes that finish a POST at least this often.
 STALL = 0.5
 # Late lanes' outcomes that no task has recorded with its own are recorded after this.
