@@ -646,13 +646,15 @@ class Volley:
             # Few in flight: the first to time out is found by looking at each.
             key, flight = min(self._flights.items(), key=lambda kv: kv[1].read_by)
             wait = flight.read_by - time.monotonic()
-            if wait <= 0:
-                return self._finish(key, answered=False)
+            # Looked at even when the first is past its time: starting a POST (a connect,
+            # a TLS handshake) can have held the thread while answers came in.
             # Rounded up: a poll that returns early would only come round again.
-            events = self._poll.poll(math.ceil(wait * 1000))
+            events = self._poll.poll(max(0, math.ceil(wait * 1000)))
             if events:
                 self._events = [fd for fd, _ in events]
                 return self._finish(self._keys[self._events.pop()], answered=True)
+            if wait <= 0:
+                return self._finish(key, answered=False)
 
     def _finish(self, key: Any, *, answered: bool) -> tuple[Any, DeliveryResult]:
         """Read ``key``'s answer (``answered``: its socket is readable) or time it out."""

@@ -20,6 +20,7 @@ import requests
 
 from dispatcher.webhooks import deliver, sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay, parse_retry_after
+from tests.helpers import wait_for
 
 HUGE_SIZE = 1024 * 1024
 LOCAL = ("127.0.0.1",)
@@ -1066,3 +1067,29 @@ def test_a_volley_reuses_kept_alive_connections(
     # Two in flight at once: two connections, each used three times.
     assert (srv.connections, srv.posts) == (2, 6)
     assert dialled == [("127.0.0.1", port)] * 2
+
+
+def test_an_answer_that_came_while_a_volley_was_starting_a_post_is_read(
+    keep_alive: Callable[..., KeepAliveServer],
+) -> None:
+    """Starting a POST can hold the thread past another's read timeout (here a DNS
+    answer that takes longer than it): the answer that came meanwhile still counts."""
+    srv = keep_alive()
+    port = srv.server_address[1]
+    read_timeout = 0.3
+
+    def resolve(host: str) -> list[str]:
+        # The first POST is answered meanwhile; this answer comes after its read timeout.
+        wait_for(lambda: srv.posts == 1 and time.monotonic() > started + 2 * read_timeout)
+        return ["127.0.0.1"]
+
+    with (
+        WebhookSender(allow=LOCAL, read_timeout=read_timeout, resolve=resolve) as s,
+        s.volley() as volley,
+    ):
+        started = time.monotonic()
+        volley.start("fast", url=f"http://127.0.0.1:{port}/a", body=b"{}", headers={})
+        volley.start("slow-dns", url=f"http://slow.test:{port}/b", body=b"{}", headers={})
+        results = drain(volley)
+    assert results["fast"].status == 204
+    assert results["slow-dns"].status == 204
