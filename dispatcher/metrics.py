@@ -360,16 +360,20 @@ def backlog_for(runtime: Runtime) -> BacklogCollector:
 # --- scrape-time gauges --------------------------------------------------------------
 
 
-def queue_depths(client: redis.Redis, queues: Sequence[str] = QUEUES) -> dict[str, int]:
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists kombu keeps a Celery queue in (one per priority level)."""
+    return [queue, *(f"{queue}{_PRIORITY_SEP}{step}" for step in _PRIORITY_STEPS)]
+
+
+def queue_depths(client: redis.Redis) -> dict[str, int]:
     """Messages waiting in each Celery queue (kombu's Redis lists, all priority levels)."""
     pipe = client.pipeline(transaction=False)
-    for queue in queues:
-        pipe.llen(queue)
-        for step in _PRIORITY_STEPS:
-            pipe.llen(f"{queue}{_PRIORITY_SEP}{step}")
+    for queue in QUEUES:
+        for key in queue_lists(queue):
+            pipe.llen(key)
     lengths = pipe.execute()
-    per = 1 + len(_PRIORITY_STEPS)
-    return {q: sum(lengths[i * per : (i + 1) * per]) for i, q in enumerate(queues)}
+    per = len(queue_lists(QUEUES[0]))
+    return {q: sum(lengths[i * per : (i + 1) * per]) for i, q in enumerate(QUEUES)}
 
 
 class BacklogCollector(Collector):

@@ -45,10 +45,10 @@ __all__ = ["CallbackBackpressure"]
 BULK = 100
 # How often a waiting send worker looks at the queue again.
 POLL = 0.05
-# How long a process trusts what it last saw of the callback workers' heartbeats.
-ALIVE_FOR = 5.0
 
-_QUEUE = QueueName.CALLBACKS.value
+_LISTS = metrics.queue_lists(QueueName.CALLBACKS.value)
+# Exists while a callback worker has beaten within worker_seen_within (dispatcher.health).
+_ALIVE = health.consumed_key(QueueName.CALLBACKS.value)
 
 
 class CallbackBackpressure:
@@ -66,8 +66,6 @@ class CallbackBackpressure:
         self.limit = limit
         self._monotonic = monotonic
         self._sleep = sleep
-        self._alive = False
-        self._alive_until = 0.0
 
     def applies_to(self, recipient_count: int) -> bool:
         """Whether a batch of ``recipient_count`` recipients waits for callbacks at all."""
@@ -98,13 +96,10 @@ class CallbackBackpressure:
         return behind
 
     def _behind(self) -> bool:
-        waiting = metrics.queue_depths(self.client, [_QUEUE])[_QUEUE]
-        return waiting >= self.limit and self._consumed()
-
-    def _consumed(self) -> bool:
-        """Whether a callback worker is alive (its heartbeat), looked up every ALIVE_FOR s."""
-        now = self._monotonic()
-        if now >= self._alive_until:
-            self._alive = health.workers_seen(client=self.client, queues=[_QUEUE])[_QUEUE] > 0
-            self._alive_until = now + ALIVE_FOR
-        return self._alive
+        """At least ``limit`` deliver tasks waiting, and a callback worker alive to take them."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in _LISTS:
+                pipe.llen(key)
+            pipe.exists(_ALIVE)
+            *lengths, alive = pipe.execute()
+        return sum(lengths) >= self.limit and bool(alive)

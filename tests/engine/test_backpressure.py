@@ -8,7 +8,7 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from dispatcher import health
+from dispatcher import health, metrics
 from dispatcher.batches.models import Recipient
 from dispatcher.config import Settings
 from dispatcher.db import transaction
@@ -40,12 +40,18 @@ class Clock:
         self.on_sleep(len(self.slept))
 
 
+def _clear(c: redis.Redis) -> None:
+    c.delete(*metrics.queue_lists(QUEUE), health.consumed_key(QUEUE))
+    for key in c.scan_iter(match=f"{health.PREFIX}{QUEUE}:*"):
+        c.delete(key)
+
+
 @pytest.fixture()
 def client(redis_url: str) -> Iterator[redis.Redis]:
     c = redis.Redis.from_url(redis_url)
-    c.delete(QUEUE, *c.keys(f"{QUEUE}\x06\x16*"), *c.keys(f"{health.PREFIX}{QUEUE}:*"))
+    _clear(c)
     yield c
-    c.delete(QUEUE, *c.keys(f"{QUEUE}\x06\x16*"), *c.keys(f"{health.PREFIX}{QUEUE}:*"))
+    _clear(c)
     c.close()
 
 
@@ -100,6 +106,11 @@ class TestWait:
         waiting(client, 50)
         assert pressure(client, clock).wait(1.5) is False
         assert clock.slept == []
+        # A worker that stopped cleanly: its own key is gone, the queue's expires with it.
+        consumer(client)
+        health.forget(client=client, queues=[QUEUE], hostname="callbacks@test")
+        assert 0 < int(client.ttl(health.consumed_key(QUEUE))) <= 30
+        assert health.workers_seen(client=client, queues=[QUEUE]) == {QUEUE: 0}
 
     def test_off_never_looks(self, client: redis.Redis) -> None:
         clock = Clock()
