@@ -117,6 +117,7 @@ def throughput(system: System, out: Out) -> None:
     overrides: dict[str, Any] = {}
     if args.callbacks:
         overrides["callback_allowlist"] = ("127.0.0.1",)
+        overrides["callback_backpressure"] = args.callback_backpressure
     overrides.update(smpp.overrides(system))
     system.configure(**overrides)
     if args.callbacks:
@@ -411,6 +412,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=Settings.callback_concurrency,
         help="--callbacks: processes of the callback worker (default: as `dispatcher run`)",
+    )
+    p.add_argument(
+        "--callback-backpressure",
+        type=int,
+        default=Settings.callback_backpressure,
+        help="--callbacks: DISPATCHER_CALLBACK_BACKPRESSURE (deliver tasks waiting before bulk"
+        " sending waits; 0: off, sending flat out as before 2026-11-30 08:00 UTC)",
     )
     p.add_argument(
         "--py-spy",

@@ -239,6 +239,10 @@ class Settings:
     # in the background (their outcomes are recorded later); lanes that keep
     # answering are waited for a little longer (delivery.py, _Collector.close).
     callback_task_wait: float = 2.0
+    # Backpressure: while at least this many deliver tasks wait for a callback worker,
+    # unthrottled sending waits for callbacks to catch up, up to send_time_slice per
+    # task (0: never). Only while a callback worker is alive (its heartbeat).
+    callback_backpressure: int = 2
 
     # Retention: a purge runs every retention_interval seconds; it deletes finished
     # batches older than retention_days with their recipients, attempts, events and
@@ -350,6 +354,7 @@ class Settings:
             )
         rates = {
             "min_send_at_lead": self.min_send_at_lead,
+            "callback_backpressure": self.callback_backpressure,
             "default_account_rate": self.default_account_rate,
             "retention_days": self.retention_days,
             "rbm_ttl": self.rbm_ttl,

@@ -28,7 +28,14 @@ def beat(*, client: redis.Redis, queues: Iterable[str], hostname: str, ttl: floa
     with client.pipeline(transaction=False) as pipe:
         for queue in queues:
             pipe.set(f"{PREFIX}{queue}:{hostname}", int(time.time()), ex=seconds)
+            # Any worker's beat: whether a queue is consumed at all, in one lookup.
+            pipe.set(consumed_key(queue), int(time.time()), ex=seconds)
         pipe.execute()
+
+
+def consumed_key(queue: str) -> str:
+    """The key that exists while some worker has beaten for ``queue`` within its ttl."""
+    return f"{PREFIX}{queue}"
 
 
 def forget(*, client: redis.Redis, queues: Iterable[str], hostname: str) -> None:

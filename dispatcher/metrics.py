@@ -102,6 +102,10 @@ RATE_LIMIT_WAIT = Histogram(
     "Time a send worker waited for rate-limit tokens.",
     buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
 )
+SEND_BACKPRESSURE = Counter(
+    "dispatcher_send_backpressure_seconds",
+    "Time send workers waited for the callbacks queue to drain (callback_backpressure).",
+)
 CALLBACKS = Counter(
     "dispatcher_callbacks",
     "Callback delivery attempts by outcome (delivered, retry, dead, held, skipped...).",
@@ -213,6 +217,11 @@ def hand_over(provider: Provider, messages: Sequence[OutboundMessage]) -> list[S
 def rate_limit_waited(seconds: float) -> None:
     """Observe one wait for rate-limit tokens (zero included: it shows how often we wait)."""
     RATE_LIMIT_WAIT.observe(max(0.0, seconds))
+
+
+def send_backpressure(seconds: float) -> None:
+    """Count time a send worker waited for the callbacks queue to drain."""
+    SEND_BACKPRESSURE.inc(max(0.0, seconds))
 
 
 def callbacks_delivered(counts: Mapping[str, int]) -> None:
@@ -351,15 +360,19 @@ def backlog_for(runtime: Runtime) -> BacklogCollector:
 # --- scrape-time gauges --------------------------------------------------------------
 
 
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists kombu keeps a Celery queue in (one per priority level)."""
+    return [queue, *(f"{queue}{_PRIORITY_SEP}{step}" for step in _PRIORITY_STEPS)]
+
+
 def queue_depths(client: redis.Redis) -> dict[str, int]:
     """Messages waiting in each Celery queue (kombu's Redis lists, all priority levels)."""
     pipe = client.pipeline(transaction=False)
     for queue in QUEUES:
-        pipe.llen(queue)
-        for step in _PRIORITY_STEPS:
-            pipe.llen(f"{queue}{_PRIORITY_SEP}{step}")
+        for key in queue_lists(queue):
+            pipe.llen(key)
     lengths = pipe.execute()
-    per = 1 + len(_PRIORITY_STEPS)
+    per = len(queue_lists(QUEUES[0]))
     return {q: sum(lengths[i * per : (i + 1) * per]) for i, q in enumerate(QUEUES)}
 
 

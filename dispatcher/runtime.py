@@ -16,6 +16,7 @@ from dispatcher import outbox
 from dispatcher.channels.base import Provider
 from dispatcher.config import Settings
 from dispatcher.db import make_engine, make_session_factory
+from dispatcher.engine.backpressure import CallbackBackpressure
 from dispatcher.ratelimit import RateLimiter
 from dispatcher.webhooks.deliver import WebhookSender
 
@@ -48,6 +49,11 @@ class Runtime:
     def limiter(self) -> RateLimiter:
         """The global rate limiter shared by every worker."""
         return RateLimiter(self.redis, max_wait=self.settings.rate_max_wait)
+
+    @cached_property
+    def backpressure(self) -> CallbackBackpressure:
+        """The callbacks queue as this process's send tasks see it (see engine/backpressure.py)."""
+        return CallbackBackpressure(self.redis, limit=self.settings.callback_backpressure)
 
     @cached_property
     def providers(self) -> dict[str, Provider]:

@@ -123,6 +123,7 @@ def _send(rt: Runtime, *, batch_id: str, **which: Any) -> dict[str, Any]:
         providers=rt.providers,
         limiter=rt.limiter,
         batch_id=batch_id,
+        backpressure=rt.backpressure,
         **which,
     ).as_dict()
 

@@ -36,6 +36,7 @@ from dispatcher.channels.base import (
 from dispatcher.config import Settings
 from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.engine import recording
+from dispatcher.engine.backpressure import CallbackBackpressure
 from dispatcher.engine.scheduling import complete_if_done, expire_recipients
 from dispatcher.outbox import TaskName
 from dispatcher.ratelimit import Grant, Limit, RateLimiter
@@ -96,6 +97,7 @@ def send_recipients(
     batch_id: str,
     seq_range: tuple[int, int] | None = None,
     recipient_ids: Sequence[str] | None = None,
+    backpressure: CallbackBackpressure | None = None,
     clock: Callable[[], datetime] = utcnow,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> SendReport:
@@ -108,7 +110,9 @@ def send_recipients(
     A rate-limited call never holds its process for long: work whose turn is
     further off than ``rate_max_wait`` is deferred (see :func:`_defer`), and after
     ``send_time_slice`` of waiting for tokens the rest goes back to the queue, so
-    accounts with a backlog take turns in the send pool.
+    accounts with a backlog take turns in the send pool. Unthrottled work waits
+    while callbacks are behind, for at most the same slice, then goes to the tail
+    of the queue (``backpressure``, see engine/backpressure.py).
     """
     report = SendReport()
     with read_transaction(factory) as session:
@@ -144,6 +148,19 @@ def send_recipients(
                 only = list(recipient_ids) if recipient_ids is not None else None
                 expire_recipients(session=session, batch=batch, now=now, ids=only)
                 complete_if_done(session=session, batch_id=batch.id, now=now)
+            return report
+        if (
+            not limited
+            and backpressure is not None
+            and backpressure.applies_to(batch.recipient_count)
+            and backpressure.wait(max(0.0, slice_ends - monotonic()))
+        ):
+            # Callbacks still behind after a time slice: the work goes to the tail of the
+            # queue, as a throttled task's rest does (its rows as they are), and the
+            # process moves on.
+            with transaction(factory) as session:
+                outbox.defer(session, work.again(list(work.ids or ()), eta=None))
+            report.deferred_for = 0.0
             return report
         next_group = select(Recipient.id).where(*work.due(now)).order_by(Recipient.seq).limit(limit)
         if limiter is not None and limited:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import math
 import os
 import random
 import re
@@ -36,7 +37,7 @@ import ssl
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from requests.utils import requote_uri
 
 from dispatcher import netsafety
 
-__all__ = ["DeliveryResult", "WebhookSender", "next_delay", "parse_retry_after"]
+__all__ = ["DeliveryResult", "Volley", "WebhookSender", "next_delay", "parse_retry_after"]
 
 # Upper bound for a receiver-supplied Retry-After, so a hostile or buggy value
 # cannot park a message forever (next_delay caps it further to the schedule).
@@ -565,6 +566,129 @@ def _out_of_time(budget: _Budget) -> DeliveryResult:
     return DeliveryResult(False, None, error, None, "")
 
 
+@dataclass(slots=True)
+class _Flight:
+    """A POST whose request is written and whose answer is not read yet."""
+
+    budget: _Budget
+    conn: _PinnedHTTPConnection
+    pool: _Pool
+    read_by: float  # monotonic: no answer begun by then is a read timeout
+
+
+class Volley:
+    """POSTs with several in flight at once, driven by one thread.
+
+    Each POST is an ordinary attempt (its own SSRF check, pinned kept-alive connection,
+    TLS, total budget and response cap): connecting and writing the request are done
+    at once, then the thread waits on every written POST's socket together and reads
+    each answer as it arrives. ``start`` a POST, take answers with ``next`` in the
+    order they come; a POST whose answer has not begun within the read timeout fails
+    as "ReadTimeout", as it does alone. Close (or leave the ``with``) to drop what is
+    still in flight: those connections are closed, never reused.
+    """
+
+    def __init__(self, sender: WebhookSender, seconds: float, watchdog: _Watchdog) -> None:
+        self._sender = sender
+        self._seconds = seconds
+        self._watchdog = watchdog
+        # poll(): registering is no system call, and a wait is one (few sockets each).
+        self._poll = select.poll()
+        self._flights: dict[Any, _Flight] = {}
+        self._keys: dict[int, Any] = {}  # descriptor -> key
+        self._events: list[int] = []  # descriptors found readable, not yet read
+        self._ready: deque[tuple[Any, DeliveryResult]] = deque()
+
+    def __len__(self) -> int:
+        """POSTs started whose answers ``next`` has not given yet."""
+        return len(self._flights) + len(self._ready)
+
+    def __enter__(self) -> Volley:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def start(self, key: Any, *, url: str, body: bytes, headers: Mapping[str, str]) -> None:
+        """Send a POST; ``next`` gives its result with ``key`` (unique among those in flight)."""
+        if key in self._flights:
+            raise ValueError(f"{key!r} is already in flight")
+        budget = _Budget(self._seconds, self._watchdog)
+        _attempt.budget = budget
+        try:
+            flight = self._sender._send(url=url, body=body, headers=headers, budget=budget)
+        finally:
+            _attempt.budget = None
+        if isinstance(flight, DeliveryResult):
+            budget.close()
+            self._ready.append((key, flight))
+            return
+        self._flights[key] = flight
+        fd = flight.conn.sock.fileno()
+        self._keys[fd] = key
+        self._poll.register(fd, select.POLLIN)
+
+    def fail(self, key: Any, result: DeliveryResult) -> None:
+        """Give ``result`` for ``key`` through ``next`` without a POST (nothing to send)."""
+        self._ready.append((key, result))
+
+    def next(self) -> tuple[Any, DeliveryResult]:
+        """The next POST to finish, with its key (one must be in flight)."""
+        if self._ready:
+            return self._ready.popleft()
+        while self._events:  # sockets found readable by the last wait
+            key = self._keys.get(self._events.pop())
+            if key is not None:
+                return self._finish(key, answered=True)
+        if not self._flights:
+            raise LookupError("no POST in flight")
+        while True:
+            # Few in flight: the first to time out is found by looking at each.
+            key, flight = min(self._flights.items(), key=lambda kv: kv[1].read_by)
+            wait = flight.read_by - time.monotonic()
+            # Looked at even when the first is past its time: starting a POST (a connect,
+            # a TLS handshake) can have held the thread while answers came in.
+            # Rounded up: a poll that returns early would only come round again.
+            events = self._poll.poll(max(0, math.ceil(wait * 1000)))
+            if events:
+                self._events = [fd for fd, _ in events]
+                return self._finish(self._keys[self._events.pop()], answered=True)
+            if wait <= 0:
+                return self._finish(key, answered=False)
+
+    def _finish(self, key: Any, *, answered: bool) -> tuple[Any, DeliveryResult]:
+        """Read ``key``'s answer (``answered``: its socket is readable) or time it out."""
+        flight = self._flights.pop(key)
+        self._forget(flight)
+        _attempt.budget = flight.budget
+        try:
+            sender = self._sender
+            result = sender._answer(flight) if answered else sender._timed_out(flight)
+        finally:
+            _attempt.budget = None
+            flight.budget.close()
+        return key, result
+
+    def close(self) -> None:
+        """Drop the POSTs still in flight (their connections are closed)."""
+        flights, self._flights = list(self._flights.values()), {}
+        self._ready.clear()
+        for flight in flights:
+            self._forget(flight)
+            _attempt.budget = flight.budget
+            try:
+                flight.conn.close()
+            finally:
+                _attempt.budget = None
+                flight.budget.close()
+
+    def _forget(self, flight: _Flight) -> None:
+        """Stop waiting on ``flight``'s socket (still open)."""
+        fd = flight.conn.sock.fileno()
+        del self._keys[fd]
+        self._poll.unregister(fd)
+
+
 class WebhookSender:
     """POSTs signed webhook bodies to callback URLs, one attempt per call."""
 
@@ -760,6 +884,16 @@ class WebhookSender:
     def _post(
         self, *, url: str, body: bytes, headers: Mapping[str, str], budget: _Budget
     ) -> DeliveryResult:
+        flight = self._send(url=url, body=body, headers=headers, budget=budget)
+        if isinstance(flight, DeliveryResult):
+            return flight
+        return self._answer(flight)
+
+    def _send(
+        self, *, url: str, body: bytes, headers: Mapping[str, str], budget: _Budget
+    ) -> _Flight | DeliveryResult:
+        """Write one POST on a checked connection; its answer is read by _answer (or the
+        failed result if it could not be sent)."""
         try:
             # Checked on every attempt, and the connection goes to these very addresses.
             route = self._route(url)
@@ -770,7 +904,6 @@ class WebhookSender:
         pool = self._pool(checked)
         conn = pool.take()
         connecting = conn is None
-        response: _Response | None = None
         try:
             if conn is None:
                 conn = _PinnedHTTPConnection(
@@ -788,9 +921,36 @@ class WebhookSender:
             head = self._head(conn=conn, target=route.target, body=body, headers=headers)
             assert conn.sock is not None
             # One write: request line, headers and body (one packet for a small callback).
-            # No redirect is ever followed: a 3xx is reported as a failure below.
+            # No redirect is ever followed: a 3xx is reported as a failure by _answer.
             conn.sock.sendall(head + body)
-            response = _Response(conn.reader)
+        except _NETWORK_ERRORS as exc:
+            return self._failed(exc, conn=conn, response=None, budget=budget, connecting=connecting)
+        return _Flight(budget, conn, pool, time.monotonic() + self._timeout[1])
+
+    def _failed(
+        self,
+        exc: BaseException,
+        *,
+        conn: _PinnedHTTPConnection | None,
+        response: _Response | None,
+        budget: _Budget,
+        connecting: bool,
+    ) -> DeliveryResult:
+        """The result of an attempt that raised: its connection is closed, never reused."""
+        if response is not None:
+            response.close()
+        if conn is not None:
+            conn.close()
+        if budget.expired:
+            return _out_of_time(budget)
+        # A short name only: messages can quote the peer's bytes (a bad status line).
+        return DeliveryResult(False, None, _error_name(exc, connecting=connecting), None, "")
+
+    def _answer(self, flight: _Flight) -> DeliveryResult:
+        """Read the answer to a written POST; its connection goes back to the pool if whole."""
+        budget, conn, pool = flight.budget, flight.conn, flight.pool
+        response = _Response(conn.reader)
+        try:
             response.begin()
             if budget.expired:
                 # http.client takes EOF inside the header block for its end, so
@@ -806,14 +966,7 @@ class WebhookSender:
                 else None
             )
         except _NETWORK_ERRORS as exc:
-            if response is not None:
-                response.close()
-            if conn is not None:
-                conn.close()
-            if budget.expired:
-                return _out_of_time(budget)
-            # A short name only: messages can quote the peer's bytes (a bad status line).
-            return DeliveryResult(False, None, _error_name(exc, connecting=connecting), None, "")
+            return self._failed(exc, conn=conn, response=response, budget=budget, connecting=False)
         if response.isclosed() and not response.will_close and not budget.expired:
             if conn.watcher is not None:
                 budget.forget(conn.watcher)  # another attempt's budget watches it next
@@ -827,6 +980,16 @@ class WebhookSender:
         # No Location or body here: error must not carry the peer's bytes.
         redirect = ": redirect not followed" if 300 <= status < 400 else ""
         return DeliveryResult(False, status, f"HTTP {status}{redirect}", retry_after, excerpt)
+
+    def _timed_out(self, flight: _Flight) -> DeliveryResult:
+        """The result of a written POST whose answer did not start within the read timeout."""
+        return self._failed(
+            TimeoutError(), conn=flight.conn, response=None, budget=flight.budget, connecting=False
+        )
+
+    def volley(self) -> Volley:
+        """A way to keep several POSTs in flight from one thread (see :class:`Volley`)."""
+        return Volley(self, self._total_timeout, self._watchdog)
 
     def _read_excerpt(self, response: http.client.HTTPResponse) -> str:
         """Read at most max_response_bytes of the body and decode it leniently."""

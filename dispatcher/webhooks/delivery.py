@@ -1,14 +1,15 @@
 """Delivering callbacks: claim a group, POST it over per-endpoint lanes, record the outcomes.
 
 A ``deliver_callbacks`` task claims all its due callbacks in one transaction, POSTs
-them on lanes (sender threads, each going through one endpoint's callbacks over a
-kept-alive connection) and records what came back in one transaction. Every state
+them on lanes (a sender thread per endpoint, keeping one POST in flight per gate slot
+over kept-alive connections, see :class:`~dispatcher.webhooks.deliver.Volley`) and
+records what came back in one transaction. Every state
 change is a conditional update, so a redelivered or duplicated task never POSTs a
 callback twice at the same time.
 
 Isolation (one endpoint cannot stall the others):
 
-* an endpoint gets lanes from :class:`~dispatcher.webhooks.limits.EndpointGate`
+* an endpoint gets slots (POSTs in flight) from :class:`~dispatcher.webhooks.limits.EndpointGate`
   (a Redis semaphore and circuit breaker shared by every worker); callbacks it cannot
   take now, at its limit or while its breaker is open, are deferred durably through
   ``next_attempt_at``, never kept waiting in a worker;
@@ -37,7 +38,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, Text, any_, bindparam, cast, select, update
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    Text,
+    TypeDecorator,
+    any_,
+    bindparam,
+    cast,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,7 +60,7 @@ from dispatcher.config import Settings
 from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.states import CallbackState
 from dispatcher.webhooks import sign, sinch_sign
-from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay
+from dispatcher.webhooks.deliver import DeliveryResult, Volley, WebhookSender, next_delay
 from dispatcher.webhooks.limits import EndpointGate, Grant, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint, body_text
 from dispatcher.webhooks.scheduling import by_id, chunks, count, publish, sources
@@ -69,17 +81,25 @@ OUTCOMES = (
     "not_due",
     "stale",
 )
-# Lanes one task opens per endpoint, at most (the endpoint's limit caps them all).
+# POSTs one task keeps in flight per endpoint, at most (the endpoint's limit caps them
+# all); each is a gate slot and a kept-alive connection, all driven by one thread.
 LANES_PER_TASK = 8
-# An endpoint gets as many lanes as finish its share of a round in about this long, at
-# the pace its last POSTs took: a fast receiver gets one or two (every further thread
-# costs GIL hand-offs, not time saved), a slow or unknown one up to LANES_PER_TASK.
+# An endpoint gets as many slots as finish its share of a round in about this long, at
+# the time its last POSTs took each, and at least IN_FLIGHT: a fast receiver's answers
+# then arrive while the thread signs and writes the next POSTs (one at a time, each
+# would be a full round trip through a busy machine), and four tasks at IN_FLIGHT
+# slots still fit the default endpoint limit (16). A slow or unknown endpoint gets up
+# to LANES_PER_TASK.
 ROUND_TIME = 1.0
+IN_FLIGHT = 4
 # Endpoints whose pace a process remembers.
 _MAX_PACES = 4096
 # Callbacks claimed (and recorded) together: small enough that a round to a healthy
-# endpoint ends well within callback_task_wait, large enough to save transactions.
-ROUND = 500
+# endpoint ends well within callback_task_wait (1,000 POSTs in flight a few at a time
+# take well under a second of CPU), large enough that a status change's group (up to
+# 1,000 callbacks, a send chunk) is one round: one claim and one record transaction,
+# each a wait at SQLite's write lock behind the send worker's transactions.
+ROUND = 1000
 # Past its wait, a task still waits for lanes that finish a POST at least this often.
 STALL = 0.5
 # Late lanes' outcomes that no task has recorded with its own are recorded after this.
@@ -173,10 +193,11 @@ class _Done:
 
 @dataclass
 class _Lane:
-    """Callbacks to one endpoint, POSTed one after another under one gate slot."""
+    """Callbacks to one endpoint in a round, POSTed in order by one thread with one POST
+    in flight per gate slot held."""
 
     key: str
-    token: str
+    tokens: tuple[str, ...]
     probe: bool
     counting: bool  # the breaker has failures on record: report the next answer
     items: list[_Claimed]
@@ -283,22 +304,22 @@ class _LateOutcomes:
 
 
 class _Pace:
-    """Seconds per POST that each endpoint's recent lanes took (in this process)."""
+    """Seconds each POST to an endpoint recently took, start to answer (in this process)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seconds: OrderedDict[str, float] = OrderedDict()
 
     def lanes(self, key: str, items: int) -> int:
-        """How many lanes ``items`` callbacks to endpoint ``key`` should get."""
+        """How many slots (POSTs in flight) ``items`` callbacks to endpoint ``key`` should get."""
         most = min(LANES_PER_TASK, items)
         seconds = self._seconds.get(key)
         if seconds is None:
             return most  # not measured yet: as many as allowed
-        return max(1, min(most, math.ceil(items * seconds / ROUND_TIME)))
+        return min(most, max(IN_FLIGHT, math.ceil(items * seconds / ROUND_TIME)))
 
     def note(self, key: str, *, seconds: float, posts: int) -> None:
-        """A lane to ``key`` made ``posts`` POSTs in ``seconds``."""
+        """``posts`` POSTs to ``key`` took ``seconds`` in all, each from start to answer."""
         if posts < 1:
             return
         pace = seconds / posts
@@ -602,9 +623,8 @@ def _lanes(*, plan: _Plan, claimed: dict[str, Any], gate: EndpointGate) -> list[
         used = min(len(grant.tokens), len(items))
         for token in grant.tokens[used:]:
             gate.release(key, token)
-        for i, token in enumerate(grant.tokens[:used]):
-            # Round robin keeps each lane's share in the order the callbacks came.
-            lanes.append(_Lane(key, token, grant.probe, grant.counting, items[i::used]))
+        if used:
+            lanes.append(_Lane(key, grant.tokens[:used], grant.probe, grant.counting, items))
     return lanes
 
 
@@ -669,7 +689,8 @@ def _run_lane(run: _Run, *, lane: _Lane, collector: _Collector) -> None:
         # passes and the scheduler returns it to pending.
         log.exception("callback lane failed; its unfinished callbacks wait for the lease")
     finally:
-        gate.release(lane.key, lane.token)
+        for token in lane.tokens:
+            gate.release(lane.key, token)
     if collector.hand_in(lane, done):
         return
 
@@ -683,44 +704,59 @@ def _run_lane(run: _Run, *, lane: _Lane, collector: _Collector) -> None:
 def _post_lane(
     *, lane: _Lane, sender: WebhookSender, gate: EndpointGate, moved: Callable[[_Lane], None]
 ) -> list[_Done]:
-    """The lane's attempts; stops at the first unanswered one, when the breaker opens
-    or after LANE_BUDGET, leaving the rest untried."""
-    done: list[_Done] = []
+    """The lane's attempts, in order with up to one POST in flight per slot; starts no
+    more after the first unanswered one, once the breaker opens or after LANE_BUDGET,
+    leaving the rest untried."""
+    results: dict[int, DeliveryResult] = {}
     started = time.monotonic()
-    try:
-        for i, item in enumerate(lane.items):
-            if i and time.monotonic() - started > LANE_BUDGET:
-                break
-            result = _post(sender, item)
-            done.append(_Done(item, result))
-            moved(lane)
-            # The breaker counts attempts that got no answer (refused, timed out, DNS):
-            # those are what hold a worker. An endpoint that answers, even with an
-            # error, costs only its answer time; its retries follow the schedule.
-            answered = result.status is not None
-            if answered and not lane.counting:
-                continue  # nothing to reset: no Redis round trip for a healthy endpoint
-            # Only a half-open lane's first attempt is the probe; once it has closed the
-            # breaker, the rest count as ordinary attempts.
-            open_for = gate.report(lane.key, ok=answered, probe=lane.probe and i == 0)
-            lane.counting = not answered
-            if not answered or open_for > 0:
-                break
-    finally:
-        _pace.note(lane.key, seconds=time.monotonic() - started, posts=len(done))
-    done.extend(_Done(item, None) for item in lane.items[len(done) :])
-    return done
+    sent: dict[int, float] = {}
+    took = 0.0
+    stop = False
+    items = lane.items
+    with sender.volley() as volley:
+        try:
+            while True:
+                while not stop and len(volley) < len(lane.tokens) and len(sent) < len(items):
+                    if sent and time.monotonic() - started > LANE_BUDGET:
+                        stop = True
+                        break
+                    i = len(sent)
+                    sent[i] = time.monotonic()
+                    _start(volley, i, items[i])
+                if not volley:
+                    break
+                i, result = volley.next()
+                took += time.monotonic() - sent[i]
+                results[i] = result
+                moved(lane)
+                # The breaker counts attempts that got no answer (refused, timed out,
+                # DNS): those are what hold a worker. An endpoint that answers, even with
+                # an error, costs only its answer time; its retries follow the schedule.
+                answered = result.status is not None
+                if answered and not lane.counting:
+                    continue  # nothing to reset: no Redis round trip for a healthy endpoint
+                # Only a half-open lane's first attempt is the probe (it has one slot);
+                # once it has closed the breaker, the rest count as ordinary attempts.
+                open_for = gate.report(lane.key, ok=answered, probe=lane.probe and i == 0)
+                lane.counting = not answered
+                if not answered or open_for > 0:
+                    stop = True
+        finally:
+            _pace.note(lane.key, seconds=took, posts=len(results))
+    # Those never started go back untried.
+    return [_Done(item, results.get(i)) for i, item in enumerate(items)]
 
 
-def _post(sender: WebhookSender, item: _Claimed) -> DeliveryResult:
-    """Sign and POST one callback."""
+def _start(volley: Volley, key: int, item: _Claimed) -> None:
+    """Sign one callback and start its POST (or its failure, without a secret)."""
     if not item.secrets:
-        return DeliveryResult(False, None, "account has no webhook secret", None, "")
+        volley.fail(key, DeliveryResult(False, None, "account has no webhook secret", None, ""))
+        return
     now = int(time.time())
     headers = sign.headers(secrets=item.secrets, msg_id=item.id, timestamp=now, body=item.body)
     if item.sinch_secret is not None:
         headers |= sinch_sign.headers(secret=item.sinch_secret, body=item.body, timestamp=now)
-    return sender.post(url=item.url, body=item.body, headers=headers)
+    volley.start(key, url=item.url, body=item.body, headers=headers)
 
 
 # --- record ---------------------------------------------------------------------------
@@ -844,15 +880,27 @@ def _update_ours(session: Session, ids: Sequence[str], attempt: int, **values: A
     return int(session.connection().execute(statement, {"ids": list(ids)}).rowcount)
 
 
-def _among_ids(session: Session) -> ColumnElement[bool]:
-    """``Callback.id`` among the ``ids`` parameter given at execution.
+class _JSONIds(TypeDecorator[Sequence[str]]):
+    """A list of ids bound as one JSON array (text), for SQLite's json_each."""
 
-    No bound value per id is built into the statement (an IN list of values coerces each
-    one, and a new list is a new statement); on PostgreSQL the ids go as one array.
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: Sequence[str] | None, dialect: Any) -> str | None:
+        return None if value is None else json.dumps(list(value))
+
+
+def _among_ids(session: Session) -> ColumnElement[bool]:
+    """``Callback.id`` among the ``ids`` parameter (a list) given at execution.
+
+    The ids go as one bound value: an array on PostgreSQL, a JSON array that json_each
+    unpacks on SQLite (still a primary key lookup per id). An IN list renders a bound
+    value per id on every execution: a fifth of a claim's CPU on 500 ids.
     """
     if session.get_bind().dialect.name == "postgresql":
         return Callback.id == any_(bindparam("ids", type_=ARRAY(String())))
-    return Callback.id.in_(bindparam("ids", expanding=True))
+    listed = func.json_each(bindparam("ids", type_=_JSONIds())).table_valued("value")
+    return Callback.id.in_(select(listed.c.value))
 
 
 def _endpoint(*, session: Session, account_id: str, url: str) -> Endpoint:

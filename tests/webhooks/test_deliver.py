@@ -20,6 +20,7 @@ import requests
 
 from dispatcher.webhooks import deliver, sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay, parse_retry_after
+from tests.helpers import wait_for
 
 HUGE_SIZE = 1024 * 1024
 LOCAL = ("127.0.0.1",)
@@ -683,6 +684,110 @@ def test_quick_answer_unaffected_by_total_timeout(server: TestServer) -> None:
     assert all(r.ok for r in results)
 
 
+# --- several POSTs in flight from one thread (Volley) ----------------------------
+
+
+def drain(volley: deliver.Volley) -> dict[Any, DeliveryResult]:
+    """Every result still to come, by key."""
+    results = {}
+    while volley:
+        key, result = volley.next()
+        results[key] = result
+    return results
+
+
+def test_a_volley_keeps_posts_in_flight_and_answers_each_by_key(
+    server: TestServer, sender: WebhookSender
+) -> None:
+    with sender.volley() as volley:
+        for key, path in enumerate(["/ok", "/fail", "/throttle", "/created"]):
+            volley.start(key, url=url(server, path), body=b'{"n": 1}', headers={"X-N": str(key)})
+        assert len(volley) == 4  # written before any answer was read
+        results = drain(volley)
+    assert [(results[k].ok, results[k].status) for k in range(4)] == [
+        (True, 200),
+        (False, 500),
+        (False, 429),
+        (True, 201),
+    ]
+    assert results[2].retry_after == 7.0
+    with server.state.lock:
+        got = sorted((r.path, r.headers["X-N"], r.body) for r in server.state.requests)
+    assert got == sorted(
+        (p, str(k), b'{"n": 1}') for k, p in enumerate(["/ok", "/fail", "/throttle", "/created"])
+    )
+
+
+def test_a_silent_post_in_a_volley_times_out_alone(server: TestServer) -> None:
+    """A POST whose answer never starts fails as ReadTimeout after the read timeout; the
+    others in flight are answered meanwhile, and a refused URL fails without a request."""
+    with WebhookSender(allow=LOCAL, read_timeout=0.5) as s, s.volley() as volley:
+        started = time.monotonic()
+        volley.start("slow", url=url(server, "/slow"), body=b"{}", headers={})
+        volley.start("ok", url=url(server, "/ok"), body=b"{}", headers={})
+        volley.start("private", url="http://10.0.0.1/hook", body=b"{}", headers={})
+        first = [volley.next()[0] for _ in range(2)]
+        key, result = volley.next()
+        took = time.monotonic() - started
+    assert first == ["private", "ok"]  # no request to make, then the answer that came
+    assert key == "slow" and result.error == "ReadTimeout" and result.status is None
+    assert 0.4 <= took < 2.0
+    assert sorted(paths(server)) == ["/ok", "/slow"]
+
+
+def test_a_closed_volley_drops_what_is_in_flight(server: TestServer) -> None:
+    with WebhookSender(allow=LOCAL, read_timeout=5.0) as s:
+        volley = s.volley()
+        volley.start(1, url=url(server, "/slow"), body=b"{}", headers={})
+        with pytest.raises(ValueError, match="already in flight"):
+            volley.start(1, url=url(server, "/ok"), body=b"{}", headers={})
+        volley.close()
+        assert not volley
+        with pytest.raises(LookupError):
+            volley.next()
+        # The dropped connection is not reused: the next POST gets a fresh answer.
+        assert s.post(url=url(server, "/ok"), body=b"{}", headers={}).ok
+
+
+def test_a_volley_posts_over_tls_with_sni_and_the_certificate_checked(
+    tls_server: TLSServer, tls_files: TLSFiles
+) -> None:
+    port = tls_server.server_address[1]
+    with requests.Session() as session:
+        session.verify = str(tls_files.cert)
+        with (
+            WebhookSender(
+                session=session, allow=("127.0.0.2",), resolve=lambda host: ["127.0.0.2"]
+            ) as s,
+            s.volley() as volley,
+        ):
+            for key in range(3):
+                volley.start(key, url=f"https://{REBIND_HOST}:{port}/ok", body=b"{}", headers={})
+            results = drain(volley)
+    assert all(r.ok and r.status == 200 for r in results.values())
+    assert set(tls_server.sni) == {REBIND_HOST}
+
+
+def test_a_dripping_receiver_in_a_volley_is_cut_off_at_the_total_timeout(
+    drip: Callable[[bytes, bytes], Dripper],
+) -> None:
+    dripper = drip(b"HTTP/1.1 200 OK\r\n", ENDLESS_HEADER)
+    with (
+        WebhookSender(
+            allow=LOCAL, connect_timeout=1.0, read_timeout=1.0, total_timeout=BUDGET
+        ) as s,
+        s.volley() as volley,
+    ):
+        started = time.monotonic()
+        volley.start("drip", url=f"http://127.0.0.1:{dripper.port}/cb", body=b"{}", headers={})
+        assert volley.next() == (
+            "drip",
+            DeliveryResult(False, None, "total timeout: no complete answer within 1.5 s", None, ""),
+        )
+        took = time.monotonic() - started
+    assert BUDGET - 0.1 <= took < BUDGET + 1.0
+
+
 # --- parse_retry_after -------------------------------------------------------
 
 
@@ -945,3 +1050,46 @@ def test_response_heads_are_read_as_http_client_reads_them() -> None:
         DeliveryResult(True, 204, None, None, ""),
     ]
     assert connections == [3, 2]  # a new connection after the close, then kept
+
+
+def test_a_volley_reuses_kept_alive_connections(
+    keep_alive: Callable[..., KeepAliveServer], dialled: list[tuple[str, int]]
+) -> None:
+    srv = keep_alive()
+    port = srv.server_address[1]
+    with WebhookSender(allow=LOCAL) as s, s.volley() as volley:
+        for round_ in range(3):
+            for key in range(2):
+                volley.start(
+                    (round_, key), url=f"http://127.0.0.1:{port}/hook", body=b"{}", headers={}
+                )
+            assert [r.status for r in drain(volley).values()] == [204, 204]
+    # Two in flight at once: two connections, each used three times.
+    assert (srv.connections, srv.posts) == (2, 6)
+    assert dialled == [("127.0.0.1", port)] * 2
+
+
+def test_an_answer_that_came_while_a_volley_was_starting_a_post_is_read(
+    keep_alive: Callable[..., KeepAliveServer],
+) -> None:
+    """Starting a POST can hold the thread past another's read timeout (here a DNS
+    answer that takes longer than it): the answer that came meanwhile still counts."""
+    srv = keep_alive()
+    port = srv.server_address[1]
+    read_timeout = 0.3
+
+    def resolve(host: str) -> list[str]:
+        # The first POST is answered meanwhile; this answer comes after its read timeout.
+        wait_for(lambda: srv.posts == 1 and time.monotonic() > started + 2 * read_timeout)
+        return ["127.0.0.1"]
+
+    with (
+        WebhookSender(allow=LOCAL, read_timeout=read_timeout, resolve=resolve) as s,
+        s.volley() as volley,
+    ):
+        started = time.monotonic()
+        volley.start("fast", url=f"http://127.0.0.1:{port}/a", body=b"{}", headers={})
+        volley.start("slow-dns", url=f"http://slow.test:{port}/b", body=b"{}", headers={})
+        results = drain(volley)
+    assert results["fast"].status == 204
+    assert results["slow-dns"].status == 204
