@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, DateTime, Insert, String, insert, literal, select
+from sqlalchemy import ColumnElement, DateTime, Insert, String, Table, insert, literal, select
 from sqlalchemy.orm import Session
 
 from dispatcher import metrics, outbox
 from dispatcher.batches.models import Batch, Recipient, StatusEvent
-from dispatcher.db import new_id, one_of
+from dispatcher.db import insert_many, new_ids, one_of
 from dispatcher.states import RecipientStatus
 from dispatcher.webhooks.builders import callbacks_for
 from dispatcher.webhooks.models import Callback
+from dispatcher.webhooks.payloads import PendingCallback
 
 # What a bulk UPDATE ... RETURNING must return for a Change (in its fields' order).
 CHANGE_COLUMNS = (
@@ -29,14 +30,16 @@ CHANGE_COLUMNS = (
     Recipient.client_id,
     Recipient.error_code,
     Recipient.error_text,
+    Recipient.batch_id,
+    Recipient.provider_message_id,
 )
 
 
 class Change(NamedTuple):
     """One recipient's move into a new status, with what the client is told of it.
 
-    A named tuple, not a frozen dataclass: one is made per recipient moved (twice
-    per recipient sent and delivered), and the dataclass's ``__init__`` cost more.
+    A named tuple, not a frozen dataclass: one is made per recipient moved (three
+    times per recipient sent and delivered), straight from a returned row.
     """
 
     recipient_id: str
@@ -45,6 +48,9 @@ class Change(NamedTuple):
     client_id: str | None = None
     error_code: str | None = None
     error_text: str | None = None
+    # Where it belongs and its message id, for the mover (not part of the event).
+    batch_id: str | None = None
+    provider_message_id: str | None = None
 
     @classmethod
     def of(cls, recipient: Recipient) -> Change:
@@ -56,6 +62,8 @@ class Change(NamedTuple):
             recipient.client_id,
             recipient.error_code,
             recipient.error_text,
+            recipient.batch_id,
+            recipient.provider_message_id,
         )
 
 
@@ -100,25 +108,8 @@ def record(
     callbacks = callbacks_for(batch=batch, status=status, changes=changes, at=at)
     if not callbacks:
         return []
-    rows = [
-        {
-            "id": new_id(),
-            "account_id": batch.account_id,
-            "batch_id": batch.id,
-            "recipient_id": cb.recipient_id,
-            "event_type": cb.event_type,
-            "url": cb.url,
-            "payload": cb.payload,
-            "state": "pending",
-            "attempts": 0,
-            "next_attempt_at": at,
-            "enqueued_at": at,
-            "created_at": at,
-        }
-        for cb in callbacks
-    ]
-    session.connection().execute(insert(Callback), rows)
-    ids = [str(row["id"]) for row in rows]
+    ids = new_ids(len(callbacks))
+    _insert_callbacks(session, batch, callbacks, ids, at)
     outbox.defer(session, outbox.Message(outbox.TaskName.DELIVER_CALLBACKS, {"callback_ids": ids}))
     return ids
 
@@ -136,3 +127,39 @@ def _copy_events(status: RecipientStatus, at: datetime, moved: ColumnElement[boo
         literal(at, DateTime),
     ).where(moved)
     return insert(StatusEvent).from_select(columns, rows)
+
+
+def _insert_callbacks(
+    session: Session,
+    batch: Batch,
+    callbacks: Sequence[PendingCallback],
+    ids: list[str],
+    at: datetime,
+) -> None:
+    """The callback rows, in one statement over their columns (``db.insert_many``).
+
+    A Core executemany of a dict per row spent more CPU on its parameters than the
+    database on the rows (three callbacks per recipient). The ids are time-ordered
+    (``new_ids``): random ones landed on random pages of the primary key's index.
+    """
+    rows: dict[str, Sequence[Any]] = {
+        "id": ids,
+        "recipient_id": [cb.recipient_id for cb in callbacks],
+        "payload": [cb.payload for cb in callbacks],
+    }
+    same: dict[str, Any] = {
+        "account_id": batch.account_id,
+        "batch_id": batch.id,
+        "state": "pending",
+        "attempts": 0,
+        "next_attempt_at": at,
+        "enqueued_at": at,
+        "created_at": at,
+    }
+    for key in ("event_type", "url"):
+        values = [getattr(cb, key) for cb in callbacks]
+        if values.count(values[0]) == len(values):
+            same[key] = values[0]
+        else:
+            rows[key] = values
+    insert_many(session, cast(Table, Callback.__table__), rows=rows, same=same)

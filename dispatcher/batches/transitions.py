@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from operator import itemgetter
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -39,12 +39,8 @@ from dispatcher.states import BatchStatus, RecipientStatus, batch_guard, guard
 recipients_table = cast(Table, Recipient.__table__)
 
 
-class Moved(NamedTuple):
-    """A recipient that moved, with what its event says (a named tuple: one per row)."""
-
-    batch_id: str
-    provider_message_id: str | None
-    change: events.Change
+# A recipient that moved: its change, made straight from the returned row (one per row).
+Moved = events.Change
 
 
 def transition_recipients(
@@ -93,14 +89,14 @@ def transition_recipients(
         update(Recipient)
         .where(*conditions)
         .values(status=to, updated_at=at, **common)
-        .returning(Recipient.batch_id, Recipient.provider_message_id, *events.CHANGE_COLUMNS),
+        .returning(*events.CHANGE_COLUMNS),
         synchronize,
     )
-    moved = [Moved(row[0], row[1], events.Change(*row[2:])) for row in rows]
+    moved = list(map(Moved._make, rows))
     if record and moved:
-        by_batch: dict[str, list[events.Change]] = defaultdict(list)
+        by_batch: dict[str | None, list[events.Change]] = defaultdict(list)
         for m in moved:
-            by_batch[m.batch_id].append(m.change)
+            by_batch[m.batch_id].append(m)
         for batch_id, changes in by_batch.items():
             owner = batch if batch is not None and batch.id == batch_id else None
             owner = owner or session.get(Batch, batch_id)

@@ -151,10 +151,10 @@ def _fall_back_in(
         session=session,
         batch=batch,
         status=R.QUEUED,
-        changes=[m.change._replace(channel=by_id[m.change.recipient_id].channel) for m in queued],
+        changes=[m._replace(channel=by_id[m.recipient_id].channel) for m in queued],
         at=now,
     )
-    moved = [by_id[m.change.recipient_id] for m in (*failed, *queued)]
+    moved = [by_id[m.recipient_id] for m in (*failed, *queued)]
     if moved:
         session.connection().execute(
             insert(Attempt),
@@ -171,7 +171,7 @@ def _fall_back_in(
                 for row in moved
             ],
         )
-    ids = [m.change.recipient_id for m in queued]
+    ids = [m.recipient_id for m in queued]
     if ids:
         _send_again(session=session, batch=batch, batch_status=batch_status, ids=ids, now=now)
     return {row.provider_message_id for row in moved}

@@ -164,10 +164,10 @@ def apply(*, session: Session, batch: Batch, decisions: Sequence[Decision], now:
         )
         if status is R.SENT:
             for m in moved:
-                provider = each[m.change.recipient_id]["provider"]
+                provider = each[m.recipient_id]["provider"]
                 if provider and m.provider_message_id:
                     sent_by[provider].append(m.provider_message_id)
-            copied = _copy_attempts(session, [m.change.recipient_id for m in moved], now)
+            copied = _copy_attempts(session, [m.recipient_id for m in moved], now)
             tried += [
                 d
                 for d in decisions
@@ -179,7 +179,7 @@ def apply(*, session: Session, batch: Batch, decisions: Sequence[Decision], now:
             session=session,
             batch=batch,
             batch_status=batch_status,
-            ids=[m.change.recipient_id for m in moved],
+            ids=[m.recipient_id for m in moved],
             now=now,
         ):
             again = set()

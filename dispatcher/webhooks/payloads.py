@@ -7,9 +7,8 @@ The native (Messaging Plus) payload is one JSON object per recipient event;
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dispatcher.states import RecipientStatus
 
@@ -18,9 +17,8 @@ if TYPE_CHECKING:
     from dispatcher.batches.models import Batch
 
 
-@dataclass(frozen=True)
-class PendingCallback:
-    """A webhook to write as a callback row."""
+class PendingCallback(NamedTuple):
+    """A webhook to write as a callback row (a named tuple: one is made per recipient moved)."""
 
     url: str
     event_type: str
@@ -37,25 +35,29 @@ def native(
     *, batch: Batch, status: RecipientStatus, changes: Sequence[Change], at: datetime
 ) -> list[PendingCallback]:
     """One ``message.<status>`` event per recipient, to the batch's callback URL."""
-    if not batch.callback_url:
+    url = batch.callback_url
+    if not url:
         return []
+    # What every event of the change shares is read once, not per recipient.
+    event_type, value = f"message.{status.value}", status.value
+    batch_id, sender, client_id, timestamp = batch.id, batch.sender, batch.client_id, iso(at)
     out = []
     for c in changes:
         payload: dict[str, Any] = {
-            "type": f"message.{status.value}",
-            "batchUuid": batch.id,
+            "type": event_type,
+            "batchUuid": batch_id,
             "messageUuid": c.recipient_id,
             "to": c.to,
-            "from": batch.sender,
+            "from": sender,
             "channel": c.channel,
-            "status": status.value,
+            "status": value,
             "error": (
                 {"code": c.error_code, "text": c.error_text}
                 if c.error_code or c.error_text
                 else None
             ),
-            "timestamp": iso(at),
-            "id": c.client_id or batch.client_id,
+            "timestamp": timestamp,
+            "id": c.client_id or client_id,
         }
-        out.append(PendingCallback(batch.callback_url, payload["type"], payload, c.recipient_id))
+        out.append(PendingCallback(url, event_type, payload, c.recipient_id))
     return out

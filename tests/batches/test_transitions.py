@@ -51,7 +51,7 @@ def test_per_row_values_land_on_their_rows_and_only_sending_ones_move(
         moved = transition_recipients(
             session=session, to=R.SENT, at=utcnow(), each=each, current=[R.SENDING], record=False
         )
-    assert sorted(m.change.recipient_id for m in moved) == sorted(ids[1 : len(texts)])
+    assert sorted(m.recipient_id for m in moved) == sorted(ids[1 : len(texts)])
     with sessions() as session:
         rows = {
             r.id: (r.status, r.provider_message_id, r.provider)

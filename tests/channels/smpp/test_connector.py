@@ -11,7 +11,6 @@ import base64
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import replace
 from datetime import datetime
 from typing import cast
 
@@ -94,7 +93,7 @@ def test_binary_flash_and_source_ton_npi_reach_the_smsc_as_asked(
         ("Flash Привет", SmsOptions(flash=True)),
         ("Typed source", SmsOptions(source_ton=2, source_npi=9)),
     ]
-    messages = [replace(message(i, body), sms=opts) for i, (body, opts) in enumerate(asked)]
+    messages = [message(i, body)._replace(sms=opts) for i, (body, opts) in enumerate(asked)]
     config = smpp_config({"local": [port]})
     with (
         running(LocalSmsc(port=port)) as smsc,
