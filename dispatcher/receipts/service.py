@@ -144,6 +144,11 @@ def _apply(
     return matched
 
 
+def _sources(receipt: Receipt) -> tuple[RecipientStatus, ...]:
+    """The statuses a message may take ``receipt`` in (as ``_apply`` moves them)."""
+    return SOURCES.get(RECEIPT_STATUSES[receipt.status], (R.SENT,))
+
+
 def _chains(receipts: Iterable[Receipt]) -> dict[str, list[Receipt]]:
     """Per message id, its receipts in order, each a legal move from the one before.
 
@@ -194,19 +199,26 @@ def accept(
     chains = _chains(r for r in receipts if r.status in RECEIPT_STATUSES)
     applied, matched = _apply_chains(session=session, provider=provider, chains=chains, now=now)
     rest = [r for ref, chain in chains.items() if ref not in matched for r in chain]
-    # A message that carries the id but is not sent is final already: a late receipt.
     rest_refs = [r.provider_message_id for r in rest]
-    final = (
-        set(
-            session.scalars(
-                select(Recipient.provider_message_id).where(
+    now_in = (
+        dict(
+            session.execute(
+                select(Recipient.provider_message_id, Recipient.status).where(
                     one_of(session, Recipient.provider_message_id, rest_refs), _of(provider)
                 )
-            )
+            ).all()
         )
         if rest
-        else set()
+        else {}
     )
+    # A message that carries the id but can take no receipt is final already: a late
+    # receipt. One that can (sent, on PostgreSQL committed after the UPDATEs above took
+    # their snapshot) is kept: the sweep's late match applies it within seconds.
+    final = {
+        ref
+        for ref, chain in chains.items()
+        if ref in now_in and now_in[ref] not in _sources(chain[0])
+    }
     # A rich message that a late failure moved on from: its later word changes nothing.
     final |= fallback.moved_on(
         session=session,

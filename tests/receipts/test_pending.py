@@ -9,7 +9,9 @@ receipt by the deadline becomes ``unknown``, and its batch's reports fire.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -148,6 +150,38 @@ def test_the_sweep_applies_a_stored_receipt_whose_message_was_recorded_meanwhile
     with transaction(sessions) as session:
         swept = receipts.sweep(session=session, settings=settings, now=utcnow())
     assert swept.applied >= 1
+    assert states(sessions, batch_id)[row.to] == R.DELIVERED
+    assert pending(sessions, ref_of(row.id)) == 0
+
+
+def test_a_receipt_whose_outcome_commits_while_it_is_applied_is_kept_not_ignored(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL: the record commits after accept's UPDATE took its snapshot, before its lookup."""
+    if settings.database_url.startswith("sqlite"):
+        pytest.skip("SQLite serialises writers: a record cannot commit inside accept")
+    batch_id, (row,) = claimed_batch(sessions, settings, tenant, count=1)
+    real = receipts._apply_chains
+    recorded: list[bool] = []
+
+    def then_recorded(**kwargs: Any) -> tuple[int, set[str]]:
+        out = real(**kwargs)
+        if not recorded:
+            recorded.append(True)
+            record(sessions, settings, batch_id, [row], Carrier())  # its own transaction
+        return out
+
+    monkeypatch.setattr(receipts, "_apply_chains", then_recorded)
+    got = accept(sessions, "carrier", receipts.Receipt(ref_of(row.id), "delivered"))
+    monkeypatch.undo()
+    assert recorded
+    assert got == receipts.Accepted(applied=0, pending=1, ignored=0)
+    assert states(sessions, batch_id)[row.to] == R.SENT
+    with transaction(sessions) as session:
+        assert receipts.sweep(session=session, settings=settings, now=utcnow()).applied == 1
     assert states(sessions, batch_id)[row.to] == R.DELIVERED
     assert pending(sessions, ref_of(row.id)) == 0
 
