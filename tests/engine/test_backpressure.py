@@ -1,13 +1,20 @@
-"""Backpressure from callbacks on sending, against a real Redis and both databases."""
+"""Backpressure from callbacks on sending, against a real Redis and both databases.
+
+The last test runs the real thing: a Celery worker process, the API, and a
+callbacks queue with deliver tasks that nobody takes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
+from flask.testing import FlaskClient
 from sqlalchemy import select
 
+from api.app import create_app
 from dispatcher import health, metrics
 from dispatcher.batches.models import Recipient
 from dispatcher.config import Settings
@@ -17,8 +24,11 @@ from dispatcher.engine.backpressure import BULK, POLL, CallbackBackpressure
 from dispatcher.outbox import Message, TaskName
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
-from tests.factories import make_account, make_batch
+from tests.conftest import make_settings, wait_for
+from tests.engine import system
+from tests.factories import Tenant, make_account, make_batch
 from tests.helpers import RecordingPublisher
+from workers.celery_app import create_celery
 
 QUEUE = "callbacks"
 
@@ -29,7 +39,7 @@ class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
         self.slept: list[float] = []
-        self.on_sleep: Callable[[int], None] = lambda n: None
+        self.on_sleep: Callable[[int], object] = lambda n: None
 
     def monotonic(self) -> float:
         return self.now
@@ -222,3 +232,52 @@ class TestSending:
         assert report.claimed == recipients
         assert clock.slept == []
         assert statuses(runtime, batch_id) == {"sent"}
+
+
+@pytest.mark.system
+def test_a_real_send_worker_holds_bulk_while_callbacks_queue_up(
+    sqlite_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    settings = make_settings(database_url=sqlite_url, redis_url=redis_url, var=tmp_path)
+    # Leftovers of an earlier module (ETA tasks of other settings) must not leak in.
+    redis.Redis.from_url(redis_url).flushdb()
+    live: Runtime = create_celery(settings).runtime
+    api = create_app(settings, runtime=live).test_client()
+    tenant = Tenant(live.sessions, name="bulk")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # Callbacks are behind: a live callback worker (its heartbeat), two deliver tasks
+        # waiting for it (this test runs none, so they stay).
+        health.beat(client=client, queues=[QUEUE], hostname="callbacks@test", ttl=300)
+        waiting(client, 2)
+        with system.worker(settings, tmp_path, name="bp"), system.beat(settings, tmp_path):
+            bulk = post(api, tenant, [f"+4477004{i:05d}" for i in range(BULK)])
+            small = post(api, tenant, ["+447700500001"])
+            # The small batch was queued behind the bulk one and went out: the bulk one
+            # waited its slice, went to the tail of the queue, and waits again.
+            wait_for(lambda: sent(live, small) == 1, timeout=30)
+            assert sent(live, bulk) == 0
+            client.delete(QUEUE)  # the callback worker caught up
+            wait_for(lambda: sent(live, bulk) == BULK, timeout=30)
+    finally:
+        _clear(client)
+        client.close()
+        live.dispose()
+
+
+def post(api: FlaskClient, tenant: Tenant, destinations: list[str]) -> str:
+    body = {"from": "Dispatcher", "message": "hi", "destinations": destinations}
+    reply = api.post("/batch?allowMulti=true", json=body, headers=tenant.auth)
+    assert reply.status_code == 200, reply.get_json()
+    return str(reply.get_json()["identifier"])
+
+
+def sent(live: Runtime, batch_id: str) -> int:
+    with live.sessions() as session:
+        return len(
+            session.scalars(
+                select(Recipient.id).where(
+                    Recipient.batch_id == batch_id, Recipient.sent_at.is_not(None)
+                )
+            ).all()
+        )
