@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from api.app import create_app
@@ -27,7 +26,7 @@ from dispatcher.states import BatchStatus, RecipientStatus
 from tests.conftest import make_settings, wait_for
 from tests.engine import system
 from tests.factories import Tenant, make_account, make_batch
-from tests.helpers import RecordingPublisher
+from tests.helpers import RecordingPublisher, post_batch
 from workers.celery_app import create_celery
 
 QUEUE = "callbacks"
@@ -251,8 +250,8 @@ def test_a_real_send_worker_holds_bulk_while_callbacks_queue_up(
         health.beat(client=client, queues=[QUEUE], hostname="callbacks@test", ttl=300)
         waiting(client, 2)
         with system.worker(settings, tmp_path, name="bp"), system.beat(settings, tmp_path):
-            bulk = post(api, tenant, [f"+4477004{i:05d}" for i in range(BULK)])
-            small = post(api, tenant, ["+447700500001"])
+            bulk = post_batch(api, tenant.key, [f"+4477004{i:05d}" for i in range(BULK)])
+            small = post_batch(api, tenant.key, ["+447700500001"])
             # The small batch was queued behind the bulk one and went out: the bulk one
             # waited its slice, went to the tail of the queue, and waits again.
             wait_for(lambda: sent(live, small) == 1, timeout=30)
@@ -263,13 +262,6 @@ def test_a_real_send_worker_holds_bulk_while_callbacks_queue_up(
         _clear(client)
         client.close()
         live.dispose()
-
-
-def post(api: FlaskClient, tenant: Tenant, destinations: list[str]) -> str:
-    body = {"from": "Dispatcher", "message": "hi", "destinations": destinations}
-    reply = api.post("/batch?allowMulti=true", json=body, headers=tenant.auth)
-    assert reply.status_code == 200, reply.get_json()
-    return str(reply.get_json()["identifier"])
 
 
 def sent(live: Runtime, batch_id: str) -> int:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,6 +31,7 @@ from dispatcher.states import RecipientStatus
 from tests.conftest import RecordingPublisher, make_settings, wait_for
 from tests.engine import system
 from tests.factories import Tenant, make_account, make_batch
+from tests.helpers import post_batch
 from workers.celery_app import create_celery
 
 R = RecipientStatus
@@ -202,15 +202,6 @@ A_RATE = 5.0
 A_COUNT = 2000
 
 
-def post(api: FlaskClient, key: str, destinations: list[str], **extra: object) -> str:
-    body = {"from": "Dispatcher", "message": "hi", "destinations": destinations, **extra}
-    reply = api.post(
-        "/batch?allowMulti=true", json=body, headers={"Authorization": f"Bearer {key}"}
-    )
-    assert reply.status_code == 200, reply.get_json()
-    return str(reply.get_json()["identifier"])
-
-
 def sent_times(sessions: sessionmaker[Session], batch_id: str) -> list[datetime]:
     with sessions() as session:
         return list(
@@ -245,14 +236,15 @@ def test_a_throttled_backlog_does_not_hold_the_send_pool(
             system.beat(settings, tmp_path),
         ):
             a_posted = utcnow()
-            a_batch = post(api, a.key, [f"+4477003{i:05d}" for i in range(A_COUNT)])
+            a_batch = post_batch(api, a.key, [f"+4477003{i:05d}" for i in range(A_COUNT)])
             # A's backlog is being worked on: every send process could now be taken by it.
             wait_for(lambda: len(sent_times(live.sessions, a_batch)) >= 10, timeout=30)
             lags = []
             started = utcnow()
             for i in range(3):
                 send_at = utcnow() + timedelta(seconds=1)
-                b_batch = post(api, b.key, [f"+44770020{i:04d}"], send_at=send_at.isoformat() + "Z")
+                when = send_at.isoformat() + "Z"
+                b_batch = post_batch(api, b.key, [f"+44770020{i:04d}"], send_at=when)
                 times = wait_for(partial(sent_times, live.sessions, b_batch), timeout=20)
                 lags.append((times[0] - send_at).total_seconds())
             a_all = sent_times(live.sessions, a_batch)

@@ -11,10 +11,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dispatcher import outbox
 from dispatcher.config import Settings
+
+if TYPE_CHECKING:
+    from flask.testing import FlaskClient
 
 # Simulator rules the tests rely on (see dispatcher/channels/simulator.py).
 SIMULATOR_RULES = {
@@ -81,3 +84,13 @@ class RecordingPublisher:
 
     def publish(self, messages: list[outbox.Message | outbox.Revoke]) -> None:
         self.messages.extend(messages)
+
+
+def post_batch(api: FlaskClient, key: str, destinations: list[str], **extra: object) -> str:
+    """``POST /batch`` (Messaging Plus) with the API key ``key``; returns the batch id."""
+    body = {"from": "Dispatcher", "message": "hi", "destinations": destinations, **extra}
+    reply = api.post(
+        "/batch?allowMulti=true", json=body, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert reply.status_code == 200, reply.get_json()
+    return str(reply.get_json()["identifier"])
