@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.accounts import service as accounts
@@ -103,3 +103,29 @@ def make_batch(
         )
         session.flush()
     return batch
+
+
+def sending_batch(
+    session: Session,
+    *,
+    settings: Settings,
+    name: str,
+    recipients: int,
+    recipient_status: RecipientStatus,
+    **fields: Any,
+) -> tuple[str, list[str]]:
+    """A sending batch of a new account ``name``, its recipients in ``recipient_status``:
+    (batch id, recipient ids in ``seq`` order)."""
+    batch = make_batch(
+        session,
+        settings=settings,
+        account=make_account(session, name=name),
+        status=BatchStatus.SENDING,
+        recipients=recipients,
+        recipient_status=recipient_status,
+        **fields,
+    )
+    ids = session.scalars(
+        select(Recipient.id).where(Recipient.batch_id == batch.id).order_by(Recipient.seq)
+    )
+    return batch.id, list(ids)

@@ -13,10 +13,10 @@ from dispatcher.batches.models import Batch, Recipient
 from dispatcher.batches.transitions import transition_recipients
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
-from dispatcher.states import BatchStatus, RecipientStatus
+from dispatcher.states import RecipientStatus
 from dispatcher.webhooks.models import Callback
 from dispatcher.webhooks.payloads import PendingCallback, native
-from tests.factories import make_account, make_batch
+from tests.factories import sending_batch
 
 R = RecipientStatus
 
@@ -25,22 +25,14 @@ TEXTS = ["plain-1", 'quo"te\\back', "new\nline \u2028 \\u0041", "emoji \U0001f60
 
 
 def _sending_batch(session: Session, settings: Settings, size: int) -> tuple[str, list[str]]:
-    account = make_account(session, name="events")
-    batch = make_batch(
+    return sending_batch(
         session,
         settings=settings,
-        account=account,
-        status=BatchStatus.SENDING,
+        name="events",
         recipients=size,
         recipient_status=R.SENDING,
         callback_url="https://hooks.example.com/status",
     )
-    ids = list(
-        session.scalars(
-            select(Recipient.id).where(Recipient.batch_id == batch.id).order_by(Recipient.seq)
-        )
-    )
-    return batch.id, ids
 
 
 def test_each_recipient_moved_gets_its_own_callback_row(

@@ -11,8 +11,8 @@ from dispatcher.batches.models import Recipient
 from dispatcher.batches.transitions import transition_recipients
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
-from dispatcher.states import BatchStatus, RecipientStatus
-from tests.factories import make_account, make_batch
+from dispatcher.states import RecipientStatus
+from tests.factories import sending_batch
 
 R = RecipientStatus
 
@@ -27,19 +27,12 @@ def test_per_row_values_land_on_their_rows_and_only_sending_ones_move(
     if "\x00" in texts[-1] and not settings.database_url.startswith("sqlite"):
         pytest.skip("PostgreSQL's text holds no NUL")
     with transaction(sessions) as session:
-        account = make_account(session, name="each")
-        batch = make_batch(
+        batch_id, ids = sending_batch(
             session,
             settings=settings,
-            account=account,
-            status=BatchStatus.SENDING,
+            name="each",
             recipients=len(texts) + 1,
             recipient_status=R.SENDING,
-        )
-        ids = list(
-            session.scalars(
-                select(Recipient.id).where(Recipient.batch_id == batch.id).order_by(Recipient.seq)
-            )
         )
         # One named row was cancelled meanwhile: it must not move or take its value.
         session.execute(update(Recipient).where(Recipient.id == ids[0]).values(status=R.CANCELLED))
@@ -55,7 +48,7 @@ def test_per_row_values_land_on_their_rows_and_only_sending_ones_move(
     with sessions() as session:
         rows = {
             r.id: (r.status, r.provider_message_id, r.provider)
-            for r in session.scalars(select(Recipient).where(Recipient.batch_id == batch.id))
+            for r in session.scalars(select(Recipient).where(Recipient.batch_id == batch_id))
         }
     assert rows[ids[0]] == (R.CANCELLED, None, None)
     for rid, text in zip(ids[1 : len(texts)], texts[1:], strict=True):

@@ -14,9 +14,9 @@ from dispatcher.batches.models import Recipient, StatusEvent
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.receipts.service import Receipt, accept
-from dispatcher.states import BatchStatus, RecipientStatus
+from dispatcher.states import RecipientStatus
 from dispatcher.webhooks.models import Callback
-from tests.factories import make_account, make_batch
+from tests.factories import sending_batch
 
 R = RecipientStatus
 
@@ -26,27 +26,20 @@ def _batch_with_sent(
 ) -> tuple[str, list[str]]:
     """A sending batch whose recipients the carrier accepted: ``sent``, with provider ids."""
     with transaction(sessions) as session:
-        account = make_account(session, name="receipts")
-        batch = make_batch(
+        batch_id, ids = sending_batch(
             session,
             settings=settings,
-            account=account,
-            status=BatchStatus.SENDING,
+            name="receipts",
             recipients=count,
             recipient_status=R.SENT,
             callback_url="https://receiver.example/dlr" if callback else None,
         )
         session.execute(
             update(Recipient)
-            .where(Recipient.batch_id == batch.id)
+            .where(Recipient.batch_id == batch_id)
             .values(provider_message_id="pm-" + Recipient.id, sent_at=utcnow())
         )
-        ids = list(
-            session.scalars(
-                select(Recipient.id).where(Recipient.batch_id == batch.id).order_by(Recipient.seq)
-            )
-        )
-        return batch.id, ids
+        return batch_id, ids
 
 
 def _apply(sessions: sessionmaker[Session], *receipts: Receipt) -> int:

@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -537,16 +538,21 @@ def tls_server(tls_files: TLSFiles) -> Iterator[TLSServer]:
         thread.join(timeout=5)
 
 
+@contextmanager
+def trusting(tls_files: TLSFiles, resolve: Callable[[str], list[str]]) -> Iterator[WebhookSender]:
+    """A sender that trusts the test certificate and may reach 127.0.0.2 (the TLS server)."""
+    with requests.Session() as session:
+        session.verify = str(tls_files.cert)
+        with WebhookSender(session=session, allow=("127.0.0.2",), resolve=resolve) as s:
+            yield s
+
+
 def test_https_pinned_with_sni_and_certificate_for_the_hostname(
     tls_server: TLSServer, tls_files: TLSFiles, dialled: list[tuple[str, int]]
 ) -> None:
     port = tls_server.server_address[1]
-    with requests.Session() as session:
-        session.verify = str(tls_files.cert)
-        with WebhookSender(
-            session=session, allow=("127.0.0.2",), resolve=Resolver(first=["127.0.0.2"])
-        ) as s:
-            result = s.post(url=f"https://{REBIND_HOST}:{port}/ok", body=b"{}", headers={})
+    with trusting(tls_files, Resolver(first=["127.0.0.2"])) as s:
+        result = s.post(url=f"https://{REBIND_HOST}:{port}/ok", body=b"{}", headers={})
     assert result.ok and result.status == 200
     assert dialled == [("127.0.0.2", port)]
     assert tls_server.sni == [REBIND_HOST]  # SNI is the name, not the pinned IP
@@ -558,12 +564,8 @@ def test_https_certificate_still_checked_against_the_hostname(
 ) -> None:
     """Pinning must not weaken verification: a name the certificate doesn't cover fails."""
     port = tls_server.server_address[1]
-    with requests.Session() as session:
-        session.verify = str(tls_files.cert)
-        with WebhookSender(
-            session=session, allow=("127.0.0.2",), resolve=Resolver(first=["127.0.0.2"])
-        ) as s:
-            result = s.post(url=f"https://other.test:{port}/ok", body=b"{}", headers={})
+    with trusting(tls_files, Resolver(first=["127.0.0.2"])) as s:
+        result = s.post(url=f"https://other.test:{port}/ok", body=b"{}", headers={})
     assert (result.ok, result.status, result.error) == (False, None, "SSLError")
     assert tls_server.sni == ["other.test"]
     assert paths(tls_server) == []
@@ -753,17 +755,10 @@ def test_a_volley_posts_over_tls_with_sni_and_the_certificate_checked(
     tls_server: TLSServer, tls_files: TLSFiles
 ) -> None:
     port = tls_server.server_address[1]
-    with requests.Session() as session:
-        session.verify = str(tls_files.cert)
-        with (
-            WebhookSender(
-                session=session, allow=("127.0.0.2",), resolve=lambda host: ["127.0.0.2"]
-            ) as s,
-            s.volley() as volley,
-        ):
-            for key in range(3):
-                volley.start(key, url=f"https://{REBIND_HOST}:{port}/ok", body=b"{}", headers={})
-            results = drain(volley)
+    with trusting(tls_files, lambda host: ["127.0.0.2"]) as s, s.volley() as volley:
+        for key in range(3):
+            volley.start(key, url=f"https://{REBIND_HOST}:{port}/ok", body=b"{}", headers={})
+        results = drain(volley)
     assert all(r.ok and r.status == 200 for r in results.values())
     assert set(tls_server.sni) == {REBIND_HOST}
 
