@@ -392,9 +392,14 @@ def test_receipts_reach_the_workers_through_redis_intact_in_order_and_are_put_ba
     ]
     second = [Receipt("0000000003", "expired", done_at=done)]
     # The connector's production sink queues them; receipts are the only thing it sends there.
-    sink = DatabaseSink(sessions=cast(sessionmaker[Session], None), redis_client=smpp_redis)
+    asked: list[float] = []
+    sink = DatabaseSink(
+        sessions=cast(sessionmaker[Session], None), redis_client=smpp_redis, wake=asked.append
+    )
     sink.receipts(first)
     sink.receipts(second)
+    # Each group asks for the receipts task at once (receipts/wake.py), after it is queued.
+    assert len(asked) == 2 and asked[0] <= asked[1] <= time.time()
     provider = SmppProvider(redis_client=smpp_redis, config=smpp_config({"local": [port]}))
     assert provider.due_receipts(limit=1) == first
     # A worker whose transaction failed puts them back ahead of what is still queued.
