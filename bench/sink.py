@@ -5,7 +5,8 @@
 Cheap on purpose (one asyncio loop, no HTTP framework, keep-alive connections), so that
 a benchmark measures the callback worker, not its receiver. ``GET /stats`` answers JSON:
 ``received`` (POSTs answered), ``first`` and ``last`` (their arrival times, epoch
-seconds) and ``per_second`` (arrivals per whole epoch second).
+seconds), ``per_second`` (arrivals per whole epoch second) and ``by_type`` (for each
+event type, e.g. ``message.delivered``: how many, first and last arrival).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections import Counter
 
 _NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
 _MAX_HEAD = 65536
+# The native payload's event type, as the callback worker writes it (compact JSON).
+_TYPE = b'"type":"'
 
 
 class Stats:
@@ -29,14 +32,18 @@ class Stats:
         self.first = 0.0
         self.last = 0.0
         self.per_second: Counter[int] = Counter()
+        self.by_type: dict[str, dict[str, float]] = {}
 
-    def arrived(self) -> None:
+    def arrived(self, body: bytes) -> None:
         now = time.time()
         if not self.received:
             self.first = now
         self.received += 1
         self.last = now
         self.per_second[int(now)] += 1
+        kind = self.by_type.setdefault(_event_type(body), {"received": 0, "first": now})
+        kind["received"] += 1
+        kind["last"] = now
 
     def as_json(self) -> bytes:
         return json.dumps(
@@ -45,8 +52,18 @@ class Stats:
                 "first": self.first,
                 "last": self.last,
                 "per_second": {str(k): v for k, v in sorted(self.per_second.items())},
+                "by_type": self.by_type,
             }
         ).encode()
+
+
+def _event_type(body: bytes) -> str:
+    """The payload's ``type`` (a byte search, not a JSON parse); "other" without one."""
+    start = body.find(_TYPE)
+    if start < 0:
+        return "other"
+    start += len(_TYPE)
+    return body[start : body.find(b'"', start)].decode("ascii", "replace")
 
 
 class Connection(asyncio.Protocol):
@@ -77,10 +94,11 @@ class Connection(asyncio.Protocol):
                     length = int(value.strip() or 0)
             if len(self.buf) < end + 4 + length:
                 return  # the body is still coming
+            body = bytes(self.buf[end + 4 : end + 4 + length])
             del self.buf[: end + 4 + length]
-            self._answer(head.split(" ", 2))
+            self._answer(head.split(" ", 2), body)
 
-    def _answer(self, request_line: list[str]) -> None:
+    def _answer(self, request_line: list[str], body: bytes) -> None:
         assert self.transport is not None
         if request_line[0] == "GET" and len(request_line) > 1 and request_line[1] == "/stats":
             body = self.stats.as_json()
@@ -90,7 +108,7 @@ class Connection(asyncio.Protocol):
                 + body
             )
             return
-        self.stats.arrived()
+        self.stats.arrived(body)
         self.transport.write(_NO_CONTENT)
 
     def _close(self) -> None:

@@ -220,7 +220,14 @@ def throughput(system: System, out: Out) -> None:
             foreign_cpu_pct=resources["foreign_cpu_pct"],
         )
     if system.sink is not None and whole_run is not None:
-        callback_figures(system, out, whole_run, e2e_rate=e2e_rate, last_sent=sent_times[-1])
+        callback_figures(
+            system,
+            out,
+            whole_run,
+            e2e_rate=e2e_rate,
+            last_sent=sent_times[-1],
+            first_intake_ts=intake.started_wall,
+        )
     counts = table_counts(system)
     size = system.database_bytes()
     out.emit("table_rows", **counts)
@@ -239,7 +246,13 @@ def throughput(system: System, out: Out) -> None:
 
 
 def callback_figures(
-    system: System, out: Out, sampler: ProcSampler, *, e2e_rate: float, last_sent: Any
+    system: System,
+    out: Out,
+    sampler: ProcSampler,
+    *,
+    e2e_rate: float,
+    last_sent: Any,
+    first_intake_ts: float,
 ) -> None:
     """Wait for every callback, then print how fast they drained against sending.
 
@@ -266,6 +279,8 @@ def callback_figures(
     stats = system.sink.stats()
     got = int(stats["received"])
     window = max(stats["last"] - stats["first"], 1e-9)
+    last_sent_ts = last_sent.replace(tzinfo=dt.UTC).timestamp()
+    by_type = stats.get("by_type", {})
     drain = min(got, want) / window
     cpu = sampler.cpu_by_role()
     out.emit(
@@ -274,13 +289,16 @@ def callback_figures(
         received=got,
         expected_at_least=want,
         window_s=round(window, 3),
-        tail_s=round(stats["last"] - last_sent.replace(tzinfo=dt.UTC).timestamp(), 3),
+        tail_s=round(stats["last"] - last_sent_ts, 3),
+        tail_by_type_s={k: round(v["last"] - last_sent_ts, 3) for k, v in by_type.items()},
+        head_s=round(stats["first"] - first_intake_ts, 3),
         callback_cpu_ms_per_callback=round(1000 * cpu.get("callbacks", 0.0) / max(got, 1), 3),
         sink_cpu_ms_per_callback=round(1000 * cpu.get("sink", 0.0) / max(got, 1), 3),
         cpu_s_by_role=cpu,
         receipt_delay=args.receipt_delay,
         what="callbacks received by the sink / (last arrival - first arrival); tail_s: last"
-        " arrival - last sent_at",
+        " arrival - last sent_at (tail_by_type_s: per event type); head_s: first arrival -"
+        " first intake",
     )
     out.emit(
         "callbacks_vs_sending",
