@@ -301,6 +301,12 @@ def callback_figures(
         " first intake",
     )
     out.emit(
+        "callback_lag_s",
+        **system.sink.lag(),
+        what="per callback: arrival at the sink - its status change (the payload's timestamp);"
+        " all, then per event type",
+    )
+    out.emit(
         "callbacks_vs_sending",
         value=round(drain / (per_recipient * e2e_rate), 3),
         callbacks_per_s=round(drain, 1),
