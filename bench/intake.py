@@ -164,6 +164,12 @@ class CallbackSink:
         reply.raise_for_status()
         return dict(reply.json())
 
+    def lag(self) -> dict[str, Any]:
+        """Percentiles of arrival - status change (the payload's timestamp), per event type."""
+        reply = requests.get(self.base + "/lag", timeout=30)
+        reply.raise_for_status()
+        return dict(reply.json())
+
     @property
     def received(self) -> int:
         """Callback POSTs the sink has answered."""

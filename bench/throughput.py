@@ -145,6 +145,9 @@ def throughput(system: System, out: Out) -> None:
 
     sampler = ProcSampler(system.sampled)
     sampler.start()
+    # Until every recipient is final: the receipts' work counted too (see final_figures).
+    lifecycle = ProcSampler(system.sampled)
+    lifecycle.start()
     # The callbacks' own CPU is measured until the last one has arrived.
     whole_run = ProcSampler(system.sampled) if system.sink is not None else None
     if whole_run is not None:
@@ -219,8 +222,16 @@ def throughput(system: System, out: Out) -> None:
             cpu_ms=resources["worker_cpu_ms_per_recipient"],
             foreign_cpu_pct=resources["foreign_cpu_pct"],
         )
+    final_figures(system, out, lifecycle, recipients=intake.accepted)
     if system.sink is not None and whole_run is not None:
-        callback_figures(system, out, whole_run, e2e_rate=e2e_rate, last_sent=sent_times[-1])
+        callback_figures(
+            system,
+            out,
+            whole_run,
+            e2e_rate=e2e_rate,
+            last_sent=sent_times[-1],
+            first_intake_ts=intake.started_wall,
+        )
     counts = table_counts(system)
     size = system.database_bytes()
     out.emit("table_rows", **counts)
@@ -238,8 +249,48 @@ def throughput(system: System, out: Out) -> None:
     )
 
 
+def final_figures(system: System, out: Out, sampler: ProcSampler, *, recipients: int) -> None:
+    """Wait until every recipient is final, then print the workers' CPU over that window.
+
+    ``resources`` stops at the last hand-off, so the receipts still due then are not in
+    its worker CPU, and how many are depends on how soon receipts are applied. This
+    window ends with the last receipt applied: every recipient's whole path is in it.
+    """
+    args = system.args
+    if args.receipt_delay >= args.timeout:
+        return  # no receipts come in this run: nothing becomes final but by the deadline
+    deadline = time.monotonic() + min(args.timeout, args.receipt_delay + 60)
+    open_states = "('scheduled', 'queued', 'sending', 'sent')"
+    while True:
+        left = int(
+            system.query(f"SELECT count(*) FROM recipients WHERE status IN {open_states}")[0][0]
+        )
+        if not left or time.monotonic() > deadline:
+            break
+        system.check_alive()
+        time.sleep(0.2)
+    sampler.finish()
+    figures = sampler.result(recipients)
+    out.emit(
+        "worker_cpu_to_final",
+        value=figures["worker_cpu_ms_per_recipient"],
+        not_final=left,
+        wall_s=figures["wall_s"],
+        cpu_s_by_role=figures["cpu_s_by_role"],
+        foreign_cpu_pct=figures["foreign_cpu_pct"],
+        what="worker CPU ms per recipient from the first intake until every recipient is"
+        " final (receipts applied), not only sent as in resources",
+    )
+
+
 def callback_figures(
-    system: System, out: Out, sampler: ProcSampler, *, e2e_rate: float, last_sent: Any
+    system: System,
+    out: Out,
+    sampler: ProcSampler,
+    *,
+    e2e_rate: float,
+    last_sent: Any,
+    first_intake_ts: float,
 ) -> None:
     """Wait for every callback, then print how fast they drained against sending.
 
@@ -266,6 +317,8 @@ def callback_figures(
     stats = system.sink.stats()
     got = int(stats["received"])
     window = max(stats["last"] - stats["first"], 1e-9)
+    last_sent_ts = last_sent.replace(tzinfo=dt.UTC).timestamp()
+    by_type = stats.get("by_type", {})
     drain = min(got, want) / window
     cpu = sampler.cpu_by_role()
     out.emit(
@@ -274,13 +327,22 @@ def callback_figures(
         received=got,
         expected_at_least=want,
         window_s=round(window, 3),
-        tail_s=round(stats["last"] - last_sent.replace(tzinfo=dt.UTC).timestamp(), 3),
+        tail_s=round(stats["last"] - last_sent_ts, 3),
+        tail_by_type_s={k: round(v["last"] - last_sent_ts, 3) for k, v in by_type.items()},
+        head_s=round(stats["first"] - first_intake_ts, 3),
         callback_cpu_ms_per_callback=round(1000 * cpu.get("callbacks", 0.0) / max(got, 1), 3),
         sink_cpu_ms_per_callback=round(1000 * cpu.get("sink", 0.0) / max(got, 1), 3),
         cpu_s_by_role=cpu,
         receipt_delay=args.receipt_delay,
         what="callbacks received by the sink / (last arrival - first arrival); tail_s: last"
-        " arrival - last sent_at",
+        " arrival - last sent_at (tail_by_type_s: per event type); head_s: first arrival -"
+        " first intake",
+    )
+    out.emit(
+        "callback_lag_s",
+        **system.sink.lag(),
+        what="per callback: arrival at the sink - its status change (the payload's timestamp);"
+        " all, then per event type",
     )
     out.emit(
         "callbacks_vs_sending",

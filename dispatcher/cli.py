@@ -346,7 +346,9 @@ def smpp_connector(settings: Settings, carriers: tuple[str, ...]) -> None:
     connector = Connector(
         config=config,
         redis_url=settings.redis_url,
-        sink=DatabaseSink(sessions=runtime.sessions, redis_client=runtime.redis),
+        sink=DatabaseSink(
+            sessions=runtime.sessions, redis_client=runtime.redis, wake=runtime.receipt_waker.at
+        ),
         limiter=runtime.limiter,
         carriers=list(carriers) or None,
     )

@@ -70,11 +70,16 @@ def queue_for(task: str) -> QueueName:
 
 @dataclass(frozen=True)
 class Message:
-    """A task to publish: its name, JSON-safe kwargs, an optional ETA."""
+    """A task to publish: its name, JSON-safe kwargs, an optional ETA and expiry.
+
+    ``expires``: seconds after publishing when a worker drops it unrun (for tasks that
+    only hurry work a periodic task also does).
+    """
 
     task: TaskName
     kwargs: dict[str, Any] = field(default_factory=dict)
     eta: datetime | None = None
+    expires: float | None = None
 
     def __post_init__(self) -> None:
         # A misspelt name fails where the message is made, not in a worker later.

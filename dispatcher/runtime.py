@@ -18,6 +18,7 @@ from dispatcher.config import Settings
 from dispatcher.db import make_engine, make_session_factory
 from dispatcher.engine.backpressure import CallbackBackpressure
 from dispatcher.ratelimit import RateLimiter
+from dispatcher.receipts.wake import ReceiptWaker
 from dispatcher.webhooks.deliver import WebhookSender
 
 
@@ -56,6 +57,11 @@ class Runtime:
         return CallbackBackpressure(self.redis, limit=self.settings.callback_backpressure)
 
     @cached_property
+    def receipt_waker(self) -> ReceiptWaker:
+        """Asks for the receipts task when held receipts are due (see receipts/wake.py)."""
+        return ReceiptWaker(self.redis, self.publisher)
+
+    @cached_property
     def providers(self) -> dict[str, Provider]:
         """The provider delivering each configured channel (one instance per provider name)."""
         from dispatcher.channels import registry
@@ -65,7 +71,12 @@ class Runtime:
         for channel in self.settings.channels:
             name = self.settings.channel_providers.get(channel, self.settings.provider)
             if name not in built:
-                built[name] = registry.build(name, settings=self.settings, redis_client=self.redis)
+                built[name] = registry.build(
+                    name,
+                    settings=self.settings,
+                    redis_client=self.redis,
+                    wake=self.receipt_waker.at,
+                )
             out[channel] = built[name]
         return out
 

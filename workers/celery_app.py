@@ -34,6 +34,7 @@ class CeleryPublisher:
                     m.task.value,
                     kwargs=m.kwargs,
                     eta=m.eta.replace(tzinfo=UTC) if m.eta else None,
+                    expires=m.expires,
                     queue=outbox.queue_for(m.task).value,
                     task_id=outbox.task_id_for(m),
                     producer=producer,

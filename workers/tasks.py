@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -158,29 +160,42 @@ def expire_due(self: DispatcherTask, session: Session) -> int:
     return scheduling.expire_due(session=session, now=utcnow())
 
 
+# A run takes what is due claim after claim (each one transaction, at most a provider's
+# claim limit) for this long: a burst larger than one claim is not left for the next run.
+RECEIPTS_BUDGET = 2.0
+
+
 @task(TaskName.SIMULATOR_RECEIPTS)
 def simulator_receipts(self: DispatcherTask) -> dict[str, int]:
     """Apply the receipts providers hold in Redis: the simulator's due ones, the SMPP
     connector's (it reads them; applying them here keeps the database out of its loop)."""
     rt = self.runtime
-    done: dict[str, int] = {}
+    done: Counter[str] = Counter()
     for provider in {p.name: p for p in rt.providers.values()}.values():
-        due = provider.due_receipts() if hasattr(provider, "due_receipts") else None
-        if not due:
+        if not hasattr(provider, "due_receipts"):
             continue
-        try:
-            with transaction(rt.sessions) as session:
-                counts = receipts.accept(
-                    session=session, provider=provider.name, receipts=due, now=utcnow()
-                ).as_dict()
-        except Exception:
-            if hasattr(provider, "requeue_receipts"):
-                provider.requeue_receipts(due)
-            raise
-        if hasattr(provider, "receipts_applied"):
-            provider.receipts_applied()  # committed: the provider's claim on them can go
-        done = {k: done.get(k, 0) + counts.get(k, 0) for k in {*done, *counts}}
-    return done
+        until = time.monotonic() + RECEIPTS_BUDGET
+        while due := provider.due_receipts():
+            done.update(_apply_receipts(rt, provider, due))
+            if time.monotonic() > until:
+                break
+    return dict(done)
+
+
+def _apply_receipts(rt: Runtime, provider: Any, due: list[Any]) -> dict[str, int]:
+    """Apply one claim of ``provider``'s receipts in one transaction; give them back if it fails."""
+    try:
+        with transaction(rt.sessions) as session:
+            counts = receipts.accept(
+                session=session, provider=provider.name, receipts=due, now=utcnow()
+            ).as_dict()
+    except Exception:
+        if hasattr(provider, "requeue_receipts"):
+            provider.requeue_receipts(due)
+        raise
+    if hasattr(provider, "receipts_applied"):
+        provider.receipts_applied()  # committed: the provider's claim on them can go
+    return counts
 
 
 @transactional(TaskName.SWEEP_RECEIPTS)

@@ -1,11 +1,14 @@
 """Providers by name: what Settings can select per channel (and a route table by name).
 
-``build(name, settings=, redis_client=)`` makes one provider from the settings;
-the runtime builds each name once and maps channels to them.
+``build(name, settings=, redis_client=, wake=)`` makes one provider from the settings;
+the runtime builds each name once and maps channels to them. ``wake`` asks for the
+receipts task at a time (``dispatcher/receipts/wake.py``), for a provider that holds
+receipts until they are due.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -31,12 +34,18 @@ def _vendor(settings: Settings, api_url: str) -> dict[str, Any]:
     return {"api_url": api_url, "session": session, "timeout": timeout}
 
 
-def build(name: str, *, settings: Settings, redis_client: Any) -> Provider:
+def build(
+    name: str,
+    *,
+    settings: Settings,
+    redis_client: Any,
+    wake: Callable[[float], None] | None = None,
+) -> Provider:
     """The provider called ``name``, configured from ``settings``."""
     if name == "simulator":
         from dispatcher.channels.simulator import Simulator
 
-        return Simulator(redis_client=redis_client, rules=settings.simulator)
+        return Simulator(redis_client=redis_client, rules=settings.simulator, wake=wake)
     if name == "http":
         from dispatcher.channels.http import HttpProvider
 

@@ -146,6 +146,7 @@ class Simulator(Provider):
         rules: dict[str, Any],
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
+        wake: Callable[[float], None] | None = None,
     ) -> None:
         self.redis = redis_client
         self.latency = float(rules.get("latency_ms", 0)) / 1000
@@ -163,6 +164,8 @@ class Simulator(Provider):
         self.fail_rate = {ch: float(v) for ch, v in rules.get("fail_rate", {}).items()}
         self.sleep = sleep
         self.clock = clock
+        # Asks for the receipts task when this group's receipts are due (receipts/wake.py).
+        self.wake = wake
         # Per channel: no rule applies, so every message is accepted (see send_many).
         self._plain: dict[str, bool] = {}
         self._record = redis_client.register_script(RECORD_HANDOFFS)
@@ -225,6 +228,9 @@ class Simulator(Provider):
             due = self.clock() + self.receipt_delay
             args: list[str | float] = [due, *RECEIPT_JSON, json.dumps(entries)]
             self._record(keys=[HANDOFFS, LEDGER, RECEIPTS], args=args)
+            # Only accepted messages (a message id) get a receipt.
+            if self.wake is not None and any(entries[1::3]):
+                self.wake(due)
         return results
 
     def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:

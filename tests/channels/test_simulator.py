@@ -142,3 +142,18 @@ def test_requeued_receipts_are_due_again_at_once_and_keep_their_due_time(
     sim.receipts_applied()
     assert sim.due_receipts() == []
     assert client.zcard(RECEIPT_CLAIMS) == 0
+
+
+def test_a_group_with_receipts_asks_for_the_receipts_task_when_they_are_due(
+    client: redis.Redis,
+) -> None:
+    asked: list[float] = []
+    sim = Simulator(redis_client=client, rules=RULES, clock=lambda: 1_000.0, wake=asked.append)
+    sim.send_many([msg("+447700900001", rid="a"), msg("+447700900002", rid="b")])
+    assert asked == [1_010.0]  # one wake-up for the group, at now + receipt_delay
+    # Nothing accepted, so no receipt is held and nothing is asked for.
+    sim.send_many([msg("+447700800001", rid="c"), msg("+447700900003", "rcs", rid="d")])
+    assert asked == [1_010.0]
+    # A group with one accepted message among refused ones holds its receipt.
+    sim.send_many([msg("+447700800002", rid="e"), msg("+447700900004", rid="f")])
+    assert asked == [1_010.0, 1_010.0]

@@ -7,10 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import delete
 
 from dispatcher import outbox
+from dispatcher.channels.base import OutboundMessage
+from dispatcher.channels.simulator import RECEIPTS, Simulator
 from dispatcher.config import ConfigError, Settings
 from dispatcher.outbox import QueueName, TaskName
+from dispatcher.receipts.models import PendingReceipt
 from dispatcher.runtime import Runtime
 from tests.conftest import RecordingPublisher
 from workers.celery_app import create_celery
@@ -83,3 +87,31 @@ def test_the_database_driver_is_imported_before_the_pool_forks() -> None:
         "assert 'psycopg' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def test_one_receipts_run_applies_more_than_one_claim_of_due_receipts(settings: Settings) -> None:
+    """A burst larger than a claim (2,000) is applied by the run that finds it, claim after
+    claim, not left for the next wake-up or beat's run a second later."""
+    app = create_celery(settings.replace(simulator={"receipt_delay": 0}))
+    app.loader.import_default_modules()
+    runtime: Runtime = app.runtime
+    runtime.redis.delete(RECEIPTS)
+    carrier = Simulator(redis_client=runtime.redis, rules={"receipt_delay": 0})
+    carrier.send_many(
+        [
+            OutboundMessage(
+                recipient_id=f"burst-{i}", channel="sms", to="+447700900001", sender="S", body="b"
+            )
+            for i in range(2_100)
+        ]
+    )
+    counts = app.tasks[TaskName.SIMULATOR_RECEIPTS.value].apply().get()
+    # Nothing matches a recipient here: every receipt is kept until its outcome is recorded.
+    assert sum(counts.values()) == 2_100, counts
+    assert carrier.due_receipts() == []
+    # The database is shared with other tests: leave no receipt for their sweeps.
+    with runtime.sessions.begin() as session:
+        session.execute(
+            delete(PendingReceipt).where(PendingReceipt.provider_message_id.like("sim-burst-%"))
+        )
+    runtime.dispose()

@@ -3,7 +3,8 @@ inbound messages into the database."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import redis
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,9 +17,17 @@ from dispatcher.inbound import service as inbound
 
 
 class DatabaseSink:
-    def __init__(self, *, sessions: sessionmaker[Session], redis_client: redis.Redis) -> None:
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        redis_client: redis.Redis,
+        wake: Callable[[float], None] | None = None,
+    ) -> None:
         self.sessions = sessions
         self.redis = redis_client
+        # Asks for the receipts task now (receipts/wake.py) instead of at beat's next run.
+        self.wake = wake
 
     def receipts(self, batch: Sequence[Receipt]) -> None:
         """Queue receipts for the workers' receipts task (``SmppProvider.due_receipts``).
@@ -27,6 +36,8 @@ class DatabaseSink:
         in one transaction per group, as it does the simulator's.
         """
         self.redis.rpush(handoff.RECEIPTS, handoff.receipts_json(list(batch)))
+        if self.wake is not None:
+            self.wake(time.time())
 
     def inbound(self, batch: Sequence[Inbound]) -> None:
         """Store inbound messages and their webhooks, in one transaction."""

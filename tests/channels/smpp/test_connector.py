@@ -7,11 +7,12 @@ worker does.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
 from collections import Counter, defaultdict
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import cast
 
 import pytest
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Receipt, SmsOptions
 from dispatcher.channels.smpp import errors, pdu
+from dispatcher.channels.smpp.connector import FLUSH_EVERY, RECEIPTS_EVERY, Connector, Inbound
 from dispatcher.channels.smpp.handoff import RECEIPT_CLAIMS, stats_key
 from dispatcher.channels.smpp.provider import CLAIM_STALE_S, SmppProvider
 from dispatcher.channels.smpp.sink import DatabaseSink
@@ -28,6 +30,7 @@ from dispatcher.sms import parts
 from tests.channels.smpp.conftest import (
     PASSWORD,
     RecordingSink,
+    Sink,
     connector_running,
     live_provider,
     smpp_config,
@@ -392,9 +395,14 @@ def test_receipts_reach_the_workers_through_redis_intact_in_order_and_are_put_ba
     ]
     second = [Receipt("0000000003", "expired", done_at=done)]
     # The connector's production sink queues them; receipts are the only thing it sends there.
-    sink = DatabaseSink(sessions=cast(sessionmaker[Session], None), redis_client=smpp_redis)
+    asked: list[float] = []
+    sink = DatabaseSink(
+        sessions=cast(sessionmaker[Session], None), redis_client=smpp_redis, wake=asked.append
+    )
     sink.receipts(first)
     sink.receipts(second)
+    # Each group asks for the receipts task at once (receipts/wake.py), after it is queued.
+    assert len(asked) == 2 and asked[0] <= asked[1] <= time.time()
     provider = SmppProvider(redis_client=smpp_redis, config=smpp_config({"local": [port]}))
     assert provider.due_receipts(limit=1) == first
     # A worker whose transaction failed puts them back ahead of what is still queued.
@@ -432,3 +440,30 @@ def test_receipts_taken_by_a_killed_worker_come_back_once_its_claim_is_stale(
     now[0] += 2 * CLAIM_STALE_S
     assert other.due_receipts() == []
     assert smpp_redis.zcard(RECEIPT_CLAIMS) == 0
+
+
+def test_receipts_go_to_the_sink_at_every_flush_inbound_messages_once_a_second(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    """Receipts are a Redis push (cheap) and wait at most RECEIPTS_EVERY; inbound messages,
+    a database transaction each group, are stored at most once a second."""
+    record = RecordingSink()
+    connector = Connector(
+        config=smpp_config({"local": [port]}), redis_url=redis_url, sink=Sink(record)
+    )
+    receipt = Receipt("0000000021", "delivered", done_at=None)
+    mo = Inbound("local", "local-0", "+447700900021", "+447700900022", "hi", datetime.now(UTC), 0)
+
+    async def flushes() -> None:
+        # What the binds' readers buffer (no submit in flight, so the receipt is ready).
+        connector._receipts.append((time.monotonic(), receipt))
+        connector._inbound.append(mo)
+        await connector.flush()
+        assert (record.receipts, record.inbound) == ([receipt], [])
+        connector._inbound_flushed -= FLUSH_EVERY
+        await connector.flush()
+        assert (record.receipts, record.inbound) == ([receipt], [mo])
+        await connector.redis.aclose()
+
+    asyncio.run(flushes())
+    assert RECEIPTS_EVERY < FLUSH_EVERY
