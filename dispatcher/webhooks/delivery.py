@@ -496,7 +496,7 @@ def _look(
                     (Callback.next_attempt_at > now).label("early"),
                 ).where(_among_ids(session)),
                 {"ids": group},
-            )
+            ).all()  # one fetchall: iterating the result fetches row by row
             if r.state == S.PENDING
         }
         due = []
@@ -597,7 +597,7 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
             .returning(Callback.id, Callback.attempts, cast(Callback.payload, Text).label("body"))
             .execution_options(synchronize_session=False),
             {"ids": group},
-        )
+        ).all()
     }
     counts["skipped"] += len(plan.wanted) - len(claimed)  # another worker won those claims
     return claimed
