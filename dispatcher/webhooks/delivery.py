@@ -36,7 +36,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
@@ -460,6 +460,25 @@ def _requeue(session: Session, ids: Sequence[str]) -> int:
 # --- claim ----------------------------------------------------------------------------
 
 
+class _Due(NamedTuple):
+    """A callback row as the look-up reads it (a tuple: a SQLAlchemy Row's attributes
+    cost about 0.8 us a read, a named tuple's a twentieth of that)."""
+
+    id: str
+    account_id: str
+    url: str
+    state: str
+    early: bool
+
+
+class _Won(NamedTuple):
+    """A callback row this task claimed: its attempt number and body text."""
+
+    id: str
+    attempts: int
+    body: str
+
+
 @dataclass
 class _Plan:
     """A round decided from a read and the gate, before any write lock is taken."""
@@ -469,7 +488,7 @@ class _Plan:
     held: list[str]  # their endpoint is disabled
     deferred: dict[datetime, list[str]]  # endpoint at its limit or held by the breaker
     grants: dict[str, Grant]  # endpoint key -> the lanes it got
-    by_endpoint: dict[str, list[Any]]  # endpoint key -> due rows, in order
+    by_endpoint: dict[str, list[_Due]]  # endpoint key -> due rows, in order
     wanted: list[str]  # to claim this round
     left: list[str]  # allowed, for the next round
     secrets: dict[str, tuple[str, ...]]
@@ -487,16 +506,21 @@ def _look(
         rows = {
             r.id: r
             for group in chunks(ids, 500)
-            for r in session.connection().execute(
-                select(
-                    Callback.id,
-                    Callback.account_id,
-                    Callback.url,
-                    Callback.state,
-                    (Callback.next_attempt_at > now).label("early"),
-                ).where(_among_ids(session)),
-                {"ids": group},
-            ).all()  # one fetchall: iterating the result fetches row by row
+            for r in map(
+                _Due._make,
+                session.connection()
+                .execute(
+                    select(
+                        Callback.id,
+                        Callback.account_id,
+                        Callback.url,
+                        Callback.state,
+                        (Callback.next_attempt_at > now).label("early"),
+                    ).where(_among_ids(session)),
+                    {"ids": group},
+                )
+                .all(),  # one fetchall: iterating the result fetches row by row
+            )
             if r.state == S.PENDING
         }
         due = []
@@ -585,19 +609,26 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
     claimed = {
         c.id: c
         for group in chunks(plan.wanted, 500)
-        for c in session.connection().execute(
-            update(Callback)
-            .where(
-                _among_ids(session),
-                by_id(Callback.state).in_(sources(S.DELIVERING)),
-                Callback.next_attempt_at <= now,
+        for c in map(
+            _Won._make,
+            session.connection()
+            .execute(
+                update(Callback)
+                .where(
+                    _among_ids(session),
+                    by_id(Callback.state).in_(sources(S.DELIVERING)),
+                    Callback.next_attempt_at <= now,
+                )
+                # next_attempt_at doubles as the claim time while delivering (the lease start).
+                .values(state=S.DELIVERING, attempts=Callback.attempts + 1, next_attempt_at=now)
+                .returning(
+                    Callback.id, Callback.attempts, cast(Callback.payload, Text).label("body")
+                )
+                .execution_options(synchronize_session=False),
+                {"ids": group},
             )
-            # next_attempt_at doubles as the claim time while delivering (the lease start).
-            .values(state=S.DELIVERING, attempts=Callback.attempts + 1, next_attempt_at=now)
-            .returning(Callback.id, Callback.attempts, cast(Callback.payload, Text).label("body"))
-            .execution_options(synchronize_session=False),
-            {"ids": group},
-        ).all()
+            .all(),
+        )
     }
     counts["skipped"] += len(plan.wanted) - len(claimed)  # another worker won those claims
     return claimed
