@@ -128,6 +128,8 @@ class ProcSampler(threading.Thread):
         # (seconds since start, summed RSS of every worker process) per sample.
         self.rss_series: list[tuple[float, int]] = []
         self.cpu: dict[int, tuple[str, float]] = {}
+        # A worker's processes by what they are: "send0 main", "send0 pool" (its children).
+        self.part: dict[int, str] = {}
         self.cpu_start: dict[int, float] = {}
         # Niceness of each child's main process (dispatcher/priority.py), read once.
         self.nice = {getattr(c, "name", c.role): niceness(c.pid) for c in self.children()}
@@ -142,6 +144,7 @@ class ProcSampler(threading.Thread):
     def _sample(self, first: bool = False) -> None:
         live = [c for c in self.children() if c.alive()]
         roles = {c.pid: c.role for c in live}
+        names = {c.pid: getattr(c, "name", c.role) for c in live}
         parents = {c.pid for c in live if getattr(c, "by_parent", False)}
         procs = group_cpu(set(roles) - parents, parents)
         sizes = []
@@ -150,6 +153,7 @@ class ProcSampler(threading.Thread):
             if first:
                 self.cpu_start[pid] = cpu
             self.cpu[pid] = (role, cpu)
+            self.part[pid] = f"{names[pgid]} {'main' if pid == pgid else 'pool'}"
             if role == "worker":
                 self.worker_pids.add(pid)
                 sizes.append(rss_bytes(pid))
@@ -179,6 +183,16 @@ class ProcSampler(threading.Thread):
         out["bench"] = self.self1 - self.self0
         return {k: round(v, 2) for k, v in sorted(out.items())}
 
+    def worker_cpu_by_process(self) -> dict[str, float]:
+        """Workers' CPU seconds: each main process (Celery's consumer, task events) apart
+        from its pool processes (the task bodies)."""
+        out: dict[str, float] = {}
+        for pid, (role, cpu) in self.cpu.items():
+            if role == "worker":
+                part = self.part[pid]
+                out[part] = out.get(part, 0.0) + cpu - self.cpu_start.get(pid, 0.0)
+        return {k: round(v, 2) for k, v in sorted(out.items())}
+
     def rss_over_time(self) -> dict[str, Any]:
         """Workers' summed RSS: first, last, min and max sample, and 10 evenly spaced ones (MB)."""
         mb = [round(rss / 2**20, 1) for _, rss in self.rss_series if rss]
@@ -205,6 +219,7 @@ class ProcSampler(threading.Thread):
             "worker_peak_rss_total_mb": round(self.peak_total / 2**20, 1),
             "worker_processes_sampled": len(self.worker_pids),
             "cpu_s_by_role": by_role,
+            "worker_cpu_s_by_process": self.worker_cpu_by_process(),
             "worker_cpu_ms_per_recipient": round(
                 1000 * by_role.get("worker", 0.0) / max(recipients, 1), 3
             ),

@@ -460,10 +460,16 @@ def _json_each_sql(
     table: Table, dialect: Dialect, varying: tuple[str, ...], same: tuple[str, ...]
 ) -> str:
     """SQLite: one INSERT ... SELECT FROM json_each(rows), each row a JSON array of the
-    varying columns' values. Its parameters: the shared values, then the rows' JSON text."""
+    varying columns' values (``json_rows``; one column's value as is, no ``json_extract``
+    per row). Its parameters: the shared values, then the rows' JSON text."""
     quote = dialect.identifier_preparer.quote
     names = ", ".join(quote(table.c[key].name) for key in (*varying, *same))
-    values = [f"json_extract(value, '$[{i}]')" for i in range(len(varying))] + ["?"] * len(same)
+    read = (
+        ["value"]
+        if len(varying) == 1
+        else [f"json_extract(value, '$[{i}]')" for i in range(len(varying))]
+    )
+    values = read + ["?"] * len(same)
     return (
         f"INSERT INTO {dialect.identifier_preparer.format_table(table)} ({names}) "
         f"SELECT {', '.join(values)} FROM json_each(?)"
@@ -471,15 +477,12 @@ def _json_each_sql(
 
 
 def json_rows(columns: Sequence[Sequence[Any]]) -> str | None:
-    """The rows as one JSON array of arrays, or None where JSON would not carry a value
-    exactly (bytes, NaN, a NUL character: those go through executemany)."""
+    """The rows as one JSON array of arrays (of one column: a flat array of its values),
+    or None where JSON would not carry a value exactly (bytes, NaN, a NUL character:
+    those go through executemany)."""
+    rows = list(columns[0]) if len(columns) == 1 else list(zip(*columns, strict=True))
     try:
-        text = json.dumps(
-            list(zip(*columns, strict=True)),
-            ensure_ascii=False,
-            allow_nan=False,
-            separators=(",", ":"),
-        )
+        text = json.dumps(rows, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError):
         return None
     return None if "\\u0000" in text else text

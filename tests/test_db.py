@@ -112,6 +112,16 @@ def test_insert_many_carries_every_text_exactly(session: Session) -> None:
     ]
 
 
+def test_insert_many_of_one_varying_column_carries_every_text_exactly(session: Session) -> None:
+    # SQLite sends one varying column as a flat JSON array, each element read as is:
+    # text that looks like JSON (a number, null, an array) stays text.
+    ids = ['q"u\\te', "ï☃😀", "t\tn\n", "\\u0000", "", "1", "null", "[1]", "1.50"]
+    insert_many(session, _ROWS, rows={"id": ids}, same={"n": 3, "note": None})
+    written = session.execute(select(_ROWS.c.id, _ROWS.c.n, _ROWS.c.kind, _ROWS.c.note))
+    assert sorted(tuple(r) for r in written) == sorted((i, 3, "plain", None) for i in ids)
+    assert {type(r) for r in session.scalars(select(_ROWS.c.id))} == {str}
+
+
 def test_text_arrays_carry_every_string_exactly(session: Session) -> None:
     if session.get_bind().dialect.name != "postgresql":
         pytest.skip("PostgreSQL's array dumper")

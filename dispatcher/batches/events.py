@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, DateTime, Insert, String, Table, insert, literal, select
+from sqlalchemy import Table
 from sqlalchemy.orm import Session
 
 from dispatcher import metrics, outbox
 from dispatcher.batches.models import Batch, Recipient, StatusEvent
-from dispatcher.db import insert_many, new_ids, one_of
+from dispatcher.db import insert_many, new_ids
 from dispatcher.states import RecipientStatus
 from dispatcher.webhooks.builders import callbacks_for
 from dispatcher.webhooks.models import Callback
@@ -74,36 +74,18 @@ def record(
     status: RecipientStatus,
     changes: Sequence[Change],
     at: datetime,
-    copy: bool = False,
 ) -> list[str]:
-    """Write the status events and callback rows for ``changes``; returns callback ids.
-
-    ``copy``: the recipients' rows hold the changes' values now (the caller just moved
-    them), so the events are copied from them in one INSERT ... SELECT instead of
-    sending every row's values over.
-    """
+    """Write the status events and callback rows for ``changes``; returns callback ids."""
     if not changes:
         return []
-    if copy:
-        moved = one_of(session, Recipient.id, [c.recipient_id for c in changes])
-        session.connection().execute(_copy_events(status, at, moved))
-    else:
-        # Core executemany: no ORM bookkeeping for rows nobody loads back.
-        session.connection().execute(
-            insert(StatusEvent),
-            [
-                {
-                    "recipient_id": c.recipient_id,
-                    "batch_id": batch.id,
-                    "status": status.value,
-                    "channel": c.channel,
-                    "error_code": c.error_code,
-                    "error_text": c.error_text,
-                    "at": at,
-                }
-                for c in changes
-            ],
-        )
+    # The events, from the changes in one statement (db.insert_many): a group's events
+    # share all but the recipient, so on SQLite they are one INSERT over a JSON array of
+    # ids, 2.3 us an event, where copying them from the rows just moved looked each row
+    # up again by its id (4.1 us).
+    same: dict[str, Any] = {"batch_id": batch.id, "status": status.value, "at": at}
+    rows = {"recipient_id": [c.recipient_id for c in changes]}
+    rows |= _columns(changes, ("channel", "error_code", "error_text"), same)
+    insert_many(session, cast(Table, StatusEvent.__table__), rows=rows, same=same)
     metrics.status_changed(session=session, batch=batch, status=status, changes=changes, at=at)
     callbacks = callbacks_for(batch=batch, status=status, changes=changes, at=at)
     if not callbacks:
@@ -114,19 +96,19 @@ def record(
     return ids
 
 
-def _copy_events(status: RecipientStatus, at: datetime, moved: ColumnElement[bool]) -> Insert:
-    """INSERT ... SELECT of one status event per recipient that ``moved`` selects, from its row."""
-    columns = ("recipient_id", "batch_id", "status", "channel", "error_code", "error_text", "at")
-    rows = select(
-        Recipient.id,
-        Recipient.batch_id,
-        literal(status.value, String),
-        Recipient.channel,
-        Recipient.error_code,
-        Recipient.error_text,
-        literal(at, DateTime),
-    ).where(moved)
-    return insert(StatusEvent).from_select(columns, rows)
+def _columns(
+    rows: Sequence[tuple[Any, ...]], keys: Sequence[str], same: dict[str, Any]
+) -> dict[str, list[Any]]:
+    """Each of ``keys`` (named tuple fields): into ``same`` when every row has one value,
+    else returned as its column of per-row values (``db.insert_many``'s two halves)."""
+    varying: dict[str, list[Any]] = {}
+    for key in keys:
+        values = [getattr(row, key) for row in rows]
+        if values.count(values[0]) == len(values):
+            same[key] = values[0]
+        else:
+            varying[key] = values
+    return varying
 
 
 def _insert_callbacks(
@@ -156,10 +138,5 @@ def _insert_callbacks(
         "enqueued_at": at,
         "created_at": at,
     }
-    for key in ("event_type", "url"):
-        values = [getattr(cb, key) for cb in callbacks]
-        if values.count(values[0]) == len(values):
-            same[key] = values[0]
-        else:
-            rows[key] = values
+    rows |= _columns(callbacks, ("event_type", "url"), same)
     insert_many(session, cast(Table, Callback.__table__), rows=rows, same=same)

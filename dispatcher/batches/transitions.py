@@ -101,10 +101,7 @@ def transition_recipients(
             owner = batch if batch is not None and batch.id == batch_id else None
             owner = owner or session.get(Batch, batch_id)
             assert owner is not None
-            # The rows hold just what their events say: copied inside the database.
-            events.record(
-                session=session, batch=owner, status=to, changes=changes, at=at, copy=True
-            )
+            events.record(session=session, batch=owner, status=to, changes=changes, at=at)
     return moved
 
 

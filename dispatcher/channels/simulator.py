@@ -65,8 +65,8 @@ return 0
 
 # KEYS: receipts, claims, this claim. ARGV: now, limit, stale before. Gives claims left
 # by killed workers back, then moves the due receipts (the lowest scores, so the first
-# ranks) to this claim atomically and returns them as one JSON array: one reply to
-# parse, not one per receipt. They stay there until the worker's commit (or requeue).
+# ranks) to this claim atomically and returns them as one reply, a line each (JSON has
+# no raw newline). They stay there until the worker's commit (or requeue).
 POP_DUE = """
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])) do
   redis.call('ZUNIONSTORE', KEYS[1], 2, KEYS[1], key, 'AGGREGATE', 'MIN')
@@ -74,7 +74,7 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])) do
   redis.call('ZREM', KEYS[2], key)
 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
-if #due == 0 then return '[]' end
+if #due == 0 then return '' end
 local members = {}
 for i = 1, #due, 2 do members[#members + 1] = due[i] end
 for i = 1, #due, 1000 do
@@ -87,24 +87,43 @@ for i = 1, #due, 1000 do
 end
 redis.call('ZADD', KEYS[2], ARGV[1], KEYS[3])
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #members - 1)
-return '[' .. table.concat(members, ',') .. ']'
+return table.concat(members, '\\n')
 """
 
 
-def _receipt_json(failed: bool) -> tuple[str, str]:
+# The two receipts the simulator gives, but for their message id: delivered, failed.
+STORED = (
+    Receipt(provider_message_id="", status="delivered"),
+    Receipt("", "failed", error_code="undeliverable", error_text="handset unreachable"),
+)
+
+
+def _receipt_json(receipt: Receipt) -> tuple[str, str]:
     """The JSON of a receipt before and after its message id (the first field), built once."""
-    receipt = Receipt(
-        provider_message_id="",
-        status="failed" if failed else "delivered",
-        error_code="undeliverable" if failed else None,
-        error_text="handset unreachable" if failed else None,
-    )
     head, tail = json.dumps(receipt.__dict__).split('""', 1)
     return head, tail
 
 
 # The JSON before and after the message id: delivered, then failed (RECORD_HANDOFFS's ARGV).
-RECEIPT_JSON = (*_receipt_json(False), *_receipt_json(True))
+RECEIPT_JSON = (*_receipt_json(STORED[0]), *_receipt_json(STORED[1]))
+# A stored receipt by the JSON after its message id (the JSON before it is the same).
+BY_TAIL = {_receipt_json(r)[1]: r for r in STORED}
+HEAD = RECEIPT_JSON[0]
+
+
+def _parse(member: str) -> Receipt:
+    """A stored receipt: one the script built is cut at its message id, not parsed as JSON.
+
+    Decoding each receipt's JSON object and passing its fields by name was most of
+    the CPU of taking receipts (8 us each, against 2).
+    """
+    for tail, stored in BY_TAIL.items():
+        if member.endswith(tail) and member.startswith(HEAD):
+            ref = member[len(HEAD) : -len(tail)]
+            # A JSON string without escapes is its text in quotes.
+            ref = json.loads(ref) if "\\" in ref else ref[1:-1]
+            return Receipt(ref, stored.status, stored.error_code, stored.error_text)
+    return Receipt(**json.loads(member))
 
 
 def _accepted(key: str) -> SendResult:
@@ -233,7 +252,8 @@ class Simulator(Provider):
         found = self._pop_due(
             keys=[RECEIPTS, RECEIPT_CLAIMS, claim], args=[now, limit, now - RECEIPT_CLAIM_STALE_S]
         )
-        due = [Receipt(**r) for r in json.loads(found)]
+        text = found.decode() if isinstance(found, bytes) else found
+        due = [_parse(member) for member in text.split("\n")] if text else []
         self._claim = claim if due else None
         return due
 
