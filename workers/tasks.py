@@ -163,6 +163,9 @@ def expire_due(self: DispatcherTask, session: Session) -> int:
 # A run takes what is due claim after claim (each one transaction, at most a provider's
 # claim limit) for this long: a burst larger than one claim is not left for the next run.
 RECEIPTS_BUDGET = 2.0
+# A receipt that found its message not yet sent is stored; the record applies it, unless
+# the two committed together (PostgreSQL): the sweep looks again this much later.
+LATE_RECHECK = 1.0
 
 
 @task(TaskName.SIMULATOR_RECEIPTS)
@@ -179,6 +182,8 @@ def simulator_receipts(self: DispatcherTask) -> dict[str, int]:
             done.update(_apply_receipts(rt, provider, due))
             if time.monotonic() > until:
                 break
+    if done["pending"]:
+        rt.receipt_waker.at(time.time() + LATE_RECHECK, task=TaskName.SWEEP_RECEIPTS)
     return dict(done)
 
 

@@ -288,14 +288,9 @@ def _settle_rows(
     return applied
 
 
-def sweep(*, session: Session, settings: Settings, now: datetime, limit: int = 1000) -> Swept:
-    """The periodic safety net: late matches, expired stored receipts, overdue sent messages.
-
-    A receipt stored while its outcome was being committed concurrently (on
-    PostgreSQL both transactions can miss each other) is applied here; one that
-    matched nothing for ``receipt_retention`` is dropped and counted; a ``sent``
-    message with no receipt by ``receipt_deadline`` becomes ``unknown``.
-    """
+def _late_matches(*, session: Session, now: datetime, limit: int) -> tuple[int, int]:
+    """Apply up to ``limit`` stored receipts whose message is now ``sent`` (or ``delivered``,
+    for a ``read``); returns how many were found and how many applied."""
     late = session.execute(
         select(PendingReceipt)
         .join(
@@ -316,12 +311,37 @@ def sweep(*, session: Session, settings: Settings, now: datetime, limit: int = 1
         .limit(limit)
     ).scalars()
     by_provider: dict[str, list[PendingReceipt]] = defaultdict(list)
+    found = 0
     for p in late:
         by_provider[p.provider].append(p)
+        found += 1
     applied = sum(
         _settle_rows(session=session, provider=provider, stored=rows, now=now)
         for provider, rows in by_provider.items()
     )
+    return found, applied
+
+
+# At most this many groups of late matches in one sweep (its transaction stays bounded).
+LATE_GROUPS = 20
+
+
+def sweep(*, session: Session, settings: Settings, now: datetime, limit: int = 1000) -> Swept:
+    """The periodic safety net: late matches, expired stored receipts, overdue sent messages.
+
+    A receipt stored while its outcome was being committed concurrently (on
+    PostgreSQL both transactions can miss each other) is applied here; one that
+    matched nothing for ``receipt_retention`` is dropped and counted; a ``sent``
+    message with no receipt by ``receipt_deadline`` becomes ``unknown``.
+    """
+    applied = 0
+    # Group after group: a burst of races (a loaded PostgreSQL) is applied by this run,
+    # not a group per run; a group that applied nothing would only be found again.
+    for _ in range(LATE_GROUPS):
+        found, done = _late_matches(session=session, now=now, limit=limit)
+        applied += done
+        if found < limit or not done:
+            break
     cutoff = now - timedelta(seconds=settings.receipt_retention)
     expired = session.scalars(
         select(PendingReceipt.id).where(PendingReceipt.received_at < cutoff).limit(limit)

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # Receipts due within one slot share a wake-up (at the slot's end): at most 1/SLOT
 # tasks a second, receipts applied at most SLOT after they are due.
 SLOT = 0.05
-_KEY = "dispatcher:receipts:wake:{}"
+_KEY = "dispatcher:receipts:wake:{}:{}"
 # A wake-up not run this long after its time is dropped: beat's run applies the receipts.
 EXPIRES = 30.0
 
@@ -53,13 +53,17 @@ class ReceiptWaker:
         self.publisher = publisher
         self.clock = clock
 
-    def at(self, due: float) -> None:
-        """Have the receipts due at ``due`` (epoch seconds) applied then; never raises."""
+    def at(self, due: float, *, task: TaskName = TaskName.SIMULATOR_RECEIPTS) -> None:
+        """Have the receipts due at ``due`` (epoch seconds) applied then; never raises.
+
+        ``task``: the receipts task, or ``sweep_receipts`` for a second look at receipts
+        stored while their outcome was being recorded (see workers/tasks.py).
+        """
         now = self.clock()
         slot = math.ceil(max(due, now) / SLOT)
         wake = slot * SLOT
         ahead = wake - now
-        key = _KEY.format(slot)
+        key = _KEY.format(task.value, slot)
         try:
             # The key outlives its slot, so a late caller for the same slot stays quiet.
             if not self.redis.set(key, b"", nx=True, px=int(1000 * (ahead + 5))):
@@ -70,9 +74,7 @@ class ReceiptWaker:
             return
         eta = datetime.fromtimestamp(wake, UTC).replace(tzinfo=None) if ahead > 0 else None
         try:
-            self.publisher.publish(
-                [outbox.Message(TaskName.SIMULATOR_RECEIPTS, eta=eta, expires=ahead + EXPIRES)]
-            )
+            self.publisher.publish([outbox.Message(task, eta=eta, expires=ahead + EXPIRES)])
         except Exception:
             # Whatever the broker client raised: the slot is freed for the next caller.
             log.warning("receipts wake-up for %.3f not published", due, exc_info=True)

@@ -154,6 +154,21 @@ def test_the_sweep_applies_a_stored_receipt_whose_message_was_recorded_meanwhile
     assert pending(sessions, ref_of(row.id)) == 0
 
 
+def test_one_sweep_applies_every_late_match_group_after_group(
+    sessions: sessionmaker[Session], settings: Settings, tenant: Tenant
+) -> None:
+    """A burst of such races (a loaded PostgreSQL) goes in one sweep, not a group per run."""
+    batch_id, rows = claimed_batch(sessions, settings, tenant, count=7)
+    with transaction(sessions) as session:
+        for row in rows:
+            stored_while_recorded(session, row, receipt="delivered")
+    with transaction(sessions) as session:
+        swept = receipts.sweep(session=session, settings=settings, now=utcnow(), limit=3)
+    assert swept.applied >= 7
+    assert set(states(sessions, batch_id).values()) == {R.DELIVERED}
+    assert all(pending(sessions, ref_of(row.id)) == 0 for row in rows)
+
+
 def test_a_receipt_whose_outcome_commits_while_it_is_applied_is_kept_not_ignored(
     sessions: sessionmaker[Session],
     settings: Settings,
