@@ -242,7 +242,7 @@ class Settings:
     # Backpressure: while at least this many deliver tasks wait for a callback worker,
     # unthrottled sending waits for callbacks to catch up, up to send_time_slice per
     # task (0: never). Only while a callback worker is alive (its heartbeat).
-    callback_backpressure: int = 2
+    callback_backpressure: int = 1
 
     # Retention: a purge runs every retention_interval seconds; it deletes finished
     # batches older than retention_days with their recipients, attempts, events and
