@@ -114,8 +114,8 @@ HEAD = RECEIPT_JSON[0]
 def _parse(member: str) -> Receipt:
     """A stored receipt: one the script built is cut at its message id, not parsed as JSON.
 
-    Decoding each receipt's JSON object and passing its fields by name was most of
-    the CPU of taking receipts (8 us each, against 2).
+    Decoding each receipt's JSON object and passing its fields by name cost 2.9-3.9 us
+    a receipt, the cut 2.2-2.7 (the rest is the frozen dataclass's ``__init__``).
     """
     for tail, stored in BY_TAIL.items():
         if member.endswith(tail) and member.startswith(HEAD):
