@@ -18,6 +18,7 @@ Redis's own clock (TIME) is used, so workers on hosts with skewed clocks agree.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -25,6 +26,8 @@ from urllib.parse import urlsplit
 import redis
 
 __all__ = ["EndpointGate", "Grant", "endpoint_key"]
+
+log = logging.getLogger(__name__)
 
 _PREFIX = "dispatcher:callbacks:endpoint:"
 # While the half-open probe is out, others look again this soon rather than after its lease.
@@ -209,8 +212,16 @@ class EndpointGate:
         return int(wait_ms) / 1000, int(busy_ms) / 1000
 
     def release(self, key: str, token: str) -> None:
-        """Give a slot back."""
-        self._redis.zrem(f"{_PREFIX}{key}:slots", token)
+        """Give a slot back; never raises.
+
+        Callers release after POSTing, before recording the outcomes: a Redis that is
+        down then must not cost them (the lane's callbacks would wait for the delivery
+        lease and be POSTed again). A slot not given back is freed when its lease passes.
+        """
+        try:
+            self._redis.zrem(f"{_PREFIX}{key}:slots", token)
+        except redis.RedisError:
+            log.warning("endpoint slot not released (its lease frees it)", exc_info=True)
 
     def report(self, key: str, *, ok: bool, probe: bool) -> float:
         """Count one attempt's outcome; returns how long the breaker is now open (s)."""
