@@ -328,15 +328,34 @@ def test_dispatcher_run_empties_the_multiprocess_dir_and_keeps_one_token(tmp_pat
 def test_dispatcher_run_logs_text_and_guards_metrics_unless_configured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dispatcher.devserver import _observable
+    from dispatcher.devserver import prepare
 
     monkeypatch.delenv("DISPATCHER_LOG_FORMAT", raising=False)
-    plain = _observable(Settings(var_dir=str(tmp_path)))
+    monkeypatch.delenv("DISPATCHER_CALLBACK_ALLOWLIST", raising=False)
+    plain = prepare(Settings(var_dir=str(tmp_path)))
     assert plain.log_format == "text"
     assert plain.metrics_token == (tmp_path / "metrics-token").read_text().strip()
+    loopback = Settings(callback_allowlist=("127.0.0.1", "::1", "localhost")).callback_allowlist
+    assert plain.callback_allowlist == loopback
     monkeypatch.setenv("DISPATCHER_LOG_FORMAT", "json")
-    chosen = _observable(Settings(var_dir=str(tmp_path), metrics_token="mine"))
+    monkeypatch.setenv("DISPATCHER_CALLBACK_ALLOWLIST", "")
+    chosen = prepare(Settings(var_dir=str(tmp_path), metrics_token="mine"))
     assert (chosen.log_format, chosen.metrics_token) == ("json", "mine")
+    assert chosen.callback_allowlist == ()
+
+
+def test_dispatcher_run_with_an_external_redis_is_no_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment keeps the loopback guard whole and its log format; /metrics stays guarded."""
+    from dispatcher.devserver import prepare
+
+    monkeypatch.delenv("DISPATCHER_LOG_FORMAT", raising=False)
+    monkeypatch.delenv("DISPATCHER_CALLBACK_ALLOWLIST", raising=False)
+    deployed = prepare(Settings(var_dir=str(tmp_path), embedded_redis=False))
+    assert deployed.callback_allowlist == ()
+    assert deployed.log_format == Settings().log_format == "json"
+    assert deployed.metrics_token == (tmp_path / "metrics-token").read_text().strip()
 
 
 class _Receiver(http.server.BaseHTTPRequestHandler):
