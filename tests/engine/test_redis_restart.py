@@ -290,20 +290,21 @@ def test_a_restart_that_keeps_its_data_loses_nothing_and_sends_nothing_twice(
     """Redis stops mid-send with callbacks in flight, and comes back with its data."""
     sessions = live.sessions
     ledger = Simulator(redis_client=live.redis, rules={})
-    tenant = Tenant(sessions, rate=50)  # 200 recipients: about four seconds of sending
+    tenant = Tenant(sessions, rate=40)  # 200 recipients: about five seconds of sending
     # Callback lanes are mid-POST when Redis goes, and finish while it is down.
     edge.answering.clear()
     with system.worker(restart_settings, logs, name="send-kept", concurrency=2) as worker:
         batch_id = send(api, tenant, numbers("+44770058", 200), callback=edge.url("/hooks"))
         wait_for(lambda: edge.held, timeout=30)
-        wait_for(lambda: count_in(sessions, batch_id, R.DELIVERED) >= 30, timeout=60)
+        wait_for(lambda: count_in(sessions, batch_id, R.QUEUED) <= 180, timeout=60)
         live.redis.set(MARKER, b"1")
 
         server.stop()
-        assert count_in(sessions, batch_id, R.QUEUED) > 0  # the outage comes mid-send
+        waiting = count_in(sessions, batch_id, R.QUEUED)
         edge.answering.set()
         server.start(keep_data=True)
 
+        assert waiting > 0  # the outage came mid-send
         assert live.redis.get(MARKER) == b"1"  # the append-only file brought the data back
         wait_for(lambda: "Connection to broker lost" in worker.output(), timeout=30)
         wait_for(lambda: in_states(sessions, [batch_id], {R.DELIVERED}), timeout=90)
@@ -330,7 +331,7 @@ def test_a_restart_that_loses_the_data_loses_nothing_and_sends_nothing_twice(
     receipts: every message it took ends ``unknown`` at the receipt deadline.
     """
     sessions = live.sessions
-    tenant = Tenant(sessions, rate=50)
+    tenant = Tenant(sessions, rate=40)
     hooks = edge.url("/hooks")
     # A sent message with no receipt (the carrier sends none) ends unknown this soon.
     deadline = restart_settings.replace(receipt_deadline=5)
@@ -342,13 +343,14 @@ def test_a_restart_that_loses_the_data_loses_nothing_and_sends_nothing_twice(
             api, tenant, numbers("+44770069", 20), channel="rcs", callback=hooks, send_at=soon
         )
         batches = [now_id, later_id]
-        wait_for(lambda: count_in(sessions, now_id, R.SENT) >= 30, timeout=60)
+        wait_for(lambda: count_in(sessions, now_id, R.QUEUED) <= 130, timeout=60)
         live.redis.set(MARKER, b"1")
 
         server.stop()
-        assert count_in(sessions, now_id, R.QUEUED) > 0  # the outage comes mid-send
+        waiting = count_in(sessions, now_id, R.QUEUED)
         server.start(keep_data=False)
 
+        assert waiting > 0  # the outage came mid-send
         assert live.redis.get(MARKER) is None  # nothing came back
         wait_for(lambda: "Connection to broker lost" in worker.output(), timeout=30)
         wait_for(lambda: in_states(sessions, batches, {R.UNKNOWN}), timeout=120)
