@@ -30,6 +30,7 @@ import smpp34
 
 from dispatcher import metrics
 from dispatcher.channels.base import Outcome, Receipt, SendResult
+from dispatcher.channels.errors import REF_WIDTH, TEXT_WIDTH
 from dispatcher.channels.smpp import aio, errors, handoff, pdu
 from dispatcher.channels.smpp.aio import run_until
 from dispatcher.channels.smpp.config import Carrier, Connection, SmppConfig
@@ -124,11 +125,16 @@ def receipt_from(event: Any) -> Receipt | None:
         return None
     err = fields.get("err") or None
     failed = status in ("failed", "expired")
+    # Cut to their columns, as every receipt source does: a text field this parser does
+    # not know is read as part of the one before it, and a value too long for its column
+    # would fail (PostgreSQL) the worker's whole group, put back ahead of the rest.
     return Receipt(
-        provider_message_id=ref,
+        provider_message_id=ref[:REF_WIDTH],
         status=status,
         error_code=(f"smpp_{stat.lower()}" if failed else None),
-        error_text=(f"{stat} err:{err}" if failed and err else stat if failed else None),
+        error_text=(
+            f"{stat} err:{err}"[:TEXT_WIDTH] if failed and err else stat if failed else None
+        ),
         done_at=pdu.parse_receipt_date(fields.get("done date")),
         carrier_status=stat if err is None else f"{stat}:{err}",
     )
