@@ -629,28 +629,38 @@ class Connector:
                 await self.sleep_or_stop(1.0)
 
     async def flush(self, *, final: bool = False) -> None:
-        """Hand buffered receipts to the sink, and inbound messages every FLUSH_EVERY."""
+        """Hand buffered receipts to the sink, and inbound messages every FLUSH_EVERY.
+
+        Receipts first: they need Redis alone, and the carrier has had its answer, so
+        this buffer is their only copy (a database down must not hold them here).
+        """
+        # A receipt is translated only once every submit that began before it arrived
+        # has its submit_sm_resp: only then is a part's id known to be a part's.
+        oldest = min(self._inflight.values(), default=None)
+        ready: list[tuple[float, Receipt]] = []
+        keep: list[tuple[float, Receipt]] = []
+        for at, r in self._receipts:
+            if final or oldest is None or at < oldest:
+                ready.append((at, r))
+            else:
+                keep.append((at, r))
+        self._receipts = keep
+        done = 0
+        try:
+            mains = await self.parts_of([r.provider_message_id for _, r in ready])
+            for (_, r), main in zip(ready, mains, strict=True):
+                translated = await self.translate(r, main)
+                done += 1
+                if translated is not None:
+                    self._outgoing.append(translated)
+        finally:
+            # Redis failed part way: the rest wait for the next flush, ahead of newer ones.
+            self._receipts[:0] = ready[done:]
+        await _drain(self._outgoing, self.sink.receipts)
         now = time.monotonic()
         if final or len(self._inbound) >= FLUSH_SIZE or now - self._inbound_flushed >= FLUSH_EVERY:
             self._inbound_flushed = now
             await _drain(self._inbound, self.sink.inbound)
-        # A receipt is translated only once every submit that began before it arrived
-        # has its submit_sm_resp: only then is a part's id known to be a part's.
-        oldest = min(self._inflight.values(), default=None)
-        ready: list[Receipt] = []
-        keep: list[tuple[float, Receipt]] = []
-        for at, r in self._receipts:
-            if final or oldest is None or at < oldest:
-                ready.append(r)
-            else:
-                keep.append((at, r))
-        self._receipts = keep
-        mains = await self.parts_of([r.provider_message_id for r in ready])
-        for r, main in zip(ready, mains, strict=True):
-            translated = await self.translate(r, main)
-            if translated is not None:
-                self._outgoing.append(translated)
-        await _drain(self._outgoing, self.sink.receipts)
 
     async def parts_of(self, refs: list[str]) -> list[str | None]:
         """For each id, the id of the message it is a part of (None: not a part)."""

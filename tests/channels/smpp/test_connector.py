@@ -12,11 +12,14 @@ import base64
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import cast
 
 import pytest
 import redis
+import redis.asyncio as aioredis
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Receipt, SmsOptions
@@ -467,3 +470,43 @@ def test_receipts_go_to_the_sink_at_every_flush_inbound_messages_once_a_second(
 
     asyncio.run(flushes())
     assert RECEIPTS_EVERY < FLUSH_EVERY
+
+
+def test_receipts_outlive_a_redis_failure_and_a_database_failure_at_flush(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    """The carrier has had its deliver_sm_resp: a receipt exists only in the connector's
+    buffer until the sink takes it. A flush that fails (Redis gone while parts are looked
+    up, the database refusing inbound messages) keeps it for the next one."""
+    record = RecordingSink()
+    failing_inbound: list[int] = []
+
+    class DownDatabase(Sink):
+        def inbound(self, batch: Sequence[Inbound]) -> None:
+            failing_inbound.append(len(batch))
+            raise OperationalError("INSERT", {}, Exception("database is down"))
+
+    # Nothing listens there: every Redis call fails, as a restarting Redis's would.
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    connector = Connector(config=smpp_config({"local": [port]}), redis_url=down, sink=Sink(record))
+    first = Receipt("0000000031", "delivered", done_at=None)
+    second = Receipt("0000000032", "expired", done_at=None)
+    mo = Inbound("local", "local-0", "+447700900031", "+447700900032", "hi", datetime.now(UTC), 0)
+
+    async def flushes() -> None:
+        connector._receipts.append((time.monotonic(), first))
+        with pytest.raises(redis.ConnectionError):
+            await connector.flush()
+        assert record.receipts == []
+        await connector.redis.aclose()
+        connector.redis = aioredis.Redis.from_url(redis_url)  # Redis is back
+        connector.sink = DownDatabase(record)  # ...and the database is down
+        connector._receipts.append((time.monotonic(), second))
+        connector._inbound.append(mo)
+        with pytest.raises(OperationalError):
+            await connector.flush(final=True)  # the connector stopping
+        assert failing_inbound == [1]
+        assert record.receipts == [first, second]
+        await connector.redis.aclose()
+
+    asyncio.run(flushes())
