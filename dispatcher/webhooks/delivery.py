@@ -844,16 +844,6 @@ def _record(
         )
         tally["deferred"] += moved
         tally["stale"] += len(ids) - moved
-    for account_id, url in healthy:
-        session.connection().execute(
-            update(Endpoint)
-            .where(
-                Endpoint.account_id == account_id,
-                Endpoint.url == url,
-                Endpoint.failing_since.is_not(None),
-            )
-            .values(failing_since=None)
-        )
 
     outcome: dict[str, str] = {}
     failing: set[tuple[str, str]] = set()
@@ -889,8 +879,20 @@ def _record(
             continue
         outcome[c.id] = result
         failing.add((c.account_id, c.url))
-    for account_id, url in failing - healthy:
-        if _endpoint_failed(
+    # The endpoints' rows are locked until the commit, in one order for every task: two
+    # tasks taking the same rows in a set's order (seeded per process) could deadlock.
+    for account_id, url in sorted(healthy | failing):
+        if (account_id, url) in healthy:
+            session.connection().execute(
+                update(Endpoint)
+                .where(
+                    Endpoint.account_id == account_id,
+                    Endpoint.url == url,
+                    Endpoint.failing_since.is_not(None),
+                )
+                .values(failing_since=None)
+            )
+        elif _endpoint_failed(
             session=session, settings=settings, account_id=account_id, url=url, now=now
         ):
             for callback_id in _hold_pending(session=session, account_id=account_id, url=url):

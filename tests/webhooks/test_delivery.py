@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import outbox
@@ -428,6 +428,38 @@ def test_racing_workers_post_each_callback_once(
     assert len(results) == 6
     assert sum(r.get("delivered", 0) for r in results) == 5
     assert sorted(s.headers["webhook-id"] for s in receiver.requests()) == sorted(ids)
+
+
+def test_failing_endpoints_are_locked_in_one_order_by_every_task(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """Recording failures locks each failing endpoint's row (FOR UPDATE on PostgreSQL)
+    until the commit. Two tasks recording failures of the same endpoints must lock them
+    in the same order, or each holds a row the other waits for: a deadlock, and the
+    aborted task's outcomes are lost (those callbacks are POSTed again after the lease).
+    A set's order differs between worker processes (string hashes are seeded per
+    process): the rows go in (account, url) order."""
+    paths = [f"/down-{i}" for i in range(6)]
+    for path in paths:
+        receiver.script(path, Reply(500))
+    ids = [add_callback(env, receiver.url(path)) for path in paths]
+    urls = {receiver.url(path) for path in paths}
+    locked: list[str] = []
+    engine = env.factory.kw["bind"]
+
+    def note(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if statement.lstrip().startswith("SELECT") and "FROM callback_endpoints" in statement:
+            values = params.values() if isinstance(params, dict) else params
+            locked.extend(v for v in values if v in urls)
+
+    event.listen(engine, "before_cursor_execute", note)
+    try:
+        assert env.deliver(sender, *ids) == {"retry": 6}
+    finally:
+        event.remove(engine, "before_cursor_execute", note)
+    first = list(dict.fromkeys(locked))  # each row is read again once it is created
+    assert sorted(first) == sorted(urls)
+    assert first == sorted(first)
 
 
 def test_retry_after_on_429_is_honoured(
