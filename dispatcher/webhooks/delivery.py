@@ -401,6 +401,10 @@ def deliver(
             # The claim did not commit: give the slots back rather than wait for their lease.
             for key, token in acquired:
                 gate.release(key, token)
+            # Nor did the outcomes (their POSTs were made): this process records them soon,
+            # rather than leave them 'delivering' until the lease and POST them again.
+            if outcomes:
+                _late_for(factory).add(outcomes, _recorder(run))
             raise
         lanes = _lanes(plan=plan, claimed=claimed, gate=gate) if plan is not None else []
         outcomes = []
@@ -722,14 +726,18 @@ def _run_lane(run: _Run, *, lane: _Lane, collector: _Collector) -> None:
     finally:
         for token in lane.tokens:
             gate.release(lane.key, token)
-    if collector.hand_in(lane, done):
-        return
+    if not collector.hand_in(lane, done):
+        _late_for(run.factory).add(done, _recorder(run))
+
+
+def _recorder(run: _Run) -> Callable[[list[_Done]], None]:
+    """Records outcomes no task's round took, in a transaction of their own."""
 
     def record(late: list[_Done]) -> None:
         with transaction(run.factory) as session:
             _record(session=session, settings=run.settings, done=late, now=run.clock(), counts=None)
 
-    _late_for(run.factory).add(done, record)
+    return record
 
 
 def _post_lane(

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import outbox
@@ -460,6 +461,37 @@ def test_failing_endpoints_are_locked_in_one_order_by_every_task(
     first = list(dict.fromkeys(locked))  # each row is read again once it is created
     assert sorted(first) == sorted(urls)
     assert first == sorted(first)
+
+
+def test_outcomes_whose_record_fails_are_recorded_soon_not_left_to_the_lease(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """The POSTs were made; if the transaction recording their outcomes fails (the
+    database busy for a moment, a deadlock), the process keeps the outcomes and records
+    them within seconds, instead of leaving the callbacks 'delivering' until the lease
+    (minutes) and POSTing them again."""
+    ids = [add_callback(env, receiver.url("/hook")) for _ in range(3)]
+    calls = 0
+
+    def clock() -> datetime:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the look, then the round's record: the database fails there
+            raise OperationalError("UPDATE callbacks", {}, Exception("database is locked"))
+        return env.clock.now
+
+    with pytest.raises(OperationalError):
+        delivery.deliver(
+            factory=env.factory,
+            settings=env.settings,
+            sender=sender,
+            gate=env.gate,
+            callback_ids=ids,
+            clock=clock,
+        )
+    assert len(receiver.requests("/hook")) == 3
+    wait_for(lambda: all(env.get(cid).state == "delivered" for cid in ids), timeout=WAIT)
+    assert [env.get(cid).attempts for cid in ids] == [1, 1, 1]
 
 
 def test_retry_after_on_429_is_honoured(
