@@ -339,42 +339,45 @@ class Link:
                 if smsc is None:
                     return self._partial(ids) if ids else _not_sent("bind lost", 1.0)
                 token = self.owner.submit_started()
-                self.stats.in_flight += 1
-                self.stats.window_peak = max(self.stats.window_peak, self.stats.in_flight)
-                self.stats.outstanding_sum += self.stats.in_flight
                 try:
-                    # asyncio.timeout, not wait_for: no task per submit.
-                    async with asyncio.timeout(self.owner.config.response_timeout):
-                        resp = await smsc.submit_sm(
-                            dest.addr,
-                            payload,
-                            source_addr=sender.addr,
-                            source_addr_ton=sender.ton,
-                            source_addr_npi=sender.npi,
-                            dest_addr_ton=dest.ton,
-                            dest_addr_npi=dest.npi,
-                            esm_class=encoded.esm_class,
-                            registered_delivery=1 if self.carrier.registered_delivery else 0,
-                            validity_period=validity,
-                            data_coding=encoded.data_coding,
-                        )
-                except (smpp34.SmppError, TimeoutError, OSError) as exc:
-                    # No submit_sm_resp: the SMSC may or may not have it. Never resend.
-                    if not isinstance(exc, TimeoutError) and self.tx is smsc:
-                        # The session is gone: no further submit may start on it.
-                        self.tx = None
-                    self.stats.unknown += 1
-                    self.owner.submit_done(token)
-                    return handoff.unknown()
+                    self.stats.in_flight += 1
+                    self.stats.window_peak = max(self.stats.window_peak, self.stats.in_flight)
+                    self.stats.outstanding_sum += self.stats.in_flight
+                    try:
+                        # asyncio.timeout, not wait_for: no task per submit.
+                        async with asyncio.timeout(self.owner.config.response_timeout):
+                            resp = await smsc.submit_sm(
+                                dest.addr,
+                                payload,
+                                source_addr=sender.addr,
+                                source_addr_ton=sender.ton,
+                                source_addr_npi=sender.npi,
+                                dest_addr_ton=dest.ton,
+                                dest_addr_npi=dest.npi,
+                                esm_class=encoded.esm_class,
+                                registered_delivery=1 if self.carrier.registered_delivery else 0,
+                                validity_period=validity,
+                                data_coding=encoded.data_coding,
+                            )
+                    except (smpp34.SmppError, TimeoutError, OSError) as exc:
+                        # No submit_sm_resp: the SMSC may or may not have it. Never resend.
+                        if not isinstance(exc, TimeoutError) and self.tx is smsc:
+                            # The session is gone: no further submit may start on it.
+                            self.tx = None
+                        self.stats.unknown += 1
+                        return handoff.unknown()
+                    finally:
+                        self.stats.in_flight -= 1
+                    self.stats.submits += 1
+                    if resp.command_status == errors.ESME_ROK and len(encoded.payloads) > 1:
+                        # Known as a part before any receipt for it is looked at (see flush).
+                        message_id = resp.message_id or ""
+                        main = ids[0] if ids else message_id
+                        await self.owner.remember_part(message_id, main, len(encoded.payloads))
                 finally:
-                    self.stats.in_flight -= 1
-                self.stats.submits += 1
-                if resp.command_status == errors.ESME_ROK and len(encoded.payloads) > 1:
-                    # Known as a part before any receipt for it is looked at (see flush).
-                    message_id = resp.message_id or ""
-                    main = ids[0] if ids else message_id
-                    await self.owner.remember_part(message_id, main, len(encoded.payloads))
-                self.owner.submit_done(token)
+                    # Answered or given up, and its parts noted or not: the receipts
+                    # that came after it must not wait for it (see flush).
+                    self.owner.submit_done(token)
                 status = resp.command_status
                 if status != errors.ESME_ROK:
                     if ids:
