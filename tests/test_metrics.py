@@ -11,12 +11,12 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from dispatcher import backlog, metrics
-from dispatcher.batches.models import Batch
+from dispatcher.batches.models import Batch, Recipient
 from dispatcher.config import Settings
 from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.migrate import upgrade
@@ -215,6 +215,7 @@ def test_oldest_due_recipient_and_callback_ages(fresh: Runtime) -> None:
     # the one scheduled in an hour is not due and does not count.
     snap = _snapshot(fresh, now + timedelta(seconds=60))
     assert 59 <= snap.oldest_due_recipient_age <= 61
+    assert 59 <= snap.oldest_undispatched_batch_age <= 61  # `dispatcher status`'s dispatch row
     assert snap.oldest_due_callback_age == 0.0
 
     with transaction(fresh.sessions) as session:
@@ -234,9 +235,20 @@ def test_oldest_due_recipient_and_callback_ages(fresh: Runtime) -> None:
 
     # Once sending, the recipients still waiting for a first hand-off keep the age.
     with transaction(fresh.sessions) as session:
-        session.execute(update(Batch).where(Batch.send_at <= now).values(status="sending"))
+        # (its send_at is the POST's time, a moment after `now`)
+        moved = session.execute(
+            update(Batch)
+            .where(Batch.send_at <= now + timedelta(seconds=1))
+            .values(status="sending")
+        )
+        assert moved.rowcount == 1
+        sending = select(Batch.id).where(Batch.status == "sending").scalar_subquery()
+        session.execute(
+            update(Recipient).where(Recipient.batch_id == sending).values(status="queued")
+        )
     snap = _snapshot(fresh, now + timedelta(seconds=60))
     assert snap.oldest_due_recipient_age >= 59
+    assert snap.oldest_undispatched_batch_age == 0.0  # dispatched: the send row's wait now
 
 
 def _callback(account_id: str, state: str, next_at: object) -> dict[str, object]:
@@ -328,15 +340,34 @@ def test_dispatcher_run_empties_the_multiprocess_dir_and_keeps_one_token(tmp_pat
 def test_dispatcher_run_logs_text_and_guards_metrics_unless_configured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dispatcher.devserver import _observable
+    from dispatcher.devserver import prepare
 
     monkeypatch.delenv("DISPATCHER_LOG_FORMAT", raising=False)
-    plain = _observable(Settings(var_dir=str(tmp_path)))
+    monkeypatch.delenv("DISPATCHER_CALLBACK_ALLOWLIST", raising=False)
+    plain = prepare(Settings(var_dir=str(tmp_path)))
     assert plain.log_format == "text"
     assert plain.metrics_token == (tmp_path / "metrics-token").read_text().strip()
+    loopback = Settings(callback_allowlist=("127.0.0.1", "::1", "localhost")).callback_allowlist
+    assert plain.callback_allowlist == loopback
     monkeypatch.setenv("DISPATCHER_LOG_FORMAT", "json")
-    chosen = _observable(Settings(var_dir=str(tmp_path), metrics_token="mine"))
+    monkeypatch.setenv("DISPATCHER_CALLBACK_ALLOWLIST", "")
+    chosen = prepare(Settings(var_dir=str(tmp_path), metrics_token="mine"))
     assert (chosen.log_format, chosen.metrics_token) == ("json", "mine")
+    assert chosen.callback_allowlist == ()
+
+
+def test_dispatcher_run_with_an_external_redis_is_no_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment keeps the loopback guard whole and its log format; /metrics stays guarded."""
+    from dispatcher.devserver import prepare
+
+    monkeypatch.delenv("DISPATCHER_LOG_FORMAT", raising=False)
+    monkeypatch.delenv("DISPATCHER_CALLBACK_ALLOWLIST", raising=False)
+    deployed = prepare(Settings(var_dir=str(tmp_path), embedded_redis=False))
+    assert deployed.callback_allowlist == ()
+    assert deployed.log_format == Settings().log_format == "json"
+    assert deployed.metrics_token == (tmp_path / "metrics-token").read_text().strip()
 
 
 class _Receiver(http.server.BaseHTTPRequestHandler):
