@@ -562,7 +562,8 @@ def _look(
         # An endpoint whose slots have been busy for long is slow: look again later.
         busy = min(max(BUSY_DELAY, grant.busy), MAX_BUSY_DELAY)
         delay = grant.wait or busy * (1 + random.random() / 2)
-        deferred[now + timedelta(seconds=delay)] = [r.id for r in group]
+        # Added to, not set: endpoints held for the same time (a probe's recheck) share it.
+        deferred.setdefault(now + timedelta(seconds=delay), []).extend(r.id for r in group)
     allowed = [r.id for key in grants for r in by_endpoint[key]]
     return _Plan(
         now=now,

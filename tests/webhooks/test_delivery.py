@@ -680,6 +680,42 @@ def test_an_open_breaker_keeps_callbacks_until_its_probe_gets_an_answer(
     assert receiver.requests() == []
 
 
+def test_endpoints_held_for_the_same_time_all_have_their_callbacks_deferred(
+    env: Env, receiver: Receiver, sender: WebhookSender, redis_url: str
+) -> None:
+    """Two endpoints whose breakers let a probe through that has not answered yet: both
+    are held for the same recheck time. Every one of their callbacks is deferred to it,
+    not only the last endpoint's (the others would wait, published but untouched, for
+    the lost-publish sweep)."""
+    client = redis.Redis.from_url(redis_url)
+    gate = delivery.gate_for(
+        redis_client=client, settings=env.settings.replace(callback_breaker_cooldown=0.1)
+    )
+    # Two origins (an endpoint is an account's origin): never POSTed to here.
+    urls = [receiver.url("/a"), receiver.url("/b").replace("127.0.0.1", "localhost")]
+    keys = [endpoint_key(env.account_id, url) for url in urls]
+    for key in keys:
+        for _ in range(env.settings.callback_breaker_failures):
+            gate.report(key, ok=False, probe=False)
+    wait_for(lambda: all(gate.held_for(key)[0] == 0 for key in keys), timeout=WAIT)
+    for key in keys:
+        assert gate.acquire(key, 1).probe  # its probe is out, no answer yet
+    ids = [add_callback(env, url) for url in urls for _ in range(2)]
+    counts = delivery.deliver(
+        factory=env.factory,
+        settings=env.settings,
+        sender=sender,
+        gate=gate,
+        callback_ids=ids,
+        clock=env.clock,
+    )
+    assert {k: v for k, v in counts.items() if v} == {"deferred": 4}
+    for cid in ids:
+        assert_untried(env.get(cid), env.clock.now, 1, 10)
+    assert receiver.requests() == []
+    client.close()
+
+
 def test_a_blackholed_endpoint_does_not_hold_the_task_or_other_endpoints(
     env: Env, receiver: Receiver, blackhole: Blackhole
 ) -> None:
