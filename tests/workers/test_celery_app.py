@@ -23,6 +23,7 @@ from dispatcher.outbox import QueueName, TaskName
 from dispatcher.receipts.models import PendingReceipt
 from dispatcher.runtime import Runtime
 from tests.conftest import RecordingPublisher
+from workers import tasks
 from workers.celery_app import create_celery
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,14 +104,21 @@ def test_the_database_driver_is_imported_before_the_pool_forks() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 
-def test_one_receipts_run_applies_more_than_one_claim_of_due_receipts(settings: Settings) -> None:
+def test_one_receipts_run_applies_more_than_one_claim_of_due_receipts(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A burst larger than a claim (2,000) is applied by the run that finds it, claim after
     claim, not left for the next wake-up or beat's run a second later."""
+    # A loaded machine may take longer than the run's budget over the first claim.
+    monkeypatch.setattr(tasks, "RECEIPTS_BUDGET", 60.0)
     app = create_celery(settings.replace(simulator={"receipt_delay": 0}))
     app.loader.import_default_modules()
     runtime: Runtime = app.runtime
     runtime.publisher = publisher = RecordingPublisher()  # before anything is built on it
     runtime.redis.delete(RECEIPTS)
+    # A wake-up an earlier test asked for in the same slot would keep this one quiet.
+    for key in runtime.redis.scan_iter("dispatcher:receipts:wake:*"):
+        runtime.redis.delete(key)
     carrier = Simulator(redis_client=runtime.redis, rules={"receipt_delay": 0})
     carrier.send_many(
         [
@@ -122,6 +130,7 @@ def test_one_receipts_run_applies_more_than_one_claim_of_due_receipts(settings: 
     )
     try:
         counts = app.tasks[TaskName.SIMULATOR_RECEIPTS.value].apply().get()
+        ran = utcnow()
     finally:
         # The database is shared with other tests: leave no receipt for their sweeps.
         with runtime.sessions.begin() as session:
@@ -136,7 +145,7 @@ def test_one_receipts_run_applies_more_than_one_claim_of_due_receipts(settings: 
     # committing beside them (PostgreSQL), unseen by either transaction.
     (recheck,) = [m for m in publisher.messages if isinstance(m, outbox.Message)]
     assert recheck.task is TaskName.SWEEP_RECEIPTS and recheck.eta is not None
-    assert 0.5 < (recheck.eta - utcnow()).total_seconds() < 2
+    assert 0.5 < (recheck.eta - ran).total_seconds() < 2
 
 
 def test_a_carriers_receipt_with_an_overlong_id_does_not_stop_the_receipts_behind_it(
