@@ -128,6 +128,19 @@ def _fall_back_in(
     batch_status = session.execute(
         update(Batch).where(Batch.id == batch_id).values(progress_at=now).returning(Batch.status)
     ).scalar_one()
+    # Read again, locked: the same failure reported twice (a vendor retrying its webhook)
+    # may have moved a row on, and its next channel sent it, since fall_back read it
+    # (PostgreSQL). Such a row is not this message's any more: moving it would send again.
+    current = dict(
+        session.execute(
+            select(Recipient.id, Recipient.provider_message_id)
+            .where(Recipient.id.in_([row.id for row in rows]), Recipient.status == R.SENT)
+            .with_for_update()
+        ).all()
+    )
+    rows = [row for row in rows if current.get(row.id) == row.provider_message_id]
+    if not rows:
+        return set()
     batch = session.get(Batch, batch_id)
     assert batch is not None
     requeue: dict[str, Mapping[str, Any]] = {}

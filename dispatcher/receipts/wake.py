@@ -37,6 +37,10 @@ SLOT = 0.05
 _KEY = "dispatcher:receipts:wake:{}:{}"
 # A wake-up not run this long after its time is dropped: beat's run applies the receipts.
 EXPIRES = 30.0
+# Receipts due later than this are left to beat's run: a wake-up is an ETA task, held in
+# every worker's memory until due (and re-delivered by Redis past the visibility timeout),
+# and a long simulated receipt delay would hold one per slot of sending.
+HORIZON = 60.0
 
 
 class ReceiptWaker:
@@ -60,6 +64,8 @@ class ReceiptWaker:
         stored while their outcome was being recorded (see workers/tasks.py).
         """
         now = self.clock()
+        if due - now > HORIZON:
+            return
         slot = math.ceil(max(due, now) / SLOT)
         wake = slot * SLOT
         ahead = wake - now

@@ -401,6 +401,10 @@ def deliver(
             # The claim did not commit: give the slots back rather than wait for their lease.
             for key, token in acquired:
                 gate.release(key, token)
+            # Nor did the outcomes (their POSTs were made): this process records them soon,
+            # rather than leave them 'delivering' until the lease and POST them again.
+            if outcomes:
+                _late_for(factory).add(outcomes, _recorder(run))
             raise
         lanes = _lanes(plan=plan, claimed=claimed, gate=gate) if plan is not None else []
         outcomes = []
@@ -558,7 +562,8 @@ def _look(
         # An endpoint whose slots have been busy for long is slow: look again later.
         busy = min(max(BUSY_DELAY, grant.busy), MAX_BUSY_DELAY)
         delay = grant.wait or busy * (1 + random.random() / 2)
-        deferred[now + timedelta(seconds=delay)] = [r.id for r in group]
+        # Added to, not set: endpoints held for the same time (a probe's recheck) share it.
+        deferred.setdefault(now + timedelta(seconds=delay), []).extend(r.id for r in group)
     allowed = [r.id for key in grants for r in by_endpoint[key]]
     return _Plan(
         now=now,
@@ -722,14 +727,18 @@ def _run_lane(run: _Run, *, lane: _Lane, collector: _Collector) -> None:
     finally:
         for token in lane.tokens:
             gate.release(lane.key, token)
-    if collector.hand_in(lane, done):
-        return
+    if not collector.hand_in(lane, done):
+        _late_for(run.factory).add(done, _recorder(run))
+
+
+def _recorder(run: _Run) -> Callable[[list[_Done]], None]:
+    """Records outcomes no task's round took, in a transaction of their own."""
 
     def record(late: list[_Done]) -> None:
         with transaction(run.factory) as session:
             _record(session=session, settings=run.settings, done=late, now=run.clock(), counts=None)
 
-    _late_for(run.factory).add(done, record)
+    return record
 
 
 def _post_lane(
@@ -844,16 +853,6 @@ def _record(
         )
         tally["deferred"] += moved
         tally["stale"] += len(ids) - moved
-    for account_id, url in healthy:
-        session.connection().execute(
-            update(Endpoint)
-            .where(
-                Endpoint.account_id == account_id,
-                Endpoint.url == url,
-                Endpoint.failing_since.is_not(None),
-            )
-            .values(failing_since=None)
-        )
 
     outcome: dict[str, str] = {}
     failing: set[tuple[str, str]] = set()
@@ -889,8 +888,20 @@ def _record(
             continue
         outcome[c.id] = result
         failing.add((c.account_id, c.url))
-    for account_id, url in failing - healthy:
-        if _endpoint_failed(
+    # The endpoints' rows are locked until the commit, in one order for every task: two
+    # tasks taking the same rows in a set's order (seeded per process) could deadlock.
+    for account_id, url in sorted(healthy | failing):
+        if (account_id, url) in healthy:
+            session.connection().execute(
+                update(Endpoint)
+                .where(
+                    Endpoint.account_id == account_id,
+                    Endpoint.url == url,
+                    Endpoint.failing_since.is_not(None),
+                )
+                .values(failing_since=None)
+            )
+        elif _endpoint_failed(
             session=session, settings=settings, account_id=account_id, url=url, now=now
         ):
             for callback_id in _hold_pending(session=session, account_id=account_id, url=url):

@@ -23,6 +23,7 @@ from dispatcher.channels.base import CHANNEL_FAILED
 from dispatcher.channels.twilio import TwilioProvider
 from dispatcher.channels.whatsapp_cloud import WhatsAppCloudProvider
 from dispatcher.db import transaction, utcnow
+from dispatcher.engine import fallback
 from dispatcher.engine.sending import send_recipients
 from dispatcher.receipts import service as receipts
 from dispatcher.receipts.models import PendingReceipt
@@ -519,3 +520,35 @@ def test_the_receipt_deadline_does_not_catch_the_next_channels_send(
         None,
     )
     assert [s for s, _c, _e in history(live, rec.id)][-3:] == ["sent", "queued", "sent"]
+
+
+def test_a_repeated_late_failure_read_before_the_first_moved_it_on_changes_nothing(
+    live: Live, tenant: Tenant, providers: dict[str, Any], twilio: Twilio,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """WhatsApp sends a failed status again (it retries webhooks). On PostgreSQL the
+    second one's transaction may read the message as sent just before the first one
+    moves it on and the SMS goes: it must not move the recipient (now sent by SMS) back
+    to queued, or the SMS goes twice and its receipts match nothing."""
+    if not live.runtime.settings.database_url.startswith("postgresql"):
+        pytest.skip("SQLite takes the write lock at BEGIN: nothing commits inside a receipt")
+    batch_id, _rec, ref = one_sent_on_whatsapp(live, tenant, providers)
+    inner = fallback._fall_back_in
+    first: list[str] = []
+
+    def meanwhile(**kwargs: Any) -> Any:
+        # This transaction has read the WhatsApp message as sent; before it writes, the
+        # first delivery of the status and the SMS send commit (as other workers would).
+        if not first:
+            first.append(ref)
+            failed(live, ref)
+            sent_by_sms(live, providers, batch_id)
+        return inner(**kwargs)
+
+    monkeypatch.setattr(fallback, "_fall_back_in", meanwhile)
+    late_word(live, "whatsapp_cloud", ref, CHANNEL_FAILED)
+    [now] = live.recipients(batch_id)
+    assert (now.status, now.channel) == (R.SENT, "sms")
+    assert now.provider_message_id is not None and now.provider_message_id != ref
+    live.send(providers, batch_id)
+    assert len(twilio.seen) == 1

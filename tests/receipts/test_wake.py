@@ -10,7 +10,7 @@ import redis
 
 from dispatcher import outbox
 from dispatcher.outbox import TaskName
-from dispatcher.receipts.wake import EXPIRES, SLOT, ReceiptWaker
+from dispatcher.receipts.wake import EXPIRES, HORIZON, SLOT, ReceiptWaker
 from tests.helpers import RecordingPublisher, free_port
 
 NOW = 1_800_000_000.0
@@ -73,4 +73,19 @@ def test_a_broken_redis_or_broker_never_reaches_the_caller(client: redis.Redis) 
     waker(client, Failing()).at(NOW + 1)  # logged, not raised
     # The failed publisher freed its slot: the next group due then publishes the wake-up.
     waker(client, publisher).at(NOW + 1)
+    assert len(wake_ups(publisher)) == 1
+
+
+def test_receipts_due_beyond_the_horizon_are_left_to_beat(client: redis.Redis) -> None:
+    """A wake-up is an ETA task, which Celery holds in every worker's memory until it is
+    due (and Redis re-delivers past the visibility timeout): a simulator configured with
+    a long receipt delay would pile one up per slot. Receipts due that far off are
+    applied by beat's run (every second) instead."""
+    publisher = RecordingPublisher()
+    w = waker(client, publisher)
+    w.at(NOW + HORIZON + 1)
+    w.at(NOW + 2 * 3600)
+    assert publisher.messages == []
+    assert list(client.scan_iter("dispatcher:receipts:wake:*")) == []
+    w.at(NOW + HORIZON - 1)  # near enough: a wake-up
     assert len(wake_ups(publisher)) == 1

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import outbox
@@ -430,6 +431,69 @@ def test_racing_workers_post_each_callback_once(
     assert sorted(s.headers["webhook-id"] for s in receiver.requests()) == sorted(ids)
 
 
+def test_failing_endpoints_are_locked_in_one_order_by_every_task(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """Recording failures locks each failing endpoint's row (FOR UPDATE on PostgreSQL)
+    until the commit. Two tasks recording failures of the same endpoints must lock them
+    in the same order, or each holds a row the other waits for: a deadlock, and the
+    aborted task's outcomes are lost (those callbacks are POSTed again after the lease).
+    A set's order differs between worker processes (string hashes are seeded per
+    process): the rows go in (account, url) order."""
+    paths = [f"/down-{i}" for i in range(6)]
+    for path in paths:
+        receiver.script(path, Reply(500))
+    ids = [add_callback(env, receiver.url(path)) for path in paths]
+    urls = {receiver.url(path) for path in paths}
+    locked: list[str] = []
+    engine = env.factory.kw["bind"]
+
+    def note(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if statement.lstrip().startswith("SELECT") and "FROM callback_endpoints" in statement:
+            values = params.values() if isinstance(params, dict) else params
+            locked.extend(v for v in values if v in urls)
+
+    event.listen(engine, "before_cursor_execute", note)
+    try:
+        assert env.deliver(sender, *ids) == {"retry": 6}
+    finally:
+        event.remove(engine, "before_cursor_execute", note)
+    first = list(dict.fromkeys(locked))  # each row is read again once it is created
+    assert sorted(first) == sorted(urls)
+    assert first == sorted(first)
+
+
+def test_outcomes_whose_record_fails_are_recorded_soon_not_left_to_the_lease(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """The POSTs were made; if the transaction recording their outcomes fails (the
+    database busy for a moment, a deadlock), the process keeps the outcomes and records
+    them within seconds, instead of leaving the callbacks 'delivering' until the lease
+    (minutes) and POSTing them again."""
+    ids = [add_callback(env, receiver.url("/hook")) for _ in range(3)]
+    calls = 0
+
+    def clock() -> datetime:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the look, then the round's record: the database fails there
+            raise OperationalError("UPDATE callbacks", {}, Exception("database is locked"))
+        return env.clock.now
+
+    with pytest.raises(OperationalError):
+        delivery.deliver(
+            factory=env.factory,
+            settings=env.settings,
+            sender=sender,
+            gate=env.gate,
+            callback_ids=ids,
+            clock=clock,
+        )
+    assert len(receiver.requests("/hook")) == 3
+    wait_for(lambda: all(env.get(cid).state == "delivered" for cid in ids), timeout=WAIT)
+    assert [env.get(cid).attempts for cid in ids] == [1, 1, 1]
+
+
 def test_retry_after_on_429_is_honoured(
     env: Env, receiver: Receiver, sender: WebhookSender
 ) -> None:
@@ -614,6 +678,42 @@ def test_an_open_breaker_keeps_callbacks_until_its_probe_gets_an_answer(
     for cid in ids:
         assert_untried(env.get(cid), env.clock.now, cooldown - 1, cooldown)
     assert receiver.requests() == []
+
+
+def test_endpoints_held_for_the_same_time_all_have_their_callbacks_deferred(
+    env: Env, receiver: Receiver, sender: WebhookSender, redis_url: str
+) -> None:
+    """Two endpoints whose breakers let a probe through that has not answered yet: both
+    are held for the same recheck time. Every one of their callbacks is deferred to it,
+    not only the last endpoint's (the others would wait, published but untouched, for
+    the lost-publish sweep)."""
+    client = redis.Redis.from_url(redis_url)
+    gate = delivery.gate_for(
+        redis_client=client, settings=env.settings.replace(callback_breaker_cooldown=0.1)
+    )
+    # Two origins (an endpoint is an account's origin): never POSTed to here.
+    urls = [receiver.url("/a"), receiver.url("/b").replace("127.0.0.1", "localhost")]
+    keys = [endpoint_key(env.account_id, url) for url in urls]
+    for key in keys:
+        for _ in range(env.settings.callback_breaker_failures):
+            gate.report(key, ok=False, probe=False)
+    wait_for(lambda: all(gate.held_for(key)[0] == 0 for key in keys), timeout=WAIT)
+    for key in keys:
+        assert gate.acquire(key, 1).probe  # its probe is out, no answer yet
+    ids = [add_callback(env, url) for url in urls for _ in range(2)]
+    counts = delivery.deliver(
+        factory=env.factory,
+        settings=env.settings,
+        sender=sender,
+        gate=gate,
+        callback_ids=ids,
+        clock=env.clock,
+    )
+    assert {k: v for k, v in counts.items() if v} == {"deferred": 4}
+    for cid in ids:
+        assert_untried(env.get(cid), env.clock.now, 1, 10)
+    assert receiver.requests() == []
+    client.close()
 
 
 def test_a_blackholed_endpoint_does_not_hold_the_task_or_other_endpoints(

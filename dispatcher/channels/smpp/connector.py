@@ -30,6 +30,7 @@ import smpp34
 
 from dispatcher import metrics
 from dispatcher.channels.base import Outcome, Receipt, SendResult
+from dispatcher.channels.errors import REF_WIDTH, TEXT_WIDTH
 from dispatcher.channels.smpp import aio, errors, handoff, pdu
 from dispatcher.channels.smpp.aio import run_until
 from dispatcher.channels.smpp.config import Carrier, Connection, SmppConfig
@@ -124,11 +125,16 @@ def receipt_from(event: Any) -> Receipt | None:
         return None
     err = fields.get("err") or None
     failed = status in ("failed", "expired")
+    # Cut to their columns, as every receipt source does: a text field this parser does
+    # not know is read as part of the one before it, and a value too long for its column
+    # would fail (PostgreSQL) the worker's whole group, put back ahead of the rest.
     return Receipt(
-        provider_message_id=ref,
+        provider_message_id=ref[:REF_WIDTH],
         status=status,
         error_code=(f"smpp_{stat.lower()}" if failed else None),
-        error_text=(f"{stat} err:{err}" if failed and err else stat if failed else None),
+        error_text=(
+            f"{stat} err:{err}"[:TEXT_WIDTH] if failed and err else stat if failed else None
+        ),
         done_at=pdu.parse_receipt_date(fields.get("done date")),
         carrier_status=stat if err is None else f"{stat}:{err}",
     )
@@ -333,42 +339,45 @@ class Link:
                 if smsc is None:
                     return self._partial(ids) if ids else _not_sent("bind lost", 1.0)
                 token = self.owner.submit_started()
-                self.stats.in_flight += 1
-                self.stats.window_peak = max(self.stats.window_peak, self.stats.in_flight)
-                self.stats.outstanding_sum += self.stats.in_flight
                 try:
-                    # asyncio.timeout, not wait_for: no task per submit.
-                    async with asyncio.timeout(self.owner.config.response_timeout):
-                        resp = await smsc.submit_sm(
-                            dest.addr,
-                            payload,
-                            source_addr=sender.addr,
-                            source_addr_ton=sender.ton,
-                            source_addr_npi=sender.npi,
-                            dest_addr_ton=dest.ton,
-                            dest_addr_npi=dest.npi,
-                            esm_class=encoded.esm_class,
-                            registered_delivery=1 if self.carrier.registered_delivery else 0,
-                            validity_period=validity,
-                            data_coding=encoded.data_coding,
-                        )
-                except (smpp34.SmppError, TimeoutError, OSError) as exc:
-                    # No submit_sm_resp: the SMSC may or may not have it. Never resend.
-                    if not isinstance(exc, TimeoutError) and self.tx is smsc:
-                        # The session is gone: no further submit may start on it.
-                        self.tx = None
-                    self.stats.unknown += 1
-                    self.owner.submit_done(token)
-                    return handoff.unknown()
+                    self.stats.in_flight += 1
+                    self.stats.window_peak = max(self.stats.window_peak, self.stats.in_flight)
+                    self.stats.outstanding_sum += self.stats.in_flight
+                    try:
+                        # asyncio.timeout, not wait_for: no task per submit.
+                        async with asyncio.timeout(self.owner.config.response_timeout):
+                            resp = await smsc.submit_sm(
+                                dest.addr,
+                                payload,
+                                source_addr=sender.addr,
+                                source_addr_ton=sender.ton,
+                                source_addr_npi=sender.npi,
+                                dest_addr_ton=dest.ton,
+                                dest_addr_npi=dest.npi,
+                                esm_class=encoded.esm_class,
+                                registered_delivery=1 if self.carrier.registered_delivery else 0,
+                                validity_period=validity,
+                                data_coding=encoded.data_coding,
+                            )
+                    except (smpp34.SmppError, TimeoutError, OSError) as exc:
+                        # No submit_sm_resp: the SMSC may or may not have it. Never resend.
+                        if not isinstance(exc, TimeoutError) and self.tx is smsc:
+                            # The session is gone: no further submit may start on it.
+                            self.tx = None
+                        self.stats.unknown += 1
+                        return handoff.unknown()
+                    finally:
+                        self.stats.in_flight -= 1
+                    self.stats.submits += 1
+                    if resp.command_status == errors.ESME_ROK and len(encoded.payloads) > 1:
+                        # Known as a part before any receipt for it is looked at (see flush).
+                        message_id = resp.message_id or ""
+                        main = ids[0] if ids else message_id
+                        await self.owner.remember_part(message_id, main, len(encoded.payloads))
                 finally:
-                    self.stats.in_flight -= 1
-                self.stats.submits += 1
-                if resp.command_status == errors.ESME_ROK and len(encoded.payloads) > 1:
-                    # Known as a part before any receipt for it is looked at (see flush).
-                    message_id = resp.message_id or ""
-                    main = ids[0] if ids else message_id
-                    await self.owner.remember_part(message_id, main, len(encoded.payloads))
-                self.owner.submit_done(token)
+                    # Answered or given up, and its parts noted or not: the receipts
+                    # that came after it must not wait for it (see flush).
+                    self.owner.submit_done(token)
                 status = resp.command_status
                 if status != errors.ESME_ROK:
                     if ids:
@@ -623,28 +632,38 @@ class Connector:
                 await self.sleep_or_stop(1.0)
 
     async def flush(self, *, final: bool = False) -> None:
-        """Hand buffered receipts to the sink, and inbound messages every FLUSH_EVERY."""
+        """Hand buffered receipts to the sink, and inbound messages every FLUSH_EVERY.
+
+        Receipts first: they need Redis alone, and the carrier has had its answer, so
+        this buffer is their only copy (a database down must not hold them here).
+        """
+        # A receipt is translated only once every submit that began before it arrived
+        # has its submit_sm_resp: only then is a part's id known to be a part's.
+        oldest = min(self._inflight.values(), default=None)
+        ready: list[tuple[float, Receipt]] = []
+        keep: list[tuple[float, Receipt]] = []
+        for at, r in self._receipts:
+            if final or oldest is None or at < oldest:
+                ready.append((at, r))
+            else:
+                keep.append((at, r))
+        self._receipts = keep
+        done = 0
+        try:
+            mains = await self.parts_of([r.provider_message_id for _, r in ready])
+            for (_, r), main in zip(ready, mains, strict=True):
+                translated = await self.translate(r, main)
+                done += 1
+                if translated is not None:
+                    self._outgoing.append(translated)
+        finally:
+            # Redis failed part way: the rest wait for the next flush, ahead of newer ones.
+            self._receipts[:0] = ready[done:]
+        await _drain(self._outgoing, self.sink.receipts)
         now = time.monotonic()
         if final or len(self._inbound) >= FLUSH_SIZE or now - self._inbound_flushed >= FLUSH_EVERY:
             self._inbound_flushed = now
             await _drain(self._inbound, self.sink.inbound)
-        # A receipt is translated only once every submit that began before it arrived
-        # has its submit_sm_resp: only then is a part's id known to be a part's.
-        oldest = min(self._inflight.values(), default=None)
-        ready: list[Receipt] = []
-        keep: list[tuple[float, Receipt]] = []
-        for at, r in self._receipts:
-            if final or oldest is None or at < oldest:
-                ready.append(r)
-            else:
-                keep.append((at, r))
-        self._receipts = keep
-        mains = await self.parts_of([r.provider_message_id for r in ready])
-        for r, main in zip(ready, mains, strict=True):
-            translated = await self.translate(r, main)
-            if translated is not None:
-                self._outgoing.append(translated)
-        await _drain(self._outgoing, self.sink.receipts)
 
     async def parts_of(self, refs: list[str]) -> list[str | None]:
         """For each id, the id of the message it is a part of (None: not a part)."""

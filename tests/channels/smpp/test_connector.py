@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import cast
 
 import pytest
 import redis
+import redis.asyncio as aioredis
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Receipt, SmsOptions
@@ -467,3 +471,86 @@ def test_receipts_go_to_the_sink_at_every_flush_inbound_messages_once_a_second(
 
     asyncio.run(flushes())
     assert RECEIPTS_EVERY < FLUSH_EVERY
+
+
+def test_receipts_outlive_a_redis_failure_and_a_database_failure_at_flush(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    """The carrier has had its deliver_sm_resp: a receipt exists only in the connector's
+    buffer until the sink takes it. A flush that fails (Redis gone while parts are looked
+    up, the database refusing inbound messages) keeps it for the next one."""
+    record = RecordingSink()
+    failing_inbound: list[int] = []
+
+    class DownDatabase(Sink):
+        def inbound(self, batch: Sequence[Inbound]) -> None:
+            failing_inbound.append(len(batch))
+            raise OperationalError("INSERT", {}, Exception("database is down"))
+
+    # Nothing listens there: every Redis call fails, as a restarting Redis's would.
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    connector = Connector(config=smpp_config({"local": [port]}), redis_url=down, sink=Sink(record))
+    first = Receipt("0000000031", "delivered", done_at=None)
+    second = Receipt("0000000032", "expired", done_at=None)
+    mo = Inbound("local", "local-0", "+447700900031", "+447700900032", "hi", datetime.now(UTC), 0)
+
+    async def flushes() -> None:
+        connector._receipts.append((time.monotonic(), first))
+        with pytest.raises(redis.ConnectionError):
+            await connector.flush()
+        assert record.receipts == []
+        await connector.redis.aclose()
+        connector.redis = aioredis.Redis.from_url(redis_url)  # Redis is back
+        connector.sink = DownDatabase(record)  # ...and the database is down
+        connector._receipts.append((time.monotonic(), second))
+        connector._inbound.append(mo)
+        with pytest.raises(OperationalError):
+            await connector.flush(final=True)  # the connector stopping
+        assert failing_inbound == [1]
+        assert record.receipts == [first, second]
+        await connector.redis.aclose()
+
+    asyncio.run(flushes())
+
+
+def test_a_redis_error_after_a_long_messages_submit_does_not_hold_later_receipts(
+    port: int, redis_url: str, smpp_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receipt waits until every submit begun before it has its submit_sm_resp (only
+    then is a part's id known). A submit whose part could not be noted in Redis must
+    still count as answered, or every receipt after it stays in the connector's memory."""
+    # The connector's Redis user may not write how many parts are left: noting the parts
+    # fails, as it would with Redis failing right then. Everything else is allowed.
+    user = f"conn-{free_port()}"
+    allowed = ["q", "r", "ledger", "alive", "stats", "part", "receipts", "mo"]
+    rules = ["on", ">pw", "+@all", "~dispatcher:rl:*"]
+    rules += [f"~dispatcher:smpp:{kind}*" for kind in allowed]
+    smpp_redis.execute_command("ACL", "SETUSER", user, *rules)
+    limited = redis_url.replace("redis://", f"redis://{user}:pw@")
+    config = smpp_config({"local": [port]})
+    record = RecordingSink()
+    # The failed request's traceback is no matter here (and CPython 3.11 formats
+    # tracebacks with its parser, whose depth count two threads at once can upset).
+    caplog.set_level(logging.CRITICAL, logger="asyncio")
+
+    def script(s: Submit) -> Action:
+        # The long message's parts get no receipt (their count could not be kept).
+        return Action(receipt=None if s.destination_addr.endswith("1") else "DELIVRD")
+
+    try:
+        with (
+            running(LocalSmsc(port=port, script=script)) as smsc,
+            connector_running(config, limited, record),
+        ):
+            provider = live_provider(smpp_redis, config)
+            # A worker's request (its answer, never to come, is not waited for here).
+            provider._push("local", [message(1, "x" * 161)])
+            wait_for(lambda: len(smsc.submits) >= 1)  # its first part answered; not noted
+            [result] = provider.send_many([message(2)])
+            assert result.outcome is Outcome.ACCEPTED
+            ref = result.provider_message_id
+            got = wait_for(lambda: [r for r in record.receipts if r.provider_message_id == ref])
+            assert got[0].status == "delivered"
+    finally:
+        smpp_redis.execute_command("ACL", "DELUSER", user)
+        gc.collect()  # the failed request's task, now, while its log is silenced
