@@ -73,7 +73,12 @@ class DispatcherTask(Task):
         try:
             return super().__call__(*args, **kwargs)
         finally:
-            deadletter.finished(rt.redis, task_id)
+            try:
+                deadletter.finished(rt.redis, task_id)
+            except redis.RedisError:
+                # The task's own outcome stands (its work is done, or its error is the
+                # one to report); the count expires with its TTL.
+                log.warning("could not clear the deliveries of %s[%s]", self.name, task_id)
 
 
 class TransactionTask(DispatcherTask):

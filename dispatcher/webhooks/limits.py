@@ -18,7 +18,9 @@ Redis's own clock (TIME) is used, so workers on hosts with skewed clocks agree.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
+import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -26,9 +28,13 @@ import redis
 
 __all__ = ["EndpointGate", "Grant", "endpoint_key"]
 
+log = logging.getLogger(__name__)
+
 _PREFIX = "dispatcher:callbacks:endpoint:"
 # While the half-open probe is out, others look again this soon rather than after its lease.
 _PROBE_RECHECK_MS = 5000
+# Slots a process keeps to give back later, at most (older ones have expired meanwhile).
+_MAX_UNRELEASED = 10_000
 
 # KEYS: slots, breaker. ARGV: lease ms, limit, wanted lanes, token prefix, probe recheck ms.
 # Returns {wait_ms, probe, counting, busy_ms, token...}: wait_ms > 0 means the breaker
@@ -153,6 +159,39 @@ class Grant:
     busy: float = 0.0  # no slot free: how long the oldest has been held (s)
 
 
+class _Unreleased:
+    """Slots this process could not give back (Redis failed), given back by its next gate
+    call that reaches Redis: kept in Redis (an append-only file), they would otherwise
+    hold the endpoint's callbacks back until their lease passed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: list[tuple[str, str]] = []
+
+    def add(self, slots: list[tuple[str, str]]) -> None:
+        with self._lock:
+            self._slots[:0] = slots
+            del self._slots[_MAX_UNRELEASED:]
+
+    def give_back(self, client: redis.Redis) -> None:
+        """Give them back; on a Redis error keep them and raise it."""
+        with self._lock:
+            slots, self._slots = self._slots, []
+        if not slots:
+            return
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for key, token in slots:
+                    pipe.zrem(f"{_PREFIX}{key}:slots", token)
+                pipe.execute()
+        except redis.RedisError:
+            self.add(slots)
+            raise
+
+
+_unreleased = _Unreleased()
+
+
 class EndpointGate:
     """Concurrency slots and a circuit breaker per endpoint, shared through Redis."""
 
@@ -179,6 +218,7 @@ class EndpointGate:
 
     def acquire(self, key: str, lanes: int) -> Grant:
         """Up to ``lanes`` slots on the endpoint, unless its breaker holds it."""
+        _unreleased.give_back(self._redis)
         reply = self._acquire(
             keys=[f"{_PREFIX}{key}:slots", f"{_PREFIX}{key}:breaker"],
             args=[
@@ -202,6 +242,7 @@ class EndpointGate:
     def held_for(self, key: str) -> tuple[float, float]:
         """Without taking a slot: (seconds the breaker still holds the endpoint, seconds
         its oldest slot has been held if none is free); both 0 when it can take work."""
+        _unreleased.give_back(self._redis)
         wait_ms, busy_ms = self._peek(
             keys=[f"{_PREFIX}{key}:slots", f"{_PREFIX}{key}:breaker"],
             args=[self._lease_ms, self._limit, _PROBE_RECHECK_MS],
@@ -209,8 +250,18 @@ class EndpointGate:
         return int(wait_ms) / 1000, int(busy_ms) / 1000
 
     def release(self, key: str, token: str) -> None:
-        """Give a slot back."""
-        self._redis.zrem(f"{_PREFIX}{key}:slots", token)
+        """Give a slot back; never raises.
+
+        Callers release after POSTing, before recording the outcomes: a Redis that is
+        down then must not cost them (the lane's callbacks would wait for the delivery
+        lease and be POSTed again). A slot it could not give back is given back by this
+        process's next gate call that reaches Redis, or freed when its lease passes.
+        """
+        try:
+            self._redis.zrem(f"{_PREFIX}{key}:slots", token)
+        except redis.RedisError:
+            _unreleased.add([(key, token)])
+            log.warning("endpoint slot not released yet (Redis failed)", exc_info=True)
 
     def report(self, key: str, *, ok: bool, probe: bool) -> float:
         """Count one attempt's outcome; returns how long the breaker is now open (s)."""

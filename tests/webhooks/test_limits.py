@@ -7,9 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from dispatcher.webhooks.limits import EndpointGate, Grant, endpoint_key
 from tests.conftest import wait_for
+from tests.helpers import free_port
 
 COOLDOWN = 0.3
 
@@ -51,6 +54,21 @@ def test_slots_are_capped_across_callers_and_come_back(client: redis.Redis, key:
     g.release(key, first.tokens[0])
     again = g.acquire(key, 4)
     assert len(again.tokens) == 1 and not again.probe and again.wait == 0
+
+
+def test_a_slot_redis_failed_to_take_back_is_given_back_when_it_answers(
+    client: redis.Redis, key: str
+) -> None:
+    g = gate(client, limit=1)
+    (token,) = g.acquire(key, 1).tokens
+    # Nothing listens there; no retries (they only make the test slower).
+    down = redis.Redis(host="127.0.0.1", port=free_port(), retry=Retry(NoBackoff(), 0))
+    try:
+        gate(down, limit=1).release(key, token)  # no error for the lane that calls it
+    finally:
+        down.close()
+    # Not left held until its lease passes (60 s): the next call gives it back first.
+    assert len(g.acquire(key, 1).tokens) == 1
 
 
 def test_a_slot_whose_holder_died_frees_when_its_lease_passes(
