@@ -85,7 +85,7 @@ class TransactionTask(DispatcherTask):
     """A task whose body is one transaction: the base opens it, passes the session, commits.
 
     The body is ``body(self, session, **kwargs)``; a retry of a transient error
-    reruns the whole transaction (the retry wraps this, as warehouse's task does).
+    reruns the whole transaction (the retry wraps the transaction, not the other way).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> TransactionTask:
