@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -401,6 +402,13 @@ class Link:
         )
 
 
+def _log_failed(name: str, task: asyncio.Future[None]) -> None:
+    """Log a hand-off request that raised, when it does: the worker that sent it waits
+    for its answer until its deadline, and nothing else would retrieve the error."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.error("smpp %s: a hand-off request failed", name, exc_info=exc)
+
+
 class Connector:
     def __init__(
         self,
@@ -518,6 +526,7 @@ class Connector:
             task = asyncio.ensure_future(self.handle(link, got[1]))
             running.add(task)
             task.add_done_callback(running.discard)
+            task.add_done_callback(functools.partial(_log_failed, link.conn.name))
         if running:
             await asyncio.wait(running)
 
