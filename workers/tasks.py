@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import redis
 from celery import Task, shared_task
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from dispatcher import retention
@@ -193,12 +193,9 @@ def simulator_receipts(self: DispatcherTask) -> dict[str, int]:
 
 
 def _apply_receipts(rt: Runtime, provider: Any, due: list[Any]) -> dict[str, int]:
-    """Apply one claim of ``provider``'s receipts in one transaction; give them back if it fails."""
+    """Apply one claim of ``provider``'s receipts; give them all back if that fails."""
     try:
-        with transaction(rt.sessions) as session:
-            counts = receipts.accept(
-                session=session, provider=provider.name, receipts=due, now=utcnow()
-            ).as_dict()
+        counts = _accept(rt, provider.name, due)
     except Exception:
         if hasattr(provider, "requeue_receipts"):
             provider.requeue_receipts(due)
@@ -206,6 +203,46 @@ def _apply_receipts(rt: Runtime, provider: Any, due: list[Any]) -> dict[str, int
     if hasattr(provider, "receipts_applied"):
         provider.receipts_applied()  # committed: the provider's claim on them can go
     return counts
+
+
+# What a database answers to a value no column takes (or a constraint it breaks): the
+# receipt's content, unlike a lost connection or a lock, which the next run gets past.
+_REFUSED = (DataError, IntegrityError)
+
+
+def _accept(rt: Runtime, provider: str, due: list[Any]) -> dict[str, int]:
+    """Apply ``due`` in one transaction or, if the database refuses it, one receipt a
+    transaction, dropping (and logging) those it refuses alone.
+
+    A claim that failed goes back ahead of the rest, so one receipt the database cannot
+    store would otherwise fail every run after it, and no receipt would be applied. If it
+    refuses every one, the fault is not theirs: the error stands and all go back.
+    """
+
+    def apply(group: list[Any]) -> dict[str, int]:
+        with transaction(rt.sessions) as session:
+            return receipts.accept(
+                session=session, provider=provider, receipts=group, now=utcnow()
+            ).as_dict()
+
+    try:
+        return apply(due)
+    except _REFUSED:
+        if len(due) == 1:
+            raise
+    counts: Counter[str] = Counter()
+    refused: list[tuple[Any, Exception]] = []
+    for receipt in due:
+        try:
+            counts.update(apply([receipt]))
+        except _REFUSED as exc:
+            refused.append((receipt, exc))
+    if len(refused) == len(due):
+        raise refused[-1][1]
+    for receipt, error in refused:
+        log.error("%s receipt dropped, the database refuses it: %r (%s)", provider, receipt, error)
+    counts["refused"] = len(refused)
+    return dict(counts)
 
 
 @transactional(TaskName.SWEEP_RECEIPTS)

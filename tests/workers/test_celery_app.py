@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import delete
+from sqlalchemy.exc import DataError
 
 from dispatcher import outbox
 from dispatcher.channels.base import OutboundMessage, Receipt
@@ -180,3 +181,42 @@ def test_a_carriers_receipt_with_an_overlong_id_does_not_stop_the_receipts_behin
     # Neither matches a message: both kept (the first one cut to the column), none left.
     assert counts == {"applied": 0, "pending": 2, "ignored": 0}, counts
     assert left == []
+
+
+@pytest.mark.parametrize("behind", [1, 0], ids=["with-others", "alone"])
+def test_a_receipt_the_database_refuses_is_dropped_not_put_back_ahead_of_the_rest(
+    settings: Settings, behind: int
+) -> None:
+    """Whatever makes the database refuse one receipt (here a message id past its column,
+    which PostgreSQL refuses and SQLite stores), the others of its claim are applied and
+    it alone is dropped; refused with nothing else, it stands and goes back."""
+    postgres = settings.database_url.startswith("postgresql")
+    app = create_celery(settings)
+    app.loader.import_default_modules()
+    runtime: Runtime = app.runtime
+    runtime.publisher = RecordingPublisher()
+    for key in runtime.redis.scan_iter("dispatcher:smpp:receipts*"):
+        runtime.redis.delete(key)
+    config = parse({"carriers": {"local": {"connections": [_SMPP_CONNECTION]}}})
+    provider = SmppProvider(redis_client=runtime.redis, config=config)
+    runtime.__dict__["providers"] = {"sms": provider}
+    sink = DatabaseSink(sessions=runtime.sessions, redis_client=runtime.redis)
+    sink.receipts([Receipt("9" * 300, "delivered")])
+    sink.receipts([Receipt(f"smpp-behind-{i}", "delivered") for i in range(behind)])
+    task = app.tasks[TaskName.SIMULATOR_RECEIPTS.value]
+    try:
+        result = task.apply()
+        left = provider.due_receipts()
+    finally:
+        with runtime.sessions.begin() as session:
+            session.execute(delete(PendingReceipt).where(PendingReceipt.provider == "smpp"))
+        runtime.dispose()
+    if not postgres:
+        assert result.get() == {"applied": 0, "pending": 1 + behind, "ignored": 0}
+        assert left == []
+    elif behind:
+        assert result.get() == {"applied": 0, "pending": 1, "ignored": 0, "refused": 1}
+        assert left == []
+    else:
+        assert isinstance(result.result, DataError)
+        assert [r.provider_message_id for r in left] == ["9" * 300]
