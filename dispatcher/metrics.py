@@ -113,7 +113,7 @@ CALLBACKS = Counter(
 )
 RECEIPTS = Counter(
     "dispatcher_receipts",
-    "Delivery receipts by outcome (applied, unmatched, waiting, dropped).",
+    "Delivery receipts by outcome (applied, unmatched, waiting, dropped, refused).",
     ["outcome"],
 )
 CARRIER_UP = Gauge(
@@ -238,7 +238,8 @@ def receipts_applied(*, received: int, applied: int) -> None:
 
 
 def receipts(outcome: str, n: int = 1) -> None:
-    """Count receipts: ``applied``, ``unmatched``, ``waiting`` (kept for later), ``dropped``."""
+    """Count receipts: ``applied``, ``unmatched``, ``waiting`` (kept for later), ``dropped``,
+    ``refused`` (the database would not store it: dropped, logged)."""
     if n:
         RECEIPTS.labels(outcome).inc(n)
 

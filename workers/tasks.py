@@ -19,7 +19,7 @@ from celery import Task, shared_task
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from dispatcher import retention
+from dispatcher import metrics, retention
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
 from dispatcher.outbox import TaskName
@@ -242,6 +242,7 @@ def _accept(rt: Runtime, provider: str, due: list[Any]) -> dict[str, int]:
     for receipt, error in refused:
         log.error("%s receipt dropped, the database refuses it: %r (%s)", provider, receipt, error)
     counts["refused"] = len(refused)
+    metrics.receipts("refused", len(refused))
     return dict(counts)
 
 
