@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from celery.result import EagerResult
 from sqlalchemy import delete
 from sqlalchemy.exc import DataError
 
@@ -156,28 +158,11 @@ def test_a_carriers_receipt_with_an_overlong_id_does_not_stop_the_receipts_behin
     does not know, read as part of the id): the run that takes it must not fail, or the
     group goes back ahead of the others and every later run fails on it (PostgreSQL
     refuses the over-long value; SQLite stores it)."""
-    app = create_celery(settings)
-    app.loader.import_default_modules()
-    runtime: Runtime = app.runtime
-    runtime.publisher = RecordingPublisher()
-    for key in runtime.redis.scan_iter("dispatcher:smpp:receipts*"):
-        runtime.redis.delete(key)
-    config = parse({"carriers": {"local": {"connections": [_SMPP_CONNECTION]}}})
-    runtime.__dict__["providers"] = {"sms": SmppProvider(redis_client=runtime.redis, config=config)}
     text = f"id:{'7' * 90} msgref:{'8' * 40} sub:001 dlvrd:000 stat:UNDELIV err:034".encode()
     overlong = receipt_from(SimpleNamespace(tlvs=[], short_message=text, data_coding=0))
     assert overlong is not None
-    sink = DatabaseSink(sessions=runtime.sessions, redis_client=runtime.redis)
-    sink.receipts([overlong])
-    sink.receipts([Receipt("smpp-behind-1", "delivered")])
-    task = app.tasks[TaskName.SIMULATOR_RECEIPTS.value]
-    try:
-        counts = task.apply().get()
-        left = runtime.providers["sms"].due_receipts()  # type: ignore[attr-defined]
-    finally:
-        with runtime.sessions.begin() as session:
-            session.execute(delete(PendingReceipt).where(PendingReceipt.provider == "smpp"))
-        runtime.dispose()
+    result, left = _receipts_run(settings, [overlong], [Receipt("smpp-behind-1", "delivered")])
+    counts = result.get()
     # Neither matches a message: both kept (the first one cut to the column), none left.
     assert counts == {"applied": 0, "pending": 2, "ignored": 0}, counts
     assert left == []
@@ -191,6 +176,24 @@ def test_a_receipt_the_database_refuses_is_dropped_not_put_back_ahead_of_the_res
     which PostgreSQL refuses and SQLite stores), the others of its claim are applied and
     it alone is dropped; refused with nothing else, it stands and goes back."""
     postgres = settings.database_url.startswith("postgresql")
+    behind_it = [Receipt(f"smpp-behind-{i}", "delivered") for i in range(behind)]
+    result, left = _receipts_run(settings, [Receipt("9" * 300, "delivered")], behind_it)
+    if not postgres:
+        assert result.get() == {"applied": 0, "pending": 1 + behind, "ignored": 0}
+        assert left == []
+    elif behind:
+        assert result.get() == {"applied": 0, "pending": 1, "ignored": 0, "refused": 1}
+        assert left == []
+    else:
+        assert isinstance(result.result, DataError)
+        assert [r.provider_message_id for r in left] == ["9" * 300]
+
+
+def _receipts_run(
+    settings: Settings, *groups: list[Receipt]
+) -> tuple[EagerResult[Any], list[Receipt]]:
+    """One receipts run (eagerly) over ``groups`` as the SMPP connector's sink stores them
+    (each group pushed on its own); returns its result and what it left in Redis."""
     app = create_celery(settings)
     app.loader.import_default_modules()
     runtime: Runtime = app.runtime
@@ -201,22 +204,12 @@ def test_a_receipt_the_database_refuses_is_dropped_not_put_back_ahead_of_the_res
     provider = SmppProvider(redis_client=runtime.redis, config=config)
     runtime.__dict__["providers"] = {"sms": provider}
     sink = DatabaseSink(sessions=runtime.sessions, redis_client=runtime.redis)
-    sink.receipts([Receipt("9" * 300, "delivered")])
-    sink.receipts([Receipt(f"smpp-behind-{i}", "delivered") for i in range(behind)])
-    task = app.tasks[TaskName.SIMULATOR_RECEIPTS.value]
+    for group in groups:
+        sink.receipts(group)
     try:
-        result = task.apply()
-        left = provider.due_receipts()
+        result = app.tasks[TaskName.SIMULATOR_RECEIPTS.value].apply()
+        return result, provider.due_receipts()
     finally:
         with runtime.sessions.begin() as session:
             session.execute(delete(PendingReceipt).where(PendingReceipt.provider == "smpp"))
         runtime.dispose()
-    if not postgres:
-        assert result.get() == {"applied": 0, "pending": 1 + behind, "ignored": 0}
-        assert left == []
-    elif behind:
-        assert result.get() == {"applied": 0, "pending": 1, "ignored": 0, "refused": 1}
-        assert left == []
-    else:
-        assert isinstance(result.result, DataError)
-        assert [r.provider_message_id for r in left] == ["9" * 300]
