@@ -38,7 +38,28 @@ def worker(
     pool: str = "prefork",
 ) -> Iterator[Process]:
     """A real Celery worker process consuming ``queues``."""
-    proc = Process(
+    proc = worker_process(
+        settings, log_dir, name=name, queues=queues, concurrency=concurrency, pool=pool
+    )
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def worker_process(
+    settings: Settings,
+    log_dir: Path,
+    *,
+    name: str = "send",
+    queues: str = "dispatch,send",
+    concurrency: int = 1,
+    pool: str = "prefork",
+    log_name: str | None = None,
+) -> Process:
+    """Start a real Celery worker process consuming ``queues`` (the caller stops it);
+    it logs to ``<log_name or name>-worker.log`` in ``log_dir``."""
+    return Process(
         celery(
             "worker",
             "-Q",
@@ -56,12 +77,8 @@ def worker(
             "--without-gossip",
         ),
         settings,
-        log_dir / f"{name}-worker.log",
+        log_dir / f"{log_name or name}-worker.log",
     )
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 @contextmanager
