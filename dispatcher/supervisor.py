@@ -142,3 +142,41 @@ class Supervisor:
                 return child
             time.sleep(poll)
         return None
+
+    def keep(
+        self,
+        stopping: Callable[[], bool],
+        *,
+        restart: Callable[[Child], bool],
+        poll: float = 0.5,
+    ) -> Child | None:
+        """Like :meth:`watch`, but a child that dies is handed to ``restart``, which
+        starts it again and returns True, or returns False: then it is the one returned."""
+        while (dead := self.watch(stopping, poll)) is not None:
+            self.stop_child(dead)  # its pool children too, and its log closed
+            if not restart(dead):
+                return dead
+        return None
+
+
+class Restarts:
+    """Whether a child that exited may be started again: at most ``limit`` times within
+    ``window`` seconds. More than that is a crash loop (a bad setting, a broken
+    dependency), which starting it again would only hide."""
+
+    def __init__(
+        self, *, limit: int = 3, window: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._at: dict[str, list[float]] = {}
+
+    def allow(self, name: str) -> bool:
+        """True (and counted) if ``name`` may start again now."""
+        now = self._clock()
+        recent = [t for t in self._at.get(name, []) if now - t < self.window]
+        if len(recent) >= self.limit:
+            return False
+        self._at[name] = [*recent, now]
+        return True

@@ -18,6 +18,8 @@ from typing import IO
 import pytest
 import requests
 
+from dispatcher.devserver import _again
+from dispatcher.supervisor import Child, Restarts
 from tests.helpers import free_port, wait_for
 
 pytestmark = pytest.mark.system
@@ -111,3 +113,29 @@ def _get(url: str) -> int:
         return requests.get(url, timeout=5).status_code
     except requests.RequestException:
         return 0
+
+
+def test_a_process_that_exits_is_started_again_but_not_redis_nor_a_crash_loop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argvs = {"send-worker": [sys.executable, "-c", "raise SystemExit(1)"]}
+    started: list[str] = []
+    restarts = Restarts(limit=2, window=60.0)
+
+    def start(name: str, argv: list[str]) -> None:
+        assert argv == argvs[name]
+        started.append(name)
+
+    def exited(name: str) -> Child:
+        child = Child(name, [sys.executable, "-c", "raise SystemExit(1)"], env=os.environ)
+        child.proc.wait(timeout=20)
+        return child
+
+    assert _again(start, argvs, restarts, exited("send-worker"))
+    assert _again(start, argvs, restarts, exited("send-worker"))
+    assert not _again(start, argvs, restarts, exited("send-worker"))  # a crash loop
+    assert not _again(start, argvs, restarts, exited("redis"))  # everything needs it
+    assert started == ["send-worker", "send-worker"]
+    said = capsys.readouterr().out
+    assert said.count("send-worker exited with 1; starting it again") == 2
+    assert "send-worker exited with 1; stopping" in said and "redis exited with 1; stopping" in said

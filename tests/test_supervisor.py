@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from dispatcher.config import Settings
-from dispatcher.supervisor import Child, Supervisor, child_env
+from dispatcher.supervisor import Child, Restarts, Supervisor, child_env
 from tests.helpers import wait_for
 
 # A parent that starts a grandchild in its own group (like Celery's pool), prints both
@@ -82,6 +82,50 @@ def test_the_supervisor_stops_newest_first_and_reports_a_dead_child(tmp_path: Pa
     assert order == ["last", "quitter", "first"]
     assert sup.children == []
     assert not first.alive() and not last.alive()
+
+
+def test_a_child_that_exits_is_started_again_until_restart_says_no(tmp_path: Path) -> None:
+    """What ``dispatcher run`` does when a worker exits (a Redis outage can end one)."""
+    sup = Supervisor(grace=10)
+    sleeper = sup.add(
+        Child("steady", [sys.executable, "-c", "import signal; signal.pause()"], env=os.environ)
+    )
+    quitter = [sys.executable, "-c", "raise SystemExit(3)"]
+    started = [sup.add(Child("quitter", quitter, env=os.environ, log=tmp_path / "q0.log"))]
+
+    def restart(dead: Child) -> bool:
+        assert dead is started[-1] and dead.returncode == 3
+        assert dead not in sup.children  # stopped (its group too) and forgotten
+        if len(started) == 3:
+            return False
+        log = tmp_path / f"q{len(started)}.log"
+        started.append(sup.add(Child("quitter", quitter, env=os.environ, log=log)))
+        return True
+
+    assert sup.keep(lambda: False, restart=restart, poll=0.05) is started[-1]
+    assert len(started) == 3 and sup.children == [sleeper] and sleeper.alive()
+    sup.stop()
+
+
+def test_keep_returns_nothing_once_stopping(tmp_path: Path) -> None:
+    sup = Supervisor(grace=10)
+    sup.add(
+        Child("steady", [sys.executable, "-c", "import signal; signal.pause()"], env=os.environ)
+    )
+    assert sup.keep(lambda: True, restart=lambda dead: True, poll=0.05) is None
+    sup.stop()
+    assert sup.children == []
+
+
+def test_restarts_stop_at_a_crash_loop() -> None:
+    now = [0.0]
+    restarts = Restarts(limit=3, window=60.0, clock=lambda: now[0])
+    assert [restarts.allow("send-worker") for _ in range(4)] == [True, True, True, False]
+    assert restarts.allow("api")  # counted per process
+    now[0] = 59.0
+    assert not restarts.allow("send-worker")
+    now[0] = 60.5  # the first three are older than the window now
+    assert restarts.allow("send-worker")
 
 
 def test_child_env_rebuilds_the_settings_and_drops_foreign_dispatcher_variables(
