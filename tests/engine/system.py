@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -28,19 +29,9 @@ class Process(Child):
 
 
 @contextmanager
-def worker(
-    settings: Settings,
-    log_dir: Path,
-    *,
-    name: str = "send",
-    queues: str = "dispatch,send",
-    concurrency: int = 1,
-    pool: str = "prefork",
-) -> Iterator[Process]:
-    """A real Celery worker process consuming ``queues``."""
-    proc = worker_process(
-        settings, log_dir, name=name, queues=queues, concurrency=concurrency, pool=pool
-    )
+def worker(settings: Settings, log_dir: Path, **options: Any) -> Iterator[Process]:
+    """A real Celery worker process (``options``: :func:`worker_process`'s), stopped after."""
+    proc = worker_process(settings, log_dir, **options)
     try:
         yield proc
     finally:
