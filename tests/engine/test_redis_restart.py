@@ -39,7 +39,7 @@ from dispatcher.db import utcnow
 from dispatcher.devserver import redis_server_command
 from dispatcher.runtime import Runtime
 from dispatcher.states import RecipientStatus
-from dispatcher.supervisor import Child
+from dispatcher.supervisor import Child, Supervisor
 from tests.engine import system
 from tests.factories import Tenant
 from tests.helpers import free_port, make_settings, wait_for
@@ -114,25 +114,29 @@ class Kept:
     ("Unrecoverable error: AttributeError: 'NoneType' object has no attribute
     'hostname'", kombu 5.7; an upstream bug). Invariant 2 is the deployment's, with its
     process manager: what that worker held is in Redis and the database, and the next
-    worker carries on. ``restarts`` says how often it happened.
+    worker carries on.
     """
 
     def __init__(self, settings: Settings, logs: Path, *, name: str, **options: Any) -> None:
         self._start = functools.partial(system.worker_process, settings, logs, name=name, **options)
         self.name = name
-        self.procs = [self._start()]
+        self.procs = [self._start()]  # every one started, for their logs
+        self._sup = Supervisor()
+        self._sup.add(self.procs[0])
         self._done = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher = threading.Thread(
+            target=self._sup.keep,
+            args=(self._done.is_set,),
+            kwargs={"restart": self._again, "poll": 0.2},
+            daemon=True,
+        )
         self._watcher.start()
 
-    @property
-    def restarts(self) -> int:
-        return len(self.procs) - 1
-
-    def _watch(self) -> None:
-        while not self._done.wait(0.2):
-            if not self.procs[-1].alive():
-                self.procs.append(self._start(log_name=f"{self.name}-{len(self.procs)}"))
+    def _again(self, dead: Child) -> bool:
+        """Start the next worker (``Supervisor.keep`` has stopped the one that exited)."""
+        self.procs.append(self._start(log_name=f"{self.name}-{len(self.procs)}"))
+        self._sup.add(self.procs[-1])
+        return True
 
     def output(self) -> str:
         return "".join(p.output() for p in self.procs)
@@ -140,8 +144,7 @@ class Kept:
     def stop(self) -> None:
         self._done.set()
         self._watcher.join(timeout=5)
-        for proc in self.procs:
-            proc.stop()
+        self._sup.stop()
 
 
 @contextmanager
