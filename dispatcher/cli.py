@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher.config import Settings
+from dispatcher.config import ConfigError, Settings
 from dispatcher.db import make_engine, make_session_factory, transaction
 
 if TYPE_CHECKING:
@@ -89,7 +89,8 @@ def _seconds(
 
 
 class _Group(click.Group):
-    """Domain refusals (unknown id, conflict...) print their reason and exit 1, no traceback."""
+    """Domain refusals (unknown id, conflict...) and settings that cannot be used print
+    their reason and exit 1, no traceback."""
 
     def invoke(self, ctx: click.Context) -> object:
         from dispatcher.errors import DispatcherError
@@ -98,6 +99,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except DispatcherError as exc:
             raise click.ClickException(exc.message) from exc
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
 
 
 @click.group(cls=_Group)

@@ -57,6 +57,25 @@ class CredentialsError(RuntimeError):
     """The service-account key cannot be used (its content is never in the message)."""
 
 
+def check_key(key: dict[str, Any]) -> None:
+    """Refuse a service-account key without the fields a token request needs."""
+    missing = [k for k in ("client_email", "private_key", "token_uri") if not key.get(k)]
+    if missing:
+        raise CredentialsError(f"service-account key lacks {', '.join(missing)}")
+
+
+def read_key(path: str) -> dict[str, Any]:
+    """The service-account key file Google issues, checked (CredentialsError if unusable)."""
+    try:
+        key = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CredentialsError(f"cannot read the service-account key file {path}") from exc
+    if not isinstance(key, dict):
+        raise CredentialsError(f"{path} is not a service-account key")
+    check_key(key)
+    return key
+
+
 class ServiceAccountTokens:
     """OAuth 2.0 access tokens for a Google service account, cached until near expiry."""
 
@@ -68,9 +87,7 @@ class ServiceAccountTokens:
         timeout: tuple[float, float],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        missing = [k for k in ("client_email", "private_key", "token_uri") if not key.get(k)]
-        if missing:
-            raise CredentialsError(f"service-account key lacks {', '.join(missing)}")
+        check_key(key)
         self._key = key
         self._session = session
         self._timeout = timeout
@@ -82,13 +99,7 @@ class ServiceAccountTokens:
     @classmethod
     def from_file(cls, path: str, **kwargs: Any) -> ServiceAccountTokens:
         """Load the key file Google issues for the service account."""
-        try:
-            key = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise CredentialsError(f"cannot read the service-account key file {path}") from exc
-        if not isinstance(key, dict):
-            raise CredentialsError(f"{path} is not a service-account key")
-        return cls(key=key, **kwargs)
+        return cls(key=read_key(path), **kwargs)
 
     def get(self) -> str:
         """A token valid for a while yet: the cached one, or a fresh one."""
