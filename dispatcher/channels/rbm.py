@@ -34,6 +34,10 @@ DEFAULT_API_URL = "https://rcsbusinessmessaging.googleapis.com"
 # RBM's documented maximum for a text message: longer text is refused for RCS
 # (the next channel, usually SMS, carries it) rather than split into several bubbles.
 MAX_TEXT = 3072
+# What the operator checks when Google refuses the service account.
+KEY_FILE = (
+    "DISPATCHER_RBM_SERVICE_ACCOUNT_FILE (the key, and the service account's access to the agent)"
+)
 # A token is replaced this long before it expires (or at half its life if shorter).
 REFRESH_MARGIN = 300.0
 
@@ -142,7 +146,12 @@ class ServiceAccountTokens:
         )
         body = errors.reply_json(response)
         if response.status_code != 200 or not isinstance(body, dict) or "access_token" not in body:
-            raise CredentialsError(f"token endpoint answered {response.status_code}")
+            # OAuth 2.0's error and its description (RFC 6749 5.2), never the assertion.
+            said = body if isinstance(body, dict) else {}
+            why = ": ".join(str(said[k])[:200] for k in ("error", "error_description") if k in said)
+            raise CredentialsError(
+                f"token endpoint answered {response.status_code}" + (f" ({why})" if why else "")
+            )
         lifetime = float(body.get("expires_in", 3600))
         self._token = str(body["access_token"])
         self._refresh_at = now + lifetime - min(REFRESH_MARGIN, lifetime / 2)
@@ -185,9 +194,10 @@ class RbmProvider(Provider):
                 # A token revoked or expired early: one retry with a fresh one.
                 response = self._post(message, fresh=True)
         except CredentialsError as exc:
-            return errors.failure(Outcome.TRANSIENT, code="rbm_auth", text=str(exc))
+            refused = errors.failure(Outcome.TRANSIENT, code="rbm_auth", text=str(exc))
+            return errors.refused_credentials(self.name, refused, check=KEY_FILE)
         except requests.RequestException as exc:
-            return errors.network(exc)
+            return errors.network(exc, provider=self.name)
         if response.status_code == 200 or response.status_code == 409:
             # 409 ALREADY_EXISTS: this messageId was accepted by an earlier hand-off.
             return SendResult(Outcome.ACCEPTED, provider_message_id=message.recipient_id)
@@ -196,12 +206,16 @@ class RbmProvider(Provider):
         rpc = str(error.get("status", "")) if isinstance(error, dict) else ""
         text = str(error.get("message", "")) if isinstance(error, dict) else response.reason
         outcome = BY_RPC_STATUS.get(rpc) or errors.by_status(response.status_code)
-        return errors.failure(
+        result = errors.failure(
             outcome,
             code=f"rbm_{response.status_code}" + (f"_{rpc}" if rpc else ""),
             text=text,
             retry_after=errors.retry_after(response.headers),
         )
+        if response.status_code == 401:
+            # Refused even with a fresh token: the service account lacks access to RBM.
+            return errors.refused_credentials(self.name, result, check=KEY_FILE)
+        return result
 
     def _post(self, message: OutboundMessage, *, fresh: bool = False) -> requests.Response:
         token = self.tokens.get()

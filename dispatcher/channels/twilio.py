@@ -25,9 +25,11 @@ DEFAULT_API_URL = "https://api.twilio.com"
 STATUS_PATH = "/providers/twilio/status"
 
 T, C, R = Outcome.TRANSIENT, Outcome.CHANNEL, Outcome.RECIPIENT
+# Twilio's "Authenticate": our Account SID or auth token is wrong.
+AUTHENTICATE = 20003
 # Twilio's error codes, by what Dispatcher does with them. Unnamed codes: by HTTP status.
 CODES: dict[int, Outcome] = {
-    20003: T,  # authentication failed: the operator fixes the credentials, messages wait
+    AUTHENTICATE: T,  # the operator fixes the credentials; messages wait
     20429: T,  # too many requests
     20500: T,  # internal server error
     20503: T,  # service unavailable
@@ -106,7 +108,7 @@ class TwilioProvider(Provider):
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
-            return errors.network(exc)
+            return errors.network(exc, provider=self.name)
         body = errors.reply_json(response)
         if response.status_code in (200, 201) and isinstance(body, dict) and body.get("sid"):
             return SendResult(Outcome.ACCEPTED, provider_message_id=str(body["sid"]))
@@ -117,12 +119,16 @@ class TwilioProvider(Provider):
         code = body.get("code") if isinstance(body, dict) else None
         code = code if isinstance(code, int) else None
         text = str(body.get("message") or "") if isinstance(body, dict) else ""
-        return errors.failure(
+        result = errors.failure(
             errors.classify(CODES, code, response.status_code),
             code=f"twilio_{code if code is not None else response.status_code}",
             text=text or response.reason,
             retry_after=errors.retry_after(response.headers),
         )
+        if code == AUTHENTICATE or response.status_code == 401:
+            check = "DISPATCHER_TWILIO_ACCOUNT_SID and DISPATCHER_TWILIO_AUTH_TOKEN"
+            return errors.refused_credentials(self.name, result, check=check)
+        return result
 
 
 # MessageStatus values with a place in a recipient's life; queued, accepted,

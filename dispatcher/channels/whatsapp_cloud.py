@@ -28,12 +28,14 @@ DEFAULT_API_URL = "https://graph.facebook.com/v21.0"
 MAX_TEXT = 4096
 
 T, C, R = Outcome.TRANSIENT, Outcome.CHANNEL, Outcome.RECIPIENT
+# Meta's OAuthException 190: the access token is invalid or expired.
+TOKEN_INVALID = 190
 # Meta's error codes, by what Dispatcher does with them. Unnamed codes: by HTTP status.
 CODES: dict[int, Outcome] = {
     1: T,  # API unknown
     2: T,  # API service temporarily unavailable
     4: T,  # application request limit reached
-    190: T,  # access token expired: the operator renews it, messages wait
+    TOKEN_INVALID: T,  # the operator renews the token; messages wait
     80007: T,  # WhatsApp Business Account rate limit
     130429: T,  # Cloud API throughput reached
     131000: T,  # something went wrong
@@ -133,7 +135,7 @@ class WhatsAppCloudProvider(Provider):
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
-            return errors.network(exc)
+            return errors.network(exc, provider=self.name)
         body = errors.reply_json(response)
         if response.status_code == 200 and isinstance(body, dict):
             ids = [m.get("id") for m in body.get("messages") or [] if isinstance(m, dict)]
@@ -154,12 +156,16 @@ class WhatsAppCloudProvider(Provider):
                 else None
             )
             text = str(details or error.get("message") or text)
-        return errors.failure(
+        result = errors.failure(
             errors.classify(CODES, code, response.status_code),
             code=f"whatsapp_{code if code is not None else response.status_code}",
             text=text,
             retry_after=errors.retry_after(response.headers),
         )
+        if code == TOKEN_INVALID or response.status_code == 401:
+            check = f"DISPATCHER_WHATSAPP_TOKENS (the token of phone number id {number_id})"
+            return errors.refused_credentials(self.name, result, check=check)
+        return result
 
 
 # Webhook statuses with a place in a recipient's life. "sent" (left for WhatsApp's
