@@ -147,7 +147,7 @@ def network(exc: requests.RequestException, *, provider: str) -> SendResult:
     request = getattr(exc, "request", None)
     host = urlsplit(request.url).netloc if request is not None and request.url else "its API"
     kind = type(exc).__name__
-    warn_operator(provider, "network", f"cannot reach {host} ({kind}); {WAITING}.")
+    warn_operator(provider, "network", f"no answer from {host} ({kind}); {WAITING}.")
     return failure(Outcome.TRANSIENT, code="network", text=kind)
 
 

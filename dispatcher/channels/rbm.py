@@ -27,7 +27,8 @@ import jwt
 import requests
 
 from dispatcher.channels import errors
-from dispatcher.channels.base import OutboundMessage, Outcome, Provider, Receipt, SendResult
+from dispatcher.channels.base import OutboundMessage, Outcome, Receipt, SendResult
+from dispatcher.channels.breaker import Breaker, HttpVendor
 
 SCOPE = "https://www.googleapis.com/auth/rcsbusinessmessaging"
 DEFAULT_API_URL = "https://rcsbusinessmessaging.googleapis.com"
@@ -157,7 +158,7 @@ class ServiceAccountTokens:
         self._refresh_at = now + lifetime - min(REFRESH_MARGIN, lifetime / 2)
 
 
-class RbmProvider(Provider):
+class RbmProvider(HttpVendor):
     name = "rbm"
     # A lost hand-off is sent again: the same messageId is refused as ALREADY_EXISTS
     # (counted as accepted) if it had reached RBM.
@@ -172,6 +173,7 @@ class RbmProvider(Provider):
         ttl: float = 0.0,
         session: requests.Session,
         timeout: tuple[float, float],
+        breaker: Breaker | None = None,
     ) -> None:
         if not agent_id:
             raise ValueError("the rbm provider needs DISPATCHER_RBM_AGENT_ID")
@@ -181,8 +183,9 @@ class RbmProvider(Provider):
         self.ttl = ttl
         self.session = session
         self.timeout = timeout
+        self.breaker = breaker or Breaker()
 
-    def send(self, message: OutboundMessage) -> SendResult:
+    def hand_over(self, message: OutboundMessage) -> SendResult:
         refused = errors.too_long(
             message.body, limit=MAX_TEXT, code="rbm_text_too_long", service="RBM"
         )

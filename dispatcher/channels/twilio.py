@@ -19,7 +19,8 @@ from collections.abc import Iterable, Mapping
 import requests
 
 from dispatcher.channels import errors
-from dispatcher.channels.base import OutboundMessage, Outcome, Provider, Receipt, SendResult
+from dispatcher.channels.base import OutboundMessage, Outcome, Receipt, SendResult
+from dispatcher.channels.breaker import Breaker, HttpVendor
 
 DEFAULT_API_URL = "https://api.twilio.com"
 STATUS_PATH = "/providers/twilio/status"
@@ -64,7 +65,7 @@ def signature(auth_token: str, url: str, params: Iterable[tuple[str, str]]) -> s
     return base64.b64encode(digest).decode()
 
 
-class TwilioProvider(Provider):
+class TwilioProvider(HttpVendor):
     name = "twilio"
 
     def __init__(
@@ -77,6 +78,7 @@ class TwilioProvider(Provider):
         api_url: str = DEFAULT_API_URL,
         session: requests.Session,
         timeout: tuple[float, float],
+        breaker: Breaker | None = None,
     ) -> None:
         if not account_sid or not auth_token:
             raise ValueError(
@@ -89,8 +91,9 @@ class TwilioProvider(Provider):
         self.url = f"{api_url.rstrip('/')}/2010-04-01/Accounts/{account_sid}/Messages.json"
         self.session = session
         self.timeout = timeout
+        self.breaker = breaker or Breaker()
 
-    def send(self, message: OutboundMessage) -> SendResult:
+    def hand_over(self, message: OutboundMessage) -> SendResult:
         prefix = "whatsapp:" if message.channel == "whatsapp" else ""
         form = {"To": prefix + message.to, "Body": message.body}
         if self.messaging_service_sid and not prefix:

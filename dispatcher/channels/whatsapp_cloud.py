@@ -21,7 +21,8 @@ from typing import Any
 import requests
 
 from dispatcher.channels import errors
-from dispatcher.channels.base import OutboundMessage, Outcome, Provider, Receipt, SendResult
+from dispatcher.channels.base import OutboundMessage, Outcome, Receipt, SendResult
+from dispatcher.channels.breaker import Breaker, HttpVendor
 
 DEFAULT_API_URL = "https://graph.facebook.com/v21.0"
 # The Cloud API's maximum for a text message body.
@@ -81,7 +82,7 @@ def template_payload(template: Mapping[str, Any]) -> dict[str, Any]:
     return payload
 
 
-class WhatsAppCloudProvider(Provider):
+class WhatsAppCloudProvider(HttpVendor):
     name = "whatsapp_cloud"
 
     def __init__(
@@ -93,6 +94,7 @@ class WhatsAppCloudProvider(Provider):
         api_url: str = DEFAULT_API_URL,
         session: requests.Session,
         timeout: tuple[float, float],
+        breaker: Breaker | None = None,
     ) -> None:
         if not tokens:
             raise ValueError("the whatsapp_cloud provider needs DISPATCHER_WHATSAPP_TOKENS")
@@ -102,8 +104,9 @@ class WhatsAppCloudProvider(Provider):
         self.api_url = api_url.rstrip("/")
         self.session = session
         self.timeout = timeout
+        self.breaker = breaker or Breaker()
 
-    def send(self, message: OutboundMessage) -> SendResult:
+    def hand_over(self, message: OutboundMessage) -> SendResult:
         number_id = self.senders.get(message.sender, self.phone_number_id)
         token = self.tokens.get(number_id)
         if not number_id or not token:

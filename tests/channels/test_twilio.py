@@ -128,7 +128,7 @@ def test_an_unreachable_api_names_its_host_to_the_operator(
     result = down.send(message())
     assert (result.outcome, result.error_code) == (Outcome.TRANSIENT, "network")
     [line] = operator_warnings()
-    assert line.startswith(f"twilio: cannot reach 127.0.0.1:{port} (ConnectionError)")
+    assert line.startswith(f"twilio: no answer from 127.0.0.1:{port} (ConnectionError)")
     assert "retried on DISPATCHER_SEND_RETRY_SCHEDULE" in line
 
 
