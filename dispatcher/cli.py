@@ -15,6 +15,8 @@ from dispatcher.config import ConfigError, Settings
 from dispatcher.db import make_engine, make_session_factory, transaction
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from dispatcher.backlog import Progress
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -502,6 +504,7 @@ def status(settings: Settings, timeout: float) -> None:
         snap = backlog.snapshot(session=session, now=now)
         rates = backlog.rates(session=session, now=now)
         biggest = backlog.largest_backlogs(session=session, now=now)
+        retries = _waiting_retries(session=session)
     ages = {
         "dispatch": snap.oldest_undispatched_batch_age,
         "send": snap.oldest_due_recipient_age,
@@ -522,6 +525,43 @@ def status(settings: Settings, timeout: float) -> None:
         click.echo(f"  {account_id}  {n}")
     if not biggest:
         click.echo("  none")
+    from dispatcher.channels.registry import selected
+
+    chosen = ", ".join(f"{c} {name}" for c, name in selected(settings).items())
+    click.echo(f"\nproviders: {chosen}")
+    click.echo("waiting for a retry after a failed hand-off (channel, error, recipients, next):")
+    for channel, code, n, next_at in retries:
+        due = max(0.0, (next_at - now).total_seconds())
+        click.echo(f"  {channel:<9} {code:<24} {n:>7}  in {due:.0f}s")
+    if not retries:
+        click.echo("  none")
+
+
+def _waiting_retries(*, session: Session, limit: int = 5) -> list[tuple[str, str, int, datetime]]:
+    """Recipients queued again after a failed hand-off, by channel and error code, with
+    their next try: how refused credentials or a carrier that is down show.
+
+    Read through the (status, next_attempt_at) index; rows a rate limit deferred carry
+    no error code.
+    """
+    from sqlalchemy import func, select
+
+    from dispatcher.batches.models import Recipient
+    from dispatcher.states import RecipientStatus
+
+    count = func.count()
+    rows = session.execute(
+        select(Recipient.channel, Recipient.error_code, count, func.min(Recipient.next_attempt_at))
+        .where(
+            Recipient.status == RecipientStatus.QUEUED,
+            Recipient.next_attempt_at.is_not(None),
+            Recipient.error_code.is_not(None),
+        )
+        .group_by(Recipient.channel, Recipient.error_code)
+        .order_by(count.desc())
+        .limit(limit)
+    ).all()
+    return [(str(c), str(code), int(n), at) for c, code, n, at in rows if at is not None]
 
 
 def _workers_by_queue(settings: Settings, timeout: float) -> dict[str, list[str]]:
