@@ -33,8 +33,8 @@ def rpc_error(code: int, status: str, message: str) -> dict[str, Any]:
 
 
 class Rbm(StandIn):
-    def __init__(self, *, public_key: Any, token_lifetime: int = 3600) -> None:
-        super().__init__()
+    def __init__(self, *, public_key: Any, token_lifetime: int = 3600, port: int = 0) -> None:
+        super().__init__(port=port)
         self.public_key = public_key
         self.token_lifetime = token_lifetime
         self.valid_tokens: set[str] = set()

@@ -37,8 +37,8 @@ def error(status: int, code: int, message: str, headers: dict[str, str] | None =
 
 
 class Twilio(StandIn):
-    def __init__(self, *, account_sid: str, auth_token: str) -> None:
-        super().__init__()
+    def __init__(self, *, account_sid: str, auth_token: str, port: int = 0) -> None:
+        super().__init__(port=port)
         self.account_sid = account_sid
         self.auth_token = auth_token
         # To -> error reply

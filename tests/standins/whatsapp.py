@@ -54,8 +54,8 @@ def error(code: int, status: int = 400) -> Reply:
 
 
 class WhatsApp(StandIn):
-    def __init__(self, *, tokens: dict[str, str]) -> None:
-        super().__init__()
+    def __init__(self, *, tokens: dict[str, str], port: int = 0) -> None:
+        super().__init__(port=port)
         self.tokens = tokens
         # wa number (no +) -> error code answered for text messages / for everything
         self.text_errors: dict[str, int] = {}
