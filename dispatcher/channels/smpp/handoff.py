@@ -28,13 +28,15 @@ def key(kind: str, name: str) -> str:
 
 
 # A carrier's request list, a request's reply, a bound connection's flag, a submit's
-# ledger entry, a part's message id, a message's parts not yet delivered, counters.
+# ledger entry, a part's message id, a message's parts not yet delivered and those
+# delivered (each part counted once, see connector.translate), counters.
 queue_key = partial(key, "q")
 reply_key = partial(key, "r")
 alive_key = partial(key, "alive")
 ledger_key = partial(key, "ledger")
 part_key = partial(key, "part")
 left_key = partial(key, "left")
+done_key = partial(key, "done")
 stats_key = partial(key, "stats")
 # Receipts the connector has read, for a worker to apply (one JSON list per group).
 RECEIPTS = f"{PREFIX}receipts"
