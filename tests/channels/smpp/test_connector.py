@@ -30,6 +30,8 @@ from dispatcher.channels.smpp.handoff import (
     RECEIPT_CLAIMS,
     done_key,
     left_key,
+    queue_key,
+    reply_key,
     stats_key,
 )
 from dispatcher.channels.smpp.provider import CLAIM_STALE_S, SmppProvider
@@ -368,6 +370,55 @@ def test_a_connection_dropped_mid_window_sends_nothing_twice(
     # have reached it at all (in the socket when the session dropped), and is not re-sent.
     assert delivered_to == set(per_destination) - {m.to.lstrip("+") for m in unknown}
     assert len(delivered_to) == 10 - len(unknown)
+
+
+def lose_data(client: redis.Redis) -> None:
+    """What a Redis restarted without its data leaves of the hand-off: nothing."""
+    for key in client.scan_iter("dispatcher:smpp:*"):
+        client.delete(key)
+
+
+def test_a_submit_answered_before_redis_lost_its_data_is_never_submitted_again(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    """The connector submitted, the SMSC accepted, the answer was written; then Redis lost
+    its data before the worker read it. No answer, no ledger entry, the request gone from
+    the list: the SMSC may have it, so the outcome is unknown, not "try again"."""
+    config = smpp_config({"local": [port]})
+    with (
+        running(LocalSmsc(port=port)) as smsc,
+        connector_running(config, redis_url, RecordingSink()),
+    ):
+        provider = live_provider(smpp_redis, config)
+        request_id, *handed = provider._push("local", [message(1)])
+        wait_for(lambda: smpp_redis.exists(reply_key(request_id)))
+        assert len(smsc.accepted) == 1
+        lose_data(smpp_redis)
+        handed[1] = time.time() + 0.3  # the worker's give-up time: no answer will come
+        [result] = provider._wait("local", request_id, *handed)
+    assert (result.outcome, result.error_code) == (Outcome.UNKNOWN, "outcome_unknown")
+    assert "Redis lost" in (result.error_text or "")
+
+
+def test_a_request_with_no_answer_is_sent_again_only_when_redis_kept_its_data(
+    port: int, smpp_redis: redis.Redis
+) -> None:
+    """Taken from the list and not in the ledger, with Redis's data intact: the connector
+    died before writing its ledger entry, so before submitting: safe to send again. The
+    same after Redis lost its data cannot tell whether a connector took it first."""
+    provider = SmppProvider(redis_client=smpp_redis, config=smpp_config({"local": [port]}))
+    for lost in (False, True):
+        request_id, *handed = provider._push("local", [message(1)])
+        handed[1] = time.time() + 0.2
+        # A connector takes it and dies at once; or Redis loses it (request and all).
+        assert smpp_redis.lpop(queue_key("local")) == handed[0].encode()
+        if lost:
+            lose_data(smpp_redis)
+        [result] = provider._wait("local", request_id, *handed)
+        expected = (
+            (Outcome.UNKNOWN, "outcome_unknown") if lost else (Outcome.TRANSIENT, "connector_lost")
+        )
+        assert (result.outcome, result.error_code) == expected
 
 
 def test_a_connection_that_cannot_bind_is_reported_retried_and_never_logs_its_password(
