@@ -62,6 +62,17 @@ if ARGV[2] ~= '' then
   redis.call('EXPIRE', KEYS[1], 120)
 end
 """
+# A part's delivery. KEYS: its message's parts left, then its parts delivered (a set made
+# with the member "" when the message was submitted). ARGV: the part's id. Returns the
+# parts left, counting each part once: an SMSC sends a deliver_sm again when its
+# deliver_sm_resp was lost or late, and a flush asks again when Redis's reply was lost.
+# -1 when the set is missing (submitted before parts were counted so, or Redis lost it):
+# the count may hold a part twice, so that message is not reported delivered here.
+PART_DELIVERED = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then return redis.call('DECR', KEYS[1]) end
+return tonumber(redis.call('GET', KEYS[1]) or -1)
+"""
 
 
 @dataclass(frozen=True)
@@ -443,6 +454,7 @@ class Connector:
         self._wake = asyncio.Event()
         self.redis: aioredis.Redis = aioredis.Redis.from_url(redis_url)
         self._ledger = self.redis.register_script(LEDGER_SCRIPT)
+        self._part_delivered = self.redis.register_script(PART_DELIVERED)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -566,6 +578,9 @@ class Connector:
         pipe.set(handoff.part_key(part), main, ex=handoff.LEDGER_TTL)
         if part == main:
             pipe.set(handoff.left_key(main), total, ex=handoff.LEDGER_TTL)
+            # "" is no part's id: the set says the parts are counted once each (translate).
+            pipe.sadd(handoff.done_key(main), "")
+            pipe.expire(handoff.done_key(main), handoff.LEDGER_TTL)
         await pipe.execute()
 
     # -- receiving -------------------------------------------------------------
@@ -694,8 +709,11 @@ class Connector:
         if main is None:
             return receipt
         if receipt.status == "delivered":
-            left = await self.redis.decr(handoff.left_key(main))
-            if left > 0:
+            keys = [handoff.left_key(main), handoff.done_key(main)]
+            left = await self._part_delivered(
+                keys, [receipt.provider_message_id], client=self.redis
+            )
+            if left != 0:
                 return None
         return replace(receipt, provider_message_id=main)
 
