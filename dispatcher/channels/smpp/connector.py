@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -49,6 +50,10 @@ RECEIPTS_EVERY = 0.1
 FLUSH_EVERY = 1.0
 FLUSH_SIZE = 500
 MO_PARTS_TTL = 3600
+# Parts of long messages whose message id this process keeps in memory (the oldest go
+# first): the rest are looked up in Redis, which keeps them LEDGER_TTL. A part leaves the
+# map at its final receipt; this bounds those whose receipt never comes.
+PARTS_KEPT = 100_000
 # KEYS: a request's reply key, then its messages' ledger keys. ARGV: the ledger TTL, the
 # reply ("" for none yet), then one ledger value per message. One command per request
 # instead of a SET each.
@@ -443,7 +448,7 @@ class Connector:
             for conn in carrier.connections:
                 self.links.append(Link(conn, carrier, self))
         self.max_requests = max_requests
-        self.part_of: dict[str, str] = {}
+        self.part_of: OrderedDict[str, str] = OrderedDict()
         self._inflight: dict[int, float] = {}
         self._tokens = itertools.count()
         self._receipts: list[tuple[float, Receipt]] = []
@@ -574,6 +579,8 @@ class Connector:
     async def remember_part(self, part: str, main: str, total: int) -> None:
         """Map a part's id to its message's (the first part's), for receipts that come per part."""
         self.part_of[part] = main
+        while len(self.part_of) > PARTS_KEPT:
+            self.part_of.popitem(last=False)
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(handoff.part_key(part), main, ex=handoff.LEDGER_TTL)
         if part == main:
@@ -678,6 +685,9 @@ class Connector:
             for (_, r), main in zip(ready, mains, strict=True):
                 translated = await self.translate(r, main)
                 done += 1
+                if r.status != "enroute":
+                    # Its final receipt: one sent again is looked up in Redis.
+                    self.part_of.pop(r.provider_message_id, None)
                 if translated is not None:
                     self._outgoing.append(translated)
         finally:

@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Receipt, SmsOptions
+from dispatcher.channels.smpp import connector as connector_module
 from dispatcher.channels.smpp import errors, pdu
 from dispatcher.channels.smpp.connector import FLUSH_EVERY, RECEIPTS_EVERY, Connector, Inbound
 from dispatcher.channels.smpp.handoff import (
@@ -606,6 +607,38 @@ def test_receipts_go_to_the_sink_at_every_flush_inbound_messages_once_a_second(
 
     asyncio.run(flushes())
     assert RECEIPTS_EVERY < FLUSH_EVERY
+
+
+def test_the_parts_kept_in_memory_are_bounded_and_leave_at_their_final_receipt(
+    port: int, redis_url: str, smpp_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connector runs for weeks: the parts it remembers go at their final receipt (an
+    ``enroute`` one keeps them), and past PARTS_KEPT the oldest go. A part no longer in
+    memory is still found in Redis, so its receipt counts for its message."""
+    monkeypatch.setattr(connector_module, "PARTS_KEPT", 3)
+    record = RecordingSink()
+    connector = Connector(
+        config=smpp_config({"local": [port]}), redis_url=redis_url, sink=Sink(record)
+    )
+
+    async def receipts(*got: Receipt) -> None:
+        connector._receipts.extend((time.monotonic(), r) for r in got)
+        await connector.flush()
+
+    async def parts() -> None:
+        for main in ("a", "b"):
+            await connector.remember_part(main, main, 2)
+            await connector.remember_part(f"{main}-2", main, 2)
+        assert list(connector.part_of) == ["a-2", "b", "b-2"]  # "a" went first
+        await receipts(Receipt("b", "enroute", done_at=None))
+        assert "b" in connector.part_of
+        await receipts(*(Receipt(ref, "delivered", done_at=None) for ref in ("b", "b-2")))
+        await receipts(*(Receipt(ref, "delivered", done_at=None) for ref in ("a", "a-2")))
+        assert list(connector.part_of) == []
+        assert [r.provider_message_id for r in record.receipts] == ["b", "a"]
+        await connector.redis.aclose()
+
+    asyncio.run(parts())
 
 
 def test_receipts_outlive_a_redis_failure_and_a_database_failure_at_flush(
