@@ -259,6 +259,12 @@ class _Collector:
             self._closed = True
             return self._done, self._left_items
 
+    def abandon(self) -> list[_Done]:
+        """Stop waiting now (the task was interrupted); returns the outcomes handed in so far."""
+        with self._cond:
+            self._closed = True
+            return self._done
+
 
 class _LateOutcomes:
     """Outcomes of lanes that finished after their task stopped waiting, recorded together.
@@ -420,12 +426,21 @@ def _run_round(run: _Run, *, lanes: list[_Lane], deadline: float) -> tuple[list[
     """POST one round's lanes; returns the outcomes the task is to record and how many
     callbacks are still in flight (their lanes record them when they finish)."""
     collector = _Collector(lanes)
-    for lane in lanes:
-        run.sender.submit(_run_lane, run, lane=lane, collector=collector)
-    wait = run.settings.callback_task_wait
-    # Never past the limit, however well the lanes move: other tasks are waiting.
-    limit = deadline + max(2 * wait, 4 * STALL)
-    return collector.close(deadline=deadline, stall=max(STALL, wait / 4), limit=limit)
+    try:
+        for lane in lanes:
+            run.sender.submit(_run_lane, run, lane=lane, collector=collector)
+        wait = run.settings.callback_task_wait
+        # Never past the limit, however well the lanes move: other tasks are waiting.
+        limit = deadline + max(2 * wait, 4 * STALL)
+        return collector.close(deadline=deadline, stall=max(STALL, wait / 4), limit=limit)
+    except BaseException:
+        # Interrupted while waiting (Celery raises its soft time limit into the task
+        # wherever it is): the lanes' POSTs are made or under way. What they handed in
+        # is recorded by this process soon, and the rest record their own once the
+        # collector is closed, rather than stay 'delivering' until the lease and be
+        # POSTed again.
+        _late_for(run.factory).add(collector.abandon(), _recorder(run))
+        raise
 
 
 def _republish(session: Session, ids: Sequence[str], *, now: datetime) -> int:

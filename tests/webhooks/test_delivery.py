@@ -4,6 +4,7 @@ real HTTP receiver on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -492,6 +494,41 @@ def test_outcomes_whose_record_fails_are_recorded_soon_not_left_to_the_lease(
     assert len(receiver.requests("/hook")) == 3
     wait_for(lambda: all(env.get(cid).state == "delivered" for cid in ids), timeout=WAIT)
     assert [env.get(cid).attempts for cid in ids] == [1, 1, 1]
+
+
+def test_lanes_that_finish_after_the_task_is_interrupted_record_their_outcomes_soon(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """Celery's soft time limit is a signal whose handler raises SoftTimeLimitExceeded in
+    the task's thread, wherever it is: here, while it waits for its lanes. The exception
+    goes on up, and the outcomes of the lanes (handed in before it, or finishing after)
+    are still recorded within seconds, not left 'delivering' until the lease (minutes)
+    and POSTed again."""
+    assert threading.current_thread() is threading.main_thread()  # signals run there
+    fast = add_callback(env, receiver.url("/hook"))
+    # Another account: an endpoint, and so a lane, of its own.
+    slow = add_callback(env, receiver.url("/slow"), account_id=add_account(env, "other"))
+
+    def soft_time_limit(signum: int, frame: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    def interrupt_once_posted() -> None:
+        if receiver.arrived.wait(timeout=WAIT):
+            os.kill(os.getpid(), signal.SIGUSR1)  # as billiard's pool signals its child
+
+    previous = signal.signal(signal.SIGUSR1, soft_time_limit)
+    interrupter = threading.Thread(target=interrupt_once_posted)
+    interrupter.start()
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            env.deliver(sender, fast, slow)
+    finally:
+        interrupter.join(timeout=WAIT)
+        signal.signal(signal.SIGUSR1, previous)
+        receiver.release.set()  # the slow lane gets its answer after the task stopped
+    wait_for(lambda: all(env.get(cid).state == "delivered" for cid in (fast, slow)), timeout=WAIT)
+    assert [env.get(cid).attempts for cid in (fast, slow)] == [1, 1]
+    assert sorted(s.path for s in receiver.requests()) == ["/hook", "/slow"]
 
 
 def test_retry_after_on_429_is_honoured(
