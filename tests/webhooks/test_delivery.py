@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -19,6 +20,8 @@ from typing import Any
 import pytest
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +30,7 @@ from dispatcher import outbox
 from dispatcher.accounts import service as accounts
 from dispatcher.config import Settings
 from dispatcher.db import make_engine, make_session_factory, new_id, transaction, utcnow
+from dispatcher.devserver import redis_server_command
 from dispatcher.errors import Conflict, NotFound, ValidationError
 from dispatcher.models import Base
 from dispatcher.webhooks import delivery, queries, scheduling, sign
@@ -34,6 +38,7 @@ from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender
 from dispatcher.webhooks.limits import EndpointGate, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint
 from tests.conftest import wait_for
+from tests.helpers import free_port
 
 SCHEDULE = (1.0, 2.0, 3.0)
 JITTER = 0.1  # next_delay's default jitter fraction
@@ -715,6 +720,73 @@ def test_an_open_breaker_keeps_callbacks_until_its_probe_gets_an_answer(
     for cid in ids:
         assert_untried(env.get(cid), env.clock.now, cooldown - 1, cooldown)
     assert receiver.requests() == []
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[redis.Redis, subprocess.Popen[bytes]]]:
+    """A redis-server of the test's own, which it may stop, and a client that does not retry."""
+    port = free_port()
+    data = tmp_path / "own-redis"
+    data.mkdir()
+    server = subprocess.Popen(
+        redis_server_command(port=port, data_dir=data, persist=False), stdout=subprocess.DEVNULL
+    )
+    client = redis.Redis(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0))
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_for(up, timeout=20)
+        yield client, server
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_a_redis_failure_in_the_breakers_bookkeeping_loses_no_outcome(
+    env: Env,
+    receiver: Receiver,
+    sender: WebhookSender,
+    own_redis: tuple[redis.Redis, subprocess.Popen[bytes]],
+) -> None:
+    """An endpoint with a failure on record has its next answer reported to the breaker
+    (to reset the count). Redis stops while the lane's POSTs are in flight: the
+    answers are still recorded (the breaker is best effort), not dropped with the
+    lane, which left them 'delivering' until the lease and POSTed them again."""
+    client, server = own_redis
+    gate = delivery.gate_for(redis_client=client, settings=env.settings)
+    url = receiver.url("/slow")
+    gate.report(endpoint_key(env.account_id, url), ok=False, probe=False)
+    ids = [add_callback(env, url) for _ in range(3)]
+
+    def stop_redis_once_posted() -> None:
+        if receiver.arrived.wait(timeout=WAIT):
+            server.terminate()
+            server.wait(timeout=WAIT)
+        receiver.release.set()
+
+    stopper = threading.Thread(target=stop_redis_once_posted)
+    stopper.start()
+    try:
+        counts = delivery.deliver(
+            factory=env.factory,
+            settings=env.settings,
+            sender=sender,
+            gate=gate,
+            callback_ids=ids,
+            clock=env.clock,
+        )
+    finally:
+        stopper.join(timeout=2 * WAIT)
+    assert server.returncode is not None  # Redis was gone when the answers came
+    assert {k: v for k, v in counts.items() if v} == {"delivered": 3}
+    assert [(env.get(cid).state, env.get(cid).attempts) for cid in ids] == [("delivered", 1)] * 3
+    assert len(receiver.requests("/slow")) == 3
 
 
 def test_endpoints_held_for_the_same_time_all_have_their_callbacks_deferred(
