@@ -51,7 +51,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import metrics
@@ -111,6 +111,9 @@ LANE_BUDGET = 20.0
 BUSY_DELAY = 1.0
 MAX_BUSY_DELAY = 15.0
 _ERROR_LEN = 500  # Callback.last_error is String(500)
+# Times a write transaction runs when PostgreSQL aborts it as a deadlock victim (SQLSTATE).
+DEADLOCK_TRIES = 3
+_DEADLOCK = "40P01"
 
 S = CallbackState
 
@@ -383,26 +386,9 @@ def deliver(
             if left and not slow and not (claimed_once and time.monotonic() >= deadline):
                 plan = _look(run, ids=left, counts=counts, acquired=acquired)
                 claimed_once = True
-            # One write transaction: the last round's outcomes, then this round's claims.
-            with transaction(factory) as session:
-                outcomes += _late_for(factory).take()
-                if outcomes:
-                    _record(
-                        session=session,
-                        settings=settings,
-                        done=outcomes,
-                        now=clock(),
-                        counts=counts,
-                    )
-                if plan is not None:
-                    claimed = _claim(session=session, plan=plan, counts=counts)
-                    left = plan.left
-                elif left and slow:
-                    counts["deferred"] += _requeue(session, left)
-                    left = []
-                elif left:
-                    counts["republished"] += _republish(session, left, now=clock())
-                    left = []
+            outcomes += _late_for(factory).take()
+            claimed = _write(run, outcomes=outcomes, plan=plan, left=left, slow=slow, counts=counts)
+            left = plan.left if plan is not None else []
         except BaseException:
             # The claim did not commit: give the slots back rather than wait for their lease.
             for key, token in acquired:
@@ -420,6 +406,52 @@ def deliver(
             slow = in_flight > 0
     metrics.callbacks_delivered(counts)
     return counts
+
+
+def _write(
+    run: _Run,
+    *,
+    outcomes: list[_Done],
+    plan: _Plan | None,
+    left: list[str],
+    slow: bool,
+    counts: dict[str, int],
+) -> dict[str, Any]:
+    """One write transaction: the last round's outcomes, then this round's claims (or, with
+    no plan, hands back what is ``left``); returns the claimed rows by id.
+
+    On PostgreSQL another task's transaction can take the same rows in another order
+    (its hold of a disabled endpoint's callbacks against this claim of them, endpoint
+    rows against callback rows) and one of the two is aborted as a deadlock victim.
+    Rolled back whole, this transaction is safe to run again (conditional updates of
+    what this task holds in memory): the victim runs it again, a few times at most.
+    """
+    for attempt in range(1, DEADLOCK_TRIES + 1):
+        before = dict(counts)
+        try:
+            with transaction(run.factory) as session:
+                if outcomes:
+                    now = run.clock()
+                    _record(
+                        session=session,
+                        settings=run.settings,
+                        done=outcomes,
+                        now=now,
+                        counts=counts,
+                    )
+                if plan is not None:
+                    return _claim(session=session, plan=plan, counts=counts)
+                if left and slow:
+                    counts["deferred"] += _requeue(session, left)
+                elif left:
+                    counts["republished"] += _republish(session, left, now=run.clock())
+                return {}
+        except OperationalError as exc:
+            if attempt == DEADLOCK_TRIES or getattr(exc.orig, "sqlstate", None) != _DEADLOCK:
+                raise
+            counts.update(before)  # the rolled-back attempt's counts
+            log.warning("callback transaction was a deadlock victim; running it again")
+    raise AssertionError("unreachable")
 
 
 def _run_round(run: _Run, *, lanes: list[_Lane], deadline: float) -> tuple[list[_Done], int]:

@@ -470,6 +470,89 @@ def test_failing_endpoints_are_locked_in_one_order_by_every_task(
     assert first == sorted(first)
 
 
+def test_disabling_an_endpoint_while_another_task_claims_its_callbacks_never_fails_a_task(
+    env: Env, receiver: Receiver, sender: WebhookSender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: task A records failures of endpoints E and F; E has failed long
+    enough, so A disables it and holds its pending callbacks (row locks), then locks F's
+    row. Task B has just recorded failures of F (F's row locked) and claims E's pending
+    callback e1 in the same transaction. A waits for B's F row, B for A's e1: a deadlock,
+    and PostgreSQL aborts one of the transactions. The victim runs its transaction again
+    (rolled back whole, it is safe to), so neither task fails and nothing is left
+    'delivering'. The statements are interleaved by hooks: the cycle forms every run."""
+    engine = env.factory.kw["bind"]
+    if engine.dialect.name != "postgresql":
+        pytest.skip("row locks taken in two orders deadlock on PostgreSQL only")
+    monkeypatch.setattr(delivery, "ROUND", 2)  # B claims e1 in its second round
+    env.settings = env.settings.replace(callback_disable_after=10.0)
+    e_url, f_url = receiver.url("/e"), receiver.url("/f")  # E's row is locked first
+    receiver.script("/e", Reply(500))
+    receiver.script("/f", Reply(500), Reply(500), Reply(500))
+    with transaction(env.factory) as session:
+        failing = env.clock.now - timedelta(seconds=11)
+        session.add(Endpoint(account_id=env.account_id, url=e_url, failing_since=failing))
+        session.add(Endpoint(account_id=env.account_id, url=f_url))
+    e0, e1, f0, f1, f2 = (add_callback(env, url) for url in (e_url, e_url, f_url, f_url, f_url))
+    b_locked_f, a_held_e = threading.Event(), threading.Event()
+    deadlocks: list[BaseException] = []
+
+    def before(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        task = threading.current_thread().name
+        if task == "task-a" and "FROM callback_endpoints" in statement:
+            assert b_locked_f.wait(timeout=WAIT), "B never locked F's row"
+        if task == "task-b" and b_locked_f.is_set() and "attempts=(callbacks.attempts" in statement:
+            assert a_held_e.wait(timeout=WAIT), "A never held E's callbacks"  # B claims e1
+
+    def after(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        task = threading.current_thread().name
+        if task == "task-b" and "FROM callback_endpoints" in statement and f_url in str(params):
+            b_locked_f.set()
+        if task == "task-a" and "callbacks.url =" in statement:
+            a_held_e.set()
+
+    def failed(context: Any) -> None:
+        if getattr(context.original_exception, "sqlstate", None) == "40P01":
+            deadlocks.append(context.original_exception)
+
+    results: dict[str, dict[str, int]] = {}
+    errors: dict[str, BaseException] = {}
+
+    def task(name: str, ids: list[str]) -> None:
+        try:
+            results[name] = env.deliver(sender, *ids)
+        except BaseException as exc:
+            errors[name] = exc
+
+    hooks = [("before_cursor_execute", before), ("after_cursor_execute", after)]
+    hooks.append(("handle_error", failed))
+    for name, fn in hooks:
+        event.listen(engine, name, fn)
+    try:
+        threads = [
+            threading.Thread(target=task, args=("a", [e0, f1]), name="task-a"),
+            threading.Thread(target=task, args=("b", [f0, f2, e1]), name="task-b"),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=6 * WAIT)
+    finally:
+        for name, fn in hooks:
+            event.remove(engine, name, fn)
+    assert len(deadlocks) == 1  # the cycle formed, and PostgreSQL broke it
+    assert errors == {}
+    assert sorted(results) == ["a", "b"]
+    assert [(env.get(c).state, env.get(c).attempts) for c in (f0, f1, f2)] == [("pending", 1)] * 3
+    # B's claim went first (e1 was POSTed: its answer may reset E's failures before A's
+    # transaction runs again) or A's hold did (then B found e1 held). E's callbacks are
+    # held if and only if A disabled E.
+    endpoint = env.endpoint(e_url)
+    assert endpoint is not None
+    held = endpoint.disabled_at is not None
+    assert (env.get(e0).state, env.get(e0).attempts) == ("held" if held else "pending", 1)
+    assert env.get(e1).state in (("held", "delivered") if held else ("delivered",))
+
+
 def test_outcomes_whose_record_fails_are_recorded_soon_not_left_to_the_lease(
     env: Env, receiver: Receiver, sender: WebhookSender
 ) -> None:
