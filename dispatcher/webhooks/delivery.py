@@ -536,7 +536,7 @@ class _Plan:
 
     now: datetime
     early: list[str]  # not due yet: back to the scheduler
-    held: list[str]  # their endpoint is disabled
+    held: dict[tuple[str, str], list[str]]  # (account, url) -> ids: the endpoint is disabled
     deferred: dict[datetime, list[str]]  # endpoint at its limit or held by the breaker
     grants: dict[str, Grant]  # endpoint key -> the lanes it got
     by_endpoint: dict[str, list[_Due]]  # endpoint key -> due rows, in order
@@ -612,10 +612,14 @@ def _look(
         # Added to, not set: endpoints held for the same time (a probe's recheck) share it.
         deferred.setdefault(now + timedelta(seconds=delay), []).extend(r.id for r in group)
     allowed = [r.id for key in grants for r in by_endpoint[key]]
+    held: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in due if disabled else ():
+        if (r.account_id, r.url) in disabled:
+            held[(r.account_id, r.url)].append(r.id)
     return _Plan(
         now=now,
         early=early,
-        held=[r.id for r in due if (r.account_id, r.url) in disabled],
+        held=held,
         deferred=deferred,
         grants=grants,
         by_endpoint=by_endpoint,
@@ -645,8 +649,17 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
             )
         counts["not_due"] += len(plan.early)
     if plan.held:
+        # Only for endpoints still disabled (their rows locked until the commit): one
+        # enabled since the look released what was held then, and would never release
+        # these. Theirs go back to the scheduler, untried.
+        still = _disabled(session, set(plan.held), lock=True)
+        held = [i for endpoint, ids in plan.held.items() if endpoint in still for i in ids]
+        enabled = [i for endpoint, ids in plan.held.items() if endpoint not in still for i in ids]
+        if enabled:
+            until = now + timedelta(seconds=BUSY_DELAY)
+            counts["deferred"] += _defer(session, enabled, until=until, now=now)
         moved = 0
-        for group in chunks(plan.held, 500):
+        for group in chunks(held, 500):
             moved += count(
                 session,
                 update(Callback)
@@ -655,7 +668,7 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
                 .execution_options(synchronize_session=False),
             )
         counts["held"] += moved
-        counts["skipped"] += len(plan.held) - moved
+        counts["skipped"] += len(held) - moved
     for until, ids in plan.deferred.items():
         counts["deferred"] += _defer(session, ids, until=until, now=now)
     claimed = {
@@ -711,17 +724,20 @@ def _lanes(*, plan: _Plan, claimed: dict[str, Any], gate: EndpointGate) -> list[
     return lanes
 
 
-def _disabled(session: Session, endpoints: set[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Which of these (account, url) endpoints are disabled."""
+def _disabled(
+    session: Session, endpoints: set[tuple[str, str]], *, lock: bool = False
+) -> set[tuple[str, str]]:
+    """Which of these (account, url) endpoints are disabled; ``lock``: their rows are
+    share-locked until the commit (PostgreSQL), so none is enabled meanwhile."""
     if not endpoints:
         return set()
-    rows = session.execute(
-        select(Endpoint.account_id, Endpoint.url).where(
-            Endpoint.account_id.in_({a for a, _ in endpoints}),
-            Endpoint.disabled_at.is_not(None),
-        )
+    query = select(Endpoint.account_id, Endpoint.url).where(
+        Endpoint.account_id.in_({a for a, _ in endpoints}),
+        Endpoint.disabled_at.is_not(None),
     )
-    return {(a, u) for a, u in rows if (a, u) in endpoints}
+    if lock:
+        query = query.where(Endpoint.url.in_({u for _, u in endpoints})).with_for_update(read=True)
+    return {(a, u) for a, u in session.execute(query) if (a, u) in endpoints}
 
 
 def _secrets(session: Session, account_ids: set[str]) -> dict[str, tuple[str, ...]]:

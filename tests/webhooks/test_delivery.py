@@ -720,6 +720,41 @@ def test_disabled_endpoint_holds_callbacks_until_enabled(
     assert (endpoint.failing_since, endpoint.disabled_at) == (None, None)
 
 
+def test_an_endpoint_enabled_while_a_task_holds_its_callbacks_keeps_none_held(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """A task reads the endpoint as disabled, then the client enables it (releasing what
+    was held then), then the task writes: its callbacks must not be held now, or they
+    stay held on an enabled endpoint, never delivered."""
+    url = receiver.url("/hook")
+    with transaction(env.factory) as session:
+        session.add(Endpoint(account_id=env.account_id, url=url, disabled_at=env.clock.now))
+    cid = add_callback(env, url)
+    engine = env.factory.kw["bind"]
+    enabled: list[int] = []
+
+    def enable_after_the_look(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if enabled or not ("FROM callback_endpoints" in statement and "IS NOT NULL" in statement):
+            return
+        enabled.append(-1)  # once (the enable's own statements pass through here too)
+        with transaction(env.factory) as session:
+            enabled[0] = queries.enable_endpoint(
+                session=session, account_id=env.account_id, url=url, now=env.clock.now
+            )
+
+    event.listen(engine, "after_cursor_execute", enable_after_the_look)
+    try:
+        counts = env.deliver(sender, cid)
+    finally:
+        event.remove(engine, "after_cursor_execute", enable_after_the_look)
+    assert enabled == [0]  # enabled between the task's look and its write; nothing held yet
+    assert counts == {"deferred": 1}
+    # Pending, untried, for the scheduler to publish again (the endpoint takes it now).
+    assert_untried(env.get(cid), env.clock.now, delivery.BUSY_DELAY, delivery.BUSY_DELAY)
+    env.clock.advance(delivery.BUSY_DELAY)
+    assert env.deliver(sender, cid) == {"delivered": 1}
+
+
 def test_private_address_is_refused_without_a_request(env: Env, receiver: Receiver) -> None:
     cid = add_callback(env, receiver.url("/hook"))
     with WebhookSender() as strict:  # no allow-list: loopback is refused
