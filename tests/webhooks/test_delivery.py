@@ -470,6 +470,49 @@ def test_failing_endpoints_are_locked_in_one_order_by_every_task(
     assert first == sorted(first)
 
 
+@dataclass
+class Race:
+    """What two tasks run at once returned, raised, and the deadlocks PostgreSQL broke."""
+
+    results: dict[str, dict[str, int]] = field(default_factory=dict)
+    errors: dict[str, BaseException] = field(default_factory=dict)
+    deadlocks: list[BaseException] = field(default_factory=list)
+
+
+def race(env: Env, sender: WebhookSender, tasks: dict[str, list[str]], *hooks: Any) -> Race:
+    """Run deliver() for each of ``tasks`` in a thread named task-<name>, with the
+    engine events ``hooks`` (name, function) listened to meanwhile."""
+    engine = env.factory.kw["bind"]
+    race = Race()
+
+    def failed(context: Any) -> None:
+        if getattr(context.original_exception, "sqlstate", None) == "40P01":
+            race.deadlocks.append(context.original_exception)
+
+    def task(name: str, ids: list[str]) -> None:
+        try:
+            race.results[name] = env.deliver(sender, *ids)
+        except BaseException as exc:
+            race.errors[name] = exc
+
+    listened = [*hooks, ("handle_error", failed)]
+    for name, fn in listened:
+        event.listen(engine, name, fn)
+    try:
+        threads = [
+            threading.Thread(target=task, args=(name, ids), name=f"task-{name}")
+            for name, ids in tasks.items()
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=6 * WAIT)
+    finally:
+        for name, fn in listened:
+            event.remove(engine, name, fn)
+    return race
+
+
 def test_disabling_an_endpoint_while_another_task_claims_its_callbacks_never_fails_a_task(
     env: Env, receiver: Receiver, sender: WebhookSender, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -494,14 +537,13 @@ def test_disabling_an_endpoint_while_another_task_claims_its_callbacks_never_fai
         session.add(Endpoint(account_id=env.account_id, url=f_url))
     e0, e1, f0, f1, f2 = (add_callback(env, url) for url in (e_url, e_url, f_url, f_url, f_url))
     b_locked_f, a_held_e = threading.Event(), threading.Event()
-    deadlocks: list[BaseException] = []
 
     def before(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
         task = threading.current_thread().name
         if task == "task-a" and "FROM callback_endpoints" in statement:
-            assert b_locked_f.wait(timeout=WAIT), "B never locked F's row"
+            assert b_locked_f.wait(timeout=2 * WAIT), "B never locked F's row"
         if task == "task-b" and b_locked_f.is_set() and "attempts=(callbacks.attempts" in statement:
-            assert a_held_e.wait(timeout=WAIT), "A never held E's callbacks"  # B claims e1
+            assert a_held_e.wait(timeout=2 * WAIT), "A never held E's callbacks"  # B claims e1
 
     def after(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
         task = threading.current_thread().name
@@ -510,38 +552,16 @@ def test_disabling_an_endpoint_while_another_task_claims_its_callbacks_never_fai
         if task == "task-a" and "callbacks.url =" in statement:
             a_held_e.set()
 
-    def failed(context: Any) -> None:
-        if getattr(context.original_exception, "sqlstate", None) == "40P01":
-            deadlocks.append(context.original_exception)
-
-    results: dict[str, dict[str, int]] = {}
-    errors: dict[str, BaseException] = {}
-
-    def task(name: str, ids: list[str]) -> None:
-        try:
-            results[name] = env.deliver(sender, *ids)
-        except BaseException as exc:
-            errors[name] = exc
-
-    hooks = [("before_cursor_execute", before), ("after_cursor_execute", after)]
-    hooks.append(("handle_error", failed))
-    for name, fn in hooks:
-        event.listen(engine, name, fn)
-    try:
-        threads = [
-            threading.Thread(target=task, args=("a", [e0, f1]), name="task-a"),
-            threading.Thread(target=task, args=("b", [f0, f2, e1]), name="task-b"),
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=6 * WAIT)
-    finally:
-        for name, fn in hooks:
-            event.remove(engine, name, fn)
-    assert len(deadlocks) == 1  # the cycle formed, and PostgreSQL broke it
-    assert errors == {}
-    assert sorted(results) == ["a", "b"]
+    raced = race(
+        env,
+        sender,
+        {"a": [e0, f1], "b": [f0, f2, e1]},
+        ("before_cursor_execute", before),
+        ("after_cursor_execute", after),
+    )
+    assert len(raced.deadlocks) == 1  # the cycle formed, and PostgreSQL broke it
+    assert raced.errors == {}
+    assert sorted(raced.results) == ["a", "b"]
     assert [(env.get(c).state, env.get(c).attempts) for c in (f0, f1, f2)] == [("pending", 1)] * 3
     # B's claim went first (e1 was POSTed: its answer may reset E's failures before A's
     # transaction runs again) or A's hold did (then B found e1 held). E's callbacks are
@@ -551,6 +571,66 @@ def test_disabling_an_endpoint_while_another_task_claims_its_callbacks_never_fai
     held = endpoint.disabled_at is not None
     assert (env.get(e0).state, env.get(e0).attempts) == ("held" if held else "pending", 1)
     assert env.get(e1).state in (("held", "delivered") if held else ("delivered",))
+
+
+def test_a_hold_and_a_claim_of_one_endpoints_callbacks_never_fail_a_task(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """PostgreSQL, callback rows alone: task B's transaction first moves its callback not
+    yet due (e_early) back to the scheduler, then claims its due one (e_due). Task A
+    disables the endpoint meanwhile and holds its pending callbacks in one statement,
+    which takes e_due's row first (heap order) and waits for e_early's. B's claim then
+    waits for e_due's: a deadlock that no endpoint lock order prevents. The victim runs
+    its transaction again."""
+    engine = env.factory.kw["bind"]
+    if engine.dialect.name != "postgresql":
+        pytest.skip("row locks taken in two orders deadlock on PostgreSQL only")
+    env.settings = env.settings.replace(callback_disable_after=10.0)
+    url = receiver.url("/e")
+    receiver.script("/e", Reply(500))
+    with transaction(env.factory) as session:
+        failing = env.clock.now - timedelta(seconds=11)
+        session.add(Endpoint(account_id=env.account_id, url=url, failing_since=failing))
+    e0 = add_callback(env, url)
+    e_due = add_callback(env, url)
+    e_early = add_callback(env, url, next_attempt_at=env.clock.now + timedelta(seconds=60))
+    b_moved_early = threading.Event()
+    a_backend: list[int] = []
+    watcher = engine.connect()
+
+    def a_waits() -> bool:
+        waiting = "SELECT count(*) FROM pg_locks WHERE pid = :pid AND NOT granted"
+        return bool(watcher.scalar(text(waiting), {"pid": a_backend[-1]}))
+
+    def before(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        task = threading.current_thread().name
+        if task == "task-a" and "FROM callback_endpoints" in statement:
+            a_backend.append(cursor.connection.info.backend_pid)
+            assert b_moved_early.wait(timeout=2 * WAIT), "B never moved e_early"
+        if task == "task-b" and "attempts=(callbacks.attempts" in statement:
+            wait_for(a_waits, timeout=2 * WAIT)  # A holds e_due, waits for e_early
+
+    def after(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        b = threading.current_thread().name == "task-b"
+        if b and statement.startswith("UPDATE callbacks") and "next_attempt_at >" in statement:
+            b_moved_early.set()  # e_early's row locked until B's commit
+
+    try:
+        raced = race(
+            env,
+            sender,
+            {"a": [e0], "b": [e_early, e_due]},
+            ("before_cursor_execute", before),
+            ("after_cursor_execute", after),
+        )
+    finally:
+        watcher.close()
+    assert len(raced.deadlocks) == 1
+    assert raced.errors == {}
+    assert sorted(raced.results) == ["a", "b"]
+    # A's hold went first (B then found e_due held) or B's claim did (e_due POSTed).
+    assert [env.get(c).state for c in (e0, e_early)] == ["held", "held"]
+    assert env.get(e_due).state in ("held", "delivered")
 
 
 def test_outcomes_whose_record_fails_are_recorded_soon_not_left_to_the_lease(
