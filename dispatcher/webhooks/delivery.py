@@ -426,17 +426,17 @@ def _write(
     Rolled back whole, this transaction is safe to run again (conditional updates of
     what this task holds in memory): the victim runs it again, a few times at most.
     """
-    for attempt in range(1, DEADLOCK_TRIES + 1):
+    attempt = 1
+    while True:
         before = dict(counts)
         try:
             with transaction(run.factory) as session:
                 if outcomes:
-                    now = run.clock()
                     _record(
                         session=session,
                         settings=run.settings,
                         done=outcomes,
-                        now=now,
+                        now=run.clock(),
                         counts=counts,
                     )
                 if plan is not None:
@@ -447,11 +447,11 @@ def _write(
                     counts["republished"] += _republish(session, left, now=run.clock())
                 return {}
         except OperationalError as exc:
-            if attempt == DEADLOCK_TRIES or getattr(exc.orig, "sqlstate", None) != _DEADLOCK:
+            if attempt >= DEADLOCK_TRIES or getattr(exc.orig, "sqlstate", None) != _DEADLOCK:
                 raise
+            attempt += 1
             counts.update(before)  # the rolled-back attempt's counts
             log.warning("callback transaction was a deadlock victim; running it again")
-    raise AssertionError("unreachable")
 
 
 def _run_round(run: _Run, *, lanes: list[_Lane], deadline: float) -> tuple[list[_Done], int]:
