@@ -779,17 +779,19 @@ def _defer(session: Session, ids: Sequence[str], *, until: datetime, now: dateti
 
 def _run_lane(run: _Run, *, lane: _Lane, collector: _Collector) -> None:
     """POST a lane's callbacks in order, then hand the outcomes in (or record them)."""
-    done: list[_Done] = []
+    results: dict[int, DeliveryResult] = {}
     gate = run.gate
     try:
-        done = _post_lane(lane=lane, sender=run.sender, gate=gate, moved=collector.moved)
+        _post_lane(lane=lane, sender=run.sender, gate=gate, moved=collector.moved, results=results)
     except Exception:
-        # Not swallowed: what was not POSTed stays 'delivering' until the lease
-        # passes and the scheduler returns it to pending.
-        log.exception("callback lane failed; its unfinished callbacks wait for the lease")
+        # Logged, not raised (this is the sender's thread): what was answered is
+        # recorded, the rest goes back to pending untried, and is POSTed again.
+        log.exception("callback lane failed; its unanswered callbacks go back to pending")
     finally:
         for token in lane.tokens:
             gate.release(lane.key, token)
+    # Those never started (or never answered) go back untried.
+    done = [_Done(item, results.get(i)) for i, item in enumerate(lane.items)]
     if not collector.hand_in(lane, done):
         _late_for(run.factory).add(done, _recorder(run))
 
@@ -805,12 +807,17 @@ def _recorder(run: _Run) -> Callable[[list[_Done]], None]:
 
 
 def _post_lane(
-    *, lane: _Lane, sender: WebhookSender, gate: EndpointGate, moved: Callable[[_Lane], None]
-) -> list[_Done]:
-    """The lane's attempts, in order with up to one POST in flight per slot; starts no
-    more after the first unanswered one, once the breaker opens or after LANE_BUDGET,
-    leaving the rest untried."""
-    results: dict[int, DeliveryResult] = {}
+    *,
+    lane: _Lane,
+    sender: WebhookSender,
+    gate: EndpointGate,
+    moved: Callable[[_Lane], None],
+    results: dict[int, DeliveryResult],
+) -> None:
+    """The lane's attempts, in order with up to one POST in flight per slot, into
+    ``results`` by index as they are answered (kept if this raises); starts no more after
+    the first unanswered one, once the breaker opens or after LANE_BUDGET, leaving the
+    rest untried."""
     started = time.monotonic()
     sent: dict[int, float] = {}
     took = 0.0
@@ -846,8 +853,6 @@ def _post_lane(
                     stop = True
         finally:
             _pace.note(lane.key, seconds=took, posts=len(results))
-    # Those never started go back untried.
-    return [_Done(item, results.get(i)) for i, item in enumerate(items)]
 
 
 def _start(volley: Volley, key: int, item: _Claimed) -> None:

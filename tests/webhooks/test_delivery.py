@@ -699,6 +699,29 @@ def test_lanes_that_finish_after_the_task_is_interrupted_record_their_outcomes_s
     assert sorted(s.path for s in receiver.requests()) == ["/hook", "/slow"]
 
 
+def test_a_lane_that_fails_midway_records_what_was_answered(
+    env: Env, receiver: Receiver, sender: WebhookSender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane runs in the sender's threads, where an exception is logged, not raised:
+    the POSTs it had answers for are recorded at once (not left 'delivering' until the
+    lease and POSTed again), and what it did not get to goes back to pending untried."""
+    ids = [add_callback(env, receiver.url("/hook")) for _ in range(2)]
+    calls = 0
+    real = delivery._Collector.moved
+
+    def moved(self: Any, lane: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # both POSTs answered, then the lane fails
+            raise RuntimeError("lane failed")
+        real(self, lane)
+
+    monkeypatch.setattr(delivery._Collector, "moved", moved)
+    assert env.deliver(sender, *ids) == {"delivered": 2}
+    assert [(env.get(c).state, env.get(c).attempts) for c in ids] == [("delivered", 1)] * 2
+    assert len(receiver.requests("/hook")) == 2
+
+
 def test_retry_after_on_429_is_honoured(
     env: Env, receiver: Receiver, sender: WebhookSender
 ) -> None:
