@@ -59,11 +59,15 @@ def transition_recipients(
     """Move the recipients matching ``where``/``ids`` (and in an allowed status) to ``to``.
 
     ``values`` are set on every row; ``each`` maps recipient ids to their own values
-    (every mapping with the same keys) and limits the move to those ids. ``current``
-    narrows the sources (each must be allowed to move to ``to``). Events and
-    callbacks are recorded for the rows that moved unless ``record`` is false;
-    ``batch`` saves loading it when every row belongs to it.
+    (every mapping with the same keys) and limits the move to those ids, and so takes
+    no ``where`` or ``ids``. ``current`` narrows the sources (each must be allowed to
+    move to ``to``). Events and callbacks are recorded for the rows that moved unless
+    ``record`` is false; ``batch`` saves loading it when every row belongs to it.
     """
+    if each is not None and (where or ids is not None):
+        # _write_each checks id and status only (an executemany takes no expanding IN):
+        # a row failing the caller's conditions would take its values without moving.
+        raise ValueError("per-row values (each) name their rows: no where or ids with them")
     sources = guard(to, current)
     conditions = [*where, Recipient.status.in_(sources)]
     common = dict(values or {})

@@ -51,7 +51,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import metrics
@@ -111,6 +111,9 @@ LANE_BUDGET = 20.0
 BUSY_DELAY = 1.0
 MAX_BUSY_DELAY = 15.0
 _ERROR_LEN = 500  # Callback.last_error is String(500)
+# Times a write transaction runs when PostgreSQL aborts it as a deadlock victim (SQLSTATE).
+DEADLOCK_TRIES = 3
+_DEADLOCK = "40P01"
 
 S = CallbackState
 
@@ -259,6 +262,12 @@ class _Collector:
             self._closed = True
             return self._done, self._left_items
 
+    def abandon(self) -> list[_Done]:
+        """Stop waiting now (the task was interrupted); returns the outcomes handed in so far."""
+        with self._cond:
+            self._closed = True
+            return self._done
+
 
 class _LateOutcomes:
     """Outcomes of lanes that finished after their task stopped waiting, recorded together.
@@ -377,26 +386,9 @@ def deliver(
             if left and not slow and not (claimed_once and time.monotonic() >= deadline):
                 plan = _look(run, ids=left, counts=counts, acquired=acquired)
                 claimed_once = True
-            # One write transaction: the last round's outcomes, then this round's claims.
-            with transaction(factory) as session:
-                outcomes += _late_for(factory).take()
-                if outcomes:
-                    _record(
-                        session=session,
-                        settings=settings,
-                        done=outcomes,
-                        now=clock(),
-                        counts=counts,
-                    )
-                if plan is not None:
-                    claimed = _claim(session=session, plan=plan, counts=counts)
-                    left = plan.left
-                elif left and slow:
-                    counts["deferred"] += _requeue(session, left)
-                    left = []
-                elif left:
-                    counts["republished"] += _republish(session, left, now=clock())
-                    left = []
+            outcomes += _late_for(factory).take()
+            claimed = _write(run, outcomes=outcomes, plan=plan, left=left, slow=slow, counts=counts)
+            left = plan.left if plan is not None else []
         except BaseException:
             # The claim did not commit: give the slots back rather than wait for their lease.
             for key, token in acquired:
@@ -416,16 +408,71 @@ def deliver(
     return counts
 
 
+def _write(
+    run: _Run,
+    *,
+    outcomes: list[_Done],
+    plan: _Plan | None,
+    left: list[str],
+    slow: bool,
+    counts: dict[str, int],
+) -> dict[str, Any]:
+    """One write transaction: the last round's outcomes, then this round's claims (or, with
+    no plan, hands back what is ``left``); returns the claimed rows by id.
+
+    On PostgreSQL another task's transaction can take the same rows in another order
+    (its hold of a disabled endpoint's callbacks against this claim of them, endpoint
+    rows against callback rows) and one of the two is aborted as a deadlock victim.
+    Rolled back whole, this transaction is safe to run again (conditional updates of
+    what this task holds in memory): the victim runs it again, a few times at most.
+    """
+    attempt = 1
+    while True:
+        before = dict(counts)
+        try:
+            with transaction(run.factory) as session:
+                if outcomes:
+                    _record(
+                        session=session,
+                        settings=run.settings,
+                        done=outcomes,
+                        now=run.clock(),
+                        counts=counts,
+                    )
+                if plan is not None:
+                    return _claim(session=session, plan=plan, counts=counts)
+                if left and slow:
+                    counts["deferred"] += _requeue(session, left)
+                elif left:
+                    counts["republished"] += _republish(session, left, now=run.clock())
+                return {}
+        except OperationalError as exc:
+            if attempt >= DEADLOCK_TRIES or getattr(exc.orig, "sqlstate", None) != _DEADLOCK:
+                raise
+            attempt += 1
+            counts.update(before)  # the rolled-back attempt's counts
+            log.warning("callback transaction was a deadlock victim; running it again")
+
+
 def _run_round(run: _Run, *, lanes: list[_Lane], deadline: float) -> tuple[list[_Done], int]:
     """POST one round's lanes; returns the outcomes the task is to record and how many
     callbacks are still in flight (their lanes record them when they finish)."""
     collector = _Collector(lanes)
-    for lane in lanes:
-        run.sender.submit(_run_lane, run, lane=lane, collector=collector)
-    wait = run.settings.callback_task_wait
-    # Never past the limit, however well the lanes move: other tasks are waiting.
-    limit = deadline + max(2 * wait, 4 * STALL)
-    return collector.close(deadline=deadline, stall=max(STALL, wait / 4), limit=limit)
+    try:
+        for lane in lanes:
+            run.sender.submit(_run_lane, run, lane=lane, collector=collector)
+        wait = run.settings.callback_task_wait
+        # Never past the limit, however well the lanes move: other tasks are waiting.
+        limit = deadline + max(2 * wait, 4 * STALL)
+        return collector.close(deadline=deadline, stall=max(STALL, wait / 4), limit=limit)
+    except BaseException:
+        # Interrupted while waiting (Celery raises its soft time limit into the task
+        # wherever it is): the lanes' POSTs are made or under way. What they handed in
+        # is recorded by this process soon, and the rest record their own once the
+        # collector is closed, rather than stay 'delivering' until the lease and be
+        # POSTed again.
+        _late_for(run.factory).add(collector.abandon(), _recorder(run))
+        raise
 
 
 def _republish(session: Session, ids: Sequence[str], *, now: datetime) -> int:
@@ -489,7 +536,7 @@ class _Plan:
 
     now: datetime
     early: list[str]  # not due yet: back to the scheduler
-    held: list[str]  # their endpoint is disabled
+    held: dict[tuple[str, str], list[str]]  # (account, url) -> ids: the endpoint is disabled
     deferred: dict[datetime, list[str]]  # endpoint at its limit or held by the breaker
     grants: dict[str, Grant]  # endpoint key -> the lanes it got
     by_endpoint: dict[str, list[_Due]]  # endpoint key -> due rows, in order
@@ -565,10 +612,14 @@ def _look(
         # Added to, not set: endpoints held for the same time (a probe's recheck) share it.
         deferred.setdefault(now + timedelta(seconds=delay), []).extend(r.id for r in group)
     allowed = [r.id for key in grants for r in by_endpoint[key]]
+    held: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in due if disabled else ():
+        if (r.account_id, r.url) in disabled:
+            held[(r.account_id, r.url)].append(r.id)
     return _Plan(
         now=now,
         early=early,
-        held=[r.id for r in due if (r.account_id, r.url) in disabled],
+        held=held,
         deferred=deferred,
         grants=grants,
         by_endpoint=by_endpoint,
@@ -598,8 +649,17 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
             )
         counts["not_due"] += len(plan.early)
     if plan.held:
+        # Only for endpoints still disabled (their rows locked until the commit): one
+        # enabled since the look released what was held then, and would never release
+        # these. Theirs go back to the scheduler, untried.
+        still = _disabled(session, set(plan.held), lock=True)
+        held = [i for endpoint, ids in plan.held.items() if endpoint in still for i in ids]
+        enabled = [i for endpoint, ids in plan.held.items() if endpoint not in still for i in ids]
+        if enabled:
+            until = now + timedelta(seconds=BUSY_DELAY)
+            counts["deferred"] += _defer(session, enabled, until=until, now=now)
         moved = 0
-        for group in chunks(plan.held, 500):
+        for group in chunks(held, 500):
             moved += count(
                 session,
                 update(Callback)
@@ -608,7 +668,7 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
                 .execution_options(synchronize_session=False),
             )
         counts["held"] += moved
-        counts["skipped"] += len(plan.held) - moved
+        counts["skipped"] += len(held) - moved
     for until, ids in plan.deferred.items():
         counts["deferred"] += _defer(session, ids, until=until, now=now)
     claimed = {
@@ -664,17 +724,20 @@ def _lanes(*, plan: _Plan, claimed: dict[str, Any], gate: EndpointGate) -> list[
     return lanes
 
 
-def _disabled(session: Session, endpoints: set[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Which of these (account, url) endpoints are disabled."""
+def _disabled(
+    session: Session, endpoints: set[tuple[str, str]], *, lock: bool = False
+) -> set[tuple[str, str]]:
+    """Which of these (account, url) endpoints are disabled; ``lock``: their rows are
+    share-locked until the commit (PostgreSQL), so none is enabled meanwhile."""
     if not endpoints:
         return set()
-    rows = session.execute(
-        select(Endpoint.account_id, Endpoint.url).where(
-            Endpoint.account_id.in_({a for a, _ in endpoints}),
-            Endpoint.disabled_at.is_not(None),
-        )
+    query = select(Endpoint.account_id, Endpoint.url).where(
+        Endpoint.account_id.in_({a for a, _ in endpoints}),
+        Endpoint.disabled_at.is_not(None),
     )
-    return {(a, u) for a, u in rows if (a, u) in endpoints}
+    if lock:
+        query = query.where(Endpoint.url.in_({u for _, u in endpoints})).with_for_update(read=True)
+    return {(a, u) for a, u in session.execute(query) if (a, u) in endpoints}
 
 
 def _secrets(session: Session, account_ids: set[str]) -> dict[str, tuple[str, ...]]:
@@ -716,17 +779,19 @@ def _defer(session: Session, ids: Sequence[str], *, until: datetime, now: dateti
 
 def _run_lane(run: _Run, *, lane: _Lane, collector: _Collector) -> None:
     """POST a lane's callbacks in order, then hand the outcomes in (or record them)."""
-    done: list[_Done] = []
+    results: dict[int, DeliveryResult] = {}
     gate = run.gate
     try:
-        done = _post_lane(lane=lane, sender=run.sender, gate=gate, moved=collector.moved)
+        _post_lane(lane=lane, sender=run.sender, gate=gate, moved=collector.moved, results=results)
     except Exception:
-        # Not swallowed: what was not POSTed stays 'delivering' until the lease
-        # passes and the scheduler returns it to pending.
-        log.exception("callback lane failed; its unfinished callbacks wait for the lease")
+        # Logged, not raised (this is the sender's thread): what was answered is
+        # recorded, the rest goes back to pending untried, and is POSTed again.
+        log.exception("callback lane failed; its unanswered callbacks go back to pending")
     finally:
         for token in lane.tokens:
             gate.release(lane.key, token)
+    # Those never started (or never answered) go back untried.
+    done = [_Done(item, results.get(i)) for i, item in enumerate(lane.items)]
     if not collector.hand_in(lane, done):
         _late_for(run.factory).add(done, _recorder(run))
 
@@ -742,12 +807,17 @@ def _recorder(run: _Run) -> Callable[[list[_Done]], None]:
 
 
 def _post_lane(
-    *, lane: _Lane, sender: WebhookSender, gate: EndpointGate, moved: Callable[[_Lane], None]
-) -> list[_Done]:
-    """The lane's attempts, in order with up to one POST in flight per slot; starts no
-    more after the first unanswered one, once the breaker opens or after LANE_BUDGET,
-    leaving the rest untried."""
-    results: dict[int, DeliveryResult] = {}
+    *,
+    lane: _Lane,
+    sender: WebhookSender,
+    gate: EndpointGate,
+    moved: Callable[[_Lane], None],
+    results: dict[int, DeliveryResult],
+) -> None:
+    """The lane's attempts, in order with up to one POST in flight per slot, into
+    ``results`` by index as they are answered (kept if this raises); starts no more after
+    the first unanswered one, once the breaker opens or after LANE_BUDGET, leaving the
+    rest untried."""
     started = time.monotonic()
     sent: dict[int, float] = {}
     took = 0.0
@@ -783,8 +853,6 @@ def _post_lane(
                     stop = True
         finally:
             _pace.note(lane.key, seconds=took, posts=len(results))
-    # Those never started go back untried.
-    return [_Done(item, results.get(i)) for i, item in enumerate(items)]
 
 
 def _start(volley: Volley, key: int, item: _Claimed) -> None:

@@ -264,15 +264,25 @@ class EndpointGate:
             log.warning("endpoint slot not released yet (Redis failed)", exc_info=True)
 
     def report(self, key: str, *, ok: bool, probe: bool) -> float:
-        """Count one attempt's outcome; returns how long the breaker is now open (s)."""
-        left = self._report(
-            keys=[f"{_PREFIX}{key}:breaker"],
-            args=[
-                1 if ok else 0,
-                1 if probe else 0,
-                self._failures,
-                self._cooldown_ms,
-                self._max_cooldown_ms,
-            ],
-        )
+        """Count one attempt's outcome; returns how long the breaker is now open (s), 0
+        if Redis failed (never raises).
+
+        Lanes report while they POST: a Redis that fails then must not cost them the
+        outcomes they hold (the callbacks would wait for the delivery lease and be
+        POSTed again). The breaker is best effort: it misses this attempt.
+        """
+        try:
+            left = self._report(
+                keys=[f"{_PREFIX}{key}:breaker"],
+                args=[
+                    1 if ok else 0,
+                    1 if probe else 0,
+                    self._failures,
+                    self._cooldown_ms,
+                    self._max_cooldown_ms,
+                ],
+            )
+        except redis.RedisError:
+            log.warning("endpoint breaker not updated (Redis failed)", exc_info=True)
+            return 0.0
         return int(left) / 1000

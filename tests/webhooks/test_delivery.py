@@ -4,7 +4,9 @@ real HTTP receiver on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -17,6 +19,9 @@ from typing import Any
 
 import pytest
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +30,7 @@ from dispatcher import outbox
 from dispatcher.accounts import service as accounts
 from dispatcher.config import Settings
 from dispatcher.db import make_engine, make_session_factory, new_id, transaction, utcnow
+from dispatcher.devserver import redis_server_command
 from dispatcher.errors import Conflict, NotFound, ValidationError
 from dispatcher.models import Base
 from dispatcher.webhooks import delivery, queries, scheduling, sign
@@ -32,6 +38,7 @@ from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender
 from dispatcher.webhooks.limits import EndpointGate, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint
 from tests.conftest import wait_for
+from tests.helpers import free_port
 
 SCHEDULE = (1.0, 2.0, 3.0)
 JITTER = 0.1  # next_delay's default jitter fraction
@@ -463,6 +470,169 @@ def test_failing_endpoints_are_locked_in_one_order_by_every_task(
     assert first == sorted(first)
 
 
+@dataclass
+class Race:
+    """What two tasks run at once returned, raised, and the deadlocks PostgreSQL broke."""
+
+    results: dict[str, dict[str, int]] = field(default_factory=dict)
+    errors: dict[str, BaseException] = field(default_factory=dict)
+    deadlocks: list[BaseException] = field(default_factory=list)
+
+
+def race(env: Env, sender: WebhookSender, tasks: dict[str, list[str]], *hooks: Any) -> Race:
+    """Run deliver() for each of ``tasks`` in a thread named task-<name>, with the
+    engine events ``hooks`` (name, function) listened to meanwhile."""
+    engine = env.factory.kw["bind"]
+    race = Race()
+
+    def failed(context: Any) -> None:
+        if getattr(context.original_exception, "sqlstate", None) == "40P01":
+            race.deadlocks.append(context.original_exception)
+
+    def task(name: str, ids: list[str]) -> None:
+        try:
+            race.results[name] = env.deliver(sender, *ids)
+        except BaseException as exc:
+            race.errors[name] = exc
+
+    listened = [*hooks, ("handle_error", failed)]
+    for name, fn in listened:
+        event.listen(engine, name, fn)
+    try:
+        threads = [
+            threading.Thread(target=task, args=(name, ids), name=f"task-{name}")
+            for name, ids in tasks.items()
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=6 * WAIT)
+    finally:
+        for name, fn in listened:
+            event.remove(engine, name, fn)
+    return race
+
+
+def test_disabling_an_endpoint_while_another_task_claims_its_callbacks_never_fails_a_task(
+    env: Env, receiver: Receiver, sender: WebhookSender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: task A records failures of endpoints E and F; E has failed long
+    enough, so A disables it and holds its pending callbacks (row locks), then locks F's
+    row. Task B has just recorded failures of F (F's row locked) and claims E's pending
+    callback e1 in the same transaction. A waits for B's F row, B for A's e1: a deadlock,
+    and PostgreSQL aborts one of the transactions. The victim runs its transaction again
+    (rolled back whole, it is safe to), so neither task fails and nothing is left
+    'delivering'. The statements are interleaved by hooks: the cycle forms every run."""
+    engine = env.factory.kw["bind"]
+    if engine.dialect.name != "postgresql":
+        pytest.skip("row locks taken in two orders deadlock on PostgreSQL only")
+    monkeypatch.setattr(delivery, "ROUND", 2)  # B claims e1 in its second round
+    env.settings = env.settings.replace(callback_disable_after=10.0)
+    e_url, f_url = receiver.url("/e"), receiver.url("/f")  # E's row is locked first
+    receiver.script("/e", Reply(500))
+    receiver.script("/f", Reply(500), Reply(500), Reply(500))
+    with transaction(env.factory) as session:
+        failing = env.clock.now - timedelta(seconds=11)
+        session.add(Endpoint(account_id=env.account_id, url=e_url, failing_since=failing))
+        session.add(Endpoint(account_id=env.account_id, url=f_url))
+    e0, e1, f0, f1, f2 = (add_callback(env, url) for url in (e_url, e_url, f_url, f_url, f_url))
+    b_locked_f, a_held_e = threading.Event(), threading.Event()
+
+    def before(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        task = threading.current_thread().name
+        if task == "task-a" and "FROM callback_endpoints" in statement:
+            assert b_locked_f.wait(timeout=2 * WAIT), "B never locked F's row"
+        if task == "task-b" and b_locked_f.is_set() and "attempts=(callbacks.attempts" in statement:
+            assert a_held_e.wait(timeout=2 * WAIT), "A never held E's callbacks"  # B claims e1
+
+    def after(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        task = threading.current_thread().name
+        if task == "task-b" and "FROM callback_endpoints" in statement and f_url in str(params):
+            b_locked_f.set()
+        if task == "task-a" and "callbacks.url =" in statement:
+            a_held_e.set()
+
+    raced = race(
+        env,
+        sender,
+        {"a": [e0, f1], "b": [f0, f2, e1]},
+        ("before_cursor_execute", before),
+        ("after_cursor_execute", after),
+    )
+    assert len(raced.deadlocks) == 1  # the cycle formed, and PostgreSQL broke it
+    assert raced.errors == {}
+    assert sorted(raced.results) == ["a", "b"]
+    assert [(env.get(c).state, env.get(c).attempts) for c in (f0, f1, f2)] == [("pending", 1)] * 3
+    # B's claim went first (e1 was POSTed: its answer may reset E's failures before A's
+    # transaction runs again) or A's hold did (then B found e1 held). E's callbacks are
+    # held if and only if A disabled E.
+    endpoint = env.endpoint(e_url)
+    assert endpoint is not None
+    held = endpoint.disabled_at is not None
+    assert (env.get(e0).state, env.get(e0).attempts) == ("held" if held else "pending", 1)
+    assert env.get(e1).state in (("held", "delivered") if held else ("delivered",))
+
+
+def test_a_hold_and_a_claim_of_one_endpoints_callbacks_never_fail_a_task(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """PostgreSQL, callback rows alone: task B's transaction first moves its callback not
+    yet due (e_early) back to the scheduler, then claims its due one (e_due). Task A
+    disables the endpoint meanwhile and holds its pending callbacks in one statement,
+    which takes e_due's row first (heap order) and waits for e_early's. B's claim then
+    waits for e_due's: a deadlock that no endpoint lock order prevents. The victim runs
+    its transaction again."""
+    engine = env.factory.kw["bind"]
+    if engine.dialect.name != "postgresql":
+        pytest.skip("row locks taken in two orders deadlock on PostgreSQL only")
+    env.settings = env.settings.replace(callback_disable_after=10.0)
+    url = receiver.url("/e")
+    receiver.script("/e", Reply(500))
+    with transaction(env.factory) as session:
+        failing = env.clock.now - timedelta(seconds=11)
+        session.add(Endpoint(account_id=env.account_id, url=url, failing_since=failing))
+    e0 = add_callback(env, url)
+    e_due = add_callback(env, url)
+    e_early = add_callback(env, url, next_attempt_at=env.clock.now + timedelta(seconds=60))
+    b_moved_early = threading.Event()
+    a_backend: list[int] = []
+    watcher = engine.connect()
+
+    def a_waits() -> bool:
+        waiting = "SELECT count(*) FROM pg_locks WHERE pid = :pid AND NOT granted"
+        return bool(watcher.scalar(text(waiting), {"pid": a_backend[-1]}))
+
+    def before(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        task = threading.current_thread().name
+        if task == "task-a" and "FROM callback_endpoints" in statement:
+            a_backend.append(cursor.connection.info.backend_pid)
+            assert b_moved_early.wait(timeout=2 * WAIT), "B never moved e_early"
+        if task == "task-b" and "attempts=(callbacks.attempts" in statement:
+            wait_for(a_waits, timeout=2 * WAIT)  # A holds e_due, waits for e_early
+
+    def after(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        b = threading.current_thread().name == "task-b"
+        if b and statement.startswith("UPDATE callbacks") and "next_attempt_at >" in statement:
+            b_moved_early.set()  # e_early's row locked until B's commit
+
+    try:
+        raced = race(
+            env,
+            sender,
+            {"a": [e0], "b": [e_early, e_due]},
+            ("before_cursor_execute", before),
+            ("after_cursor_execute", after),
+        )
+    finally:
+        watcher.close()
+    assert len(raced.deadlocks) == 1
+    assert raced.errors == {}
+    assert sorted(raced.results) == ["a", "b"]
+    # A's hold went first (B then found e_due held) or B's claim did (e_due POSTed).
+    assert [env.get(c).state for c in (e0, e_early)] == ["held", "held"]
+    assert env.get(e_due).state in ("held", "delivered")
+
+
 def test_outcomes_whose_record_fails_are_recorded_soon_not_left_to_the_lease(
     env: Env, receiver: Receiver, sender: WebhookSender
 ) -> None:
@@ -492,6 +662,64 @@ def test_outcomes_whose_record_fails_are_recorded_soon_not_left_to_the_lease(
     assert len(receiver.requests("/hook")) == 3
     wait_for(lambda: all(env.get(cid).state == "delivered" for cid in ids), timeout=WAIT)
     assert [env.get(cid).attempts for cid in ids] == [1, 1, 1]
+
+
+def test_lanes_that_finish_after_the_task_is_interrupted_record_their_outcomes_soon(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """Celery's soft time limit is a signal whose handler raises SoftTimeLimitExceeded in
+    the task's thread, wherever it is: here, while it waits for its lanes. The exception
+    goes on up, and the outcomes of the lanes (handed in before it, or finishing after)
+    are still recorded within seconds, not left 'delivering' until the lease (minutes)
+    and POSTed again."""
+    assert threading.current_thread() is threading.main_thread()  # signals run there
+    fast = add_callback(env, receiver.url("/hook"))
+    # Another account: an endpoint, and so a lane, of its own.
+    slow = add_callback(env, receiver.url("/slow"), account_id=add_account(env, "other"))
+
+    def soft_time_limit(signum: int, frame: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    def interrupt_once_posted() -> None:
+        if receiver.arrived.wait(timeout=WAIT):
+            os.kill(os.getpid(), signal.SIGUSR1)  # as billiard's pool signals its child
+
+    previous = signal.signal(signal.SIGUSR1, soft_time_limit)
+    interrupter = threading.Thread(target=interrupt_once_posted)
+    interrupter.start()
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            env.deliver(sender, fast, slow)
+    finally:
+        interrupter.join(timeout=WAIT)
+        signal.signal(signal.SIGUSR1, previous)
+        receiver.release.set()  # the slow lane gets its answer after the task stopped
+    wait_for(lambda: all(env.get(cid).state == "delivered" for cid in (fast, slow)), timeout=WAIT)
+    assert [env.get(cid).attempts for cid in (fast, slow)] == [1, 1]
+    assert sorted(s.path for s in receiver.requests()) == ["/hook", "/slow"]
+
+
+def test_a_lane_that_fails_midway_records_what_was_answered(
+    env: Env, receiver: Receiver, sender: WebhookSender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane runs in the sender's threads, where an exception is logged, not raised:
+    the POSTs it had answers for are recorded at once (not left 'delivering' until the
+    lease and POSTed again), and what it did not get to goes back to pending untried."""
+    ids = [add_callback(env, receiver.url("/hook")) for _ in range(2)]
+    calls = 0
+    real = delivery._Collector.moved
+
+    def moved(self: Any, lane: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # both POSTs answered, then the lane fails
+            raise RuntimeError("lane failed")
+        real(self, lane)
+
+    monkeypatch.setattr(delivery._Collector, "moved", moved)
+    assert env.deliver(sender, *ids) == {"delivered": 2}
+    assert [(env.get(c).state, env.get(c).attempts) for c in ids] == [("delivered", 1)] * 2
+    assert len(receiver.requests("/hook")) == 2
 
 
 def test_retry_after_on_429_is_honoured(
@@ -595,6 +823,41 @@ def test_disabled_endpoint_holds_callbacks_until_enabled(
     assert (endpoint.failing_since, endpoint.disabled_at) == (None, None)
 
 
+def test_an_endpoint_enabled_while_a_task_holds_its_callbacks_keeps_none_held(
+    env: Env, receiver: Receiver, sender: WebhookSender
+) -> None:
+    """A task reads the endpoint as disabled, then the client enables it (releasing what
+    was held then), then the task writes: its callbacks must not be held now, or they
+    stay held on an enabled endpoint, never delivered."""
+    url = receiver.url("/hook")
+    with transaction(env.factory) as session:
+        session.add(Endpoint(account_id=env.account_id, url=url, disabled_at=env.clock.now))
+    cid = add_callback(env, url)
+    engine = env.factory.kw["bind"]
+    enabled: list[int] = []
+
+    def enable_after_the_look(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if enabled or not ("FROM callback_endpoints" in statement and "IS NOT NULL" in statement):
+            return
+        enabled.append(-1)  # once (the enable's own statements pass through here too)
+        with transaction(env.factory) as session:
+            enabled[0] = queries.enable_endpoint(
+                session=session, account_id=env.account_id, url=url, now=env.clock.now
+            )
+
+    event.listen(engine, "after_cursor_execute", enable_after_the_look)
+    try:
+        counts = env.deliver(sender, cid)
+    finally:
+        event.remove(engine, "after_cursor_execute", enable_after_the_look)
+    assert enabled == [0]  # enabled between the task's look and its write; nothing held yet
+    assert counts == {"deferred": 1}
+    # Pending, untried, for the scheduler to publish again (the endpoint takes it now).
+    assert_untried(env.get(cid), env.clock.now, delivery.BUSY_DELAY, delivery.BUSY_DELAY)
+    env.clock.advance(delivery.BUSY_DELAY)
+    assert env.deliver(sender, cid) == {"delivered": 1}
+
+
 def test_private_address_is_refused_without_a_request(env: Env, receiver: Receiver) -> None:
     cid = add_callback(env, receiver.url("/hook"))
     with WebhookSender() as strict:  # no allow-list: loopback is refused
@@ -678,6 +941,73 @@ def test_an_open_breaker_keeps_callbacks_until_its_probe_gets_an_answer(
     for cid in ids:
         assert_untried(env.get(cid), env.clock.now, cooldown - 1, cooldown)
     assert receiver.requests() == []
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[redis.Redis, subprocess.Popen[bytes]]]:
+    """A redis-server of the test's own, which it may stop, and a client that does not retry."""
+    port = free_port()
+    data = tmp_path / "own-redis"
+    data.mkdir()
+    server = subprocess.Popen(
+        redis_server_command(port=port, data_dir=data, persist=False), stdout=subprocess.DEVNULL
+    )
+    client = redis.Redis(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0))
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_for(up, timeout=20)
+        yield client, server
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_a_redis_failure_in_the_breakers_bookkeeping_loses_no_outcome(
+    env: Env,
+    receiver: Receiver,
+    sender: WebhookSender,
+    own_redis: tuple[redis.Redis, subprocess.Popen[bytes]],
+) -> None:
+    """An endpoint with a failure on record has its next answer reported to the breaker
+    (to reset the count). Redis stops while the lane's POSTs are in flight: the
+    answers are still recorded (the breaker is best effort), not dropped with the
+    lane, which left them 'delivering' until the lease and POSTed them again."""
+    client, server = own_redis
+    gate = delivery.gate_for(redis_client=client, settings=env.settings)
+    url = receiver.url("/slow")
+    gate.report(endpoint_key(env.account_id, url), ok=False, probe=False)
+    ids = [add_callback(env, url) for _ in range(3)]
+
+    def stop_redis_once_posted() -> None:
+        if receiver.arrived.wait(timeout=WAIT):
+            server.terminate()
+            server.wait(timeout=WAIT)
+        receiver.release.set()
+
+    stopper = threading.Thread(target=stop_redis_once_posted)
+    stopper.start()
+    try:
+        counts = delivery.deliver(
+            factory=env.factory,
+            settings=env.settings,
+            sender=sender,
+            gate=gate,
+            callback_ids=ids,
+            clock=env.clock,
+        )
+    finally:
+        stopper.join(timeout=2 * WAIT)
+    assert server.returncode is not None  # Redis was gone when the answers came
+    assert {k: v for k, v in counts.items() if v} == {"delivered": 3}
+    assert [(env.get(cid).state, env.get(cid).attempts) for cid in ids] == [("delivered", 1)] * 3
+    assert len(receiver.requests("/slow")) == 3
 
 
 def test_endpoints_held_for_the_same_time_all_have_their_callbacks_deferred(

@@ -71,6 +71,19 @@ def test_a_slot_redis_failed_to_take_back_is_given_back_when_it_answers(
     assert len(g.acquire(key, 1).tokens) == 1
 
 
+def test_a_report_redis_fails_to_take_is_missed_not_raised(client: redis.Redis, key: str) -> None:
+    down = redis.Redis(host="127.0.0.1", port=free_port(), retry=Retry(NoBackoff(), 0))
+    try:
+        # The lane that reports keeps its outcomes: the breaker is best effort.
+        assert gate(down).report(key, ok=False, probe=False) == 0
+    finally:
+        down.close()
+    g = gate(client)
+    assert g.report(key, ok=False, probe=False) == 0
+    assert g.report(key, ok=False, probe=False) == 0  # two on record: the missed one is not
+    assert g.report(key, ok=False, probe=False) > 0
+
+
 def test_a_slot_whose_holder_died_frees_when_its_lease_passes(
     client: redis.Redis, key: str
 ) -> None:

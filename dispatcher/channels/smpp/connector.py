@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -49,6 +50,10 @@ RECEIPTS_EVERY = 0.1
 FLUSH_EVERY = 1.0
 FLUSH_SIZE = 500
 MO_PARTS_TTL = 3600
+# Parts of long messages whose message id this process keeps in memory (the oldest go
+# first): the rest are looked up in Redis, which keeps them LEDGER_TTL. A part leaves the
+# map at its final receipt; this bounds those whose receipt never comes.
+PARTS_KEPT = 100_000
 # KEYS: a request's reply key, then its messages' ledger keys. ARGV: the ledger TTL, the
 # reply ("" for none yet), then one ledger value per message. One command per request
 # instead of a SET each.
@@ -61,6 +66,17 @@ if ARGV[2] ~= '' then
   redis.call('RPUSH', KEYS[1], ARGV[2])
   redis.call('EXPIRE', KEYS[1], 120)
 end
+"""
+# A part's delivery. KEYS: its message's parts left, then its parts delivered (a set made
+# with the member "" when the message was submitted). ARGV: the part's id. Returns the
+# parts left, counting each part once: an SMSC sends a deliver_sm again when its
+# deliver_sm_resp was lost or late, and a flush asks again when Redis's reply was lost.
+# -1 when the set is missing (submitted before parts were counted so, or Redis lost it):
+# the count may hold a part twice, so that message is not reported delivered here.
+PART_DELIVERED = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then return redis.call('DECR', KEYS[1]) end
+return tonumber(redis.call('GET', KEYS[1]) or -1)
 """
 
 
@@ -432,7 +448,7 @@ class Connector:
             for conn in carrier.connections:
                 self.links.append(Link(conn, carrier, self))
         self.max_requests = max_requests
-        self.part_of: dict[str, str] = {}
+        self.part_of: OrderedDict[str, str] = OrderedDict()
         self._inflight: dict[int, float] = {}
         self._tokens = itertools.count()
         self._receipts: list[tuple[float, Receipt]] = []
@@ -443,6 +459,7 @@ class Connector:
         self._wake = asyncio.Event()
         self.redis: aioredis.Redis = aioredis.Redis.from_url(redis_url)
         self._ledger = self.redis.register_script(LEDGER_SCRIPT)
+        self._part_delivered = self.redis.register_script(PART_DELIVERED)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -562,10 +579,15 @@ class Connector:
     async def remember_part(self, part: str, main: str, total: int) -> None:
         """Map a part's id to its message's (the first part's), for receipts that come per part."""
         self.part_of[part] = main
+        while len(self.part_of) > PARTS_KEPT:
+            self.part_of.popitem(last=False)
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(handoff.part_key(part), main, ex=handoff.LEDGER_TTL)
         if part == main:
             pipe.set(handoff.left_key(main), total, ex=handoff.LEDGER_TTL)
+            # "" is no part's id: the set says the parts are counted once each (translate).
+            pipe.sadd(handoff.done_key(main), "")
+            pipe.expire(handoff.done_key(main), handoff.LEDGER_TTL)
         await pipe.execute()
 
     # -- receiving -------------------------------------------------------------
@@ -663,6 +685,9 @@ class Connector:
             for (_, r), main in zip(ready, mains, strict=True):
                 translated = await self.translate(r, main)
                 done += 1
+                if r.status != "enroute":
+                    # Its final receipt: one sent again is looked up in Redis.
+                    self.part_of.pop(r.provider_message_id, None)
                 if translated is not None:
                     self._outgoing.append(translated)
         finally:
@@ -694,8 +719,11 @@ class Connector:
         if main is None:
             return receipt
         if receipt.status == "delivered":
-            left = await self.redis.decr(handoff.left_key(main))
-            if left > 0:
+            keys = [handoff.left_key(main), handoff.done_key(main)]
+            left = await self._part_delivered(
+                keys, [receipt.provider_message_id], client=self.redis
+            )
+            if left != 0:
                 return None
         return replace(receipt, provider_message_id=main)
 

@@ -28,14 +28,19 @@ def key(kind: str, name: str) -> str:
 
 
 # A carrier's request list, a request's reply, a bound connection's flag, a submit's
-# ledger entry, a part's message id, a message's parts not yet delivered, counters.
+# ledger entry, a part's message id, a message's parts not yet delivered and those
+# delivered (each part counted once, see connector.translate), counters.
 queue_key = partial(key, "q")
 reply_key = partial(key, "r")
 alive_key = partial(key, "alive")
 ledger_key = partial(key, "ledger")
 part_key = partial(key, "part")
 left_key = partial(key, "left")
+done_key = partial(key, "done")
 stats_key = partial(key, "stats")
+# The generation of the hand-off's data: set by the first request pushed into it and
+# never expiring, so another value (or none) later means Redis lost what it held.
+GENERATION = f"{PREFIX}generation"
 # Receipts the connector has read, for a worker to apply (one JSON list per group).
 RECEIPTS = f"{PREFIX}receipts"
 # Groups a worker took and has not committed yet: one list per claim, and the claims by
@@ -49,6 +54,7 @@ PENDING, NOT_SENT, UNKNOWN = "p", "n", "u"
 # Error codes of a submit that may have reached the SMSC: never sent again.
 UNSETTLED = frozenset({"outcome_unknown", "partial_submit"})
 UNKNOWN_TEXT = "no submit_sm_resp (bind lost or response timeout); not re-sent to avoid a duplicate"
+LOST_TEXT = "Redis lost its data while the connector had this; not re-sent to avoid a duplicate"
 
 
 def unknown(text: str = UNKNOWN_TEXT) -> SendResult:

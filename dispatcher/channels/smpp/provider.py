@@ -16,7 +16,8 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, cast
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
@@ -60,6 +61,15 @@ redis.call('ZADD', KEYS[2], ARGV[1], KEYS[3])
 return groups
 """
 
+# Push a request (KEYS[1] the carrier's list, ARGV[1]) and return the data's generation
+# (KEYS[2]), made ARGV[2] ("<unix time>:<request id>") if there is none yet: one round
+# trip, as the RPUSH alone was.
+PUSH = """
+redis.call('SET', KEYS[2], ARGV[2], 'NX')
+redis.call('RPUSH', KEYS[1], ARGV[1])
+return redis.call('GET', KEYS[2])
+"""
+
 
 class SmppProvider(Provider):
     name = "smpp"
@@ -77,6 +87,7 @@ class SmppProvider(Provider):
         self.routes = RouteTable(config.routes)
         self.clock = clock
         self._claim_script = redis_client.register_script(CLAIM_RECEIPTS)
+        self._push_script = redis_client.register_script(PUSH)
         self._claim: str | None = None  # the receipt groups this process took last
 
     def live_carriers(self) -> set[str]:
@@ -113,13 +124,13 @@ class SmppProvider(Provider):
             carrier: self._push(carrier, [messages[i] for i in idx])
             for carrier, idx in by_carrier.items()
         }
-        for carrier, (request_id, payload, give_up) in pending.items():
-            answers = self._wait(carrier, request_id, payload, give_up)
+        for carrier, (request_id, payload, give_up, generation) in pending.items():
+            answers = self._wait(carrier, request_id, payload, give_up, generation)
             for i, answer in zip(by_carrier[carrier], answers, strict=True):
                 results[i] = answer
         return [r if r is not None else handoff.unknown() for r in results]
 
-    def _push(self, carrier: str, messages: list[OutboundMessage]) -> tuple[str, str, float]:
+    def _push(self, carrier: str, messages: list[OutboundMessage]) -> tuple[str, str, float, bytes]:
         request_id = uuid.uuid4().hex
         now = self.clock()
         give_up = now + self.config.request_timeout
@@ -131,11 +142,13 @@ class SmppProvider(Provider):
                 "items": [handoff.Item.of(m).__dict__ for m in messages],
             }
         )
-        self.redis.rpush(handoff.queue_key(carrier), payload)
-        return request_id, payload, give_up
+        keys = [handoff.queue_key(carrier), handoff.GENERATION]
+        args = [payload, f"{now:.6f}:{request_id}"]
+        generation = cast(bytes, self._push_script(keys=keys, args=args))
+        return request_id, payload, give_up, generation
 
     def _wait(
-        self, carrier: str, request_id: str, payload: str, give_up: float
+        self, carrier: str, request_id: str, payload: str, give_up: float, generation: bytes
     ) -> list[SendResult]:
         items = json.loads(payload)["items"]
         got = None
@@ -158,10 +171,16 @@ class SmppProvider(Provider):
                 for _ in items
             ]
         # Taken but never answered (the connector died): the ledger says what it knows.
-        return [self._from_ledger(item["key"]) for item in items]
+        # Or Redis lost its data (the request with it): a connector may have taken and
+        # submitted it first, and a message it has no entry for is not known unsent.
+        lost = self.redis.get(handoff.GENERATION) != generation
+        return [self._from_ledger(item["key"], lost=lost) for item in items]
 
-    def _from_ledger(self, key: str) -> SendResult:
-        found, ref = self._ledger(key)
+    def _from_ledger(self, key: str, *, lost: bool) -> SendResult:
+        raw = self.redis.get(handoff.ledger_key(key))
+        if raw is None and lost:
+            return handoff.unknown(handoff.LOST_TEXT)
+        found, ref = self._read_ledger(raw)
         if found is Lookup.ACCEPTED:
             return SendResult(Outcome.ACCEPTED, provider_message_id=ref)
         if found is Lookup.NOT_FOUND:
@@ -170,8 +189,8 @@ class SmppProvider(Provider):
             )
         return handoff.unknown()
 
-    def _ledger(self, key: str) -> tuple[Lookup, str | None]:
-        raw = self.redis.get(handoff.ledger_key(key))
+    @staticmethod
+    def _read_ledger(raw: Any) -> tuple[Lookup, str | None]:
         value = raw.decode() if isinstance(raw, bytes) else raw
         if value is None or value == handoff.NOT_SENT:
             return Lookup.NOT_FOUND, None
@@ -179,8 +198,26 @@ class SmppProvider(Provider):
             return Lookup.ACCEPTED, value[2:]
         return Lookup.UNKNOWN, None
 
-    def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
-        return self._ledger(message.idempotency_key)
+    def lookup(
+        self, message: OutboundMessage, *, claimed_at: datetime | None = None
+    ) -> tuple[Lookup, str | None]:
+        """The ledger's word; no entry is "never submitted" only if Redis has kept its data
+        since ``claimed_at``: else a connector may have submitted it before the loss."""
+        raw = self.redis.get(handoff.ledger_key(message.idempotency_key))
+        if raw is None and claimed_at is not None and self._lost_since(claimed_at):
+            return Lookup.UNKNOWN, None
+        return self._read_ledger(raw)
+
+    def _lost_since(self, at: datetime) -> bool:
+        """Whether the hand-off's data is younger than ``at`` (or gone): Redis lost it since."""
+        raw: Any = self.redis.get(handoff.GENERATION)
+        if raw is None:
+            return True
+        born, _, _ = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition(":")
+        try:
+            return float(born) >= at.replace(tzinfo=at.tzinfo or UTC).timestamp()
+        except ValueError:
+            return True  # not a generation this code made: take the safe side
 
     def due_receipts(self, *, limit: int = 10) -> list[Receipt]:
         """Claim up to ``limit`` groups of the receipts the connector read (for a worker).

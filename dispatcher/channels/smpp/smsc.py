@@ -318,6 +318,15 @@ class LocalSmsc:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(lambda: self._spawn(self.send_mo(**mo)))
 
+    def post_receipt(self, message_id: str, stat: str = "DELIVRD") -> None:
+        """Send an accepted message's receipt now, again if it went already (as an SMSC
+        does whose deliver_sm_resp was lost or late), without waiting for its resp."""
+        assert self._loop is not None
+        action = Action(receipt=stat)
+        self._loop.call_soon_threadsafe(
+            self._post_receipt, self.accepted[message_id], message_id, action
+        )
+
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
         """Run ``coro`` on the SMSC's loop from another thread."""
         assert self._loop is not None

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 import pytest
@@ -23,9 +23,19 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Receipt, SmsOptions
+from dispatcher.channels.smpp import connector as connector_module
 from dispatcher.channels.smpp import errors, pdu
 from dispatcher.channels.smpp.connector import FLUSH_EVERY, RECEIPTS_EVERY, Connector, Inbound
-from dispatcher.channels.smpp.handoff import RECEIPT_CLAIMS, stats_key
+from dispatcher.channels.smpp.handoff import (
+    LEDGER_TTL,
+    RECEIPT_CLAIMS,
+    done_key,
+    ledger_key,
+    left_key,
+    queue_key,
+    reply_key,
+    stats_key,
+)
 from dispatcher.channels.smpp.provider import CLAIM_STALE_S, SmppProvider
 from dispatcher.channels.smpp.sink import DatabaseSink
 from dispatcher.channels.smpp.smsc import Action, LocalSmsc, Submit, running
@@ -161,6 +171,85 @@ def test_long_messages_reassemble_in_order_on_the_smsc(
     }
 
 
+def test_a_long_message_is_delivered_once_every_part_is_whatever_receipt_is_resent(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    """An SMSC sends a deliver_sm again when its deliver_sm_resp was lost or late (the ESME
+    must take the duplicate): a part's receipt twice is one part delivered, not two."""
+    config = smpp_config({"local": [port]})
+    record = RecordingSink()
+    # No receipt of its own accord: the test says which part's receipt goes, and when.
+    smsc_ = LocalSmsc(port=port, script=lambda s: Action(receipt=None))
+    with running(smsc_) as smsc, connector_running(config, redis_url, record) as connector:
+        provider = live_provider(smpp_redis, config)
+        long, marker = provider.send_many([message(1, "x" * 400), message(2)])
+        assert long.outcome is marker.outcome is Outcome.ACCEPTED
+        by_part = {
+            cast(pdu.Concat, s.text()[0]).number: ref
+            for ref, s in smsc.accepted.items()
+            if s.destination_addr == message(1).to.lstrip("+")
+        }
+        first, second, third = (by_part[n] for n in (1, 2, 3))
+        assert first == long.provider_message_id
+        link = connector.links[0]
+
+        def reported(ref: str | None) -> list[Receipt]:
+            with record.lock:
+                return [r for r in record.receipts if r.provider_message_id == ref]
+
+        for ref in (first, first, second):
+            smsc.post_receipt(ref)
+        wait_for(lambda: link.stats.receipts == 3)
+        # Receipts are handed over in the order they came: the marker's follows the parts'.
+        smsc.post_receipt(marker.provider_message_id or "")
+        wait_for(lambda: reported(marker.provider_message_id))
+        assert reported(long.provider_message_id) == []
+        smsc.post_receipt(third)
+        got = wait_for(lambda: reported(long.provider_message_id))
+        assert [r.status for r in got] == ["delivered"]
+
+
+def test_a_long_messages_parts_not_counted_once_each_are_never_reported_delivered(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    """Where the parts delivered cannot be told apart, delivery is not reported (the message
+    ends ``unknown`` at the receipt deadline): a count left by a connector that counted
+    parts blindly (an upgrade), a count Redis lost while the connector knew the parts.
+    A part's delivery asked again (a reply lost) is answered again."""
+    connector = Connector(
+        config=smpp_config({"local": [port]}), redis_url=redis_url, sink=Sink(RecordingSink())
+    )
+
+    def delivered(ref: str) -> Receipt:
+        return Receipt(ref, "delivered", done_at=None)
+
+    async def parts() -> None:
+        # Submitted before the upgrade, three parts: the first counted as delivered then.
+        smpp_redis.set(left_key("m1"), 2, ex=LEDGER_TTL)
+        # ...and its receipt sent again after it, then the second's.
+        assert await connector.translate(delivered("m1"), "m1") is None
+        assert await connector.translate(delivered("m1-2"), "m1") is None
+        # Redis lost the count: the connector still knows its parts (in memory).
+        await connector.remember_part("m2", "m2", 2)
+        await connector.remember_part("m2-2", "m2", 2)
+        smpp_redis.delete(left_key("m2"), done_key("m2"))
+        assert await connector.parts_of(["m2-2"]) == ["m2"]
+        assert await connector.translate(delivered("m2"), "m2") is None
+        # Counted afresh: the last part's delivery asked twice is reported twice (the
+        # receipts service drops a repeated delivery; a lost one would be lost for good).
+        await connector.remember_part("m3", "m3", 2)
+        await connector.remember_part("m3-2", "m3", 2)
+        assert await connector.translate(delivered("m3-2"), "m3") is None
+        assert await connector.translate(delivered("m3-2"), "m3") is None
+        for _ in range(2):
+            got = await connector.translate(delivered("m3"), "m3")
+            assert got == delivered("m3")
+        assert smpp_redis.ttl(done_key("m3")) > LEDGER_TTL - 60
+        await connector.redis.aclose()
+
+    asyncio.run(parts())
+
+
 @pytest.mark.parametrize("tlvs", [True, False], ids=["tlvs", "text-only"])
 def test_every_receipt_is_applied_before_or_after_the_resp(
     tlvs: bool, port: int, redis_url: str, smpp_redis: redis.Redis
@@ -283,6 +372,78 @@ def test_a_connection_dropped_mid_window_sends_nothing_twice(
     # have reached it at all (in the socket when the session dropped), and is not re-sent.
     assert delivered_to == set(per_destination) - {m.to.lstrip("+") for m in unknown}
     assert len(delivered_to) == 10 - len(unknown)
+
+
+def lose_data(client: redis.Redis) -> None:
+    """What a Redis restarted without its data leaves of the hand-off: nothing."""
+    for key in client.scan_iter("dispatcher:smpp:*"):
+        client.delete(key)
+
+
+def test_a_submit_answered_before_redis_lost_its_data_is_never_submitted_again(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    """The connector submitted, the SMSC accepted, the answer was written; then Redis lost
+    its data before the worker read it. No answer, no ledger entry, the request gone from
+    the list: the SMSC may have it, so the outcome is unknown, not "try again"."""
+    config = smpp_config({"local": [port]})
+    with (
+        running(LocalSmsc(port=port)) as smsc,
+        connector_running(config, redis_url, RecordingSink()),
+    ):
+        provider = live_provider(smpp_redis, config)
+        request_id, *handed = provider._push("local", [message(1)])
+        wait_for(lambda: smpp_redis.exists(reply_key(request_id)))
+        assert len(smsc.accepted) == 1
+        lose_data(smpp_redis)
+        handed[1] = time.time() + 0.3  # the worker's give-up time: no answer will come
+        [result] = provider._wait("local", request_id, *handed)
+    assert (result.outcome, result.error_code) == (Outcome.UNKNOWN, "outcome_unknown")
+    assert "Redis lost" in (result.error_text or "")
+
+
+def test_a_request_with_no_answer_is_sent_again_only_when_redis_kept_its_data(
+    port: int, smpp_redis: redis.Redis
+) -> None:
+    """Taken from the list and not in the ledger, with Redis's data intact: the connector
+    died before writing its ledger entry, so before submitting: safe to send again. The
+    same after Redis lost its data cannot tell whether a connector took it first."""
+    provider = SmppProvider(redis_client=smpp_redis, config=smpp_config({"local": [port]}))
+    for lost in (False, True):
+        request_id, *handed = provider._push("local", [message(1)])
+        handed[1] = time.time() + 0.2
+        # A connector takes it and dies at once; or Redis loses it (request and all).
+        assert smpp_redis.lpop(queue_key("local")) == handed[0].encode()
+        if lost:
+            lose_data(smpp_redis)
+        [result] = provider._wait("local", request_id, *handed)
+        expected = (
+            (Outcome.UNKNOWN, "outcome_unknown") if lost else (Outcome.TRANSIENT, "connector_lost")
+        )
+        assert (result.outcome, result.error_code) == expected
+
+
+def test_a_reclaimed_claim_is_never_submitted_again_once_redis_lost_its_data_since(
+    port: int, smpp_redis: redis.Redis
+) -> None:
+    """The reclaim of a dead worker's claim asks the ledger with the claim's time. No entry
+    means "never submitted" only if the hand-off's data is older than the claim: if Redis
+    lost it since (no generation, or a younger one), a connector may have submitted the
+    message first, so it is unknown, never sent again. An entry answers as before."""
+    provider = SmppProvider(redis_client=smpp_redis, config=smpp_config({"local": [port]}))
+    msg = message(1)
+    provider._push("local", [message(2)])  # the hand-off's data begins here
+    claimed = datetime.now(UTC).replace(tzinfo=None)  # a claim since (naive UTC, as stored)
+    assert provider.lookup(msg, claimed_at=claimed) == (Lookup.NOT_FOUND, None)
+    assert provider.lookup(msg) == (Lookup.NOT_FOUND, None)  # no claim time: as before
+    lose_data(smpp_redis)
+    assert provider.lookup(msg, claimed_at=claimed) == (Lookup.UNKNOWN, None)
+    provider._push("local", [message(2)])  # after the loss: younger than the claim
+    assert provider.lookup(msg, claimed_at=claimed) == (Lookup.UNKNOWN, None)
+    smpp_redis.set(ledger_key(msg.idempotency_key), "a:0000000042")
+    assert provider.lookup(msg, claimed_at=claimed) == (Lookup.ACCEPTED, "0000000042")
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    assert provider.lookup(message(3), claimed_at=later) == (Lookup.NOT_FOUND, None)
 
 
 def test_a_connection_that_cannot_bind_is_reported_retried_and_never_logs_its_password(
@@ -470,6 +631,38 @@ def test_receipts_go_to_the_sink_at_every_flush_inbound_messages_once_a_second(
 
     asyncio.run(flushes())
     assert RECEIPTS_EVERY < FLUSH_EVERY
+
+
+def test_the_parts_kept_in_memory_are_bounded_and_leave_at_their_final_receipt(
+    port: int, redis_url: str, smpp_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connector runs for weeks: the parts it remembers go at their final receipt (an
+    ``enroute`` one keeps them), and past PARTS_KEPT the oldest go. A part no longer in
+    memory is still found in Redis, so its receipt counts for its message."""
+    monkeypatch.setattr(connector_module, "PARTS_KEPT", 3)
+    record = RecordingSink()
+    connector = Connector(
+        config=smpp_config({"local": [port]}), redis_url=redis_url, sink=Sink(record)
+    )
+
+    async def receipts(*got: Receipt) -> None:
+        connector._receipts.extend((time.monotonic(), r) for r in got)
+        await connector.flush()
+
+    async def parts() -> None:
+        for main in ("a", "b"):
+            await connector.remember_part(main, main, 2)
+            await connector.remember_part(f"{main}-2", main, 2)
+        assert list(connector.part_of) == ["a-2", "b", "b-2"]  # "a" went first
+        await receipts(Receipt("b", "enroute", done_at=None))
+        assert "b" in connector.part_of
+        await receipts(*(Receipt(ref, "delivered", done_at=None) for ref in ("b", "b-2")))
+        await receipts(*(Receipt(ref, "delivered", done_at=None) for ref in ("a", "a-2")))
+        assert list(connector.part_of) == []
+        assert [r.provider_message_id for r in record.receipts] == ["b", "a"]
+        await connector.redis.aclose()
+
+    asyncio.run(parts())
 
 
 def test_receipts_outlive_a_redis_failure_and_a_database_failure_at_flush(
