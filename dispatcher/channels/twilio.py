@@ -28,6 +28,8 @@ STATUS_PATH = "/providers/twilio/status"
 T, C, R = Outcome.TRANSIENT, Outcome.CHANNEL, Outcome.RECIPIENT
 # Twilio's "Authenticate": our Account SID or auth token is wrong.
 AUTHENTICATE = 20003
+# Refusals of the sender, which the operator should hear of (see CODES).
+SENDER_REFUSED = frozenset({21212, 21606, 21657, 21659, 21660, 63007})
 # Twilio's error codes, by what Dispatcher does with them. Unnamed codes: by HTTP status.
 CODES: dict[int, Outcome] = {
     AUTHENTICATE: T,  # the operator fixes the credentials; messages wait
@@ -36,6 +38,14 @@ CODES: dict[int, Outcome] = {
     20503: T,  # service unavailable
     30001: T,  # queue overflow
     21408: C,  # permission to send to this region not enabled
+    # The sender cannot send here (the batch's from, or the account's setup): a retry
+    # will not change that, and neither is it the recipient's fault; the next channel may.
+    21212: C,  # invalid From number
+    21606: C,  # From is not a message-capable number of this account
+    21657: C,  # alphanumeric sender ID not supported (or not registered) for the destination
+    21659: C,  # From is not a Twilio number
+    21660: C,  # From belongs to another account
+    63007: C,  # WhatsApp: no channel for the From address
     21612: C,  # cannot route to this number from this sender
     63003: C,  # WhatsApp: the To address is not on the channel
     63016: C,  # WhatsApp: outside the 24 h window and not a template
@@ -131,6 +141,15 @@ class TwilioProvider(HttpVendor):
         if code == AUTHENTICATE or response.status_code == 401:
             check = "DISPATCHER_TWILIO_ACCOUNT_SID and DISPATCHER_TWILIO_AUTH_TOKEN"
             return errors.refused_credentials(self.name, result, check=check)
+        if code in SENDER_REFUSED:
+            errors.warn_operator(
+                self.name,
+                f"sender {code}",
+                f"Twilio refused the sender {form.get('From', '')!r} ({result.error_code}: "
+                f"{result.error_text}); the recipients fall back to their next channel. Send "
+                "from a sender of this Twilio account, or set "
+                "DISPATCHER_TWILIO_MESSAGING_SERVICE_SID to let Twilio pick one.",
+            )
         return result
 
 

@@ -114,6 +114,24 @@ def test_wrong_credentials_tell_the_operator_what_to_check_once_a_minute(
     assert "wrong-token" not in line
 
 
+@pytest.mark.parametrize(("channel", "code"), [("sms", 21606), ("whatsapp", 63007)])
+def test_a_sender_twilio_refuses_falls_back_and_tells_the_operator(
+    provider: TwilioProvider,
+    twilio: Twilio,
+    operator_warnings: Callable[[], list[str]],
+    channel: str,
+    code: int,
+) -> None:
+    twilio.senders = {"+15005550001"}
+    results = [provider.send(message(channel=channel)) for _ in range(2)]
+    # Before: a 400 no table named, so every recipient of the batch failed for good.
+    assert {(r.outcome, r.error_code) for r in results} == {(Outcome.CHANNEL, f"twilio_{code}")}
+    [line] = operator_warnings()
+    assert line.startswith("twilio: Twilio refused the sender '")
+    assert f"(twilio_{code}: " in line
+    assert "DISPATCHER_TWILIO_MESSAGING_SERVICE_SID" in line
+
+
 def test_an_unreachable_api_names_its_host_to_the_operator(
     operator_warnings: Callable[[], list[str]],
 ) -> None:
