@@ -31,6 +31,8 @@ MAX_TEXT = 4096
 T, C, R = Outcome.TRANSIENT, Outcome.CHANNEL, Outcome.RECIPIENT
 # Meta's OAuthException 190: the access token is invalid or expired.
 TOKEN_INVALID = 190
+# Meta's 33: the business phone number has been deleted.
+NUMBER_GONE = 33
 # Meta's error codes, by what Dispatcher does with them. Unnamed codes: by HTTP status.
 CODES: dict[int, Outcome] = {
     1: T,  # API unknown
@@ -159,13 +161,26 @@ class WhatsAppCloudProvider(HttpVendor):
                 else None
             )
             text = str(details or error.get("message") or text)
+        # Graph's "Object with ID ... does not exist" (100, subcode 33) or Meta's 33 (the
+        # business number was deleted): the phone number id is wrong, not the recipient.
+        subcode = error.get("error_subcode") if isinstance(error, dict) else None
+        no_number = code == NUMBER_GONE or (code == 100 and subcode == 33)
         result = errors.failure(
-            errors.classify(CODES, code, response.status_code),
+            Outcome.CHANNEL if no_number else errors.classify(CODES, code, response.status_code),
             code=f"whatsapp_{code if code is not None else response.status_code}",
             text=text,
             retry_after=errors.retry_after(response.headers),
         )
-        if code == TOKEN_INVALID or response.status_code == 401:
+        if no_number:
+            errors.warn_operator(
+                self.name,
+                "number",
+                f"no usable phone number id {number_id} ({result.error_code}: "
+                f"{result.error_text}); the recipients fall back to their next channel. Check "
+                "DISPATCHER_WHATSAPP_PHONE_NUMBER_ID and DISPATCHER_WHATSAPP_SENDERS, and that "
+                "the token may send for it.",
+            )
+        elif code == TOKEN_INVALID or response.status_code == 401:
             check = f"DISPATCHER_WHATSAPP_TOKENS (the token of phone number id {number_id})"
             return errors.refused_credentials(self.name, result, check=check)
         return result
