@@ -59,7 +59,19 @@ BY_RPC_STATUS: dict[str, Outcome] = {
 
 
 class CredentialsError(RuntimeError):
-    """The service-account key cannot be used (its content is never in the message)."""
+    """The service-account key cannot be used (its content is never in the message).
+
+    ``status`` is the token endpoint's HTTP status when it refused; a 429 or 5xx there
+    is an outage of Google's, not a refusal of the key (``refused`` is False).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def refused(self) -> bool:
+        return self.status is None or not (self.status in (408, 425, 429) or self.status >= 500)
 
 
 def check_key(key: dict[str, Any]) -> None:
@@ -151,7 +163,8 @@ class ServiceAccountTokens:
             said = body if isinstance(body, dict) else {}
             why = ": ".join(str(said[k])[:200] for k in ("error", "error_description") if k in said)
             raise CredentialsError(
-                f"token endpoint answered {response.status_code}" + (f" ({why})" if why else "")
+                f"token endpoint answered {response.status_code}" + (f" ({why})" if why else ""),
+                status=response.status_code,
             )
         lifetime = float(body.get("expires_in", 3600))
         self._token = str(body["access_token"])
@@ -197,8 +210,11 @@ class RbmProvider(HttpVendor):
                 # A token revoked or expired early: one retry with a fresh one.
                 response = self._post(message, fresh=True)
         except CredentialsError as exc:
-            refused = errors.failure(Outcome.TRANSIENT, code="rbm_auth", text=str(exc))
-            return errors.refused_credentials(self.name, refused, check=KEY_FILE)
+            failed = errors.failure(Outcome.TRANSIENT, code="rbm_auth", text=str(exc))
+            if not exc.refused:
+                errors.warn_operator(self.name, "token", f"{exc}; {errors.WAITING}.")
+                return failed
+            return errors.refused_credentials(self.name, failed, check=KEY_FILE)
         except requests.RequestException as exc:
             return errors.network(exc, provider=self.name)
         if response.status_code == 200 or response.status_code == 409:

@@ -145,6 +145,20 @@ def test_a_broken_key_is_transient_and_its_content_is_never_shown(
     assert result.error_text == "token endpoint answered 400 (invalid_grant: Invalid JWT)"
 
 
+def test_a_token_endpoint_outage_is_not_called_a_refused_key(
+    rbm: Rbm, provider: RbmProvider, operator_warnings: Callable[[], list[str]]
+) -> None:
+    rbm.token_down = (503, "backendError")
+    result = provider.send(message())
+    assert (result.outcome, result.error_code) == (Outcome.TRANSIENT, "rbm_auth")
+    assert result.error_text == "token endpoint answered 503 (backendError: Try again later.)"
+    [line] = operator_warnings()
+    assert line.startswith("rbm: token endpoint answered 503 (backendError")
+    assert "refused our credentials" not in line
+    rbm.token_down = None
+    assert provider.send(message(rid="r-2")).outcome is Outcome.ACCEPTED
+
+
 def test_a_refused_key_tells_the_operator_which_setting_to_check(
     rbm: Rbm, operator_warnings: Callable[[], list[str]]
 ) -> None:
