@@ -483,6 +483,53 @@ def inbound_webhook(
 # --- capacity and progress ------------------------------------------------------------
 
 
+@main.command("retry-now")
+@click.option("--channel", default=None, help="Only recipients on this channel.")
+@click.option("--code", default=None, help="Only those whose hand-off failed so (twilio_20003).")
+@click.pass_obj
+def retry_now(settings: Settings, channel: str | None, code: str | None) -> None:
+    """Retry now what waits after a failed hand-off (a carrier or its credentials fixed)."""
+    from dispatcher.db import utcnow
+
+    with _transaction(settings) as session:
+        n = _bring_retries_forward(session=session, now=utcnow(), channel=channel, code=code)
+    click.echo(f"{n} recipient(s) will be handed over again within seconds (the scheduler's sweep)")
+
+
+def _bring_retries_forward(
+    *, session: Session, now: datetime, channel: str | None, code: str | None
+) -> int:
+    """Make the retries of queued recipients whose last hand-off failed due now.
+
+    Clearing ``enqueued_at`` lets the scheduler's next sweep publish them (promote_due);
+    a task already published for the old time finds them claimed or sent, which the
+    claim makes harmless. Rows a rate limit deferred carry no error code and keep
+    their booked time.
+    """
+    from sqlalchemy import select, update
+
+    from dispatcher.batches.models import Batch, Recipient
+    from dispatcher.states import BatchStatus, RecipientStatus
+
+    conditions = [
+        Recipient.status == RecipientStatus.QUEUED,
+        Recipient.error_code.is_not(None),
+        Recipient.next_attempt_at > now,
+        Recipient.batch_id.in_(select(Batch.id).where(Batch.status == BatchStatus.SENDING)),
+    ]
+    if channel:
+        conditions.append(Recipient.channel == channel)
+    if code:
+        conditions.append(Recipient.error_code == code)
+    result = session.execute(
+        update(Recipient)
+        .where(*conditions)
+        .values(next_attempt_at=now, enqueued_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 @main.command("status")
 @_seconds("--timeout", 0.1, 30.0, default=1.0, help="Seconds to wait for workers to answer.")
 @click.pass_obj
