@@ -7,7 +7,8 @@ other channels and accounts included. After ``FAILURES`` transport failures in a
 row, the provider answers at once, transient with the pause as ``retry_after``,
 until ``PAUSE`` seconds have passed; then one message is let through, and its
 answer closes the breaker (any reply from the API) or opens it again. Per process:
-each send process finds out for itself, after a few timeouts.
+each send process finds out for itself, after a few timeouts. Opening and closing
+set ``dispatcher_carrier_connection_up{provider=..., connection="api"}`` to 0 and 1.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from abc import abstractmethod
 from collections.abc import Callable
 
+from dispatcher import metrics
 from dispatcher.channels import errors
 from dispatcher.channels.base import OutboundMessage, Outcome, Provider, SendResult
 
@@ -57,15 +59,20 @@ class Breaker:
             retry_after=left,
         )
 
-    def record(self, result: SendResult) -> None:
-        """Count a transport failure, or close the breaker on any answer of the API."""
+    def record(self, result: SendResult) -> bool | None:
+        """Count a transport failure, or close the breaker on any answer of the API.
+
+        True when this opened the breaker, False when it closed it, None otherwise.
+        """
         with self._lock:
+            was_open = self._in_a_row >= self.failures
             if result.error_code != "network":
                 self._in_a_row = 0
-                return
+                return False if was_open else None
             self._in_a_row += 1
             if self._in_a_row >= self.failures:
                 self._open_until = self._clock() + self.pause
+            return True if self._in_a_row == self.failures else None
 
 
 class HttpVendor(Provider):
@@ -78,7 +85,10 @@ class HttpVendor(Provider):
         if refused is not None:
             return refused
         result = self.hand_over(message)
-        self.breaker.record(result)
+        opened = self.breaker.record(result)
+        if opened is not None:
+            # The alert on carrier connections covers the vendors' APIs too.
+            metrics.carrier_connection(provider=self.name, connection="api", up=not opened)
         return result
 
     @abstractmethod

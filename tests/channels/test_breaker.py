@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from dispatcher import metrics
 from dispatcher.channels.base import OutboundMessage, Outcome, SendResult
 from dispatcher.channels.breaker import Breaker
 from dispatcher.channels.twilio import TwilioProvider
@@ -94,6 +95,29 @@ def test_a_hung_api_is_called_three_times_then_not_until_the_pause_ends(
     paused = results[3]
     assert paused.error_text == "not sent: the API failed 3 times in a row; paused"
     assert paused.retry_after == pytest.approx(30.0)
+
+
+def api_up() -> float | None:
+    """The twilio API's carrier-connection gauge as a scrape shows it (None: never set)."""
+    for line in metrics.exposition()[0].decode().splitlines():
+        if line.startswith("dispatcher_carrier_connection_up{") and 'provider="twilio"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_the_carrier_connection_gauge_shows_the_api_paused_then_back(silent: Silent) -> None:
+    clock = Clock()
+    breaker = Breaker(clock=clock)
+    hung = provider(silent.url, breaker, read_timeout=0.2)
+    for i in range(3):
+        hung.send(message(f"r{i}"))
+    # DispatcherCarrierConnectionDown fires on this after a minute.
+    assert api_up() == 0
+    clock.now += 30
+    with Twilio(account_sid=SID, auth_token=TOKEN) as twilio:
+        up = provider(twilio.url, breaker)
+        assert up.send(message("probe")).outcome is Outcome.ACCEPTED
+    assert api_up() == 1
 
 
 def test_after_the_pause_one_message_probes_and_an_answer_closes_it() -> None:
