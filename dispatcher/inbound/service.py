@@ -2,9 +2,9 @@
 
 An MO belongs to the account its destination number is assigned to; a reply to
 a shared sender ID belongs to the account that sender is sticky-assigned to
-for the replying number (the most recent, if several). The webhook row is
-written in the same transaction as the message, signed and retried like every
-callback.
+for the replying number (to none, kept unowned, if several accounts hold it).
+The webhook row is written in the same transaction as the message, signed and
+retried like every callback.
 """
 
 from __future__ import annotations
@@ -52,12 +52,14 @@ def owner(*, session: Session, sender: str, to: str) -> str | None:
     number = session.get(InboundNumber, normalise(to))
     if number is not None:
         return number.account_id
-    return session.execute(
+    holders = session.scalars(
         select(SharedSender.account_id)
         .where(SharedSender.sender == to, SharedSender.destination == sender)
-        .order_by(SharedSender.created_at.desc())
-        .limit(1)
-    ).scalar()
+        .limit(2)
+    ).all()
+    # A reply cannot say which of two accounts sharing the sender it answers: giving
+    # it to either (the latest, say) would let one account read the other's replies.
+    return holders[0] if len(holders) == 1 else None
 
 
 def payload(message: InboundMessage, dialect: str) -> dict[str, Any]:
