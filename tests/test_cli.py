@@ -204,3 +204,11 @@ def test_bad_environment_is_refused(cli: Cli) -> None:
     )
     assert result.exit_code != 0
     assert "DISPATCHER_API_PORT" in str(result.exception) + result.output
+
+
+@pytest.mark.parametrize("rate", ["-5", "nan", "inf"])
+def test_accounts_create_refuses_a_rate_the_sender_cannot_use(cli: Cli, rate: str) -> None:
+    result = cli("accounts", "create", "careless", "--rate", rate, ok=False)
+    assert result.exit_code == 1 and "rate" in result.output, result.output
+    with cli.sessions() as session:
+        assert session.scalar(select(Account).where(Account.name == "careless")) is None
