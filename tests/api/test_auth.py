@@ -257,3 +257,18 @@ def test_a_reply_to_a_sender_id_two_tenants_share_goes_to_neither(
             assert listed.get_json()["inbounds"] == []
     finally:
         rt.dispose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dispatcher/batches/service.py create_batch: a client id equal to one of the "
+    "account's own batch ids is stored, and get_batch's `id = x OR client_id = x` then "
+    "names two batches (which one GET or DELETE reaches is up to the database)",
+)
+def test_a_client_id_that_names_another_of_the_accounts_batches_is_a_conflict(
+    client: FlaskClient, sessions: sessionmaker[Session], tenant: Tenant
+) -> None:
+    first = client.post("/batch", json=minimum(), headers=tenant.auth).get_json()["identifier"]
+    reused = client.post("/batch", json=minimum(id=first, message="other"), headers=tenant.auth)
+    assert reused.status_code == 409
+    assert rows(sessions, tenant.id) == (1, 1)
