@@ -102,3 +102,19 @@ def test_a_host_is_asked_once_per_request_and_a_private_answer_still_refused(
     assert refused.status_code == 400
     assert "callback" in refused.get_json()["message"]
     assert "10.0.0.7" not in refused.get_data(as_text=True)
+
+
+def test_a_spent_dns_bound_does_not_let_a_localhost_name_in(
+    api: FlaskClient, zone: Zone, sessions: sessionmaker[Session]
+) -> None:
+    tenant = Tenant(sessions)
+    body = {
+        "messages": [
+            message(0, "http://first.slow.test/cb"),
+            message(1, "http://api.localhost:8080/admin"),
+        ]
+    }
+    refused = api.post("/message", json=body, headers=tenant.auth)
+    assert refused.status_code == 400
+    assert "messages.1.callback" in refused.get_json()["message"]
+    assert "loopback" in refused.get_json()["message"]
