@@ -124,9 +124,13 @@ class Parameters(fields.Dict):
                     continue
                 # Phone: the same ASCII-digits rule as every other number field.
                 try:
-                    out[name][_PHONE.deserialize(key)] = text
+                    number = _PHONE.deserialize(key)
                 except ValidationError as exc:
                     raise ValidationError({name: {key: exc.messages}}) from exc
+                if out[name].setdefault(number, text) != text:
+                    # 447700900001 and +447700900001: which value it gets is not left to chance.
+                    message = f"another key names {number} with a different value"
+                    raise ValidationError({name: {key: [message]}})
         return out
 
 
