@@ -80,12 +80,6 @@ def test_a_signed_failure_with_a_numeric_error_code_is_recorded(vendors: FlaskCl
     assert twilio_status(vendors, failed) == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="dispatcher/channels/twilio.py receipt_from_callback: int() of a non-ASCII digit "
-    "(str.isdigit accepts '²') or of over 4300 digits raises ValueError: a 500",
-)
 @pytest.mark.parametrize("code", ["\u00b2", "9" * 5000])
 def test_a_signed_failure_with_a_strange_error_code_is_not_a_500(
     vendors: FlaskClient, code: str
