@@ -66,9 +66,9 @@ def events() -> Response | dict[str, int]:
         # Loaded first: a lone surrogate cannot be encoded, nor a non-string echoed.
         verification = Verification().load(body)
         if not hmac.compare_digest(verification["clientToken"].encode(), token.encode()):
-            raise common.refuse("rbm")
+            raise common.refuse("rbm", check="DISPATCHER_RBM_CLIENT_TOKEN")
         return Response(verification["secret"], mimetype="text/plain")
     data = event_data(body)
     if not rbm.signature_ok(token, data, request.headers.get("X-Goog-Signature", "")):
-        raise common.refuse("rbm")
+        raise common.refuse("rbm", check="DISPATCHER_RBM_CLIENT_TOKEN")
     return common.record(provider="rbm", items=rbm.receipts_from_event(parse_event(data)))

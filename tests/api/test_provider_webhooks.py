@@ -5,7 +5,7 @@ Twilio's callbacks are signed with Twilio's own RequestValidator (the vendor's S
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from flask.testing import FlaskClient
@@ -86,3 +86,28 @@ def test_a_signed_failure_with_a_strange_error_code_is_not_a_500(
 ) -> None:
     failed = {"MessageSid": "SMunknown2", "MessageStatus": "failed", "ErrorCode": code}
     assert twilio_status(vendors, failed) < 500
+
+
+def test_a_refused_status_webhook_tells_the_operator_what_to_check(
+    vendors: FlaskClient, operator_warnings: Callable[[], list[str]]
+) -> None:
+    """A wrong secret (or, for Twilio, public URL) leaves every message ``sent`` until the
+    receipt deadline; the 401 alone shows only in the access log. Once a minute per
+    provider, never the secret."""
+    signed_elsewhere = RequestValidator(TWILIO_TOKEN).compute_signature(
+        "https://proxy.example.com" + STATUS, {"MessageSid": "SM1", "MessageStatus": "sent"}
+    )
+    for _ in range(2):
+        reply = vendors.post(
+            STATUS,
+            data={"MessageSid": "SM1", "MessageStatus": "sent"},
+            headers={"X-Twilio-Signature": signed_elsewhere},
+        )
+        assert reply.status_code == 401
+    assert vendors.post(EVENTS, json={"clientToken": "nope", "secret": "1"}).status_code == 401
+    twilio_line, rbm_line = operator_warnings()
+    assert twilio_line.startswith("twilio: refused a status webhook with a missing or wrong")
+    assert "DISPATCHER_TWILIO_AUTH_TOKEN" in twilio_line
+    assert f"checked as '{PUBLIC}{STATUS}'" in twilio_line
+    assert rbm_line.endswith("check DISPATCHER_RBM_CLIENT_TOKEN.")
+    assert not any(TWILIO_TOKEN in line or CLIENT_TOKEN in line for line in operator_warnings())
