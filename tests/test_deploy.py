@@ -86,6 +86,22 @@ def test_production_settings_persist_and_authenticate() -> None:
         assert "container_name" not in services[name]  # so --scale works
 
 
+def test_every_carrier_setting_reaches_the_containers_and_only_when_set() -> None:
+    """A carrier chosen in the shell or .env must reach the processes (they stop at start
+    naming a missing setting); one not set stays unset, so its default holds."""
+    env = compose()["x-app-env"]
+    carrier = [
+        f.upper()
+        for f in Settings.__dataclass_fields__
+        if f.startswith(("rbm_", "whatsapp_", "twilio_", "http_provider_"))
+        or f in ("channels", "channel_providers", "public_base_url", "dlr_secrets")
+    ]
+    assert len(carrier) >= 20
+    for name in carrier:
+        assert f"DISPATCHER_{name}" in env, name
+        assert env[f"DISPATCHER_{name}"] is None, name  # no value: from the shell, or unset
+
+
 def compose_tool() -> list[str] | None:
     """A compose command that works here, probed with ``version``, or None."""
     candidates = [["docker", "compose"], ["docker-compose"]]
