@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import types
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,27 @@ CFS_WEIGHT = [
     18,
     15,
 ]
+
+
+def test_gunicorn_reads_every_setting_of_the_conf_and_opens_no_shared_control_socket() -> None:
+    """Each name the conf sets is one of gunicorn's settings (a misspelt one is silently
+    ignored), and the per-user control socket is off: APIs on one host would share it."""
+    from gunicorn.config import Config
+
+    from dispatcher import gunicorn_conf
+
+    cfg = Config()
+    ours = {
+        k
+        for k, v in vars(gunicorn_conf).items()
+        if not k.startswith("_") and k.islower() and not isinstance(v, types.ModuleType)
+    }
+    hooks = {k for k in ours if callable(getattr(gunicorn_conf, k))}
+    values = ours - hooks - {"annotations"}
+    assert values <= set(cfg.settings), values - set(cfg.settings)
+    for name in values | hooks:
+        cfg.set(name, getattr(gunicorn_conf, name))
+    assert cfg.control_socket_disable is True
 
 
 def test_compose_cpu_shares_order_the_services_as_the_default_process_nice() -> None:
