@@ -35,7 +35,7 @@ from dispatcher.devserver import redis_server_command
 from dispatcher.migrate import upgrade
 from dispatcher.runtime import Runtime
 from tests.factories import Tenant
-from tests.helpers import RecordingPublisher, free_port, make_settings, wait_for
+from tests.helpers import RecordingPublisher, free_port, make_settings, wait_for_redis
 
 
 @pytest.hookimpl(trylast=True)  # after pytest has grouped the tests by database
@@ -60,14 +60,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
-
-    def _up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    wait_for(_up, timeout=20)
+    wait_for_redis(client)
     client.close()
     yield url
     proc.terminate()

@@ -59,15 +59,36 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture()
-def provider(rbm: Rbm, key_file: Path, clock: Clock) -> RbmProvider:
+def build(api_url: str, key_file: Path, clock: Clock) -> RbmProvider:
+    """A provider for ``api_url`` with the stand-in's service account."""
     session = requests.Session()
     tokens = ServiceAccountTokens.from_file(
         str(key_file), session=session, timeout=(3, 10), clock=clock
     )
     return RbmProvider(
+        agent_id=AGENT, tokens=tokens, api_url=api_url, session=session, timeout=(3, 10)
+    )
+
+
+def with_an_unknown_key(rbm: Rbm) -> RbmProvider:
+    """A provider whose service account key the token endpoint does not know."""
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = other.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    key = {"client_email": "x@y", "private_key": pem, "token_uri": rbm.token_uri}
+    session = requests.Session()
+    tokens = ServiceAccountTokens(key=key, session=session, timeout=(3, 10))
+    return RbmProvider(
         agent_id=AGENT, tokens=tokens, api_url=rbm.url, session=session, timeout=(3, 10)
     )
+
+
+@pytest.fixture()
+def provider(rbm: Rbm, key_file: Path, clock: Clock) -> RbmProvider:
+    return build(rbm.url, key_file, clock)
 
 
 @pytest.fixture()
@@ -107,14 +128,8 @@ def test_a_hand_off_left_unanswered_is_sent_again(rbm: Rbm, key_file: Path, cloc
     (the same messageId is ALREADY_EXISTS), so it is retried, where Twilio's or
     WhatsApp's would end unknown."""
     api = MuteApi(close_after_request=True)
-    session = requests.Session()
-    tokens = ServiceAccountTokens.from_file(
-        str(key_file), session=session, timeout=(3, 10), clock=clock
-    )
     try:
-        dropped = RbmProvider(
-            agent_id=AGENT, tokens=tokens, api_url=api.url, session=session, timeout=(3, 10)
-        ).send(message())
+        dropped = build(api.url, key_file, clock).send(message())
     finally:
         api.close()
     assert (dropped.outcome, dropped.error_code) == (Outcome.TRANSIENT, "network")
@@ -143,21 +158,8 @@ def test_a_token_refused_early_is_replaced_within_the_same_send(
     assert len(rbm.requests_to("/token")) == 2
 
 
-def test_a_broken_key_is_transient_and_its_content_is_never_shown(
-    rbm: Rbm, tmp_path: Path, private_key: rsa.RSAPrivateKey
-) -> None:
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = other.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    key = {"client_email": "x@y", "private_key": pem, "token_uri": rbm.token_uri}
-    session = requests.Session()
-    tokens = ServiceAccountTokens(key=key, session=session, timeout=(3, 10))
-    result = RbmProvider(
-        agent_id=AGENT, tokens=tokens, api_url=rbm.url, session=session, timeout=(3, 10)
-    ).send(message())
+def test_a_broken_key_is_transient_and_its_content_is_never_shown(rbm: Rbm) -> None:
+    result = with_an_unknown_key(rbm).send(message())
     assert result.outcome is Outcome.TRANSIENT
     assert result.error_code == "rbm_auth"
     assert "PRIVATE KEY" not in (result.error_text or "")
@@ -182,18 +184,7 @@ def test_a_token_endpoint_outage_is_not_called_a_refused_key(
 def test_a_refused_key_tells_the_operator_which_setting_to_check(
     rbm: Rbm, operator_warnings: Callable[[], list[str]]
 ) -> None:
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = other.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    key = {"client_email": "x@y", "private_key": pem, "token_uri": rbm.token_uri}
-    session = requests.Session()
-    tokens = ServiceAccountTokens(key=key, session=session, timeout=(3, 10))
-    provider = RbmProvider(
-        agent_id=AGENT, tokens=tokens, api_url=rbm.url, session=session, timeout=(3, 10)
-    )
+    provider = with_an_unknown_key(rbm)
     provider.send(message())
     provider.send(message())
     [line] = operator_warnings()

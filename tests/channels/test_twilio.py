@@ -79,14 +79,19 @@ def test_whatsapp_goes_through_whatsapp_addresses(provider: TwilioProvider, twil
     assert (form["To"], form["From"]) == (["whatsapp:+447700900001"], ["whatsapp:+15005550006"])
 
 
-def test_wrong_credentials_are_transient_and_the_token_is_never_shown(twilio: Twilio) -> None:
-    bad = TwilioProvider(
+@pytest.fixture()
+def bad(twilio: Twilio) -> TwilioProvider:
+    """A provider whose auth token Twilio refuses."""
+    return TwilioProvider(
         account_sid=SID,
         auth_token="wrong-token",
         api_url=twilio.url,
         session=requests.Session(),
         timeout=(3, 10),
     )
+
+
+def test_wrong_credentials_are_transient_and_the_token_is_never_shown(bad: TwilioProvider) -> None:
     result = bad.send(message())
     assert (result.outcome, result.error_code, result.error_text) == (
         Outcome.TRANSIENT,
@@ -96,15 +101,8 @@ def test_wrong_credentials_are_transient_and_the_token_is_never_shown(twilio: Tw
 
 
 def test_wrong_credentials_tell_the_operator_what_to_check_once_a_minute(
-    twilio: Twilio, operator_warnings: Callable[[], list[str]]
+    bad: TwilioProvider, operator_warnings: Callable[[], list[str]]
 ) -> None:
-    bad = TwilioProvider(
-        account_sid=SID,
-        auth_token="wrong-token",
-        api_url=twilio.url,
-        session=requests.Session(),
-        timeout=(3, 10),
-    )
     for _ in range(3):
         assert bad.send(message()).error_code == "twilio_20003"
     # Before, only an INFO task line counted {'transient': 1}: nothing said why.

@@ -116,29 +116,27 @@ def test_errors_are_classified_with_their_code_and_details(
     assert result.error_text and "(details)" in result.error_text
 
 
-def test_an_expired_token_is_transient(meta: WhatsApp) -> None:
-    stale = WhatsAppCloudProvider(
+@pytest.fixture()
+def stale(meta: WhatsApp) -> WhatsAppCloudProvider:
+    """A provider whose access token Meta refuses as expired."""
+    return WhatsAppCloudProvider(
         tokens={NUMBER_ID: "expired"},
         phone_number_id=NUMBER_ID,
         api_url=meta.api_url,
         session=requests.Session(),
         timeout=(3, 10),
     )
+
+
+def test_an_expired_token_is_transient(stale: WhatsAppCloudProvider) -> None:
     result = stale.send(message())
     assert (result.outcome, result.error_code) == (Outcome.TRANSIENT, "whatsapp_190")
     assert "expired" not in (result.error_text or "")
 
 
 def test_a_refused_token_tells_the_operator_which_to_renew(
-    meta: WhatsApp, operator_warnings: Callable[[], list[str]]
+    stale: WhatsAppCloudProvider, operator_warnings: Callable[[], list[str]]
 ) -> None:
-    stale = WhatsAppCloudProvider(
-        tokens={NUMBER_ID: "expired"},
-        phone_number_id=NUMBER_ID,
-        api_url=meta.api_url,
-        session=requests.Session(),
-        timeout=(3, 10),
-    )
     stale.send(message())
     stale.send(message())
     [line] = operator_warnings()

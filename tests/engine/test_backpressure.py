@@ -23,10 +23,9 @@ from dispatcher.engine.backpressure import BULK, POLL, CallbackBackpressure
 from dispatcher.outbox import Message, TaskName
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
-from tests.conftest import make_settings, wait_for
 from tests.engine import system
 from tests.factories import Tenant, make_account, make_batch
-from tests.helpers import RecordingPublisher, post_batch
+from tests.helpers import RecordingPublisher, make_settings, post_batch, wait_for
 from workers.celery_app import create_celery
 
 QUEUE = "callbacks"

@@ -28,10 +28,9 @@ from dispatcher.outbox import TaskName
 from dispatcher.ratelimit import RateLimiter
 from dispatcher.runtime import Runtime
 from dispatcher.states import RecipientStatus
-from tests.conftest import RecordingPublisher, make_settings, wait_for
 from tests.engine import system
 from tests.factories import Tenant, make_account, make_batch
-from tests.helpers import post_batch
+from tests.helpers import RecordingPublisher, make_settings, post_batch, wait_for
 from workers.celery_app import create_celery
 
 R = RecipientStatus

@@ -42,7 +42,7 @@ from dispatcher.states import RecipientStatus
 from dispatcher.supervisor import Child, Supervisor
 from tests.engine import system
 from tests.factories import Tenant
-from tests.helpers import free_port, make_settings, wait_for
+from tests.helpers import free_port, make_settings, wait_for, wait_for_redis
 from tests.helpers.engine import numbers, send
 from tests.helpers.reads import callbacks, recipients
 
@@ -77,15 +77,8 @@ class RedisServer:
             log=self.log.with_name(f"redis-{self.restarts}.log"),
         )
         client = redis.Redis.from_url(self.url)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
         try:
-            wait_for(up, timeout=20)
+            wait_for_redis(client)
         finally:
             client.close()
         return child

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from dispatcher import outbox
 from dispatcher.config import Settings
 
@@ -50,6 +52,18 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 15.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
         _POLL.wait(interval)
+
+
+def wait_for_redis(client: redis.Redis, *, timeout: float = 20.0) -> None:
+    """Wait until a redis-server just started answers ``client``'s PING."""
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    wait_for(up, timeout=timeout)
 
 
 def make_settings(*, database_url: str, redis_url: str, var: Path, **overrides: Any) -> Settings:

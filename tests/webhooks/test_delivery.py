@@ -37,8 +37,7 @@ from dispatcher.webhooks import delivery, queries, scheduling, sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender
 from dispatcher.webhooks.limits import EndpointGate, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint
-from tests.conftest import wait_for
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for, wait_for_redis
 
 SCHEDULE = (1.0, 2.0, 3.0)
 JITTER = 0.1  # next_delay's default jitter fraction
@@ -182,12 +181,15 @@ class Env:
     secret: str
     gate: EndpointGate
 
-    def deliver(self, sender: WebhookSender, *ids: str) -> dict[str, int]:
+    def deliver(
+        self, sender: WebhookSender, *ids: str, gate: EndpointGate | None = None
+    ) -> dict[str, int]:
+        """The task's counts (those not zero), with this env's gate or ``gate``."""
         counts = delivery.deliver(
             factory=self.factory,
             settings=self.settings,
             sender=sender,
-            gate=self.gate,
+            gate=gate or self.gate,
             callback_ids=list(ids),
             clock=self.clock,
         )
@@ -953,15 +955,8 @@ def own_redis(tmp_path: Path) -> Iterator[tuple[redis.Redis, subprocess.Popen[by
         redis_server_command(port=port, data_dir=data, persist=False), stdout=subprocess.DEVNULL
     )
     client = redis.Redis(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0))
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
     try:
-        wait_for(up, timeout=20)
+        wait_for_redis(client)
         yield client, server
     finally:
         client.close()
@@ -994,18 +989,11 @@ def test_a_redis_failure_in_the_breakers_bookkeeping_loses_no_outcome(
     stopper = threading.Thread(target=stop_redis_once_posted)
     stopper.start()
     try:
-        counts = delivery.deliver(
-            factory=env.factory,
-            settings=env.settings,
-            sender=sender,
-            gate=gate,
-            callback_ids=ids,
-            clock=env.clock,
-        )
+        counts = env.deliver(sender, *ids, gate=gate)
     finally:
         stopper.join(timeout=2 * WAIT)
     assert server.returncode is not None  # Redis was gone when the answers came
-    assert {k: v for k, v in counts.items() if v} == {"delivered": 3}
+    assert counts == {"delivered": 3}
     assert [(env.get(cid).state, env.get(cid).attempts) for cid in ids] == [("delivered", 1)] * 3
     assert len(receiver.requests("/slow")) == 3
 
@@ -1031,15 +1019,7 @@ def test_endpoints_held_for_the_same_time_all_have_their_callbacks_deferred(
     for key in keys:
         assert gate.acquire(key, 1).probe  # its probe is out, no answer yet
     ids = [add_callback(env, url) for url in urls for _ in range(2)]
-    counts = delivery.deliver(
-        factory=env.factory,
-        settings=env.settings,
-        sender=sender,
-        gate=gate,
-        callback_ids=ids,
-        clock=env.clock,
-    )
-    assert {k: v for k, v in counts.items() if v} == {"deferred": 4}
+    assert env.deliver(sender, *ids, gate=gate) == {"deferred": 4}
     for cid in ids:
         assert_untried(env.get(cid), env.clock.now, 1, 10)
     assert receiver.requests() == []

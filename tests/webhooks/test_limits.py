@@ -11,8 +11,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from dispatcher.webhooks.limits import EndpointGate, Grant, endpoint_key
-from tests.conftest import wait_for
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for
 
 COOLDOWN = 0.3
 

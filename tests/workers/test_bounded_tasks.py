@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from dispatcher.config import Settings
-from tests.conftest import make_settings, wait_for
 from tests.engine import system
+from tests.helpers import make_settings, wait_for
 from workers import deadletter
 from workers.celery_app import create_celery
 

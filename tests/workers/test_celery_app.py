@@ -25,7 +25,7 @@ from dispatcher.db import utcnow
 from dispatcher.outbox import QueueName, TaskName
 from dispatcher.receipts.models import PendingReceipt
 from dispatcher.runtime import Runtime
-from tests.conftest import RecordingPublisher
+from tests.helpers import RecordingPublisher
 from workers import tasks
 from workers.celery_app import beat_schedule, create_celery
 

@@ -16,7 +16,7 @@ from dispatcher.channels.smpp.config import SmppConfig, parse
 from dispatcher.channels.smpp.connector import Connector, Inbound
 from dispatcher.channels.smpp.provider import SmppProvider
 from dispatcher.ratelimit import RateLimiter
-from tests.conftest import free_port, wait_for
+from tests.helpers import free_port, wait_for
 
 PASSWORD = "pw-9x7"
 

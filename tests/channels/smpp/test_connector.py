@@ -49,7 +49,7 @@ from tests.channels.smpp.conftest import (
     smpp_config,
     wait_live,
 )
-from tests.conftest import free_port, wait_for
+from tests.helpers import free_port, wait_for
 
 
 def message(i: int, body: str = "hello", *, to: str | None = None) -> OutboundMessage:

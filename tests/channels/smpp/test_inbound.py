@@ -14,7 +14,8 @@ from dispatcher.db import transaction, utcnow
 from dispatcher.errors import NotFound, ValidationError
 from dispatcher.inbound import service
 from dispatcher.webhooks.models import Callback
-from tests.conftest import RecordingPublisher, Tenant
+from tests.factories import Tenant
+from tests.helpers import RecordingPublisher
 
 
 def mo(sender: str, to: str, body: str = "hi", *, ago: float = 0) -> service.NewInbound:

@@ -32,8 +32,9 @@ from dispatcher.sms import parts
 from dispatcher.states import RecipientStatus
 from dispatcher.webhooks import sign
 from tests.channels.smpp.conftest import PASSWORD
-from tests.conftest import Tenant, free_port, make_settings, wait_for
 from tests.engine import system
+from tests.factories import Tenant
+from tests.helpers import free_port, make_settings, wait_for
 
 pytestmark = pytest.mark.system
 R = RecipientStatus
