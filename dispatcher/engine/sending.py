@@ -37,6 +37,7 @@ from dispatcher.config import Settings
 from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.engine import recording
 from dispatcher.engine.backpressure import CallbackBackpressure
+from dispatcher.engine.fallback import stop_requeued
 from dispatcher.engine.scheduling import complete_if_done, expire_recipients
 from dispatcher.outbox import TaskName
 from dispatcher.ratelimit import Grant, Limit, RateLimiter
@@ -541,7 +542,15 @@ def reclaim_stale(
         )
         if found is Lookup.ACCEPTED and ref and provider is not None:
             receipts.settle(session=session, provider=provider.name, refs=[ref], now=now)
-        if to is not R.QUEUED:
+        if to is R.QUEUED:
+            # A cancel while the claim was out did not count it: queued again in a stopped
+            # batch, nothing would ever send or end it. The batch row is locked, so a
+            # cancel in progress is waited for (or waits, and then finds this row queued).
+            status = session.scalars(
+                select(Batch.status).where(Batch.id == batch.id).with_for_update()
+            ).one()
+            stop_requeued(session=session, batch=batch, batch_status=status, ids=[rec.id], now=now)
+        else:
             complete_if_done(session=session, batch_id=batch.id, now=now)
     session.flush()
     return dict(counts)

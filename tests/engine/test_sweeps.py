@@ -394,3 +394,53 @@ def test_reclaim_never_overwrites_an_outcome_recorded_meanwhile(
     with sessions() as session:
         row = session.scalars(select(Recipient).where(Recipient.batch_id == batch_id)).one()
         assert (row.status, row.provider_message_id) == (R.SENT, "p1")
+
+
+def test_a_claim_reclaimed_after_its_batch_was_cancelled_ends_cancelled(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    publisher: RecordingPublisher,
+) -> None:
+    """A worker died holding a claim, then the batch was cancelled (the claim not counted).
+    The provider never got the message: reclaim must not leave it queued in a cancelled
+    batch, where nothing would ever send, cancel or expire it."""
+    batch_id = create(sessions, settings, tenant, count=2)
+    now = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        first = session.scalars(
+            select(Recipient).where(Recipient.batch_id == batch_id, Recipient.seq == 0)
+        ).one()
+        first.status, first.claimed_at = R.SENDING, now - timedelta(seconds=settings.send_lease + 1)
+        to = first.to
+    with transaction(sessions) as session:
+        account = session.get(Account, tenant.id)
+        assert account is not None
+        _batch, count = service.cancel_batch(session=session, account=account, batch_id=batch_id)
+    assert count == 1  # the claimed one was not counted
+    with transaction(sessions) as session:
+        counts = sending.reclaim_stale(
+            session=session,
+            settings=settings,
+            providers={"sms": Ledger({to: (Lookup.NOT_FOUND, None)})},
+            now=now,
+        )
+    assert counts == {"not_found": 1}
+    with sessions() as session:
+        states = dict(
+            session.execute(
+                select(Recipient.seq, Recipient.status).where(Recipient.batch_id == batch_id)
+            ).all()
+        )
+        events = session.scalars(
+            select(StatusEvent.status).where(StatusEvent.batch_id == batch_id)
+        ).all()
+    assert states == {0: R.CANCELLED, 1: R.CANCELLED}
+    assert sorted(events).count("cancelled") == 2  # reported, as any final status is
+    publisher.messages.clear()
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=now + timedelta(days=4))
+    assert not [
+        m for m in published(publisher, "send_recipients") if m.kwargs["batch_id"] == batch_id
+    ]
