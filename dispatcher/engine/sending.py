@@ -227,8 +227,10 @@ def send_recipients(
         )
         for result in results:
             report.outcomes[result.outcome.value if result else "deferred"] += 1
-        # A short group with nothing to try again at once was the last one.
-        last = len(claimed) < limit
+        # The last group, unless something is to be tried again at once: rate-limited, when
+        # no next group was found to book (a group is short also where the channel changes,
+        # or where another task took some of it); else a short group.
+        last = booked is None if limited else len(claimed) < limit
         with transaction(factory) as session:
             again = record_results(
                 session, settings, providers, batch, zip(claimed, results, strict=True), clock()
