@@ -26,7 +26,9 @@ IN_FLIGHT = (RecipientStatus.SCHEDULED, RecipientStatus.QUEUED, RecipientStatus.
 
 def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: datetime) -> int:
     """Fan a due batch out into chunk tasks, in batch order; returns how many were queued."""
-    batch = session.get(Batch, batch_id)
+    # Locked: a cancel or an update committed after an unlocked read would be overwritten
+    # by follow_send_at's write of the loaded row (PostgreSQL).
+    batch = session.get(Batch, batch_id, with_for_update=True)
     if batch is None or batch.status not in (BatchStatus.SCHEDULED, BatchStatus.QUEUED):
         return 0
     if batch.send_at > now + timedelta(seconds=1):
@@ -77,6 +79,10 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
         .where(Batch.status == BatchStatus.SCHEDULED, Batch.send_at <= horizon)
         .order_by(Batch.send_at, Batch.created_at)
         .limit(limit)
+        # promote_if_due writes the loaded rows: locked, or a cancel committed meanwhile
+        # would be overwritten (PostgreSQL). One a cancel or an update holds is left to
+        # the next sweep.
+        .with_for_update(skip_locked=True)
     ).all()
     promoted = sum(
         promote_if_due(session=session, settings=settings, batch=b, now=now) for b in due

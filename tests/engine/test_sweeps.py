@@ -7,9 +7,11 @@ commit, retry timers, the horizon, expiry and the reclaim of dead workers' claim
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from threading import Thread
+from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import outbox
@@ -22,7 +24,7 @@ from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import Tenant
-from tests.helpers import RecordingPublisher
+from tests.helpers import RecordingPublisher, wait_for
 
 R = RecipientStatus
 
@@ -444,3 +446,95 @@ def test_a_claim_reclaimed_after_its_batch_was_cancelled_ends_cancelled(
     assert not [
         m for m in published(publisher, "send_recipients") if m.kwargs["batch_id"] == batch_id
     ]
+
+
+def cancel_meanwhile(sessions: sessionmaker[Session], tenant: Tenant, batch_id: str) -> Thread:
+    """Cancel the batch in another transaction (as the API would) and wait until that
+    committed or waits for a lock this transaction holds; the thread to join."""
+
+    def cancel() -> None:
+        with transaction(sessions) as session:
+            account = session.get_one(Account, tenant.id)
+            service.cancel_batch(session=session, account=account, batch_id=batch_id)
+
+    thread = Thread(target=cancel, name="cancel")
+    thread.start()
+
+    def blocked() -> bool:
+        with sessions() as session:
+            waiting = session.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            )
+        return bool(waiting)
+
+    wait_for(lambda: not thread.is_alive() or blocked())
+    return thread
+
+
+def postgres_only(settings: Settings) -> None:
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("SQLite: a read transaction cannot write after another one committed")
+
+
+def test_a_batch_cancelled_while_the_sweep_promotes_it_stays_cancelled(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    publisher: RecordingPublisher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL: the sweep has read a scheduled batch as due; a DELETE commits before
+    the sweep writes. The batch must stay cancelled (its status was overwritten with
+    queued, an illegal move that ended it 'completed' once dispatched)."""
+    postgres_only(settings)
+    later = utcnow() + timedelta(seconds=settings.schedule_horizon + 60)
+    batch_id = create(sessions, settings, tenant, count=2, send_at=later)
+    promote, threads = scheduling.promote_if_due, []
+
+    def meanwhile(**kwargs: Any) -> bool:
+        if kwargs["batch"].id == batch_id and not threads:
+            threads.append(cancel_meanwhile(sessions, tenant, batch_id))
+        return promote(**kwargs)
+
+    monkeypatch.setattr(scheduling, "promote_if_due", meanwhile)
+    publisher.messages.clear()
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=later)
+    [thread] = threads
+    thread.join(timeout=30)
+    with sessions() as session:
+        assert session.get_one(Batch, batch_id).status == BatchStatus.CANCELLED
+        assert set(
+            session.scalars(select(Recipient.status).where(Recipient.batch_id == batch_id))
+        ) == {R.CANCELLED}
+
+
+def test_a_batch_cancelled_while_its_dispatch_follows_a_later_send_at_stays_cancelled(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL: an update moved a queued batch's send_at beyond the horizon; its
+    dispatch task reads it and goes back to the database, while a DELETE commits. The
+    batch must stay cancelled, not become scheduled again."""
+    postgres_only(settings)
+    batch_id = create(sessions, settings, tenant, count=2)
+    now = utcnow()
+    with transaction(sessions) as session:
+        session.execute(
+            update(Batch).where(Batch.id == batch_id).values(send_at=now + timedelta(days=1))
+        )
+    follow, threads = scheduling.follow_send_at, []
+
+    def meanwhile(**kwargs: Any) -> None:
+        threads.append(cancel_meanwhile(sessions, tenant, batch_id))
+        follow(**kwargs)
+
+    monkeypatch.setattr(scheduling, "follow_send_at", meanwhile)
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+    [thread] = threads
+    thread.join(timeout=30)
+    with sessions() as session:
+        assert session.get_one(Batch, batch_id).status == BatchStatus.CANCELLED
