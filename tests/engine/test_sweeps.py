@@ -489,7 +489,8 @@ def test_a_batch_cancelled_while_the_sweep_promotes_it_stays_cancelled(
     postgres_only(settings)
     later = utcnow() + timedelta(seconds=settings.schedule_horizon + 60)
     batch_id = create(sessions, settings, tenant, count=2, send_at=later)
-    promote, threads = scheduling.promote_if_due, []
+    promote = scheduling.promote_if_due
+    threads: list[Thread] = []
 
     def meanwhile(**kwargs: Any) -> bool:
         if kwargs["batch"].id == batch_id and not threads:
@@ -525,7 +526,8 @@ def test_a_batch_cancelled_while_its_dispatch_follows_a_later_send_at_stays_canc
         session.execute(
             update(Batch).where(Batch.id == batch_id).values(send_at=now + timedelta(days=1))
         )
-    follow, threads = scheduling.follow_send_at, []
+    follow = scheduling.follow_send_at
+    threads: list[Thread] = []
 
     def meanwhile(**kwargs: Any) -> None:
         threads.append(cancel_meanwhile(sessions, tenant, batch_id))
