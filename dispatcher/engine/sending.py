@@ -235,6 +235,10 @@ def send_recipients(
             again = record_results(
                 session, settings, providers, batch, zip(claimed, results, strict=True), clock()
             )
+            if passing_on and again:
+                # The rest went to a new task before this group was handed over: what the
+                # group queued again to be tried at once (a fallback) goes in another.
+                outbox.defer(session, work.again(sorted(again), eta=None))
             if last and not again:
                 complete_if_done(session=session, batch_id=batch_id, now=clock())
                 return report
@@ -453,11 +457,11 @@ def record_results(
     batch: Batch,
     handed: Iterable[tuple[Any, SendResult | None]],
     now: datetime,
-) -> int:
+) -> set[str]:
     """Record each hand-off's outcome (claimed row, result): sent, retry later, fall back, or fail.
 
     A None result was never handed over (lease deadline): it is queued again as it was.
-    Returns how many are queued to be tried again at once (fallbacks, deferred).
+    Returns the ids queued to be tried again at once (fallbacks, never handed over).
     """
     names: dict[str, str | None] = {}
     channels, expire_at = batch.channels, batch.expire_at

@@ -6,17 +6,23 @@ over or waiting on a durable timer, none left queued with nobody to send it.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dispatcher import outbox
 from dispatcher.batches.models import Batch, Recipient
 from dispatcher.channels.base import OutboundMessage, Outcome, Provider, SendResult
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
-from dispatcher.ratelimit import RateLimiter
+from dispatcher.ratelimit import Limit, RateLimiter
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import make_account, make_batch
+from tests.helpers import RecordingPublisher
 
 R = RecipientStatus
 
@@ -45,21 +51,17 @@ def statuses(sessions: sessionmaker[Session], batch_id: str) -> dict[int, Recipi
         )
 
 
-def test_a_fallback_between_rate_limited_groups_is_sent_and_the_chunk_finished(
-    runtime: Runtime,
-) -> None:
-    """rcs refuses one recipient of the first group: it is queued on sms while the next
-    (shorter) rcs group is booked. Both must go in the same call; a short group is not
-    the last one while a fallback still waits behind it."""
+def fallback_batch(runtime: Runtime, count: int) -> tuple[str, str, str]:
+    """A due batch of ``count`` on rcs then sms, for an account at 100/s (groups of 20),
+    fanned out: (batch id, account id, the number rcs refuses: seq 3's)."""
     settings, sessions = runtime.settings, runtime.sessions
     with transaction(sessions) as session:
-        # 100/s: groups of 20; 30 recipients make a full group and a short one.
         account = make_account(session, name="fallback", rate_limit=100.0)
         batch = make_batch(
             session,
             settings=settings,
             account=account,
-            recipients=30,
+            recipients=count,
             send_at=utcnow(),
             channels=["rcs", "sms"],
         )
@@ -70,18 +72,74 @@ def test_a_fallback_between_rate_limited_groups_is_sent_and_the_chunk_finished(
         refused = session.scalars(
             select(Recipient.to).where(Recipient.batch_id == batch.id, Recipient.seq == 3)
         ).one()
-    rcs, sms = Carrier("rcs", frozenset({refused})), Carrier("sms")
-    slept: list[float] = []  # booked slots are not waited for: only their order matters
-    limiter = RateLimiter(runtime.redis, max_wait=settings.rate_max_wait, sleep=slept.append)
-    sending.send_recipients(
-        factory=sessions,
+    return batch.id, account.id, refused
+
+
+def send(
+    runtime: Runtime, batch_id: str, providers: Mapping[str, Provider], **work: Any
+) -> sending.SendReport:
+    """One send task's work; booked slots are not waited for (only their order matters)."""
+    settings = runtime.settings
+    limiter = RateLimiter(runtime.redis, max_wait=settings.rate_max_wait, sleep=lambda _: None)
+    return sending.send_recipients(
+        factory=runtime.sessions,
         settings=settings,
-        providers={"rcs": rcs, "sms": sms},
+        providers=providers,
         limiter=limiter,
-        batch_id=batch.id,
-        seq_range=(0, 30),
+        batch_id=batch_id,
+        **work,
     )
+
+
+def test_a_fallback_between_rate_limited_groups_is_sent_and_the_chunk_finished(
+    runtime: Runtime,
+) -> None:
+    """rcs refuses one recipient of the first group: it is queued on sms while the next
+    (shorter) rcs group is booked. Both must go in the same call; a short group is not
+    the last one while a fallback still waits behind it."""
+    batch_id, _account, refused = fallback_batch(runtime, 30)
+    rcs, sms = Carrier("rcs", frozenset({refused})), Carrier("sms")
+    send(runtime, batch_id, {"rcs": rcs, "sms": sms}, seq_range=(0, 30))
     assert len(rcs.handed) == 30 and sms.handed == [refused]
-    assert set(statuses(sessions, batch.id).values()) == {R.SENT}
-    with sessions() as session:
-        assert session.get_one(Batch, batch.id).status == BatchStatus.COMPLETED
+    assert set(statuses(runtime.sessions, batch_id).values()) == {R.SENT}
+    with runtime.sessions() as session:
+        assert session.get_one(Batch, batch_id).status == BatchStatus.COMPLETED
+
+
+def test_a_fallback_in_the_group_that_ends_a_time_slice_is_published_again(
+    runtime: Runtime, publisher: RecordingPublisher
+) -> None:
+    """The time slice ends while the first group waits for its slot: the rest of the
+    recipients goes to a new task when the group is claimed, before it is handed over.
+    One of the group that rcs refuses is queued on sms after that: a task must carry it,
+    or it waits, queued, for the stall sweep (minutes, behind the rest of the batch)."""
+    batch_id, account_id, refused = fallback_batch(runtime, 30)
+    with runtime.sessions() as session:
+        ids = list(
+            session.scalars(
+                select(Recipient.id).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
+            )
+        )
+    fallback = ids[3]
+    # Another task booked half a second of the account's rate: this one waits for its slot.
+    limiter = RateLimiter(runtime.redis, max_wait=runtime.settings.rate_max_wait)
+    limiter.reserve([Limit(f"account:{account_id}", 100.0)], 50)
+    ticks = itertools.count(step=10.0)  # each look at the clock: 10 s later
+    publisher.messages.clear()
+    rcs, sms = Carrier("rcs", frozenset({refused})), Carrier("sms")
+    report = send(
+        runtime,
+        batch_id,
+        {"rcs": rcs, "sms": sms},
+        recipient_ids=ids,
+        monotonic=lambda: next(ticks),
+    )
+    assert report.claimed == 20 and report.deferred_for == 0.0  # passed on after one group
+    again = [
+        set(m.kwargs.get("recipient_ids", ()))
+        for m in publisher.messages
+        if isinstance(m, outbox.Message) and m.kwargs["batch_id"] == batch_id
+    ]
+    assert set(ids[20:]) in again  # the rest, published with the claim
+    assert any(fallback in published for published in again)
+    assert statuses(runtime.sessions, batch_id)[3] == R.QUEUED  # on sms, for that task
