@@ -136,6 +136,9 @@ class Provider(ABC):
         """Hand several over, in order (providers with a bulk API override this)."""
         return [self.send(m) for m in messages]
 
-    def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
-        """Whether a hand-off of ``message`` was accepted, with the provider's id if so."""
+    def lookup(
+        self, message: OutboundMessage, *, claimed_at: datetime | None = None
+    ) -> tuple[Lookup, str | None]:
+        """Whether a hand-off of ``message`` was accepted, with the provider's id if so
+        (``claimed_at``: when the hand-off began, for a provider whose record can be lost)."""
         return (Lookup.NOT_FOUND if self.resend_safe else Lookup.UNKNOWN), None

@@ -23,6 +23,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -233,7 +234,9 @@ class Simulator(Provider):
                 self.wake(due)
         return results
 
-    def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
+    def lookup(
+        self, message: OutboundMessage, *, claimed_at: datetime | None = None
+    ) -> tuple[Lookup, str | None]:
         found = self.redis.hget(LEDGER, message.idempotency_key)
         if found is None:
             return Lookup.NOT_FOUND, None

@@ -515,7 +515,11 @@ def reclaim_stale(
     counts: dict[str, int] = defaultdict(int)
     for rec, batch in stale:
         provider = providers.get(rec.channel)
-        found, ref = provider.lookup(outbound(rec, batch)) if provider else (Lookup.UNKNOWN, None)
+        found, ref = (
+            provider.lookup(outbound(rec, batch), claimed_at=rec.claimed_at)
+            if provider
+            else (Lookup.UNKNOWN, None)
+        )
         to, values = RECLAIMED[found]
         if found is Lookup.ACCEPTED:
             values = {

@@ -207,11 +207,15 @@ class Ledger(Provider):
 
     def __init__(self, answers: dict[str, tuple[Lookup, str | None]]) -> None:
         self.answers = answers
+        self.claimed_at: list[datetime | None] = []
 
     def send(self, message: OutboundMessage) -> SendResult:
         raise AssertionError("reclaim must never send")
 
-    def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
+    def lookup(
+        self, message: OutboundMessage, *, claimed_at: datetime | None = None
+    ) -> tuple[Lookup, str | None]:
+        self.claimed_at.append(claimed_at)
         return self.answers[message.to]
 
 
@@ -245,6 +249,8 @@ def test_reclaim_asks_the_provider_and_never_sends_twice(
             session=session, settings=settings, providers={"sms": provider}, now=now
         )
     assert counts == {answer[0].value: 1}
+    # When the claim began: a provider whose record can be lost compares it (SMPP).
+    assert provider.claimed_at == [now - timedelta(seconds=settings.send_lease + 1)]
     with sessions() as session:
         rows = session.scalars(
             select(Recipient).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
@@ -375,7 +381,9 @@ def test_reclaim_never_overwrites_an_outcome_recorded_meanwhile(
         def send(self, message: OutboundMessage) -> SendResult:
             raise AssertionError("reclaim must never send")
 
-        def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
+        def lookup(
+            self, message: OutboundMessage, *, claimed_at: datetime | None = None
+        ) -> tuple[Lookup, str | None]:
             return Lookup.NOT_FOUND, None
 
     with transaction(sessions) as session:

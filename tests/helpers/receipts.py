@@ -32,7 +32,9 @@ class Carrier(Provider):
     def send(self, message: OutboundMessage) -> SendResult:
         raise AssertionError("these tests hand nothing over")
 
-    def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
+    def lookup(
+        self, message: OutboundMessage, *, claimed_at: datetime | None = None
+    ) -> tuple[Lookup, str | None]:
         ref = ref_of(message.recipient_id) if self.found is Lookup.ACCEPTED else None
         return self.found, ref
 

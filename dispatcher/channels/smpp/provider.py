@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
@@ -61,7 +62,8 @@ return groups
 """
 
 # Push a request (KEYS[1] the carrier's list, ARGV[1]) and return the data's generation
-# (KEYS[2]), made ARGV[2] if there is none yet: one round trip, as the RPUSH alone was.
+# (KEYS[2]), made ARGV[2] ("<unix time>:<request id>") if there is none yet: one round
+# trip, as the RPUSH alone was.
 PUSH = """
 redis.call('SET', KEYS[2], ARGV[2], 'NX')
 redis.call('RPUSH', KEYS[1], ARGV[1])
@@ -141,7 +143,8 @@ class SmppProvider(Provider):
             }
         )
         keys = [handoff.queue_key(carrier), handoff.GENERATION]
-        generation = cast(bytes, self._push_script(keys=keys, args=[payload, request_id]))
+        args = [payload, f"{now:.6f}:{request_id}"]
+        generation = cast(bytes, self._push_script(keys=keys, args=args))
         return request_id, payload, give_up, generation
 
     def _wait(
@@ -186,9 +189,6 @@ class SmppProvider(Provider):
             )
         return handoff.unknown()
 
-    def _ledger(self, key: str) -> tuple[Lookup, str | None]:
-        return self._read_ledger(self.redis.get(handoff.ledger_key(key)))
-
     @staticmethod
     def _read_ledger(raw: Any) -> tuple[Lookup, str | None]:
         value = raw.decode() if isinstance(raw, bytes) else raw
@@ -198,8 +198,26 @@ class SmppProvider(Provider):
             return Lookup.ACCEPTED, value[2:]
         return Lookup.UNKNOWN, None
 
-    def lookup(self, message: OutboundMessage) -> tuple[Lookup, str | None]:
-        return self._ledger(message.idempotency_key)
+    def lookup(
+        self, message: OutboundMessage, *, claimed_at: datetime | None = None
+    ) -> tuple[Lookup, str | None]:
+        """The ledger's word; no entry is "never submitted" only if Redis has kept its data
+        since ``claimed_at``: else a connector may have submitted it before the loss."""
+        raw = self.redis.get(handoff.ledger_key(message.idempotency_key))
+        if raw is None and claimed_at is not None and self._lost_since(claimed_at):
+            return Lookup.UNKNOWN, None
+        return self._read_ledger(raw)
+
+    def _lost_since(self, at: datetime) -> bool:
+        """Whether the hand-off's data is younger than ``at`` (or gone): Redis lost it since."""
+        raw: Any = self.redis.get(handoff.GENERATION)
+        if raw is None:
+            return True
+        born, _, _ = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition(":")
+        try:
+            return float(born) >= at.replace(tzinfo=at.tzinfo or UTC).timestamp()
+        except ValueError:
+            return True  # not a generation this code made: take the safe side
 
     def due_receipts(self, *, limit: int = 10) -> list[Receipt]:
         """Claim up to ``limit`` groups of the receipts the connector read (for a worker).

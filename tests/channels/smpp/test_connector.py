@@ -13,7 +13,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 import pytest
@@ -30,6 +30,7 @@ from dispatcher.channels.smpp.handoff import (
     LEDGER_TTL,
     RECEIPT_CLAIMS,
     done_key,
+    ledger_key,
     left_key,
     queue_key,
     reply_key,
@@ -420,6 +421,29 @@ def test_a_request_with_no_answer_is_sent_again_only_when_redis_kept_its_data(
             (Outcome.UNKNOWN, "outcome_unknown") if lost else (Outcome.TRANSIENT, "connector_lost")
         )
         assert (result.outcome, result.error_code) == expected
+
+
+def test_a_reclaimed_claim_is_never_submitted_again_once_redis_lost_its_data_since(
+    port: int, smpp_redis: redis.Redis
+) -> None:
+    """The reclaim of a dead worker's claim asks the ledger with the claim's time. No entry
+    means "never submitted" only if the hand-off's data is older than the claim: if Redis
+    lost it since (no generation, or a younger one), a connector may have submitted the
+    message first, so it is unknown, never sent again. An entry answers as before."""
+    provider = SmppProvider(redis_client=smpp_redis, config=smpp_config({"local": [port]}))
+    msg = message(1)
+    provider._push("local", [message(2)])  # the hand-off's data begins here
+    claimed = datetime.now(UTC).replace(tzinfo=None)  # a claim since (naive UTC, as stored)
+    assert provider.lookup(msg, claimed_at=claimed) == (Lookup.NOT_FOUND, None)
+    assert provider.lookup(msg) == (Lookup.NOT_FOUND, None)  # no claim time: as before
+    lose_data(smpp_redis)
+    assert provider.lookup(msg, claimed_at=claimed) == (Lookup.UNKNOWN, None)
+    provider._push("local", [message(2)])  # after the loss: younger than the claim
+    assert provider.lookup(msg, claimed_at=claimed) == (Lookup.UNKNOWN, None)
+    smpp_redis.set(ledger_key(msg.idempotency_key), "a:0000000042")
+    assert provider.lookup(msg, claimed_at=claimed) == (Lookup.ACCEPTED, "0000000042")
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    assert provider.lookup(message(3), claimed_at=later) == (Lookup.NOT_FOUND, None)
 
 
 def test_a_connection_that_cannot_bind_is_reported_retried_and_never_logs_its_password(
