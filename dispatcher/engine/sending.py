@@ -199,7 +199,12 @@ def send_recipients(
                 booked = _book_group(factory, limiter, settings, work, rate, later)
             target = Recipient.id.in_(group)
         else:
-            target = Recipient.id.in_(next_group.scalar_subquery())
+            # Rows another claim holds are passed over for the next ones (PostgreSQL): waited
+            # for, they would be dropped from the group once that claim commits, and a group
+            # cut short reads as the last one. (SQLite runs this statement alone.)
+            target = Recipient.id.in_(
+                next_group.with_for_update(skip_locked=True).scalar_subquery()
+            )
         with transaction(factory) as session:
             if passing_on:
                 rest = [rid for rid in work.ids if rid not in group] if work.ids else []

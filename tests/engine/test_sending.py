@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
+from threading import Thread
 from typing import Any
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import outbox
@@ -22,7 +24,7 @@ from dispatcher.ratelimit import Limit, RateLimiter
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import make_account, make_batch
-from tests.helpers import RecordingPublisher
+from tests.helpers import RecordingPublisher, wait_for
 
 R = RecipientStatus
 
@@ -143,3 +145,71 @@ def test_a_fallback_in_the_group_that_ends_a_time_slice_is_published_again(
     assert set(ids[20:]) in again  # the rest, published with the claim
     assert any(fallback in published for published in again)
     assert statuses(runtime.sessions, batch_id)[3] == R.QUEUED  # on sms, for that task
+
+
+def test_a_claim_cut_short_by_another_task_is_not_the_end_of_the_work(
+    runtime: Runtime,
+) -> None:
+    """PostgreSQL, no rate limit: a task claims its next group with one UPDATE whose
+    subquery picks the rows. Another task (a sweep's re-publish overlapping it) holds
+    some of them and commits their claim: the UPDATE skips them and wins fewer than a
+    group. That is not the last group: the rest of the task's recipients must go too."""
+    settings = runtime.settings.replace(chunk_size=10, default_account_rate=0.0)
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("SQLite runs the claim's subquery and UPDATE as one: nothing cuts in")
+    sessions = runtime.sessions
+    with transaction(sessions) as session:
+        account = make_account(session, name="unthrottled", rate_limit=0.0)
+        batch = make_batch(
+            session, settings=settings, account=account, recipients=30, send_at=utcnow()
+        )
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(
+            session=session, settings=settings, batch_id=batch.id, now=utcnow()
+        )
+        ids = list(
+            session.scalars(
+                select(Recipient.id).where(Recipient.batch_id == batch.id).order_by(Recipient.seq)
+            )
+        )
+    carrier = Carrier("sms")
+    task = Thread(
+        target=sending.send_recipients,
+        kwargs={
+            "factory": sessions,
+            "settings": settings,
+            "providers": {"sms": carrier},
+            "limiter": None,
+            "batch_id": batch.id,
+            "recipient_ids": ids,
+        },
+    )
+    with transaction(sessions) as other:
+        # The other task's claim of the first five, not committed yet.
+        other.execute(
+            update(Recipient)
+            .where(Recipient.id.in_(ids[:5]))
+            .values(status=R.SENDING, claimed_at=utcnow())
+        )
+        task.start()
+        # Its claim waits for those rows, or passes them over.
+        wait_for(lambda: blocked(sessions) or not task.is_alive())
+    task.join(timeout=30)
+    assert not task.is_alive()
+    assert sorted(carrier.handed) == sorted(numbers_of(sessions, ids[5:]))
+    states = statuses(sessions, batch.id)
+    assert [states[seq] for seq in range(5, 30)] == [R.SENT] * 25
+
+
+def blocked(sessions: sessionmaker[Session]) -> bool:
+    """Whether a PostgreSQL session waits for a lock."""
+    with sessions() as session:
+        waiting = session.scalar(
+            text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        )
+    return bool(waiting)
+
+
+def numbers_of(sessions: sessionmaker[Session], ids: list[str]) -> list[str]:
+    with sessions() as session:
+        return list(session.scalars(select(Recipient.to).where(Recipient.id.in_(ids))))
