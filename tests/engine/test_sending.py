@@ -101,7 +101,8 @@ def test_a_fallback_between_rate_limited_groups_is_sent_and_the_chunk_finished(
     the last one while a fallback still waits behind it."""
     batch_id, _account, refused = fallback_batch(runtime, 30)
     rcs, sms = Carrier("rcs", frozenset({refused})), Carrier("sms")
-    send(runtime, batch_id, {"rcs": rcs, "sms": sms}, seq_range=(0, 30))
+    # A clock that stands still: the time slice never ends, however loaded the machine.
+    send(runtime, batch_id, {"rcs": rcs, "sms": sms}, seq_range=(0, 30), monotonic=lambda: 0.0)
     assert len(rcs.handed) == 30 and sms.handed == [refused]
     assert set(statuses(runtime.sessions, batch_id).values()) == {R.SENT}
     with runtime.sessions() as session:
@@ -123,9 +124,10 @@ def test_a_fallback_in_the_group_that_ends_a_time_slice_is_published_again(
             )
         )
     fallback = ids[3]
-    # Another task booked half a second of the account's rate: this one waits for its slot.
+    # Another task booked most of a second of the account's rate: this one waits for its
+    # slot (booked: within rate_max_wait), however long the machine takes to get there.
     limiter = RateLimiter(runtime.redis, max_wait=runtime.settings.rate_max_wait)
-    limiter.reserve([Limit(f"account:{account_id}", 100.0)], 50)
+    limiter.reserve([Limit(f"account:{account_id}", 100.0)], 95)
     ticks = itertools.count(step=10.0)  # each look at the clock: 10 s later
     publisher.messages.clear()
     rcs, sms = Carrier("rcs", frozenset({refused})), Carrier("sms")
