@@ -242,8 +242,10 @@ def send_recipients(
             )
             if passing_on and again:
                 # The rest went to a new task before this group was handed over: what the
-                # group queued again to be tried at once (a fallback) goes in another.
-                outbox.defer(session, work.again(sorted(again), eta=None))
+                # group queued again to be tried at once (a fallback) goes in another, of
+                # those rows only (a second task of the whole chunk would run beside it).
+                kwargs = {"batch_id": batch_id, "recipient_ids": sorted(again)}
+                outbox.defer(session, outbox.Message(TaskName.SEND_RECIPIENTS, kwargs))
             if last and not again:
                 complete_if_done(session=session, batch_id=batch_id, now=clock())
                 return report

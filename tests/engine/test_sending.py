@@ -20,6 +20,7 @@ from dispatcher.batches.models import Batch, Recipient
 from dispatcher.channels.base import OutboundMessage, Outcome, Provider, SendResult
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
+from dispatcher.outbox import TaskName
 from dispatcher.ratelimit import Limit, RateLimiter
 from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
@@ -109,13 +110,15 @@ def test_a_fallback_between_rate_limited_groups_is_sent_and_the_chunk_finished(
         assert session.get_one(Batch, batch_id).status == BatchStatus.COMPLETED
 
 
+@pytest.mark.parametrize("by", ["ids", "chunk"])
 def test_a_fallback_in_the_group_that_ends_a_time_slice_is_published_again(
-    runtime: Runtime, publisher: RecordingPublisher
+    runtime: Runtime, publisher: RecordingPublisher, by: str
 ) -> None:
     """The time slice ends while the first group waits for its slot: the rest of the
     recipients goes to a new task when the group is claimed, before it is handed over.
     One of the group that rcs refuses is queued on sms after that: a task must carry it,
-    or it waits, queued, for the stall sweep (minutes, behind the rest of the batch)."""
+    or it waits, queued, for the stall sweep (minutes, behind the rest of the batch).
+    That task carries it alone: one of the whole chunk would run beside the rest's."""
     batch_id, account_id, refused = fallback_batch(runtime, 30)
     with runtime.sessions() as session:
         ids = list(
@@ -123,7 +126,6 @@ def test_a_fallback_in_the_group_that_ends_a_time_slice_is_published_again(
                 select(Recipient.id).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
             )
         )
-    fallback = ids[3]
     # Another task booked most of a second of the account's rate: this one waits for its
     # slot (booked: within rate_max_wait), however long the machine takes to get there.
     limiter = RateLimiter(runtime.redis, max_wait=runtime.settings.rate_max_wait)
@@ -131,21 +133,22 @@ def test_a_fallback_in_the_group_that_ends_a_time_slice_is_published_again(
     ticks = itertools.count(step=10.0)  # each look at the clock: 10 s later
     publisher.messages.clear()
     rcs, sms = Carrier("rcs", frozenset({refused})), Carrier("sms")
+    work: dict[str, Any] = {"recipient_ids": ids} if by == "ids" else {"seq_range": (0, 30)}
     report = send(
-        runtime,
-        batch_id,
-        {"rcs": rcs, "sms": sms},
-        recipient_ids=ids,
-        monotonic=lambda: next(ticks),
+        runtime, batch_id, {"rcs": rcs, "sms": sms}, monotonic=lambda: next(ticks), **work
     )
     assert report.claimed == 20 and report.deferred_for == 0.0  # passed on after one group
-    again = [
-        set(m.kwargs.get("recipient_ids", ()))
+    rest, *again = [
+        m
         for m in publisher.messages
-        if isinstance(m, outbox.Message) and m.kwargs["batch_id"] == batch_id
+        if isinstance(m, outbox.Message) and m.kwargs.get("batch_id") == batch_id
     ]
-    assert set(ids[20:]) in again  # the rest, published with the claim
-    assert any(fallback in published for published in again)
+    if by == "ids":  # published with the claim
+        assert rest.kwargs["recipient_ids"] == ids[20:]
+    else:
+        assert rest.task is TaskName.SEND_CHUNK and rest.kwargs["start"] == 0
+    kwargs = {"batch_id": batch_id, "recipient_ids": [ids[3]]}
+    assert again == [outbox.Message(TaskName.SEND_RECIPIENTS, kwargs)]
     assert statuses(runtime.sessions, batch_id)[3] == R.QUEUED  # on sms, for that task
 
 
