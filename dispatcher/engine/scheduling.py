@@ -193,38 +193,43 @@ def expire_due(*, session: Session, now: datetime, limit: int = 200) -> int:
         )
         .limit(limit)
     ).all()
-    total = 0
-    for batch in batches:
-        total += expire_recipients(session=session, batch=batch, now=now)
-        still_sending = session.scalar(
-            select(
-                exists().where(
-                    Recipient.batch_id == batch.id, Recipient.status == RecipientStatus.SENDING
-                )
-            )
-        )
-        if not still_sending:
-            transition_batch(
-                session=session,
-                batch_id=batch.id,
-                to=BatchStatus.EXPIRED,
-                values={"completed_at": now},
-                at=now,
-            )
+    total = sum(expire_batch(session=session, batch=batch, now=now) for batch in batches)
     session.flush()
     return total
 
 
-def expire_recipients(
-    *, session: Session, batch: Batch, now: datetime, ids: list[str] | None = None
-) -> int:
-    """Move the batch's waiting recipients (or just ``ids``) to expired, with their events."""
+def expire_batch(*, session: Session, batch: Batch, now: datetime) -> int:
+    """Expire a batch past its expire_at: its waiting recipients now, the batch itself once
+    none is out with a worker; returns recipients expired."""
+    # The batch row first, as cancel takes it: recipients first, the two deadlocked
+    # (PostgreSQL), each waiting for the rows the other had changed.
+    session.execute(select(Batch.id).where(Batch.id == batch.id).with_for_update())
+    expired = expire_recipients(session=session, batch=batch, now=now)
+    still_sending = session.scalar(
+        select(
+            exists().where(
+                Recipient.batch_id == batch.id, Recipient.status == RecipientStatus.SENDING
+            )
+        )
+    )
+    if not still_sending:
+        transition_batch(
+            session=session,
+            batch_id=batch.id,
+            to=BatchStatus.EXPIRED,
+            values={"completed_at": now},
+            at=now,
+        )
+    return expired
+
+
+def expire_recipients(*, session: Session, batch: Batch, now: datetime) -> int:
+    """Move the batch's waiting recipients to expired, with their events."""
     moved = transition_recipients(
         session=session,
         to=RecipientStatus.EXPIRED,
         current=(RecipientStatus.SCHEDULED, RecipientStatus.QUEUED),
         where=[Recipient.batch_id == batch.id],
-        ids=ids,
         values={
             "error_code": "expired",
             "error_text": "expire_at passed before the message could be sent",

@@ -38,7 +38,7 @@ from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.engine import recording
 from dispatcher.engine.backpressure import CallbackBackpressure
 from dispatcher.engine.fallback import stop_requeued
-from dispatcher.engine.scheduling import complete_if_done, expire_recipients
+from dispatcher.engine.scheduling import complete_if_done, expire_batch
 from dispatcher.outbox import TaskName
 from dispatcher.ratelimit import Grant, Limit, RateLimiter
 from dispatcher.receipts import service as receipts
@@ -145,10 +145,9 @@ def send_recipients(
     while True:
         now = clock()
         if now >= batch.expire_at:
+            # The whole batch, as the scheduler's sweep would: it ends expired.
             with transaction(factory) as session:
-                only = list(recipient_ids) if recipient_ids is not None else None
-                expire_recipients(session=session, batch=batch, now=now, ids=only)
-                complete_if_done(session=session, batch_id=batch.id, now=now)
+                expire_batch(session=session, batch=batch, now=now)
             return report
         if (
             not limited

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
+from datetime import timedelta
 from threading import Thread
 from typing import Any
 
@@ -218,3 +219,22 @@ def blocked(sessions: sessionmaker[Session]) -> bool:
 def numbers_of(sessions: sessionmaker[Session], ids: list[str]) -> list[str]:
     with sessions() as session:
         return list(session.scalars(select(Recipient.to).where(Recipient.id.in_(ids))))
+
+
+@pytest.mark.parametrize("by", ["ids", "chunk"])
+def test_a_batch_a_send_task_finds_expired_ends_expired(runtime: Runtime, by: str) -> None:
+    """The send task, not the scheduler's sweep, is the first to see expire_at pass: the
+    batch ends as the sweep would end it, expired (it was reported completed)."""
+    batch_id, _account, _refused = fallback_batch(runtime, 5)
+    with transaction(runtime.sessions) as session:
+        session.execute(
+            update(Batch).where(Batch.id == batch_id).values(expire_at=utcnow() - timedelta(1))
+        )
+        ids = list(session.scalars(select(Recipient.id).where(Recipient.batch_id == batch_id)))
+    carrier = Carrier("rcs")
+    work: dict[str, Any] = {"recipient_ids": ids[:2]} if by == "ids" else {"seq_range": (0, 5)}
+    send(runtime, batch_id, {"rcs": carrier}, **work)
+    assert carrier.handed == []
+    assert set(statuses(runtime.sessions, batch_id).values()) == {R.EXPIRED}
+    with runtime.sessions() as session:
+        assert session.get_one(Batch, batch_id).status == BatchStatus.EXPIRED

@@ -22,6 +22,7 @@ from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider,
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
+from dispatcher.errors import Conflict
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import Tenant
 from tests.helpers import RecordingPublisher, wait_for
@@ -456,14 +457,25 @@ def test_a_claim_reclaimed_after_its_batch_was_cancelled_ends_cancelled(
     ]
 
 
-def cancel_meanwhile(sessions: sessionmaker[Session], tenant: Tenant, batch_id: str) -> Thread:
+def cancel_meanwhile(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    batch_id: str,
+    errors: list[BaseException] | None = None,
+) -> Thread:
     """Cancel the batch in another transaction (as the API would) and wait until that
-    committed or waits for a lock this transaction holds; the thread to join."""
+    committed or waits for a lock this transaction holds; the thread to join. What the
+    cancel raises goes to ``errors`` when given."""
 
     def cancel() -> None:
-        with transaction(sessions) as session:
-            account = session.get_one(Account, tenant.id)
-            service.cancel_batch(session=session, account=account, batch_id=batch_id)
+        try:
+            with transaction(sessions) as session:
+                account = session.get_one(Account, tenant.id)
+                service.cancel_batch(session=session, account=account, batch_id=batch_id)
+        except BaseException as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
 
     thread = Thread(target=cancel, name="cancel")
     thread.start()
@@ -548,3 +560,44 @@ def test_a_batch_cancelled_while_its_dispatch_follows_a_later_send_at_stays_canc
     thread.join(timeout=30)
     with sessions() as session:
         assert session.get_one(Batch, batch_id).status == BatchStatus.CANCELLED
+
+
+def test_a_cancel_at_the_moment_of_expiry_does_not_deadlock_with_the_expiry(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL: the expiry moved the waiting recipients (their rows locked) when a
+    DELETE came: the cancel took the batch row and waited for those recipients, the
+    expiry then waited for the batch row. A deadlock: PostgreSQL failed one of them (the
+    DELETE answered 503). The expiry takes the batch row first, as the cancel does: the
+    cancel waits, then finds the batch expired (a 409: nothing is left to cancel)."""
+    postgres_only(settings)
+    batch_id = create(sessions, settings, tenant, count=3)
+    now = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        session.execute(
+            update(Batch).where(Batch.id == batch_id).values(expire_at=now - timedelta(1))
+        )
+    expire = scheduling.expire_recipients
+    threads: list[Thread] = []
+    errors: list[BaseException] = []
+
+    def meanwhile(**kwargs: Any) -> int:
+        expired = expire(**kwargs)
+        threads.append(cancel_meanwhile(sessions, tenant, batch_id, errors))
+        return expired
+
+    monkeypatch.setattr(scheduling, "expire_recipients", meanwhile)
+    with transaction(sessions) as session:
+        assert scheduling.expire_due(session=session, now=utcnow()) == 3
+    [thread] = threads
+    thread.join(timeout=30)
+    assert [type(e) for e in errors] == [Conflict]
+    with sessions() as session:
+        assert session.get_one(Batch, batch_id).status == BatchStatus.EXPIRED
+        assert set(
+            session.scalars(select(Recipient.status).where(Recipient.batch_id == batch_id))
+        ) == {R.EXPIRED}
