@@ -155,6 +155,8 @@ def _release_stalled(*, session: Session, settings: Settings, now: datetime, lim
     ).all()
     if not stalled:
         return
+    # The batch rows first, as cancel takes them: recipients first, the two deadlocked.
+    session.execute(update(Batch).where(Batch.id.in_(stalled)).values(progress_at=now))
     session.execute(
         update(Recipient)
         .where(
@@ -164,7 +166,6 @@ def _release_stalled(*, session: Session, settings: Settings, now: datetime, lim
         )
         .values(enqueued_at=None)
     )
-    session.execute(update(Batch).where(Batch.id.in_(stalled)).values(progress_at=now))
 
 
 def complete_if_done(*, session: Session, batch_id: str, now: datetime) -> bool:

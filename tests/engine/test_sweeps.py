@@ -6,12 +6,13 @@ commit, retry timers, the horizon, expiry and the reclaim of dead workers' claim
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta
 from threading import Thread
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import outbox
@@ -601,3 +602,45 @@ def test_a_cancel_at_the_moment_of_expiry_does_not_deadlock_with_the_expiry(
         assert set(
             session.scalars(select(Recipient.status).where(Recipient.batch_id == batch_id))
         ) == {R.EXPIRED}
+
+
+def test_a_cancel_while_the_sweep_releases_a_stalled_batch_does_not_deadlock(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+) -> None:
+    """PostgreSQL: the sweep hands a stalled batch's queued recipients back (their rows
+    locked) when a DELETE comes: the cancel took the batch row and waited for those
+    recipients, the sweep then waited for the batch row to note its progress. A
+    deadlock. The sweep takes the batch rows first, as the cancel does."""
+    postgres_only(settings)
+    batch_id = create(sessions, settings, tenant, count=3)
+    start = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=start)
+    engine = sessions.kw["bind"]
+    threads: list[Thread] = []
+    errors: list[BaseException] = []
+
+    def first_release(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        # After the first of the release's two writes, in the sweep's transaction.
+        released = statement.startswith(("UPDATE recipients SET enqueued_at", "UPDATE batches"))
+        if released and not threads and threading.current_thread() is main:
+            threads.append(cancel_meanwhile(sessions, tenant, batch_id, errors))
+
+    main = threading.current_thread()
+    event.listen(engine, "after_cursor_execute", first_release)
+    try:
+        with transaction(sessions) as session:
+            later = start + timedelta(seconds=settings.stall_after + 1)
+            scheduling.promote_due(session=session, settings=settings, now=later)
+    finally:
+        event.remove(engine, "after_cursor_execute", first_release)
+    [thread] = threads
+    thread.join(timeout=30)
+    assert errors == []
+    with sessions() as session:
+        assert session.get_one(Batch, batch_id).status == BatchStatus.CANCELLED
+        assert set(
+            session.scalars(select(Recipient.status).where(Recipient.batch_id == batch_id))
+        ) == {R.CANCELLED}
