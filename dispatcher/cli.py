@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher.config import Settings
+from dispatcher.config import ConfigError, Settings
 from dispatcher.db import make_engine, make_session_factory, transaction
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from dispatcher.backlog import Progress
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -89,7 +91,8 @@ def _seconds(
 
 
 class _Group(click.Group):
-    """Domain refusals (unknown id, conflict...) print their reason and exit 1, no traceback."""
+    """Domain refusals (unknown id, conflict...) and settings that cannot be used print
+    their reason and exit 1, no traceback."""
 
     def invoke(self, ctx: click.Context) -> object:
         from dispatcher.errors import DispatcherError
@@ -98,6 +101,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except DispatcherError as exc:
             raise click.ClickException(exc.message) from exc
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
 
 
 @click.group(cls=_Group)
@@ -478,6 +483,53 @@ def inbound_webhook(
 # --- capacity and progress ------------------------------------------------------------
 
 
+@main.command("retry-now")
+@click.option("--channel", default=None, help="Only recipients on this channel.")
+@click.option("--code", default=None, help="Only those whose hand-off failed so (twilio_20003).")
+@click.pass_obj
+def retry_now(settings: Settings, channel: str | None, code: str | None) -> None:
+    """Retry now what waits after a failed hand-off (a carrier or its credentials fixed)."""
+    from dispatcher.db import utcnow
+
+    with _transaction(settings) as session:
+        n = _bring_retries_forward(session=session, now=utcnow(), channel=channel, code=code)
+    click.echo(f"{n} recipient(s) will be handed over again within seconds (the scheduler's sweep)")
+
+
+def _bring_retries_forward(
+    *, session: Session, now: datetime, channel: str | None, code: str | None
+) -> int:
+    """Make the retries of queued recipients whose last hand-off failed due now.
+
+    Clearing ``enqueued_at`` lets the scheduler's next sweep publish them (promote_due);
+    a task already published for the old time finds them claimed or sent, which the
+    claim makes harmless. Rows a rate limit deferred carry no error code and keep
+    their booked time.
+    """
+    from sqlalchemy import select, update
+
+    from dispatcher.batches.models import Batch, Recipient
+    from dispatcher.states import BatchStatus, RecipientStatus
+
+    conditions = [
+        Recipient.status == RecipientStatus.QUEUED,
+        Recipient.error_code.is_not(None),
+        Recipient.next_attempt_at > now,
+        Recipient.batch_id.in_(select(Batch.id).where(Batch.status == BatchStatus.SENDING)),
+    ]
+    if channel:
+        conditions.append(Recipient.channel == channel)
+    if code:
+        conditions.append(Recipient.error_code == code)
+    result = session.execute(
+        update(Recipient)
+        .where(*conditions)
+        .values(next_attempt_at=now, enqueued_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 @main.command("status")
 @_seconds("--timeout", 0.1, 30.0, default=1.0, help="Seconds to wait for workers to answer.")
 @click.pass_obj
@@ -499,6 +551,7 @@ def status(settings: Settings, timeout: float) -> None:
         snap = backlog.snapshot(session=session, now=now)
         rates = backlog.rates(session=session, now=now)
         biggest = backlog.largest_backlogs(session=session, now=now)
+        retries = _waiting_retries(session=session)
     ages = {
         "dispatch": snap.oldest_undispatched_batch_age,
         "send": snap.oldest_due_recipient_age,
@@ -519,6 +572,43 @@ def status(settings: Settings, timeout: float) -> None:
         click.echo(f"  {account_id}  {n}")
     if not biggest:
         click.echo("  none")
+    from dispatcher.channels.registry import selected
+
+    chosen = ", ".join(f"{c} {name}" for c, name in selected(settings).items())
+    click.echo(f"\nproviders: {chosen}")
+    click.echo("waiting for a retry after a failed hand-off (channel, error, recipients, next):")
+    for channel, code, n, next_at in retries:
+        due = max(0.0, (next_at - now).total_seconds())
+        click.echo(f"  {channel:<9} {code:<24} {n:>7}  in {due:.0f}s")
+    if not retries:
+        click.echo("  none")
+
+
+def _waiting_retries(*, session: Session, limit: int = 5) -> list[tuple[str, str, int, datetime]]:
+    """Recipients queued again after a failed hand-off, by channel and error code, with
+    their next try: how refused credentials or a carrier that is down show.
+
+    Read through the (status, next_attempt_at) index; rows a rate limit deferred carry
+    no error code.
+    """
+    from sqlalchemy import func, select
+
+    from dispatcher.batches.models import Recipient
+    from dispatcher.states import RecipientStatus
+
+    count = func.count()
+    rows = session.execute(
+        select(Recipient.channel, Recipient.error_code, count, func.min(Recipient.next_attempt_at))
+        .where(
+            Recipient.status == RecipientStatus.QUEUED,
+            Recipient.next_attempt_at.is_not(None),
+            Recipient.error_code.is_not(None),
+        )
+        .group_by(Recipient.channel, Recipient.error_code)
+        .order_by(count.desc())
+        .limit(limit)
+    ).all()
+    return [(str(c), str(code), int(n), at) for c, code, n, at in rows if at is not None]
 
 
 def _workers_by_queue(settings: Settings, timeout: float) -> dict[str, list[str]]:

@@ -388,6 +388,11 @@ class Settings:
             raise ConfigError(f"{PREFIX}CHANNEL_PROVIDERS names unknown channels {unknown}")
         if "smpp" in {self.provider, *self.channel_providers.values()}:
             self.smpp_config()
+        from dispatcher.channels.registry import missing
+
+        lacking = missing(self)
+        if lacking:
+            raise ConfigError("; and ".join(lacking))
 
     def _check_nice(self) -> None:
         from dispatcher.priority import MAX_NICE, ROLES

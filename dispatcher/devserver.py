@@ -221,6 +221,21 @@ def _demo_lines(settings: Settings) -> str:
     )
 
 
+def providers_line(settings: Settings) -> str:
+    """Which provider carries each channel, the simulated ones flagged (they reach nobody)."""
+    from dispatcher.channels.registry import selected
+
+    by_name: dict[str, list[str]] = {}
+    for channel, name in selected(settings).items():
+        by_name.setdefault(name, []).append(channel)
+    parts = [
+        f"{', '.join(channels)} {name}"
+        + (" (simulated: nothing is sent)" if name == "simulator" else "")
+        for name, channels in by_name.items()
+    ]
+    return f"  channels {'; '.join(parts)}\n"
+
+
 def _again(
     start: Callable[[str, list[str]], None],
     argvs: dict[str, list[str]],
@@ -278,6 +293,7 @@ def serve(settings: Settings) -> int:
             "\n[dispatcher] up:\n"
             f"  API      {base}\n"
             f"  Flower   http://127.0.0.1:{settings.flower_port}\n"
+            f"{providers_line(settings)}"
             f"{demo}"
             "  Ctrl-C stops everything.\n",
             flush=True,

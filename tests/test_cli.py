@@ -204,3 +204,13 @@ def test_bad_environment_is_refused(cli: Cli) -> None:
     )
     assert result.exit_code != 0
     assert "DISPATCHER_API_PORT" in str(result.exception) + result.output
+
+
+def test_settings_that_cannot_be_used_print_one_line_naming_what_to_set(cli: Cli) -> None:
+    env = {**cli.env, "DISPATCHER_CHANNEL_PROVIDERS": '{"sms": "twilio"}'}
+    result = CliRunner().invoke(main, ["status"], env=env)
+    assert result.exit_code == 1
+    # click's usage error, not a traceback: the operator reads what to set.
+    assert isinstance(result.exception, SystemExit)
+    assert result.output.startswith("Error: the twilio provider (channel sms) needs")
+    assert "DISPATCHER_TWILIO_AUTH_TOKEN" in result.output

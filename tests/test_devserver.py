@@ -18,7 +18,8 @@ from typing import IO
 import pytest
 import requests
 
-from dispatcher.devserver import _again
+from dispatcher.config import Settings
+from dispatcher.devserver import _again, providers_line
 from dispatcher.supervisor import Child, Restarts
 from tests.helpers import free_port, wait_for
 
@@ -92,6 +93,7 @@ def test_run_serves_the_readme_example_and_sigint_stops_every_process(tmp_path: 
             if (m := re.search(r"started [\w-]+ \(pid (\d+)\)", line))
         ]
         assert len(started) == 7  # redis, api, three workers, beat, flower
+        assert "  channels sms, rcs, whatsapp simulator (simulated: nothing is sent)\n" in lines
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=90)
@@ -139,3 +141,14 @@ def test_a_process_that_exits_is_started_again_but_not_redis_nor_a_crash_loop(
     said = capsys.readouterr().out
     assert said.count("send-worker exited with 1; starting it again") == 2
     assert "send-worker exited with 1; stopping" in said and "redis exited with 1; stopping" in said
+
+
+def test_the_banner_names_each_channel_s_provider_and_flags_the_simulated_ones() -> None:
+    # Before, a deployment giving sms to Twilio left rcs and whatsapp on the simulator
+    # without a word: their messages were "delivered" to nobody.
+    settings = Settings(
+        channel_providers={"sms": "http"}, http_provider_url="http://127.0.0.1:9/send"
+    )
+    assert providers_line(settings) == (
+        "  channels sms http; rcs, whatsapp simulator (simulated: nothing is sent)\n"
+    )

@@ -9,13 +9,19 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
 from api.app import create_app
+from dispatcher.batches.models import Batch, Recipient
 from dispatcher.cli import main
 from dispatcher.config import Settings
 from dispatcher.db import utcnow
+from dispatcher.engine.scheduling import promote_due
 from dispatcher.migrate import upgrade
+from dispatcher.outbox import Message, TaskName
 from dispatcher.runtime import Runtime
+from dispatcher.states import BatchStatus as B
+from dispatcher.states import RecipientStatus as R
 from tests.engine import system
 from tests.factories import Tenant
 from tests.helpers import RecordingPublisher, make_settings, wait_for
@@ -98,6 +104,83 @@ def test_status_shows_queues_workers_throughput_and_backlog(
     assert "0.1 sends/s" in out
     assert f"{late.id}  3" in out
     assert f"{tenant.id}" not in out.split("largest backlogs")[1]
+
+
+def test_status_names_the_providers_and_what_waits_for_a_retry(
+    cli_settings: Settings, live: Runtime
+) -> None:
+    stuck = Runtime(cli_settings, RecordingPublisher())
+    try:
+        tenant = Tenant(stuck.sessions, name="refused")
+        batch_id = send(api(stuck), tenant, 4)
+        # What record_results leaves after Twilio refused our credentials (3 of them)
+        # and an RBM token refusal (1): queued again, the code kept, a retry booked.
+        soon = utcnow() + timedelta(seconds=120)
+        with stuck.sessions.begin() as session:
+            rows = session.scalars(
+                select(Recipient).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
+            ).all()
+            for row, code in zip(rows, ["twilio_20003"] * 3 + ["rbm_auth"], strict=True):
+                row.status, row.error_code, row.next_attempt_at = R.QUEUED, code, soon
+    finally:
+        stuck.dispose()
+    out = run(cli_settings, "status", "--timeout", "0.5").output
+    # Before, nothing in `dispatcher status` said which carrier or why messages waited.
+    assert "providers: sms simulator, rcs simulator, whatsapp simulator" in out
+    waiting = out.split("waiting for a retry after a failed hand-off")[1].splitlines()[1:3]
+    assert waiting[0].split() == ["sms", "twilio_20003", "3", "in", waiting[0].split()[-1]]
+    assert waiting[1].split()[:3] == ["sms", "rbm_auth", "1"]
+    assert 110 <= int(waiting[0].split()[-1].removesuffix("s")) <= 120
+
+
+def test_retry_now_brings_failed_hand_offs_forward_for_the_sweep(
+    cli_settings: Settings, live: Runtime
+) -> None:
+    publisher = RecordingPublisher()
+    stuck = Runtime(cli_settings, publisher)
+    try:
+        tenant = Tenant(stuck.sessions, name="fixed")
+        batch_id = send(api(stuck), tenant, 5)
+        # Twilio refused our credentials for 3 (an hour to their next retry), one waits
+        # for its rate slot (no code), one failed on another channel's code.
+        later = utcnow() + timedelta(hours=1)
+        with stuck.sessions.begin() as session:
+            session.get_one(Batch, batch_id).status = B.SENDING
+            rows = session.scalars(
+                select(Recipient).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
+            ).all()
+            for row, code in zip(rows, ["twilio_20003"] * 3 + [None, "rbm_auth"], strict=True):
+                row.status, row.error_code, row.next_attempt_at = R.QUEUED, code, later
+        out = run(cli_settings, "retry-now", "--code", "twilio_20003").output
+        assert out.startswith("3 recipient(s) will be handed over again within seconds")
+        # The scheduler's next sweep publishes them (before: in an hour).
+        publisher.messages.clear()
+        with stuck.sessions.begin() as session:
+            promote_due(session=session, settings=cli_settings, now=utcnow())
+        ids = {r.id for r in rows[:3]}
+        sends = [
+            set(m.kwargs["recipient_ids"])
+            for m in publisher.messages
+            if isinstance(m, Message)
+            and m.task == TaskName.SEND_RECIPIENTS
+            and m.kwargs["batch_id"] == batch_id
+        ]
+        assert sends == [ids]
+        with stuck.sessions() as session:
+            due = session.scalars(
+                select(Recipient.id).where(
+                    Recipient.batch_id == batch_id, Recipient.next_attempt_at <= utcnow()
+                )
+            ).all()
+            kept = session.scalars(
+                select(Recipient.next_attempt_at).where(
+                    Recipient.batch_id == batch_id, Recipient.id.not_in(ids)
+                )
+            ).all()
+        assert set(due) == ids
+        assert kept == [later, later]
+    finally:
+        stuck.dispose()
 
 
 def test_batches_show_counts_by_status(cli_settings: Settings, live: Runtime) -> None:

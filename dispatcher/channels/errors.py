@@ -8,9 +8,12 @@ recipient: fail). What a table does not name is decided by the HTTP status.
 from __future__ import annotations
 
 import email.utils
+import logging
 import math
+import threading
 import time
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import requests
 
@@ -23,6 +26,27 @@ CODE_WIDTH = 32
 TEXT_WIDTH = 500
 # Recipient.provider_message_id column width.
 REF_WIDTH = 100
+# An operator must hear of refused credentials or an unreachable API (the messages
+# wait, queued, for retries), but once a minute per provider and kind, not once per
+# message: a chunk of 1,000 recipients would log 1,000 lines.
+WARN_EVERY = 60.0
+WAITING = "messages wait and are retried on DISPATCHER_SEND_RETRY_SCHEDULE until they expire"
+
+log = logging.getLogger(__name__)
+_warned: dict[tuple[str, str], float] = {}
+_warned_lock = threading.Lock()
+
+
+def warn_operator(provider: str, kind: str, text: str, *, now: float | None = None) -> bool:
+    """Log ``text`` at WARNING unless this provider's ``kind`` was logged within WARN_EVERY."""
+    now = time.monotonic() if now is None else now
+    with _warned_lock:
+        last = _warned.get((provider, kind))
+        if last is not None and now - last < WARN_EVERY:
+            return False
+        _warned[(provider, kind)] = now
+    log.warning("%s: %s", provider, text, extra={"provider": provider})
+    return True
 
 
 def retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
@@ -104,9 +128,27 @@ def late_failure(ref: str, outcome: Outcome | None, *, code: str, text: str | No
     )
 
 
-def network(exc: requests.RequestException) -> SendResult:
-    """A transport failure: transient, named by its kind only (URLs may carry ids)."""
-    return failure(Outcome.TRANSIENT, code="network", text=type(exc).__name__)
+def refused_credentials(provider: str, result: SendResult, *, check: str) -> SendResult:
+    """``result``, a refusal of our own credentials, after telling the operator what to check."""
+    warn_operator(
+        provider,
+        "credentials",
+        f"the API refused our credentials ({result.error_code}: {result.error_text}); "
+        f"check {check}. Meanwhile {WAITING}.",
+    )
+    return result
+
+
+def network(exc: requests.RequestException, *, provider: str) -> SendResult:
+    """A transport failure: transient, named by its kind only (URLs may carry ids).
+
+    The operator is told which host could not be reached (its API URL setting).
+    """
+    request = getattr(exc, "request", None)
+    host = urlsplit(request.url).netloc if request is not None and request.url else "its API"
+    kind = type(exc).__name__
+    warn_operator(provider, "network", f"no answer from {host} ({kind}); {WAITING}.")
+    return failure(Outcome.TRANSIENT, code="network", text=kind)
 
 
 def reply_json(response: requests.Response) -> object:

@@ -14,30 +14,16 @@ Receipts come back on ``POST /dlr/http`` (see the README).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import requests
 
-from dispatcher.channels.base import OutboundMessage, Outcome, Provider, SendResult
+from dispatcher.channels import errors
+from dispatcher.channels.base import OutboundMessage, Outcome, SendResult
+from dispatcher.channels.breaker import Breaker, HttpVendor
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
 CHANNEL_STATUSES = frozenset({404, 410})
-
-
-# A carrier asking for more than a day is capped: the expiry decides beyond that.
-MAX_RETRY_AFTER = 24 * 3600.0
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After", "")
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    if not math.isfinite(seconds):
-        return None
-    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def classify(status: int, body: Any) -> Outcome:
@@ -56,7 +42,7 @@ def classify(status: int, body: Any) -> Outcome:
     return Outcome.RECIPIENT
 
 
-class HttpProvider(Provider):
+class HttpProvider(HttpVendor):
     name = "http"
 
     def __init__(
@@ -67,17 +53,19 @@ class HttpProvider(Provider):
         connect_timeout: float = 3.0,
         read_timeout: float = 10.0,
         session: requests.Session | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         if not url:
             raise ValueError("the http provider needs DISPATCHER_HTTP_PROVIDER_URL")
         self.url = url
         self.timeout = (connect_timeout, read_timeout)
+        self.breaker = breaker or Breaker()
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = "Dispatcher/1"
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def send(self, message: OutboundMessage) -> SendResult:
+    def hand_over(self, message: OutboundMessage) -> SendResult:
         payload = {
             "id": message.idempotency_key,
             "to": message.to,
@@ -90,7 +78,7 @@ class HttpProvider(Provider):
                 self.url, json=payload, timeout=self.timeout, allow_redirects=False
             )
         except requests.RequestException as exc:
-            return SendResult(Outcome.TRANSIENT, error_code="network", error_text=str(exc)[:500])
+            return errors.network(exc, provider=self.name)
         try:
             body: Any = response.json()
         except ValueError:
@@ -109,5 +97,5 @@ class HttpProvider(Provider):
             outcome,
             error_code=f"http_{response.status_code}",
             error_text=text[:500] or response.reason,
-            retry_after=_retry_after(response),
+            retry_after=errors.retry_after(response.headers),
         )

@@ -27,13 +27,18 @@ import jwt
 import requests
 
 from dispatcher.channels import errors
-from dispatcher.channels.base import OutboundMessage, Outcome, Provider, Receipt, SendResult
+from dispatcher.channels.base import OutboundMessage, Outcome, Receipt, SendResult
+from dispatcher.channels.breaker import Breaker, HttpVendor
 
 SCOPE = "https://www.googleapis.com/auth/rcsbusinessmessaging"
 DEFAULT_API_URL = "https://rcsbusinessmessaging.googleapis.com"
 # RBM's documented maximum for a text message: longer text is refused for RCS
 # (the next channel, usually SMS, carries it) rather than split into several bubbles.
 MAX_TEXT = 3072
+# What the operator checks when Google refuses the service account.
+KEY_FILE = (
+    "DISPATCHER_RBM_SERVICE_ACCOUNT_FILE (the key, and the service account's access to the agent)"
+)
 # A token is replaced this long before it expires (or at half its life if shorter).
 REFRESH_MARGIN = 300.0
 
@@ -54,7 +59,38 @@ BY_RPC_STATUS: dict[str, Outcome] = {
 
 
 class CredentialsError(RuntimeError):
-    """The service-account key cannot be used (its content is never in the message)."""
+    """The service-account key cannot be used (its content is never in the message).
+
+    ``status`` is the token endpoint's HTTP status when it refused; a 429 or 5xx there
+    is an outage of Google's, not a refusal of the key (``refused`` is False).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def refused(self) -> bool:
+        return self.status is None or not (self.status in (408, 425, 429) or self.status >= 500)
+
+
+def check_key(key: dict[str, Any]) -> None:
+    """Refuse a service-account key without the fields a token request needs."""
+    missing = [k for k in ("client_email", "private_key", "token_uri") if not key.get(k)]
+    if missing:
+        raise CredentialsError(f"service-account key lacks {', '.join(missing)}")
+
+
+def read_key(path: str) -> dict[str, Any]:
+    """The service-account key file Google issues, checked (CredentialsError if unusable)."""
+    try:
+        key = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CredentialsError(f"cannot read the service-account key file {path}") from exc
+    if not isinstance(key, dict):
+        raise CredentialsError(f"{path} is not a service-account key")
+    check_key(key)
+    return key
 
 
 class ServiceAccountTokens:
@@ -68,9 +104,7 @@ class ServiceAccountTokens:
         timeout: tuple[float, float],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        missing = [k for k in ("client_email", "private_key", "token_uri") if not key.get(k)]
-        if missing:
-            raise CredentialsError(f"service-account key lacks {', '.join(missing)}")
+        check_key(key)
         self._key = key
         self._session = session
         self._timeout = timeout
@@ -82,13 +116,7 @@ class ServiceAccountTokens:
     @classmethod
     def from_file(cls, path: str, **kwargs: Any) -> ServiceAccountTokens:
         """Load the key file Google issues for the service account."""
-        try:
-            key = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise CredentialsError(f"cannot read the service-account key file {path}") from exc
-        if not isinstance(key, dict):
-            raise CredentialsError(f"{path} is not a service-account key")
-        return cls(key=key, **kwargs)
+        return cls(key=read_key(path), **kwargs)
 
     def get(self) -> str:
         """A token valid for a while yet: the cached one, or a fresh one."""
@@ -131,13 +159,19 @@ class ServiceAccountTokens:
         )
         body = errors.reply_json(response)
         if response.status_code != 200 or not isinstance(body, dict) or "access_token" not in body:
-            raise CredentialsError(f"token endpoint answered {response.status_code}")
+            # OAuth 2.0's error and its description (RFC 6749 5.2), never the assertion.
+            said = body if isinstance(body, dict) else {}
+            why = ": ".join(str(said[k])[:200] for k in ("error", "error_description") if k in said)
+            raise CredentialsError(
+                f"token endpoint answered {response.status_code}" + (f" ({why})" if why else ""),
+                status=response.status_code,
+            )
         lifetime = float(body.get("expires_in", 3600))
         self._token = str(body["access_token"])
         self._refresh_at = now + lifetime - min(REFRESH_MARGIN, lifetime / 2)
 
 
-class RbmProvider(Provider):
+class RbmProvider(HttpVendor):
     name = "rbm"
     # A lost hand-off is sent again: the same messageId is refused as ALREADY_EXISTS
     # (counted as accepted) if it had reached RBM.
@@ -152,6 +186,7 @@ class RbmProvider(Provider):
         ttl: float = 0.0,
         session: requests.Session,
         timeout: tuple[float, float],
+        breaker: Breaker | None = None,
     ) -> None:
         if not agent_id:
             raise ValueError("the rbm provider needs DISPATCHER_RBM_AGENT_ID")
@@ -161,8 +196,9 @@ class RbmProvider(Provider):
         self.ttl = ttl
         self.session = session
         self.timeout = timeout
+        self.breaker = breaker or Breaker()
 
-    def send(self, message: OutboundMessage) -> SendResult:
+    def hand_over(self, message: OutboundMessage) -> SendResult:
         refused = errors.too_long(
             message.body, limit=MAX_TEXT, code="rbm_text_too_long", service="RBM"
         )
@@ -174,9 +210,13 @@ class RbmProvider(Provider):
                 # A token revoked or expired early: one retry with a fresh one.
                 response = self._post(message, fresh=True)
         except CredentialsError as exc:
-            return errors.failure(Outcome.TRANSIENT, code="rbm_auth", text=str(exc))
+            failed = errors.failure(Outcome.TRANSIENT, code="rbm_auth", text=str(exc))
+            if not exc.refused:
+                errors.warn_operator(self.name, "token", f"{exc}; {errors.WAITING}.")
+                return failed
+            return errors.refused_credentials(self.name, failed, check=KEY_FILE)
         except requests.RequestException as exc:
-            return errors.network(exc)
+            return errors.network(exc, provider=self.name)
         if response.status_code == 200 or response.status_code == 409:
             # 409 ALREADY_EXISTS: this messageId was accepted by an earlier hand-off.
             return SendResult(Outcome.ACCEPTED, provider_message_id=message.recipient_id)
@@ -185,12 +225,16 @@ class RbmProvider(Provider):
         rpc = str(error.get("status", "")) if isinstance(error, dict) else ""
         text = str(error.get("message", "")) if isinstance(error, dict) else response.reason
         outcome = BY_RPC_STATUS.get(rpc) or errors.by_status(response.status_code)
-        return errors.failure(
+        result = errors.failure(
             outcome,
             code=f"rbm_{response.status_code}" + (f"_{rpc}" if rpc else ""),
             text=text,
             retry_after=errors.retry_after(response.headers),
         )
+        if response.status_code == 401:
+            # Refused even with a fresh token: the service account lacks access to RBM.
+            return errors.refused_credentials(self.name, result, check=KEY_FILE)
+        return result
 
     def _post(self, message: OutboundMessage, *, fresh: bool = False) -> requests.Response:
         token = self.tokens.get()

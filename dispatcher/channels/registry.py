@@ -26,6 +26,102 @@ def carries_binary(settings: Settings, channel: str) -> bool:
     return settings.channel_providers.get(channel, settings.provider) in BINARY
 
 
+def selected(settings: Settings) -> dict[str, str]:
+    """The provider name carrying each configured channel."""
+    return {c: settings.channel_providers.get(c, settings.provider) for c in settings.channels}
+
+
+def _rbm_needs(settings: Settings) -> list[str]:
+    from dispatcher.channels.rbm import CredentialsError, read_key
+
+    needs = [
+        f"{var} ({why})"
+        for var, value, why in (
+            ("DISPATCHER_RBM_AGENT_ID", settings.rbm_agent_id, "the agent that sends"),
+            (
+                "DISPATCHER_RBM_CLIENT_TOKEN",
+                settings.rbm_client_token,
+                "delivery and read events come only through its webhook",
+            ),
+        )
+        if not value
+    ]
+    if not settings.rbm_service_account_file:
+        needs.append("DISPATCHER_RBM_SERVICE_ACCOUNT_FILE (the service account's JSON key)")
+    else:
+        try:
+            read_key(settings.rbm_service_account_file)
+        except CredentialsError as exc:
+            needs.append(f"DISPATCHER_RBM_SERVICE_ACCOUNT_FILE: {exc}")
+    return needs
+
+
+def _whatsapp_needs(settings: Settings) -> list[str]:
+    needs = []
+    numbers = {settings.whatsapp_phone_number_id, *settings.whatsapp_senders.values()} - {""}
+    if not numbers:
+        needs.append(
+            "DISPATCHER_WHATSAPP_PHONE_NUMBER_ID or DISPATCHER_WHATSAPP_SENDERS "
+            "(the phone number id that sends)"
+        )
+    untokened = sorted(numbers - set(settings.whatsapp_tokens))
+    if not settings.whatsapp_tokens or untokened:
+        which = f" for phone number id {', '.join(untokened)}" if untokened else ""
+        needs.append(f"DISPATCHER_WHATSAPP_TOKENS (an access token{which})")
+    if not settings.whatsapp_app_secret:
+        needs.append(
+            "DISPATCHER_WHATSAPP_APP_SECRET (statuses come only through the webhook it signs)"
+        )
+    return needs
+
+
+def _twilio_needs(settings: Settings) -> list[str]:
+    return [
+        f"{var} ({why})"
+        for var, value, why in (
+            ("DISPATCHER_TWILIO_ACCOUNT_SID", settings.twilio_account_sid, "the account"),
+            ("DISPATCHER_TWILIO_AUTH_TOKEN", settings.twilio_auth_token, "its auth token"),
+            (
+                "DISPATCHER_PUBLIC_BASE_URL",
+                settings.public_base_url,
+                "where Twilio posts statuses: without it no message gets its receipt",
+            ),
+        )
+        if not value
+    ]
+
+
+def _http_needs(settings: Settings) -> list[str]:
+    if settings.http_provider_url:
+        return []
+    return ["DISPATCHER_HTTP_PROVIDER_URL (the carrier's endpoint)"]
+
+
+_NEEDS: dict[str, Callable[[Settings], list[str]]] = {
+    "rbm": _rbm_needs,
+    "whatsapp_cloud": _whatsapp_needs,
+    "twilio": _twilio_needs,
+    "http": _http_needs,
+}
+
+
+def missing(settings: Settings) -> list[str]:
+    """What each selected provider lacks from ``settings``, one sentence per provider.
+
+    Checked when a process starts (Settings), so that a provider nobody configured
+    stops the process instead of leaving every message of its channels queued.
+    """
+    channels: dict[str, list[str]] = {}
+    for channel, name in selected(settings).items():
+        channels.setdefault(name, []).append(channel)
+    out = []
+    for name, on in channels.items():
+        needs = _NEEDS.get(name, lambda _: [])(settings)
+        if needs:
+            out.append(f"the {name} provider (channel {', '.join(on)}) needs {'; '.join(needs)}")
+    return out
+
+
 def _vendor(settings: Settings, api_url: str) -> dict[str, Any]:
     """What every vendor's HTTP provider takes: its API's URL, a session of its own, timeouts."""
     session = requests.Session()

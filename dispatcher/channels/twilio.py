@@ -19,20 +19,33 @@ from collections.abc import Iterable, Mapping
 import requests
 
 from dispatcher.channels import errors
-from dispatcher.channels.base import OutboundMessage, Outcome, Provider, Receipt, SendResult
+from dispatcher.channels.base import OutboundMessage, Outcome, Receipt, SendResult
+from dispatcher.channels.breaker import Breaker, HttpVendor
 
 DEFAULT_API_URL = "https://api.twilio.com"
 STATUS_PATH = "/providers/twilio/status"
 
 T, C, R = Outcome.TRANSIENT, Outcome.CHANNEL, Outcome.RECIPIENT
+# Twilio's "Authenticate": our Account SID or auth token is wrong.
+AUTHENTICATE = 20003
+# Refusals of the sender, which the operator should hear of (see CODES).
+SENDER_REFUSED = frozenset({21212, 21606, 21657, 21659, 21660, 63007})
 # Twilio's error codes, by what Dispatcher does with them. Unnamed codes: by HTTP status.
 CODES: dict[int, Outcome] = {
-    20003: T,  # authentication failed: the operator fixes the credentials, messages wait
+    AUTHENTICATE: T,  # the operator fixes the credentials; messages wait
     20429: T,  # too many requests
     20500: T,  # internal server error
     20503: T,  # service unavailable
     30001: T,  # queue overflow
     21408: C,  # permission to send to this region not enabled
+    # The sender cannot send here (the batch's from, or the account's setup): a retry
+    # will not change that, and neither is it the recipient's fault; the next channel may.
+    21212: C,  # invalid From number
+    21606: C,  # From is not a message-capable number of this account
+    21657: C,  # alphanumeric sender ID not supported (or not registered) for the destination
+    21659: C,  # From is not a Twilio number
+    21660: C,  # From belongs to another account
+    63007: C,  # WhatsApp: no channel for the From address
     21612: C,  # cannot route to this number from this sender
     63003: C,  # WhatsApp: the To address is not on the channel
     63016: C,  # WhatsApp: outside the 24 h window and not a template
@@ -62,7 +75,7 @@ def signature(auth_token: str, url: str, params: Iterable[tuple[str, str]]) -> s
     return base64.b64encode(digest).decode()
 
 
-class TwilioProvider(Provider):
+class TwilioProvider(HttpVendor):
     name = "twilio"
 
     def __init__(
@@ -75,6 +88,7 @@ class TwilioProvider(Provider):
         api_url: str = DEFAULT_API_URL,
         session: requests.Session,
         timeout: tuple[float, float],
+        breaker: Breaker | None = None,
     ) -> None:
         if not account_sid or not auth_token:
             raise ValueError(
@@ -87,8 +101,9 @@ class TwilioProvider(Provider):
         self.url = f"{api_url.rstrip('/')}/2010-04-01/Accounts/{account_sid}/Messages.json"
         self.session = session
         self.timeout = timeout
+        self.breaker = breaker or Breaker()
 
-    def send(self, message: OutboundMessage) -> SendResult:
+    def hand_over(self, message: OutboundMessage) -> SendResult:
         prefix = "whatsapp:" if message.channel == "whatsapp" else ""
         form = {"To": prefix + message.to, "Body": message.body}
         if self.messaging_service_sid and not prefix:
@@ -106,7 +121,7 @@ class TwilioProvider(Provider):
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
-            return errors.network(exc)
+            return errors.network(exc, provider=self.name)
         body = errors.reply_json(response)
         if response.status_code in (200, 201) and isinstance(body, dict) and body.get("sid"):
             return SendResult(Outcome.ACCEPTED, provider_message_id=str(body["sid"]))
@@ -117,12 +132,25 @@ class TwilioProvider(Provider):
         code = body.get("code") if isinstance(body, dict) else None
         code = code if isinstance(code, int) else None
         text = str(body.get("message") or "") if isinstance(body, dict) else ""
-        return errors.failure(
+        result = errors.failure(
             errors.classify(CODES, code, response.status_code),
             code=f"twilio_{code if code is not None else response.status_code}",
             text=text or response.reason,
             retry_after=errors.retry_after(response.headers),
         )
+        if code == AUTHENTICATE or response.status_code == 401:
+            check = "DISPATCHER_TWILIO_ACCOUNT_SID and DISPATCHER_TWILIO_AUTH_TOKEN"
+            return errors.refused_credentials(self.name, result, check=check)
+        if code in SENDER_REFUSED:
+            errors.warn_operator(
+                self.name,
+                f"sender {code}",
+                f"Twilio refused the sender {form.get('From', '')!r} ({result.error_code}: "
+                f"{result.error_text}); the recipients fall back to their next channel. Send "
+                "from a sender of this Twilio account, or set "
+                "DISPATCHER_TWILIO_MESSAGING_SERVICE_SID to let Twilio pick one.",
+            )
+        return result
 
 
 # MessageStatus values with a place in a recipient's life; queued, accepted,

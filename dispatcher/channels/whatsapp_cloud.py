@@ -21,19 +21,24 @@ from typing import Any
 import requests
 
 from dispatcher.channels import errors
-from dispatcher.channels.base import OutboundMessage, Outcome, Provider, Receipt, SendResult
+from dispatcher.channels.base import OutboundMessage, Outcome, Receipt, SendResult
+from dispatcher.channels.breaker import Breaker, HttpVendor
 
 DEFAULT_API_URL = "https://graph.facebook.com/v21.0"
 # The Cloud API's maximum for a text message body.
 MAX_TEXT = 4096
 
 T, C, R = Outcome.TRANSIENT, Outcome.CHANNEL, Outcome.RECIPIENT
+# Meta's OAuthException 190: the access token is invalid or expired.
+TOKEN_INVALID = 190
+# Meta's 33: the business phone number has been deleted.
+NUMBER_GONE = 33
 # Meta's error codes, by what Dispatcher does with them. Unnamed codes: by HTTP status.
 CODES: dict[int, Outcome] = {
     1: T,  # API unknown
     2: T,  # API service temporarily unavailable
     4: T,  # application request limit reached
-    190: T,  # access token expired: the operator renews it, messages wait
+    TOKEN_INVALID: T,  # the operator renews the token; messages wait
     80007: T,  # WhatsApp Business Account rate limit
     130429: T,  # Cloud API throughput reached
     131000: T,  # something went wrong
@@ -79,7 +84,7 @@ def template_payload(template: Mapping[str, Any]) -> dict[str, Any]:
     return payload
 
 
-class WhatsAppCloudProvider(Provider):
+class WhatsAppCloudProvider(HttpVendor):
     name = "whatsapp_cloud"
 
     def __init__(
@@ -91,6 +96,7 @@ class WhatsAppCloudProvider(Provider):
         api_url: str = DEFAULT_API_URL,
         session: requests.Session,
         timeout: tuple[float, float],
+        breaker: Breaker | None = None,
     ) -> None:
         if not tokens:
             raise ValueError("the whatsapp_cloud provider needs DISPATCHER_WHATSAPP_TOKENS")
@@ -100,8 +106,9 @@ class WhatsAppCloudProvider(Provider):
         self.api_url = api_url.rstrip("/")
         self.session = session
         self.timeout = timeout
+        self.breaker = breaker or Breaker()
 
-    def send(self, message: OutboundMessage) -> SendResult:
+    def hand_over(self, message: OutboundMessage) -> SendResult:
         number_id = self.senders.get(message.sender, self.phone_number_id)
         token = self.tokens.get(number_id)
         if not number_id or not token:
@@ -133,7 +140,7 @@ class WhatsAppCloudProvider(Provider):
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
-            return errors.network(exc)
+            return errors.network(exc, provider=self.name)
         body = errors.reply_json(response)
         if response.status_code == 200 and isinstance(body, dict):
             ids = [m.get("id") for m in body.get("messages") or [] if isinstance(m, dict)]
@@ -154,12 +161,29 @@ class WhatsAppCloudProvider(Provider):
                 else None
             )
             text = str(details or error.get("message") or text)
-        return errors.failure(
-            errors.classify(CODES, code, response.status_code),
+        # Graph's "Object with ID ... does not exist" (100, subcode 33) or Meta's 33 (the
+        # business number was deleted): the phone number id is wrong, not the recipient.
+        subcode = error.get("error_subcode") if isinstance(error, dict) else None
+        no_number = code == NUMBER_GONE or (code == 100 and subcode == 33)
+        result = errors.failure(
+            Outcome.CHANNEL if no_number else errors.classify(CODES, code, response.status_code),
             code=f"whatsapp_{code if code is not None else response.status_code}",
             text=text,
             retry_after=errors.retry_after(response.headers),
         )
+        if no_number:
+            errors.warn_operator(
+                self.name,
+                "number",
+                f"no usable phone number id {number_id} ({result.error_code}: "
+                f"{result.error_text}); the recipients fall back to their next channel. Check "
+                "DISPATCHER_WHATSAPP_PHONE_NUMBER_ID and DISPATCHER_WHATSAPP_SENDERS, and that "
+                "the token may send for it.",
+            )
+        elif code == TOKEN_INVALID or response.status_code == 401:
+            check = f"DISPATCHER_WHATSAPP_TOKENS (the token of phone number id {number_id})"
+            return errors.refused_credentials(self.name, result, check=check)
+        return result
 
 
 # Webhook statuses with a place in a recipient's life. "sent" (left for WhatsApp's

@@ -101,6 +101,18 @@ def test_timeouts_and_refused_connections_are_transient(carrier: str) -> None:
     assert slow.outcome is Outcome.TRANSIENT and slow.error_code == "network"
     closed = HttpProvider(url="http://127.0.0.1:9/", connect_timeout=0.5).send(message("+1555"))
     assert closed.outcome is Outcome.TRANSIENT
+    # Named by its kind only, as every HTTP provider does (the URL is the operator's).
+    assert (closed.error_code, closed.error_text) == ("network", "ConnectionError")
+
+
+def test_a_carrier_that_stops_answering_is_paused_after_three_timeouts(carrier: str) -> None:
+    hung = HttpProvider(url=carrier, read_timeout=0.2)
+    # The carrier holds this number's POSTs until the test ends.
+    results = [hung.send(message("+15550000000")) for _ in range(6)]
+    assert len(Carrier.seen) == 3
+    assert [r.error_text for r in results] == ["ReadTimeout"] * 3 + [
+        "not sent: the API failed 3 times in a row; paused"
+    ] * 3
 
 
 def test_an_http_provider_needs_a_url() -> None:

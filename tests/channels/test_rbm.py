@@ -141,6 +141,45 @@ def test_a_broken_key_is_transient_and_its_content_is_never_shown(
     assert result.outcome is Outcome.TRANSIENT
     assert result.error_code == "rbm_auth"
     assert "PRIVATE KEY" not in (result.error_text or "")
+    # The token endpoint's OAuth error says why (before: only "answered 400").
+    assert result.error_text == "token endpoint answered 400 (invalid_grant: Invalid JWT)"
+
+
+def test_a_token_endpoint_outage_is_not_called_a_refused_key(
+    rbm: Rbm, provider: RbmProvider, operator_warnings: Callable[[], list[str]]
+) -> None:
+    rbm.token_down = (503, "backendError")
+    result = provider.send(message())
+    assert (result.outcome, result.error_code) == (Outcome.TRANSIENT, "rbm_auth")
+    assert result.error_text == "token endpoint answered 503 (backendError: Try again later.)"
+    [line] = operator_warnings()
+    assert line.startswith("rbm: token endpoint answered 503 (backendError")
+    assert "refused our credentials" not in line
+    rbm.token_down = None
+    assert provider.send(message(rid="r-2")).outcome is Outcome.ACCEPTED
+
+
+def test_a_refused_key_tells_the_operator_which_setting_to_check(
+    rbm: Rbm, operator_warnings: Callable[[], list[str]]
+) -> None:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = other.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    key = {"client_email": "x@y", "private_key": pem, "token_uri": rbm.token_uri}
+    session = requests.Session()
+    tokens = ServiceAccountTokens(key=key, session=session, timeout=(3, 10))
+    provider = RbmProvider(
+        agent_id=AGENT, tokens=tokens, api_url=rbm.url, session=session, timeout=(3, 10)
+    )
+    provider.send(message())
+    provider.send(message())
+    [line] = operator_warnings()
+    assert line.startswith("rbm: the API refused our credentials (rbm_auth: token endpoint")
+    assert "check DISPATCHER_RBM_SERVICE_ACCOUNT_FILE" in line
+    assert "PRIVATE KEY" not in line
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,8 @@ ENV = {
     "DISPATCHER_WHATSAPP_PHONE_NUMBER_ID": "1065",
     "DISPATCHER_TWILIO_ACCOUNT_SID": "AC123",
     "DISPATCHER_PUBLIC_BASE_URL": "https://dispatcher.example.com/",
+    "DISPATCHER_RBM_CLIENT_TOKEN": "rbm-client-token",
+    "DISPATCHER_WHATSAPP_APP_SECRET": "wa-app-secret",
 }
 
 
@@ -59,6 +61,7 @@ def test_unnamed_channels_keep_the_default_provider_and_share_one_instance(
         channel_providers={"whatsapp": "twilio"},
         twilio_account_sid="AC1",
         twilio_auth_token="t",
+        public_base_url="https://dispatcher.example.com",
     )
     rt = Runtime(settings, RecordingPublisher())
     assert isinstance(rt.providers["sms"], Simulator)
@@ -94,11 +97,48 @@ def test_bad_provider_settings_are_refused(
         Settings.from_env(env, var_dir=str(tmp_path))
 
 
-def test_a_provider_missing_its_settings_says_which(tmp_path: Path, redis_url: str) -> None:
-    settings = Settings(
-        var_dir=str(tmp_path), redis_url=redis_url, channel_providers={"rcs": "rbm"}
-    )
-    rt = Runtime(settings, RecordingPublisher())
-    with pytest.raises(ValueError, match="DISPATCHER_RBM_SERVICE_ACCOUNT_FILE"):
-        _ = rt.providers
-    rt.dispose()
+@pytest.mark.parametrize(
+    ("drop", "names"),
+    [
+        ("DISPATCHER_RBM_AGENT_ID", ["rbm provider (channel rcs)", "DISPATCHER_RBM_AGENT_ID"]),
+        ("DISPATCHER_RBM_CLIENT_TOKEN", ["DISPATCHER_RBM_CLIENT_TOKEN (delivery and read"]),
+        ("DISPATCHER_RBM_SERVICE_ACCOUNT_FILE", ["DISPATCHER_RBM_SERVICE_ACCOUNT_FILE"]),
+        ("DISPATCHER_WHATSAPP_TOKENS", ["whatsapp_cloud provider", "DISPATCHER_WHATSAPP_TOKENS"]),
+        ("DISPATCHER_WHATSAPP_PHONE_NUMBER_ID", ["DISPATCHER_WHATSAPP_PHONE_NUMBER_ID or"]),
+        ("DISPATCHER_WHATSAPP_APP_SECRET", ["DISPATCHER_WHATSAPP_APP_SECRET"]),
+        ("DISPATCHER_TWILIO_ACCOUNT_SID", ["twilio provider (channel sms)", "_ACCOUNT_SID"]),
+        ("DISPATCHER_TWILIO_AUTH_TOKEN_FILE", ["DISPATCHER_TWILIO_AUTH_TOKEN (its auth token)"]),
+        ("DISPATCHER_PUBLIC_BASE_URL", ["DISPATCHER_PUBLIC_BASE_URL (where Twilio posts"]),
+    ],
+)
+def test_a_provider_missing_a_setting_stops_the_process_at_start_naming_it(
+    tmp_path: Path, drop: str, names: list[str]
+) -> None:
+    # Before, the process started, took batches and left every message of the channel
+    # queued while each send task raised ValueError.
+    env = {k: v for k, v in {**ENV, **secrets(tmp_path)}.items() if k != drop}
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env, var_dir=str(tmp_path))
+    for name in names:
+        assert name in str(refused.value)
+    for secret in ("wa-secret-token", "twilio-secret-from-a-file", "rbm-client-token"):
+        assert secret not in str(refused.value)
+
+
+def test_a_whatsapp_sender_without_a_token_is_named(tmp_path: Path) -> None:
+    env = {**ENV, **secrets(tmp_path), "DISPATCHER_WHATSAPP_SENDERS": '{"Acme": "2077"}'}
+    with pytest.raises(ConfigError, match="an access token for phone number id 2077"):
+        Settings.from_env(env, var_dir=str(tmp_path))
+
+
+def test_an_unreadable_service_account_key_is_named_at_start(tmp_path: Path) -> None:
+    env = {**ENV, **secrets(tmp_path)}
+    (tmp_path / "key.json").write_text('{"client_email": "a@b"}')
+    with pytest.raises(ConfigError, match="key lacks private_key, token_uri"):
+        Settings.from_env(env, var_dir=str(tmp_path))
+
+
+def test_the_http_provider_needs_its_url(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="channel sms, rcs, whatsapp\\) needs DISPATCHER_HTTP"):
+        Settings(var_dir=str(tmp_path), provider="http")
+    assert Settings(var_dir=str(tmp_path), provider="http", http_provider_url="http://c/x")

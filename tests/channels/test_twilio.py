@@ -17,7 +17,7 @@ from dispatcher.channels.base import OutboundMessage, Outcome
 from dispatcher.channels.twilio import STATUS_PATH, TwilioProvider, signature
 from dispatcher.states import RecipientStatus
 from tests.factories import Tenant
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 from tests.helpers.providers import Live, counts
 from tests.standins import Reply, Request
 from tests.standins.twilio import Twilio, callback, error, status_params
@@ -93,6 +93,61 @@ def test_wrong_credentials_are_transient_and_the_token_is_never_shown(twilio: Tw
         "twilio_20003",
         "Authenticate",
     )
+
+
+def test_wrong_credentials_tell_the_operator_what_to_check_once_a_minute(
+    twilio: Twilio, operator_warnings: Callable[[], list[str]]
+) -> None:
+    bad = TwilioProvider(
+        account_sid=SID,
+        auth_token="wrong-token",
+        api_url=twilio.url,
+        session=requests.Session(),
+        timeout=(3, 10),
+    )
+    for _ in range(3):
+        assert bad.send(message()).error_code == "twilio_20003"
+    # Before, only an INFO task line counted {'transient': 1}: nothing said why.
+    [line] = operator_warnings()
+    assert "refused our credentials (twilio_20003: Authenticate)" in line
+    assert "check DISPATCHER_TWILIO_ACCOUNT_SID and DISPATCHER_TWILIO_AUTH_TOKEN" in line
+    assert "wrong-token" not in line
+
+
+@pytest.mark.parametrize(("channel", "code"), [("sms", 21606), ("whatsapp", 63007)])
+def test_a_sender_twilio_refuses_falls_back_and_tells_the_operator(
+    provider: TwilioProvider,
+    twilio: Twilio,
+    operator_warnings: Callable[[], list[str]],
+    channel: str,
+    code: int,
+) -> None:
+    twilio.senders = {"+15005550001"}
+    results = [provider.send(message(channel=channel)) for _ in range(2)]
+    # Before: a 400 no table named, so every recipient of the batch failed for good.
+    assert {(r.outcome, r.error_code) for r in results} == {(Outcome.CHANNEL, f"twilio_{code}")}
+    [line] = operator_warnings()
+    assert line.startswith("twilio: Twilio refused the sender '")
+    assert f"(twilio_{code}: " in line
+    assert "DISPATCHER_TWILIO_MESSAGING_SERVICE_SID" in line
+
+
+def test_an_unreachable_api_names_its_host_to_the_operator(
+    operator_warnings: Callable[[], list[str]],
+) -> None:
+    port = free_port()
+    down = TwilioProvider(
+        account_sid=SID,
+        auth_token=TOKEN,
+        api_url=f"http://127.0.0.1:{port}",
+        session=requests.Session(),
+        timeout=(3, 10),
+    )
+    result = down.send(message())
+    assert (result.outcome, result.error_code) == (Outcome.TRANSIENT, "network")
+    [line] = operator_warnings()
+    assert line.startswith(f"twilio: no answer from 127.0.0.1:{port} (ConnectionError)")
+    assert "retried on DISPATCHER_SEND_RETRY_SCHEDULE" in line
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,44 @@ def test_an_expired_token_is_transient(meta: WhatsApp) -> None:
     assert "expired" not in (result.error_text or "")
 
 
+def test_a_refused_token_tells_the_operator_which_to_renew(
+    meta: WhatsApp, operator_warnings: Callable[[], list[str]]
+) -> None:
+    stale = WhatsAppCloudProvider(
+        tokens={NUMBER_ID: "expired"},
+        phone_number_id=NUMBER_ID,
+        api_url=meta.api_url,
+        session=requests.Session(),
+        timeout=(3, 10),
+    )
+    stale.send(message())
+    stale.send(message())
+    [line] = operator_warnings()
+    assert line.startswith("whatsapp_cloud: the API refused our credentials (whatsapp_190")
+    assert f"check DISPATCHER_WHATSAPP_TOKENS (the token of phone number id {NUMBER_ID})" in line
+    assert "expired" not in line.split("(whatsapp_190")[0]
+
+
+def test_a_phone_number_id_meta_does_not_know_falls_back_and_tells_the_operator(
+    meta: WhatsApp, operator_warnings: Callable[[], list[str]]
+) -> None:
+    wrong = WhatsAppCloudProvider(
+        tokens={"999000": "EAAG-token-one"},
+        phone_number_id="999000",
+        api_url=meta.api_url,
+        session=requests.Session(),
+        timeout=(3, 10),
+    )
+    results = [wrong.send(message()), wrong.send(message())]
+    # Before: Graph's 100 was "invalid parameter", so every recipient failed for good.
+    assert {(r.outcome, r.error_code) for r in results} == {(Outcome.CHANNEL, "whatsapp_100")}
+    assert "Object with ID '999000' does not exist" in (results[0].error_text or "")
+    [line] = operator_warnings()
+    assert line.startswith("whatsapp_cloud: no usable phone number id 999000 (whatsapp_100")
+    assert "DISPATCHER_WHATSAPP_PHONE_NUMBER_ID and DISPATCHER_WHATSAPP_SENDERS" in line
+    assert "EAAG" not in line
+
+
 def test_a_sender_with_no_phone_number_id_falls_back(meta: WhatsApp) -> None:
     bare = WhatsAppCloudProvider(
         tokens=TOKENS, api_url=meta.api_url, session=requests.Session(), timeout=(3, 10)

@@ -45,7 +45,7 @@ class Reply:
 class StandIn:
     """A threaded HTTP server whose ``handle`` each vendor stand-in implements."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, port: int = 0) -> None:
         self.seen: list[Request] = []
         self.lock = threading.Lock()
         # Called with each accepted message before the reply leaves (webhook races).
@@ -80,7 +80,7 @@ class StandIn:
             def log_message(self, *_: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

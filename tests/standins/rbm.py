@@ -33,8 +33,8 @@ def rpc_error(code: int, status: str, message: str) -> dict[str, Any]:
 
 
 class Rbm(StandIn):
-    def __init__(self, *, public_key: Any, token_lifetime: int = 3600) -> None:
-        super().__init__()
+    def __init__(self, *, public_key: Any, token_lifetime: int = 3600, port: int = 0) -> None:
+        super().__init__(port=port)
         self.public_key = public_key
         self.token_lifetime = token_lifetime
         self.valid_tokens: set[str] = set()
@@ -43,6 +43,8 @@ class Rbm(StandIn):
         # msisdn -> (HTTP status, rpc status, Retry-After)
         self.refuse: dict[str, tuple[int, str, str | None]] = {}
         self.accepted: dict[str, dict[str, Any]] = {}
+        # The token endpoint's answer while it is down (status, OAuth error); None: up.
+        self.token_down: tuple[int, str] | None = None
 
     @property
     def token_uri(self) -> str:
@@ -90,6 +92,9 @@ class Rbm(StandIn):
         return reply
 
     def _token(self, request: Request) -> Reply:
+        if self.token_down is not None:
+            status, error = self.token_down
+            return Reply(status, {"error": error, "error_description": "Try again later."})
         form = {k: v[0] for k, v in request.form().items()}
         if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
             return Reply(400, {"error": "unsupported_grant_type"})

@@ -37,12 +37,14 @@ def error(status: int, code: int, message: str, headers: dict[str, str] | None =
 
 
 class Twilio(StandIn):
-    def __init__(self, *, account_sid: str, auth_token: str) -> None:
-        super().__init__()
+    def __init__(self, *, account_sid: str, auth_token: str, port: int = 0) -> None:
+        super().__init__(port=port)
         self.account_sid = account_sid
         self.auth_token = auth_token
         # To -> error reply
         self.errors: dict[str, Reply] = {}
+        # The senders this account owns ("From" without its whatsapp: prefix); None: any.
+        self.senders: set[str] | None = None
 
     def handle(self, request: Request) -> Reply:
         match = PATH.match(request.path)
@@ -60,6 +62,17 @@ class Twilio(StandIn):
             return error(400, 21602, "Message body is required.")
         if not re.fullmatch(r"(whatsapp:)?\+\d{6,15}", to):
             return error(400, 21211, f"The 'To' number {to} is not a valid phone number.")
+        sender = form.get("From")
+        if sender and self.senders is not None and sender.split(":")[-1] not in self.senders:
+            if sender.startswith("whatsapp:"):
+                text = "Twilio could not find a Channel with the specified From address"
+                return error(400, 63007, text)
+            return error(
+                400,
+                21606,
+                f"The From phone number {sender} is not a valid, SMS-capable inbound phone "
+                "number or short code for your account.",
+            )
         if to in self.errors:
             return self.errors[to]
         sid = f"SM{uuid.uuid4().hex}"

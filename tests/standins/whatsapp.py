@@ -54,8 +54,8 @@ def error(code: int, status: int = 400) -> Reply:
 
 
 class WhatsApp(StandIn):
-    def __init__(self, *, tokens: dict[str, str]) -> None:
-        super().__init__()
+    def __init__(self, *, tokens: dict[str, str], port: int = 0) -> None:
+        super().__init__(port=port)
         self.tokens = tokens
         # wa number (no +) -> error code answered for text messages / for everything
         self.text_errors: dict[str, int] = {}
@@ -71,7 +71,23 @@ class WhatsApp(StandIn):
         if request.method != "POST" or match is None:
             return error(100)
         token = request.headers.get("authorization", "").removeprefix("Bearer ")
-        if self.tokens.get(match["number_id"]) != token:
+        if match["number_id"] not in self.tokens:
+            # Graph's answer for an id that names no object this token may use.
+            return Reply(
+                400,
+                {
+                    "error": {
+                        "message": f"Unsupported post request. Object with ID "
+                        f"'{match['number_id']}' does not exist, cannot be loaded due to "
+                        "missing permissions, or does not support this operation.",
+                        "type": "GraphMethodException",
+                        "code": 100,
+                        "error_subcode": 33,
+                        "fbtrace_id": "AbCdEf123",
+                    }
+                },
+            )
+        if self.tokens[match["number_id"]] != token:
             return Reply(401, error(190).body)
         body = request.json()
         to = body.get("to", "")
