@@ -127,7 +127,12 @@ def send_recipients(
     pace = min(r for r in (rate, *channel_rates) if r) if limited else None
     limit = group_size(settings=settings, rate=pace)
     work = _Work(batch=batch, account_id=account.id, seq_range=seq_range, ids=recipient_ids)
-    slice_ends = monotonic() + settings.send_time_slice
+    started = monotonic()
+    slice_ends = started + settings.send_time_slice
+    # Past half the soft time limit no hand-off starts and the rest goes back to the queue:
+    # the limit, raised inside a hand-off, would lose the outcomes of the group in hand
+    # (reclaimed after the lease as unknown, sent or not).
+    budget_ends = started + settings.task_soft_time_limit / 2
     waited = passing_on = False
     booked: tuple[list[str], Grant, float] | None = None
     if pace is not None:
@@ -226,9 +231,8 @@ def send_recipients(
             break
         report.claimed += len(claimed)
         messages = outbound_many(claimed, batch)
-        results = _hand_over(
-            providers, messages, deadline=time.monotonic() + settings.send_lease / 2
-        )
+        deadline = min(monotonic() + settings.send_lease / 2, budget_ends)
+        results = _hand_over(providers, messages, deadline=deadline, monotonic=monotonic)
         for result in results:
             report.outcomes[result.outcome.value if result else "deferred"] += 1
         # The last group, unless something is to be tried again at once: rate-limited, when
@@ -247,6 +251,10 @@ def send_recipients(
                 outbox.defer(session, outbox.Message(TaskName.SEND_RECIPIENTS, kwargs))
             if last and not again:
                 complete_if_done(session=session, batch_id=batch_id, now=clock())
+                return report
+            if not passing_on and monotonic() >= budget_ends:
+                outbox.defer(session, work.again(list(work.ids or ()), eta=None))
+                report.deferred_for = 0.0
                 return report
         if passing_on:
             return report
@@ -405,7 +413,10 @@ def _defer(
 
 
 def _hand_over(
-    providers: Mapping[str, Provider], messages: list[OutboundMessage], deadline: float
+    providers: Mapping[str, Provider],
+    messages: list[OutboundMessage],
+    deadline: float,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> list[SendResult | None]:
     """Hand messages to their providers; None for those not handed over before ``deadline``.
 
@@ -428,7 +439,7 @@ def _hand_over(
             continue
         step = max(1, provider.handoff_group)
         for start in range(0, len(idx), step):
-            if time.monotonic() > deadline:
+            if monotonic() > deadline:
                 break
             part = idx[start : start + step]
             for i, result in zip(

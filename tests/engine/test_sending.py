@@ -131,7 +131,8 @@ def test_a_fallback_in_the_group_that_ends_a_time_slice_is_published_again(
     # slot (booked: within rate_max_wait), however long the machine takes to get there.
     limiter = RateLimiter(runtime.redis, max_wait=runtime.settings.rate_max_wait)
     limiter.reserve([Limit(f"account:{account_id}", 100.0)], 95)
-    ticks = itertools.count(step=10.0)  # each look at the clock: 10 s later
+    # The clock moves 5 s once the call has started: its time slice is over at once.
+    ticks = itertools.chain([0.0], itertools.repeat(5.0))
     publisher.messages.clear()
     rcs, sms = Carrier("rcs", frozenset({refused})), Carrier("sms")
     work: dict[str, Any] = {"recipient_ids": ids} if by == "ids" else {"seq_range": (0, 30)}
@@ -238,3 +239,71 @@ def test_a_batch_a_send_task_finds_expired_ends_expired(runtime: Runtime, by: st
     assert set(statuses(runtime.sessions, batch_id).values()) == {R.EXPIRED}
     with runtime.sessions() as session:
         assert session.get_one(Batch, batch_id).status == BatchStatus.EXPIRED
+
+
+class Clock:
+    """A monotonic clock that moves only when a hand-off takes time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class SlowCarrier(Carrier):
+    """Each hand-off takes ``cost`` seconds of ``clock`` (an HTTP API a few hundred ms away)."""
+
+    def __init__(self, name: str, clock: Clock, cost: float) -> None:
+        super().__init__(name)
+        self.clock, self.cost = clock, cost
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        self.clock.now += self.cost
+        return super().send(message)
+
+
+@pytest.mark.parametrize("by", ["ids", "chunk"])
+def test_a_slow_carrier_never_runs_a_send_task_into_its_soft_time_limit(
+    runtime: Runtime, publisher: RecordingPublisher, by: str
+) -> None:
+    """Hand-offs one at a time to a slow API: a chunk could take longer than the task's
+    soft time limit, which, raised inside a hand-off, loses the outcomes of the group in
+    hand (after the lease they end unknown, sent or not). Past half the limit no hand-off
+    starts; what is left is queued again and goes to a new task with the rest."""
+    # Half the soft limit (15 s) comes before half the lease (30 s).
+    settings = runtime.settings.replace(task_soft_time_limit=30.0, send_lease=60.0)
+    batch_id, _account, _refused = fallback_batch(runtime, 30)
+    with runtime.sessions() as session:
+        ids = list(
+            session.scalars(
+                select(Recipient.id).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
+            )
+        )
+    clock = Clock()
+    rcs = SlowCarrier("rcs", clock, cost=1.0)  # 20 hand-offs a group: 20 s; the budget: 15 s
+    publisher.messages.clear()
+    work: dict[str, Any] = {"recipient_ids": ids} if by == "ids" else {"seq_range": (0, 30)}
+    limiter = RateLimiter(runtime.redis, max_wait=settings.rate_max_wait, sleep=lambda _: None)
+    report = sending.send_recipients(
+        factory=runtime.sessions,
+        settings=settings,
+        providers={"rcs": rcs},
+        limiter=limiter,
+        batch_id=batch_id,
+        monotonic=clock.monotonic,
+        **work,
+    )
+    # The hand-off that began at 15 s was the last: 16 handed over, 4 never.
+    assert report.claimed == 20 and len(rcs.handed) == 16 and report.deferred_for == 0.0
+    states = statuses(runtime.sessions, batch_id)
+    assert [states[seq] for seq in range(30)] == [R.SENT] * 16 + [R.QUEUED] * 14
+    [rest] = [
+        m
+        for m in publisher.messages
+        if isinstance(m, outbox.Message) and m.kwargs.get("batch_id") == batch_id
+    ]
+    if by == "ids":
+        assert rest.kwargs["recipient_ids"] == ids
+    else:
+        assert (rest.task, rest.kwargs["start"], rest.kwargs["end"]) == (TaskName.SEND_CHUNK, 0, 30)
