@@ -134,7 +134,7 @@ def send_recipients(
     # (reclaimed after the lease as unknown, sent or not).
     budget_ends = started + settings.task_soft_time_limit / 2
     waited = passing_on = False
-    booked: tuple[list[str], Grant, float] | None = None
+    booked: tuple[list[str], str, Grant, float] | None = None
     if pace is not None:
         # Far from the head of its account's line: wait in the database, not in a process.
         turn = _turn_in(factory=factory, settings=settings, work=work, pace=pace, now=clock())
@@ -176,7 +176,7 @@ def send_recipients(
                 ahead = _book_group(factory, limiter, settings, work, rate, next_group)
             if ahead is None:
                 break
-            group, grant, usable_at = ahead
+            group, channel, grant, usable_at = ahead
             if not grant.booked:
                 # Booked nothing: come back when the slot is within reach.
                 if _defer(
@@ -201,7 +201,9 @@ def send_recipients(
                 later = select(Recipient.id).where(*work.due(clock()), Recipient.id.not_in(group))
                 later = later.order_by(Recipient.seq).limit(limit)
                 booked = _book_group(factory, limiter, settings, work, rate, later)
-            target = Recipient.id.in_(group)
+            # On the channel its tokens are for: a row another task moved on to its next
+            # channel meanwhile waits for a group booked there.
+            target = and_(Recipient.id.in_(group), Recipient.channel == channel)
         else:
             # Rows another claim holds are passed over for the next ones (PostgreSQL): waited
             # for, they would be dropped from the group once that claim commits, and a group
@@ -275,8 +277,9 @@ def _book_group(
     work: _Work,
     rate: float,
     next_group: Select[Any],
-) -> tuple[list[str], Grant, float] | None:
-    """Read the next group and book its tokens: (ids, grant, when usable); None if no group."""
+) -> tuple[list[str], str, Grant, float] | None:
+    """Read the next group and book its tokens: (ids, channel, grant, when usable); None if
+    no group."""
     with read_transaction(factory) as session:
         candidates = session.execute(next_group.add_columns(Recipient.channel)).all()
     if not candidates:
@@ -285,7 +288,7 @@ def _book_group(
     channel = candidates[0].channel
     group = [rid for rid, _ in itertools.takewhile(same_channel(channel), candidates)]
     grant = _take_tokens(limiter, settings, work.account_id, rate, channel, len(group))
-    return group, grant, time.monotonic() + grant.wait
+    return group, channel, grant, time.monotonic() + grant.wait
 
 
 def _take_tokens(

@@ -307,3 +307,50 @@ def test_a_slow_carrier_never_runs_a_send_task_into_its_soft_time_limit(
         assert rest.kwargs["recipient_ids"] == ids
     else:
         assert (rest.task, rest.kwargs["start"], rest.kwargs["end"]) == (TaskName.SEND_CHUNK, 0, 30)
+
+
+def test_a_row_that_changed_channel_after_its_group_was_booked_is_not_sent_on_its_tokens(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's tokens are booked on its channel before the claim. One of its rows is
+    meanwhile taken by another task (a duplicate delivery), refused by rcs and queued on
+    sms: claimed with the group, it went out on sms on rcs tokens, and sms's own limit
+    never counted it. It is left to the task that moved it, which books sms for it."""
+    settings = runtime.settings.replace(channel_rates={"sms": 50.0})
+    batch_id, _account, _refused = fallback_batch(runtime, 5)
+    booked = sending._book_group
+    moved: list[str] = []
+
+    def meanwhile(*args: Any) -> Any:
+        ahead = booked(*args)
+        if ahead is not None and not moved:
+            group, *_booking = ahead
+            moved.append(group[3])
+            with transaction(runtime.sessions) as session:
+                session.execute(
+                    update(Recipient)
+                    .where(Recipient.id == group[3])
+                    .values(channel="sms", channel_index=1)
+                )
+        return ahead
+
+    monkeypatch.setattr(sending, "_book_group", meanwhile)
+    rcs, sms = Carrier("rcs"), Carrier("sms")
+    limiter = RateLimiter(runtime.redis, max_wait=settings.rate_max_wait, sleep=lambda _: None)
+    sending.send_recipients(
+        factory=runtime.sessions,
+        settings=settings,
+        providers={"rcs": rcs, "sms": sms},
+        limiter=limiter,
+        batch_id=batch_id,
+        seq_range=(0, 5),
+        monotonic=lambda: 0.0,
+    )
+    assert len(rcs.handed) == 4 and sms.handed == []
+    assert statuses(runtime.sessions, batch_id) == {
+        0: R.SENT,
+        1: R.SENT,
+        2: R.SENT,
+        3: R.QUEUED,
+        4: R.SENT,
+    }
