@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -164,19 +165,41 @@ class _Unresolved(Exception):
     """The callback's host has no DNS answer right now."""
 
 
-def _resolve(host: str) -> list[str]:
-    try:
-        return netsafety.default_resolve(host)
-    except socket.gaierror as exc:
-        raise _Unresolved(host) from exc
+class Lookups:
+    """The DNS answers for one request's callback hosts: each host asked once, and all
+    of them within one bound, so a client's slow DNS zone cannot hold an API worker."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline: float | None = None
+        self.answers: dict[str, list[str] | None] = {}
+
+    def __call__(self, host: str) -> list[str]:
+        if host not in self.answers:
+            if self.deadline is None:
+                self.deadline = time.monotonic() + self.seconds
+            left = self.deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise netsafety.ResolveTimeout("the request's DNS time is spent")
+                self.answers[host] = netsafety.bounded(netsafety.default_resolve, left)(host)
+            except (socket.gaierror, netsafety.ResolveTimeout):
+                self.answers[host] = None
+        answer = self.answers[host]
+        if answer is None:
+            raise _Unresolved(host)
+        return answer
 
 
-def check_callback(settings: Settings, value: Any, *, field: str | None = None) -> str:
+def check_callback(
+    settings: Settings, value: Any, *, field: str | None = None, lookups: Lookups | None = None
+) -> str:
     """An http(s) callback URL that does not point into private networks (unless allowed).
 
-    A well-formed host that does not resolve at intake is accepted: DNS may be down
-    or the endpoint not published yet, and the sender re-checks every address right
-    before each delivery, which is where the SSRF guard has to hold anyway.
+    A well-formed host that does not resolve at intake (or not within the request's
+    ``lookups`` bound) is accepted: DNS may be down or the endpoint not published yet,
+    and the sender re-checks every address right before each delivery, which is where
+    the SSRF guard has to hold anyway.
     """
 
     def refuse(message: str) -> ValidationError:
@@ -184,8 +207,9 @@ def check_callback(settings: Settings, value: Any, *, field: str | None = None) 
 
     if not isinstance(value, str) or len(value) > 2048:
         raise refuse("must be an http(s) URL of at most 2048 characters")
+    resolve = lookups or Lookups(settings.callback_resolve_timeout)
     try:
-        netsafety.check_url(value, allow=settings.callback_allowlist, resolve=_resolve)
+        netsafety.check_url(value, allow=settings.callback_allowlist, resolve=resolve)
     except netsafety.UnsafeURL as exc:
         raise refuse(str(exc)) from exc
     except _Unresolved as exc:

@@ -28,6 +28,11 @@ worker_class = "api.gunicorn_worker.JsonErrorWorker"
 limit_request_fields = 200
 limit_request_field_size = 32 * 1024
 
+# gunicorn 27 (what `make venv` installs today) opens a control socket at one path
+# per user (~/.gunicorn/gunicorn.ctl) unless told not to: every API on the host would
+# share it. Nothing here uses it; older gunicorns ignore the name.
+control_socket_disable = True
+
 accesslog = "-"
 access_log_format = logs.ACCESS_LOG_FORMAT
 logconfig_dict = logs.gunicorn_logconfig(_settings.log_format, _settings.log_level)

@@ -332,7 +332,10 @@ def token_ok(*, expected: str, authorization: str | None) -> bool:
     if not expected or not authorization:
         return False
     scheme, _, given = authorization.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), expected)
+    # As bytes: compare_digest raises TypeError on a non-ASCII str, and headers are Latin-1.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    )
 
 
 def serve_worker_metrics(*, host: str, port: int) -> None:

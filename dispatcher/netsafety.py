@@ -4,7 +4,7 @@
 publicly routable (loopback, RFC 1918 / ULA private, link-local including the
 169.254.169.254 cloud metadata endpoint, multicast, reserved, unspecified,
 CGNAT, and IPv6 forms embedding any of those), unless an operator allow-list
-covers it.
+covers it. A ``localhost`` name is loopback without asking DNS (RFC 6761).
 
 DNS rebinding: a name checked here must not be resolved again when connecting,
 or a hostile DNS server can answer a public address for the check and an
@@ -54,6 +54,11 @@ _LEGACY_IPV4 = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.
 _HOST_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*$")
 _FORBIDDEN_URL_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
+# RFC 6761 6.3: localhost names are loopback, whatever a DNS server would answer.
+_LOCALHOST: tuple[IPAddress, ...] = (
+    ipaddress.IPv4Address("127.0.0.1"),
+    ipaddress.IPv6Address("::1"),
+)
 
 
 class UnsafeURL(ValueError):
@@ -260,8 +265,12 @@ def resolve_checked(
         return CheckedURL(parts.scheme, host, port, ())
 
     literal = _ip_literal(host)
+    name = _normalise_hostname(host)
     if literal is not None:
         addresses = [literal]
+    elif name == "localhost" or name.endswith(".localhost"):
+        # Never asked: nor refused only when a resolver happens to answer in time.
+        addresses = list(_LOCALHOST)
     else:
         try:
             resolved = resolve(host)

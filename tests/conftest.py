@@ -15,9 +15,10 @@ tests (each test still gets its own runtime, publisher and connections).
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -27,6 +28,7 @@ from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
+from dispatcher.channels import errors
 from dispatcher.config import Settings
 from dispatcher.db import make_engine
 from dispatcher.devserver import redis_server_command
@@ -193,3 +195,17 @@ def tenant(sessions: sessionmaker[Session]) -> Tenant:
 @pytest.fixture()
 def other_tenant(sessions: sessionmaker[Session]) -> Tenant:
     return Tenant(sessions, name="other")
+
+
+@pytest.fixture()
+def operator_warnings(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> Callable[[], list[str]]:
+    """The WARNING lines the providers log for the operator, none throttled by earlier tests."""
+    monkeypatch.setattr(errors, "_warned", {})
+    caplog.set_level(logging.WARNING, logger=errors.log.name)
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == errors.log.name]
+
+    return lines

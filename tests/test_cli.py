@@ -214,3 +214,11 @@ def test_settings_that_cannot_be_used_print_one_line_naming_what_to_set(cli: Cli
     assert isinstance(result.exception, SystemExit)
     assert result.output.startswith("Error: the twilio provider (channel sms) needs")
     assert "DISPATCHER_TWILIO_AUTH_TOKEN" in result.output
+
+
+@pytest.mark.parametrize("rate", ["-5", "nan", "inf"])
+def test_accounts_create_refuses_a_rate_the_sender_cannot_use(cli: Cli, rate: str) -> None:
+    result = cli("accounts", "create", "careless", "--rate", rate, ok=False)
+    assert result.exit_code == 1 and "rate" in result.output, result.output
+    with cli.sessions() as session:
+        assert session.scalar(select(Account).where(Account.name == "careless")) is None

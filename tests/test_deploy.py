@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import types
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,22 @@ def test_production_settings_persist_and_authenticate() -> None:
         assert "container_name" not in services[name]  # so --scale works
 
 
+def test_every_carrier_setting_reaches_the_containers_and_only_when_set() -> None:
+    """A carrier chosen in the shell or .env must reach the processes (they stop at start
+    naming a missing setting); one not set stays unset, so its default holds."""
+    env = compose()["x-app-env"]
+    carrier = [
+        f.upper()
+        for f in Settings.__dataclass_fields__
+        if f.startswith(("rbm_", "whatsapp_", "twilio_", "http_provider_"))
+        or f in ("channels", "channel_providers", "public_base_url", "dlr_secrets")
+    ]
+    assert len(carrier) >= 20
+    for name in carrier:
+        assert f"DISPATCHER_{name}" in env, name
+        assert env[f"DISPATCHER_{name}"] is None, name  # no value: from the shell, or unset
+
+
 def compose_tool() -> list[str] | None:
     """A compose command that works here, probed with ``version``, or None."""
     candidates = [["docker", "compose"], ["docker-compose"]]
@@ -158,6 +175,27 @@ CFS_WEIGHT = [
     18,
     15,
 ]
+
+
+def test_gunicorn_reads_every_setting_of_the_conf_and_opens_no_shared_control_socket() -> None:
+    """Each name the conf sets is one of gunicorn's settings (a misspelt one is silently
+    ignored), and the per-user control socket is off: APIs on one host would share it."""
+    from gunicorn.config import Config
+
+    from dispatcher import gunicorn_conf
+
+    cfg = Config()
+    ours = {
+        k
+        for k, v in vars(gunicorn_conf).items()
+        if not k.startswith("_") and k.islower() and not isinstance(v, types.ModuleType)
+    }
+    hooks = {k for k in ours if callable(getattr(gunicorn_conf, k))}
+    values = ours - hooks - {"annotations"}
+    assert values <= set(cfg.settings), values - set(cfg.settings)
+    for name in values | hooks:
+        cfg.set(name, getattr(gunicorn_conf, name))
+    assert cfg.control_socket_disable is True
 
 
 def test_compose_cpu_shares_order_the_services_as_the_default_process_nice() -> None:

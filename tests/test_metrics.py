@@ -138,6 +138,18 @@ def test_metrics_needs_the_bearer_token(settings: Settings) -> None:
         rt.dispose()
 
 
+@pytest.mark.parametrize("token", ["\xe9t\xe9", "caf\xe9 " + TOKEN])
+def test_metrics_refuse_a_non_ascii_token_with_401(settings: Settings, token: str) -> None:
+    # HTTP headers arrive as Latin-1: an unauthenticated scraper must get 401, never 500.
+    rt, client = _app(settings, metrics_token=TOKEN)
+    try:
+        wrong = client.get("/metrics", headers={"Authorization": f"Bearer {token}"})  # type: ignore[attr-defined]
+    finally:
+        rt.dispose()
+    assert wrong.status_code == 401
+    assert TOKEN not in wrong.get_data(as_text=True)
+
+
 def test_requests_are_counted_by_url_rule_not_path(settings: Settings) -> None:
     rt, client = _app(settings, metrics_token=TOKEN)
     try:

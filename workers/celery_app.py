@@ -11,6 +11,7 @@ from celery.signals import beat_init, worker_init, worker_process_init
 from sqlalchemy.engine import make_url
 
 from dispatcher import outbox, priority
+from dispatcher.channels import registry
 from dispatcher.config import Settings
 from dispatcher.outbox import TaskName
 from dispatcher.runtime import Runtime
@@ -74,6 +75,9 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         TaskName.SWEEP_RECEIPTS: 5.0,
         TaskName.PURGE_RETENTION: settings.retention_interval,
     }
+    if not registry.HOLD_RECEIPTS & set(registry.selected(settings).values()):
+        # No channel's receipts wait in Redis: a run every second would find none.
+        del every[TaskName.SIMULATOR_RECEIPTS]
     return {
         name.value.replace("_", "-"): {
             "task": name.value,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from api import context as ctx
+from dispatcher.channels import errors
 from dispatcher.channels.base import Receipt
 from dispatcher.db import utcnow
 from dispatcher.errors import NotFound, Unauthenticated
@@ -18,9 +19,20 @@ def secret(value: str, provider: str) -> str:
     return value
 
 
-def refuse(provider: str) -> Unauthenticated:
-    """The one answer to a bad or missing signature (nothing is read or written)."""
-    return Unauthenticated(f"missing or wrong {provider} webhook signature")
+def refuse(provider: str, *, check: str, what: str = "webhook signature") -> Unauthenticated:
+    """The one answer to a bad or missing signature (nothing is read or written).
+
+    The operator hears of it (once a minute per provider): a wrong secret, or for
+    Twilio a wrong public URL, leaves every message ``sent`` until the receipt
+    deadline, and the 401 alone shows only in the access log.
+    """
+    errors.warn_operator(
+        provider,
+        "webhook",
+        f"refused a status webhook with a missing or wrong {what}; if the vendor's"
+        f" statuses are not arriving, check {check}.",
+    )
+    return Unauthenticated(f"missing or wrong {provider} {what}")
 
 
 def record(*, provider: str, items: Sequence[Receipt]) -> dict[str, int]:

@@ -15,15 +15,27 @@ import json
 from typing import Any
 
 from flask import Blueprint, Response, request
+from marshmallow import RAISE, Schema, validate
 
 from api import context as ctx
 from api.errors import register_on
+from api.fields import Text
 from api.providers import common
 from dispatcher.channels import rbm
 from dispatcher.errors import ValidationError
 
 blueprint = Blueprint("rbm_webhook", __name__, url_prefix="/providers/rbm")
 register_on(blueprint)
+
+
+class Verification(Schema):
+    """The console's verification POST: the client token, and the secret to answer with."""
+
+    class Meta:
+        unknown = RAISE
+
+    clientToken = Text(required=True)
+    secret = Text(required=True, validate=validate.Length(min=1, max=1024))
 
 
 def event_data(body: Any) -> bytes:
@@ -51,10 +63,12 @@ def events() -> Response | dict[str, int]:
     token = common.secret(ctx.settings().rbm_client_token, "rbm")
     body = ctx.json_body()
     if isinstance(body, dict) and set(body) == {"clientToken", "secret"}:
-        if not hmac.compare_digest(str(body["clientToken"]).encode(), token.encode()):
-            raise common.refuse("rbm")
-        return Response(str(body["secret"]), mimetype="text/plain")
+        # Loaded first: a lone surrogate cannot be encoded, nor a non-string echoed.
+        verification = Verification().load(body)
+        if not hmac.compare_digest(verification["clientToken"].encode(), token.encode()):
+            raise common.refuse("rbm", check="DISPATCHER_RBM_CLIENT_TOKEN")
+        return Response(verification["secret"], mimetype="text/plain")
     data = event_data(body)
     if not rbm.signature_ok(token, data, request.headers.get("X-Goog-Signature", "")):
-        raise common.refuse("rbm")
+        raise common.refuse("rbm", check="DISPATCHER_RBM_CLIENT_TOKEN")
     return common.record(provider="rbm", items=rbm.receipts_from_event(parse_event(data)))

@@ -31,6 +31,10 @@ def status() -> dict[str, int]:
     params = list(request.form.items(multi=True))
     presented = request.headers.get("X-Twilio-Signature", "")
     if not twilio.signature_ok(token, public_url(), params, presented):
-        raise common.refuse("twilio")
+        raise common.refuse(
+            "twilio",
+            check="DISPATCHER_TWILIO_AUTH_TOKEN, and that DISPATCHER_PUBLIC_BASE_URL is the"
+            f" URL Twilio posts to (this one was checked as {public_url()!r})",
+        )
     receipt = twilio.receipt_from_callback(request.form)
     return common.record(provider="twilio", items=[receipt] if receipt else [])

@@ -29,7 +29,9 @@ def verify() -> Response:
     if request.args.get("hub.mode") != "subscribe" or not hmac.compare_digest(
         presented.encode(), token.encode()
     ):
-        raise common.refuse("whatsapp")
+        raise common.refuse(
+            "whatsapp", check="DISPATCHER_WHATSAPP_VERIFY_TOKEN", what="verify token"
+        )
     challenge = request.args.get("hub.challenge", "")
     if not challenge or len(challenge) > 256:
         raise ValidationError("hub.challenge is required", field="hub.challenge")
@@ -42,6 +44,6 @@ def notify() -> dict[str, int]:
     raw = request.get_data(cache=True)
     presented = request.headers.get("X-Hub-Signature-256", "")
     if not whatsapp_cloud.signature_ok(secret, raw, presented):
-        raise common.refuse("whatsapp")
+        raise common.refuse("whatsapp", check="DISPATCHER_WHATSAPP_APP_SECRET")
     items = whatsapp_cloud.receipts_from_notification(ctx.json_body())
     return common.record(provider="whatsapp_cloud", items=items)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -33,6 +34,12 @@ def hash_key(key: str) -> str:
 
 def create_account(*, session: Session, name: str, rate_limit: float | None = None) -> Account:
     """Create an account with a fresh webhook signing secret."""
+    # The sender refuses a negative or NaN rate on every send: it would never send.
+    if rate_limit is not None and not (math.isfinite(rate_limit) and rate_limit >= 0):
+        raise ValidationError(
+            f"the rate must be zero (unlimited) or more messages per second, not {rate_limit}",
+            field="rate",
+        )
     account = Account(name=name, rate_limit=rate_limit, webhook_secret=new_secret())
     session.add(account)
     session.flush()

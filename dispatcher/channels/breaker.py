@@ -54,7 +54,7 @@ class Breaker:
                 return None
         return errors.failure(
             Outcome.TRANSIENT,
-            code="network",
+            code=errors.NETWORK,
             text=f"not sent: the API failed {self._in_a_row} times in a row; paused",
             retry_after=left,
         )
@@ -66,7 +66,7 @@ class Breaker:
         """
         with self._lock:
             was_open = self._in_a_row >= self.failures
-            if result.error_code != "network":
+            if result.error_code not in errors.NO_ANSWER:
                 self._in_a_row = 0
                 return False if was_open else None
             self._in_a_row += 1

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from dispatcher.channels.base import CHANNEL_FAILED, Outcome, Receipt, SendResult
 
@@ -139,16 +140,57 @@ def refused_credentials(provider: str, result: SendResult, *, check: str) -> Sen
     return result
 
 
-def network(exc: requests.RequestException, *, provider: str) -> SendResult:
-    """A transport failure: transient, named by its kind only (URLs may carry ids).
+# The error codes of a hand-off that got no answer from the API: what a vendor's breaker
+# counts (dispatcher/channels/breaker.py).
+NETWORK = "network"
+ANSWER_LOST = "outcome_unknown"
+NO_ANSWER = frozenset({NETWORK, ANSWER_LOST})
 
-    The operator is told which host could not be reached (its API URL setting).
+
+def may_have_arrived(exc: requests.RequestException) -> bool:
+    """Whether the request may have reached the API before the failure (its answer lost).
+
+    A refused or timed-out connection, a TLS or proxy failure, a bad URL: nothing was
+    sent. A read timeout, a connection closed after the request went out, a reply cut
+    short: the API may have acted on it.
+    """
+    if isinstance(exc, requests.ConnectTimeout | requests.exceptions.SSLError):
+        return False
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return False
+    if isinstance(exc, requests.ReadTimeout | requests.exceptions.ChunkedEncodingError):
+        return True
+    if isinstance(exc, requests.ConnectionError):
+        # requests wraps urllib3's ProtocolError ("Connection aborted.") as it is; a
+        # connection that could not be made comes as a MaxRetryError with its reason.
+        return isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.ProtocolError)
+    return False
+
+
+def network(
+    exc: requests.RequestException, *, provider: str, resend_safe: bool = False
+) -> SendResult:
+    """A transport failure, named by its kind only (URLs may carry ids): transient when
+    the request cannot have reached the API or a resend is harmless (``resend_safe``);
+    else, if it may have, ``unknown``: final, never sent again (invariant 1: at most
+    once per recipient and channel), as an SMPP submit without its response.
+
+    The operator is told which host did not answer (its API URL setting).
     """
     request = getattr(exc, "request", None)
     host = urlsplit(request.url).netloc if request is not None and request.url else "its API"
     kind = type(exc).__name__
-    warn_operator(provider, "network", f"no answer from {host} ({kind}); {WAITING}.")
-    return failure(Outcome.TRANSIENT, code="network", text=kind)
+    if not resend_safe and may_have_arrived(exc):
+        warn_operator(
+            provider,
+            ANSWER_LOST,
+            f"no answer from {host} ({kind}) after a message was sent: such messages"
+            " end unknown, not sent again, as the API may have taken them.",
+        )
+        text = f"{kind} after the request was sent; not re-sent to avoid a duplicate"
+        return failure(Outcome.UNKNOWN, code=ANSWER_LOST, text=text)
+    warn_operator(provider, NETWORK, f"no answer from {host} ({kind}); {WAITING}.")
+    return failure(Outcome.TRANSIENT, code=NETWORK, text=kind)
 
 
 def reply_json(response: requests.Response) -> object:

@@ -4,7 +4,10 @@ Request: ``{"id": <idempotency key>, "to", "from", "body", "channel"}`` with
 ``Authorization: Bearer <token>``. Response classes:
 
 - 2xx: accepted; the provider id is the JSON ``id`` (or ``message_id``) of the reply.
-- 408, 425, 429, 5xx, timeouts and connection errors: transient (``Retry-After`` kept).
+- 408, 425, 429, 5xx and a connection that could not be made: transient
+  (``Retry-After`` kept).
+- a read timeout, or the connection closed before the reply: ``unknown``, never
+  sent again (the carrier may have taken it; see ``errors.may_have_arrived``).
 - 404, 410: permanent for this channel (fall back to the next channel).
 - any other 4xx: permanent for the recipient.
 - A JSON reply ``{"error": {"class": "transient|channel|recipient", ...}}`` overrides.

@@ -216,7 +216,7 @@ class RbmProvider(HttpVendor):
                 return failed
             return errors.refused_credentials(self.name, failed, check=KEY_FILE)
         except requests.RequestException as exc:
-            return errors.network(exc, provider=self.name)
+            return errors.network(exc, provider=self.name, resend_safe=self.resend_safe)
         if response.status_code == 200 or response.status_code == 409:
             # 409 ALREADY_EXISTS: this messageId was accepted by an earlier hand-off.
             return SendResult(Outcome.ACCEPTED, provider_message_id=message.recipient_id)

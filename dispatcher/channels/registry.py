@@ -19,6 +19,9 @@ from dispatcher.config import Settings
 NAMES = frozenset({"simulator", "http", "smpp", "rbm", "whatsapp_cloud", "twilio"})
 # Providers that send binary SMS (8-bit data and a UDH): the others carry text only.
 BINARY = frozenset({"smpp"})
+# Providers whose receipts wait in Redis for a worker to apply them (due_receipts): the
+# others' come by webhook, applied by the API.
+HOLD_RECEIPTS = frozenset({"simulator", "smpp"})
 
 
 def carries_binary(settings: Settings, channel: str) -> bool:

@@ -174,11 +174,14 @@ def receipt_from_callback(form: Mapping[str, str]) -> Receipt | None:
     if status != "failed":
         return Receipt(ref[:100], status)
     code = form.get("ErrorCode") or ""
+    # Twilio's codes are five ASCII digits; str.isdigit alone takes "²", which int()
+    # refuses, and int() refuses over 4,300 digits.
+    number = int(code) if code.isascii() and code.isdigit() and len(code) < 10 else None
     # A code that refuses the channel at send time (63016 outside the WhatsApp window,
     # 63003 not on WhatsApp) refuses it here too: fall back to the next channel.
     return errors.late_failure(
         ref,
-        CODES.get(int(code)) if code.isdigit() else None,
+        CODES.get(number) if number is not None else None,
         code=f"twilio_{code}" if code else "twilio_failed",
         text=form.get("ErrorMessage") or form.get("MessageStatus"),
     )

@@ -163,13 +163,25 @@ def delete_group(*, session: Session, account_id: str, group_id: str) -> None:
     session.flush()
 
 
-def expand(*, session: Session, account_id: str, entries: Sequence[str]) -> list[str]:
-    """Recipients with every group id replaced by its members, first occurrence kept."""
-    out: list[str] = []
+def expand(
+    *,
+    session: Session,
+    account_id: str,
+    entries: Sequence[str],
+    most: int | None = None,
+    field: str = "to",
+) -> list[str]:
+    """Recipients with every group id replaced by its members, first occurrence kept;
+    past ``most`` of them a ValidationError (on ``field``), before another group is read."""
+    out: dict[str, None] = {}
     for entry in entries:
         if is_group_id(entry):
             group = get_group(session=session, account_id=account_id, group_id=entry)
-            out += members_of(session=session, group_id=group.id)
+            out.update(dict.fromkeys(members_of(session=session, group_id=group.id)))
         else:
-            out.append(entry)
-    return list(dict.fromkeys(out))
+            out[entry] = None
+        if most is not None and len(out) > most:
+            raise ValidationError(
+                f"over {most} recipients with the groups; at most {most}", field=field
+            )
+    return list(out)

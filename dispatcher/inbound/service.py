@@ -2,13 +2,14 @@
 
 An MO belongs to the account its destination number is assigned to; a reply to
 a shared sender ID belongs to the account that sender is sticky-assigned to
-for the replying number (the most recent, if several). The webhook row is
-written in the same transaction as the message, signed and retried like every
-callback.
+for the replying number (to none, kept unowned, if several accounts hold it).
+The webhook row is written in the same transaction as the message, signed and
+retried like every callback.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,7 @@ from dispatcher.webhooks.models import Callback
 from dispatcher.webhooks.payloads import iso
 
 DIALECTS = ("sinch", "native")
+NUMBER = re.compile(r"^\+?[0-9]{1,31}$")
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,14 @@ def owner(*, session: Session, sender: str, to: str) -> str | None:
     number = session.get(InboundNumber, normalise(to))
     if number is not None:
         return number.account_id
-    return session.execute(
+    holders = session.scalars(
         select(SharedSender.account_id)
         .where(SharedSender.sender == to, SharedSender.destination == sender)
-        .order_by(SharedSender.created_at.desc())
-        .limit(1)
-    ).scalar()
+        .limit(2)
+    ).all()
+    # A reply cannot say which of two accounts sharing the sender it answers: giving
+    # it to either (the latest, say) would let one account read the other's replies.
+    return holders[0] if len(holders) == 1 else None
 
 
 def payload(message: InboundMessage, dialect: str) -> dict[str, Any]:
@@ -135,8 +139,12 @@ def assign_number(*, session: Session, number: str, account_id: str) -> InboundN
     """Give a dedicated number to an account (moving it if another had it)."""
     if session.get(Account, account_id) is None:
         raise NotFound(f"no account {account_id}")
-    if not number.lstrip("+").isdigit() or len(number) > 32:
-        raise ValidationError("a number is digits, optionally after '+'", field="number")
+    # ASCII digits (str.isdigit also takes Arabic-Indic, fullwidth... that no SMSC sends),
+    # few enough to be stored with their + (32 characters).
+    if not NUMBER.match(number):
+        raise ValidationError(
+            "a number is 1 to 31 digits 0-9, optionally after '+'", field="number"
+        )
     number = normalise(number)
     row = session.get(InboundNumber, number)
     if row is None:
@@ -156,6 +164,8 @@ def set_webhook(
         raise NotFound(f"no account {account_id}")
     if dialect not in DIALECTS:
         raise ValidationError(f"dialect must be one of {', '.join(DIALECTS)}", field="dialect")
+    if len(url) > 2048:
+        raise ValidationError("must be at most 2048 characters", field="url")
     try:
         check_url(url, allow=allow)
     except UnsafeURL as exc:

@@ -135,3 +135,19 @@ def test_groups_expand_within_the_recipient_limit(
         headers=tenant.auth,
     )
     assert "at most" in assert_error(over, 400, "syntax_constraint_violation")
+
+
+def test_groups_stop_expanding_once_over_the_recipient_limit(
+    client: FlaskClient, tenant: Tenant, settings: Settings
+) -> None:
+    """Groups hold up to 10,000 members each: naming many must not load them all to
+    find the batch too large. The first one over the limit ends the expansion, so the
+    unknown group named after it is never looked up (a 400, not its 404)."""
+    members = [f"+4477008{n:05d}" for n in range(settings.max_destinations + 1)]
+    made = client.post(
+        f"/xms/v1/{tenant.id}/groups", json={"members": members}, headers=tenant.auth
+    )
+    assert made.status_code == 201
+    body = {"from": "1", "to": [made.get_json()["id"], "01ARZ3NDEKTSV4RRFFQ69G5FAV"], "body": "x"}
+    over = client.post(url(tenant), json=body, headers=tenant.auth)
+    assert "at most" in assert_error(over, 400, "syntax_constraint_violation")

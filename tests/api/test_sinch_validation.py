@@ -210,6 +210,20 @@ def test_parameter_keys_are_ascii_msisdns(client: FlaskClient, tenant: Tenant, k
     assert text.startswith("parameters.name."), text
 
 
+def test_two_parameter_keys_for_one_number_are_refused(
+    client: FlaskClient, tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    # With and without its +, one number: which value it gets must not be left to chance.
+    before = batches(sessions, tenant)
+    values = {A: "Joe", A.lstrip("+"): "Ann"}
+    response = send(client, tenant, body="Hi ${name}", parameters={"name": values})
+    text = assert_error(response, 400, CONSTRAINT)
+    assert text.startswith("parameters.name."), text
+    assert batches(sessions, tenant) == before
+    same = send(client, tenant, body="Hi ${name}", parameters={"name": {A: "Joe", A[1:]: "Joe"}})
+    assert same.status_code == 201, same.get_data(as_text=True)
+
+
 def test_parameter_values_cannot_expand_the_body_past_its_limit(
     client: FlaskClient, tenant: Tenant, sessions: sessionmaker[Session]
 ) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from dispatcher.channels import errors
 from dispatcher.config import Settings
 from dispatcher.runtime import Runtime
 from tests.helpers import RecordingPublisher, free_port
@@ -33,17 +31,3 @@ def live_factory(
     yield start
     for live in started:
         live.close()
-
-
-@pytest.fixture()
-def operator_warnings(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> Callable[[], list[str]]:
-    """The WARNING lines the providers log for the operator, none throttled by earlier tests."""
-    monkeypatch.setattr(errors, "_warned", {})
-    caplog.set_level(logging.WARNING, logger=errors.log.name)
-
-    def lines() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.name == errors.log.name]
-
-    return lines

@@ -4,8 +4,11 @@ which webhook failures are a channel's (late fallback) and which the recipient's
 from __future__ import annotations
 
 import email.utils
+import socket
+from collections.abc import Iterator
 
 import pytest
+import requests
 
 from dispatcher.channels import twilio, whatsapp_cloud
 from dispatcher.channels.base import CHANNEL_FAILED, Outcome, Receipt
@@ -15,9 +18,12 @@ from dispatcher.channels.errors import (
     classify,
     failure,
     late_failure,
+    may_have_arrived,
+    network,
     retry_after,
     too_long,
 )
+from tests.helpers.mute import MuteApi
 
 NOW = 1_800_000_000.0
 
@@ -122,3 +128,38 @@ def test_whatsapp_failed_statuses_fall_back_only_for_channel_codes(code: int, st
         f"whatsapp_{code}",
         "t",
     )
+
+
+@pytest.fixture(params=["closes", "silent"])
+def took_it(request: pytest.FixtureRequest) -> Iterator[MuteApi]:
+    """An API that read the request and gave no answer: it may have acted on it."""
+    server = MuteApi(close_after_request=request.param == "closes")
+    yield server
+    server.close()
+
+
+def post_error(url: str) -> requests.RequestException:
+    try:
+        requests.post(url, data="{}", timeout=(1, 0.3))
+    except requests.RequestException as exc:
+        return exc
+    raise AssertionError("the POST was answered")
+
+
+def test_an_unanswered_request_may_have_arrived_a_connection_never_made_did_not(
+    took_it: MuteApi,
+) -> None:
+    assert may_have_arrived(post_error(took_it.url + "/messages"))
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    assert not may_have_arrived(post_error(closed))
+    assert not may_have_arrived(requests.exceptions.InvalidURL("no host"))
+
+
+def test_an_unanswered_request_is_unknown_unless_a_resend_is_harmless(took_it: MuteApi) -> None:
+    exc = post_error(took_it.url + "/messages")
+    lost = network(exc, provider="twilio")
+    assert (lost.outcome, lost.error_code) == (Outcome.UNKNOWN, "outcome_unknown")
+    # RBM: the same messageId sent again is refused as ALREADY_EXISTS.
+    again = network(exc, provider="rbm", resend_safe=True)
+    assert (again.outcome, again.error_code) == (Outcome.TRANSIENT, "network")

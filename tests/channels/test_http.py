@@ -96,9 +96,14 @@ def test_request_carries_the_message_the_idempotency_key_and_the_token(carrier: 
     assert headers["Authorization"] == "Bearer t0k"
 
 
-def test_timeouts_and_refused_connections_are_transient(carrier: str) -> None:
+def test_a_timeout_is_unknown_and_a_refused_connection_transient(carrier: str) -> None:
+    """A POST that timed out may have been taken: final ``unknown``, never sent again (at
+    most once per recipient and channel). A connection never made sent nothing."""
     slow = HttpProvider(url=carrier, read_timeout=0.2).send(message("+15550000000"))
-    assert slow.outcome is Outcome.TRANSIENT and slow.error_code == "network"
+    assert (slow.outcome, slow.error_code) == (Outcome.UNKNOWN, "outcome_unknown")
+    assert slow.error_text == (
+        "ReadTimeout after the request was sent; not re-sent to avoid a duplicate"
+    )
     closed = HttpProvider(url="http://127.0.0.1:9/", connect_timeout=0.5).send(message("+1555"))
     assert closed.outcome is Outcome.TRANSIENT
     # Named by its kind only, as every HTTP provider does (the URL is the operator's).
@@ -110,7 +115,8 @@ def test_a_carrier_that_stops_answering_is_paused_after_three_timeouts(carrier: 
     # The carrier holds this number's POSTs until the test ends.
     results = [hung.send(message("+15550000000")) for _ in range(6)]
     assert len(Carrier.seen) == 3
-    assert [r.error_text for r in results] == ["ReadTimeout"] * 3 + [
+    assert [r.error_code for r in results] == ["outcome_unknown"] * 3 + ["network"] * 3
+    assert [r.error_text for r in results[3:]] == [
         "not sent: the API failed 3 times in a row; paused"
     ] * 3
 

@@ -18,6 +18,7 @@ from dispatcher.channels.simulator import Simulator
 from dispatcher.states import RecipientStatus
 from tests.factories import Tenant
 from tests.helpers import wait_for
+from tests.helpers.mute import MuteApi
 from tests.helpers.providers import Live, counts
 from tests.standins import Reply, Request
 from tests.standins.rbm import Rbm, event, push, write_key_file
@@ -99,6 +100,25 @@ def test_a_repeated_hand_off_is_the_same_acceptance(provider: RbmProvider, rbm: 
     assert len(rbm.accepted) == 1
     # So a hand-off a lost worker may have made is made again (reclaim's answer).
     assert provider.lookup(message(rid="rec-7")) == (Lookup.NOT_FOUND, None)
+
+
+def test_a_hand_off_left_unanswered_is_sent_again(rbm: Rbm, key_file: Path, clock: Clock) -> None:
+    """RBM may have taken a message whose answer was lost; sending it again is harmless
+    (the same messageId is ALREADY_EXISTS), so it is retried, where Twilio's or
+    WhatsApp's would end unknown."""
+    api = MuteApi(close_after_request=True)
+    session = requests.Session()
+    tokens = ServiceAccountTokens.from_file(
+        str(key_file), session=session, timeout=(3, 10), clock=clock
+    )
+    try:
+        dropped = RbmProvider(
+            agent_id=AGENT, tokens=tokens, api_url=api.url, session=session, timeout=(3, 10)
+        ).send(message())
+    finally:
+        api.close()
+    assert (dropped.outcome, dropped.error_code) == (Outcome.TRANSIENT, "network")
+    assert len(api.accepted) == 1
 
 
 def test_the_token_is_cached_and_refreshed_before_it_expires(

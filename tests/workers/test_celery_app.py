@@ -27,7 +27,7 @@ from dispatcher.receipts.models import PendingReceipt
 from dispatcher.runtime import Runtime
 from tests.conftest import RecordingPublisher
 from workers import tasks
-from workers.celery_app import create_celery
+from workers.celery_app import beat_schedule, create_celery
 
 ROOT = Path(__file__).resolve().parents[2]
 # A connection the workers' provider only names (nothing connects in these tests).
@@ -68,6 +68,20 @@ def test_every_task_is_bounded_and_every_periodic_task_expires(settings: Setting
     assert {entry["task"] for entry in schedule.values()} <= {name.value for name in TaskName}
     for entry in schedule.values():
         assert entry["options"]["expires"] >= max(45.0, entry["schedule"])
+
+
+def test_receipts_held_in_redis_are_polled_only_where_a_channel_has_them(
+    settings: Settings,
+) -> None:
+    """The simulator's and the SMPP connector's receipts wait in Redis for a worker; the
+    vendors' come by webhook. With no channel on the first two, nothing polls each second."""
+    polled = "simulator-receipts"
+    assert polled in create_celery(settings).conf.beat_schedule  # the simulator's default
+    carrier = settings.replace(
+        channels=("sms",), provider="http", http_provider_url="http://127.0.0.1:9/"
+    )
+    assert polled not in beat_schedule(carrier)
+    assert polled in beat_schedule(carrier.replace(channel_providers={"sms": "simulator"}))
 
 
 def test_no_task_can_run_past_the_visibility_timeout() -> None:

@@ -23,6 +23,7 @@ from marshmallow import (
 from api.fields import (
     NOT_BLANK,
     ClientUuid,
+    Lookups,
     Phone,
     Phones,
     Text,
@@ -46,6 +47,8 @@ class SettingsSchema(Schema):
     def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.settings = settings
+        # One per request: every callback host of the body shares one DNS bound.
+        self.lookups = Lookups(settings.callback_resolve_timeout)
         self.limit(settings)
 
     def limit(self, settings: Settings) -> None:
@@ -159,7 +162,7 @@ class BatchSchema(SettingsSchema):
     @validates_schema
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
         if data.get("callback") is not None:
-            check_callback(self.settings, data["callback"], field="callback")
+            check_callback(self.settings, data["callback"], field="callback", lookups=self.lookups)
         chain = [
             data.get("channel") or self.settings.default_channel,
             *data.get("fallback_channels", []),
@@ -217,7 +220,7 @@ class MessageSchema(SettingsSchema):
     @validates_schema
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
         if data.get("callback") is not None:
-            check_callback(self.settings, data["callback"], field="callback")
+            check_callback(self.settings, data["callback"], field="callback", lookups=self.lookups)
         self.check_send_at(data)
 
     @post_load

@@ -22,7 +22,7 @@ from marshmallow import (
     validates_schema,
 )
 
-from api.fields import NaiveUtc, Phone, Phones, Text, Timestamp, check_callback
+from api.fields import Lookups, NaiveUtc, Phone, Phones, Text, Timestamp, check_callback
 from dispatcher.config import Settings
 from dispatcher.groups.service import is_group_id
 from dispatcher.webhooks.sinch import STATUSES
@@ -61,6 +61,8 @@ class Limited(Strict):
     def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.settings = settings
+        # One per request: every callback host of the body shares one DNS bound.
+        self.lookups = Lookups(settings.callback_resolve_timeout)
         for name in self.NUMBERS:
             self.fields[name].validators = [
                 validate.Length(min=self.FEWEST, max=settings.max_destinations)
@@ -122,9 +124,13 @@ class Parameters(fields.Dict):
                     continue
                 # Phone: the same ASCII-digits rule as every other number field.
                 try:
-                    out[name][_PHONE.deserialize(key)] = text
+                    number = _PHONE.deserialize(key)
                 except ValidationError as exc:
                     raise ValidationError({name: {key: exc.messages}}) from exc
+                if out[name].setdefault(number, text) != text:
+                    # 447700900001 and +447700900001: which value it gets is not left to chance.
+                    message = f"another key names {number} with a different value"
+                    raise ValidationError({name: {key: [message]}})
         return out
 
 
@@ -185,7 +191,9 @@ class SendSchema(Limited, Nullable):
     @validates_schema
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
         if data.get("callback_url") is not None:
-            check_callback(self.settings, data["callback_url"], field="callback_url")
+            check_callback(
+                self.settings, data["callback_url"], field="callback_url", lookups=self.lookups
+            )
         if data.get("type") == "mt_binary":
             _binary(data)
         elif data.get("udh") is not None:
@@ -240,7 +248,9 @@ class UpdateSchema(Limited):
     @validates_schema
     def _rules(self, data: dict[str, Any], **_: Any) -> None:
         if data.get("callback_url") is not None:
-            check_callback(self.settings, data["callback_url"], field="callback_url")
+            check_callback(
+                self.settings, data["callback_url"], field="callback_url", lookups=self.lookups
+            )
         if data.get("udh") is not None:
             raise ValidationError("is only allowed when type is mt_binary", "udh")
 

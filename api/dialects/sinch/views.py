@@ -69,14 +69,14 @@ def _new_batch(data: dict[str, Any]) -> NewBatch:
             CONSTRAINT,
             "from: is required (the service plan has no default originator)",
         )
-    to = groups.expand(session=ctx.session(), account_id=account.id, entries=data["to"])
+    to = groups.expand(
+        session=ctx.session(),
+        account_id=account.id,
+        entries=data["to"],
+        most=ctx.settings().max_destinations,
+    )
     if not to:
         raise SinchError(400, CONSTRAINT, "to: the groups named have no members")
-    most = ctx.settings().max_destinations
-    if len(to) > most:
-        raise SinchError(
-            400, CONSTRAINT, f"to: {len(to)} recipients with the groups; at most {most}"
-        )
     times = updates.window(send_at=data["send_at"], expire_at=data["expire_at"], now=utcnow())
     options = {name: data[name] for name in OPTIONS}
     options["default_expiry"] = times.default_expiry
@@ -210,7 +210,10 @@ def update_batch(batch_id: str) -> dict[str, Any]:
     batch = updates.update_batch(
         **_unstarted(batch_id),
         fields=_changes(data),
-        to_add=expand(entries=data.get("to_add", ())),
+        # More than a batch may hold can only be refused: no need to read every group.
+        to_add=expand(
+            entries=data.get("to_add", ()), most=ctx.settings().max_destinations, field="to_add"
+        ),
         to_remove=expand(entries=data.get("to_remove", ())),
     )
     return _reply(batch)

@@ -106,9 +106,9 @@ class SmppProvider(Provider):
         for i, m in enumerate(messages):
             routes = self.routes.candidates(channel=m.channel, to=m.to, account_id=m.account_id)
             if not routes:
-                results[i] = SendResult(
-                    Outcome.CHANNEL, error_code="no_route", error_text=f"no SMPP route for {m.to}"
-                )
+                # Named by channel too: rcs or whatsapp may be routed to SMPP by mistake.
+                text = f"no SMPP route for channel {m.channel} to {m.to}"
+                results[i] = SendResult(Outcome.CHANNEL, error_code="no_route", error_text=text)
                 continue
             carrier = next((r.carrier for r in routes if r.carrier in live), None)
             if carrier is None:

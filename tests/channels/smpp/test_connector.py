@@ -490,6 +490,7 @@ def test_a_route_with_no_live_bind_fails_over_to_the_next(
         # The only route for +1 is down: later, not now; +33 has no route: next channel.
         assert (us.outcome, us.error_code) == (Outcome.TRANSIENT, "no_live_bind")
         assert (fr.outcome, fr.error_code) == (Outcome.CHANNEL, "no_route")
+        assert fr.error_text == "no SMPP route for channel sms to +33612345678"
 
 
 def test_inbound_messages_are_decoded_and_reassembled(

@@ -1,0 +1,40 @@
+"""An API on 127.0.0.1 that takes requests and never answers them (the edge of the world)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class MuteApi:
+    """A TCP server that accepts connections and gives no answer: it keeps them open (a
+    hung API) or, with ``close_after_request``, reads the request and closes (an API that
+    dropped the connection after taking it)."""
+
+    def __init__(self, *, close_after_request: bool = False) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.close_after_request = close_after_request
+        self.accepted: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            self.accepted.append(conn)
+            if self.close_after_request:
+                conn.recv(65536)
+                conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+        for conn in self.accepted:
+            conn.close()
