@@ -8,7 +8,8 @@ is left alone):
 - it finished (``completed_at``) and was created more than ``retention_days``
   ago: reports read it until then, and its client id stays taken, so a retried
   POST within that window still returns the original batch instead of sending
-  again;
+  again; and more than ``receipt_deadline`` ago, so that no message it sent still
+  waits for its final status;
 - none of its callbacks is still to be delivered (pending, delivering or held):
   the client gets every event before its record goes.
 
@@ -57,10 +58,17 @@ class PurgeReport:
 
 
 def cutoff(*, settings: Settings, now: datetime) -> datetime | None:
-    """Batches finished and created before this may go; None when retention is off."""
+    """Batches finished and created before this may go; None when retention is off.
+
+    Never sooner than ``receipt_deadline``: until then a message the batch sent may
+    still be reported (its receipt, or ``unknown`` at the deadline), which needs its rows.
+    """
     if settings.retention_days <= 0:
         return None
-    return now - timedelta(days=settings.retention_days)
+    keep = max(
+        timedelta(days=settings.retention_days), timedelta(seconds=settings.receipt_deadline)
+    )
+    return now - keep
 
 
 def _purgeable(before: datetime) -> Any:

@@ -250,3 +250,29 @@ def test_settings_refuse_a_negative_retention_and_beat_runs_the_purge(settings: 
     assert (entry["task"], entry["schedule"]) == ("purge_retention", 120)
     app.loader.import_default_modules()  # workers.tasks, as a worker does at start
     assert "purge_retention" in app.tasks
+
+
+def test_a_batch_whose_messages_still_wait_for_receipts_is_kept_past_a_short_retention(
+    sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """One day of retention, but a carrier may report a message for receipt_deadline
+    (3 days): a batch completed two days ago still has a recipient to report. Purged,
+    its final status (delivered, or unknown at the deadline) would never be reported."""
+    account = _account(sessions)
+    waiting = _finished_batch(sessions, settings, account, age_days=2)
+    gone = _finished_batch(sessions, settings, account, age_days=4)
+    with transaction(sessions) as session:
+        session.execute(
+            update(Recipient)
+            .where(Recipient.batch_id == waiting, Recipient.seq == 0)
+            .values(status=R.SENT)
+        )
+    before = _rows(sessions, waiting)
+    retention.purge(
+        factory=sessions,
+        settings=settings.replace(retention_days=1, retention_chunk=2),
+        now=utcnow(),
+        max_batches=1000,
+    )
+    assert _rows(sessions, waiting) == before
+    assert _rows(sessions, gone)["batches"] == 0  # past the deadline: nothing left to report

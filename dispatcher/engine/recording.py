@@ -130,8 +130,10 @@ def decide(
     return Decision(row.id, R.FAILED, failure, True, False, *tried)
 
 
-def apply(*, session: Session, batch: Batch, decisions: Sequence[Decision], now: datetime) -> int:
-    """Write ``decisions`` (one transition per target status); returns how many to try again now.
+def apply(
+    *, session: Session, batch: Batch, decisions: Sequence[Decision], now: datetime
+) -> set[str]:
+    """Write ``decisions`` (one transition per target status); returns those to try again now.
 
     The batch row is taken first: that orders this transaction with a cancel
     (which changes that row first too), so a cancel committed before us is seen
@@ -188,7 +190,7 @@ def apply(*, session: Session, batch: Batch, decisions: Sequence[Decision], now:
         session.connection().execute(insert(Attempt), attempts)
     for provider, refs in sent_by.items():
         receipts.settle(session=session, provider=provider, refs=refs, now=now)
-    return len(again & set(groups.get(R.QUEUED, {})))
+    return again & set(groups.get(R.QUEUED, {}))
 
 
 def _copy_attempts(session: Session, ids: list[str], now: datetime) -> set[str]:

@@ -26,7 +26,9 @@ IN_FLIGHT = (RecipientStatus.SCHEDULED, RecipientStatus.QUEUED, RecipientStatus.
 
 def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: datetime) -> int:
     """Fan a due batch out into chunk tasks, in batch order; returns how many were queued."""
-    batch = session.get(Batch, batch_id)
+    # Locked: a cancel or an update committed after an unlocked read would be overwritten
+    # by follow_send_at's write of the loaded row (PostgreSQL).
+    batch = session.get(Batch, batch_id, with_for_update=True)
     if batch is None or batch.status not in (BatchStatus.SCHEDULED, BatchStatus.QUEUED):
         return 0
     if batch.send_at > now + timedelta(seconds=1):
@@ -77,6 +79,10 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
         .where(Batch.status == BatchStatus.SCHEDULED, Batch.send_at <= horizon)
         .order_by(Batch.send_at, Batch.created_at)
         .limit(limit)
+        # promote_if_due writes the loaded rows: locked, or a cancel committed meanwhile
+        # would be overwritten (PostgreSQL). One a cancel or an update holds is left to
+        # the next sweep.
+        .with_for_update(skip_locked=True)
     ).all()
     promoted = sum(
         promote_if_due(session=session, settings=settings, batch=b, now=now) for b in due
@@ -149,6 +155,8 @@ def _release_stalled(*, session: Session, settings: Settings, now: datetime, lim
     ).all()
     if not stalled:
         return
+    # The batch rows first, as cancel takes them: recipients first, the two deadlocked.
+    session.execute(update(Batch).where(Batch.id.in_(stalled)).values(progress_at=now))
     session.execute(
         update(Recipient)
         .where(
@@ -158,7 +166,6 @@ def _release_stalled(*, session: Session, settings: Settings, now: datetime, lim
         )
         .values(enqueued_at=None)
     )
-    session.execute(update(Batch).where(Batch.id.in_(stalled)).values(progress_at=now))
 
 
 def complete_if_done(*, session: Session, batch_id: str, now: datetime) -> bool:
@@ -187,38 +194,43 @@ def expire_due(*, session: Session, now: datetime, limit: int = 200) -> int:
         )
         .limit(limit)
     ).all()
-    total = 0
-    for batch in batches:
-        total += expire_recipients(session=session, batch=batch, now=now)
-        still_sending = session.scalar(
-            select(
-                exists().where(
-                    Recipient.batch_id == batch.id, Recipient.status == RecipientStatus.SENDING
-                )
-            )
-        )
-        if not still_sending:
-            transition_batch(
-                session=session,
-                batch_id=batch.id,
-                to=BatchStatus.EXPIRED,
-                values={"completed_at": now},
-                at=now,
-            )
+    total = sum(expire_batch(session=session, batch=batch, now=now) for batch in batches)
     session.flush()
     return total
 
 
-def expire_recipients(
-    *, session: Session, batch: Batch, now: datetime, ids: list[str] | None = None
-) -> int:
-    """Move the batch's waiting recipients (or just ``ids``) to expired, with their events."""
+def expire_batch(*, session: Session, batch: Batch, now: datetime) -> int:
+    """Expire a batch past its expire_at: its waiting recipients now, the batch itself once
+    none is out with a worker; returns recipients expired."""
+    # The batch row first, as cancel takes it: recipients first, the two deadlocked
+    # (PostgreSQL), each waiting for the rows the other had changed.
+    session.execute(select(Batch.id).where(Batch.id == batch.id).with_for_update())
+    expired = expire_recipients(session=session, batch=batch, now=now)
+    still_sending = session.scalar(
+        select(
+            exists().where(
+                Recipient.batch_id == batch.id, Recipient.status == RecipientStatus.SENDING
+            )
+        )
+    )
+    if not still_sending:
+        transition_batch(
+            session=session,
+            batch_id=batch.id,
+            to=BatchStatus.EXPIRED,
+            values={"completed_at": now},
+            at=now,
+        )
+    return expired
+
+
+def expire_recipients(*, session: Session, batch: Batch, now: datetime) -> int:
+    """Move the batch's waiting recipients to expired, with their events."""
     moved = transition_recipients(
         session=session,
         to=RecipientStatus.EXPIRED,
         current=(RecipientStatus.SCHEDULED, RecipientStatus.QUEUED),
         where=[Recipient.batch_id == batch.id],
-        ids=ids,
         values={
             "error_code": "expired",
             "error_text": "expire_at passed before the message could be sent",

@@ -37,7 +37,8 @@ from dispatcher.config import Settings
 from dispatcher.db import read_transaction, transaction, utcnow
 from dispatcher.engine import recording
 from dispatcher.engine.backpressure import CallbackBackpressure
-from dispatcher.engine.scheduling import complete_if_done, expire_recipients
+from dispatcher.engine.fallback import stop_requeued
+from dispatcher.engine.scheduling import complete_if_done, expire_batch
 from dispatcher.outbox import TaskName
 from dispatcher.ratelimit import Grant, Limit, RateLimiter
 from dispatcher.receipts import service as receipts
@@ -126,9 +127,14 @@ def send_recipients(
     pace = min(r for r in (rate, *channel_rates) if r) if limited else None
     limit = group_size(settings=settings, rate=pace)
     work = _Work(batch=batch, account_id=account.id, seq_range=seq_range, ids=recipient_ids)
-    slice_ends = monotonic() + settings.send_time_slice
+    started = monotonic()
+    slice_ends = started + settings.send_time_slice
+    # Past half the soft time limit no hand-off starts and the rest goes back to the queue:
+    # the limit, raised inside a hand-off, would lose the outcomes of the group in hand
+    # (reclaimed after the lease as unknown, sent or not).
+    budget_ends = started + settings.task_soft_time_limit / 2
     waited = passing_on = False
-    booked: tuple[list[str], Grant, float] | None = None
+    booked: tuple[list[str], str, Grant, float] | None = None
     if pace is not None:
         # Far from the head of its account's line: wait in the database, not in a process.
         turn = _turn_in(factory=factory, settings=settings, work=work, pace=pace, now=clock())
@@ -144,10 +150,9 @@ def send_recipients(
     while True:
         now = clock()
         if now >= batch.expire_at:
+            # The whole batch, as the scheduler's sweep would: it ends expired.
             with transaction(factory) as session:
-                only = list(recipient_ids) if recipient_ids is not None else None
-                expire_recipients(session=session, batch=batch, now=now, ids=only)
-                complete_if_done(session=session, batch_id=batch.id, now=now)
+                expire_batch(session=session, batch=batch, now=now)
             return report
         if (
             not limited
@@ -171,7 +176,7 @@ def send_recipients(
                 ahead = _book_group(factory, limiter, settings, work, rate, next_group)
             if ahead is None:
                 break
-            group, grant, usable_at = ahead
+            group, channel, grant, usable_at = ahead
             if not grant.booked:
                 # Booked nothing: come back when the slot is within reach.
                 if _defer(
@@ -196,9 +201,16 @@ def send_recipients(
                 later = select(Recipient.id).where(*work.due(clock()), Recipient.id.not_in(group))
                 later = later.order_by(Recipient.seq).limit(limit)
                 booked = _book_group(factory, limiter, settings, work, rate, later)
-            target = Recipient.id.in_(group)
+            # On the channel its tokens are for: a row another task moved on to its next
+            # channel meanwhile waits for a group booked there.
+            target = and_(Recipient.id.in_(group), Recipient.channel == channel)
         else:
-            target = Recipient.id.in_(next_group.scalar_subquery())
+            # Rows another claim holds are passed over for the next ones (PostgreSQL): waited
+            # for, they would be dropped from the group once that claim commits, and a group
+            # cut short reads as the last one. (SQLite runs this statement alone.)
+            target = Recipient.id.in_(
+                next_group.with_for_update(skip_locked=True).scalar_subquery()
+            )
         with transaction(factory) as session:
             if passing_on:
                 rest = [rid for rid in work.ids if rid not in group] if work.ids else []
@@ -221,19 +233,30 @@ def send_recipients(
             break
         report.claimed += len(claimed)
         messages = outbound_many(claimed, batch)
-        results = _hand_over(
-            providers, messages, deadline=time.monotonic() + settings.send_lease / 2
-        )
+        deadline = min(monotonic() + settings.send_lease / 2, budget_ends)
+        results = _hand_over(providers, messages, deadline=deadline, monotonic=monotonic)
         for result in results:
             report.outcomes[result.outcome.value if result else "deferred"] += 1
-        # A short group with nothing to try again at once was the last one.
-        last = len(claimed) < limit
+        # The last group, unless something is to be tried again at once: rate-limited, when
+        # no next group was found to book (a group is short also where the channel changes,
+        # or where another task took some of it); else a short group.
+        last = booked is None if limited else len(claimed) < limit
         with transaction(factory) as session:
             again = record_results(
                 session, settings, providers, batch, zip(claimed, results, strict=True), clock()
             )
+            if passing_on and again:
+                # The rest went to a new task before this group was handed over: what the
+                # group queued again to be tried at once (a fallback) goes in another, of
+                # those rows only (a second task of the whole chunk would run beside it).
+                kwargs = {"batch_id": batch_id, "recipient_ids": sorted(again)}
+                outbox.defer(session, outbox.Message(TaskName.SEND_RECIPIENTS, kwargs))
             if last and not again:
                 complete_if_done(session=session, batch_id=batch_id, now=clock())
+                return report
+            if not passing_on and monotonic() >= budget_ends:
+                outbox.defer(session, work.again(list(work.ids or ()), eta=None))
+                report.deferred_for = 0.0
                 return report
         if passing_on:
             return report
@@ -254,8 +277,9 @@ def _book_group(
     work: _Work,
     rate: float,
     next_group: Select[Any],
-) -> tuple[list[str], Grant, float] | None:
-    """Read the next group and book its tokens: (ids, grant, when usable); None if no group."""
+) -> tuple[list[str], str, Grant, float] | None:
+    """Read the next group and book its tokens: (ids, channel, grant, when usable); None if
+    no group."""
     with read_transaction(factory) as session:
         candidates = session.execute(next_group.add_columns(Recipient.channel)).all()
     if not candidates:
@@ -264,7 +288,7 @@ def _book_group(
     channel = candidates[0].channel
     group = [rid for rid, _ in itertools.takewhile(same_channel(channel), candidates)]
     grant = _take_tokens(limiter, settings, work.account_id, rate, channel, len(group))
-    return group, grant, time.monotonic() + grant.wait
+    return group, channel, grant, time.monotonic() + grant.wait
 
 
 def _take_tokens(
@@ -392,7 +416,10 @@ def _defer(
 
 
 def _hand_over(
-    providers: Mapping[str, Provider], messages: list[OutboundMessage], deadline: float
+    providers: Mapping[str, Provider],
+    messages: list[OutboundMessage],
+    deadline: float,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> list[SendResult | None]:
     """Hand messages to their providers; None for those not handed over before ``deadline``.
 
@@ -415,7 +442,7 @@ def _hand_over(
             continue
         step = max(1, provider.handoff_group)
         for start in range(0, len(idx), step):
-            if time.monotonic() > deadline:
+            if monotonic() > deadline:
                 break
             part = idx[start : start + step]
             for i, result in zip(
@@ -450,11 +477,11 @@ def record_results(
     batch: Batch,
     handed: Iterable[tuple[Any, SendResult | None]],
     now: datetime,
-) -> int:
+) -> set[str]:
     """Record each hand-off's outcome (claimed row, result): sent, retry later, fall back, or fail.
 
     A None result was never handed over (lease deadline): it is queued again as it was.
-    Returns how many are queued to be tried again at once (fallbacks, deferred).
+    Returns the ids queued to be tried again at once (fallbacks, never handed over).
     """
     names: dict[str, str | None] = {}
     channels, expire_at = batch.channels, batch.expire_at
@@ -545,7 +572,15 @@ def reclaim_stale(
         )
         if found is Lookup.ACCEPTED and ref and provider is not None:
             receipts.settle(session=session, provider=provider.name, refs=[ref], now=now)
-        if to is not R.QUEUED:
+        if to is R.QUEUED:
+            # A cancel while the claim was out did not count it: queued again in a stopped
+            # batch, nothing would ever send or end it. The batch row is locked, so a
+            # cancel in progress is waited for (or waits, and then finds this row queued).
+            status = session.scalars(
+                select(Batch.status).where(Batch.id == batch.id).with_for_update()
+            ).one()
+            stop_requeued(session=session, batch=batch, batch_status=status, ids=[rec.id], now=now)
+        else:
             complete_if_done(session=session, batch_id=batch.id, now=now)
     session.flush()
     return dict(counts)

@@ -6,10 +6,13 @@ commit, retry timers, the horizon, expiry and the reclaim of dead workers' claim
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta
+from threading import Thread
+from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import outbox
@@ -20,9 +23,10 @@ from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider,
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
+from dispatcher.errors import Conflict
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import Tenant
-from tests.helpers import RecordingPublisher
+from tests.helpers import RecordingPublisher, wait_for
 
 R = RecipientStatus
 
@@ -342,7 +346,7 @@ def test_a_hand_off_failing_after_cancel_is_not_tried_again(
         again = sending.record_results(
             session, settings, {}, batch, zip(claimed, [result], strict=True), utcnow()
         )
-    assert again == 0
+    assert not again
     with sessions() as session:
         states = dict(
             session.execute(
@@ -402,3 +406,241 @@ def test_reclaim_never_overwrites_an_outcome_recorded_meanwhile(
     with sessions() as session:
         row = session.scalars(select(Recipient).where(Recipient.batch_id == batch_id)).one()
         assert (row.status, row.provider_message_id) == (R.SENT, "p1")
+
+
+def test_a_claim_reclaimed_after_its_batch_was_cancelled_ends_cancelled(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    publisher: RecordingPublisher,
+) -> None:
+    """A worker died holding a claim, then the batch was cancelled (the claim not counted).
+    The provider never got the message: reclaim must not leave it queued in a cancelled
+    batch, where nothing would ever send, cancel or expire it."""
+    batch_id = create(sessions, settings, tenant, count=2)
+    now = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        first = session.scalars(
+            select(Recipient).where(Recipient.batch_id == batch_id, Recipient.seq == 0)
+        ).one()
+        first.status, first.claimed_at = R.SENDING, now - timedelta(seconds=settings.send_lease + 1)
+        to = first.to
+    with transaction(sessions) as session:
+        account = session.get(Account, tenant.id)
+        assert account is not None
+        _batch, count = service.cancel_batch(session=session, account=account, batch_id=batch_id)
+    assert count == 1  # the claimed one was not counted
+    with transaction(sessions) as session:
+        counts = sending.reclaim_stale(
+            session=session,
+            settings=settings,
+            providers={"sms": Ledger({to: (Lookup.NOT_FOUND, None)})},
+            now=now,
+        )
+    assert counts == {"not_found": 1}
+    with sessions() as session:
+        states = dict(
+            session.execute(
+                select(Recipient.seq, Recipient.status).where(Recipient.batch_id == batch_id)
+            ).all()
+        )
+        events = session.scalars(
+            select(StatusEvent.status).where(StatusEvent.batch_id == batch_id)
+        ).all()
+    assert states == {0: R.CANCELLED, 1: R.CANCELLED}
+    assert sorted(events).count("cancelled") == 2  # reported, as any final status is
+    publisher.messages.clear()
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=now + timedelta(days=4))
+    assert not [
+        m for m in published(publisher, "send_recipients") if m.kwargs["batch_id"] == batch_id
+    ]
+
+
+def cancel_meanwhile(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    batch_id: str,
+    errors: list[BaseException] | None = None,
+) -> Thread:
+    """Cancel the batch in another transaction (as the API would) and wait until that
+    committed or waits for a lock this transaction holds; the thread to join. What the
+    cancel raises goes to ``errors`` when given."""
+
+    def cancel() -> None:
+        try:
+            with transaction(sessions) as session:
+                account = session.get_one(Account, tenant.id)
+                service.cancel_batch(session=session, account=account, batch_id=batch_id)
+        except BaseException as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
+
+    thread = Thread(target=cancel, name="cancel")
+    thread.start()
+
+    def blocked() -> bool:
+        with sessions() as session:
+            waiting = session.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            )
+        return bool(waiting)
+
+    wait_for(lambda: not thread.is_alive() or blocked())
+    return thread
+
+
+def postgres_only(settings: Settings) -> None:
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("SQLite: a read transaction cannot write after another one committed")
+
+
+def test_a_batch_cancelled_while_the_sweep_promotes_it_stays_cancelled(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    publisher: RecordingPublisher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL: the sweep has read a scheduled batch as due; a DELETE commits before
+    the sweep writes. The batch must stay cancelled (its status was overwritten with
+    queued, an illegal move that ended it 'completed' once dispatched)."""
+    postgres_only(settings)
+    later = utcnow() + timedelta(seconds=settings.schedule_horizon + 60)
+    batch_id = create(sessions, settings, tenant, count=2, send_at=later)
+    promote = scheduling.promote_if_due
+    threads: list[Thread] = []
+
+    def meanwhile(**kwargs: Any) -> bool:
+        if kwargs["batch"].id == batch_id and not threads:
+            threads.append(cancel_meanwhile(sessions, tenant, batch_id))
+        return promote(**kwargs)
+
+    monkeypatch.setattr(scheduling, "promote_if_due", meanwhile)
+    publisher.messages.clear()
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=later)
+    [thread] = threads
+    thread.join(timeout=30)
+    with sessions() as session:
+        assert session.get_one(Batch, batch_id).status == BatchStatus.CANCELLED
+        assert set(
+            session.scalars(select(Recipient.status).where(Recipient.batch_id == batch_id))
+        ) == {R.CANCELLED}
+
+
+def test_a_batch_cancelled_while_its_dispatch_follows_a_later_send_at_stays_cancelled(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL: an update moved a queued batch's send_at beyond the horizon; its
+    dispatch task reads it and goes back to the database, while a DELETE commits. The
+    batch must stay cancelled, not become scheduled again."""
+    postgres_only(settings)
+    batch_id = create(sessions, settings, tenant, count=2)
+    now = utcnow()
+    with transaction(sessions) as session:
+        session.execute(
+            update(Batch).where(Batch.id == batch_id).values(send_at=now + timedelta(days=1))
+        )
+    follow = scheduling.follow_send_at
+    threads: list[Thread] = []
+
+    def meanwhile(**kwargs: Any) -> None:
+        threads.append(cancel_meanwhile(sessions, tenant, batch_id))
+        follow(**kwargs)
+
+    monkeypatch.setattr(scheduling, "follow_send_at", meanwhile)
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+    [thread] = threads
+    thread.join(timeout=30)
+    with sessions() as session:
+        assert session.get_one(Batch, batch_id).status == BatchStatus.CANCELLED
+
+
+def test_a_cancel_at_the_moment_of_expiry_does_not_deadlock_with_the_expiry(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL: the expiry moved the waiting recipients (their rows locked) when a
+    DELETE came: the cancel took the batch row and waited for those recipients, the
+    expiry then waited for the batch row. A deadlock: PostgreSQL failed one of them (the
+    DELETE answered 503). The expiry takes the batch row first, as the cancel does: the
+    cancel waits, then finds the batch expired (a 409: nothing is left to cancel)."""
+    postgres_only(settings)
+    batch_id = create(sessions, settings, tenant, count=3)
+    now = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        session.execute(
+            update(Batch).where(Batch.id == batch_id).values(expire_at=now - timedelta(1))
+        )
+    expire = scheduling.expire_recipients
+    threads: list[Thread] = []
+    errors: list[BaseException] = []
+
+    def meanwhile(**kwargs: Any) -> int:
+        expired = expire(**kwargs)
+        threads.append(cancel_meanwhile(sessions, tenant, batch_id, errors))
+        return expired
+
+    monkeypatch.setattr(scheduling, "expire_recipients", meanwhile)
+    with transaction(sessions) as session:
+        assert scheduling.expire_due(session=session, now=utcnow()) == 3
+    [thread] = threads
+    thread.join(timeout=30)
+    assert [type(e) for e in errors] == [Conflict]
+    with sessions() as session:
+        assert session.get_one(Batch, batch_id).status == BatchStatus.EXPIRED
+        assert set(
+            session.scalars(select(Recipient.status).where(Recipient.batch_id == batch_id))
+        ) == {R.EXPIRED}
+
+
+def test_a_cancel_while_the_sweep_releases_a_stalled_batch_does_not_deadlock(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+) -> None:
+    """PostgreSQL: the sweep hands a stalled batch's queued recipients back (their rows
+    locked) when a DELETE comes: the cancel took the batch row and waited for those
+    recipients, the sweep then waited for the batch row to note its progress. A
+    deadlock. The sweep takes the batch rows first, as the cancel does."""
+    postgres_only(settings)
+    batch_id = create(sessions, settings, tenant, count=3)
+    start = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=start)
+    engine = sessions.kw["bind"]
+    threads: list[Thread] = []
+    errors: list[BaseException] = []
+
+    def first_release(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        # After the first of the release's two writes, in the sweep's transaction.
+        released = statement.startswith(("UPDATE recipients SET enqueued_at", "UPDATE batches"))
+        if released and not threads and threading.current_thread() is main:
+            threads.append(cancel_meanwhile(sessions, tenant, batch_id, errors))
+
+    main = threading.current_thread()
+    event.listen(engine, "after_cursor_execute", first_release)
+    try:
+        with transaction(sessions) as session:
+            later = start + timedelta(seconds=settings.stall_after + 1)
+            scheduling.promote_due(session=session, settings=settings, now=later)
+    finally:
+        event.remove(engine, "after_cursor_execute", first_release)
+    [thread] = threads
+    thread.join(timeout=30)
+    assert errors == []
+    with sessions() as session:
+        assert session.get_one(Batch, batch_id).status == BatchStatus.CANCELLED
+        assert set(
+            session.scalars(select(Recipient.status).where(Recipient.batch_id == batch_id))
+        ) == {R.CANCELLED}
