@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, func, or_, select
+from sqlalchemy import Table, case, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -119,8 +119,16 @@ def analyse(new: NewBatch) -> DryRun:
 
 
 def _existing(session: Session, account: Account, client_id: str) -> Batch | None:
+    """The account's batch this client id names: by client id, or by our id, since a
+    lookup takes either (a client id equal to another batch's id would name two)."""
     return session.scalar(
-        select(Batch).where(Batch.account_id == account.id, Batch.client_id == client_id)
+        select(Batch)
+        .where(
+            Batch.account_id == account.id,
+            or_(Batch.client_id == client_id, Batch.id == client_id),
+        )
+        .order_by(case((Batch.client_id == client_id, 0), else_=1))  # its own first
+        .limit(1)
     )
 
 

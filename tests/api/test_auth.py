@@ -259,12 +259,6 @@ def test_a_reply_to_a_sender_id_two_tenants_share_goes_to_neither(
         rt.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dispatcher/batches/service.py create_batch: a client id equal to one of the "
-    "account's own batch ids is stored, and get_batch's `id = x OR client_id = x` then "
-    "names two batches (which one GET or DELETE reaches is up to the database)",
-)
 def test_a_client_id_that_names_another_of_the_accounts_batches_is_a_conflict(
     client: FlaskClient, sessions: sessionmaker[Session], tenant: Tenant
 ) -> None:
