@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -46,9 +47,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 # Execution option marking a transaction that only reads (no write lock on SQLite).
+log = logging.getLogger(__name__)
+
 READ_ONLY = "dispatcher_read_only"
 # Execution option marking the API's writes: they go first at SQLite's write gate.
 WRITE_PRIORITY = "dispatcher_write_priority"
@@ -360,6 +364,54 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on any error."""
     with factory() as session, session.begin():
         yield session
+
+
+# PostgreSQL's SQLSTATE for a transaction aborted as a deadlock victim, and how many
+# times a write that may meet one runs in all.
+DEADLOCK = "40P01"
+DEADLOCK_TRIES = 3
+
+
+class Attempt:
+    """One run of a write transaction (see :func:`deadlock_retries`)."""
+
+    def __init__(self, *, what: str, last: bool) -> None:
+        self.what = what
+        self.last = last
+        self.done = False
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _tb: Any
+    ) -> bool:
+        """True (the error is swallowed, the loop runs again) only for a deadlock victim."""
+        if kind is None:
+            self.done = True
+            return False
+        victim = isinstance(exc, OperationalError) and (
+            getattr(exc.orig, "sqlstate", None) == DEADLOCK
+        )
+        if self.last or not victim:
+            return False
+        log.warning("%s was a deadlock victim; running it again", self.what)
+        return True
+
+
+def deadlock_retries(what: str, *, tries: int = DEADLOCK_TRIES) -> Iterator[Attempt]:
+    """Runs of a write transaction that PostgreSQL may abort as a deadlock victim:
+    ``for attempt in deadlock_retries("..."): with attempt, transaction(f) as s: ...``.
+
+    The victim is rolled back whole, so a body that writes only what the caller holds in
+    memory (conditional updates, inserts) is safe to run again; the last run's error, and
+    any other error, is raised. A ``return`` in the body ends the loop as well.
+    """
+    for i in range(tries):
+        attempt = Attempt(what=what, last=i == tries - 1)
+        yield attempt
+        if attempt.done:
+            return
 
 
 def begin_read_only(session: Session) -> None:

@@ -20,9 +20,11 @@ from sqlalchemy import (
     func,
     select,
 )
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeEngine
 
+from dispatcher import db
 from dispatcher.db import insert_many, new_ids, one_of
 
 _META = MetaData()
@@ -144,3 +146,40 @@ def test_text_arrays_carry_every_string_exactly(session: Session) -> None:
     # Not all strings: psycopg's own dumping.
     assert unnest(["a", None, "b"], ARRAY(Text)) == ["a", None, "b"]
     assert unnest([3, 1, 2], ARRAY(Integer)) == [3, 1, 2]
+
+
+class Victim(Exception):
+    """What psycopg raises for a transaction PostgreSQL aborted (its SQLSTATE)."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
+def aborted(sqlstate: str) -> OperationalError:
+    return OperationalError("UPDATE recipients", {}, Victim(sqlstate))
+
+
+def test_a_deadlock_victim_runs_again_and_any_other_error_is_raised() -> None:
+    """deadlock_retries runs the body again for a deadlock victim only, at most its
+    tries in all, and a body that ends (or returns) ends the loop."""
+    runs: list[int] = []
+    for attempt in db.deadlock_retries("test"):
+        with attempt:
+            runs.append(len(runs))
+            if len(runs) < 3:
+                raise aborted(db.DEADLOCK)
+    assert runs == [0, 1, 2]
+    with pytest.raises(OperationalError):
+        for attempt in db.deadlock_retries("test", tries=2):
+            with attempt:
+                raise aborted(db.DEADLOCK)  # the last run's error stands
+    with pytest.raises(OperationalError, match="lock timeout"):
+        for attempt in db.deadlock_retries("test"):
+            with attempt:
+                raise OperationalError("UPDATE", {}, Exception("lock timeout"))
+    done = []
+    for attempt in db.deadlock_retries("test"):
+        with attempt:
+            done.append(1)
+    assert done == [1]

@@ -34,7 +34,7 @@ from dispatcher.channels.base import (
     SmsOptions,
 )
 from dispatcher.config import Settings
-from dispatcher.db import read_transaction, transaction, utcnow
+from dispatcher.db import deadlock_retries, read_transaction, transaction, utcnow
 from dispatcher.engine import recording
 from dispatcher.engine.backpressure import CallbackBackpressure
 from dispatcher.engine.fallback import stop_requeued
@@ -241,23 +241,25 @@ def send_recipients(
         # no next group was found to book (a group is short also where the channel changes,
         # or where another task took some of it); else a short group.
         last = booked is None if limited else len(claimed) < limit
-        with transaction(factory) as session:
-            again = record_results(
-                session, settings, providers, batch, zip(claimed, results, strict=True), clock()
-            )
-            if passing_on and again:
-                # The rest went to a new task before this group was handed over: what the
-                # group queued again to be tried at once (a fallback) goes in another, of
-                # those rows only (a second task of the whole chunk would run beside it).
-                kwargs = {"batch_id": batch_id, "recipient_ids": sorted(again)}
-                outbox.defer(session, outbox.Message(TaskName.SEND_RECIPIENTS, kwargs))
-            if last and not again:
-                complete_if_done(session=session, batch_id=batch_id, now=clock())
-                return report
-            if not passing_on and monotonic() >= budget_ends:
-                outbox.defer(session, work.again(list(work.ids or ()), eta=None))
-                report.deferred_for = 0.0
-                return report
+        # The outcomes are only in memory: a deadlock victim (PostgreSQL) runs again.
+        for attempt in deadlock_retries("send record"):
+            with attempt, transaction(factory) as session:
+                handed = zip(claimed, results, strict=True)
+                again = record_results(session, settings, providers, batch, handed, clock())
+                if passing_on and again:
+                    # The rest went to a new task before this group was handed over: what
+                    # the group queued again to be tried at once (a fallback) goes in
+                    # another, of those rows only (a second task of the whole chunk would
+                    # run beside it).
+                    kwargs = {"batch_id": batch_id, "recipient_ids": sorted(again)}
+                    outbox.defer(session, outbox.Message(TaskName.SEND_RECIPIENTS, kwargs))
+                if last and not again:
+                    complete_if_done(session=session, batch_id=batch_id, now=clock())
+                    return report
+                if not passing_on and monotonic() >= budget_ends:
+                    outbox.defer(session, work.again(list(work.ids or ()), eta=None))
+                    report.deferred_for = 0.0
+                    return report
         if passing_on:
             return report
     with transaction(factory) as session:

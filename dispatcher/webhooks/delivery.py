@@ -51,13 +51,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import metrics
 from dispatcher.accounts.models import Account
 from dispatcher.config import Settings
-from dispatcher.db import read_transaction, transaction, utcnow
+from dispatcher.db import deadlock_retries, read_transaction, transaction, utcnow
 from dispatcher.states import CallbackState
 from dispatcher.webhooks import sign, sinch_sign
 from dispatcher.webhooks.deliver import DeliveryResult, Volley, WebhookSender, next_delay
@@ -111,9 +111,6 @@ LANE_BUDGET = 20.0
 BUSY_DELAY = 1.0
 MAX_BUSY_DELAY = 15.0
 _ERROR_LEN = 500  # Callback.last_error is String(500)
-# Times a write transaction runs when PostgreSQL aborts it as a deadlock victim (SQLSTATE).
-DEADLOCK_TRIES = 3
-_DEADLOCK = "40P01"
 
 S = CallbackState
 
@@ -426,32 +423,26 @@ def _write(
     Rolled back whole, this transaction is safe to run again (conditional updates of
     what this task holds in memory): the victim runs it again, a few times at most.
     """
-    attempt = 1
-    while True:
-        before = dict(counts)
-        try:
-            with transaction(run.factory) as session:
-                if outcomes:
-                    _record(
-                        session=session,
-                        settings=run.settings,
-                        done=outcomes,
-                        now=run.clock(),
-                        counts=counts,
-                    )
-                if plan is not None:
-                    return _claim(session=session, plan=plan, counts=counts)
-                if left and slow:
-                    counts["deferred"] += _requeue(session, left)
-                elif left:
-                    counts["republished"] += _republish(session, left, now=run.clock())
-                return {}
-        except OperationalError as exc:
-            if attempt >= DEADLOCK_TRIES or getattr(exc.orig, "sqlstate", None) != _DEADLOCK:
-                raise
-            attempt += 1
-            counts.update(before)  # the rolled-back attempt's counts
-            log.warning("callback transaction was a deadlock victim; running it again")
+    before = dict(counts)
+    for attempt in deadlock_retries("callback transaction"):
+        counts.update(before)  # a rolled-back run's counts go with it
+        with attempt, transaction(run.factory) as session:
+            if outcomes:
+                _record(
+                    session=session,
+                    settings=run.settings,
+                    done=outcomes,
+                    now=run.clock(),
+                    counts=counts,
+                )
+            if plan is not None:
+                return _claim(session=session, plan=plan, counts=counts)
+            if left and slow:
+                counts["deferred"] += _requeue(session, left)
+            elif left:
+                counts["republished"] += _republish(session, left, now=run.clock())
+            return {}
+    raise AssertionError("unreachable: the last run returns or raises")
 
 
 def _run_round(run: _Run, *, lanes: list[_Lane], deadline: float) -> tuple[list[_Done], int]:
