@@ -27,6 +27,7 @@ from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import make_account, make_batch
 from tests.helpers import RecordingPublisher, wait_for
+from tests.helpers.receipts import statuses
 
 R = RecipientStatus
 
@@ -44,15 +45,6 @@ class Carrier(Provider):
         if message.to in self.refused:
             return SendResult(Outcome.CHANNEL, error_code="unreachable")
         return SendResult(Outcome.ACCEPTED, provider_message_id=f"{self.name}-{message.to}")
-
-
-def statuses(sessions: sessionmaker[Session], batch_id: str) -> dict[int, RecipientStatus]:
-    with sessions() as session:
-        return dict(
-            session.execute(
-                select(Recipient.seq, Recipient.status).where(Recipient.batch_id == batch_id)
-            ).all()
-        )
 
 
 def fallback_batch(runtime: Runtime, count: int) -> tuple[str, str, str]:

@@ -27,6 +27,7 @@ from dispatcher.errors import Conflict
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import Tenant
 from tests.helpers import RecordingPublisher, wait_for
+from tests.helpers.receipts import statuses
 
 R = RecipientStatus
 
@@ -296,6 +297,32 @@ def test_a_stalled_sending_batch_has_its_queued_recipients_republished(
     assert not republished()  # once per stall, not every sweep
 
 
+def cancel(sessions: sessionmaker[Session], tenant: Tenant, batch_id: str) -> int:
+    """Cancel the batch as its account does; how many recipients the cancel counted."""
+    with transaction(sessions) as session:
+        account = session.get(Account, tenant.id)
+        assert account is not None
+        _batch, count = service.cancel_batch(session=session, account=account, batch_id=batch_id)
+    return count
+
+
+def assert_cancelled_for_good(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    publisher: RecordingPublisher,
+    batch_id: str,
+    now: datetime,
+) -> None:
+    """Both recipients are cancelled, and no later sweep publishes the batch's sending."""
+    assert statuses(sessions, batch_id) == {0: R.CANCELLED, 1: R.CANCELLED}
+    publisher.messages.clear()
+    with transaction(sessions) as session:
+        scheduling.promote_due(session=session, settings=settings, now=now + timedelta(days=4))
+    assert not [
+        m for m in published(publisher, "send_recipients") if m.kwargs["batch_id"] == batch_id
+    ]
+
+
 @pytest.mark.parametrize(
     "result",
     [
@@ -335,11 +362,7 @@ def test_a_hand_off_failing_after_cancel_is_not_tried_again(
             .values(status=R.SENDING, claimed_at=now, attempts=1)
             .returning(*sending.CLAIM_COLUMNS)
         ).all()
-    with transaction(sessions) as session:
-        account = session.get(Account, tenant.id)
-        assert account is not None
-        _batch, count = service.cancel_batch(session=session, account=account, batch_id=batch_id)
-    assert count == 1  # the claimed one was not counted
+    assert cancel(sessions, tenant, batch_id) == 1  # the claimed one was not counted
     with transaction(sessions) as session:
         batch = session.get(Batch, batch_id)
         assert batch is not None
@@ -347,19 +370,7 @@ def test_a_hand_off_failing_after_cancel_is_not_tried_again(
             session, settings, {}, batch, zip(claimed, [result], strict=True), utcnow()
         )
     assert not again
-    with sessions() as session:
-        states = dict(
-            session.execute(
-                select(Recipient.seq, Recipient.status).where(Recipient.batch_id == batch_id)
-            ).all()
-        )
-    assert states == {0: R.CANCELLED, 1: R.CANCELLED}
-    publisher.messages.clear()
-    with transaction(sessions) as session:
-        scheduling.promote_due(session=session, settings=settings, now=now + timedelta(days=4))
-    assert not [
-        m for m in published(publisher, "send_recipients") if m.kwargs["batch_id"] == batch_id
-    ]
+    assert_cancelled_for_good(sessions, settings, publisher, batch_id, now)
 
 
 def test_reclaim_never_overwrites_an_outcome_recorded_meanwhile(
@@ -426,11 +437,7 @@ def test_a_claim_reclaimed_after_its_batch_was_cancelled_ends_cancelled(
         ).one()
         first.status, first.claimed_at = R.SENDING, now - timedelta(seconds=settings.send_lease + 1)
         to = first.to
-    with transaction(sessions) as session:
-        account = session.get(Account, tenant.id)
-        assert account is not None
-        _batch, count = service.cancel_batch(session=session, account=account, batch_id=batch_id)
-    assert count == 1  # the claimed one was not counted
+    assert cancel(sessions, tenant, batch_id) == 1  # the claimed one was not counted
     with transaction(sessions) as session:
         counts = sending.reclaim_stale(
             session=session,
@@ -439,23 +446,12 @@ def test_a_claim_reclaimed_after_its_batch_was_cancelled_ends_cancelled(
             now=now,
         )
     assert counts == {"not_found": 1}
+    assert_cancelled_for_good(sessions, settings, publisher, batch_id, now)
     with sessions() as session:
-        states = dict(
-            session.execute(
-                select(Recipient.seq, Recipient.status).where(Recipient.batch_id == batch_id)
-            ).all()
-        )
         events = session.scalars(
             select(StatusEvent.status).where(StatusEvent.batch_id == batch_id)
         ).all()
-    assert states == {0: R.CANCELLED, 1: R.CANCELLED}
     assert sorted(events).count("cancelled") == 2  # reported, as any final status is
-    publisher.messages.clear()
-    with transaction(sessions) as session:
-        scheduling.promote_due(session=session, settings=settings, now=now + timedelta(days=4))
-    assert not [
-        m for m in published(publisher, "send_recipients") if m.kwargs["batch_id"] == batch_id
-    ]
 
 
 def cancel_meanwhile(

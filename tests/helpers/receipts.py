@@ -119,6 +119,16 @@ def states(sessions: sessionmaker[Session], batch_id: str) -> dict[str, R]:
         )
 
 
+def statuses(sessions: sessionmaker[Session], batch_id: str) -> dict[int, R]:
+    """The batch's recipients' statuses by their place in it (seq)."""
+    with sessions() as session:
+        return dict(
+            session.execute(
+                select(Recipient.seq, Recipient.status).where(Recipient.batch_id == batch_id)
+            ).all()
+        )
+
+
 def event_trail(sessions: sessionmaker[Session], recipient_id: str) -> list[str]:
     with sessions() as session:
         return list(

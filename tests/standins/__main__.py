@@ -15,7 +15,6 @@ import functools
 import json
 import shlex
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ VERIFY_TOKEN = "local-whatsapp-verify-token"
 NUMBER_ID = "106540352242922"
 WA_TOKEN = "local-whatsapp-token"
 SID = "AC" + "0" * 32
+# Never set: waits on it are pauses that a signal (Ctrl-C) still interrupts.
+_STOP = threading.Event()
 AUTH_TOKEN = "local-twilio-auth-token"
 # Numbers (E.164) that meet the vendors' usual refusals, what each shows.
 FAILING = {
@@ -47,7 +48,7 @@ def _later(post: Callable[[], requests.Response], delay: float) -> None:
     """POST a status webhook ``delay`` seconds from now, printing Dispatcher's answer."""
 
     def run() -> None:
-        time.sleep(delay)
+        _STOP.wait(delay)
         try:
             reply = post()
             print(f"  webhook -> {reply.status_code} {reply.text.strip()[:120]}", flush=True)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     for number, what in FAILING.items():
         print(f"  {number}  {what}")
     try:
-        time.sleep(args.lifetime)
+        _STOP.wait(args.lifetime)
     except KeyboardInterrupt:
         pass
     finally:
