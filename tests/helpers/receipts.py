@@ -110,23 +110,23 @@ def accept(
         )
 
 
-def states(sessions: sessionmaker[Session], batch_id: str) -> dict[str, R]:
+def _status_by(sessions: sessionmaker[Session], batch_id: str, key: Any) -> dict[Any, R]:
     with sessions() as session:
         return dict(
             session.execute(
-                select(Recipient.to, Recipient.status).where(Recipient.batch_id == batch_id)
+                select(key, Recipient.status).where(Recipient.batch_id == batch_id)
             ).all()
         )
+
+
+def states(sessions: sessionmaker[Session], batch_id: str) -> dict[str, R]:
+    """The batch's recipients' statuses by number."""
+    return _status_by(sessions, batch_id, Recipient.to)
 
 
 def statuses(sessions: sessionmaker[Session], batch_id: str) -> dict[int, R]:
     """The batch's recipients' statuses by their place in it (seq)."""
-    with sessions() as session:
-        return dict(
-            session.execute(
-                select(Recipient.seq, Recipient.status).where(Recipient.batch_id == batch_id)
-            ).all()
-        )
+    return _status_by(sessions, batch_id, Recipient.seq)
 
 
 def event_trail(sessions: sessionmaker[Session], recipient_id: str) -> list[str]:
