@@ -154,9 +154,8 @@ def may_have_arrived(exc: requests.RequestException) -> bool:
     sent. A read timeout, a connection closed after the request went out, a reply cut
     short: the API may have acted on it.
     """
-    if isinstance(exc, requests.ConnectTimeout | requests.exceptions.SSLError):
-        return False
-    if isinstance(exc, requests.exceptions.ProxyError):
+    nothing_sent = requests.ConnectTimeout | requests.exceptions.SSLError
+    if isinstance(exc, nothing_sent | requests.exceptions.ProxyError):
         return False
     if isinstance(exc, requests.ReadTimeout | requests.exceptions.ChunkedEncodingError):
         return True
