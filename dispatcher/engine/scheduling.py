@@ -169,7 +169,12 @@ def _release_stalled(*, session: Session, settings: Settings, now: datetime, lim
 
 
 def complete_if_done(*, session: Session, batch_id: str, now: datetime) -> bool:
-    """Mark a sending batch completed once none of its recipients is still in flight."""
+    """End a batch once none of its recipients is in flight: completed, or expired if its
+    expire_at stopped one of them from being handed over (see :func:`ended_as`)."""
+    # The batch row first, as cancel, the record and a late fallback take it: a fallback
+    # queueing a recipient again is then seen here once it committed (PostgreSQL), and
+    # never finds its batch completed behind it.
+    session.execute(select(Batch.id).where(Batch.id == batch_id).with_for_update())
     pending = session.scalar(
         select(exists().where(Recipient.batch_id == batch_id, Recipient.status.in_(IN_FLIGHT)))
     )
@@ -178,10 +183,31 @@ def complete_if_done(*, session: Session, batch_id: str, now: datetime) -> bool:
     return transition_batch(
         session=session,
         batch_id=batch_id,
-        to=BatchStatus.COMPLETED,
+        to=ended_as(session=session, batch_id=batch_id),
         values={"completed_at": now},
         at=now,
     )
+
+
+def ended_as(*, session: Session, batch_id: str) -> BatchStatus:
+    """How a batch with nothing in flight ends: by what its recipients say, not by who
+    (the worker's record or the expiry sweep) gets there first.
+
+    Expired exactly when expire_at stopped one of them from being handed over: expired
+    with no message a provider accepted (``sent_at`` is kept by a receipt, cleared by a
+    late fallback); otherwise completed. A message that a receipt expires after its
+    carrier accepted it does not count: that receipt may come before or after the end.
+    """
+    stopped = session.scalar(
+        select(
+            exists().where(
+                Recipient.batch_id == batch_id,
+                Recipient.status == RecipientStatus.EXPIRED,
+                Recipient.sent_at.is_(None),
+            )
+        )
+    )
+    return BatchStatus.EXPIRED if stopped else BatchStatus.COMPLETED
 
 
 def expire_due(*, session: Session, now: datetime, limit: int = 200) -> int:
@@ -206,21 +232,8 @@ def expire_batch(*, session: Session, batch: Batch, now: datetime) -> int:
     # (PostgreSQL), each waiting for the rows the other had changed.
     session.execute(select(Batch.id).where(Batch.id == batch.id).with_for_update())
     expired = expire_recipients(session=session, batch=batch, now=now)
-    still_sending = session.scalar(
-        select(
-            exists().where(
-                Recipient.batch_id == batch.id, Recipient.status == RecipientStatus.SENDING
-            )
-        )
-    )
-    if not still_sending:
-        transition_batch(
-            session=session,
-            batch_id=batch.id,
-            to=BatchStatus.EXPIRED,
-            values={"completed_at": now},
-            at=now,
-        )
+    # Ended as the worker's record would end it: completed if nothing was stopped.
+    complete_if_done(session=session, batch_id=batch.id, now=now)
     return expired
 
 
