@@ -640,3 +640,103 @@ def test_a_cancel_while_the_sweep_releases_a_stalled_batch_does_not_deadlock(
         assert set(
             session.scalars(select(Recipient.status).where(Recipient.batch_id == batch_id))
         ) == {R.CANCELLED}
+
+
+def test_the_expiry_and_the_release_of_stalled_batches_do_not_deadlock(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+) -> None:
+    """PostgreSQL: two sending batches, both stalled (a worker died) and past expire_at,
+    their recipients waiting for a retry time. The expiry took them one by one in the
+    order its read returned (by an index on the status: equal keys in the table's order),
+    the release of stalled batches in one UPDATE in its plan's order (by id): each held
+    one the other waited for. Nor may the sweep, holding a batch, wait for the recipients
+    the expiry holds. The expiry takes batches in id order; the sweep waits for no row
+    another transaction holds (it skips it: the next sweep finds it)."""
+    postgres_only(settings)
+    start = utcnow()
+    pair = [create(sessions, settings, tenant, count=2) for _ in range(2)]
+    with transaction(sessions) as session:
+        for batch_id in pair:
+            scheduling.dispatch_batch(
+                session=session, settings=settings, batch_id=batch_id, now=start
+            )
+        session.execute(
+            update(Batch).where(Batch.id.in_(pair)).values(expire_at=start - timedelta(seconds=1))
+        )
+        session.execute(
+            update(Recipient)
+            .where(Recipient.batch_id.in_(pair))
+            .values(enqueued_at=None, next_attempt_at=start)
+        )
+    # The two orders disagree: the one first by id is last in the table.
+    first, second = sorted(pair)
+    for i in range(20):
+        if table_order(sessions, pair) == [second, first]:
+            break
+        with transaction(sessions) as session:
+            # A new send_at, indexed: a new row version, with index entries of its own.
+            moved = start - timedelta(seconds=i + 1)
+            session.execute(update(Batch).where(Batch.id == first).values(send_at=moved))
+    assert table_order(sessions, pair) == [second, first]
+    engine = sessions.kw["bind"]
+    threads: list[Thread] = []
+    errors: list[BaseException] = []
+    later = start + timedelta(seconds=settings.stall_after + 1)
+
+    def release() -> None:
+        try:
+            with transaction(sessions) as session:
+                scheduling.promote_due(session=session, settings=settings, now=later)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def planned(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        # As the planner does on a table of production size: by index, not a scan of it.
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("SET LOCAL enable_bitmapscan = off")
+
+    def first_lock(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        # Once the expiry holds its first batch and has expired its waiting recipients, the
+        # sweep releases the stalled batches (and re-publishes what waits in them).
+        expired = statement.startswith("UPDATE recipients SET status")
+        if expired and not threads and threading.current_thread() is main:
+            threads.append(Thread(target=release, name="release"))
+            threads[0].start()
+            wait_for(lambda: not threads[0].is_alive() or blocked(sessions))
+
+    main = threading.current_thread()
+    event.listen(engine, "before_cursor_execute", planned)
+    event.listen(engine, "after_cursor_execute", first_lock)
+    try:
+        with transaction(sessions) as session:
+            scheduling.expire_due(session=session, now=later)
+    finally:
+        event.remove(engine, "after_cursor_execute", first_lock)
+        event.remove(engine, "before_cursor_execute", planned)
+    [thread] = threads
+    thread.join(timeout=30)
+    assert errors == []
+    with sessions() as session:
+        for batch_id in pair:
+            assert session.get_one(Batch, batch_id).status == BatchStatus.EXPIRED
+
+
+def table_order(sessions: sessionmaker[Session], ids: list[str]) -> list[str]:
+    """The batches' rows in the order a scan of the table (or of equal index keys) meets them."""
+    with sessions() as session:
+        return list(
+            session.scalars(
+                text("SELECT id FROM batches WHERE id = ANY(:ids) ORDER BY ctid"), {"ids": ids}
+            )
+        )
+
+
+def blocked(sessions: sessionmaker[Session]) -> bool:
+    """Whether a transaction waits for a lock (PostgreSQL)."""
+    with sessions() as session:
+        waiting = session.scalar(
+            text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        )
+    return bool(waiting)
