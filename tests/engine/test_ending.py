@@ -61,6 +61,7 @@ def test_a_batch_past_expire_at_ends_as_its_recipients_say_whoever_comes_first(
     last) ends the batch; the sweep comes before, between or after. The batch ended
     completed or expired by that timing."""
     batch_id, rows = claimed_batch(sessions, settings, tenant, count=2)
+    claimed_at, providers = rows[0].claimed_at, {"sms": Carrier()}
     handed = rows if second != WAITING else rows[:1]
     with transaction(sessions) as session:
         session.execute(
@@ -78,7 +79,9 @@ def test_a_batch_past_expire_at_ends_as_its_recipients_say_whoever_comes_first(
             batch = session.get_one(Batch, batch_id)
             results = [result(ACCEPTED, rows[0]), result(second, rows[1])]
             outcomes = zip(handed, results, strict=False)
-            sending.record_results(session, settings, {"sms": Carrier()}, batch, outcomes, utcnow())
+            sending.record_results(
+                session, settings, providers, batch, outcomes, utcnow(), claimed_at=claimed_at
+            )
 
     def complete() -> None:
         with transaction(sessions) as session:
@@ -108,10 +111,13 @@ def test_a_message_the_carrier_expired_after_accepting_it_does_not_make_its_batc
     """A receipt may expire a sent message before or after its batch ended: counted, it
     would make the batch's end depend on when the receipt came."""
     batch_id, rows = claimed_batch(sessions, settings, tenant, count=2)
+    claimed_at, providers = rows[0].claimed_at, {"sms": Carrier()}
     with transaction(sessions) as session:
         batch = session.get_one(Batch, batch_id)
         handed = [(rows[0], result(ACCEPTED, rows[0]))]
-        sending.record_results(session, settings, {"sms": Carrier()}, batch, handed, utcnow())
+        sending.record_results(
+            session, settings, providers, batch, handed, utcnow(), claimed_at=claimed_at
+        )
         session.execute(
             update(Recipient).where(Recipient.id == rows[0].id).values(status=R.EXPIRED)
         )
@@ -121,7 +127,9 @@ def test_a_message_the_carrier_expired_after_accepting_it_does_not_make_its_batc
     with transaction(sessions) as session:
         batch = session.get_one(Batch, batch_id)
         handed = [(rows[1], result(ACCEPTED, rows[1]))]
-        sending.record_results(session, settings, {"sms": Carrier()}, batch, handed, utcnow())
+        sending.record_results(
+            session, settings, providers, batch, handed, utcnow(), claimed_at=claimed_at
+        )
     with transaction(sessions) as session:
         if by == "worker":
             scheduling.complete_if_done(session=session, batch_id=batch_id, now=utcnow())
@@ -144,11 +152,14 @@ def test_a_late_fallback_while_the_batch_ends_reopens_it_rather_than_strand_a_re
     if not settings.database_url.startswith("postgresql"):
         pytest.skip("SQLite: one writer at a time")
     batch_id, rows = claimed_batch(sessions, settings, tenant, count=2)
+    claimed_at, providers = rows[0].claimed_at, {"sms": Carrier()}
     with transaction(sessions) as session:
         session.execute(update(Batch).where(Batch.id == batch_id).values(channels=["sms", "rcs"]))
         batch = session.get_one(Batch, batch_id)
         handed = [(row, result(ACCEPTED, row)) for row in rows]
-        sending.record_results(session, settings, {"sms": Carrier()}, batch, handed, utcnow())
+        sending.record_results(
+            session, settings, providers, batch, handed, utcnow(), claimed_at=claimed_at
+        )
     failure = fallback.Failure(ref_of(rows[0].id), "unreachable", None)
 
     def fall_back() -> None:

@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dispatcher import outbox
 from dispatcher.accounts.models import Account
 from dispatcher.batches import service
-from dispatcher.batches.models import Batch, Recipient, StatusEvent
+from dispatcher.batches.models import Attempt, Batch, Recipient, StatusEvent
+from dispatcher.batches.transitions import claim_recipients
 from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
@@ -366,8 +367,9 @@ def test_a_hand_off_failing_after_cancel_is_not_tried_again(
     with transaction(sessions) as session:
         batch = session.get(Batch, batch_id)
         assert batch is not None
+        handed = zip(claimed, [result], strict=True)
         again = sending.record_results(
-            session, settings, {}, batch, zip(claimed, [result], strict=True), utcnow()
+            session, settings, {}, batch, handed, utcnow(), claimed_at=now
         )
     assert not again
     assert_cancelled_for_good(sessions, settings, publisher, batch_id, now)
@@ -417,6 +419,90 @@ def test_reclaim_never_overwrites_an_outcome_recorded_meanwhile(
     with sessions() as session:
         row = session.scalars(select(Recipient).where(Recipient.batch_id == batch_id)).one()
         assert (row.status, row.provider_message_id) == (R.SENT, "p1")
+
+
+@pytest.mark.parametrize(
+    "stale",
+    [
+        # Refused for now: the carrier's ledger has nothing, so reclaim queued it again.
+        SendResult(Outcome.TRANSIENT, error_code="busy"),
+        # Accepted, though the carrier's ledger had not shown it when reclaim asked.
+        SendResult(Outcome.ACCEPTED),
+    ],
+    ids=["transient", "accepted"],
+)
+def test_a_stale_record_never_overwrites_the_outcome_of_a_newer_claim(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    stale: SendResult,
+) -> None:
+    """A worker stalled past the lease between its hand-off and its record: reclaim found
+    nothing at the carrier and queued the recipients again, another worker claimed and
+    sent them. The stalled worker's record must not take the newer claim's rows (a
+    transient outcome queued them for a retry: sent twice, and the newer record found
+    nothing to move; an accepted one replaced the message ids receipts match on)."""
+    batch_id = create(sessions, settings, tenant, count=2)
+    now = utcnow()
+    lapsed = now - timedelta(seconds=settings.send_lease + 1)
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        # Tried once before: the group's rows differ in more than their ids.
+        session.execute(update(Recipient).where(Recipient.seq == 1).values(attempts=1))
+        first = claim(session, batch_id, lapsed)
+    with transaction(sessions) as session:
+        providers = {"sms": Ledger({row.to: (Lookup.NOT_FOUND, None) for row in first})}
+        reclaimed = sending.reclaim_stale(
+            session=session, settings=settings, providers=providers, now=now
+        )
+    assert reclaimed == {"not_found": 2}
+    with transaction(sessions) as session:
+        second = claim(session, batch_id, now)
+
+    def record(rows: list[Any], claimed_at: datetime, **refs: str) -> None:
+        with transaction(sessions) as session:
+            batch = session.get_one(Batch, batch_id)
+            results = [
+                SendResult(Outcome.ACCEPTED, provider_message_id=f"{refs['ref']}-{row.to}")
+                if refs
+                else stale
+                for row in rows
+            ]
+            handed = zip(rows, results, strict=True)
+            sending.record_results(
+                session, settings, {}, batch, handed, utcnow(), claimed_at=claimed_at
+            )
+
+    if stale.outcome is Outcome.ACCEPTED:
+        record(first, lapsed, ref="first")
+    else:
+        record(first, lapsed)
+    record(second, now, ref="second")
+    with sessions() as session:
+        rows = session.scalars(
+            select(Recipient).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
+        ).all()
+        assert [(r.status, r.provider_message_id) for r in rows] == [
+            (R.SENT, f"second-{r.to}") for r in rows
+        ]
+        # Nothing of the stale outcome either (its retry time, its count of attempts).
+        assert [(r.attempts, r.next_attempt_at) for r in rows] == [(2, None), (3, None)]
+        tried = session.scalars(
+            select(Attempt.outcome).where(Attempt.recipient_id == rows[0].id)
+        ).all()
+    # Both hand-offs are in the recipient's history, whatever its row says.
+    assert sorted(tried) == sorted(["reclaim:not_found", stale.outcome.value, "accepted"])
+
+
+def claim(session: Session, batch_id: str, at: datetime) -> list[Any]:
+    """Claim the batch's queued recipients as a worker does, at ``at``: the rows it returns."""
+    return claim_recipients(
+        session=session,
+        where=[Recipient.batch_id == batch_id],
+        values={"claimed_at": at, "attempts": Recipient.attempts + 1},
+        at=at,
+        returning=sending.CLAIM_COLUMNS,
+    )
 
 
 def test_a_claim_reclaimed_after_its_batch_was_cancelled_ends_cancelled(
