@@ -551,6 +551,15 @@ def reclaim_stale(
             if provider
             else (Lookup.UNKNOWN, None)
         )
+        # The batch row before any write but this row's, and not waited for: its holder may
+        # be this claim's own worker, recording late, which took it first and waits for
+        # the row held here (a deadlock, PostgreSQL). Left to the next run, if that record
+        # does not settle it first; a cancel in progress, the same.
+        status = session.scalar(
+            select(Batch.status).where(Batch.id == batch.id).with_for_update(skip_locked=True)
+        )
+        if status is None:
+            continue
         to, values = RECLAIMED[found]
         if found is Lookup.ACCEPTED:
             values = {
@@ -586,11 +595,8 @@ def reclaim_stale(
             receipts.settle(session=session, provider=provider.name, refs=[ref], now=now)
         if to is R.QUEUED:
             # A cancel while the claim was out did not count it: queued again in a stopped
-            # batch, nothing would ever send or end it. The batch row is locked, so a
-            # cancel in progress is waited for (or waits, and then finds this row queued).
-            status = session.scalars(
-                select(Batch.status).where(Batch.id == batch.id).with_for_update()
-            ).one()
+            # batch, nothing would ever send or end it. The batch row is held, so a cancel
+            # waits, and then finds this row queued.
             stop_requeued(session=session, batch=batch, batch_status=status, ids=[rec.id], now=now)
         else:
             complete_if_done(session=session, batch_id=batch.id, now=now)

@@ -494,6 +494,72 @@ def test_a_stale_record_never_overwrites_the_outcome_of_a_newer_claim(
     assert sorted(tried) == sorted(["reclaim:not_found", stale.outcome.value, "accepted"])
 
 
+def test_a_stale_record_while_reclaim_asks_the_carrier_does_not_deadlock(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+) -> None:
+    """PostgreSQL: reclaim holds a lapsed claim's row while it asks the carrier; the
+    stalled worker's record comes to life meanwhile, takes the batch row (as every writer
+    does first) and waits for that row. Reclaim then waited for the batch row to end the
+    batch: a deadlock. Reclaim does not wait for a batch row someone holds: it leaves the
+    row to the next run, and the worker's own record settles it."""
+    postgres_only(settings)
+    batch_id = create(sessions, settings, tenant, count=1)
+    now = utcnow()
+    lapsed = now - timedelta(seconds=settings.send_lease + 1)
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        [row] = claim(session, batch_id, lapsed)
+    accepted = SendResult(Outcome.ACCEPTED, provider_message_id="late")
+    threads: list[Thread] = []
+    errors: list[BaseException] = []
+    deadlocks: list[BaseException] = []
+
+    def late_record() -> None:
+        try:
+            with transaction(sessions) as session:
+                batch = session.get_one(Batch, batch_id)
+                handed = [(row, accepted)]
+                sending.record_results(
+                    session, settings, {}, batch, handed, utcnow(), claimed_at=lapsed
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    class Carrier(Ledger):
+        """Answers once the worker's late record waits for the row reclaim holds."""
+
+        def lookup(
+            self, message: OutboundMessage, *, claimed_at: datetime | None = None
+        ) -> tuple[Lookup, str | None]:
+            threads.append(Thread(target=late_record, name="late record"))
+            threads[0].start()
+            wait_for(lambda: not threads[0].is_alive() or blocked(sessions))
+            return super().lookup(message, claimed_at=claimed_at)
+
+    def failed(context: Any) -> None:
+        if getattr(context.original_exception, "sqlstate", None) == "40P01":
+            deadlocks.append(context.original_exception)
+
+    engine = sessions.kw["bind"]
+    event.listen(engine, "handle_error", failed)
+    try:
+        with transaction(sessions) as session:
+            carrier = Carrier({row.to: (Lookup.ACCEPTED, "late")})
+            sending.reclaim_stale(
+                session=session, settings=settings, providers={"sms": carrier}, now=now
+            )
+        [thread] = threads
+        thread.join(timeout=30)
+    finally:
+        event.remove(engine, "handle_error", failed)
+    assert (deadlocks, errors) == ([], [])
+    with sessions() as session:
+        settled = session.get_one(Recipient, row.id)
+        assert (settled.status, settled.provider_message_id) == (R.SENT, "late")
+
+
 def claim(session: Session, batch_id: str, at: datetime) -> list[Any]:
     """Claim the batch's queued recipients as a worker does, at ``at``: the rows it returns."""
     return claim_recipients(
