@@ -12,20 +12,26 @@ seconds, client threads post, each on an account of its own:
 - ``later``: batches with ``send_at`` a few seconds ahead (a throttled account);
 - ``expiring``: Sinch batches with ``send_at`` and ``expire_at`` seconds ahead on a
   throttled account, so that expiry meets sending;
-- ``cancel``: batches on a throttled account, cancelled while they send;
+- ``cancel``: batches cancelled while they send;
 - ``rcs``: rcs batches falling back to sms (the simulator finds a share of the numbers
   not rcs capable; some sms tries fail once, some numbers are invalid, some receipts fail).
 
-Then it waits (``--timeout``) until every recipient is final and prints one JSON line,
-``soak``: statuses, deadlocks and lock waits from the server's log (with their
-statements), ERROR lines of every process, double hand-offs from the simulator's
-ledger, recipients not final, batches not ended, cancelled recipients handed off.
+Every ``--pause-every`` seconds one send pool process is stopped (SIGSTOP) for longer than
+the lease and then let go on: reclaim takes its claims, and its record comes late.
+
+Then it waits (``--timeout``) until every recipient is final and every callback
+delivered, and prints one JSON line, ``soak``: statuses, deadlocks and lock waits from
+the server's log (with their statements), ERROR lines of every process, double
+hand-offs from the simulator's ledger, recipients not final, batches not ended,
+cancelled recipients handed off.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import os
 import random
 import re
 import signal
@@ -41,6 +47,7 @@ import requests
 
 from bench.harness import BenchError, Out, System, log
 from bench.intake import CallbackSink
+from bench.sampler import group_pids, parent_pid
 from dispatcher.channels.simulator import HANDOFFS, LEDGER
 from dispatcher.config import Settings
 from dispatcher.states import FINAL_RECIPIENT, OPEN_BATCH
@@ -280,6 +287,55 @@ def locks_report(text: str, *, long_wait_ms: float) -> dict[str, Any]:
     }
 
 
+class Pauser:
+    """Every ``every`` seconds, stops one send worker's pool process (SIGSTOP) for longer
+    than the send lease, then lets it go on (SIGCONT): its claims are reclaimed meanwhile
+    (the provider asked), and its record comes late, as a slow or stuck worker's does.
+    Only the bench's own processes, by pid."""
+
+    def __init__(self, system: System, *, every: float, pause: float, seed: int) -> None:
+        self.system = system
+        self.every = every
+        self.pause = pause
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.paused = 0
+        self.thread = threading.Thread(target=self._run, name="pauser", daemon=True)
+
+    def _pool(self) -> list[int]:
+        pids = []
+        for child in self.system.workers():
+            if child.name.startswith("send"):
+                pids += [p for p in group_pids({child.pid}) if parent_pid(p) == child.pid]
+        return pids
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            pool = self._pool()
+            if not pool:
+                continue
+            pid = self.rng.choice(pool)
+            try:
+                os.kill(pid, signal.SIGSTOP)
+                self.paused += 1
+                self.stop.wait(self.pause)
+            except ProcessLookupError:
+                continue
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+    def start(self) -> None:
+        if self.every > 0:
+            self.thread.start()
+
+    def finish(self) -> int:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=self.pause + 10)
+        return self.paused
+
+
 class LockWatch:
     """Polls pg_stat_activity: every wait for a lock, with who holds it (their process by
     application_name, their statement or last one, their transaction's age), longest per
@@ -440,7 +496,7 @@ def soak(system: System, out: Out) -> None:
     system.callback_url = system.sink.url
     system.migrate_and_account(rate=None)
     load = Load(system, until=0.0, seed=args.seed)
-    rates = {"now": None, "later": 25.0, "expiring": 15.0, "cancel": 30.0, "rcs": None}
+    rates = {"now": None, "later": 25.0, "expiring": 15.0, "cancel": None, "rcs": None}
     for kind, rate in rates.items():
         load.keys[kind] = system.add_account(f"soak-{kind}", rate)
     api = system.start_api(args.api_workers)
@@ -454,7 +510,12 @@ def soak(system: System, out: Out) -> None:
     load.until = started + args.duration
     watch = LockWatch(system)
     watch.start()
+    pauser = Pauser(
+        system, every=args.pause_every, pause=SOAK_SETTINGS["send_lease"] + 2, seed=args.seed
+    )
+    pauser.start()
     load.run()
+    paused = pauser.finish()
     if load.errors:
         raise BenchError("load failed: " + "; ".join(load.errors[:3]))
     log(f"soak: {load.recipients} recipients posted; waiting until every one is final")
@@ -488,6 +549,7 @@ def soak(system: System, out: Out) -> None:
         batches=dict(load.posted),
         recipients=load.recipients,
         cancels=dict(load.cancels),
+        send_processes_paused=paused,
         statuses=system.status_counts(),
         batch_statuses={
             s: int(n)
@@ -537,6 +599,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=50, help="Settings.chunk_size")
     p.add_argument("--receipt-delay", type=float, default=0.5, help="simulator receipts (s)")
     p.add_argument("--callback-concurrency", type=int, default=Settings.callback_concurrency)
+    p.add_argument(
+        "--pause-every",
+        type=float,
+        default=15.0,
+        help="seconds between pauses of a send pool process beyond the lease (0: none)",
+    )
     p.add_argument("--deadlock-timeout-ms", type=int, default=100)
     p.add_argument("--long-wait-ms", type=float, default=1000.0, help="a lock wait this long")
     p.add_argument("--seed", type=int, default=1)
