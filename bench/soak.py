@@ -55,7 +55,6 @@ from dispatcher.states import FINAL_RECIPIENT, OPEN_BATCH
 # Numbers are +447 and nine digits; the simulator's rules pick them by their last digits.
 TRANSIENT_SMS = r"5[05]$"  # the first sms try fails (busy): retried
 SIMULATOR_RULES: dict[str, Any] = {
-    "latency_ms": 1,
     "unreachable": {"rcs": [r"[0-3]$"]},  # 40%: not rcs capable, sms instead
     "invalid": [r"999$"],
     "transient": {"sms": {"pattern": TRANSIENT_SMS, "times": 1}},
@@ -490,7 +489,12 @@ def soak(system: System, out: Out) -> None:
     system.start_database()
     system.pg_log_locks(args.deadlock_timeout_ms)
     system.configure(
-        simulator={**SIMULATOR_RULES, "receipt_delay": args.receipt_delay}, **SOAK_SETTINGS
+        simulator={
+            **SIMULATOR_RULES,
+            "latency_ms": args.latency_ms,
+            "receipt_delay": args.receipt_delay,
+        },
+        **SOAK_SETTINGS,
     )
     system.sink = CallbackSink(system)
     system.callback_url = system.sink.url
@@ -593,16 +597,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--timeout", type=float, default=180.0, help="then at most this long until all are final"
     )
-    p.add_argument("--worker-processes", type=int, default=3, help="send worker processes")
-    p.add_argument("--concurrency", type=int, default=1, help="-c of each send worker")
+    p.add_argument("--worker-processes", type=int, default=4, help="send worker processes")
+    p.add_argument("--concurrency", type=int, default=2, help="-c of each send worker")
     p.add_argument("--api-workers", type=int, default=2)
-    p.add_argument("--chunk-size", type=int, default=50, help="Settings.chunk_size")
+    p.add_argument("--chunk-size", type=int, default=25, help="Settings.chunk_size")
     p.add_argument("--receipt-delay", type=float, default=0.5, help="simulator receipts (s)")
     p.add_argument("--callback-concurrency", type=int, default=Settings.callback_concurrency)
     p.add_argument(
+        "--latency-ms",
+        type=float,
+        default=10.0,
+        help="simulator: per message (a hand-off of 25 takes 0.25 s: a pause often meets one)",
+    )
+    p.add_argument(
         "--pause-every",
         type=float,
-        default=15.0,
+        default=10.0,
         help="seconds between pauses of a send pool process beyond the lease (0: none)",
     )
     p.add_argument("--deadlock-timeout-ms", type=int, default=100)
