@@ -259,7 +259,8 @@ def serve(settings: Settings) -> int:
 
     settings.var_path.mkdir(parents=True, exist_ok=True)
     settings = prepare(settings)
-    sup = Supervisor(grace=STOP_GRACE)
+    # Warm: workers finish their running tasks (Ctrl-C mid-send loses no claim).
+    sup = Supervisor(grace=STOP_GRACE, warm=True)
     stopping = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
