@@ -128,3 +128,22 @@ def test_compose_passes_every_other_setting_and_only_settings() -> None:
     assert sorted(passed - set(FIELDS)) == []
     assert sorted(set(FIELDS) - passed - NOT_FROM_COMPOSE_SHELL) == []
     assert passed.isdisjoint(NOT_FROM_COMPOSE_SHELL)
+
+
+def test_every_command_the_docs_name_exists() -> None:
+    import click
+
+    from dispatcher.cli import main
+
+    assert isinstance(main, click.Group)
+    named = {
+        tuple(words.split())
+        for text in DOCS
+        for words in re.findall(r"\bdispatcher ((?:[a-z][a-z-]*)(?: [a-z][a-z-]*)?)", text)
+    }
+    assert len(named) >= 15
+    for words in sorted(named):
+        command = main.commands.get(words[0])
+        assert command is not None, f"dispatcher {words[0]}"
+        if isinstance(command, click.Group) and len(words) > 1:
+            assert words[1] in command.commands, f"dispatcher {' '.join(words)}"
