@@ -154,11 +154,16 @@ def prepare(settings: Settings) -> Settings:
     )
     if not settings.embedded_redis:
         return settings
-    if PREFIX + "CALLBACK_ALLOWLIST" not in os.environ:
+    if not _configured("CALLBACK_ALLOWLIST"):
         settings = settings.replace(callback_allowlist=("127.0.0.1", "::1", "localhost"))
-    if PREFIX + "LOG_FORMAT" not in os.environ:
+    if not _configured("LOG_FORMAT"):
         settings = settings.replace(log_format="text")
     return settings
+
+
+def _configured(name: str) -> bool:
+    """Whether the environment gives setting ``name``, itself or in a file (``_FILE``)."""
+    return any(f"{PREFIX}{name}{end}" in os.environ for end in ("", "_FILE"))
 
 
 def commands(settings: Settings) -> dict[str, list[str]]:
