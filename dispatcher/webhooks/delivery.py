@@ -418,9 +418,9 @@ def drain(*, seconds: float = STOP_WAIT) -> None:
     """Before this process exits: let its lanes finish the POSTs they started (starting no
     more), for up to ``seconds``, then record every outcome there is.
 
-    Without this, a process stopping while its lanes' POSTs are in flight left them
-    'delivering' until the lease, then POSTed again what the receivers had answered.
-    What is still unanswered after ``seconds`` stays 'delivering' for the lease.
+    Else a process leaving with POSTs in flight leaves their callbacks 'delivering'
+    until the lease, and what the receivers had answered is POSTed again. What is
+    still unanswered after ``seconds`` stays 'delivering' for the lease.
     """
     for run, answered in _running.stop(seconds=seconds):
         if answered:
