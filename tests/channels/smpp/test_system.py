@@ -168,7 +168,9 @@ def api(live: Runtime) -> FlaskClient:
 @pytest.fixture(scope="module")
 def hooks() -> Iterator[Hooks]:
     server = Hooks()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     yield server
     server.shutdown()
