@@ -55,21 +55,26 @@ def transition_recipients(
     current: Iterable[RecipientStatus] | None = None,
     batch: Batch | None = None,
     record: bool = True,
+    claimed_at: datetime | None = None,
 ) -> list[Moved]:
     """Move the recipients matching ``where``/``ids`` (and in an allowed status) to ``to``.
 
     ``values`` are set on every row; ``each`` maps recipient ids to their own values
     (every mapping with the same keys) and limits the move to those ids, and so takes
     no ``where`` or ``ids``. ``current`` narrows the sources (each must be allowed to
-    move to ``to``). Events and callbacks are recorded for the rows that moved unless
-    ``record`` is false; ``batch`` saves loading it when every row belongs to it.
+    move to ``to``); ``claimed_at`` to the rows still holding the claim made then (a
+    record's: a row reclaimed and claimed again since is the newer claim's to record).
+    Events and callbacks are recorded for the rows that moved unless ``record`` is
+    false; ``batch`` saves loading it when every row belongs to it.
     """
     if each is not None and (where or ids is not None):
-        # _write_each checks id and status only (an executemany takes no expanding IN):
-        # a row failing the caller's conditions would take its values without moving.
+        # _write_each checks id, status and claim only (an executemany takes no expanding
+        # IN): a row failing the caller's conditions would take its values without moving.
         raise ValueError("per-row values (each) name their rows: no where or ids with them")
     sources = guard(to, current)
     conditions = [*where, Recipient.status.in_(sources)]
+    if claimed_at is not None:
+        conditions.append(Recipient.claimed_at == claimed_at)
     common = dict(values or {})
     if ids is not None:
         conditions.append(Recipient.id.in_(list(ids)))
@@ -85,7 +90,7 @@ def transition_recipients(
             common |= {key: source.c[key] for key in keys}
         else:
             conditions.append(one_of(session, Recipient.id, list(each)))
-            _write_each(session, each, keys, sources)
+            _write_each(session, each, keys, sources, claimed_at)
     elif each is not None:
         return []
     rows = _update_rows(
@@ -207,6 +212,7 @@ def _write_each(
     each: Mapping[str, Mapping[str, Any]],
     keys: list[str],
     sources: Sequence[RecipientStatus],
+    claimed_at: datetime | None,
 ) -> None:
     """Per-row values of ``keys``, in one executemany, before the status moves.
 
@@ -215,13 +221,17 @@ def _write_each(
     if not keys:
         return
     params = [{"_rid": rid, **{f"_v_{k}": v[k] for k in keys}} for rid, v in each.items()]
+    # Plain comparisons: an expanding IN cannot be used with executemany.
+    conditions = [
+        recipients_table.c.id == bindparam("_rid"),
+        or_(*(recipients_table.c.status == s for s in sources)),
+    ]
+    if claimed_at is not None:
+        # The same value for every row: the statement's own parameter.
+        conditions.append(recipients_table.c.claimed_at == claimed_at)
     session.connection().execute(
         recipients_table.update()
-        .where(
-            recipients_table.c.id == bindparam("_rid"),
-            # Plain comparisons: an expanding IN cannot be used with executemany.
-            or_(*(recipients_table.c.status == s for s in sources)),
-        )
+        .where(*conditions)
         .values({k: bindparam(f"_v_{k}") for k in keys}),
         params,
     )

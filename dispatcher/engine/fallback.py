@@ -24,6 +24,7 @@ from dispatcher import outbox
 from dispatcher.batches import events
 from dispatcher.batches.models import LATE_CHANNEL_FAILURE, Attempt, Batch, Recipient
 from dispatcher.batches.transitions import transition_batch, transition_recipients
+from dispatcher.engine.scheduling import complete_if_done
 from dispatcher.outbox import TaskName
 from dispatcher.states import BatchStatus, RecipientStatus
 
@@ -194,13 +195,10 @@ def _send_again(
     *, session: Session, batch: Batch, batch_status: BatchStatus, ids: list[str], now: datetime
 ) -> None:
     """Hand recipients just queued again to the send path, unless their batch is over."""
-    if now >= batch.expire_at and batch_status not in STOPPED:
-        # Too late to send: expired, as a stopped batch's recipients are.
-        batch_status = B.EXPIRED
-    if stop_requeued(session=session, batch=batch, batch_status=batch_status, ids=ids, now=now):
-        return
+    late = now >= batch.expire_at and batch_status not in STOPPED
     if batch_status == B.COMPLETED:
-        # Every recipient had been handed over; this one has a channel to go yet.
+        # Every recipient had been handed over; this one has a channel to go yet (or,
+        # too late for it, makes the batch end expired below).
         transition_batch(
             session=session,
             batch_id=batch.id,
@@ -209,6 +207,19 @@ def _send_again(
             values={"completed_at": None},
             at=now,
         )
+    if stop_requeued(
+        session=session,
+        batch=batch,
+        # Too late to send: expired, as a stopped batch's recipients are.
+        batch_status=B.EXPIRED if late else batch_status,
+        ids=ids,
+        now=now,
+    ):
+        if late:
+            # Expired by expire_at before a provider accepted them on this channel: the
+            # batch ends as the sweep would end it (expired), once nothing is in flight.
+            complete_if_done(session=session, batch_id=batch.id, now=now)
+        return
     outbox.defer(
         session,
         outbox.Message(TaskName.SEND_RECIPIENTS, {"batch_id": batch.id, "recipient_ids": ids}),

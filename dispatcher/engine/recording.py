@@ -131,7 +131,12 @@ def decide(
 
 
 def apply(
-    *, session: Session, batch: Batch, decisions: Sequence[Decision], now: datetime
+    *,
+    session: Session,
+    batch: Batch,
+    decisions: Sequence[Decision],
+    claimed_at: datetime,
+    now: datetime,
 ) -> set[str]:
     """Write ``decisions`` (one transition per target status); returns those to try again now.
 
@@ -139,6 +144,8 @@ def apply(
     (which changes that row first too), so a cancel committed before us is seen
     here and one after us finds whatever we queue again. Re-queued rows of a
     batch that stopped meanwhile are cancelled (or expired) in this transaction.
+    Only rows still holding the claim made at ``claimed_at`` move: one reclaimed
+    and claimed again while this worker stalled is the newer claim's to record.
     """
     batch_status = session.execute(
         update(Batch).where(Batch.id == batch.id).values(progress_at=now).returning(Batch.status)
@@ -163,6 +170,7 @@ def apply(
             at=now,
             batch=batch,
             record=status is not R.QUEUED,
+            claimed_at=claimed_at,
         )
         if status is R.SENT:
             for m in moved:

@@ -9,6 +9,7 @@ is idempotent: running it twice, or with tasks already in flight, is harmless.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from operator import attrgetter
 
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session
@@ -71,7 +72,13 @@ def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: 
 
 
 def promote_due(*, session: Session, settings: Settings, now: datetime, limit: int = 500) -> int:
-    """Publish batches due within the horizon, and re-publish dispatches that were lost."""
+    """Publish batches due within the horizon, and re-publish dispatches that were lost.
+
+    It waits for no row another transaction holds, and skips such a row instead (that
+    transaction is moving it; the next sweep finds it if not): it holds many batches and
+    recipients, taken in no order another transaction could share, so any wait could
+    close a deadlock (PostgreSQL), with the expiry first of all.
+    """
     horizon = now + timedelta(seconds=settings.schedule_horizon)
     stale = now - timedelta(seconds=settings.requeue_after)
     due = session.scalars(
@@ -98,6 +105,8 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
         )
         .order_by(Batch.send_at)
         .limit(limit)
+        # Not waited for, as the due ones above: see _release_stalled.
+        .with_for_update(skip_locked=True)
     ).all()
     for batch in lost:
         batch.enqueued_at = now
@@ -124,8 +133,28 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
     by_batch: dict[tuple[str, datetime | None], list[str]] = {}
     for rid, bid, next_at in waiting:
         by_batch.setdefault((bid, next_at), []).append(rid)
-    for (bid, next_at), ids in by_batch.items():
-        session.execute(update(Recipient).where(Recipient.id.in_(ids)).values(enqueued_at=now))
+    republished = 0
+    for (bid, next_at), group in by_batch.items():
+        # Rows another transaction holds are left to the next sweep (an expiry or a claim
+        # is moving them): holding the batches released above, a wait for them could close
+        # a cycle with the expiry, which holds those rows and takes batches in turn.
+        free = (
+            select(Recipient.id)
+            .where(Recipient.id.in_(group), Recipient.status == RecipientStatus.QUEUED)
+            .with_for_update(skip_locked=True)
+        )
+        ids = list(
+            session.scalars(
+                update(Recipient)
+                .where(Recipient.id.in_(free))
+                .values(enqueued_at=now)
+                .returning(Recipient.id),
+                execution_options={"synchronize_session": False},
+            )
+        )
+        if not ids:
+            continue
+        republished += len(ids)
         outbox.defer(
             session,
             outbox.Message(
@@ -133,7 +162,7 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
             ),
         )
     session.flush()
-    return promoted + len(lost) + len(waiting)
+    return promoted + len(lost) + republished
 
 
 def _release_stalled(*, session: Session, settings: Settings, now: datetime, limit: int) -> None:
@@ -152,24 +181,38 @@ def _release_stalled(*, session: Session, settings: Settings, now: datetime, lim
             or_(Batch.progress_at.is_(None), Batch.progress_at < stall),
         )
         .limit(limit)
+        # The batch rows first, as cancel takes them: recipients first, the two deadlocked.
+        # None another transaction holds (see promote_due): an UPDATE of them all waited
+        # for each in its plan's order (by id) while the expiry, holding one, waited for
+        # another in its own order (PostgreSQL: a deadlock).
+        .with_for_update(skip_locked=True)
     ).all()
     if not stalled:
         return
-    # The batch rows first, as cancel takes them: recipients first, the two deadlocked.
     session.execute(update(Batch).where(Batch.id.in_(stalled)).values(progress_at=now))
-    session.execute(
-        update(Recipient)
+    # A row another transaction holds is being claimed or expired: not waited for either.
+    idle = (
+        select(Recipient.id)
         .where(
             Recipient.batch_id.in_(stalled),
             Recipient.status == RecipientStatus.QUEUED,
             Recipient.enqueued_at < stall,
         )
-        .values(enqueued_at=None)
+        .with_for_update(skip_locked=True)
+    )
+    session.execute(
+        update(Recipient).where(Recipient.id.in_(idle)).values(enqueued_at=None),
+        execution_options={"synchronize_session": False},
     )
 
 
 def complete_if_done(*, session: Session, batch_id: str, now: datetime) -> bool:
-    """Mark a sending batch completed once none of its recipients is still in flight."""
+    """End a batch once none of its recipients is in flight: completed, or expired if its
+    expire_at stopped one of them from being handed over (see :func:`ended_as`)."""
+    # The batch row first, as cancel, the record and a late fallback take it: a fallback
+    # queueing a recipient again is then seen here once it committed (PostgreSQL), and
+    # never finds its batch completed behind it.
+    session.execute(select(Batch.id).where(Batch.id == batch_id).with_for_update())
     pending = session.scalar(
         select(exists().where(Recipient.batch_id == batch_id, Recipient.status.in_(IN_FLIGHT)))
     )
@@ -178,10 +221,31 @@ def complete_if_done(*, session: Session, batch_id: str, now: datetime) -> bool:
     return transition_batch(
         session=session,
         batch_id=batch_id,
-        to=BatchStatus.COMPLETED,
+        to=ended_as(session=session, batch_id=batch_id),
         values={"completed_at": now},
         at=now,
     )
+
+
+def ended_as(*, session: Session, batch_id: str) -> BatchStatus:
+    """How a batch with nothing in flight ends: by what its recipients say, not by who
+    (the worker's record or the expiry sweep) gets there first.
+
+    Expired exactly when expire_at stopped one of them from being handed over: expired
+    with no message a provider accepted (``sent_at`` is kept by a receipt, cleared by a
+    late fallback); otherwise completed. A message that a receipt expires after its
+    carrier accepted it does not count: that receipt may come before or after the end.
+    """
+    stopped = session.scalar(
+        select(
+            exists().where(
+                Recipient.batch_id == batch_id,
+                Recipient.status == RecipientStatus.EXPIRED,
+                Recipient.sent_at.is_(None),
+            )
+        )
+    )
+    return BatchStatus.EXPIRED if stopped else BatchStatus.COMPLETED
 
 
 def expire_due(*, session: Session, now: datetime, limit: int = 200) -> int:
@@ -194,6 +258,9 @@ def expire_due(*, session: Session, now: datetime, limit: int = 200) -> int:
         )
         .limit(limit)
     ).all()
+    # Taken one by one in id order, as a late fallback takes several: whatever order the
+    # read's plan gives would deadlock with another taker of several (PostgreSQL).
+    batches = sorted(batches, key=attrgetter("id"))
     total = sum(expire_batch(session=session, batch=batch, now=now) for batch in batches)
     session.flush()
     return total
@@ -206,21 +273,8 @@ def expire_batch(*, session: Session, batch: Batch, now: datetime) -> int:
     # (PostgreSQL), each waiting for the rows the other had changed.
     session.execute(select(Batch.id).where(Batch.id == batch.id).with_for_update())
     expired = expire_recipients(session=session, batch=batch, now=now)
-    still_sending = session.scalar(
-        select(
-            exists().where(
-                Recipient.batch_id == batch.id, Recipient.status == RecipientStatus.SENDING
-            )
-        )
-    )
-    if not still_sending:
-        transition_batch(
-            session=session,
-            batch_id=batch.id,
-            to=BatchStatus.EXPIRED,
-            values={"completed_at": now},
-            at=now,
-        )
+    # Ended as the worker's record would end it: completed if nothing was stopped.
+    complete_if_done(session=session, batch_id=batch.id, now=now)
     return expired
 
 

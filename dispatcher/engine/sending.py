@@ -211,6 +211,9 @@ def send_recipients(
             target = Recipient.id.in_(
                 next_group.with_for_update(skip_locked=True).scalar_subquery()
             )
+        # Stamped now, after any wait for tokens: the lease starts here. It names the claim:
+        # the record moves only rows that still hold it.
+        claimed_at = clock()
         with transaction(factory) as session:
             if passing_on:
                 rest = [rid for rid in work.ids if rid not in group] if work.ids else []
@@ -218,8 +221,7 @@ def send_recipients(
             claimed = claim_recipients(
                 session=session,
                 where=[target],
-                # Stamped now, after any wait for tokens: the lease starts here.
-                values={"claimed_at": clock(), "attempts": Recipient.attempts + 1},
+                values={"claimed_at": claimed_at, "attempts": Recipient.attempts + 1},
                 at=now,
                 returning=CLAIM_COLUMNS,
             )
@@ -245,7 +247,9 @@ def send_recipients(
         for attempt in deadlock_retries("send record"):
             with attempt, transaction(factory) as session:
                 handed = zip(claimed, results, strict=True)
-                again = record_results(session, settings, providers, batch, handed, clock())
+                again = record_results(
+                    session, settings, providers, batch, handed, clock(), claimed_at=claimed_at
+                )
                 if passing_on and again:
                     # The rest went to a new task before this group was handed over: what
                     # the group queued again to be tried at once (a fallback) goes in
@@ -479,10 +483,13 @@ def record_results(
     batch: Batch,
     handed: Iterable[tuple[Any, SendResult | None]],
     now: datetime,
+    *,
+    claimed_at: datetime,
 ) -> set[str]:
     """Record each hand-off's outcome (claimed row, result): sent, retry later, fall back, or fail.
 
     A None result was never handed over (lease deadline): it is queued again as it was.
+    ``claimed_at`` is the claim's stamp: a row that no longer holds it is not written.
     Returns the ids queued to be tried again at once (fallbacks, never handed over).
     """
     names: dict[str, str | None] = {}
@@ -501,7 +508,9 @@ def record_results(
         )
         for row, result in handed
     ]
-    return recording.apply(session=session, batch=batch, decisions=decisions, now=now)
+    return recording.apply(
+        session=session, batch=batch, decisions=decisions, claimed_at=claimed_at, now=now
+    )
 
 
 def _provider_name(providers: Mapping[str, Provider], channel: str) -> str | None:
@@ -542,6 +551,15 @@ def reclaim_stale(
             if provider
             else (Lookup.UNKNOWN, None)
         )
+        # The batch row before any write but this row's, and not waited for: its holder may
+        # be this claim's own worker, recording late, which took it first and waits for
+        # the row held here (a deadlock, PostgreSQL). Left to the next run, if that record
+        # does not settle it first; a cancel in progress, the same.
+        status = session.scalar(
+            select(Batch.status).where(Batch.id == batch.id).with_for_update(skip_locked=True)
+        )
+        if status is None:
+            continue
         to, values = RECLAIMED[found]
         if found is Lookup.ACCEPTED:
             values = {
@@ -554,7 +572,8 @@ def reclaim_stale(
             session=session,
             to=to,
             current=(R.SENDING,),
-            where=[Recipient.id == rec.id, Recipient.claimed_at == rec.claimed_at],
+            where=[Recipient.id == rec.id],
+            claimed_at=rec.claimed_at,
             values=values,
             at=now,
             batch=batch,
@@ -576,11 +595,8 @@ def reclaim_stale(
             receipts.settle(session=session, provider=provider.name, refs=[ref], now=now)
         if to is R.QUEUED:
             # A cancel while the claim was out did not count it: queued again in a stopped
-            # batch, nothing would ever send or end it. The batch row is locked, so a
-            # cancel in progress is waited for (or waits, and then finds this row queued).
-            status = session.scalars(
-                select(Batch.status).where(Batch.id == batch.id).with_for_update()
-            ).one()
+            # batch, nothing would ever send or end it. The batch row is held, so a cancel
+            # waits, and then finds this row queued.
             stop_requeued(session=session, batch=batch, batch_status=status, ids=[rec.id], now=now)
         else:
             complete_if_done(session=session, batch_id=batch.id, now=now)

@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dispatcher import outbox
 from dispatcher.accounts.models import Account
 from dispatcher.batches import service
-from dispatcher.batches.models import Batch, Recipient, StatusEvent
+from dispatcher.batches.models import Attempt, Batch, Recipient, StatusEvent
+from dispatcher.batches.transitions import claim_recipients
 from dispatcher.channels.base import Lookup, OutboundMessage, Outcome, Provider, SendResult
 from dispatcher.config import Settings
 from dispatcher.db import transaction, utcnow
@@ -366,8 +367,9 @@ def test_a_hand_off_failing_after_cancel_is_not_tried_again(
     with transaction(sessions) as session:
         batch = session.get(Batch, batch_id)
         assert batch is not None
+        handed = zip(claimed, [result], strict=True)
         again = sending.record_results(
-            session, settings, {}, batch, zip(claimed, [result], strict=True), utcnow()
+            session, settings, {}, batch, handed, utcnow(), claimed_at=now
         )
     assert not again
     assert_cancelled_for_good(sessions, settings, publisher, batch_id, now)
@@ -417,6 +419,156 @@ def test_reclaim_never_overwrites_an_outcome_recorded_meanwhile(
     with sessions() as session:
         row = session.scalars(select(Recipient).where(Recipient.batch_id == batch_id)).one()
         assert (row.status, row.provider_message_id) == (R.SENT, "p1")
+
+
+@pytest.mark.parametrize(
+    "stale",
+    [
+        # Refused for now: the carrier's ledger has nothing, so reclaim queued it again.
+        SendResult(Outcome.TRANSIENT, error_code="busy"),
+        # Accepted, though the carrier's ledger had not shown it when reclaim asked.
+        SendResult(Outcome.ACCEPTED),
+    ],
+    ids=["transient", "accepted"],
+)
+def test_a_stale_record_never_overwrites_the_outcome_of_a_newer_claim(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    stale: SendResult,
+) -> None:
+    """A worker stalled past the lease between its hand-off and its record: reclaim found
+    nothing at the carrier and queued the recipients again, another worker claimed and
+    sent them. The stalled worker's record must not take the newer claim's rows (a
+    transient outcome queued them for a retry: sent twice, and the newer record found
+    nothing to move; an accepted one replaced the message ids receipts match on)."""
+    batch_id = create(sessions, settings, tenant, count=2)
+    now = utcnow()
+    lapsed = now - timedelta(seconds=settings.send_lease + 1)
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        # Tried once before: the group's rows differ in more than their ids.
+        session.execute(update(Recipient).where(Recipient.seq == 1).values(attempts=1))
+        first = claim(session, batch_id, lapsed)
+    with transaction(sessions) as session:
+        providers = {"sms": Ledger({row.to: (Lookup.NOT_FOUND, None) for row in first})}
+        reclaimed = sending.reclaim_stale(
+            session=session, settings=settings, providers=providers, now=now
+        )
+    assert reclaimed == {"not_found": 2}
+    with transaction(sessions) as session:
+        second = claim(session, batch_id, now)
+
+    def record(rows: list[Any], claimed_at: datetime, **refs: str) -> None:
+        with transaction(sessions) as session:
+            batch = session.get_one(Batch, batch_id)
+            results = [
+                SendResult(Outcome.ACCEPTED, provider_message_id=f"{refs['ref']}-{row.to}")
+                if refs
+                else stale
+                for row in rows
+            ]
+            handed = zip(rows, results, strict=True)
+            sending.record_results(
+                session, settings, {}, batch, handed, utcnow(), claimed_at=claimed_at
+            )
+
+    if stale.outcome is Outcome.ACCEPTED:
+        record(first, lapsed, ref="first")
+    else:
+        record(first, lapsed)
+    record(second, now, ref="second")
+    with sessions() as session:
+        rows = session.scalars(
+            select(Recipient).where(Recipient.batch_id == batch_id).order_by(Recipient.seq)
+        ).all()
+        assert [(r.status, r.provider_message_id) for r in rows] == [
+            (R.SENT, f"second-{r.to}") for r in rows
+        ]
+        # Nothing of the stale outcome either (its retry time, its count of attempts).
+        assert [(r.attempts, r.next_attempt_at) for r in rows] == [(2, None), (3, None)]
+        tried = session.scalars(
+            select(Attempt.outcome).where(Attempt.recipient_id == rows[0].id)
+        ).all()
+    # Both hand-offs are in the recipient's history, whatever its row says.
+    assert sorted(tried) == sorted(["reclaim:not_found", stale.outcome.value, "accepted"])
+
+
+def test_a_stale_record_while_reclaim_asks_the_carrier_does_not_deadlock(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+) -> None:
+    """PostgreSQL: reclaim holds a lapsed claim's row while it asks the carrier; the
+    stalled worker's record comes to life meanwhile, takes the batch row (as every writer
+    does first) and waits for that row. Reclaim then waited for the batch row to end the
+    batch: a deadlock. Reclaim does not wait for a batch row someone holds: it leaves the
+    row to the next run, and the worker's own record settles it."""
+    postgres_only(settings)
+    batch_id = create(sessions, settings, tenant, count=1)
+    now = utcnow()
+    lapsed = now - timedelta(seconds=settings.send_lease + 1)
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=batch_id, now=now)
+        [row] = claim(session, batch_id, lapsed)
+    accepted = SendResult(Outcome.ACCEPTED, provider_message_id="late")
+    threads: list[Thread] = []
+    errors: list[BaseException] = []
+    deadlocks: list[BaseException] = []
+
+    def late_record() -> None:
+        try:
+            with transaction(sessions) as session:
+                batch = session.get_one(Batch, batch_id)
+                handed = [(row, accepted)]
+                sending.record_results(
+                    session, settings, {}, batch, handed, utcnow(), claimed_at=lapsed
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    class Carrier(Ledger):
+        """Answers once the worker's late record waits for the row reclaim holds."""
+
+        def lookup(
+            self, message: OutboundMessage, *, claimed_at: datetime | None = None
+        ) -> tuple[Lookup, str | None]:
+            threads.append(Thread(target=late_record, name="late record"))
+            threads[0].start()
+            wait_for(lambda: not threads[0].is_alive() or blocked(sessions))
+            return super().lookup(message, claimed_at=claimed_at)
+
+    def failed(context: Any) -> None:
+        if getattr(context.original_exception, "sqlstate", None) == "40P01":
+            deadlocks.append(context.original_exception)
+
+    engine = sessions.kw["bind"]
+    event.listen(engine, "handle_error", failed)
+    try:
+        with transaction(sessions) as session:
+            carrier = Carrier({row.to: (Lookup.ACCEPTED, "late")})
+            sending.reclaim_stale(
+                session=session, settings=settings, providers={"sms": carrier}, now=now
+            )
+        [thread] = threads
+        thread.join(timeout=30)
+    finally:
+        event.remove(engine, "handle_error", failed)
+    assert (deadlocks, errors) == ([], [])
+    with sessions() as session:
+        settled = session.get_one(Recipient, row.id)
+        assert (settled.status, settled.provider_message_id) == (R.SENT, "late")
+
+
+def claim(session: Session, batch_id: str, at: datetime) -> list[Any]:
+    """Claim the batch's queued recipients as a worker does, at ``at``: the rows it returns."""
+    return claim_recipients(
+        session=session,
+        where=[Recipient.batch_id == batch_id],
+        values={"claimed_at": at, "attempts": Recipient.attempts + 1},
+        at=at,
+        returning=sending.CLAIM_COLUMNS,
+    )
 
 
 def test_a_claim_reclaimed_after_its_batch_was_cancelled_ends_cancelled(
@@ -640,3 +792,103 @@ def test_a_cancel_while_the_sweep_releases_a_stalled_batch_does_not_deadlock(
         assert set(
             session.scalars(select(Recipient.status).where(Recipient.batch_id == batch_id))
         ) == {R.CANCELLED}
+
+
+def test_the_expiry_and_the_release_of_stalled_batches_do_not_deadlock(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+) -> None:
+    """PostgreSQL: two sending batches, both stalled (a worker died) and past expire_at,
+    their recipients waiting for a retry time. The expiry took them one by one in the
+    order its read returned (by an index on the status: equal keys in the table's order),
+    the release of stalled batches in one UPDATE in its plan's order (by id): each held
+    one the other waited for. Nor may the sweep, holding a batch, wait for the recipients
+    the expiry holds. The expiry takes batches in id order; the sweep waits for no row
+    another transaction holds (it skips it: the next sweep finds it)."""
+    postgres_only(settings)
+    start = utcnow()
+    pair = [create(sessions, settings, tenant, count=2) for _ in range(2)]
+    with transaction(sessions) as session:
+        for batch_id in pair:
+            scheduling.dispatch_batch(
+                session=session, settings=settings, batch_id=batch_id, now=start
+            )
+        session.execute(
+            update(Batch).where(Batch.id.in_(pair)).values(expire_at=start - timedelta(seconds=1))
+        )
+        session.execute(
+            update(Recipient)
+            .where(Recipient.batch_id.in_(pair))
+            .values(enqueued_at=None, next_attempt_at=start)
+        )
+    # The two orders disagree: the one first by id is last in the table.
+    first, second = sorted(pair)
+    for i in range(20):
+        if table_order(sessions, pair) == [second, first]:
+            break
+        with transaction(sessions) as session:
+            # A new send_at, indexed: a new row version, with index entries of its own.
+            moved = start - timedelta(seconds=i + 1)
+            session.execute(update(Batch).where(Batch.id == first).values(send_at=moved))
+    assert table_order(sessions, pair) == [second, first]
+    engine = sessions.kw["bind"]
+    threads: list[Thread] = []
+    errors: list[BaseException] = []
+    later = start + timedelta(seconds=settings.stall_after + 1)
+
+    def release() -> None:
+        try:
+            with transaction(sessions) as session:
+                scheduling.promote_due(session=session, settings=settings, now=later)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def planned(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        # As the planner does on a table of production size: by index, not a scan of it.
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("SET LOCAL enable_bitmapscan = off")
+
+    def first_lock(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        # Once the expiry holds its first batch and has expired its waiting recipients, the
+        # sweep releases the stalled batches (and re-publishes what waits in them).
+        expired = statement.startswith("UPDATE recipients SET status")
+        if expired and not threads and threading.current_thread() is main:
+            threads.append(Thread(target=release, name="release"))
+            threads[0].start()
+            wait_for(lambda: not threads[0].is_alive() or blocked(sessions))
+
+    main = threading.current_thread()
+    event.listen(engine, "before_cursor_execute", planned)
+    event.listen(engine, "after_cursor_execute", first_lock)
+    try:
+        with transaction(sessions) as session:
+            scheduling.expire_due(session=session, now=later)
+    finally:
+        event.remove(engine, "after_cursor_execute", first_lock)
+        event.remove(engine, "before_cursor_execute", planned)
+    [thread] = threads
+    thread.join(timeout=30)
+    assert errors == []
+    with sessions() as session:
+        for batch_id in pair:
+            assert session.get_one(Batch, batch_id).status == BatchStatus.EXPIRED
+
+
+def table_order(sessions: sessionmaker[Session], ids: list[str]) -> list[str]:
+    """The batches' rows in the order a scan of the table (or of equal index keys) meets them."""
+    with sessions() as session:
+        return list(
+            session.scalars(
+                text("SELECT id FROM batches WHERE id = ANY(:ids) ORDER BY ctid"), {"ids": ids}
+            )
+        )
+
+
+def blocked(sessions: sessionmaker[Session]) -> bool:
+    """Whether a transaction waits for a lock (PostgreSQL)."""
+    with sessions() as session:
+        waiting = session.scalar(
+            text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        )
+    return bool(waiting)

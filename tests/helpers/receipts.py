@@ -53,7 +53,8 @@ def claimed_batch(
     options: dict[str, Any] | None = None,
     claimed_at: datetime | None = None,
 ) -> tuple[str, list[Any]]:
-    """A sending batch whose recipients a worker has claimed, as the claim returns them."""
+    """A sending batch whose recipients a worker has claimed, as the claim returns them
+    (and when: the claim their record names)."""
     with transaction(sessions) as session:
         account = session.get(Account, tenant.id)
         assert account is not None
@@ -76,7 +77,7 @@ def claimed_batch(
             update(Recipient)
             .where(Recipient.batch_id == batch_id)
             .values(status=R.SENDING, claimed_at=claimed_at or now, attempts=1)
-            .returning(*sending.CLAIM_COLUMNS)
+            .returning(*sending.CLAIM_COLUMNS, Recipient.claimed_at)
         ).all()
     return batch_id, sorted(rows, key=lambda r: r.to)
 
@@ -94,7 +95,10 @@ def record(
         assert batch is not None
         results = [SendResult(Outcome.ACCEPTED, provider_message_id=ref_of(r.id)) for r in rows]
         handed = zip(rows, results, strict=True)
-        sending.record_results(session, settings, {"sms": provider}, batch, handed, utcnow())
+        claimed_at = rows[0].claimed_at
+        sending.record_results(
+            session, settings, {"sms": provider}, batch, handed, utcnow(), claimed_at=claimed_at
+        )
         scheduling.complete_if_done(session=session, batch_id=batch_id, now=utcnow())
 
 
