@@ -15,6 +15,7 @@ import functools
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -85,6 +86,30 @@ def _wait_for_redis(settings: Settings, deadline: float) -> None:
             client.close()
 
 
+def taken_ports(settings: Settings) -> list[str]:
+    """The addresses ``dispatcher run`` would listen on that something else holds, each
+    with the setting that moves it. A Redis already on the embedded one's port would
+    otherwise be used by every process in its place, and a taken API port would only
+    show as the API exiting after the banner."""
+    wanted = [
+        (settings.api_host, settings.api_port, f"{PREFIX}API_PORT"),
+        ("127.0.0.1", settings.flower_port, f"{PREFIX}FLOWER_PORT"),
+    ]
+    if settings.embedded_redis:
+        url = urlparse(settings.redis_url)
+        wanted.append((url.hostname or "127.0.0.1", url.port or 6379, f"{PREFIX}REDIS_URL"))
+    taken = []
+    for host, port, setting in wanted:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            # As the servers bind: a port in TIME_WAIT is free to them.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError:
+                taken.append(f"{host}:{port} is in use (set {setting} to move it)")
+    return taken
+
+
 def ensure_demo(settings: Settings) -> tuple[str, str, str]:
     """The demo account's id, API key and webhook secret; created on first start."""
     from dispatcher.accounts import service
@@ -129,11 +154,16 @@ def prepare(settings: Settings) -> Settings:
     )
     if not settings.embedded_redis:
         return settings
-    if PREFIX + "CALLBACK_ALLOWLIST" not in os.environ:
+    if not _configured("CALLBACK_ALLOWLIST"):
         settings = settings.replace(callback_allowlist=("127.0.0.1", "::1", "localhost"))
-    if PREFIX + "LOG_FORMAT" not in os.environ:
+    if not _configured("LOG_FORMAT"):
         settings = settings.replace(log_format="text")
     return settings
+
+
+def _configured(name: str) -> bool:
+    """Whether the environment gives setting ``name``, itself or in a file (``_FILE``)."""
+    return any(f"{PREFIX}{name}{end}" in os.environ for end in ("", "_FILE"))
 
 
 def commands(settings: Settings) -> dict[str, list[str]]:
@@ -257,9 +287,15 @@ def serve(settings: Settings) -> int:
     """Run everything until SIGINT/SIGTERM; returns the process exit code."""
     from dispatcher.migrate import upgrade
 
+    taken = taken_ports(settings)
+    for line in taken:
+        print(f"[dispatcher] cannot start: {line}", flush=True)
+    if taken:
+        return 1
     settings.var_path.mkdir(parents=True, exist_ok=True)
     settings = prepare(settings)
-    sup = Supervisor(grace=STOP_GRACE)
+    # Warm: workers finish their running tasks (Ctrl-C mid-send loses no claim).
+    sup = Supervisor(grace=STOP_GRACE, warm=True)
     stopping = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:

@@ -87,11 +87,18 @@ class Child:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
 
-    def stop(self, grace: float = STOP_GRACE) -> bool:
-        """SIGTERM the group, SIGKILL it after ``grace``; True if SIGTERM was enough."""
+    def stop(self, grace: float = STOP_GRACE, *, warm: bool = False) -> bool:
+        """SIGTERM the group (``warm``: the child alone, which stops its own children),
+        SIGKILL the group after ``grace``; True if SIGTERM was enough."""
         clean = True
         if self.proc.poll() is None:
-            self.kill_group(signal.SIGTERM)
+            if warm:
+                # Celery's warm shutdown lets the pool finish its tasks; a SIGTERM to
+                # the pool processes themselves would kill those tasks mid-way.
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signal.SIGTERM)
+            else:
+                self.kill_group(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
@@ -108,10 +115,12 @@ class Child:
 
 
 class Supervisor:
-    """The children of one run, stopped newest first (so Redis, started first, stops last)."""
+    """The children of one run, stopped newest first (so Redis, started first, stops last);
+    ``warm``: each by a SIGTERM to the child alone (see :meth:`Child.stop`)."""
 
-    def __init__(self, *, grace: float = STOP_GRACE) -> None:
+    def __init__(self, *, grace: float = STOP_GRACE, warm: bool = False) -> None:
         self.grace = grace
+        self.warm = warm
         self.children: list[Child] = []
 
     def add(self, child: Child) -> Child:
@@ -124,7 +133,7 @@ class Supervisor:
         return next((c for c in self.children if not c.alive()), None)
 
     def stop_child(self, child: Child) -> None:
-        child.stop(self.grace)
+        child.stop(self.grace, warm=self.warm)
         self.children.remove(child)
 
     def stop(self, *, on_stop: Callable[[Child], None] | None = None) -> None:
@@ -132,7 +141,7 @@ class Supervisor:
         for child in reversed(self.children):
             if on_stop is not None:
                 on_stop(child)
-            child.stop(self.grace)
+            child.stop(self.grace, warm=self.warm)
         self.children.clear()
 
     def watch(self, stopping: Callable[[], bool], poll: float = 0.5) -> Child | None:

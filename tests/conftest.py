@@ -38,6 +38,14 @@ from tests.factories import Tenant
 from tests.helpers import RecordingPublisher, free_port, make_settings, wait_for_redis
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``--dist loadfile`` xdist hands out files in collection order, not (its default)
+    the files with the most tests first: that put the slow real-process files, which have few
+    tests, last, and the run ended with one of them running alone for minutes."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 @pytest.hookimpl(trylast=True)  # after pytest has grouped the tests by database
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under xdist, the files that start real processes go first: their waits then

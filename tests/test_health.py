@@ -14,7 +14,7 @@ from api.app import create_app
 from dispatcher import health
 from dispatcher.config import Settings
 from dispatcher.runtime import Runtime
-from tests.engine.system import worker
+from tests.engine.system import Together, worker_process
 from tests.helpers import RecordingPublisher, free_port, wait_for
 
 
@@ -107,10 +107,9 @@ def test_ready_once_real_workers_beat_and_not_after_they_stop(
 ) -> None:
     settings = isolated.replace(worker_seen_within=3.0)
     with client_for(settings) as client:
-        with (
-            worker(settings, tmp_path, name="send", queues="dispatch,send"),
-            worker(settings, tmp_path, name="callbacks", queues="callbacks"),
-        ):
+        with Together() as workers:
+            workers.add(worker_process(settings, tmp_path, name="send", queues="dispatch,send"))
+            workers.add(worker_process(settings, tmp_path, name="callbacks", queues="callbacks"))
             wait_for(lambda: client.get("/health/ready").status_code == 200, timeout=60)
             seen = health.workers_seen(client=quiet)
             assert seen == {"dispatch": 1, "send": 1, "callbacks": 1}

@@ -399,7 +399,9 @@ def test_callback_outcomes_are_counted_by_a_real_delivery(fresh: Runtime) -> Non
     from dispatcher.webhooks import delivery
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     tenant = Tenant(fresh.sessions)

@@ -7,7 +7,7 @@ from datetime import UTC
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_init, worker_process_init
+from celery.signals import beat_init, worker_init, worker_process_init, worker_process_shutdown
 from sqlalchemy.engine import make_url
 
 from dispatcher import outbox, priority
@@ -15,6 +15,7 @@ from dispatcher.channels import registry
 from dispatcher.config import Settings
 from dispatcher.outbox import TaskName
 from dispatcher.runtime import Runtime
+from dispatcher.webhooks import delivery
 from workers import telemetry
 from workers.heartbeat import Heartbeat
 
@@ -141,5 +142,12 @@ def create_celery(settings: Settings | None = None) -> Celery:
         # A forked pool process must not share the parent's sockets.
         runtime.reset_after_fork()
         settle_gc()
+
+    @worker_process_shutdown.connect(weak=False, dispatch_uid="dispatcher_drain_callbacks")
+    def _before_exit(**_: Any) -> None:
+        # A pool process leaving (Celery's warm shutdown closes the pool once its tasks
+        # are done): its callback lanes may still have POSTs in flight. Let them finish
+        # and record them, or they stay 'delivering' until the lease and go out again.
+        delivery.drain()
 
     return app

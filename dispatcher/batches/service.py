@@ -83,8 +83,10 @@ def fit_parts(new: NewBatch) -> NewBatch:
         return new
     if not new.truncate:
         worst = max(info.parts for info in infos)
+        # Messaging Plus sets the limit from allowMulti: name the switch that lifts it.
+        hint = " (allowMulti=true in the query allows more)" if new.dialect == "mplus" else ""
         raise ValidationError(
-            f"needs {worst} SMS parts; at most {new.max_parts} allowed", field="message"
+            f"needs {worst} SMS parts; at most {new.max_parts} allowed{hint}", field="message"
         )
     cut = parts.truncate(new.body, max_parts=new.max_parts)
     if bodies is not None:

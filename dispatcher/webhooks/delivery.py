@@ -65,7 +65,7 @@ from dispatcher.webhooks.limits import EndpointGate, Grant, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint, body_text
 from dispatcher.webhooks.scheduling import by_id, chunks, count, publish, sources
 
-__all__ = ["OUTCOMES", "body_of", "deliver", "gate_for"]
+__all__ = ["OUTCOMES", "body_of", "deliver", "drain", "gate_for"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ STALL = 0.5
 LATE_FLUSH = 1.0
 # A lane takes no new callback after this long; the rest go back to pending.
 LANE_BUDGET = 20.0
+# A stopping process waits this long for its lanes' POSTs in flight: well within the
+# stop grace of `dispatcher run` (20 s) and docker-compose (60 s), after the task itself.
+STOP_WAIT = 5.0
 # A callback whose endpoint is at its concurrency limit is tried again after this, or
 # after as long as the endpoint's oldest slot has been held, up to MAX_BUSY_DELAY.
 BUSY_DELAY = 1.0
@@ -276,6 +279,7 @@ class _LateOutcomes:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()
         self._done: list[_Done] = []
         self._timer: threading.Timer | None = None
         self._record: Callable[[list[_Done]], None] | None = None
@@ -286,7 +290,7 @@ class _LateOutcomes:
             self._done.extend(done)
             self._record = record
             if self._timer is None:
-                self._timer = threading.Timer(LATE_FLUSH, self._flush)
+                self._timer = threading.Timer(LATE_FLUSH, self.flush)
                 self._timer.daemon = True
                 self._timer.start()
 
@@ -296,17 +300,22 @@ class _LateOutcomes:
             done, self._done = self._done, []
             return done
 
-    def _flush(self) -> None:
-        with self._lock:
-            self._timer = None
-            done, self._done = self._done, []
-            record = self._record
-        if not done or record is None:
-            return
-        try:
-            record(done)
-        except Exception:
-            log.exception("recording late callback outcomes failed; the lease will reclaim them")
+    def flush(self) -> None:
+        """Record what is waiting now (the timer's job, or a stopping process's)."""
+        # One flush at a time: a stopping process waits for the timer's write to end.
+        with self._flushing:
+            with self._lock:
+                self._timer = None
+                done, self._done = self._done, []
+                record = self._record
+            if not done or record is None:
+                return
+            try:
+                record(done)
+            except Exception:
+                log.exception(
+                    "recording late callback outcomes failed; the lease will reclaim them"
+                )
 
 
 class _Pace:
@@ -350,6 +359,76 @@ def _late_for(factory: sessionmaker[Session]) -> _LateOutcomes:
         if late is None:
             late = _late[factory] = _LateOutcomes()
         return late
+
+
+class _Running:
+    """The lanes this process has started and not finished, so that a stopping process
+    can let them end their POSTs and record what was answered."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        # id(lane) -> the lane's run, the lane and its answers so far (by item index).
+        self._lanes: dict[int, tuple[_Run, _Lane, dict[int, DeliveryResult]]] = {}
+        self.stopping = threading.Event()
+
+    def add(self, run: _Run, lane: _Lane) -> dict[int, DeliveryResult]:
+        """Count ``lane`` as running (from its submission); returns where its answers go."""
+        results: dict[int, DeliveryResult] = {}
+        with self._cond:
+            self._lanes[id(lane)] = (run, lane, results)
+        return results
+
+    def finished(self, lane: _Lane) -> None:
+        """``lane`` has handed in (or recorded) its outcomes."""
+        with self._cond:
+            self._lanes.pop(id(lane), None)
+            self._cond.notify_all()
+
+    def stop(self, *, seconds: float) -> list[tuple[_Run, list[_Done]]]:
+        """Let no lane start another POST; wait up to ``seconds`` for the running ones, and
+        return the answers so far of those still running then (the rest stay claimed)."""
+        self.stopping.set()
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            if self._lanes:
+                log.info(
+                    "stopping: waiting up to %g s for %d callback lanes", seconds, len(self._lanes)
+                )
+            while self._lanes and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            running = list(self._lanes.values())
+        if running:
+            log.warning(
+                "stopping: %d callbacks still unanswered after %g s stay 'delivering' until "
+                "their lease",
+                sum(len(lane.items) - len(results) for _, lane, results in running),
+                seconds,
+            )
+        # dict() copies in one step under the GIL, while a cut-off lane may still add.
+        return [
+            (run, [_Done(lane.items[i], r) for i, r in dict(results).items()])
+            for run, lane, results in running
+        ]
+
+
+_running = _Running()
+
+
+def drain(*, seconds: float = STOP_WAIT) -> None:
+    """Before this process exits: let its lanes finish the POSTs they started (starting no
+    more), for up to ``seconds``, then record every outcome there is.
+
+    Else a process leaving with POSTs in flight leaves their callbacks 'delivering'
+    until the lease, and what the receivers had answered is POSTed again. What is
+    still unanswered after ``seconds`` stays 'delivering' for the lease.
+    """
+    for run, answered in _running.stop(seconds=seconds):
+        if answered:
+            _late_for(run.factory).add(answered, _recorder(run))
+    with _late_lock:
+        buffers = list(_late.values())
+    for late in buffers:
+        late.flush()
 
 
 def deliver(
@@ -451,7 +530,12 @@ def _run_round(run: _Run, *, lanes: list[_Lane], deadline: float) -> tuple[list[
     collector = _Collector(lanes)
     try:
         for lane in lanes:
-            run.sender.submit(_run_lane, run, lane=lane, collector=collector)
+            results = _running.add(run, lane)
+            try:
+                run.sender.submit(_run_lane, run, lane=lane, collector=collector, results=results)
+            except BaseException:
+                _running.finished(lane)
+                raise
         wait = run.settings.callback_task_wait
         # Never past the limit, however well the lanes move: other tasks are waiting.
         limit = deadline + max(2 * wait, 4 * STALL)
@@ -768,23 +852,30 @@ def _defer(session: Session, ids: Sequence[str], *, until: datetime, now: dateti
 # --- POST -----------------------------------------------------------------------------
 
 
-def _run_lane(run: _Run, *, lane: _Lane, collector: _Collector) -> None:
-    """POST a lane's callbacks in order, then hand the outcomes in (or record them)."""
-    results: dict[int, DeliveryResult] = {}
+def _run_lane(
+    run: _Run, *, lane: _Lane, collector: _Collector, results: dict[int, DeliveryResult]
+) -> None:
+    """POST a lane's callbacks in order into ``results``, then hand the outcomes in (or
+    record them)."""
     gate = run.gate
     try:
-        _post_lane(lane=lane, sender=run.sender, gate=gate, moved=collector.moved, results=results)
-    except Exception:
-        # Logged, not raised (this is the sender's thread): what was answered is
-        # recorded, the rest goes back to pending untried, and is POSTed again.
-        log.exception("callback lane failed; its unanswered callbacks go back to pending")
+        try:
+            _post_lane(
+                lane=lane, sender=run.sender, gate=gate, moved=collector.moved, results=results
+            )
+        except Exception:
+            # Logged, not raised (this is the sender's thread): what was answered is
+            # recorded, the rest goes back to pending untried, and is POSTed again.
+            log.exception("callback lane failed; its unanswered callbacks go back to pending")
+        finally:
+            for token in lane.tokens:
+                gate.release(lane.key, token)
+        # Those never started (or never answered) go back untried.
+        done = [_Done(item, results.get(i)) for i, item in enumerate(lane.items)]
+        if not collector.hand_in(lane, done):
+            _late_for(run.factory).add(done, _recorder(run))
     finally:
-        for token in lane.tokens:
-            gate.release(lane.key, token)
-    # Those never started (or never answered) go back untried.
-    done = [_Done(item, results.get(i)) for i, item in enumerate(lane.items)]
-    if not collector.hand_in(lane, done):
-        _late_for(run.factory).add(done, _recorder(run))
+        _running.finished(lane)
 
 
 def _recorder(run: _Run) -> Callable[[list[_Done]], None]:
@@ -818,7 +909,9 @@ def _post_lane(
         try:
             while True:
                 while not stop and len(volley) < len(lane.tokens) and len(sent) < len(items):
-                    if sent and time.monotonic() - started > LANE_BUDGET:
+                    if _running.stopping.is_set() or (
+                        sent and time.monotonic() - started > LANE_BUDGET
+                    ):
                         stop = True
                         break
                     i = len(sent)

@@ -6,7 +6,6 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
@@ -18,9 +17,11 @@ from tests.factories import Tenant
 BIG = 12 * 1024 * 1024
 
 
-@pytest.fixture()
-def live(settings: Settings, tmp_path: Path) -> Iterator[Live]:
-    with gunicorn(settings, tmp_path) as server:
+@pytest.fixture(scope="module")
+def live(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """One gunicorn per database for the module: each test sends its own requests and
+    changes nothing in the server (a boot costs 2-4 s, most of a test here)."""
+    with gunicorn(settings, tmp_path_factory.mktemp("gunicorn")) as server:
         yield server
 
 

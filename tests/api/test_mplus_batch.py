@@ -533,7 +533,7 @@ def test_allow_multi_false_refuses_a_two_part_message(
     client: FlaskClient, tenant: Tenant, ledger: Ledger
 ) -> None:
     long = "a" * 161
-    refused(post(client, tenant, minimum(message=long)), 400, "message", "part")
+    refused(post(client, tenant, minimum(message=long)), 400, "message", "part", "allowMulti=true")
     refused(post(client, tenant, minimum(message=long), "?allowMulti=false"), 400, "message")
     ledger.assert_unchanged()
 

@@ -44,7 +44,9 @@ def carrier() -> Iterator[str]:
     Carrier.seen.clear()
     Carrier.release.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Carrier)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/send"
     Carrier.release.set()

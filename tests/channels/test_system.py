@@ -86,7 +86,9 @@ def api(settings_for_vendors: Settings, tmp_path_factory: pytest.TempPathFactory
     runtime: Runtime = create_celery(settings).runtime  # type: ignore[attr-defined]
     live = Live(runtime, settings.api_port)
     logs = tmp_path_factory.mktemp("vendor-logs")
-    with system.worker(settings, logs, concurrency=2), system.beat(settings, logs):
+    with system.Together() as processes:
+        processes.add(system.worker_process(settings, logs, concurrency=2))
+        processes.add(system.beat_process(settings, logs))
         yield live
     live.close()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +74,7 @@ def running(
     worker_settings = settings.replace(
         worker_metrics_port=worker_port, worker_metrics_host="127.0.0.1"
     )
-    with ExitStack() as stack:
+    with system.Together() as processes:
         api = Process(
             [
                 sys.executable,
@@ -92,7 +92,7 @@ def running(
             logs / "api.log",
             api_env,
         )
-        stack.callback(api.stop)
+        processes.add(api)
         worker = Process(
             system.celery(
                 "worker",
@@ -112,7 +112,7 @@ def running(
             logs / "worker.log",
             worker_env,
         )
-        stack.callback(worker.stop)
+        processes.add(worker)
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _up(f"{base}/health"), timeout=60)
         exporter = f"http://127.0.0.1:{worker_port}/metrics" if worker_port else None

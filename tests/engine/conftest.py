@@ -41,12 +41,22 @@ def live_sessions(live: Runtime) -> sessionmaker[Session]:
 
 
 @pytest.fixture(scope="module")
-def send_worker(sys_settings: Settings, logs: Path, live: Runtime) -> Iterator[system.Process]:
-    with system.worker(sys_settings, logs, concurrency=2) as proc:
-        yield proc
+def module_processes(live: Runtime) -> Iterator[system.Together]:
+    """The module's real processes, stopped together once the fixtures that started them
+    are done (one by one, each waited for its own warm shutdown)."""
+    with system.Together() as processes:
+        yield processes
 
 
 @pytest.fixture(scope="module")
-def scheduler(sys_settings: Settings, logs: Path, live: Runtime) -> Iterator[system.Process]:
-    with system.beat(sys_settings, logs) as proc:
-        yield proc
+def send_worker(
+    sys_settings: Settings, logs: Path, module_processes: system.Together
+) -> system.Process:
+    return module_processes.add(system.worker_process(sys_settings, logs, concurrency=2))
+
+
+@pytest.fixture(scope="module")
+def scheduler(
+    sys_settings: Settings, logs: Path, module_processes: system.Together
+) -> system.Process:
+    return module_processes.add(system.beat_process(sys_settings, logs))

@@ -230,10 +230,9 @@ def test_a_throttled_backlog_does_not_hold_the_send_pool(
     a = Tenant(live.sessions, name="throttled", rate=A_RATE)
     b = Tenant(live.sessions, name="other")
     try:
-        with (
-            system.worker(settings, tmp_path, name="fair", concurrency=4),
-            system.beat(settings, tmp_path),
-        ):
+        with system.Together() as processes:
+            processes.add(system.worker_process(settings, tmp_path, name="fair", concurrency=4))
+            processes.add(system.beat_process(settings, tmp_path))
             a_posted = utcnow()
             a_batch = post_batch(api, a.key, [f"+4477003{i:05d}" for i in range(A_COUNT)])
             # A's backlog is being worked on: every send process could now be taken by it.

@@ -32,10 +32,9 @@ def test_four_worker_processes_share_one_account_rate(
     small = sys_settings.replace(chunk_size=10)
     api = create_app(small, runtime=live).test_client()
     account = Account(live_sessions, rate=RATE)
-    with (
-        system.worker(small, logs, name="rate-a", concurrency=2),
-        system.worker(small, logs, name="rate-b", concurrency=2),
-    ):
+    with system.Together() as processes:
+        processes.add(system.worker_process(small, logs, name="rate-a", concurrency=2))
+        processes.add(system.worker_process(small, logs, name="rate-b", concurrency=2))
         posted = utcnow()
         batch_id = send(api, account, numbers("+44770057", COUNT))
 

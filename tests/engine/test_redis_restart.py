@@ -384,8 +384,9 @@ def test_a_restart_that_loses_the_data_loses_nothing_and_sends_nothing_twice(
     sessions = live.sessions
     tenant = Tenant(sessions, rate=40)
     hooks = edge.url("/hooks")
-    # A sent message with no receipt (the carrier sends none) ends unknown this soon.
-    deadline = restart_settings.replace(receipt_deadline=5)
+    # A sent message with no receipt (the carrier sends none) ends unknown this soon (the
+    # receipts sweep runs every 5 s: each second here can cost a sweep's wait).
+    deadline = restart_settings.replace(receipt_deadline=2)
     with kept(deadline, logs, name="send-lost", concurrency=2) as worker:
         now_id = send(api, tenant, numbers("+44770059", 150), channel="rcs", callback=hooks)
         # Due in a few seconds: its dispatch waits in Redis as an ETA task.

@@ -16,7 +16,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -161,16 +160,16 @@ class Handler(BaseHTTPRequestHandler):
 class CallbackWorkers:
     """The callback pool: one real worker consuming ``callbacks``, which a test may kill."""
 
-    def __init__(self, settings: Settings, logs: Path, stack: ExitStack) -> None:
-        self.settings, self.logs, self.stack = settings, logs, stack
+    def __init__(self, settings: Settings, logs: Path, processes: system.Together) -> None:
+        self.settings, self.logs, self.processes = settings, logs, processes
         self.started = 0
         self.proc: system.Process | None = None
 
     def start(self) -> system.Process:
         self.started += 1
         name = "callbacks" if self.started == 1 else f"callbacks{self.started}"
-        self.proc = self.stack.enter_context(
-            system.worker(self.settings, self.logs, name=name, queues="callbacks")
+        self.proc = self.processes.add(
+            system.worker_process(self.settings, self.logs, name=name, queues="callbacks")
         )
         return self.proc
 
@@ -193,12 +192,11 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def callback_workers(
-    sys_settings: Settings, logs: Path, live: Runtime
-) -> Iterator[CallbackWorkers]:
-    with ExitStack() as stack:
-        workers = CallbackWorkers(sys_settings, logs, stack)
-        workers.start()
-        yield workers
+    sys_settings: Settings, logs: Path, module_processes: system.Together
+) -> CallbackWorkers:
+    workers = CallbackWorkers(sys_settings, logs, module_processes)
+    workers.start()
+    return workers
 
 
 @pytest.fixture(scope="module", autouse=True)

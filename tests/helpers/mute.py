@@ -34,7 +34,11 @@ class MuteApi:
                 conn.close()
 
     def close(self) -> None:
+        # close() alone does not wake a thread blocked in accept() on Linux: shutdown does
+        # (accept fails with EINVAL), so the join returns at once instead of at its timeout.
+        self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(5)
+        assert not self.thread.is_alive(), "the accept thread did not stop"
         for conn in self.accepted:
             conn.close()

@@ -147,15 +147,17 @@ def processes(
         logs / "connector.log",
     )
     try:
-        with (
-            system.worker(smpp_settings, logs, concurrency=2),
-            system.worker(smpp_settings, logs, name="callbacks", queues="callbacks"),
-            system.beat(smpp_settings, logs),
-        ):
+        with system.Together() as processes:
+            processes.add(connector)
+            processes.add(system.worker_process(smpp_settings, logs, concurrency=2))
+            processes.add(
+                system.worker_process(smpp_settings, logs, name="callbacks", queues="callbacks")
+            )
+            processes.add(system.beat_process(smpp_settings, logs))
             wait_for(lambda: "dispatcher" in smsc.binds, timeout=30)
             yield
     finally:
-        connector.stop()
+        connector.stop()  # stopped already, unless starting a worker failed
         text = connector.output()
         assert PASSWORD not in text
 
@@ -168,7 +170,9 @@ def api(live: Runtime) -> FlaskClient:
 @pytest.fixture(scope="module")
 def hooks() -> Iterator[Hooks]:
     server = Hooks()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     yield server
     server.shutdown()
