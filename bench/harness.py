@@ -119,7 +119,7 @@ class BenchChild(Child):
         self.wrapped = wrapped
         log(f"started {name} (pid {self.pid})")
 
-    def stop(self, grace: float = STOP_GRACE) -> bool:
+    def stop(self, grace: float = STOP_GRACE, *, warm: bool = False) -> bool:
         if self.wrapped and self.alive():
             # SIGTERM only py-spy's target, then let py-spy finish writing.
             for pid in group_pids({self.pid}):
@@ -128,7 +128,7 @@ class BenchChild(Child):
                         os.kill(pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=grace * 4)
-        clean = super().stop(grace)
+        clean = super().stop(grace, warm=warm)
         if not clean:
             log(f"{self.name} did not stop within {grace:.0f}s: SIGKILL")
         return clean
