@@ -246,6 +246,7 @@ def locks_report(text: str, *, long_wait_ms: float) -> dict[str, Any]:
     errors: Counter[str] = Counter()
     waiting: dict[str, dict[str, Any]] = {}
     waits = 0
+    waited_in: Counter[str] = Counter()
     for e in log_entries(text):
         message, statement = e["message"], "\n".join(e.get("STATEMENT", []))
         if e["level"] == "ERROR" and message.startswith("deadlock detected"):
@@ -266,6 +267,7 @@ def locks_report(text: str, *, long_wait_ms: float) -> dict[str, Any]:
             errors[short(message)] += 1
         elif m := WAITING.search(message):
             waits += 1
+            waited_in[short(statement)[:160]] += 1
             waiting[m.group(1)] = {
                 "lock": m.group(2),
                 "statement": short(statement),
@@ -281,6 +283,7 @@ def locks_report(text: str, *, long_wait_ms: float) -> dict[str, Any]:
         "deadlock_pairs": [{"count": n, "statements": p.split(" || ")} for p, n in pairs.items()],
         "deadlock_examples": deadlocks[:5],
         "lock_waits_logged": waits,
+        "lock_waits_by_statement": dict(waited_in.most_common(8)),
         "lock_waits_over_1s": len(long_waits),
         "long_waits": sorted(long_waits, key=lambda w: -w["ms"])[:10],
         "server_errors": dict(errors.most_common(20)),
