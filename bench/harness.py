@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 DONE_STATES = ("sent", "delivered", "failed", "expired", "cancelled", "rejected")
 WORKER_FLAGS = ("--without-heartbeat", "--without-mingle", "--without-gossip")
 STOP_GRACE = 15.0
+ERROR_LINE = re.compile(r'ERROR/|CRITICAL/|\[ERROR\]|"level": ?"(ERROR|CRITICAL)"|^Traceback')
 
 
 class BenchError(RuntimeError):
@@ -117,7 +119,7 @@ class BenchChild(Child):
         self.wrapped = wrapped
         log(f"started {name} (pid {self.pid})")
 
-    def stop(self, grace: float = STOP_GRACE) -> bool:
+    def stop(self, grace: float = STOP_GRACE, *, warm: bool = False) -> bool:
         if self.wrapped and self.alive():
             # SIGTERM only py-spy's target, then let py-spy finish writing.
             for pid in group_pids({self.pid}):
@@ -126,7 +128,7 @@ class BenchChild(Child):
                         os.kill(pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=grace * 4)
-        clean = super().stop(grace)
+        clean = super().stop(grace, warm=warm)
         if not clean:
             log(f"{self.name} did not stop within {grace:.0f}s: SIGKILL")
         return clean
@@ -189,9 +191,9 @@ class System:
     def start(
         self, name: str, argv: list[str], role: str = "other", wrapped: bool = False
     ) -> BenchChild:
-        child = BenchChild(
-            name, argv, env=self.env(), log_dir=self.log_dir, role=role, wrapped=wrapped
-        )
+        # PostgreSQL names each connection after its process (pg_stat_activity, the log).
+        env = {**self.env(), "PGAPPNAME": name}
+        child = BenchChild(name, argv, env=env, log_dir=self.log_dir, role=role, wrapped=wrapped)
         self.sup.add(child)
         return child
 
@@ -259,22 +261,28 @@ class System:
         )
 
     def migrate_and_account(self, rate: float | None) -> None:
-        from dispatcher.accounts import service as accounts
-        from dispatcher.db import make_engine, make_session_factory, transaction
         from dispatcher.migrate import upgrade
 
         assert self.settings is not None
         self.settings.var_path.mkdir(parents=True, exist_ok=True)
         upgrade(self.settings)
+        self.account_id, self.api_key = self.add_account("bench", rate)
+        self.empty_bytes = self.database_bytes()
+
+    def add_account(self, name: str, rate: float | None) -> tuple[str, str]:
+        """A new account with ``rate_limit`` ``rate`` and an API key: (its id, the key)."""
+        from dispatcher.accounts import service as accounts
+        from dispatcher.db import make_engine, make_session_factory, transaction
+
+        assert self.settings is not None
         engine = make_engine(self.settings.database_url)
         try:
             with transaction(make_session_factory(engine)) as session:
-                account = accounts.create_account(session=session, name="bench", rate_limit=rate)
-                self.api_key = accounts.create_key(session=session, account_id=account.id).key
-                self.account_id = account.id
+                account = accounts.create_account(session=session, name=name, rate_limit=rate)
+                key = accounts.create_key(session=session, account_id=account.id).key
+                return account.id, key
         finally:
             engine.dispose()
-        self.empty_bytes = self.database_bytes()
 
     def celery(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "celery", *args]
@@ -422,6 +430,27 @@ class System:
                 )
         return count
 
+    def error_lines(self) -> dict[str, list[str]]:
+        """Per process (by name), the lines of its log that report an error: a log record
+        at ERROR or above (Celery's ``ERROR/``, gunicorn's ``[ERROR]``, a JSON record's
+        level) or a traceback's first line."""
+        found: dict[str, list[str]] = {}
+        for child in self.children:
+            lines = [line for line in child.output().splitlines() if ERROR_LINE.search(line)]
+            if lines:
+                found[child.name] = lines
+        return found
+
+    def start_callback_worker(self, concurrency: int) -> BenchChild:
+        """The callback worker (``-Q callbacks``), role ``callbacks``."""
+        return self.start_worker(
+            "callbacks",
+            app="workers.main",
+            queues="callbacks",
+            concurrency=concurrency,
+            role="callbacks",
+        )
+
     def stop_child(self, child: BenchChild) -> None:
         self.sup.stop_child(child)
 
@@ -465,6 +494,29 @@ class System:
         data_dir = self.query("SHOW data_directory")[0][0]
         pid = int((Path(data_dir) / "postmaster.pid").read_text().split()[0])
         self.pg_server = PgServer(pid)
+
+    def pg_log_locks(self, deadlock_timeout_ms: int) -> None:
+        """PostgreSQL only: log every lock wait longer than ``deadlock_timeout`` (and the
+        wait's end), with each line's process id, for the rest of the run (the server's
+        log: :meth:`pg_log`)."""
+        settings = {
+            "log_lock_waits": "on",
+            "deadlock_timeout": f"{deadlock_timeout_ms}ms",
+            # The backend's pid on every line: a wait's end is matched with its start.
+            "log_line_prefix": "%m [%p] ",
+        }
+        with self.db() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            for name, value in settings.items():
+                # %% : the driver reads % as a placeholder.
+                conn.exec_driver_sql(f"ALTER SYSTEM SET {name} = '{value}'".replace("%", "%%"))
+            conn.exec_driver_sql("SELECT pg_reload_conf()")
+
+    def pg_log(self) -> str:
+        """PostgreSQL only: the server's log so far (scripts/pgtest.py writes it beside
+        the data directory)."""
+        data_dir = self.query("SHOW data_directory")[0][0]
+        return (Path(data_dir).parent / "postgres.log").read_text(errors="replace")
 
     def stop_database(self) -> None:
         if self.pg is not None:

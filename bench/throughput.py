@@ -131,13 +131,7 @@ def throughput(system: System, out: Out) -> None:
     smpp.start(system)
     system.start_send_workers()
     if args.callbacks:
-        system.start_worker(
-            "callbacks",
-            app="workers.main",
-            queues="callbacks",
-            concurrency=args.callback_concurrency,
-            role="callbacks",
-        )
+        system.start_callback_worker(args.callback_concurrency)
     beat = system.start_beat()
     system.wait_ready([*system.workers(), beat, api])
     # Beat's first ticks and worker pool warm-up are not part of the figures.

@@ -78,9 +78,13 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
     transaction is moving it; the next sweep finds it if not): it holds many batches and
     recipients, taken in no order another transaction could share, so any wait could
     close a deadlock (PostgreSQL), with the expiry first of all.
+
+    The long part, re-publishing waiting recipients (thousands of rows), comes first,
+    before any batch row is taken: holding the batches, it made every send worker that
+    ended a group of one wait for it (seconds, on a loaded PostgreSQL).
     """
     horizon = now + timedelta(seconds=settings.schedule_horizon)
-    stale = now - timedelta(seconds=settings.requeue_after)
+    republished = _republish_waiting(session=session, settings=settings, now=now, limit=limit)
     due = session.scalars(
         select(Batch)
         .where(Batch.status == BatchStatus.SCHEDULED, Batch.send_at <= horizon)
@@ -111,8 +115,17 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
     for batch in lost:
         batch.enqueued_at = now
         outbox.defer(session, outbox.Message(TaskName.DISPATCH_BATCH, {"batch_id": batch.id}))
+    # What it releases is re-published by the next sweep.
     _release_stalled(session=session, settings=settings, now=now, limit=limit)
-    # Recipients waiting for a retry time, or whose chunk task was lost long ago.
+    session.flush()
+    return promoted + len(lost) + republished
+
+
+def _republish_waiting(*, session: Session, settings: Settings, now: datetime, limit: int) -> int:
+    """Publish recipients waiting for a retry time, or whose chunk task was lost long ago;
+    returns how many. Takes no batch row."""
+    horizon = now + timedelta(seconds=settings.schedule_horizon)
+    stale = now - timedelta(seconds=settings.requeue_after)
     waiting = session.execute(
         select(Recipient.id, Recipient.batch_id, Recipient.next_attempt_at)
         .where(
@@ -136,8 +149,7 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
     republished = 0
     for (bid, next_at), group in by_batch.items():
         # Rows another transaction holds are left to the next sweep (an expiry or a claim
-        # is moving them): holding the batches released above, a wait for them could close
-        # a cycle with the expiry, which holds those rows and takes batches in turn.
+        # is moving them): the sweep waits for no row (see promote_due).
         free = (
             select(Recipient.id)
             .where(Recipient.id.in_(group), Recipient.status == RecipientStatus.QUEUED)
@@ -161,8 +173,7 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
                 TaskName.SEND_RECIPIENTS, {"batch_id": bid, "recipient_ids": ids}, eta=next_at
             ),
         )
-    session.flush()
-    return promoted + len(lost) + republished
+    return republished
 
 
 def _release_stalled(*, session: Session, settings: Settings, now: datetime, limit: int) -> None:

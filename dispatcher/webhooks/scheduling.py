@@ -110,13 +110,27 @@ def promote_due(
         if not rows:
             session.flush()
             return 0
+    stamped: set[str] = set()
     for ids in chunks([r.id for r in rows], 500):
-        session.execute(
-            update(Callback)
-            .where(Callback.id.in_(ids))
-            .values(enqueued_at=now)
-            .execution_options(synchronize_session=False)
+        # Only rows still pending that no transaction holds. One a deliver task claimed
+        # since the read is that task's: stamped by id alone it was published twice, and
+        # locked until this sweep's commit, the task's record of its POST waited for it
+        # (PostgreSQL). One held is left to the next run.
+        free = (
+            select(Callback.id)
+            .where(Callback.id.in_(ids), Callback.state == S.PENDING)
+            .with_for_update(skip_locked=True)
         )
+        stamped.update(
+            session.scalars(
+                update(Callback)
+                .where(Callback.id.in_(free))
+                .values(enqueued_at=now)
+                .returning(Callback.id)
+                .execution_options(synchronize_session=False)
+            )
+        )
+    rows = [r for r in rows if r.id in stamped]
     publish(
         session, [r.id for r in rows if r.next_attempt_at <= now], size=settings.callback_batch_size
     )
