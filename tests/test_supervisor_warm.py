@@ -16,13 +16,14 @@ from tests.helpers import wait_for
 # SIGTERM the leader waits for that work and exits 1 if it did not finish, as Celery's
 # main process waits for its pool.
 BUSY = """
-import signal, subprocess, sys, time
-work = "import time\\nprint('started', flush=True)\\ntime.sleep(1)\\nprint('finished')"
-kid = subprocess.Popen([sys.executable, "-c", work])
-asked = []
-signal.signal(signal.SIGTERM, lambda *_: asked.append(True))
-while not asked or kid.poll() is None:
-    time.sleep(0.05)
+import signal, subprocess, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+work = "import threading\\nprint('started', flush=True)\\n" \\
+    "threading.Event().wait(1)\\nprint('finished')"
+unblock = lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+kid = subprocess.Popen([sys.executable, "-c", work], preexec_fn=unblock)
+signal.sigwait({signal.SIGTERM})
+kid.wait()
 sys.exit(0 if kid.returncode == 0 else 1)
 """
 
