@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -630,3 +631,35 @@ class Out:
             load = None
         line = {"metric": metric, **values, "loadavg": load, **self.common}
         print(json.dumps(line), flush=True)
+
+
+def run_system(system: System, out: Out, body: Callable[[], None]) -> int:
+    """Run ``body`` on ``system``, then stop everything it started, whatever happened;
+    the exit code (0, 1 on a BenchError, 130 when interrupted or terminated)."""
+
+    def _on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # Set explicitly: a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGINT, _on_term)
+    signal.signal(signal.SIGTERM, _on_term)
+    failed = True
+    try:
+        body()
+        failed = False
+        return 0
+    except KeyboardInterrupt:
+        failed = False  # nothing to look into: the directory stays only with --keep
+        log("interrupted")
+        out.emit("error", error="interrupted")
+        return 130
+    except BenchError as exc:
+        log(f"failed: {exc}")
+        out.emit("error", error=str(exc).splitlines()[0])
+        return 1
+    finally:
+        # Ignore a second Ctrl-C while stopping, so no process group is left behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        system.stop()
+        system.cleanup(failed)

@@ -46,7 +46,7 @@ from typing import Any
 import redis
 import requests
 
-from bench.harness import BenchError, Out, System, log
+from bench.harness import BenchError, Out, System, log, run_system
 from bench.intake import CallbackSink
 from bench.sampler import group_pids, parent_pid
 from dispatcher.channels.simulator import HANDOFFS, LEDGER
@@ -661,29 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Out(args, {k: v for k, v in vars(args).items() if k not in ("keep", "mode")})
     system = System(args)
-
-    def _on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGINT, _on_term)
-    signal.signal(signal.SIGTERM, _on_term)
-    failed = True
-    try:
-        soak(system, out)
-        failed = False
-        return 0
-    except KeyboardInterrupt:
-        out.emit("error", error="interrupted")
-        return 130
-    except BenchError as exc:
-        log(f"failed: {exc}")
-        out.emit("error", error=str(exc).splitlines()[0])
-        return 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        system.stop()
-        system.cleanup(failed)
+    return run_system(system, out, lambda: soak(system, out))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import contextlib
 import datetime as dt
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -41,6 +40,7 @@ from bench.harness import (
     System,
     log,
     percentile,
+    run_system,
     sent_rows,
     table_counts,
     utc_naive,
@@ -552,33 +552,7 @@ def run_once(args: argparse.Namespace) -> int:
     """One system, one mode; stops everything it started."""
     out = Out(args, _params(args))
     system = System(args)
-
-    def _on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    # Set explicitly: a shell starts background jobs with SIGINT ignored.
-    signal.signal(signal.SIGINT, _on_term)
-    signal.signal(signal.SIGTERM, _on_term)
-    failed = True
-    try:
-        MODES[args.mode](system, out)
-        failed = False
-        return 0
-    except KeyboardInterrupt:
-        failed = bool(args.keep)
-        log("interrupted")
-        out.emit("error", error="interrupted")
-        return 130
-    except BenchError as exc:
-        log(f"failed: {exc}")
-        out.emit("error", error=str(exc).splitlines()[0])
-        return 1
-    finally:
-        # Ignore a second Ctrl-C while stopping, so no process group is left behind.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        system.stop()
-        system.cleanup(failed)
+    return run_system(system, out, lambda: MODES[args.mode](system, out))
 
 
 if __name__ == "__main__":
