@@ -7,7 +7,6 @@ exactly as a team migrating from Sinch configures it; only the SMS origin differ
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,7 +27,7 @@ from dispatcher.runtime import Runtime
 from dispatcher.webhooks import delivery
 from dispatcher.webhooks.deliver import WebhookSender
 from tests.factories import Tenant
-from tests.helpers import wait_for
+from tests.helpers import in_thread, wait_for
 from tests.helpers.sinch import A, B, C, callbacks, mark_sent, receipt, start_sending
 
 D = "+447700900004"
@@ -38,15 +37,8 @@ D = "+447700900004"
 def base_url(runtime: Runtime) -> Iterator[str]:
     """Dispatcher's API served over HTTP on a free 127.0.0.1 port for this test."""
     app = create_app(runtime.settings, runtime=runtime)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with in_thread(make_server("127.0.0.1", 0, app, threaded=True)) as server:
         yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def sdk(base_url: str, tenant: Tenant) -> Any:
@@ -210,15 +202,8 @@ class _Hook(BaseHTTPRequestHandler):
 def hook() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
     seen: list[tuple[dict[str, str], bytes]] = []
     handler = type("Hook", (_Hook,), {"seen": seen})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with in_thread(ThreadingHTTPServer(("127.0.0.1", 0), handler)) as server:
         yield f"http://127.0.0.1:{server.server_address[1]}/sinch", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def test_service_plan_defaults_and_sinch_signature(

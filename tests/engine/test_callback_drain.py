@@ -28,7 +28,7 @@ from dispatcher.webhooks import scheduling
 from dispatcher.webhooks.models import Callback
 from tests.engine import system
 from tests.factories import Tenant
-from tests.helpers import make_settings, wait_for
+from tests.helpers import in_thread, make_settings, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -93,15 +93,8 @@ def sys_settings(
 
 @pytest.fixture
 def receiver() -> Iterator[SlowReceiver]:
-    srv = SlowReceiver()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with in_thread(SlowReceiver()) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=10)
 
 
 def add_callbacks(sessions: sessionmaker[Session], tenant: Tenant, url: str) -> list[str]:

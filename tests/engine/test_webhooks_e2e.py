@@ -40,7 +40,7 @@ from dispatcher.webhooks import sign
 from dispatcher.webhooks.models import Callback
 from tests.engine import system
 from tests.factories import Tenant
-from tests.helpers import RecordingPublisher, wait_for
+from tests.helpers import RecordingPublisher, in_thread, wait_for
 from tests.helpers.reads import callbacks
 
 pytestmark = pytest.mark.system
@@ -177,17 +177,14 @@ class CallbackWorkers:
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
     srv = Receiver()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield srv
-    finally:
+
+    def release() -> None:
         for route in srv.routes.values():
             if route.hold is not None:
                 route.hold.set()
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=10)
+
+    with in_thread(srv, before_stop=release):
+        yield srv
 
 
 @pytest.fixture(scope="module")

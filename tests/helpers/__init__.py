@@ -9,9 +9,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from socketserver import BaseServer
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
@@ -52,6 +54,25 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 15.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
         _POLL.wait(interval)
+
+
+S = TypeVar("S", bound=BaseServer)
+
+
+@contextmanager
+def in_thread(server: S, *, before_stop: Callable[[], None] | None = None) -> Iterator[S]:
+    """``server`` answering from a thread of its own until the block ends; then
+    ``before_stop`` (release what its handlers wait on), shut down, closed and joined."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        if before_stop is not None:
+            before_stop()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 def wait_for_redis(client: redis.Redis, *, timeout: float = 20.0) -> None:

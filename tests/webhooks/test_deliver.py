@@ -21,7 +21,7 @@ import requests
 
 from dispatcher.webhooks import deliver, sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender, next_delay, parse_retry_after
-from tests.helpers import wait_for
+from tests.helpers import in_thread, wait_for
 
 HUGE_SIZE = 1024 * 1024
 LOCAL = ("127.0.0.1",)
@@ -527,15 +527,8 @@ class TLSServer(TestServer):
 
 @pytest.fixture
 def tls_server(tls_files: TLSFiles) -> Iterator[TLSServer]:
-    srv = TLSServer("127.0.0.2", tls_files)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with in_thread(TLSServer("127.0.0.2", tls_files)) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
 
 
 @contextmanager

@@ -37,7 +37,7 @@ from dispatcher.webhooks import delivery, queries, scheduling, sign
 from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender
 from dispatcher.webhooks.limits import EndpointGate, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint
-from tests.helpers import free_port, wait_for, wait_for_redis
+from tests.helpers import free_port, in_thread, wait_for, wait_for_redis
 
 SCHEDULE = (1.0, 2.0, 3.0)
 JITTER = 0.1  # next_delay's default jitter fraction
@@ -131,15 +131,8 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     srv = Receiver()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with in_thread(srv, before_stop=srv.release.set):
         yield srv
-    finally:
-        srv.release.set()
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=WAIT)
 
 
 # --- database, clock, publisher --------------------------------------------------------
