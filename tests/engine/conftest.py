@@ -16,10 +16,17 @@ from tests.helpers import make_settings
 
 @pytest.fixture(scope="module")
 def sys_settings(
-    sqlite_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    sqlite_url: str,
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Settings:
+    """The system tests' settings; a module changes some with a ``SYS_SETTINGS`` dict."""
     return make_settings(
-        database_url=sqlite_url, redis_url=redis_url, var=tmp_path_factory.mktemp("sysvar")
+        database_url=sqlite_url,
+        redis_url=redis_url,
+        var=tmp_path_factory.mktemp("sysvar"),
+        **getattr(request.module, "SYS_SETTINGS", {}),
     )
 
 

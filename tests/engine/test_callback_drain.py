@@ -28,7 +28,7 @@ from dispatcher.webhooks import scheduling
 from dispatcher.webhooks.models import Callback
 from tests.engine import system
 from tests.factories import Tenant
-from tests.helpers import in_thread, make_settings, wait_for
+from tests.helpers import in_thread, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -78,17 +78,8 @@ class SlowHandler(BaseHTTPRequestHandler):
             srv.answered += 1
 
 
-@pytest.fixture(scope="module")
-def sys_settings(
-    sqlite_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Settings:
-    # The task waits a fifth of a second for its lanes, then leaves them in flight.
-    return make_settings(
-        database_url=sqlite_url,
-        redis_url=redis_url,
-        var=tmp_path_factory.mktemp("drainvar"),
-        callback_task_wait=0.2,
-    )
+# The task waits a fifth of a second for its lanes, then leaves them in flight.
+SYS_SETTINGS = {"callback_task_wait": 0.2}
 
 
 @pytest.fixture

@@ -31,24 +31,15 @@ from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.engine import system
 from tests.factories import Tenant
-from tests.helpers import make_settings, wait_for
+from tests.helpers import wait_for
 from tests.helpers.engine import numbers, send
 
 pytestmark = pytest.mark.system
 R = RecipientStatus
 
 
-@pytest.fixture(scope="module")
-def sys_settings(
-    sqlite_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Settings:
-    """The system tests' settings; each test starts its own worker with its carrier's rules."""
-    return make_settings(
-        database_url=sqlite_url,
-        redis_url=redis_url,
-        var=tmp_path_factory.mktemp("receipts-var"),
-        receipt_retention=120,
-    )
+# Each test starts its own worker with its carrier's rules.
+SYS_SETTINGS = {"receipt_retention": 120}
 
 
 class Receiver(ThreadingHTTPServer):
