@@ -14,7 +14,7 @@ from threading import Thread, current_thread
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text, update
+from sqlalchemy import event, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.batches.models import Batch, Recipient
@@ -24,7 +24,7 @@ from dispatcher.db import transaction, utcnow
 from dispatcher.engine import fallback, scheduling, sending
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import Tenant
-from tests.helpers import wait_for
+from tests.helpers.races import start_until_blocked
 from tests.helpers.receipts import Carrier, claimed_batch, ref_of, statuses
 
 R, B = RecipientStatus, BatchStatus
@@ -176,9 +176,7 @@ def test_a_late_fallback_while_the_batch_ends_reopens_it_rather_than_strand_a_re
     def meanwhile(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
         # Once the end has read that nothing is in flight, in its own transaction.
         if statement.startswith("SELECT EXISTS") and not threads and current_thread() is main:
-            threads.append(Thread(target=fall_back, name="fallback"))
-            threads[0].start()
-            wait_for(lambda: not threads[0].is_alive() or waiting_for_a_lock(sessions))
+            threads.append(start_until_blocked(sessions, fall_back, name="fallback"))
 
     main = current_thread()
     engine = sessions.kw["bind"]
@@ -193,12 +191,3 @@ def test_a_late_fallback_while_the_batch_ends_reopens_it_rather_than_strand_a_re
     assert statuses(sessions, batch_id) == {0: R.QUEUED, 1: R.SENT}
     with sessions() as session:
         assert session.get_one(Batch, batch_id).status == B.SENDING
-
-
-def waiting_for_a_lock(sessions: sessionmaker[Session]) -> bool:
-    with sessions() as session:
-        return bool(
-            session.scalar(
-                text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
-            )
-        )

@@ -18,9 +18,10 @@ from dispatcher.engine import scheduling
 from dispatcher.states import CallbackState
 from dispatcher.webhooks import scheduling as callback_scheduling
 from dispatcher.webhooks.models import Callback
-from tests.engine.test_sweeps import blocked, create, postgres_only
 from tests.factories import Tenant
-from tests.helpers import RecordingPublisher, wait_for
+from tests.helpers import RecordingPublisher
+from tests.helpers.engine import create
+from tests.helpers.races import postgres_only, start_until_blocked
 
 
 def test_a_record_does_not_wait_for_the_sweep_republishing_recipients(
@@ -56,9 +57,7 @@ def test_a_record_does_not_wait_for_the_sweep_republishing_recipients(
         # The re-publish (its UPDATE returns the ids it took), in the sweep's transaction.
         republish = statement.startswith("UPDATE recipients SET enqueued_at")
         if republish and "RETURNING" in statement and not threads and _main is _current():
-            threads.append(Thread(target=record, name="record"))
-            threads[0].start()
-            wait_for(lambda: not threads[0].is_alive() or blocked(sessions))
+            threads.append(start_until_blocked(sessions, record, name="record"))
             waited.append(threads[0].is_alive())
 
     _current = threading.current_thread
@@ -136,9 +135,7 @@ def test_a_callback_claimed_while_the_sweep_republishes_is_left_to_its_deliverer
             threads[0].join(timeout=30)
         elif statement.startswith("UPDATE callbacks SET enqueued_at") and len(threads) == 1:
             # Stamped by the sweep: the deliver task records its POST.
-            threads.append(Thread(target=record, name="record"))
-            threads[1].start()
-            wait_for(lambda: not threads[1].is_alive() or blocked(sessions))
+            threads.append(start_until_blocked(sessions, record, name="record"))
             waited.append(threads[1].is_alive())
 
     _current = threading.current_thread

@@ -13,7 +13,7 @@ from threading import Thread
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import outbox
@@ -27,6 +27,7 @@ from dispatcher.runtime import Runtime
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import make_account, make_batch
 from tests.helpers import RecordingPublisher, wait_for
+from tests.helpers.races import blocked
 from tests.helpers.receipts import statuses
 
 R = RecipientStatus
@@ -206,19 +207,6 @@ def test_a_claim_cut_short_by_another_task_is_not_the_end_of_the_work(
             .where(Recipient.id.in_(ids[:5]))
             .values(status=R.UNKNOWN, claimed_at=None)
         )
-
-
-def blocked(sessions: sessionmaker[Session]) -> bool:
-    """Whether a PostgreSQL session waits for a lock."""
-    with sessions() as session:
-        waiting = session.scalar(
-            # This database only: other test processes share the server.
-            text(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            )
-        )
-    return bool(waiting)
 
 
 def numbers_of(sessions: sessionmaker[Session], ids: list[str]) -> list[str]:

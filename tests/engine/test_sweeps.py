@@ -27,33 +27,12 @@ from dispatcher.engine import scheduling, sending
 from dispatcher.errors import Conflict
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import Tenant
-from tests.helpers import RecordingPublisher, wait_for
+from tests.helpers import RecordingPublisher
+from tests.helpers.engine import create
+from tests.helpers.races import postgres_only, start_until_blocked
 from tests.helpers.receipts import statuses
 
 R = RecipientStatus
-
-
-def create(
-    sessions: sessionmaker[Session],
-    settings: Settings,
-    tenant: Tenant,
-    *,
-    count: int = 3,
-    send_at: datetime | None = None,
-) -> str:
-    with transaction(sessions) as session:
-        account = session.get(Account, tenant.id)
-        assert account is not None
-        new = service.NewBatch(
-            sender="Acme",
-            body="hi",
-            channels=["sms"],
-            send_at=send_at,
-            destinations=[f"+4477009001{i:02d}" for i in range(count)],
-        )
-        return service.create_batch(
-            session=session, settings=settings, account=account, new=new
-        ).batch.id
 
 
 def published(publisher: RecordingPublisher, task: str) -> list[outbox.Message]:
@@ -538,9 +517,7 @@ def test_a_stale_record_while_reclaim_asks_the_carrier_does_not_deadlock(
         def lookup(
             self, message: OutboundMessage, *, claimed_at: datetime | None = None
         ) -> tuple[Lookup, str | None]:
-            threads.append(Thread(target=late_record, name="late record"))
-            threads[0].start()
-            wait_for(lambda: not threads[0].is_alive() or blocked(sessions))
+            threads.append(start_until_blocked(sessions, late_record, name="late record"))
             return super().lookup(message, claimed_at=claimed_at)
 
     def failed(context: Any) -> None:
@@ -631,23 +608,7 @@ def cancel_meanwhile(
                 raise
             errors.append(exc)
 
-    thread = Thread(target=cancel, name="cancel")
-    thread.start()
-
-    def blocked() -> bool:
-        with sessions() as session:
-            waiting = session.scalar(
-                text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
-            )
-        return bool(waiting)
-
-    wait_for(lambda: not thread.is_alive() or blocked())
-    return thread
-
-
-def postgres_only(settings: Settings) -> None:
-    if not settings.database_url.startswith("postgresql"):
-        pytest.skip("SQLite: a read transaction cannot write after another one committed")
+    return start_until_blocked(sessions, cancel, name="cancel")
 
 
 def test_a_batch_cancelled_while_the_sweep_promotes_it_stays_cancelled(
@@ -859,9 +820,7 @@ def test_the_expiry_and_the_release_of_stalled_batches_do_not_deadlock(
         # sweep releases the stalled batches (and re-publishes what waits in them).
         expired = statement.startswith("UPDATE recipients SET status")
         if expired and not threads and threading.current_thread() is main:
-            threads.append(Thread(target=release, name="release"))
-            threads[0].start()
-            wait_for(lambda: not threads[0].is_alive() or blocked(sessions))
+            threads.append(start_until_blocked(sessions, release, name="release"))
 
     main = threading.current_thread()
     event.listen(engine, "before_cursor_execute", planned)
@@ -888,12 +847,3 @@ def table_order(sessions: sessionmaker[Session], ids: list[str]) -> list[str]:
                 text("SELECT id FROM batches WHERE id = ANY(:ids) ORDER BY ctid"), {"ids": ids}
             )
         )
-
-
-def blocked(sessions: sessionmaker[Session]) -> bool:
-    """Whether a transaction waits for a lock (PostgreSQL)."""
-    with sessions() as session:
-        waiting = session.scalar(
-            text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
-        )
-    return bool(waiting)

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -1249,3 +1249,65 @@ def test_an_endpoint_gets_the_slots_its_pace_needs() -> None:
     assert pace.lanes("slow", 55) == 6  # 5.5 s of POSTs: six in flight end within a second
     pace.note("fast", seconds=50.0, posts=500)  # it slowed to 100 ms: slots come back at once
     assert pace.lanes("fast", 500) == most
+
+
+# --- a stopping process's lanes (delivery.drain): the POSTs in flight are waited for, a
+# bounded time, and recorded; none is started after.
+
+
+@pytest.fixture
+def running(monkeypatch: pytest.MonkeyPatch) -> delivery._Running:
+    """A record of running lanes of the test's own: a drain stops new POSTs for good."""
+    fresh = delivery._Running()
+    monkeypatch.setattr(delivery, "_running", fresh)
+    return fresh
+
+
+@pytest.fixture
+def one_slot(env: Env, redis_url: str) -> Iterator[Env]:
+    """``env`` where a task waits a tenth of a second for its lanes, and an endpoint
+    takes one POST at a time (its callbacks go out one after the other)."""
+    settings = env.settings.replace(callback_task_wait=0.1, callback_endpoint_concurrency=1)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        gate = delivery.gate_for(redis_client=client, settings=settings)
+        yield replace(env, settings=settings, gate=gate)
+    finally:
+        client.close()
+
+
+def test_a_drain_waits_for_the_post_in_flight_records_it_and_starts_no_other(
+    one_slot: Env, receiver: Receiver, sender: WebhookSender, running: delivery._Running
+) -> None:
+    env = one_slot
+    first, second = (add_callback(env, receiver.url("/slow")) for _ in range(2))
+    # The receiver holds the first POST: the task stops waiting and leaves both in flight.
+    assert env.deliver(sender, first, second) == {"in_flight": 2}
+    assert receiver.arrived.is_set()
+
+    drain = threading.Thread(target=delivery.drain, kwargs={"seconds": WAIT})
+    drain.start()
+    wait_for(running.stopping.is_set, timeout=WAIT)
+    receiver.release.set()  # the first gets its answer while the process stops
+    drain.join(timeout=2 * WAIT)
+
+    assert not drain.is_alive()
+    assert (env.get(first).state, env.get(first).attempts) == ("delivered", 1)
+    # Never POSTed: back to pending, unattempted, for the next worker.
+    assert (env.get(second).state, env.get(second).attempts) == ("pending", 0)
+    assert len(receiver.requests("/slow")) == 1
+
+
+def test_a_drain_leaves_what_is_unanswered_at_its_bound_to_the_lease(
+    one_slot: Env, receiver: Receiver, sender: WebhookSender, running: delivery._Running
+) -> None:
+    env = one_slot
+    held = add_callback(env, receiver.url("/slow"))
+    assert env.deliver(sender, held) == {"in_flight": 1}
+
+    started = time.monotonic()
+    delivery.drain(seconds=0.2)
+
+    assert time.monotonic() - started < WAIT  # bounded: it did not wait for the answer
+    assert (env.get(held).state, env.get(held).attempts) == ("delivering", 1)
+    receiver.release.set()
