@@ -595,6 +595,7 @@ class _Due(NamedTuple):
     url: str
     state: str
     early: bool
+    attempts: int  # as read: the claim takes the row only if no attempt came since
 
 
 class _Won(NamedTuple):
@@ -642,6 +643,7 @@ def _look(
                         Callback.url,
                         Callback.state,
                         (Callback.next_attempt_at > now).label("early"),
+                        Callback.attempts,
                     ).where(_among_ids(session)),
                     {"ids": group},
                 )
@@ -746,9 +748,18 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
         counts["skipped"] += len(held) - moved
     for until, ids in plan.deferred.items():
         counts["deferred"] += _defer(session, ids, until=until, now=now)
+    # Claimed as read: still pending and not attempted since. Not "still due": another
+    # task left without a slot may have deferred them meanwhile (a deferral is no
+    # attempt), and this task holds the slot they waited for. An attempt since the read
+    # (a claim counts one; a lane that never POSTed gives it back) leaves the row alone.
+    attempts_seen: dict[int, list[str]] = defaultdict(list)
+    rows = {r.id: r for group in plan.by_endpoint.values() for r in group}
+    for callback_id in plan.wanted:
+        attempts_seen[rows[callback_id].attempts].append(callback_id)
     claimed = {
         c.id: c
-        for group in chunks(plan.wanted, 500)
+        for attempts, wanted in attempts_seen.items()
+        for group in chunks(wanted, 500)
         for c in map(
             _Won._make,
             session.connection()
@@ -757,7 +768,7 @@ def _claim(*, session: Session, plan: _Plan, counts: dict[str, int]) -> dict[str
                 .where(
                     _among_ids(session),
                     by_id(Callback.state).in_(sources(S.DELIVERING)),
-                    Callback.next_attempt_at <= now,
+                    Callback.attempts == attempts,
                 )
                 # next_attempt_at doubles as the claim time while delivering (the lease start).
                 .values(state=S.DELIVERING, attempts=Callback.attempts + 1, next_attempt_at=now)

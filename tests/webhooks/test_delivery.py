@@ -433,6 +433,56 @@ def test_racing_workers_post_each_callback_once(
     assert sorted(s.headers["webhook-id"] for s in receiver.requests()) == sorted(ids)
 
 
+class PausedAfterAcquire:
+    """A gate that holds its task between taking the endpoint's slots and claiming."""
+
+    def __init__(self, gate: EndpointGate) -> None:
+        self.gate, self.acquired, self.go = gate, threading.Event(), threading.Event()
+
+    def acquire(self, key: str, lanes: int) -> Any:
+        grant = self.gate.acquire(key, lanes)
+        self.acquired.set()
+        assert self.go.wait(timeout=WAIT)
+        return grant
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.gate, name)
+
+
+def test_a_task_without_a_slot_does_not_delay_the_one_that_has_it(
+    env: Env, receiver: Receiver, sender: WebhookSender, redis_url: str
+) -> None:
+    """Two tasks for the same callbacks (a sweep's re-publish overlapping the first): the
+    one that took the endpoint's only slot is about to claim them when the other, left
+    without a slot, defers them. The deferral moves them out of the first task's reach:
+    nobody POSTs them until the deferral is up (up to 15 s on a busy endpoint), though the
+    slot was there. A deferral is not an attempt: the task holding the slot claims them."""
+    ids = [add_callback(env, receiver.url("/hook")) for _ in range(3)]
+    client = redis.Redis.from_url(redis_url)
+    one_slot = delivery.gate_for(
+        redis_client=client, settings=env.settings.replace(callback_endpoint_concurrency=1)
+    )
+    paused = PausedAfterAcquire(one_slot)
+    first: list[dict[str, int]] = []
+    holder = threading.Thread(
+        target=lambda: first.append(env.deliver(sender, *ids, gate=paused))  # type: ignore[arg-type]
+    )
+    holder.start()
+    try:
+        assert paused.acquired.wait(timeout=WAIT)
+        assert env.deliver(sender, *ids, gate=one_slot) == {"deferred": 3}
+    finally:
+        paused.go.set()
+        holder.join(timeout=4 * WAIT)
+        client.close()
+    assert first == [{"delivered": 3}]
+    assert sorted(s.headers["webhook-id"] for s in receiver.requests()) == sorted(ids)
+    # The deferred task's successor finds them delivered: nothing goes out twice.
+    env.clock.now += timedelta(seconds=60)
+    assert env.deliver(sender, *ids) == {"skipped": 3}
+    assert len(receiver.requests()) == 3
+
+
 def test_failing_endpoints_are_locked_in_one_order_by_every_task(
     env: Env, receiver: Receiver, sender: WebhookSender
 ) -> None:
