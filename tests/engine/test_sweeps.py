@@ -28,7 +28,7 @@ from dispatcher.errors import Conflict
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import Tenant
 from tests.helpers import RecordingPublisher
-from tests.helpers.engine import create
+from tests.helpers.engine import create, end_leftover_claims
 from tests.helpers.races import postgres_only, start_until_blocked
 from tests.helpers.receipts import statuses
 
@@ -217,6 +217,7 @@ def test_reclaim_asks_the_provider_and_never_sends_twice(
     answer: tuple[Lookup, str | None],
     status: RecipientStatus,
 ) -> None:
+    end_leftover_claims(sessions)
     batch_id = create(sessions, settings, tenant, count=2)
     now = utcnow()
     with transaction(sessions) as session:
@@ -364,6 +365,7 @@ def test_reclaim_never_overwrites_an_outcome_recorded_meanwhile(
     settings: Settings,
     tenant: Tenant,
 ) -> None:
+    end_leftover_claims(sessions)
     batch_id = create(sessions, settings, tenant, count=1)
     now = utcnow()
     with transaction(sessions) as session:
@@ -426,6 +428,7 @@ def test_a_stale_record_never_overwrites_the_outcome_of_a_newer_claim(
     sent them. The stalled worker's record must not take the newer claim's rows (a
     transient outcome queued them for a retry: sent twice, and the newer record found
     nothing to move; an accepted one replaced the message ids receipts match on)."""
+    end_leftover_claims(sessions)
     batch_id = create(sessions, settings, tenant, count=2)
     now = utcnow()
     lapsed = now - timedelta(seconds=settings.send_lease + 1)
@@ -489,6 +492,7 @@ def test_a_stale_record_while_reclaim_asks_the_carrier_does_not_deadlock(
     batch: a deadlock. Reclaim does not wait for a batch row someone holds: it leaves the
     row to the next run, and the worker's own record settles it."""
     postgres_only(settings)
+    end_leftover_claims(sessions)
     batch_id = create(sessions, settings, tenant, count=1)
     now = utcnow()
     lapsed = now - timedelta(seconds=settings.send_lease + 1)
@@ -562,6 +566,7 @@ def test_a_claim_reclaimed_after_its_batch_was_cancelled_ends_cancelled(
     """A worker died holding a claim, then the batch was cancelled (the claim not counted).
     The provider never got the message: reclaim must not leave it queued in a cancelled
     batch, where nothing would ever send, cancel or expire it."""
+    end_leftover_claims(sessions)
     batch_id = create(sessions, settings, tenant, count=2)
     now = utcnow()
     with transaction(sessions) as session:
