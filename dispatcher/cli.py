@@ -537,15 +537,16 @@ def status(settings: Settings, timeout: float) -> None:
     """Queues, workers, throughput over the last minute, and the largest backlogs."""
     import redis
 
-    from dispatcher import backlog, metrics
+    from dispatcher import backlog, health, metrics
     from dispatcher.db import utcnow
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     try:
         depths = metrics.queue_depths(client)
+        beating = health.nodes_seen(client=client)
     finally:
         client.close()
-    workers = _workers_by_queue(settings, timeout)
+    workers = _workers_by_queue(settings, timeout, expected=len(beating))
     now = utcnow()
     with _transaction(settings) as session:
         snap = backlog.snapshot(session=session, now=now)
@@ -611,13 +612,20 @@ def _waiting_retries(*, session: Session, limit: int = 5) -> list[tuple[str, str
     return [(str(c), str(code), int(n), at) for c, code, n, at in rows if at is not None]
 
 
-def _workers_by_queue(settings: Settings, timeout: float) -> dict[str, list[str]]:
-    """Worker nodes that answered within ``timeout``, by the queues they consume."""
+def _workers_by_queue(
+    settings: Settings, timeout: float, *, expected: int = 0
+) -> dict[str, list[str]]:
+    """Worker nodes that answered within ``timeout``, by the queues they consume.
+
+    Done once the ``expected`` nodes (those with a live heartbeat) have answered, not
+    at the timeout: only a node that is missing costs the whole wait.
+    """
     from workers.celery_app import create_celery
 
     app = create_celery(settings)
     try:
-        replies = app.control.inspect(timeout=timeout).active_queues() or {}
+        inspect = app.control.inspect(timeout=timeout, limit=expected or None)
+        replies = inspect.active_queues() or {}
     except OSError:  # the broker is down: no worker can be seen
         replies = {}
     finally:

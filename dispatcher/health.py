@@ -53,6 +53,17 @@ def workers_seen(*, client: redis.Redis, queues: Iterable[str] = QUEUES) -> dict
     }
 
 
+def nodes_seen(*, client: redis.Redis, queues: Iterable[str] = QUEUES) -> set[str]:
+    """The worker nodes (hostnames) with a heartbeat within their ttl, on any queue."""
+    nodes = set()
+    for queue in queues:
+        prefix = f"{PREFIX}{queue}:"
+        for key in client.scan_iter(match=f"{prefix}*", count=500):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            nodes.add(name[len(prefix) :])
+    return nodes
+
+
 @dataclass
 class Report:
     """Each part's state (``ok`` or why not) and the parts that fail."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -97,6 +98,10 @@ def test_status_shows_queues_workers_throughput_and_backlog(
         return out if "clisend" in out else None
 
     out = wait_for(answered, timeout=30, interval=0.5)
+    # Every node with a heartbeat answered: status does not sit out its --timeout.
+    started = time.monotonic()
+    assert "clisend" in run(cli_settings, "status", "--timeout", "30").output
+    assert time.monotonic() - started < 15
     rows = {line.split()[0]: line for line in out.splitlines() if line.split()}
     assert "clisend" in rows["send"] and "clisend" in rows["dispatch"]
     assert "(none answered)" in rows["callbacks"]
