@@ -10,7 +10,9 @@ PostgreSQL), on PostgreSQL too. In CI the PostgreSQL run is required.
 Processes: ``make test`` runs pytest-xdist workers; each has its own Redis, SQLite
 files and PostgreSQL database, so tests never share state across processes. Within
 one process the API app and the database engine of ``settings`` are shared by the
-tests (each test still gets its own runtime, publisher and connections).
+tests (each test still gets its own runtime, publisher and connections). A module
+whose real processes run the sweeps takes ``own_database_url`` instead: a sweep takes
+every row of its database, other tests' too.
 """
 
 from __future__ import annotations
@@ -123,6 +125,38 @@ def database_url(
         upgrade(Settings(database_url=url))
         migrated[request.param] = url
     return migrated[request.param]
+
+
+@pytest.fixture(scope="module")
+def own_database_url(
+    request: pytest.FixtureRequest, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A migrated database of the module's own, of the kind ``database_url`` is.
+
+    For a module whose real processes (beat, workers) run the sweeps: they take every
+    row of the database they are given. On the xdist worker's shared database
+    (test_redis_restart.py's did) they sent about 200 recipients other tests had left
+    queued, and a worker stopped mid-claim left four in ``sending``, which a later
+    reclaim test counted as its own (a CI failure).
+    """
+    if not database_url.startswith("postgresql"):
+        url = f"sqlite:///{tmp_path_factory.mktemp('own-db') / 'dispatcher.db'}"
+        upgrade(Settings(database_url=url))
+        yield url
+        return
+    server_url = os.environ["DISPATCHER_TEST_POSTGRES_URL"]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    url = _own_database(server_url, f"{worker}_{module}")
+    upgrade(Settings(database_url=url))
+    yield url
+    server = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with server.connect() as connection:
+            name = make_url(url).database
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        server.dispose()
 
 
 @pytest.fixture(scope="session")

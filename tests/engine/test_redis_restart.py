@@ -227,7 +227,7 @@ def edge() -> Iterator[Edge]:
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Path:
+def logs(tmp_path_factory: pytest.TempPathFactory, own_database_url: str) -> Path:
     """The processes' logs, a directory per database."""
     return tmp_path_factory.mktemp("restart-logs")
 
@@ -241,7 +241,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, logs: Path) -> Iterator[Red
 
 @pytest.fixture(scope="module")
 def restart_settings(
-    database_url: str,
+    own_database_url: str,
     server: RedisServer,
     edge: Edge,
     tmp_path_factory: pytest.TempPathFactory,
@@ -249,7 +249,7 @@ def restart_settings(
     """SMS on the simulator, RCS on the http provider to ``edge``; the sweeps' timers short
     enough that what Redis lost is found again within the test."""
     return make_settings(
-        database_url=database_url,
+        database_url=own_database_url,
         redis_url=server.url,
         var=tmp_path_factory.mktemp("restart-var"),
         channel_providers={"rcs": "http"},
