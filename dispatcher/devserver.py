@@ -339,6 +339,6 @@ def serve(settings: Settings) -> int:
         code = 1 if dead is not None else 0
     finally:
         stopping.set()
-        sup.stop(on_stop=_stopping)
+        sup.stop(on_stop=_stopping, together=True)
         print("[dispatcher] stopped", flush=True)
     return code

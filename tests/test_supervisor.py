@@ -84,6 +84,49 @@ def test_the_supervisor_stops_newest_first_and_reports_a_dead_child(tmp_path: Pa
     assert not first.alive() and not last.alive()
 
 
+# Takes a second to stop once told (as a Celery worker's warm shutdown does), and logs
+# when it was told and when it exited.
+SLOW_TO_STOP = """
+import signal, threading, time
+told = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: told.set())
+print("up", flush=True)
+told.wait(60)
+print("told", time.monotonic(), flush=True)
+threading.Event().wait(1.0)
+print("exited", time.monotonic(), flush=True)
+"""
+
+
+def test_together_the_children_stop_at_once_and_the_first_after_them(tmp_path: Path) -> None:
+    """What ``dispatcher run`` does on Ctrl-C: Redis (started first) outlives the others,
+    which stop side by side: the stop takes about one child's time, not their sum."""
+    sup = Supervisor(grace=10, warm=True)
+    names = ["redis", "api", "worker", "beat"]
+    children = {
+        name: sup.add(
+            Child(name, [sys.executable, "-c", SLOW_TO_STOP], env=os.environ, log=tmp_path / name)
+        )
+        for name in names
+    }
+    wait_for(lambda: all("up" in c.output() for c in children.values()), timeout=20)
+    order: list[str] = []
+    sup.stop(on_stop=lambda c: order.append(c.name), together=True)
+    assert order == ["beat", "worker", "api", "redis"]
+    assert sup.children == []
+    when = {
+        name: {
+            word: float(at)
+            for word, at in (line.split() for line in child.output().splitlines()[1:])
+        }
+        for name, child in children.items()
+    }
+    rest = [when[name] for name in names[1:]]
+    assert max(t["told"] for t in rest) < min(t["exited"] for t in rest)
+    assert when["redis"]["told"] >= max(t["exited"] for t in rest)
+    assert all(child.returncode == 0 for child in children.values())
+
+
 def test_a_child_that_exits_is_started_again_until_restart_says_no(tmp_path: Path) -> None:
     """What ``dispatcher run`` does when a worker exits (a Redis outage can end one)."""
     sup = Supervisor(grace=10)

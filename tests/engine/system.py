@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -100,12 +98,9 @@ def stop_together(procs: list[Child]) -> None:
     warm shutdowns overlap: a prefork worker's takes over a second (billiard's pool
     processes sleep 1 s as they exit), and stopped one after another they added up."""
     for proc in procs:
-        if proc.alive():
-            proc.kill_group(signal.SIGTERM)
+        proc.terminate()
     for proc in procs:
-        with suppress(subprocess.TimeoutExpired):
-            proc.proc.wait(timeout=STOP_GRACE)
-        proc.stop()  # SIGKILLs what is left of the group (and one still running after all)
+        proc.finish(STOP_GRACE)  # then SIGKILLs what is left of the group
 
 
 class Together:
