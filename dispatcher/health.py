@@ -38,6 +38,15 @@ def consumed_key(queue: str) -> str:
     return f"{PREFIX}{queue}"
 
 
+def consumed(*, client: redis.Redis, queue: str) -> bool:
+    """Whether a worker consuming ``queue`` has beaten within its ttl (True if Redis
+    cannot say: the caller then acts as if it had)."""
+    try:
+        return bool(client.exists(consumed_key(queue)))
+    except redis.RedisError:
+        return True
+
+
 def forget(*, client: redis.Redis, queues: Iterable[str], hostname: str) -> None:
     """A worker that stops says so rather than waiting for its keys to expire."""
     names = [f"{PREFIX}{queue}:{hostname}" for queue in queues]

@@ -19,10 +19,10 @@ from celery import Task, shared_task
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from dispatcher import metrics, retention
+from dispatcher import health, metrics, retention
 from dispatcher.db import transaction, utcnow
 from dispatcher.engine import scheduling, sending
-from dispatcher.outbox import TaskName
+from dispatcher.outbox import QueueName, TaskName
 from dispatcher.receipts import service as receipts
 from dispatcher.runtime import Runtime
 from dispatcher.webhooks import delivery
@@ -271,6 +271,7 @@ def promote_callbacks(self: DispatcherTask, session: Session) -> int:
         settings=rt.settings,
         now=utcnow(),
         gate=delivery.gate_for(redis_client=rt.redis, settings=rt.settings),
+        requeue=health.consumed(client=rt.redis, queue=QueueName.CALLBACKS.value),
     )
 
 

@@ -81,22 +81,32 @@ def promote_due(
     now: datetime,
     gate: EndpointGate | None = None,
     limit: int = 5000,
+    requeue: bool = True,
 ) -> int:
     """Reclaim orphaned claims, then publish callbacks due within the horizon (or lost).
 
     With a ``gate``, due callbacks of an endpoint its breaker holds, or whose slots are
     all taken, are moved on in the database instead of published: a held endpoint's
     backlog never floods the queue that every tenant's callbacks share.
+
+    ``requeue``: also publish again what was published ``callback_requeue_after`` ago
+    and is still pending (a publish lost after commit). False while no worker consumes
+    the callbacks queue: those tasks are still in it, and publishing them again every
+    interval would add a copy of each to the queue per interval for as long as the
+    workers are away.
     """
     _reclaim_stale(session=session, settings=settings, now=now)
     horizon = now + timedelta(seconds=settings.schedule_horizon)
-    lost = now - timedelta(seconds=settings.callback_requeue_after)
+    unpublished: ColumnElement[bool] = Callback.enqueued_at.is_(None)
+    if requeue:
+        lost = now - timedelta(seconds=settings.callback_requeue_after)
+        unpublished = unpublished | (Callback.enqueued_at < lost)
     rows = session.execute(
         select(Callback.id, Callback.next_attempt_at, Callback.account_id, Callback.url)
         .where(
             Callback.state == S.PENDING,
             Callback.next_attempt_at <= horizon,
-            (Callback.enqueued_at.is_(None)) | (Callback.enqueued_at < lost),
+            unpublished,
         )
         .order_by(Callback.next_attempt_at, Callback.created_at)
         .limit(limit)

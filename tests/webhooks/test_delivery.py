@@ -1265,6 +1265,21 @@ def test_a_callback_whose_publish_was_lost_goes_out_within_a_minute(env: Env) ->
     assert any(cid in m.kwargs["callback_ids"] for m in env.published.messages)
 
 
+def test_while_no_worker_consumes_callbacks_each_is_published_once(env: Env) -> None:
+    """Its task is still in the queue: published again every interval while the workers
+    are away, the queue would hold a copy of it per interval when they come back."""
+    now = env.clock.now
+    waiting = add_callback(env, "https://example.com/a", enqueued_at=now, next_attempt_at=now)
+    later = now + timedelta(seconds=env.settings.callback_requeue_after + 1)
+    fresh = add_callback(env, "https://example.com/b", enqueued_at=None, next_attempt_at=later)
+    with transaction(env.factory) as session:
+        scheduling.promote_due(session=session, settings=env.settings, now=later, requeue=False)
+    assert env.published.callback_ids() == [[fresh]]  # never published: it goes now
+    with transaction(env.factory) as session:
+        scheduling.promote_due(session=session, settings=env.settings, now=later, requeue=True)
+    assert env.published.callback_ids() == [[fresh], [waiting]]
+
+
 def test_promote_keeps_a_held_endpoints_callbacks_in_the_database(
     env: Env, receiver: Receiver
 ) -> None:

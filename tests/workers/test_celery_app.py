@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,7 +14,7 @@ from celery.result import EagerResult
 from sqlalchemy import delete
 from sqlalchemy.exc import DataError
 
-from dispatcher import outbox
+from dispatcher import health, outbox
 from dispatcher.channels.base import OutboundMessage, Receipt
 from dispatcher.channels.simulator import RECEIPTS, Simulator
 from dispatcher.channels.smpp.config import parse
@@ -21,10 +22,12 @@ from dispatcher.channels.smpp.connector import receipt_from
 from dispatcher.channels.smpp.provider import SmppProvider
 from dispatcher.channels.smpp.sink import DatabaseSink
 from dispatcher.config import ConfigError, Settings
-from dispatcher.db import utcnow
+from dispatcher.db import new_id, utcnow
 from dispatcher.outbox import QueueName, TaskName
 from dispatcher.receipts.models import PendingReceipt
 from dispatcher.runtime import Runtime
+from dispatcher.webhooks.models import Callback
+from tests.factories import Tenant
 from tests.helpers import RecordingPublisher
 from workers import tasks
 from workers.celery_app import beat_schedule, create_celery
@@ -119,6 +122,60 @@ def test_the_database_driver_is_imported_before_the_pool_forks() -> None:
         "assert 'psycopg' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def test_promote_callbacks_publishes_a_callback_again_only_while_a_worker_takes_them(
+    settings: Settings, tenant: Tenant
+) -> None:
+    """A callback published over CALLBACK_REQUEUE_AFTER ago and still pending: its publish
+    may have been lost, so beat's run publishes it again, but not while no callback
+    worker beats (its task is still in the queue, where every run would add a copy)."""
+    app = create_celery(settings)
+    app.loader.import_default_modules()
+    runtime: Runtime = app.runtime
+    runtime.publisher = publisher = RecordingPublisher()
+    queue = QueueName.CALLBACKS.value
+    client = runtime.redis
+    client.delete(health.consumed_key(queue))  # no callback worker beats here
+    stamped = utcnow() - timedelta(seconds=settings.callback_requeue_after + 5)
+    callback_id = new_id()
+    with runtime.sessions.begin() as session:
+        session.add(
+            Callback(
+                id=callback_id,
+                account_id=tenant.id,
+                event_type="message.sent",
+                url="http://127.0.0.1:9/hooks",
+                payload={"type": "message.sent"},
+                state="pending",
+                attempts=0,
+                next_attempt_at=stamped,
+                enqueued_at=stamped,
+                created_at=stamped,
+            )
+        )
+
+    def published() -> int:
+        return sum(
+            callback_id in m.kwargs.get("callback_ids", ())
+            for m in publisher.messages
+            if isinstance(m, outbox.Message)
+        )
+
+    run = app.tasks[TaskName.PROMOTE_CALLBACKS.value]
+    try:
+        run.apply().get()
+        assert published() == 0
+        health.beat(client=client, queues=[queue], hostname="callbacks@test", ttl=30)
+        run.apply().get()
+        assert published() == 1
+    finally:
+        health.forget(client=client, queues=[queue], hostname="callbacks@test")
+        client.delete(health.consumed_key(queue))
+        # The database is shared with other tests: leave no callback for their sweeps.
+        with runtime.sessions.begin() as session:
+            session.execute(delete(Callback).where(Callback.id == callback_id))
+        runtime.dispose()
 
 
 def test_one_receipts_run_applies_more_than_one_claim_of_due_receipts(
