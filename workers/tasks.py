@@ -149,7 +149,13 @@ def send_recipients(
 
 @transactional(TaskName.PROMOTE_DUE)
 def promote_due(self: DispatcherTask, session: Session) -> int:
-    return scheduling.promote_due(session=session, settings=self.runtime.settings, now=utcnow())
+    rt = self.runtime
+    # Published again only while both queues have a consumer (see scheduling.promote_due).
+    queues = (QueueName.DISPATCH, QueueName.SEND)
+    consumed = (health.consumed(client=rt.redis, queue=q.value) for q in queues)
+    return scheduling.promote_due(
+        session=session, settings=rt.settings, now=utcnow(), requeue=all(consumed)
+    )
 
 
 @transactional(TaskName.RECLAIM_STALE)

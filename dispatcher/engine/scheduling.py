@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from operator import attrgetter
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher import outbox
@@ -71,8 +71,16 @@ def dispatch_batch(*, session: Session, settings: Settings, batch_id: str, now: 
     return len(queued)
 
 
-def promote_due(*, session: Session, settings: Settings, now: datetime, limit: int = 500) -> int:
+def promote_due(
+    *, session: Session, settings: Settings, now: datetime, limit: int = 500, requeue: bool = True
+) -> int:
     """Publish batches due within the horizon, and re-publish dispatches that were lost.
+
+    ``requeue``: also publish again what was published long ago and shows no sign of
+    having run: lost dispatches, stalled batches, recipients past ``requeue_after``.
+    False while the dispatch or send queue has no consumer: those tasks are still in
+    the queue, and publishing them again every stall would pile up copies of each for
+    as long as the workers are away. What was never published goes out either way.
 
     It waits for no row another transaction holds, and skips such a row instead (that
     transaction is moving it; the next sweep finds it if not): it holds many batches and
@@ -84,7 +92,9 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
     ended a group of one wait for it (seconds, on a loaded PostgreSQL).
     """
     horizon = now + timedelta(seconds=settings.schedule_horizon)
-    republished = _republish_waiting(session=session, settings=settings, now=now, limit=limit)
+    republished = _republish_waiting(
+        session=session, settings=settings, now=now, limit=limit, requeue=requeue
+    )
     due = session.scalars(
         select(Batch)
         .where(Batch.status == BatchStatus.SCHEDULED, Batch.send_at <= horizon)
@@ -100,13 +110,12 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
     )
     # A queued batch whose send time is well past but never dispatched lost its task.
     grace = now - timedelta(seconds=min(60.0, settings.requeue_after))
+    unpublished: ColumnElement[bool] = Batch.enqueued_at.is_(None)
+    if requeue:
+        unpublished = or_(unpublished, Batch.enqueued_at < grace)
     lost = session.scalars(
         select(Batch)
-        .where(
-            Batch.status == BatchStatus.QUEUED,
-            Batch.send_at < grace,
-            or_(Batch.enqueued_at.is_(None), Batch.enqueued_at < grace),
-        )
+        .where(Batch.status == BatchStatus.QUEUED, Batch.send_at < grace, unpublished)
         .order_by(Batch.send_at)
         .limit(limit)
         # Not waited for, as the due ones above: see _release_stalled.
@@ -116,29 +125,31 @@ def promote_due(*, session: Session, settings: Settings, now: datetime, limit: i
         batch.enqueued_at = now
         outbox.defer(session, outbox.Message(TaskName.DISPATCH_BATCH, {"batch_id": batch.id}))
     # What it releases is re-published by the next sweep.
-    _release_stalled(session=session, settings=settings, now=now, limit=limit)
+    if requeue:
+        _release_stalled(session=session, settings=settings, now=now, limit=limit)
     session.flush()
     return promoted + len(lost) + republished
 
 
-def _republish_waiting(*, session: Session, settings: Settings, now: datetime, limit: int) -> int:
-    """Publish recipients waiting for a retry time, or whose chunk task was lost long ago;
-    returns how many. Takes no batch row."""
+def _republish_waiting(
+    *, session: Session, settings: Settings, now: datetime, limit: int, requeue: bool
+) -> int:
+    """Publish recipients waiting for a retry time, or (``requeue``) whose chunk task was
+    lost long ago; returns how many. Takes no batch row."""
     horizon = now + timedelta(seconds=settings.schedule_horizon)
-    stale = now - timedelta(seconds=settings.requeue_after)
+    waits: ColumnElement[bool] = and_(
+        Recipient.enqueued_at.is_(None),
+        or_(Recipient.next_attempt_at.is_(None), Recipient.next_attempt_at <= horizon),
+    )
+    if requeue:
+        waits = or_(waits, Recipient.enqueued_at < now - timedelta(seconds=settings.requeue_after))
     waiting = session.execute(
         select(Recipient.id, Recipient.batch_id, Recipient.next_attempt_at)
         .where(
             Recipient.status == RecipientStatus.QUEUED,
             # Only a sending batch has work to hand out (a stopped one never again).
             Recipient.batch_id.in_(select(Batch.id).where(Batch.status == BatchStatus.SENDING)),
-            or_(
-                and_(
-                    Recipient.enqueued_at.is_(None),
-                    or_(Recipient.next_attempt_at.is_(None), Recipient.next_attempt_at <= horizon),
-                ),
-                Recipient.enqueued_at < stale,
-            ),
+            waits,
         )
         .order_by(Recipient.next_attempt_at)
         .limit(limit * 10)

@@ -58,6 +58,55 @@ def test_a_dispatch_lost_after_commit_is_published_again_after_the_grace(
     assert [m for m in published(publisher, "dispatch_batch") if m.kwargs["batch_id"] == batch_id]
 
 
+def test_while_a_queue_has_no_consumer_nothing_is_published_twice(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    tenant: Tenant,
+    publisher: RecordingPublisher,
+) -> None:
+    """With no worker on the dispatch or send queue (the task then passes requeue=False),
+    a dispatch past its grace and a stalled batch are left alone: their tasks wait in the
+    queue, and publishing them again at every stall would pile up copies of each for as
+    long as the workers are away. What was never published still goes."""
+    waiting = create(sessions, settings, tenant)
+    stalled = create(sessions, settings, tenant, count=3)
+    start = utcnow()
+    with transaction(sessions) as session:
+        scheduling.dispatch_batch(session=session, settings=settings, batch_id=stalled, now=start)
+        # One recipient back from a failed hand-off: queued again, not published yet.
+        session.execute(
+            update(Recipient)
+            .where(Recipient.batch_id == stalled, Recipient.seq == 0)
+            .values(enqueued_at=None)
+        )
+    publisher.messages.clear()
+    later = start + timedelta(seconds=max(61, settings.stall_after, settings.requeue_after) + 1)
+
+    def mine() -> list[tuple[str, str, Any]]:
+        return [
+            (m.task, m.kwargs["batch_id"], m.kwargs.get("recipient_ids"))
+            for m in publisher.messages
+            if isinstance(m, outbox.Message) and m.kwargs.get("batch_id") in (waiting, stalled)
+        ]
+
+    with transaction(sessions) as session:
+        seq0 = session.scalars(
+            select(Recipient.id).where(Recipient.batch_id == stalled, Recipient.seq == 0)
+        ).one()
+    for _ in range(2):  # (a stalled batch is released by one sweep, published by the next)
+        with transaction(sessions) as session:
+            scheduling.promote_due(session=session, settings=settings, now=later, requeue=False)
+    assert mine() == [("send_recipients", stalled, [seq0])]
+    publisher.messages.clear()
+    for _ in range(2):
+        with transaction(sessions) as session:
+            scheduling.promote_due(session=session, settings=settings, now=later, requeue=True)
+    assert {(task, batch) for task, batch, _ in mine()} == {
+        ("dispatch_batch", waiting),
+        ("send_recipients", stalled),
+    }
+
+
 def test_only_batches_within_the_horizon_are_promoted(
     sessions: sessionmaker[Session],
     settings: Settings,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +17,8 @@ from sqlalchemy import delete
 from sqlalchemy.exc import DataError
 
 from dispatcher import health, outbox
+from dispatcher.accounts.models import Account
+from dispatcher.batches.models import Batch
 from dispatcher.channels.base import OutboundMessage, Receipt
 from dispatcher.channels.simulator import RECEIPTS, Simulator
 from dispatcher.channels.smpp.config import parse
@@ -26,8 +30,9 @@ from dispatcher.db import new_id, utcnow
 from dispatcher.outbox import QueueName, TaskName
 from dispatcher.receipts.models import PendingReceipt
 from dispatcher.runtime import Runtime
+from dispatcher.states import BatchStatus
 from dispatcher.webhooks.models import Callback
-from tests.factories import Tenant
+from tests.factories import Tenant, make_batch
 from tests.helpers import RecordingPublisher
 from workers import tasks
 from workers.celery_app import beat_schedule, create_celery
@@ -124,6 +129,33 @@ def test_the_database_driver_is_imported_before_the_pool_forks() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 
+@contextmanager
+def no_consumer(client: Any, *queues: QueueName) -> Iterator[Callable[[], None]]:
+    """No worker beats for ``queues`` until the yielded function makes one (and at the
+    end, none again): what a sweep task sees of who consumes them."""
+    names = [q.value for q in queues]
+
+    def arrive() -> None:
+        health.beat(client=client, queues=names, hostname="consumer@test", ttl=30)
+
+    client.delete(*(health.consumed_key(name) for name in names))
+    try:
+        yield arrive
+    finally:
+        health.forget(client=client, queues=names, hostname="consumer@test")
+        client.delete(*(health.consumed_key(name) for name in names))
+
+
+def published_with(publisher: RecordingPublisher, key: str, value: str) -> int:
+    """How many published tasks name ``value`` in their argument ``key`` (or its list)."""
+    named = (
+        m.kwargs.get(key)
+        for m in publisher.messages
+        if isinstance(m, outbox.Message) and key in m.kwargs
+    )
+    return sum(value == v or (isinstance(v, list) and value in v) for v in named)
+
+
 def test_promote_callbacks_publishes_a_callback_again_only_while_a_worker_takes_them(
     settings: Settings, tenant: Tenant
 ) -> None:
@@ -134,9 +166,6 @@ def test_promote_callbacks_publishes_a_callback_again_only_while_a_worker_takes_
     app.loader.import_default_modules()
     runtime: Runtime = app.runtime
     runtime.publisher = publisher = RecordingPublisher()
-    queue = QueueName.CALLBACKS.value
-    client = runtime.redis
-    client.delete(health.consumed_key(queue))  # no callback worker beats here
     stamped = utcnow() - timedelta(seconds=settings.callback_requeue_after + 5)
     callback_id = new_id()
     with runtime.sessions.begin() as session:
@@ -154,27 +183,50 @@ def test_promote_callbacks_publishes_a_callback_again_only_while_a_worker_takes_
                 created_at=stamped,
             )
         )
-
-    def published() -> int:
-        return sum(
-            callback_id in m.kwargs.get("callback_ids", ())
-            for m in publisher.messages
-            if isinstance(m, outbox.Message)
-        )
-
     run = app.tasks[TaskName.PROMOTE_CALLBACKS.value]
     try:
-        run.apply().get()
-        assert published() == 0
-        health.beat(client=client, queues=[queue], hostname="callbacks@test", ttl=30)
-        run.apply().get()
-        assert published() == 1
+        with no_consumer(runtime.redis, QueueName.CALLBACKS) as arrive:
+            run.apply().get()
+            assert published_with(publisher, "callback_ids", callback_id) == 0
+            arrive()
+            run.apply().get()
+            assert published_with(publisher, "callback_ids", callback_id) == 1
     finally:
-        health.forget(client=client, queues=[queue], hostname="callbacks@test")
-        client.delete(health.consumed_key(queue))
         # The database is shared with other tests: leave no callback for their sweeps.
         with runtime.sessions.begin() as session:
             session.execute(delete(Callback).where(Callback.id == callback_id))
+        runtime.dispose()
+
+
+def test_promote_due_publishes_a_lost_dispatch_again_only_while_workers_take_them(
+    settings: Settings, tenant: Tenant
+) -> None:
+    """The same for batches: a dispatch published long ago whose batch never started is
+    published again only while both the dispatch and the send queue have a worker."""
+    app = create_celery(settings)
+    app.loader.import_default_modules()
+    runtime: Runtime = app.runtime
+    runtime.publisher = publisher = RecordingPublisher()
+    long_ago = utcnow() - timedelta(seconds=120)
+    with runtime.sessions.begin() as session:
+        account = session.get_one(Account, tenant.id)
+        batch = make_batch(session, settings=settings, account=account, send_at=utcnow())
+        # Due two minutes ago (intake takes a past send time as now), published then.
+        batch.send_at = batch.enqueued_at = long_ago
+        batch_id = batch.id
+    publisher.messages.clear()  # intake's publish: the one that was lost
+    run = app.tasks[TaskName.PROMOTE_DUE.value]
+    try:
+        with no_consumer(runtime.redis, QueueName.DISPATCH, QueueName.SEND) as arrive:
+            run.apply().get()
+            assert published_with(publisher, "batch_id", batch_id) == 0
+            arrive()
+            run.apply().get()
+            assert published_with(publisher, "batch_id", batch_id) == 1
+    finally:
+        # Ended: no later sweep of the shared database finds it.
+        with runtime.sessions.begin() as session:
+            session.get_one(Batch, batch_id).status = BatchStatus.CANCELLED
         runtime.dispose()
 
 
