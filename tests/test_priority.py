@@ -11,13 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from dispatcher import priority
 from dispatcher.config import ConfigError, Settings
 from dispatcher.devserver import commands
 from dispatcher.supervisor import ROOT, Child, child_env
-from tests.helpers import free_port, wait_for
+from tests.helpers import answers, free_port, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -180,7 +179,7 @@ def test_each_process_started_as_dispatcher_run_starts_it_takes_its_roles_nicene
     wait_for(lambda: "ready." in send.output() and "ready." in dispatch.output(), timeout=60)
     wait_for(lambda: "beat: Starting" in beat.output(), timeout=60)
     base = f"http://{settings.api_host}:{settings.api_port}"
-    wait_for(lambda: _answers(base + "/health/live"), timeout=60)
+    wait_for(lambda: answers(base + "/health/live"), timeout=60)
     # The pool processes and gunicorn's workers inherit what their parent set.
     assert [nice_of(p) for p in (send.pid, *children_of(send.pid))] == [7, 7, 7]
     assert {nice_of(p) for p in (api.pid, *children_of(api.pid))} == {3}
@@ -206,10 +205,3 @@ def test_process_nice_off_leaves_a_send_worker_as_started(
     if priority.autogroup_nice() is not None:
         # A new session's autogroup starts at niceness 0.
         assert priority.autogroup_nice(Path(f"/proc/{send.pid}/autogroup")) == 0
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code < 500
-    except requests.ConnectionError:
-        return False

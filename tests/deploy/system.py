@@ -15,7 +15,7 @@ from dispatcher import metrics
 from dispatcher.config import Settings
 from dispatcher.supervisor import ROOT, Child, child_env
 from tests.engine import system
-from tests.helpers import free_port, wait_for
+from tests.helpers import answers, free_port, wait_for
 
 
 class Process(Child):
@@ -48,13 +48,6 @@ class Stack:
         )
         reply.raise_for_status()
         return reply.text
-
-
-def _up(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code < 500
-    except requests.RequestException:
-        return False
 
 
 @contextmanager
@@ -114,8 +107,8 @@ def running(
         )
         processes.add(worker)
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _up(f"{base}/health"), timeout=60)
+        wait_for(lambda: answers(f"{base}/health"), timeout=60)
         exporter = f"http://127.0.0.1:{worker_port}/metrics" if worker_port else None
         if exporter:
-            wait_for(lambda: _up(exporter), timeout=60)
+            wait_for(lambda: answers(exporter), timeout=60)
         yield Stack(base, settings.metrics_token, api, worker, exporter)

@@ -16,6 +16,7 @@ from socketserver import BaseServer
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
+import requests
 
 from dispatcher import outbox
 from dispatcher.config import Settings
@@ -85,6 +86,15 @@ def wait_for_redis(client: redis.Redis, *, timeout: float = 20.0) -> None:
             return False
 
     wait_for(up, timeout=timeout)
+
+
+def answers(url: str) -> bool:
+    """Whether a server just started answers ``url`` without a server error yet. Refused,
+    or slow to answer (a loaded machine, a niced process): not yet, to be asked again."""
+    try:
+        return requests.get(url, timeout=2).status_code < 500
+    except requests.RequestException:
+        return False
 
 
 def make_settings(*, database_url: str, redis_url: str, var: Path, **overrides: Any) -> Settings:
