@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -129,18 +127,23 @@ def test_the_database_driver_is_imported_before_the_pool_forks() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 
-@contextmanager
-def no_consumer(client: Any, *queues: QueueName) -> Iterator[Callable[[], None]]:
-    """No worker beats for ``queues`` until the yielded function makes one (and at the
-    end, none again): what a sweep task sees of who consumes them."""
-    names = [q.value for q in queues]
-
-    def arrive() -> None:
-        health.beat(client=client, queues=names, hostname="consumer@test", ttl=30)
-
+def published_again_only_with_a_consumer(
+    app: Any, task: TaskName, queues: list[QueueName], key: str, value: str
+) -> None:
+    """Beat's run of ``task`` publishes nothing naming ``value`` (in its argument ``key``)
+    while no worker beats for ``queues``, and it once after one does."""
+    runtime: Runtime = app.runtime
+    publisher = runtime.publisher
+    assert isinstance(publisher, RecordingPublisher)
+    client, names = runtime.redis, [q.value for q in queues]
+    run = app.tasks[task.value]
     client.delete(*(health.consumed_key(name) for name in names))
     try:
-        yield arrive
+        run.apply().get()
+        assert published_with(publisher, key, value) == 0
+        health.beat(client=client, queues=names, hostname="consumer@test", ttl=30)
+        run.apply().get()
+        assert published_with(publisher, key, value) == 1
     finally:
         health.forget(client=client, queues=names, hostname="consumer@test")
         client.delete(*(health.consumed_key(name) for name in names))
@@ -165,7 +168,7 @@ def test_promote_callbacks_publishes_a_callback_again_only_while_a_worker_takes_
     app = create_celery(settings)
     app.loader.import_default_modules()
     runtime: Runtime = app.runtime
-    runtime.publisher = publisher = RecordingPublisher()
+    runtime.publisher = RecordingPublisher()
     stamped = utcnow() - timedelta(seconds=settings.callback_requeue_after + 5)
     callback_id = new_id()
     with runtime.sessions.begin() as session:
@@ -183,14 +186,10 @@ def test_promote_callbacks_publishes_a_callback_again_only_while_a_worker_takes_
                 created_at=stamped,
             )
         )
-    run = app.tasks[TaskName.PROMOTE_CALLBACKS.value]
     try:
-        with no_consumer(runtime.redis, QueueName.CALLBACKS) as arrive:
-            run.apply().get()
-            assert published_with(publisher, "callback_ids", callback_id) == 0
-            arrive()
-            run.apply().get()
-            assert published_with(publisher, "callback_ids", callback_id) == 1
+        published_again_only_with_a_consumer(
+            app, TaskName.PROMOTE_CALLBACKS, [QueueName.CALLBACKS], "callback_ids", callback_id
+        )
     finally:
         # The database is shared with other tests: leave no callback for their sweeps.
         with runtime.sessions.begin() as session:
@@ -215,14 +214,11 @@ def test_promote_due_publishes_a_lost_dispatch_again_only_while_workers_take_the
         batch.send_at = batch.enqueued_at = long_ago
         batch_id = batch.id
     publisher.messages.clear()  # intake's publish: the one that was lost
-    run = app.tasks[TaskName.PROMOTE_DUE.value]
     try:
-        with no_consumer(runtime.redis, QueueName.DISPATCH, QueueName.SEND) as arrive:
-            run.apply().get()
-            assert published_with(publisher, "batch_id", batch_id) == 0
-            arrive()
-            run.apply().get()
-            assert published_with(publisher, "batch_id", batch_id) == 1
+        queues = [QueueName.DISPATCH, QueueName.SEND]
+        published_again_only_with_a_consumer(
+            app, TaskName.PROMOTE_DUE, queues, "batch_id", batch_id
+        )
     finally:
         # Ended: no later sweep of the shared database finds it.
         with runtime.sessions.begin() as session:
