@@ -14,7 +14,7 @@ from threading import Thread, current_thread
 from typing import Any
 
 import pytest
-from sqlalchemy import event, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.batches.models import Batch, Recipient
@@ -24,7 +24,7 @@ from dispatcher.db import transaction, utcnow
 from dispatcher.engine import fallback, scheduling, sending
 from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import Tenant
-from tests.helpers.races import start_until_blocked
+from tests.helpers.races import listening, start_until_blocked
 from tests.helpers.receipts import Carrier, claimed_batch, ref_of, statuses
 
 R, B = RecipientStatus, BatchStatus
@@ -180,12 +180,8 @@ def test_a_late_fallback_while_the_batch_ends_reopens_it_rather_than_strand_a_re
 
     main = current_thread()
     engine = sessions.kw["bind"]
-    event.listen(engine, "after_cursor_execute", meanwhile)
-    try:
-        with transaction(sessions) as session:
-            scheduling.complete_if_done(session=session, batch_id=batch_id, now=utcnow())
-    finally:
-        event.remove(engine, "after_cursor_execute", meanwhile)
+    with listening(engine, ("after_cursor_execute", meanwhile)), transaction(sessions) as session:
+        scheduling.complete_if_done(session=session, batch_id=batch_id, now=utcnow())
     [thread] = threads
     thread.join(timeout=30)
     assert statuses(sessions, batch_id) == {0: R.QUEUED, 1: R.SENT}

@@ -8,7 +8,7 @@ from datetime import timedelta
 from threading import Thread
 from typing import Any
 
-from sqlalchemy import event, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.batches.models import Recipient
@@ -21,7 +21,7 @@ from dispatcher.webhooks.models import Callback
 from tests.factories import Tenant
 from tests.helpers import RecordingPublisher
 from tests.helpers.engine import create
-from tests.helpers.races import postgres_only, start_until_blocked
+from tests.helpers.races import listening, postgres_only, start_until_blocked
 
 
 def test_a_record_does_not_wait_for_the_sweep_republishing_recipients(
@@ -62,12 +62,8 @@ def test_a_record_does_not_wait_for_the_sweep_republishing_recipients(
 
     _current = threading.current_thread
     _main = _current()
-    event.listen(engine, "after_cursor_execute", republishing)
-    try:
-        with transaction(sessions) as session:
-            scheduling.promote_due(session=session, settings=settings, now=later)
-    finally:
-        event.remove(engine, "after_cursor_execute", republishing)
+    with listening(engine, ("after_cursor_execute", republishing)), transaction(sessions) as s:
+        scheduling.promote_due(session=s, settings=settings, now=later)
     [thread] = threads
     thread.join(timeout=30)
     assert waited == [False]
@@ -141,12 +137,8 @@ def test_a_callback_claimed_while_the_sweep_republishes_is_left_to_its_deliverer
     _current = threading.current_thread
     _main = _current()
     publisher.messages.clear()
-    event.listen(engine, "after_cursor_execute", meanwhile)
-    try:
-        with transaction(sessions) as session:
-            callback_scheduling.promote_due(session=session, settings=settings, now=now)
-    finally:
-        event.remove(engine, "after_cursor_execute", meanwhile)
+    with listening(engine, ("after_cursor_execute", meanwhile)), transaction(sessions) as session:
+        callback_scheduling.promote_due(session=session, settings=settings, now=now)
     for thread in threads:
         thread.join(timeout=30)
     assert waited == [False]

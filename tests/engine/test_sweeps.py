@@ -12,7 +12,7 @@ from threading import Thread
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select, text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import outbox
@@ -29,7 +29,7 @@ from dispatcher.states import BatchStatus, RecipientStatus
 from tests.factories import Tenant
 from tests.helpers import RecordingPublisher
 from tests.helpers.engine import create, end_leftover_claims
-from tests.helpers.races import postgres_only, start_until_blocked
+from tests.helpers.races import listening, postgres_only, start_until_blocked
 from tests.helpers.receipts import statuses
 
 R = RecipientStatus
@@ -578,8 +578,7 @@ def test_a_stale_record_while_reclaim_asks_the_carrier_does_not_deadlock(
             deadlocks.append(context.original_exception)
 
     engine = sessions.kw["bind"]
-    event.listen(engine, "handle_error", failed)
-    try:
+    with listening(engine, ("handle_error", failed)):
         with transaction(sessions) as session:
             carrier = Carrier({row.to: (Lookup.ACCEPTED, "late")})
             sending.reclaim_stale(
@@ -587,8 +586,6 @@ def test_a_stale_record_while_reclaim_asks_the_carrier_does_not_deadlock(
             )
         [thread] = threads
         thread.join(timeout=30)
-    finally:
-        event.remove(engine, "handle_error", failed)
     assert (deadlocks, errors) == ([], [])
     with sessions() as session:
         settled = session.get_one(Recipient, row.id)
@@ -801,13 +798,9 @@ def test_a_cancel_while_the_sweep_releases_a_stalled_batch_does_not_deadlock(
             threads.append(cancel_meanwhile(sessions, tenant, batch_id, errors))
 
     main = threading.current_thread()
-    event.listen(engine, "after_cursor_execute", first_release)
-    try:
-        with transaction(sessions) as session:
-            later = start + timedelta(seconds=settings.stall_after + 1)
-            scheduling.promote_due(session=session, settings=settings, now=later)
-    finally:
-        event.remove(engine, "after_cursor_execute", first_release)
+    later = start + timedelta(seconds=settings.stall_after + 1)
+    with listening(engine, ("after_cursor_execute", first_release)), transaction(sessions) as s:
+        scheduling.promote_due(session=s, settings=settings, now=later)
     [thread] = threads
     thread.join(timeout=30)
     assert errors == []
@@ -881,14 +874,9 @@ def test_the_expiry_and_the_release_of_stalled_batches_do_not_deadlock(
             threads.append(start_until_blocked(sessions, release, name="release"))
 
     main = threading.current_thread()
-    event.listen(engine, "before_cursor_execute", planned)
-    event.listen(engine, "after_cursor_execute", first_lock)
-    try:
-        with transaction(sessions) as session:
-            scheduling.expire_due(session=session, now=later)
-    finally:
-        event.remove(engine, "after_cursor_execute", first_lock)
-        event.remove(engine, "before_cursor_execute", planned)
+    hooks = [("before_cursor_execute", planned), ("after_cursor_execute", first_lock)]
+    with listening(engine, *hooks), transaction(sessions) as session:
+        scheduling.expire_due(session=session, now=later)
     [thread] = threads
     thread.join(timeout=30)
     assert errors == []

@@ -1,13 +1,16 @@
-"""Two transactions racing on PostgreSQL: whether one waits for a lock, and a second
-transaction started in a thread until it has ended or waits for one."""
+"""Two transactions racing on PostgreSQL: whether one waits for a lock, a second
+transaction started in a thread until it has ended or waits for one, and engine events
+listened to for a block (where a test steps in between two statements)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from threading import Thread
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.config import Settings
@@ -43,3 +46,15 @@ def start_until_blocked(
     thread.start()
     wait_for(lambda: not thread.is_alive() or blocked(sessions))
     return thread
+
+
+@contextmanager
+def listening(engine: Engine, *hooks: tuple[str, Callable[..., Any]]) -> Iterator[None]:
+    """``engine``'s events (name, function) listened to for the block, removed after it."""
+    for name, fn in hooks:
+        event.listen(engine, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in reversed(hooks):
+            event.remove(engine, name, fn)

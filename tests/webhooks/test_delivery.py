@@ -22,7 +22,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,6 +38,7 @@ from dispatcher.webhooks.deliver import DeliveryResult, WebhookSender
 from dispatcher.webhooks.limits import EndpointGate, endpoint_key
 from dispatcher.webhooks.models import Callback, Endpoint
 from tests.helpers import free_port, in_thread, wait_for, wait_for_redis
+from tests.helpers.races import listening
 
 SCHEDULE = (1.0, 2.0, 3.0)
 JITTER = 0.1  # next_delay's default jitter fraction
@@ -505,11 +506,8 @@ def test_failing_endpoints_are_locked_in_one_order_by_every_task(
             values = params.values() if isinstance(params, dict) else params
             locked.extend(v for v in values if v in urls)
 
-    event.listen(engine, "before_cursor_execute", note)
-    try:
+    with listening(engine, ("before_cursor_execute", note)):
         assert env.deliver(sender, *ids) == {"retry": 6}
-    finally:
-        event.remove(engine, "before_cursor_execute", note)
     first = list(dict.fromkeys(locked))  # each row is read again once it is created
     assert sorted(first) == sorted(urls)
     assert first == sorted(first)
@@ -540,10 +538,7 @@ def race(env: Env, sender: WebhookSender, tasks: dict[str, list[str]], *hooks: A
         except BaseException as exc:
             race.errors[name] = exc
 
-    listened = [*hooks, ("handle_error", failed)]
-    for name, fn in listened:
-        event.listen(engine, name, fn)
-    try:
+    with listening(engine, *hooks, ("handle_error", failed)):
         threads = [
             threading.Thread(target=task, args=(name, ids), name=f"task-{name}")
             for name, ids in tasks.items()
@@ -552,9 +547,6 @@ def race(env: Env, sender: WebhookSender, tasks: dict[str, list[str]], *hooks: A
             t.start()
         for t in threads:
             t.join(timeout=6 * WAIT)
-    finally:
-        for name, fn in listened:
-            event.remove(engine, name, fn)
     return race
 
 
@@ -890,11 +882,8 @@ def test_an_endpoint_enabled_while_a_task_holds_its_callbacks_keeps_none_held(
                 session=session, account_id=env.account_id, url=url, now=env.clock.now
             )
 
-    event.listen(engine, "after_cursor_execute", enable_after_the_look)
-    try:
+    with listening(engine, ("after_cursor_execute", enable_after_the_look)):
         counts = env.deliver(sender, cid)
-    finally:
-        event.remove(engine, "after_cursor_execute", enable_after_the_look)
     assert enabled == [0]  # enabled between the task's look and its write; nothing held yet
     assert counts == {"deferred": 1}
     # Pending, untried, for the scheduler to publish again (the endpoint takes it now).
