@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, func, or_, select, update
@@ -54,6 +55,7 @@ CLAIM_COLUMNS = (
     Recipient.channel_index,
     Recipient.attempts,
     Recipient.client_id,
+    Recipient.seq,
 )
 
 
@@ -227,6 +229,9 @@ def send_recipients(
             )
         if passing_on:
             report.deferred_for = 0.0
+        # RETURNING gives the rows in whatever order the database met them (PostgreSQL: heap
+        # or index order), not its subquery's: they go out in the batch's order (FIFO).
+        claimed.sort(key=attrgetter("seq"))
         if not claimed:
             if passing_on:
                 return report  # the task just published carries on

@@ -301,6 +301,46 @@ def test_a_slow_carrier_never_runs_a_send_task_into_its_soft_time_limit(
         assert (rest.task, rest.kwargs["start"], rest.kwargs["end"]) == (TaskName.SEND_CHUNK, 0, 30)
 
 
+@pytest.mark.parametrize("rate", [100.0, None])
+def test_a_claimed_group_is_handed_over_in_the_order_of_the_batch(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, rate: float | None
+) -> None:
+    """The claim's UPDATE ... RETURNING gives its rows in whatever order the database met
+    them (PostgreSQL: heap or index order; a row updated earlier sits elsewhere), not in
+    the order of its subquery. A group handed over in that order broke FIFO within the
+    group, and a hand-off cut short at the deadline sent later rows before earlier ones.
+    Here the claim's rows come back reversed, on both databases and both paths (booked
+    groups, groups chosen inside the claim)."""
+    with transaction(runtime.sessions) as session:
+        account = make_account(session, name="fifo", rate_limit=rate)
+        batch = make_batch(
+            session,
+            settings=runtime.settings,
+            account=account,
+            recipients=30,
+            send_at=utcnow(),
+            channels=["sms"],
+        )
+    with transaction(runtime.sessions) as session:
+        scheduling.dispatch_batch(
+            session=session, settings=runtime.settings, batch_id=batch.id, now=utcnow()
+        )
+        in_order = list(
+            session.scalars(
+                select(Recipient.to).where(Recipient.batch_id == batch.id).order_by(Recipient.seq)
+            )
+        )
+    claim = sending.claim_recipients
+
+    def reversed_claim(**kwargs: Any) -> list[Any]:
+        return claim(**kwargs)[::-1]
+
+    monkeypatch.setattr(sending, "claim_recipients", reversed_claim)
+    sms = Carrier("sms")
+    send(runtime, batch.id, {"sms": sms}, seq_range=(0, 30), monotonic=lambda: 0.0)
+    assert sms.handed == in_order
+
+
 def test_a_row_that_changed_channel_after_its_group_was_booked_is_not_sent_on_its_tokens(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
