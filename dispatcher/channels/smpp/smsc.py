@@ -118,10 +118,12 @@ class LocalSmsc:
         finally:
             for task in list(self._tasks):
                 task.cancel()
+            # The listener first: an ESME rebinds as soon as its session ends, and one that
+            # bound between the unbinds and the listener's end kept a session nobody served.
+            await self._server.stop()
             for esme in list(self.sessions.values()):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(esme.unbind(), 1)
-            await self._server.stop()
 
     def stop(self) -> None:
         if self._loop and self._stopped:

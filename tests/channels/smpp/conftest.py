@@ -49,6 +49,8 @@ def smpp_config(
     carriers: dict[str, list[int]],
     *,
     routes: list[dict[str, Any]] | None = None,
+    response_timeout: float = 3,
+    request_timeout: float = 8,
     **conn: Any,
 ) -> SmppConfig:
     """One connection per port, per carrier; fast timers for tests."""
@@ -69,8 +71,8 @@ def smpp_config(
             }
             for name, ports in carriers.items()
         },
-        "response_timeout": 3,
-        "request_timeout": 8,
+        "response_timeout": response_timeout,
+        "request_timeout": request_timeout,
         "throttle_pause": 0.3,
         "reconnect_min": 0.2,
         "reconnect_max": 1,
@@ -82,7 +84,8 @@ def smpp_config(
 
 @pytest.fixture()
 def smpp_redis(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+    # A worker's client's socket timeout (Runtime.redis): above the provider's blocking reads.
+    client = redis.Redis.from_url(redis_url, socket_timeout=10)
     for key in client.scan_iter("dispatcher:smpp:*"):
         client.delete(key)
     for key in client.scan_iter("dispatcher:rl:smpp:*"):
