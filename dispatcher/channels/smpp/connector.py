@@ -540,12 +540,26 @@ class Connector:
                 continue
             if got is None:
                 continue
+            if link.tx is None:
+                # The bind was lost while this read waited: the request goes back to the
+                # head of the queue for a bound connection (answered here, it would come
+                # back to its worker as not sent, to be tried again seconds later).
+                await self._give_back(key, got[1])
+                continue
             task = asyncio.ensure_future(self.handle(link, got[1]))
             running.add(task)
             task.add_done_callback(running.discard)
             task.add_done_callback(functools.partial(_log_failed, link.conn.name))
         if running:
             await asyncio.wait(running)
+
+    async def _give_back(self, key: str, raw: bytes | str) -> None:
+        """Put a request nothing was done for back at the head of its queue."""
+        try:
+            await self.redis.lpush(key, raw)
+        except redis.RedisError as exc:
+            # Its worker finds no answer and no ledger entry: not sent, tried again later.
+            logger.warning("smpp: redis: %s; a request could not be given back", exc)
 
     async def handle(self, link: Link, raw: bytes | str) -> None:
         request = json.loads(raw)

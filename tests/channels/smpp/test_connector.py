@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
@@ -359,7 +360,9 @@ def test_a_connection_dropped_mid_window_sends_nothing_twice(
             assert outcomes[Outcome.ACCEPTED] + len(unknown) + len(retry) == 10
             wait_live(provider, "local")
             second = provider.send_many(retry)
-            assert all(r.outcome is Outcome.ACCEPTED for r in second)
+            assert [(r.outcome, r.error_text) for r in second] == [(Outcome.ACCEPTED, None)] * len(
+                retry
+            )
             delivered_to = set()
             for m, r in [*zip(messages, first, strict=True), *zip(retry, second, strict=True)]:
                 if r.outcome is Outcome.ACCEPTED:
@@ -372,6 +375,49 @@ def test_a_connection_dropped_mid_window_sends_nothing_twice(
     # have reached it at all (in the socket when the session dropped), and is not re-sent.
     assert delivered_to == set(per_destination) - {m.to.lstrip("+") for m in unknown}
     assert len(delivered_to) == 10 - len(unknown)
+
+
+def test_a_request_read_as_its_bind_ends_waits_for_the_next_bind(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    """The connector reads a request only while its transmitter is bound, but a read
+    already waiting when the session ended took one for a connection with no bind: it was
+    answered "connection busy or down" and its worker tried it again seconds later (CI saw
+    it after a dropped window, where the bind came back a moment later). The request goes
+    back to the head of the queue, nothing done with it, and the next bind sends it, once."""
+    # Timers with room for a busy machine: the SMSC stops and starts while the worker waits.
+    config = smpp_config({"local": [port]}, response_timeout=10, request_timeout=40)
+    record = RecordingSink()
+    with ThreadPoolExecutor(1) as pool, connector_running(config, redis_url, record) as connector:
+        with running(LocalSmsc(port=port)) as first:
+            provider = live_provider(smpp_redis, config)
+            [link] = connector.links
+            read = connector.redis.blpop
+            reads: list[object] = []
+            taken: list[object] = []
+
+            async def read_as_the_smsc_goes(*args: object, **kwargs: object) -> object:
+                reads.append(args)
+                got = await read(*args, **kwargs)  # type: ignore[arg-type]
+                if got is not None and not taken:
+                    taken.append(got)
+                    # The SMSC stops (the test leaves its block): the session ends.
+                    ends = time.monotonic() + 20
+                    while link.tx is not None and time.monotonic() < ends:
+                        await asyncio.sleep(0.01)
+                return got
+
+            connector.redis.blpop = read_as_the_smsc_goes  # type: ignore[method-assign]
+            wait_for(lambda: reads)  # the read that was waiting before has timed out
+            sent = pool.submit(provider.send_many, [message(0)])
+            wait_for(lambda: taken)
+        # No SMSC, no bind: the request is back in its queue (or, the defect, answered).
+        wait_for(lambda: smpp_redis.llen(queue_key("local")) == 1 or sent.done())
+        with running(LocalSmsc(port=port)) as second:
+            [result] = sent.result(timeout=20)
+    assert (result.outcome, result.error_text) == (Outcome.ACCEPTED, None)
+    assert first.submits == []
+    assert [s.destination_addr for s in second.submits] == [message(0).to.lstrip("+")]
 
 
 def lose_data(client: redis.Redis) -> None:
