@@ -468,16 +468,35 @@ class Connector:
         """Hold the binds and serve requests until :meth:`stop`."""
         self._loop = asyncio.get_running_loop()
         tasks = [
-            asyncio.ensure_future(link.keep_bound(kind))
+            asyncio.create_task(link.keep_bound(kind), name=f"{link.conn.name} {kind} bind")
             for link in self.links
             for kind in link.kinds
         ]
-        tasks += [asyncio.ensure_future(self.serve(link)) for link in self.links]
-        tasks.append(asyncio.ensure_future(self.flush_loop()))
-        tasks.append(asyncio.ensure_future(self.heartbeat()))
+        tasks += [
+            asyncio.create_task(self.serve(link), name=f"{link.conn.name} requests")
+            for link in self.links
+        ]
+        tasks.append(asyncio.create_task(self.flush_loop(), name="receipt flush"))
+        tasks.append(asyncio.create_task(self.heartbeat(), name="heartbeat"))
+        stopped = asyncio.create_task(self.stopping.wait())
+        failed: asyncio.Task[Any] | None = None
         try:
-            await self.stopping.wait()
+            # Every loop runs until the connector stops. One that ends before (a defect)
+            # ends the connector: alone, its heartbeat would still report the binds live
+            # while nothing read the workers' requests, say.
+            done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            # (A loop may see the stop before the waiter does: that is no failure.)
+            if not self.stopping.is_set():
+                failed = next((t for t in done if t is not stopped), None)
+            if failed is not None:
+                logger.critical(
+                    "smpp: the %s loop ended while the connector ran; stopping the connector",
+                    failed.get_name(),
+                    exc_info=failed.exception(),
+                )
         finally:
+            self.stopping.set()
+            stopped.cancel()
             await asyncio.wait(tasks, timeout=self.config.response_timeout + 5)
             for t in tasks:
                 t.cancel()
@@ -485,6 +504,9 @@ class Connector:
             for link in self.links:
                 await self.mark_down(link)
             await self.redis.aclose()
+        if failed is not None:
+            failed.result()  # its error, as the connector's
+            raise RuntimeError("an SMPP connector loop ended while the connector ran")
 
     def stop(self) -> None:
         """Stop serving (from any thread): finish what is in flight, unbind, exit run()."""

@@ -420,6 +420,36 @@ def test_a_request_read_as_its_bind_ends_waits_for_the_next_bind(
     assert [s.destination_addr for s in second.submits] == [message(0).to.lstrip("+")]
 
 
+def test_a_connector_whose_loop_fails_ends_and_is_no_longer_routed_to(
+    port: int, redis_url: str, smpp_redis: redis.Redis
+) -> None:
+    """The loops run beside each other until the connector stops. One that raised ended
+    alone: its heartbeat still said the bind was live, workers still routed to it, and
+    their requests waited unread until they timed out, with nothing to see but those
+    timeouts. The connector now ends (its process exits for its supervisor to start it
+    again), marked down, with the error."""
+    config = smpp_config({"local": [port]})
+    connector = Connector(config=config, redis_url=redis_url, sink=Sink(RecordingSink()))
+    provider = SmppProvider(redis_client=smpp_redis, config=config)
+
+    async def broken_read(*_: object, **__: object) -> object:
+        raise ValueError("a defect in the read")
+
+    async def run() -> None:
+        await connector.run()
+
+    with running(LocalSmsc(port=port)), ThreadPoolExecutor(1) as pool:
+        ended = pool.submit(asyncio.run, run())
+        wait_live(provider, "local")
+        connector.redis.blpop = broken_read  # type: ignore[method-assign]
+        try:
+            with pytest.raises(ValueError, match="a defect in the read"):
+                ended.result(timeout=30)
+        finally:
+            connector.stop()
+    assert provider.live_carriers() == set()
+
+
 def lose_data(client: redis.Redis) -> None:
     """What a Redis restarted without its data leaves of the hand-off: nothing."""
     for key in client.scan_iter("dispatcher:smpp:*"):
