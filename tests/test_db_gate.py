@@ -89,13 +89,30 @@ def _contend(tmp_path: Path, *, gated: bool) -> list[str]:
     return _committed(engine)
 
 
+def _longest_streak(order: list[str]) -> int:
+    """The most turns in a row one writer took while the other still had writes to do."""
+    left = dict.fromkeys(order, WRITES)
+    longest = 0
+    for who, streak in itertools.groupby(order):
+        others_left = any(n for w, n in left.items() if w != who)
+        taken = len(list(streak))
+        left[who] -= taken
+        if others_left:
+            longest = max(longest, taken)
+    return longest
+
+
 def test_two_processes_take_turns_at_the_write_gate(tmp_path: Path) -> None:
     order = _contend(tmp_path, gated=True)
     assert sorted(order) == ["a"] * WRITES + ["b"] * WRITES
-    # Neither waits out the other's whole run: they alternate (the queue file stops a
-    # writer that has just committed from taking the gate again ahead of a waiter).
-    switches = sum(1 for x, y in itertools.pairwise(order) if x != y)
-    assert switches >= WRITES // 2, order
+    # Neither waits out the other's run: they take turns (the queue file stops a writer
+    # that has just committed from taking the gate again ahead of a waiter). Strict
+    # alternation needs both at the gate at every commit, which a busy machine does not
+    # give (one still on its way there); so the measure is the longest run of turns one
+    # took while the other still had writes to do. On this 2-core machine with three
+    # CPU burners: 6 to 9 with the gate, 23 to 40 without it (all 40 when the first
+    # to start finishes before the other commits once). Idle, it alternates exactly.
+    assert _longest_streak(order) <= WRITES * 3 // 8, order
     assert (tmp_path / "gate.db-gate").exists()
 
 
