@@ -6,6 +6,7 @@ tests/conftest.py builds its fixtures on the same helpers.
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -40,9 +41,36 @@ _POLL = threading.Event()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1 now, for a server that binds it later (a subprocess, mostly).
+
+    Picked below the kernel's ephemeral range: bind(0) and every outbound connection (the
+    suite makes thousands: HTTP, Redis, PostgreSQL) take their ports from that range, so
+    a port picked there could be a client socket's by the time its server binds it (CI
+    saw "Address already in use"). Random from the OS: two test processes seeded alike
+    must not pick alike.
+    """
+    low = _ephemeral_range()[0]
+    for _ in range(200):
+        port = _PICK.randrange(10000, low) if low > 11000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free port on 127.0.0.1 below the ephemeral range")
+
+
+_PICK = random.SystemRandom()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for ports it picks itself (Linux; IANA's elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float = 15.0, interval: float = 0.05) -> Any:
