@@ -155,7 +155,13 @@ class SmppProvider(Provider):
         while got is None and self.clock() < give_up:
             # In slices: a blocking read longer than the client's socket timeout would fail.
             wait = min(BLOCK_SLICE, max(0.1, give_up - self.clock()))
-            got = self.redis.blpop([handoff.reply_key(request_id)], timeout=wait)
+            try:
+                got = self.redis.blpop([handoff.reply_key(request_id)], timeout=wait)
+            except redis.TimeoutError:
+                # The client's socket timeout is shorter than the slice: read again. (A
+                # reply Redis gave the read just as it was cut off is lost with it; the
+                # ledger below still has its outcome.)
+                continue
         if got is not None:
             return [handoff.result_of(a) for a in json.loads(got[1])["answers"]]
         if self.redis.lrem(handoff.queue_key(carrier), 1, payload):

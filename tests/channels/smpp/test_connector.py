@@ -450,6 +450,26 @@ def test_a_connector_whose_loop_fails_ends_and_is_no_longer_routed_to(
     assert provider.live_carriers() == set()
 
 
+def test_a_worker_whose_redis_socket_timeout_is_short_still_waits_for_its_answer(
+    port: int,
+    redis_url: str,
+    smpp_redis: redis.Redis,  # its keys cleared
+) -> None:
+    """The worker waits for its answer in blocking reads of up to 5 s, below the 10 s
+    socket timeout of Runtime.redis. A client with a shorter one (redis-py 8's default
+    is 5 s) failed the read as a socket timeout, and the send task with it, though the
+    answer was on its way. A read cut short by the socket timeout is read again."""
+    config = smpp_config({"local": [port]}, response_timeout=10, request_timeout=20)
+    client = redis.Redis.from_url(redis_url, socket_timeout=1)
+    smsc = LocalSmsc(port=port, script=lambda _: Action(delay=2.5))
+    with running(smsc), connector_running(config, redis_url, RecordingSink()):
+        provider = live_provider(client, config)
+        [result] = provider.send_many([message(0)])
+    client.close()
+    assert (result.outcome, result.error_text) == (Outcome.ACCEPTED, None)
+    assert len(smsc.submits) == 1
+
+
 def lose_data(client: redis.Redis) -> None:
     """What a Redis restarted without its data leaves of the hand-off: nothing."""
     for key in client.scan_iter("dispatcher:smpp:*"):
