@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import redis
@@ -54,23 +54,22 @@ def forget(*, client: redis.Redis, queues: Iterable[str], hostname: str) -> None
         client.delete(*names)
 
 
+def _beating(client: redis.Redis, queue: str) -> Iterator[str]:
+    """The hostnames of the workers of ``queue`` with a heartbeat within their ttl."""
+    prefix = f"{PREFIX}{queue}:"
+    for key in client.scan_iter(match=f"{prefix}*", count=500):
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        yield name[len(prefix) :]
+
+
 def workers_seen(*, client: redis.Redis, queues: Iterable[str] = QUEUES) -> dict[str, int]:
     """How many workers each queue has had a heartbeat from within their ttl."""
-    return {
-        queue: sum(1 for _ in client.scan_iter(match=f"{PREFIX}{queue}:*", count=500))
-        for queue in queues
-    }
+    return {queue: sum(1 for _ in _beating(client, queue)) for queue in queues}
 
 
 def nodes_seen(*, client: redis.Redis, queues: Iterable[str] = QUEUES) -> set[str]:
     """The worker nodes (hostnames) with a heartbeat within their ttl, on any queue."""
-    nodes = set()
-    for queue in queues:
-        prefix = f"{PREFIX}{queue}:"
-        for key in client.scan_iter(match=f"{prefix}*", count=500):
-            name = key.decode() if isinstance(key, bytes) else str(key)
-            nodes.add(name[len(prefix) :])
-    return nodes
+    return {node for queue in queues for node in _beating(client, queue)}
 
 
 @dataclass
